@@ -1,0 +1,189 @@
+"""Run the four daemons in the foreground without systemd (`make run`, and the tests' fixtures).
+
+Each daemon is started as a child with its own NOTIFY_SOCKET, so "ready" means exactly what systemd would
+take it to mean: the daemon sent READY=1. Ctrl-C stops omad first, then the agents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+AGENTS = ("nbd-pool", "restore-mounter", "volume-agent")
+MODULES = {"omad": "omad", "nbd-pool": "nbd_pool", "restore-mounter": "restore_mounter",
+           "volume-agent": "volume_agent"}
+
+
+class DaemonFailed(Exception):
+    """A daemon exited or stayed silent instead of becoming ready."""
+
+
+@dataclass
+class DaemonProcess:
+    """One daemon as a child process, with readiness read from its sd_notify messages.
+
+    Synchronous on purpose: test fixtures of any scope and the `make run` loop both use it.
+    """
+
+    name: str
+    config_dir: Path
+    log_path: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    status: str = ""
+    _sock: socket.socket | None = None
+    _tmp: Path | None = None
+
+    def start(self, timeout: float = 30.0) -> str:
+        """Start and wait for READY=1; returns the STATUS it sent with it."""
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"oma-notify-{self.name}-"))
+        notify_path = self._tmp / "notify.sock"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(notify_path))
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1", **self.env)
+        env.pop("JOURNAL_STREAM", None)
+        out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", MODULES[self.name], "--config", str(self.config_dir), *self.extra_args],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True)  # Ctrl-C reaches the launcher, which stops them in order
+        finally:
+            if out:
+                out.close()
+        self._wait_ready(timeout)
+        return self.status
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        assert self._sock is not None and self.proc is not None
+        while True:
+            if self.proc.poll() is not None:
+                raise DaemonFailed(f"{self.name} exited with {self.proc.returncode} before it was ready"
+                                   f"{self.log_tail()}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DaemonFailed(f"{self.name} did not report READY within {timeout} s{self.log_tail()}")
+            self._sock.settimeout(min(remaining, 0.2))
+            try:
+                data = self._sock.recv(4096)
+            except socket.timeout:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            if "STATUS" in fields:
+                self.status = fields["STATUS"]
+            if fields.get("READY") == "1":
+                return
+
+    def log_tail(self, lines: int = 20) -> str:
+        if self.log_path and self.log_path.exists():
+            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+            return "\n--- log tail ---\n" + "\n".join(tail)
+        return ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
+        """Send `sig`, wait; SIGKILL if it does not go. Returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._sock:
+            self._sock.close()
+            self._sock = None
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+        return self.proc.returncode
+
+
+def write_local_configs(state: Path, port: int, listen: str = "127.0.0.1") -> dict[str, Path]:
+    """Drop-ins that put every path of the four daemons under `state` and let the current user call the agents."""
+    run_dir = state / "run"
+    uid = os.getuid()
+    dirs = {}
+    for name in ("omad", *AGENTS):
+        d = state / "config" / f"{name}.d"
+        d.mkdir(parents=True, exist_ok=True)
+        if name == "omad":
+            text = (f'state_dir = "{state}"\nrun_dir = "{run_dir}"\n[api]\nlisten_address = "{listen}"\n'
+                    f"port = {port}\n")
+        else:
+            text = (f'run_dir = "{run_dir}"\nstate_dir = "{state / name}"\n'
+                    f'[socket]\ngroup = ""\nallowed_users = [{uid}]\n')
+            if name == "restore-mounter":
+                text = f'mount_root = "{state / "restore"}"\n' + text
+        (d / "10-local.toml").write_text(text)
+        dirs[name] = d
+    return dirs
+
+
+def run_local(state: Path, port: int) -> int:
+    state = state.resolve()
+    dirs = write_local_configs(state, port)
+    logs = state / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    started: list[DaemonProcess] = []
+    stopping: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stopping.append(signum))
+    try:
+        for name in (*AGENTS, "omad"):
+            d = DaemonProcess(name, dirs[name], log_path=logs / f"{name}.log")
+            d.start()
+            started.append(d)
+            print(f"{name}: ready (pid {d.pid}, log {d.log_path})", flush=True)
+        url = started[-1].status.removeprefix("listening on ").strip()
+        password_file = state / "admin-password"
+        print(f"\nOMA API: {url}/api/v1   docs: {url}/swagger/   health: {url}/health")
+        if password_file.exists():
+            print(f"login: admin / {password_file.read_text().strip()}   (from {password_file})")
+        print("Ctrl-C stops everything.", flush=True)
+        while not stopping:
+            crashed = [d for d in started if not d.running()]
+            if crashed:
+                for d in crashed:
+                    print(f"{d.name} exited with {d.proc.returncode if d.proc else '?'}; stopping the rest "
+                          f"(see {d.log_path})", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        return 0
+    except DaemonFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for d in reversed(started):
+            print(f"{d.name}: stopped ({d.stop()})", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="run the four OMA daemons in the foreground (development)")
+    p.add_argument("--state-dir", type=Path, default=Path(".run"))
+    p.add_argument("--port", type=int, default=8082)
+    args = p.parse_args()
+    sys.exit(run_local(args.state_dir, args.port))
+
+
+if __name__ == "__main__":
+    main()

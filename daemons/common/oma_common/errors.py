@@ -1,0 +1,99 @@
+"""Domain errors: what went wrong, in words and a stable code, with no knowledge of HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OmaError(Exception):
+    """Base of every error a daemon reports to its caller on purpose."""
+
+    code = "error"
+
+    def __init__(self, message: str, details: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or message
+        self.extra = extra
+
+
+class Invalid(OmaError):
+    """The request is malformed or breaks a rule of the resource."""
+
+    code = "invalid_request"
+
+
+class Unauthorized(OmaError):
+    """No valid credentials were presented."""
+
+    code = "unauthorized"
+
+
+class Forbidden(OmaError):
+    """Credentials are valid but do not allow this."""
+
+    code = "forbidden"
+
+
+class NotFound(OmaError):
+    """The named resource does not exist."""
+
+    code = "not_found"
+
+
+class Conflict(OmaError):
+    """The resource is in a state that does not allow this now (busy, exists, has dependents)."""
+
+    code = "conflict"
+
+
+class TooLarge(OmaError):
+    """The request body is larger than allowed."""
+
+    code = "payload_too_large"
+
+
+class RateLimited(OmaError):
+    """Too many attempts; `retry_after` seconds tell when to try again."""
+
+    code = "rate_limited"
+
+
+class Exhausted(OmaError):
+    """A bounded resource (ports, slots) has none left."""
+
+    code = "exhausted"
+
+
+class Unavailable(OmaError):
+    """A collaborator (an agent, the VMA, CloudStack) cannot be reached or failed."""
+
+    code = "unavailable"
+
+
+class TimedOut(OmaError):
+    """A collaborator did not answer in time."""
+
+    code = "timeout"
+
+
+class Internal(OmaError):
+    """Something failed that the caller cannot fix; the log has the details."""
+
+    code = "internal_error"
+
+
+BY_CODE: dict[str, type[OmaError]] = {
+    cls.code: cls
+    for cls in (
+        OmaError, Invalid, Unauthorized, Forbidden, NotFound, Conflict, TooLarge, RateLimited,
+        Exhausted, Unavailable, TimedOut, Internal,
+    )
+}
+
+
+def from_body(body: dict[str, Any], fallback: type[OmaError] = Unavailable) -> OmaError:
+    """Rebuild a domain error from the JSON error body another daemon sent."""
+    cls = BY_CODE.get(str(body.get("code", "")), fallback)
+    extra = {k: v for k, v in body.items() if k not in {"error", "details", "code", "timestamp"}}
+    return cls(str(body.get("error") or "agent error"), body.get("details"), **extra)

@@ -1,0 +1,5 @@
+"""python -m nbd_pool"""
+
+from .main import main
+
+main()

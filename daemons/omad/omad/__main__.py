@@ -1,0 +1,5 @@
+"""python -m omad"""
+
+from .main import main
+
+main()

@@ -1,0 +1,32 @@
+"""Builds omad's aiohttp application: middlewares in order, every API mounted at /api/v1, docs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from oma_common.web import collect, error_middleware, mount
+
+from ..auth.service import AuthService
+from . import guard
+from .openapi import OpenApi, SwaggerUi
+
+PREFIX = "/api/v1"
+
+
+def build(apis: list[Any], auth: AuthService, *, cors_origins: list[str], max_body: int) -> web.Application:
+    """`apis` are the handler objects, each built with its own collaborators."""
+    cors = guard.Cors(cors_origins)
+    app = web.Application(middlewares=[cors.preflight, error_middleware, guard.middleware(auth)],
+                          client_max_size=max_body)
+    app.on_response_prepare.append(cors.on_prepare)
+    openapi = OpenApi()
+    swagger = SwaggerUi()
+    routes = collect(*apis, openapi, swagger)
+    mount(app, routes, (PREFIX,))
+    # The GUI and load balancers probe /health and open /swagger/ at the root as well.
+    mount(app, [r for r in routes if r.spec.path in ("/health", "/swagger", "/swagger/")], ("",))
+    swagger.add_assets(app, (PREFIX, ""))
+    openapi.build(routes, PREFIX)
+    return app

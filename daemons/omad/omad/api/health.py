@@ -1,0 +1,19 @@
+"""GET /health (also under /api/v1): the database and every agent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from oma_common.web import Auth, Call, route
+
+from ..health import Health
+
+
+class HealthApi:
+    def __init__(self, health: Health) -> None:
+        self.health = health
+
+    @route("GET", "/health", auth=Auth.PUBLIC, tags=("health",))
+    async def get(self, call: Call) -> dict[str, Any]:
+        """The appliance's health: `degraded` when the database or an agent is not well."""
+        return await self.health.report()

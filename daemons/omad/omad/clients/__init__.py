@@ -1,0 +1,1 @@
+"""omad's clients: one module per remote system (agents, VMA, CloudStack, vCenter)."""

@@ -1,0 +1,64 @@
+"""omad's options: typed defaults, each with its comment; drop-ins in /usr/lib/oma/omad.d and /etc/oma/omad.d."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from oma_common.schema import spec
+
+
+@dataclasses.dataclass
+class ApiConfig:
+    """The HTTP API."""
+
+    listen_address: str = spec("127.0.0.1", description="address the API listens on")
+    port: int = spec(8082, min=0, max=65535, description="TCP port of the API; 0 = pick a free one")
+    max_body_bytes: int = spec(1024 * 1024, min=1024, description="largest request body accepted (413 above)")
+    cors_origins: list[str] = spec(factory=lambda: ["*"], description="origins the GUI may call from; "
+                                                                      "'*' = any (bearer tokens, no cookies)")
+    shutdown_grace_seconds: float = spec(10.0, min=0, description="how long running requests may finish "
+                                                                  "after a stop signal")
+
+
+@dataclasses.dataclass
+class AuthConfig:
+    """Sessions and logins."""
+
+    session_ttl_seconds: int = spec(8 * 3600, min=60, description="lifetime of a login session")
+    login_failure_limit: int = spec(5, min=1, description="failed logins from one address before a 429")
+    login_failure_window_seconds: int = spec(300, min=1, description="window the failures are counted in")
+
+
+@dataclasses.dataclass
+class AgentsConfig:
+    """The root agents' sockets."""
+
+    nbd_pool_socket: str = spec("", description="nbd-pool's socket; empty = <run_dir>/nbd-pool.sock")
+    restore_mounter_socket: str = spec("", description="restore-mounter's socket; empty = <run_dir>/"
+                                                       "restore-mounter.sock")
+    volume_agent_socket: str = spec("", description="volume-agent's socket; empty = <run_dir>/volume-agent.sock")
+    timeout_seconds: float = spec(30.0, min=0.1, description="default time limit of one agent call")
+    health_timeout_seconds: float = spec(2.0, min=0.1, description="time limit of an agent health probe")
+
+
+@dataclasses.dataclass
+class Config:
+    """omad's configuration."""
+
+    log_level: str = spec("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    state_dir: str = spec("/var/lib/oma", description="omad's persistent state (database, keys, admin-password)")
+    run_dir: str = spec("/run/oma", description="runtime directory where the agents' sockets live")
+    database: str = spec("", description="SQLite database file; empty = <state_dir>/oma.db")
+    api: ApiConfig = spec(factory=ApiConfig, description="the HTTP API")
+    auth: AuthConfig = spec(factory=AuthConfig, description="sessions and logins")
+    agents: AgentsConfig = spec(factory=AgentsConfig, description="the root agents")
+
+    @property
+    def database_path(self) -> Path:
+        return Path(self.database) if self.database else Path(self.state_dir) / "oma.db"
+
+    def agent_socket(self, name: str) -> Path:
+        configured = {"nbd-pool": self.agents.nbd_pool_socket, "restore-mounter": self.agents.restore_mounter_socket,
+                      "volume-agent": self.agents.volume_agent_socket}[name]
+        return Path(configured) if configured else Path(self.run_dir) / f"{name}.sock"

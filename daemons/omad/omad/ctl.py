@@ -1,0 +1,130 @@
+"""omactl: the operator's command line — users, API tokens, the audit trail and the appliance's status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from oma_common import config
+from oma_common.errors import OmaError
+
+from .audit import Audit
+from .auth.ratelimit import FailureLimiter
+from .auth.service import ROLES, AuthService
+from .config import Config
+from .store.db import Database
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omactl", description="manage the OMA appliance")
+    p.add_argument("--config", action="append", type=Path, metavar="DIR", help="omad's config drop-in directory")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    user = sub.add_parser("user", help="people who log in").add_subparsers(dest="action", required=True)
+    add = user.add_parser("add", help="add a user")
+    add.add_argument("username")
+    add.add_argument("--role", choices=ROLES, default="operator")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    pw = user.add_parser("passwd", help="change a user's password (ends the user's sessions)")
+    pw.add_argument("username")
+    pw.add_argument("--password-stdin", action="store_true")
+    user.add_parser("list", help="list users")
+
+    tok = sub.add_parser("token", help="API tokens for machines and scripts").add_subparsers(dest="action",
+                                                                                           required=True)
+    create = tok.add_parser("create", help="create a token (printed once)")
+    create.add_argument("name")
+    create.add_argument("--role", choices=ROLES, default="operator")
+    create.add_argument("--appliance-id", help="bind the token to the appliance id sent at login")
+    create.add_argument("--expires-days", type=int)
+    revoke = tok.add_parser("revoke", help="revoke a token and end its sessions")
+    revoke.add_argument("name")
+    tok.add_parser("list", help="list tokens")
+
+    audit = sub.add_parser("audit", help="recent audit events")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--action")
+
+    sub.add_parser("status", help="ask the running omad for its health")
+    return p
+
+
+def _password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("password: ")
+    if first != getpass.getpass("again: "):
+        raise OmaError("passwords differ", "the two passwords typed were not the same")
+    return first
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        print(json.dumps(r, default=str))
+
+
+def _status(cfg: Config) -> int:
+    host = cfg.api.listen_address if cfg.api.listen_address not in ("0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{host}:{cfg.api.port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            body = json.load(r)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"omad is not answering at {url}: {e}", file=sys.stderr)
+        return 1
+    print(f"{body['service']}: {body['status']} (version {body['version']}, database {body['database']})")
+    for name, comp in body.get("components", {}).items():
+        print(f"  {name}: {comp.get('status')}{' - ' + comp['details'] if comp.get('details') else ''}")
+    return 0 if body["status"] == "healthy" else 2
+
+
+async def _run(args: argparse.Namespace, cfg: Config) -> int:
+    db = Database(cfg.database_path)
+    await db.open()
+    try:
+        await db.migrate()
+        auth = AuthService(db, Audit(db), session_ttl=cfg.auth.session_ttl_seconds,
+                           limiter=FailureLimiter(cfg.auth.login_failure_limit, cfg.auth.login_failure_window_seconds))
+        if args.cmd == "user":
+            if args.action == "add":
+                await auth.add_user(args.username, _password(args.password_stdin), args.role)
+                print(f"user {args.username} added ({args.role})")
+            elif args.action == "passwd":
+                await auth.set_password(args.username, _password(args.password_stdin))
+                print(f"password of {args.username} changed")
+            else:
+                _print(await auth.list_users())
+        elif args.cmd == "token":
+            if args.action == "create":
+                token = await auth.create_token(args.name, args.role, appliance_id=args.appliance_id,
+                                                expires_days=args.expires_days)
+                print(token)
+            elif args.action == "revoke":
+                await auth.revoke_token(args.name)
+                print(f"token {args.name} revoked")
+            else:
+                _print(await auth.list_tokens())
+        elif args.cmd == "audit":
+            _print(await Audit(db).recent(args.limit, args.action))
+        return 0
+    finally:
+        await db.close()
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    try:
+        cfg = config.load(Config, args.config or config.default_dirs("omad"))
+        if args.cmd == "status":
+            sys.exit(_status(cfg))
+        sys.exit(asyncio.run(_run(args, cfg)))
+    except OmaError as e:
+        print(f"omactl: {e.message}: {e.details}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""restore-mounter: read-only restore mounts and the file access inside them (root agent)."""

@@ -1,0 +1,5 @@
+"""python -m restore_mounter"""
+
+from .main import main
+
+main()

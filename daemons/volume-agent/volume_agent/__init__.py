@@ -1,0 +1,1 @@
+"""volume-agent: CloudStack volume life cycle and the volume-to-device map (root agent)."""

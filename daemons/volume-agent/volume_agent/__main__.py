@@ -1,0 +1,5 @@
+"""python -m volume_agent"""
+
+from .main import main
+
+main()
