@@ -46,6 +46,12 @@ class DaemonProcess:
 
     def start(self, timeout: float = 30.0) -> str:
         """Start and wait for READY=1; returns the STATUS it sent with it."""
+        self.launch()
+        self.wait_ready(timeout)
+        return self.status
+
+    def launch(self) -> None:
+        """Start the process; wait_ready() then waits for its READY=1."""
         self._tmp = Path(tempfile.mkdtemp(prefix=f"oma-notify-{self.name}-"))
         notify_path = self._tmp / "notify.sock"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -61,10 +67,8 @@ class DaemonProcess:
         finally:
             if out:
                 out.close()
-        self._wait_ready(timeout)
-        return self.status
 
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         assert self._sock is not None and self.proc is not None
         while True:

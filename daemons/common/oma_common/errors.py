@@ -16,6 +16,9 @@ class OmaError(Exception):
         self.details = details or message
         self.extra = extra
 
+    def __str__(self) -> str:
+        return self.message if self.details == self.message else f"{self.message}: {self.details}"
+
 
 class Invalid(OmaError):
     """The request is malformed or breaks a rule of the resource."""

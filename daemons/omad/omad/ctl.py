@@ -71,8 +71,13 @@ def _print(rows: list[dict[str, Any]]) -> None:
 
 
 def _status(cfg: Config) -> int:
-    host = cfg.api.listen_address if cfg.api.listen_address not in ("0.0.0.0", "::") else "127.0.0.1"
-    url = f"http://{host}:{cfg.api.port}/health"
+    url_file = Path(cfg.run_dir) / "omad.url"
+    if url_file.exists():
+        base = url_file.read_text().strip()
+    else:
+        host = cfg.api.listen_address if cfg.api.listen_address not in ("0.0.0.0", "::") else "127.0.0.1"
+        base = f"http://{host}:{cfg.api.port}"
+    url = f"{base}/health"
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
             body = json.load(r)
@@ -128,3 +133,7 @@ def main() -> None:
     except OmaError as e:
         print(f"omactl: {e.message}: {e.details}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,16 @@ from .store.db import Database
 log = logging.getLogger("omad")
 
 
+async def assemble(cfg: Config, db: Database, agents: Agents) -> tuple[web.Application, AuthService]:
+    """Build every service with its collaborators, and the application that serves them."""
+    audit = Audit(db)
+    auth = AuthService(db, audit, session_ttl=cfg.auth.session_ttl_seconds,
+                       limiter=FailureLimiter(cfg.auth.login_failure_limit, cfg.auth.login_failure_window_seconds))
+    apis = [HealthApi(Health(db, agents)), AuthApi(auth)]
+    app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
+    return app, auth
+
+
 async def amain() -> int:
     args = config.arg_parser("omad", "the OMA API daemon").parse_args()
     cfg = config.load_from_args(Config, "omad", args)
@@ -41,18 +51,12 @@ async def amain() -> int:
     runner: web.AppRunner | None = None
     try:
         await db.migrate()
-        audit = Audit(db)
-        auth = AuthService(db, audit, session_ttl=cfg.auth.session_ttl_seconds,
-                           limiter=FailureLimiter(cfg.auth.login_failure_limit,
-                                                  cfg.auth.login_failure_window_seconds))
+        app, auth = await assemble(cfg, db, agents)
         password_file = Path(cfg.state_dir) / "admin-password"
         password = await auth.bootstrap(password_file)
         if password:
             log.warning("created the administrator 'admin'; its password is in %s", password_file)
             print(f"omad: first start: user 'admin', password {password} (also in {password_file})", flush=True)
-
-        apis = [HealthApi(Health(db, agents)), AuthApi(auth)]
-        app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=cfg.api.shutdown_grace_seconds)
         await runner.setup()
@@ -61,6 +65,9 @@ async def amain() -> int:
         host, port = runner.addresses[0][:2]
         url = f"http://{host}:{port}"
         log.info("listening on %s", url)
+        url_file = Path(cfg.run_dir) / "omad.url"  # how omactl finds an omad started on port 0
+        url_file.parent.mkdir(parents=True, exist_ok=True)
+        url_file.write_text(url + "\n")
         notifier.ready(f"listening on {url}")
         await stop.wait()
         notifier.stopping()

@@ -1,0 +1,87 @@
+"""Session checks (required tools), the `root` marker, and the fixtures that start the real daemons."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from .rig import Api, Stack, make_stack
+
+# tool → Debian package that provides it
+REQUIRED_TOOLS = {
+    "qemu-img": "qemu-utils", "qemu-nbd": "qemu-utils", "qemu-io": "qemu-utils",
+    "qemu-storage-daemon": "qemu-system-common", "nbdcopy": "libnbd-bin", "nbdinfo": "libnbd-bin",
+    "sfdisk": "fdisk", "mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs", "mkfs.xfs": "xfsprogs",
+    "mkntfs": "ntfs-3g", "ntfs-3g": "ntfs-3g", "fusefat": "fusefat", "mcopy": "mtools",
+    "mkfs.vfat": "dosfstools", "partx": "util-linux", "losetup": "util-linux", "ip": "iproute2",
+    "systemd-analyze": "systemd",
+}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    missing = {tool: pkg for tool, pkg in REQUIRED_TOOLS.items() if shutil.which(tool) is None}
+    if missing:
+        pytest.exit(f"tools the suite needs are missing ({', '.join(sorted(missing))}); install them with:\n"
+                    f"  apt-get install --no-install-recommends {' '.join(sorted(set(missing.values())))}",
+                    returncode=1)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root") and os.geteuid() != 0:
+        pytest.skip("needs root (mounts, loop devices, namespaces or other users' uids)")
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path: unix socket paths are limited to 107 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="oma-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def stack(short_tmp: Path) -> Iterator[Stack]:
+    """All four daemons, fresh state, omad on a free port; stopped after the test."""
+    s = make_stack(short_tmp)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def stack_config(short_tmp: Path) -> Iterator[Stack]:
+    """A stack's configuration, not yet started: add drop-ins, then call start()."""
+    s = make_stack(short_tmp)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+async def admin(stack: Stack) -> AsyncIterator[Api]:
+    """A client logged in as the bootstrap administrator."""
+    api = Api(stack.url)
+    await api.login("admin", stack.admin_password)
+    try:
+        yield api
+    finally:
+        await api.close()
+
+
+@pytest.fixture
+async def anon(stack: Stack) -> AsyncIterator[Api]:
+    api = Api(stack.url)
+    try:
+        yield api
+    finally:
+        await api.close()

@@ -1,0 +1,73 @@
+"""The database: migrations once, data kept across restarts, the bootstrap admin created exactly once."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from omad.store.db import Database, split_statements
+
+from ..rig import Api, Stack
+
+
+async def test_restart_keeps_data_and_runs_nothing_twice(stack: Stack) -> None:
+    password = stack.admin_password
+    assert stat.S_IMODE((stack.state / "admin-password").stat().st_mode) == 0o600
+    versions = stack.sql("SELECT version FROM schema_version ORDER BY version")
+    assert versions and versions[0][0] == 1
+    assert stack.omactl("user", "add", "keeper", "--password-stdin", stdin="keep-me-123\n").returncode == 0
+    assert stack.sql("PRAGMA journal_mode")[0][0] == "wal"
+
+    assert stack.stop("omad") == {"omad": 0}
+    stack.start("omad")
+    assert stack.admin_password == password
+    assert stack.sql("SELECT version FROM schema_version ORDER BY version") == versions
+    assert stack.sql("SELECT COUNT(*) FROM users WHERE username = 'admin'") == [(1,)]
+    assert stack.sql("SELECT COUNT(*) FROM audit_log WHERE action = 'user.bootstrap'") == [(1,)]
+    async with Api(stack.url) as api:
+        await api.login("keeper", "keep-me-123")
+        await api.login("admin", password)
+
+
+async def test_deleted_admin_is_not_recreated(stack: Stack) -> None:
+    stack.stop("omad")
+    stack.sql("DELETE FROM users WHERE username = 'admin'")
+    stack.start("omad")
+    assert stack.sql("SELECT COUNT(*) FROM users") == [(0,)]
+
+
+async def test_foreign_keys_are_enforced(tmp_path: Path) -> None:
+    db = Database(tmp_path / "x.db")
+    await db.open()
+    try:
+        assert await db.migrate() == [1]
+        assert await db.migrate() == []
+        with pytest.raises(sqlite3.IntegrityError):
+            await db.execute("INSERT INTO sessions (token_hash, user_id, source, created_at, expires_at) "
+                             "VALUES ('x', 999, 's', 'a', 'b')")
+        assert await db.scalar("PRAGMA journal_mode") == "wal"
+    finally:
+        await db.close()
+
+
+async def test_failed_migration_leaves_nothing_applied(tmp_path: Path) -> None:
+    """A transaction per migration: a broken statement rolls the whole migration back."""
+    db = Database(tmp_path / "y.db")
+    await db.open()
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            async with db.transaction() as tx:
+                await tx.execute("CREATE TABLE t (a)")
+                await tx.execute("INSERT INTO nowhere VALUES (1)")
+        assert await db.scalar("SELECT COUNT(*) FROM sqlite_master WHERE name = 't'") == 0
+    finally:
+        await db.close()
+
+
+def test_split_statements_keeps_triggers_whole() -> None:
+    script = ("-- c\nCREATE TABLE a (x);\nCREATE TRIGGER t AFTER INSERT ON a BEGIN\n"
+              "  UPDATE a SET x = 1; DELETE FROM a WHERE x = 2;\nEND;\n")
+    assert len(split_statements(script)) == 2

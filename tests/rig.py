@@ -1,0 +1,160 @@
+"""The test rig: the real daemons as processes in a temporary directory, and an HTTP client for omad."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from oma_common.devrun import AGENTS, DaemonProcess, write_local_configs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Stack:
+    """The four daemons started from drop-ins under `state` (omad on a free port)."""
+
+    state: Path
+    daemons: dict[str, DaemonProcess] = field(default_factory=dict)
+    url: str = ""
+
+    @property
+    def config_dirs(self) -> dict[str, Path]:
+        return {name: self.state / "config" / f"{name}.d" for name in ("omad", *AGENTS)}
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state / "run"
+
+    @property
+    def admin_password(self) -> str:
+        return (self.state / "admin-password").read_text().strip()
+
+    @property
+    def database(self) -> Path:
+        return self.state / "oma.db"
+
+    def add_config(self, daemon: str, name: str, text: str) -> None:
+        (self.config_dirs[daemon] / name).write_text(text)
+
+    def start(self, *names: str, timeout: float = 30.0) -> None:
+        logs = self.state / "logs"
+        logs.mkdir(exist_ok=True)
+        names = names or (*AGENTS, "omad")
+        # The agents start side by side; omad last, as systemd orders them.
+        batches = [[n for n in names if n != "omad"], [n for n in names if n == "omad"]]
+        for batch in batches:
+            launched = []
+            for name in batch:
+                d = DaemonProcess(name, self.config_dirs[name], log_path=logs / f"{name}.log")
+                d.launch()
+                self.daemons[name] = launched.append(d) or d
+            for d in launched:
+                d.wait_ready(timeout)
+                if d.name == "omad":
+                    self.url = d.status.removeprefix("listening on ").strip()
+
+    def stop(self, *names: str) -> dict[str, int]:
+        codes = {}
+        for name in names or ("omad", *reversed(AGENTS)):
+            d = self.daemons.get(name)
+            if d is not None and d.proc is not None:
+                codes[name] = d.stop()
+        return codes
+
+    def sql(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Read or poke omad's database directly (WAL allows it while omad runs)."""
+        with contextlib.closing(sqlite3.connect(self.database, timeout=5)) as conn:
+            rows = conn.execute(query, params).fetchall()
+            conn.commit()
+            return rows
+
+    def omactl(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "omad.ctl", "--config", str(self.config_dirs["omad"]), *args],
+                              input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def make_stack(tmp: Path, port: int = 0) -> Stack:
+    write_local_configs(tmp, port)
+    return Stack(tmp)
+
+
+@contextlib.contextmanager
+def running_stack(tmp: Path, *names: str) -> Iterator[Stack]:
+    stack = make_stack(tmp)
+    try:
+        stack.start(*names)
+        yield stack
+    finally:
+        stack.stop()
+
+
+class Api:
+    """A small aiohttp client for omad's /api/v1 that returns (status, json)."""
+
+    def __init__(self, base: str, token: str | None = None) -> None:
+        self.base = base.rstrip("/")
+        self.token = token
+        self.session = aiohttp.ClientSession()
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def __aenter__(self) -> Api:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _headers(self, token: str | None) -> dict[str, str]:
+        t = self.token if token is None else token
+        return {"Authorization": f"Bearer {t}"} if t else {}
+
+    async def request(self, method: str, path: str, *, json_body: Any = None, data: bytes | str | None = None,
+                      params: dict[str, Any] | None = None, token: str | None = None,
+                      headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        url = path if path.startswith("http") else f"{self.base}{path if path.startswith('/health') else '/api/v1' + path}"
+        h = {**self._headers(token), **(headers or {})}
+        async with self.session.request(method, url, json=json_body, data=data, params=params, headers=h) as r:
+            text = await r.text()
+            try:
+                return r.status, json.loads(text) if text else None
+            except ValueError:
+                return r.status, text
+
+    async def get(self, path: str, **kw: Any) -> tuple[int, Any]:
+        return await self.request("GET", path, **kw)
+
+    async def post(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        return await self.request("POST", path, json_body=body, **kw)
+
+    async def put(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        return await self.request("PUT", path, json_body=body, **kw)
+
+    async def delete(self, path: str, **kw: Any) -> tuple[int, Any]:
+        return await self.request("DELETE", path, **kw)
+
+    async def login(self, username: str, password: str) -> str:
+        status, body = await self.post("/auth/login", {"username": username, "password": password})
+        assert status == 200, body
+        self.token = body["session_token"]
+        return self.token
+
+
+def tool_missing(*tools: str) -> list[str]:
+    return [t for t in tools if shutil.which(t) is None]
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
