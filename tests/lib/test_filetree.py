@@ -14,6 +14,7 @@ from .filetree import (
     File,
     Pattern,
     Symlink,
+    Tree,
     dir_manifest,
     dir_sha256,
     materialize,
@@ -24,7 +25,7 @@ from .filetree import (
 
 pytestmark = pytest.mark.timeout(20)
 
-TREE = {
+TREE: Tree = {
     "etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n",
     "etc/shadow": File(b"root:$6$secret\n", mode=0o640, mtime=1_000_000_000, gid=42),
     "usr/bin/su": File(b"#!suid\n", mode=0o4755),
