@@ -89,11 +89,13 @@ _OVERHEAD = {"ext4": 32 * MiB, "xfs": 96 * MiB, "ntfs": 32 * MiB, "vfat": 8 * Mi
 class ToolError(RuntimeError):
     """An external program failed; carries its argv, exit code and stderr."""
 
-    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str, stdout: str = "") -> None:
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr = stderr
-        super().__init__(f"{argv[0]} failed ({returncode}): {stderr.strip() or '(no stderr)'}; argv={argv}")
+        # Some tools (mcopy) put their complaint on stdout; show its end when stderr is silent.
+        said = stderr.strip() or stdout.strip()[-2000:] or "(no output)"
+        super().__init__(f"{argv[0]} failed ({returncode}): {said}; argv={argv}")
 
 
 def run(
@@ -115,7 +117,7 @@ def run(
         check=False,
     )
     if proc.returncode != 0:
-        raise ToolError(args, proc.returncode, _text(proc.stderr))
+        raise ToolError(args, proc.returncode, _text(proc.stderr), _text(proc.stdout))
     return proc
 
 
@@ -419,6 +421,9 @@ def _write_fat(image: Path, offset: int, size: int, spec: _Spec, work: Path) -> 
     kept = {path: node for path, node in nodes.items() if not isinstance(node, Symlink)}
     folded: dict[str, str] = {}
     for path in kept:
+        # Characters VFAT names cannot hold; mtools would rename or drop them ("a:b" reads as drive a:).
+        if re.search(r'[\x00-\x1f"*:<>?\\|]', path):
+            raise ValueError(f"FAT cannot hold the name {path!r}")
         other = folded.setdefault(path.casefold(), path)
         if other != path:  # mcopy would stop and ask what to do
             raise ValueError(f"FAT names are case-insensitive: {other!r} and {path!r} collide")
