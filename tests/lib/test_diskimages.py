@@ -321,6 +321,7 @@ def test_gpt_xfs(tmp_path: Path) -> None:
     assert _xfs_field(shadow, "core.mtime.sec") == when
     assert _xfs_field(shadow, "core.gid") == "42"
     assert _allocated(image.path) < 16 * MiB  # 302 MiB apparent; the zeroed log is not copied
+    assert sorted(os.listdir(tmp_path)) == ["disk.raw", "part.xfs"]
 
 
 def test_xfs_refuses_what_a_protofile_cannot_say(tmp_path: Path) -> None:
@@ -367,6 +368,7 @@ def test_gpt_ntfs(tmp_path: Path) -> None:
     # the boot sector knows where it lives (mkntfs -p), as Windows expects
     hidden = int.from_bytes(part.read_bytes()[0x1C:0x20], "little")
     assert hidden == partition.offset // 512
+    assert sorted(os.listdir(tmp_path)) == ["disk.raw", "part.ntfs"]
 
 
 # --- FAT ---------------------------------------------------------------------------------------------
@@ -392,6 +394,7 @@ def test_mbr_fat(tmp_path: Path) -> None:
     run(["mcopy", "-s", "-m", "-i", where, "::/*", out], env=MTOOLS_ENV)  # mtools reads, nothing is mounted
     assert dir_manifest(out, modes=False) == tree_manifest(tree, modes=False, symlinks=False)
     assert (out / "Users/Public/Caf\u00e9 na\u00efve.txt").stat().st_mtime == SHADOW_MTIME
+    assert sorted(os.listdir(tmp_path)) == ["disk.raw", "out", "part.fat"]
 
 
 def test_fat_refuses_names_it_cannot_hold(tmp_path: Path) -> None:
