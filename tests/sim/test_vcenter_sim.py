@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import pytest
 from pyVmomi import vim
 
-import vcenter  # tests/sim has no __init__.py, so pytest puts this directory on sys.path
+from . import vcenter
 
 # The first test in a fresh cache builds the binary (~25 s cold on 2 cores); later ones take < 1 s.
 pytestmark = pytest.mark.timeout(300)
