@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -63,7 +64,13 @@ def _make_middlewares(state: SimState) -> list[Any]:
             json=parsed,
             at=time.time(),
         ))
-        return await handler(request)
+        task = asyncio.current_task()
+        if task is not None:
+            state.inflight.add(task)
+        try:
+            return await handler(request)
+        finally:
+            state.inflight.discard(task)  # type: ignore[arg-type]
 
     @web.middleware
     async def inject(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 BLOCK_SIZE = 64 * 1024  # the granularity of "changed"; VMware's CBT reports 64 KiB-aligned areas too
 _DIGEST = 16
-_ZERO_DIGEST = bytes(_DIGEST)  # marks an all-zero block (a real blake2b digest of zeros is never this)
+_ZERO_DIGEST = bytes(_DIGEST)  # marks an all-zero block (no real digest is this)
 _READ_CHUNK = 16 * BLOCK_SIZE
 # How many past change ids each disk remembers; older ones force a full copy, like a reset CBT.
 HISTORY = 32
@@ -108,7 +108,8 @@ def scan(path: str, block_size: int = BLOCK_SIZE) -> BlockMap:
                     index = (pos + i) // block_size
                     if block == zero_block[:len(block)]:
                         continue  # already marked zero
-                    out[index * _DIGEST:(index + 1) * _DIGEST] = hashlib.blake2b(block, digest_size=_DIGEST).digest()
+                    # sha256 (truncated): the fastest hashlib digest here, SHA extensions at work.
+                    out[index * _DIGEST:(index + 1) * _DIGEST] = hashlib.sha256(block).digest()[:_DIGEST]
                 pos += len(buf)
     return BlockMap(size=size, block_size=block_size, digests=bytes(out))
 
@@ -168,6 +169,12 @@ class DiskTracker:
         self._maps[change_id] = block_map
         while len(self._maps) > HISTORY:
             del self._maps[next(iter(self._maps))]
+        return change_id
+
+    def untracked(self) -> str:
+        """The next change id, standing for nothing (change tracking off): its incremental is full."""
+        change_id = f"{self.prefix}/{self._sequence}"
+        self._sequence += 1
         return change_id
 
     def lookup(self, change_id: Optional[str]) -> Optional[BlockMap]:

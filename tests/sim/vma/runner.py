@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 from typing import Optional, Union
@@ -68,6 +69,10 @@ class VMASim:
         """Stop serving: injected delays and hanging jobs end, running jobs are cancelled
         (their NBD clients killed), the OMA client closes, a workdir we created is removed."""
         self.state.closing.set()
+        if self.state.inflight:
+            # Handlers whose client already left (a timed-out delay) are not awaited by every
+            # aiohttp's shutdown; let them finish so none is destroyed pending.
+            await asyncio.wait(set(self.state.inflight), timeout=5)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

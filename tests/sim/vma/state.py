@@ -65,6 +65,7 @@ class SimState:
         auth_failure_status: int = 500,
         telemetry_interval: float = 1.0,
         outbound_timeout: float = 30.0,
+        change_tracking: bool = True,
     ) -> None:
         self.inventory = inventory if inventory is not None else Inventory()
         self._own_workdir = workdir is None
@@ -77,11 +78,16 @@ class SimState:
         # Least seconds between two progress telemetry posts of one job (phase changes always post).
         self.telemetry_interval = telemetry_interval
         self.outbound_timeout = outbound_timeout
+        # Map what each copy sent so later incrementals can be computed. Off: no mapping cost
+        # (benchmarks of full copies); every copy is then full, whatever was asked.
+        self.change_tracking = change_tracking
         self.faults = Faults()
         self.requests: list[RecordedRequest] = []
         self.outbound: list[OutboundCall] = []
         self.jobs: dict[str, "Job"] = {}
         self.closing = asyncio.Event()
+        # Requests being handled; shutdown lets them finish (an injected delay ends at `closing`).
+        self.inflight: "set[asyncio.Task[Any]]" = set()
         self._sources: dict[tuple[str, int], Path] = {}
         self._trackers: dict[tuple[str, int], DiskTracker] = {}
 

@@ -11,7 +11,7 @@ from typing import Optional
 from . import cbt
 from .cbt import BlockMap, Extent
 from .jobs import DiskJob, Job
-from .nbdclient import convert_range, write_extents
+from .nbdclient import convert_range, copy_whole, write_extents
 
 # One qemu-io write never buffers more than this.
 MAX_EXTENT = 16 * 1024 * 1024
@@ -36,9 +36,10 @@ class Budget:
             self.remaining = max(0, self.remaining - count)
 
 
-async def snapshot(disk: DiskJob) -> "Optional[asyncio.Future[BlockMap]]":
+async def snapshot(disk: DiskJob, track: bool = True) -> "Optional[asyncio.Future[BlockMap]]":
     """Plan the copy of one disk. An incremental maps the source now (the extents depend on it);
-    a full copy maps it in the background while streaming (returned future)."""
+    a full copy maps it in the background while streaming (the future returned), or not at all
+    without `track` (None)."""
     loop = asyncio.get_running_loop()
     disk.status = "snapshotting"
     if disk.sync_type == "incremental":
@@ -49,7 +50,7 @@ async def snapshot(disk: DiskJob) -> "Optional[asyncio.Future[BlockMap]]":
         future.set_result(new_map)
         return future
     disk.total_bytes = await loop.run_in_executor(None, cbt.allocated_bytes, disk.source)
-    return loop.run_in_executor(None, cbt.scan, disk.source)
+    return loop.run_in_executor(None, cbt.scan, disk.source) if track else None
 
 
 async def stream(job: Job, disk: DiskJob, budget: Budget, scratch_dir: str) -> bool:
@@ -65,8 +66,7 @@ async def _stream_full(job: Job, disk: DiskJob, budget: Budget) -> bool:
     size = os.path.getsize(disk.source)
     if budget.remaining is None or budget.remaining >= disk.total_bytes:
         total = disk.total_bytes
-        await convert_range(disk.source, disk.target, 0, size, whole=True,
-                            progress=lambda f: job.set_disk_bytes(disk, int(f * total)))
+        await copy_whole(disk.source, disk.target, progress=lambda f: job.set_disk_bytes(disk, int(f * total)))
         job.set_disk_bytes(disk, total)
         budget.spend(total)
         return True

@@ -178,21 +178,20 @@ class JobManager:
         fault = job.fault
         budget = Budget(fault.after_bytes if fault is not None and fault.mode in (F.FAIL, F.DISCONNECT) else None)
         job.set(SNAPSHOTTING, f"Creating snapshot of {vm.name}")
-        maps: list["asyncio.Future[BlockMap]"] = []
+        maps: list["Optional[asyncio.Future[BlockMap]]"] = []
         for disk in job.disks:
             size = vm.disk(disk.index).capacity_bytes
             actual = os.path.getsize(disk.source)
             if actual != size:
                 raise TransferError(f"source image of {disk.disk_id} has {actual} bytes, the disk {size}")
-            future = await snapshot(disk)
-            assert future is not None
-            maps.append(future)
+            maps.append(await snapshot(disk, self._state.change_tracking))
         job.set(STREAMING, "Streaming disks")
         with tempfile.TemporaryDirectory(prefix="job-", dir=str(self._state.workdir)) as scratch:
             for disk, future in zip(job.disks, maps):
                 if not await stream(job, disk, budget, scratch):
                     break  # the fault's byte budget ran out inside this disk
-                disk.change_id = self._state.tracker(vm, disk.index).record(await future)
+                tracker = self._state.tracker(vm, disk.index)
+                disk.change_id = tracker.record(await future) if future is not None else tracker.untracked()
                 disk.status = "completed"
                 job.set()
         if fault is not None and fault.mode == F.FAIL:
@@ -224,7 +223,7 @@ class JobManager:
                     if base is None and tracker.lookup(previous_change_id) is not None:
                         base = previous_change_id
                 disk.base_change_id = base
-                disk.base_map = tracker.lookup(base)
+                disk.base_map = tracker.lookup(base) if self._state.change_tracking else None
                 disk.sync_type = "incremental" if disk.base_map is not None else "full"
                 if base and disk.base_map is None:
                     log.info("backup %s %s: change id %r unknown, copying in full", job.job_id, disk.disk_id, base)
@@ -286,7 +285,7 @@ class JobManager:
             for disk in job.disks:
                 base = await oma.replication_change_id(oma_url, job.vm_path, disk.disk_id)
                 disk.base_change_id = base
-                disk.base_map = self._state.tracker(vm, disk.index).lookup(base)
+                disk.base_map = self._state.tracker(vm, disk.index).lookup(base) if self._state.change_tracking else None
                 disk.sync_type = "incremental" if disk.base_map is not None else "full"
                 if base and disk.base_map is None:
                     log.info("replication %s %s: change id %r unknown, copying in full", job.job_id, disk.disk_id, base)
