@@ -14,10 +14,12 @@ from oma_common.notify import Notifier
 from .api import app as api_app
 from .api.auth import AuthApi
 from .api.health import HealthApi
+from .api.nbd import NbdApi
 from .audit import Audit
 from .auth.ratelimit import FailureLimiter
 from .auth.service import AuthService
 from .clients.agents import Agents
+from .clients.nbdpool import NbdPool
 from .config import Config
 from .health import Health
 from .store.db import Database
@@ -30,7 +32,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> tuple[web.Appli
     audit = Audit(db)
     auth = AuthService(db, audit, session_ttl=cfg.auth.session_ttl_seconds,
                        limiter=FailureLimiter(cfg.auth.login_failure_limit, cfg.auth.login_failure_window_seconds))
-    apis = [HealthApi(Health(db, agents)), AuthApi(auth)]
+    apis = [HealthApi(Health(db, agents)), AuthApi(auth), NbdApi(NbdPool(agents.nbd_pool))]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
     return app, auth
 
