@@ -6,7 +6,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import select
@@ -253,33 +252,33 @@ class SupervisedChild:
         if self._popen is not None:
             raise ProcessError(f"{self.resource_id}: already started")
         loop = asyncio.get_running_loop()
-        popen_call = functools.partial(
-            subprocess.Popen,
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # own session and process group: no terminal signal or group kill reaches it
-            close_fds=True,
-            env=self._env,
-            cwd=self._cwd,
-        )
+        def spawn() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # own session and process group: no terminal signal or group kill reaches it
+                close_fds=True,
+                env=self._env,
+                cwd=self._cwd,
+            )
+
         try:
             # fork/exec waits for the exec to succeed; keep it off the loop.
-            self._popen = await loop.run_in_executor(None, popen_call)
+            popen = await loop.run_in_executor(None, spawn)
         except OSError as exc:
             raise ChildFailed(self.resource_id, self.argv[0], None, "", f"cannot be executed: {exc}") from exc
-        assert self._popen.stderr is not None
-        self._start_time = process_start_time(self._popen.pid)
-        self._pidfd = os.pidfd_open(self._popen.pid)
+        self._popen = popen
+        assert popen.stderr is not None
+        self._start_time = process_start_time(popen.pid)
+        self._pidfd = os.pidfd_open(popen.pid)
         self._exited = _pidfd_exit_future(loop, self._pidfd)
         self._exited.add_done_callback(self._on_exit)
         reader = asyncio.StreamReader()
-        self._pipe_transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), self._popen.stderr
-        )
+        self._pipe_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), popen.stderr)
         self._reader_task = asyncio.create_task(self._read_stderr(reader), name=f"stderr-{self.resource_id}")
-        self._log.info("%s: started pid %d: %s", self.resource_id, self._popen.pid, " ".join(self.argv))
+        self._log.info("%s: started pid %d: %s", self.resource_id, popen.pid, " ".join(self.argv))
         if probe is None:
             return None
         try:
@@ -438,10 +437,13 @@ class AdoptedChild:
     signalled. The exit code of a process that is not our child cannot be known.
     """
 
-    def __init__(self, pid: int, pidfd: int, resource_id: str, argv: list[str], logger: logging.Logger | None) -> None:
+    def __init__(
+        self, pid: int, pidfd: int, resource_id: str, argv: list[str], start_time: float | None, logger: logging.Logger | None
+    ) -> None:
         self.pid = pid
         self.resource_id = resource_id
         self.argv = tuple(argv)
+        self.start_time = start_time
         self._pidfd: int | None = pidfd
         self._log = logger or log
         self._exited: asyncio.Future[None] | None = None
@@ -460,7 +462,7 @@ class AdoptedChild:
         """Take over `pid` if it is alive and matches `expected`; raise PidMismatch otherwise."""
         try:
             pidfd = os.pidfd_open(pid)
-        except (ProcessLookupError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # ESRCH: gone; EINVAL: not a valid pid
             raise PidMismatch(f"{resource_id}: pid {pid} is gone") from exc
         try:
             argv = read_cmdline(pid)
@@ -473,11 +475,15 @@ class AdoptedChild:
             os.close(pidfd)
             raise
         (logger or log).info("%s: adopted pid %d: %s", resource_id, pid, " ".join(argv))
-        return cls(pid, pidfd, resource_id, argv, logger)
+        return cls(pid, pidfd, resource_id, argv, start_time or process_start_time(pid), logger)
 
     @classmethod
     def adopt_identity(cls, ident: ProcessIdentity, *, resource_id: str, logger: logging.Logger | None = None) -> AdoptedChild:
         return cls.adopt(ident.pid, ident.argv, resource_id=resource_id, start_time=ident.start_time, logger=logger)
+
+    @property
+    def identity(self) -> ProcessIdentity:
+        return ProcessIdentity(self.pid, self.argv, self.start_time)
 
     @property
     def running(self) -> bool:

@@ -1,0 +1,1 @@
+"""nbd-pool: NBD ports, qemu-nbd exports and read-only image attach."""
