@@ -252,6 +252,7 @@ class SupervisedChild:
         if self._popen is not None:
             raise ProcessError(f"{self.resource_id}: already started")
         loop = asyncio.get_running_loop()
+
         def spawn() -> subprocess.Popen[bytes]:
             return subprocess.Popen(
                 self.argv,
@@ -303,7 +304,8 @@ class SupervisedChild:
                 with contextlib.suppress(BaseException):
                     await attempt
                 await self._drain_stderr()
-                raise ChildFailed(self.resource_id, self.argv[0], self.returncode, self.stderr_tail())
+                assert self._popen is not None
+                raise ChildFailed(self.resource_id, self.argv[0], self._popen.poll(), self.stderr_tail())
             try:
                 result = attempt.result()
             except asyncio.TimeoutError:
@@ -529,6 +531,8 @@ class AdoptedChild:
 
     def close(self) -> None:
         """Forget the process without signalling it."""
+        if self._exited is not None and not self._exited.done():
+            self._exited.cancel()  # nobody may wait forever on a process we no longer watch
         if self._pidfd is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._pidfd)

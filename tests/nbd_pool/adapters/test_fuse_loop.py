@@ -144,6 +144,23 @@ async def test_incremental_qcow2_shows_the_top_layer(tmp_path: Path, helpers: ty
 
 @pytest.mark.root
 @pytest.mark.asyncio
+async def test_workdir_behind_a_symlink(tmp_path: Path, attachments: list[FuseLoopAttachment]) -> None:
+    """The kernel reports backing files and mount points with symlinks resolved; teardown must still match."""
+    image = tmp_path / "plain.qcow2"
+    await run(["qemu-img", "create", "-q", "-f", "qcow2", image, "8M"])
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    att = await FuseLoopBackend().attach(image, tmp_path / "link" / "a", resource_id="symlink")
+    attachments.append(att)
+    assert att.record.fuse_file == str(tmp_path / "real" / "a" / "disk.raw")
+    assert loopdev.bound_file(att.device) == att.record.fuse_file
+    await att.detach()
+    assert_nothing_left(att.record)
+    assert not (tmp_path / "link" / "a").exists()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
 async def test_mbr_logical_partitions_match_the_kernel(tmp_path: Path, helpers: type, attachments: list[FuseLoopAttachment]) -> None:
     raw = tmp_path / "mbr.img"
     with open(raw, "wb") as f:

@@ -154,9 +154,16 @@ class FuseLoopBackend:
     async def attach(self, image: Path, workdir: Path, *, fmt: str = "qcow2", resource_id: str | None = None) -> FuseLoopAttachment:
         rid = resource_id or f"attach {image.name}"
         image = image.absolute()
-        fuse_file = workdir.absolute() / FUSE_FILE
-        argv = build_qsd_argv(image, fuse_file, fmt, force_share=self.force_share, program=self.program)
-        await asyncio.to_thread(_prepare_workdir, workdir)
+        check_format(fmt)
+        # Resolved: the kernel reports loop backing files and mount points with symlinks resolved, and
+        # teardown and reconciliation compare against those.
+        fuse_file = (await asyncio.to_thread(_prepare_workdir, workdir)).resolve()
+        workdir = fuse_file.parent
+        try:
+            argv = build_qsd_argv(image, fuse_file, fmt, force_share=self.force_share, program=self.program)
+        except ValueError:
+            await asyncio.to_thread(_remove_workdir, workdir, fuse_file)
+            raise
         child = SupervisedChild(argv, resource_id=rid, logger=self._log)
         device = ""
         try:
@@ -176,7 +183,7 @@ class FuseLoopBackend:
                 resource_id=rid,
                 image=str(image),
                 fmt=fmt,
-                workdir=str(workdir.absolute()),
+                workdir=str(workdir),
                 device=device,
                 process=child.identity,
                 fuse_file=str(fuse_file),
@@ -185,7 +192,7 @@ class FuseLoopBackend:
         except BaseException:
             started = child.pid is not None
             ident = child.identity if started else ProcessIdentity(0, (), None)
-            partial = AttachRecord(BACKEND, rid, str(image), fmt, str(workdir.absolute()), device, ident, str(fuse_file))
+            partial = AttachRecord(BACKEND, rid, str(image), fmt, str(workdir), device, ident, str(fuse_file))
             with contextlib.suppress(Exception):
                 await _teardown(partial, child if started else None, self._log, stop_timeout=2.0)
             raise

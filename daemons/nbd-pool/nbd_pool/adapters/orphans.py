@@ -63,8 +63,9 @@ def _port_of(argv: Sequence[str]) -> int | None:
 
 
 def references_root(argv: Sequence[str], root: Path) -> bool:
-    prefix = str(root.absolute()).rstrip("/") + "/"
-    return any(prefix in a for a in argv[1:])
+    """Whether an argument names a path under `root`, as given or with symlinks resolved."""
+    prefixes = {str(r).rstrip("/") + "/" for r in (root.absolute(), root.resolve())}
+    return any(p in a for p in prefixes for a in argv[1:])
 
 
 def qemu_processes(*, root: Path | None = None, ports: Collection[int] | None = None, programs: Sequence[str] = PROGRAMS) -> list[OrphanProcess]:
@@ -97,7 +98,7 @@ async def list_orphans(
 ) -> Orphans:
     """Loop devices backed by files under `root`, qemu processes referencing `root` (or serving `ports`),
     and FUSE mounts under `root`, minus what the daemon keeps (adopted exports and attachments)."""
-    root = root.absolute()
+    root = root.resolve()  # the kernel reports backing files and mount points resolved
     loops = [d for d in await loopdev.loops_under(root) if d.device not in keep_devices]
     procs = await asyncio.to_thread(qemu_processes, root=root, ports=ports)
     keep_mount_set = {Path(m) for m in keep_mounts}

@@ -1,23 +1,33 @@
 """qemu-nbd as a persistent NBD export on a TCP port: argv, supervised start, handshake readiness, clients.
 
-Flag choice, measured on the 2-core Debian 12 build VM (ext4 on a virtio disk, qemu-nbd 7.2, one client
-writing 1 GiB = 512 MiB random + 512 MiB zeros into an empty image, flush included; median of 7 runs for
-qcow2 and of 5 for raw, seconds; the disk's noise is about ±30 %):
+Flag choice, measured on the 2-core Debian 12 build VM (ext4 on a virtio disk, qemu-nbd 7.2): one client
+writes 1 GiB (512 MiB random, then 512 MiB of zeros written as data) into an empty image through the
+export, final flush included; medians in seconds, configurations shuffled between rounds:
 
-    flags                                         qcow2 qemu-img  qcow2 nbdcopy  raw qemu-img  raw nbdcopy
-    (none: writeback, threads)                          1.82          1.77          2.05          1.31
-    --cache=none --aio=native                           1.26          1.82          1.55          2.19
-    --cache=none --aio=io_uring                         1.55          1.31          1.58          1.04
-    --cache=none --aio=io_uring + unmap               1.41          1.37          1.48          1.24
-    --cache=writeback --aio=io_uring                    1.59          2.17          2.17          1.75
-    (see BENCH_QCOW2 below for the 7-run qcow2 round)
+    qcow2 target, 7 runs each                  qemu-img convert -n   nbdcopy
+    (qemu-nbd defaults: writeback, threads)           1.85            1.45
+    --cache=none --aio=native                         1.60            1.67
+    --cache=none --aio=native   + unmap               1.55            1.95
+    --cache=none --aio=io_uring                       1.41            1.32
+    --cache=none --aio=io_uring + unmap               1.33            1.03   <- defaults below
 
-("+ unmap" = --discard=unmap --detect-zeroes=unmap.) For comparison, `dd conv=fsync` of the 512 MiB of
-data takes 1.64 s on that disk, and a local `qemu-img convert -O qcow2` 0.29 s (it does not flush).
-cache=none is the steady win (no double caching, no flush storm at the end); io_uring is the better aio
-with nbdcopy and equal with qemu-img; --discard=unmap --detect-zeroes=unmap costs nothing measurable and
-keeps zeros that clients write as data from allocating space in backups. Hence the defaults below.
-cache=none needs O_DIRECT: a file on tmpfs cannot be exported with it (qemu-nbd fails at start).
+    raw file target, 5 runs each
+    (qemu-nbd defaults: writeback, threads)           2.05            1.31
+    --cache=writeback --aio=io_uring                  2.17            1.75
+    --cache=writeback           + unmap               1.92            1.77
+    --cache=none --aio=native                         1.55            2.19
+    --cache=none --aio=io_uring                       1.58            1.04
+    --cache=none --aio=io_uring + unmap               1.48            1.24
+
+"+ unmap" is --discard=unmap --detect-zeroes=unmap. Single runs scatter by up to ±50 % (the virtual disk),
+so only the ordering is meaningful: cache=none wins steadily (no double caching, no flush storm at the
+end), io_uring beats native with nbdcopy and matches it with qemu-img, and the unmap pair costs nothing
+while keeping zeros that a client writes as data from allocating space in a backup. For scale: a local
+`qemu-img convert -O qcow2` of the same file takes 0.34-0.62 s whatever its -t cache mode, so one NBD
+stream reaches about 0.4-0.5x of it on 2 cores, as HOST-NOTES.md says.
+cache=none needs O_DIRECT: a file on tmpfs cannot be exported with it (qemu-nbd fails at start), and
+aio=io_uring needs a kernel that allows io_uring (kernel.io_uring_disabled=0); the daemon may fall back to
+ExportOptions(aio="threads") where it does not.
 """
 
 from __future__ import annotations
