@@ -189,7 +189,7 @@ class SupervisedChild:
 
     def __init__(
         self,
-        argv: Sequence[str],
+        argv: Sequence[str | os.PathLike[str]],
         *,
         resource_id: str,
         logger: logging.Logger | None = None,
@@ -199,7 +199,7 @@ class SupervisedChild:
     ) -> None:
         if not argv:
             raise ValueError("empty argv")
-        self.argv: tuple[str, ...] = tuple(str(a) for a in argv)
+        self.argv: tuple[str, ...] = tuple(os.fspath(a) for a in argv)
         self.resource_id = resource_id
         self._log = logger or log
         self._env = dict(env) if env is not None else None
@@ -560,7 +560,7 @@ class CommandResult:
 
 
 async def run(
-    argv: Sequence[str],
+    argv: Sequence[str | os.PathLike[str]],
     *,
     timeout: float = 60.0,
     check: bool = True,
@@ -574,7 +574,7 @@ async def run(
     asyncio's subprocess transport is the right tool here: if we are cancelled, the child is killed.
     """
     lg = logger or log
-    args = tuple(str(a) for a in argv)
+    args = tuple(os.fspath(a) for a in argv)
     started = time.monotonic()
     try:
         proc = await asyncio.create_subprocess_exec(

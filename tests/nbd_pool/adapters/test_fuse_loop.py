@@ -7,6 +7,7 @@ import errno
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -23,7 +24,7 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture(autouse=True)
-def _tools(helpers: type) -> None:
+def _tools(helpers: Any) -> None:
     helpers.need("qemu-storage-daemon", "qemu-img", "losetup", "partx", "sfdisk", "mkfs.ext4")
 
 
@@ -69,7 +70,7 @@ def test_qsd_argv_is_read_only_json() -> None:
 
 @pytest.mark.root
 @pytest.mark.asyncio
-async def test_gpt_qcow2_exposes_both_partitions_read_only(tmp_path: Path, helpers: type, attachments: list[FuseLoopAttachment]) -> None:
+async def test_gpt_qcow2_exposes_both_partitions_read_only(tmp_path: Path, helpers: Any, attachments: list[FuseLoopAttachment]) -> None:
     raw, parts = helpers.build_gpt_disk(tmp_path)
     image = helpers.to_qcow2(raw, tmp_path / "disk.qcow2")
     backend = FuseLoopBackend()
@@ -122,7 +123,7 @@ async def test_gpt_qcow2_exposes_both_partitions_read_only(tmp_path: Path, helpe
 
 @pytest.mark.root
 @pytest.mark.asyncio
-async def test_incremental_qcow2_shows_the_top_layer(tmp_path: Path, helpers: type, attachments: list[FuseLoopAttachment]) -> None:
+async def test_incremental_qcow2_shows_the_top_layer(tmp_path: Path, helpers: Any, attachments: list[FuseLoopAttachment]) -> None:
     base = tmp_path / "base.qcow2"
     top = tmp_path / "top.qcow2"
     await run(["qemu-img", "create", "-q", "-f", "qcow2", base, "64M"])
@@ -161,7 +162,7 @@ async def test_workdir_behind_a_symlink(tmp_path: Path, attachments: list[FuseLo
 
 @pytest.mark.root
 @pytest.mark.asyncio
-async def test_mbr_logical_partitions_match_the_kernel(tmp_path: Path, helpers: type, attachments: list[FuseLoopAttachment]) -> None:
+async def test_mbr_logical_partitions_match_the_kernel(tmp_path: Path, helpers: Any, attachments: list[FuseLoopAttachment]) -> None:
     raw = tmp_path / "mbr.img"
     with open(raw, "wb") as f:
         f.truncate(64 * MIB)
@@ -192,7 +193,7 @@ async def test_failed_attach_leaves_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.root
 @pytest.mark.asyncio
-async def test_resume_after_restart_then_detach(tmp_path: Path, helpers: type, attachments: list[FuseLoopAttachment]) -> None:
+async def test_resume_after_restart_then_detach(tmp_path: Path, helpers: Any, attachments: list[FuseLoopAttachment]) -> None:
     raw, _ = helpers.build_gpt_disk(tmp_path)
     image = helpers.to_qcow2(raw, tmp_path / "disk.qcow2")
     att = await FuseLoopBackend().attach(image, tmp_path / "w", resource_id="resume")
@@ -211,7 +212,7 @@ async def test_resume_after_restart_then_detach(tmp_path: Path, helpers: type, a
 
 @pytest.mark.root
 @pytest.mark.asyncio
-async def test_release_after_qsd_was_killed(tmp_path: Path, helpers: type) -> None:
+async def test_release_after_qsd_was_killed(tmp_path: Path, helpers: Any) -> None:
     """A crashed storage daemon leaves a dead FUSE mount and a loop device on it: release cleans both."""
     raw, _ = helpers.build_gpt_disk(tmp_path)
     att = await FuseLoopBackend().attach(raw, tmp_path / "w", fmt="raw", resource_id="crash")

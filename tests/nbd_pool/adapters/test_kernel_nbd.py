@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -148,7 +149,7 @@ async def test_no_free_device(tmp_path: Path, fake_sys: Path, fake_dev: Path, fa
 @pytest.mark.root
 @pytest.mark.skipif(not kernel_nbd.available(), reason="no nbd kernel module (/dev/nbd0 absent) on this machine")
 @pytest.mark.asyncio
-async def test_real_kernel_nbd_attach(tmp_path: Path, helpers: type) -> None:
+async def test_real_kernel_nbd_attach(tmp_path: Path, helpers: Any) -> None:
     raw, parts = helpers.build_gpt_disk(tmp_path)
     image = helpers.to_qcow2(raw, tmp_path / "disk.qcow2")
     att = await KernelNbdBackend().attach(image, tmp_path / "w", resource_id="real-nbd")
@@ -163,3 +164,12 @@ async def test_real_kernel_nbd_attach(tmp_path: Path, helpers: type) -> None:
     finally:
         await att.detach()
     assert kernel_nbd.connected_pid(os.path.basename(att.device)) is None
+
+
+def test_both_backends_satisfy_the_interface() -> None:
+    # Checked by mypy (structural typing), and at run time for the attribute the daemon selects by.
+    from nbd_pool.adapters.attach import AttachBackend
+    from nbd_pool.adapters.fuse_loop import FuseLoopBackend
+
+    backends: list[AttachBackend] = [FuseLoopBackend(), KernelNbdBackend()]
+    assert [b.name for b in backends] == ["fuse-loop", "kernel-nbd"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -36,7 +37,7 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.root
 @pytest.mark.asyncio
-async def test_leftovers_are_found_and_released(tmp_path: Path, helpers: type, free_port: int) -> None:
+async def test_leftovers_are_found_and_released(tmp_path: Path, helpers: Any, free_port: int) -> None:
     helpers.need("qemu-storage-daemon", "qemu-nbd", "qemu-img", "losetup", "partx", "sfdisk", "mkfs.ext4")
     root = tmp_path / "work"
     elsewhere = tmp_path / "elsewhere"
@@ -98,7 +99,7 @@ async def test_leftovers_are_found_and_released(tmp_path: Path, helpers: type, f
 
 @pytest.mark.root
 @pytest.mark.asyncio
-async def test_busy_loop_device_is_reported_not_forced(tmp_path: Path, helpers: type) -> None:
+async def test_busy_loop_device_is_reported_not_forced(tmp_path: Path, helpers: Any) -> None:
     helpers.need("qemu-storage-daemon", "losetup", "partx", "sfdisk", "mkfs.ext4")
     root = tmp_path / "work"
     raw, _ = helpers.build_gpt_disk(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ pytestmark = [pytest.mark.timeout(30)]
 MIB = 1024 * 1024
 
 
-def partx_view(helpers: type, disk: Path) -> list[tuple[int, int, int]]:
+def partx_view(helpers: Any, disk: Path) -> list[tuple[int, int, int]]:
     """(number, start bytes, size bytes) as partx(8) reads the table (libblkid; works on plain files)."""
     out = helpers.sh("partx", "--bytes", "--raw", "--noheadings", "--output", "NR,START,SIZE", disk)
     rows = []
@@ -29,7 +30,7 @@ def blank(path: Path, size: int = 64 * MIB) -> Path:
     return path
 
 
-def test_gpt_with_two_partitions(tmp_path: Path, helpers: type) -> None:
+def test_gpt_with_two_partitions(tmp_path: Path, helpers: Any) -> None:
     disk, parts = helpers.build_gpt_disk(tmp_path)
     table = read_partition_table(disk)
     assert table.scheme == "gpt" and table.sector_size == 512
@@ -39,7 +40,7 @@ def test_gpt_with_two_partitions(tmp_path: Path, helpers: type) -> None:
     assert [p.name for p in table.partitions] == ["part1", "part2"]
 
 
-def test_gpt_numbers_follow_slots_with_gaps(tmp_path: Path, helpers: type) -> None:
+def test_gpt_numbers_follow_slots_with_gaps(tmp_path: Path, helpers: Any) -> None:
     disk = blank(tmp_path / "gaps.img")
     script = f"label: gpt\n1: start=2048, size=4096, type={helpers.LINUX_FS}\n3: start=8192, size=4096, type={helpers.LINUX_FS}\n"
     helpers.sh("sfdisk", "-q", disk, input=script.encode())
@@ -48,7 +49,7 @@ def test_gpt_numbers_follow_slots_with_gaps(tmp_path: Path, helpers: type) -> No
     assert [(p.number, p.start, p.size) for p in table.partitions] == partx_view(helpers, disk)
 
 
-def test_damaged_primary_gpt_falls_back_to_backup(tmp_path: Path, helpers: type) -> None:
+def test_damaged_primary_gpt_falls_back_to_backup(tmp_path: Path, helpers: Any) -> None:
     disk, parts = helpers.build_gpt_disk(tmp_path)
     with open(disk, "r+b") as f:
         f.seek(512 + 16)  # the primary header's CRC field
@@ -58,7 +59,7 @@ def test_damaged_primary_gpt_falls_back_to_backup(tmp_path: Path, helpers: type)
     assert [(p.start, p.size) for p in table.partitions] == parts
 
 
-def test_mbr_with_extended_and_logical_partitions(tmp_path: Path, helpers: type) -> None:
+def test_mbr_with_extended_and_logical_partitions(tmp_path: Path, helpers: Any) -> None:
     disk = blank(tmp_path / "mbr.img")
     script = (
         "label: dos\n"
@@ -87,7 +88,7 @@ def test_no_table(tmp_path: Path) -> None:
     assert read_partition_table(short).partitions == ()
 
 
-def test_protective_mbr_without_gpt_is_an_error(tmp_path: Path, helpers: type) -> None:
+def test_protective_mbr_without_gpt_is_an_error(tmp_path: Path, helpers: Any) -> None:
     disk, _ = helpers.build_gpt_disk(tmp_path)
     size = disk.stat().st_size
     with open(disk, "r+b") as f:  # wipe both GPT headers, keep the protective MBR
@@ -99,7 +100,7 @@ def test_protective_mbr_without_gpt_is_an_error(tmp_path: Path, helpers: type) -
         read_partition_table(disk)
 
 
-def test_entry_beyond_the_disk_is_an_error(tmp_path: Path, helpers: type) -> None:
+def test_entry_beyond_the_disk_is_an_error(tmp_path: Path, helpers: Any) -> None:
     disk, _ = helpers.build_gpt_disk(tmp_path)
     data = disk.read_bytes()
     # The same table on a disk cut to half its size: entries end past its last sector.

@@ -8,6 +8,7 @@ import os
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -44,7 +45,7 @@ def make_source(path: Path, size: int = 64 * MIB) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _tools(helpers: type) -> None:
+def _tools(helpers: Any) -> None:
     helpers.need("qemu-nbd", "qemu-img", "qemu-io", "nbdcopy")
 
 
