@@ -1,0 +1,1 @@
+"""Adapters: one module per external program or kernel interface nbd-pool drives."""

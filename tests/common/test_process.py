@@ -1,0 +1,205 @@
+"""Tests for oma_common.process with real (small python) child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from oma_common.process import (
+    AdoptedChild,
+    ChildFailed,
+    ChildNotReady,
+    CommandFailed,
+    PidMismatch,
+    ProcessIdentity,
+    StderrRing,
+    SupervisedChild,
+    pid_matches,
+    read_cmdline,
+    run,
+)
+
+pytestmark = [pytest.mark.timeout(30)]
+
+PY = sys.executable
+
+# A child that announces itself on stderr, creates a ready file, ignores SIGTERM and sleeps.
+STUBBORN = """
+import signal, sys, time, pathlib
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("stubborn up", file=sys.stderr, flush=True)
+pathlib.Path(sys.argv[1]).touch()
+time.sleep(60)
+"""
+
+SLEEPER = "import sys, time; print('sleeping', file=sys.stderr, flush=True); time.sleep(60)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def file_probe(path: Path):
+    async def probe() -> bool:
+        return path.exists()
+
+    return probe
+
+
+@pytest.mark.asyncio
+async def test_start_waits_for_probe_and_stop_terminates(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="oma.process")
+    ready = tmp_path / "ready"
+    code = f"import sys, time, pathlib; print('hello', file=sys.stderr, flush=True); time.sleep(0.2); pathlib.Path({str(ready)!r}).touch(); time.sleep(60)"
+    child = SupervisedChild([PY, "-c", code], resource_id="export-7")
+    assert await child.start(file_probe(ready), timeout=10) is True
+    assert child.running and child.pid is not None
+    assert os.getsid(child.pid) == child.pid  # own session, so it survives the daemon's process group
+    assert child.identity.argv[0] == PY and child.identity.start_time
+    code_ = await child.stop(timeout=5)
+    assert code_ == -signal.SIGTERM
+    assert not child.running and not _alive(child.pid)
+    assert "hello" in child.stderr_tail()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("export-7" in m and "hello" in m for m in messages)
+    assert any("export-7" in m and "exited with code -15" in m for m in messages)
+
+
+@pytest.mark.asyncio
+async def test_child_dying_before_ready_raises_with_code_and_stderr() -> None:
+    code = "import sys; print('cannot open image: no such file', file=sys.stderr); sys.exit(3)"
+    child = SupervisedChild([PY, "-c", code], resource_id="export-1")
+
+    async def never() -> bool:
+        return False
+
+    with pytest.raises(ChildFailed) as info:
+        await child.start(never, timeout=10)
+    assert info.value.returncode == 3
+    assert "cannot open image" in str(info.value) and "code 3" in str(info.value)
+
+
+@pytest.mark.asyncio
+async def test_missing_program_is_child_failed(tmp_path: Path) -> None:
+    child = SupervisedChild([str(tmp_path / "no-such-program")], resource_id="x")
+    with pytest.raises(ChildFailed, match="cannot be executed"):
+        await child.start()
+
+
+@pytest.mark.asyncio
+async def test_not_ready_in_time_stops_the_child() -> None:
+    child = SupervisedChild([PY, "-c", SLEEPER], resource_id="slow")
+    attempts = 0
+
+    async def failing() -> bool:
+        nonlocal attempts
+        attempts += 1
+        raise ConnectionRefusedError("port closed")
+
+    started = time.monotonic()
+    with pytest.raises(ChildNotReady, match="port closed"):
+        await child.start(failing, timeout=0.5, interval=0.05)
+    assert time.monotonic() - started < 5
+    assert attempts > 2
+    assert child.pid is not None and not _alive(child.pid)
+
+
+@pytest.mark.asyncio
+async def test_stop_escalates_to_sigkill(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="oma.process")
+    ready = tmp_path / "ready"
+    child = SupervisedChild([PY, "-c", STUBBORN, str(ready)], resource_id="stubborn")
+    await child.start(file_probe(ready), timeout=10)
+    started = time.monotonic()
+    assert await child.stop(timeout=0.3, kill_timeout=5) == -signal.SIGKILL
+    assert time.monotonic() - started < 3
+    assert child.pid is not None and not _alive(child.pid)
+    assert any("SIGKILL" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.asyncio
+async def test_release_leaves_child_running_and_adoption_stops_it(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    child = SupervisedChild([PY, "-c", STUBBORN, str(ready)], resource_id="survivor")
+    await child.start(file_probe(ready), timeout=10)
+    ident = ProcessIdentity.from_dict(child.release().to_dict())  # round-trip as a daemon would persist it
+    assert _alive(ident.pid)
+    adopted = AdoptedChild.adopt_identity(ident, resource_id="survivor")
+    assert adopted.running
+    await adopted.stop(timeout=0.3, kill_timeout=5)  # ignores SIGTERM: escalates via pidfd
+    assert not adopted.running
+    assert not _alive(ident.pid)
+
+
+@pytest.mark.asyncio
+async def test_adoption_refuses_a_pid_whose_cmdline_differs() -> None:
+    other = SupervisedChild([PY, "-c", SLEEPER], resource_id="other")
+    await other.start()
+    try:
+        assert other.pid is not None
+        assert pid_matches(other.pid, [PY, "-c", SLEEPER])
+        assert not pid_matches(other.pid, ["qemu-nbd", "-t"])
+        assert not pid_matches(other.pid, lambda argv: "qemu-nbd" in argv[0])
+        assert not pid_matches(other.pid, [PY, "-c", SLEEPER], start_time=1.0)  # a recycled pid
+        with pytest.raises(PidMismatch):
+            AdoptedChild.adopt(other.pid, ["qemu-nbd", "-t"], resource_id="export-9")
+        assert _alive(other.pid)  # refused adoption signals nothing
+    finally:
+        await other.stop()
+    with pytest.raises(PidMismatch):
+        AdoptedChild.adopt(other.pid, [PY], resource_id="gone")
+    assert read_cmdline(other.pid) is None
+
+
+def test_stderr_ring_is_bounded() -> None:
+    ring = StderrRing(max_lines=3, max_line_chars=5)
+    for i in range(10):
+        ring.append(f"line{i}-long")
+    assert len(ring.lines()) == 3
+    assert ring.lines()[-1] == "line9…"
+
+
+@pytest.mark.asyncio
+async def test_run_reports_output_failure_and_timeout() -> None:
+    ok = await run([PY, "-c", "print('out')"])
+    assert ok.returncode == 0 and ok.text.strip() == "out"
+    with pytest.raises(CommandFailed) as info:
+        await run([PY, "-c", "import sys; sys.stderr.write('bad thing'); sys.exit(2)"])
+    assert info.value.returncode == 2 and "bad thing" in str(info.value)
+    assert (await run([PY, "-c", "import sys; sys.exit(4)"], check=False)).returncode == 4
+    with pytest.raises(CommandFailed, match="timed out"):
+        await run([PY, "-c", "import time; time.sleep(30)"], timeout=0.3)
+    with pytest.raises(CommandFailed, match="cannot be executed"):
+        await run(["/nonexistent/program"])
+
+
+@pytest.mark.asyncio
+async def test_event_loop_stays_responsive_during_start_and_stop(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    child = SupervisedChild([PY, "-c", STUBBORN, str(ready)], resource_id="ticks")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(ticker())
+    try:
+        await child.start(file_probe(ready), timeout=10)
+        await child.stop(timeout=0.3)
+    finally:
+        task.cancel()
+    assert ticks > 10

@@ -1,0 +1,107 @@
+"""Fixtures for the nbd-pool adapter tests: root check, free ports, small images built without mounting."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+MIB = 1024 * 1024
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered project-wide in the root configuration too; repeated here so this directory runs alone.
+    config.addinivalue_line("markers", "root: needs root (loop devices, FUSE, partx)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root: loop devices, FUSE mounts and partx")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+def need(*programs: str) -> None:
+    missing = [p for p in programs if shutil.which(p) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)}")
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A port nobody listens on now (the kernel's pick; racy in theory, fine for a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def sh(*argv: str | Path, input: bytes | None = None) -> str:
+    """Run a setup command in a test (not product code: blocking is fine here)."""
+    res = subprocess.run([str(a) for a in argv], input=input, capture_output=True, check=False)
+    if res.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, argv))} failed: {res.stderr.decode(errors='replace')}")
+    return res.stdout.decode(errors="replace")
+
+
+def make_ext4(path: Path, size: int, files: dict[str, str], tmp: Path) -> None:
+    src = tmp / f"{path.name}.d"
+    src.mkdir()
+    for name, text in files.items():
+        (src / name).write_text(text)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    sh("mkfs.ext4", "-q", "-F", "-d", src, path)
+
+
+def build_gpt_disk(tmp: Path, *, size_mib: int = 64) -> tuple[Path, list[tuple[int, int]]]:
+    """A sparse raw disk with a GPT and two ext4 partitions (files p1.txt / p2.txt); returns the file and
+    the partitions' (start, size) in bytes. Built with sfdisk + mkfs.ext4 -d + dd, no mounting."""
+    need("sfdisk", "mkfs.ext4")
+    disk = tmp / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(size_mib * MIB)
+    parts = [(1 * MIB, 20 * MIB), (22 * MIB, 20 * MIB)]
+    script = "label: gpt\n" + "".join(
+        f'start={s // 512}, size={n // 512}, type={LINUX_FS}, name="part{i + 1}"\n' for i, (s, n) in enumerate(parts)
+    )
+    sh("sfdisk", "-q", disk, input=script.encode())
+    for i, (start, size) in enumerate(parts, 1):
+        fs = tmp / f"p{i}.ext4"
+        make_ext4(fs, size, {f"p{i}.txt": f"hello from partition {i}\n"}, tmp)
+        sh("dd", f"if={fs}", f"of={disk}", "bs=1M", f"seek={start // MIB}", "conv=notrunc,sparse", "status=none")
+        fs.unlink()
+    return disk, parts
+
+
+def to_qcow2(raw: Path, out: Path) -> Path:
+    need("qemu-img")
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, out)
+    return out
+
+
+# The helpers reach the tests as fixtures: test modules here have no package, so importing conftest by
+# name would depend on pytest's import mode.
+
+
+class Helpers:
+    sh = staticmethod(sh)
+    need = staticmethod(need)
+    make_ext4 = staticmethod(make_ext4)
+    build_gpt_disk = staticmethod(build_gpt_disk)
+    to_qcow2 = staticmethod(to_qcow2)
+    MIB = MIB
+    LINUX_FS = LINUX_FS
+
+
+@pytest.fixture
+def helpers() -> type[Helpers]:
+    return Helpers
