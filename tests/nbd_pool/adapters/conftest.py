@@ -14,21 +14,6 @@ LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 MIB = 1024 * 1024
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Registered project-wide in the root configuration too; repeated here so this directory runs alone.
-    config.addinivalue_line("markers", "root: needs root (loop devices, FUSE, partx)")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if os.geteuid() == 0:
-        return
-    skip = pytest.mark.skip(reason="needs root: loop devices, FUSE mounts and partx")
-    for item in items:
-        if "root" in item.keywords:
-            item.add_marker(skip)
-
-
 def need(*programs: str) -> None:
     missing = [p for p in programs if shutil.which(p) is None]
     if missing:
