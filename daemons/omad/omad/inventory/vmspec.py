@@ -83,7 +83,11 @@ def _drop_nulls(value: Any) -> Any:
 
 def parse_vm(data: Any, where: str = "vm") -> VmSpec:
     """Invalid (naming the field) when the object is not a usable VM description."""
-    vm = schema.parse(VmSpec, _drop_nulls(data) if isinstance(data, dict) else data, what=where)
+    try:
+        vm = schema.parse(VmSpec, _drop_nulls(data) if isinstance(data, dict) else data, what=where)
+    except Invalid as e:
+        problems = e.extra.get("problems") or [e.details]
+        raise Invalid(e.message, "; ".join(f"{where}.{p}" for p in problems)) from e
     ids = [d.id for d in vm.disks]
     if len(set(ids)) != len(ids):
         raise Invalid(f"invalid {where}", f"VM {vm.name!r} lists a disk id twice: {ids}")
