@@ -43,6 +43,31 @@ class AgentsConfig:
 
 
 @dataclasses.dataclass
+class VmaConfig:
+    """The VMA (source-side appliance), reached through its SSH tunnel."""
+
+    url: str = spec("http://127.0.0.1:9081", pattern=r"https?://[^/\s]+/?",
+                    description="base URL of the VMA's API (its tunnel's local end); /api/v1 is added")
+    timeout_seconds: float = spec(30.0, min=0.1, description="time limit of one VMA call")
+    discover_timeout_seconds: float = spec(120.0, min=0.1, description="time limit of a discovery (the VMA "
+                                                                       "walks the whole vCenter)")
+    connect_timeout_seconds: float = spec(5.0, min=0.1, description="time limit to open a connection")
+    retries: int = spec(2, min=0, max=10, description="extra attempts of an idempotent call after a "
+                                                      "connection failure (never after a timeout)")
+    retry_delay_seconds: float = spec(0.5, min=0, description="pause before the first retry; doubles after")
+
+
+@dataclasses.dataclass
+class VCenterConfig:
+    """Direct vCenter calls (credential tests)."""
+
+    test_timeout_seconds: float = spec(15.0, min=0.5, description="time limit of a credential test login")
+    verify_tls: bool = spec(False, description="check vCenter certificates; most vCenters serve self-signed "
+                                               "ones, and the VMA does not check them either")
+    ca_file: str = spec("", description="PEM file of CAs to trust when verify_tls is on; empty = the system's")
+
+
+@dataclasses.dataclass
 class Config:
     """omad's configuration."""
 
@@ -53,10 +78,17 @@ class Config:
     api: ApiConfig = spec(factory=ApiConfig, description="the HTTP API")
     auth: AuthConfig = spec(factory=AuthConfig, description="sessions and logins")
     agents: AgentsConfig = spec(factory=AgentsConfig, description="the root agents")
+    secret_key_file: str = spec("", description="key that seals stored secrets; empty = <state_dir>/secret.key")
+    vma: VmaConfig = spec(factory=VmaConfig, description="the VMA")
+    vcenter: VCenterConfig = spec(factory=VCenterConfig, description="direct vCenter calls")
 
     @property
     def database_path(self) -> Path:
         return Path(self.database) if self.database else Path(self.state_dir) / "oma.db"
+
+    @property
+    def secret_key_path(self) -> Path:
+        return Path(self.secret_key_file) if self.secret_key_file else Path(self.state_dir) / "secret.key"
 
     def agent_socket(self, name: str) -> Path:
         configured = {"nbd-pool": self.agents.nbd_pool_socket, "restore-mounter": self.agents.restore_mounter_socket,

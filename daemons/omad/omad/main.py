@@ -13,6 +13,9 @@ from oma_common.notify import Notifier
 
 from .api import app as api_app
 from .api.auth import AuthApi
+from .api.contexts import ContextsApi, VmsApi
+from .api.credentials import CredentialsApi
+from .api.discovery import DiscoveryApi
 from .api.health import HealthApi
 from .api.nbd import NbdApi
 from .audit import Audit
@@ -20,8 +23,15 @@ from .auth.ratelimit import FailureLimiter
 from .auth.service import AuthService
 from .clients.agents import Agents
 from .clients.nbdpool import NbdPool
+from .clients.vcenter import VCenter
+from .clients.vma import VmaClient
 from .config import Config
+from .crypto import SecretBox
 from .health import Health
+from .inventory.contexts import Contexts
+from .inventory.credentials import Credentials
+from .inventory.discovery import Discovery
+from .inventory.vms import Vms
 from .store.db import Database
 
 log = logging.getLogger("omad")
@@ -32,8 +42,23 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> tuple[web.Appli
     audit = Audit(db)
     auth = AuthService(db, audit, session_ttl=cfg.auth.session_ttl_seconds,
                        limiter=FailureLimiter(cfg.auth.login_failure_limit, cfg.auth.login_failure_window_seconds))
-    apis = [HealthApi(Health(db, agents)), AuthApi(auth), NbdApi(NbdPool(agents.nbd_pool))]
+    box = SecretBox.from_key_file(cfg.secret_key_path)
+    vma = VmaClient(cfg.vma)
+    vcenter = VCenter(timeout=cfg.vcenter.test_timeout_seconds, verify_tls=cfg.vcenter.verify_tls,
+                      ca_file=cfg.vcenter.ca_file)
+    credentials = Credentials(db, audit, box, vcenter)
+    contexts = Contexts(db)
+    vms = Vms(db)
+    discovery = Discovery(db, audit, credentials, vma, contexts, vms)
+    apis = [HealthApi(Health(db, agents)), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
+            ContextsApi(contexts), VmsApi(vms), NbdApi(NbdPool(agents.nbd_pool))]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
+
+    async def close_clients(app: web.Application) -> None:
+        await vma.close()
+        vcenter.close()
+
+    app.on_cleanup.append(close_clients)
     return app, auth
 
 

@@ -1,0 +1,113 @@
+"""VM contexts: the list with its groups and pages, one VM's details, recent jobs of every type."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import pytest
+
+from ..rig import Api, Stack
+from .conftest import ODD_NAMES, manual
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def add_all(api: Api) -> dict[str, str]:
+    status, added = await api.post("/discovery/add-vms", {**manual(), "vm_names": ODD_NAMES})
+    assert status == 200, added
+    return {p["vm_name"]: p["context_id"] for p in added["processed_vms"]}
+
+
+def add_groups(stack: Stack, ids: dict[str, str]) -> None:
+    t = "2025-01-01T00:00:00Z"
+    stack.sql("INSERT INTO vm_machine_groups (id, name, priority, created_at, updated_at) VALUES "
+              "('g-gold', 'Gold', 10, ?, ?), ('g-web', 'Web tier', 50, ?, ?)", (t, t, t, t))
+    stack.sql("INSERT INTO vm_group_memberships (group_id, vm_context_id, priority, enabled, added_at) VALUES "
+              "('g-gold', ?, 5, 1, ?), ('g-web', ?, 20, 0, ?), ('g-gold', ?, 7, 1, ?)",
+              (ids[ODD_NAMES[0]], t, ids[ODD_NAMES[0]], t, ids[ODD_NAMES[1]], t))
+
+
+async def test_list_carries_groups_and_pages(vstack: Stack, api: Api) -> None:
+    ids = await add_all(api)
+    add_groups(vstack, ids)
+    status, listing = await api.get("/vm-contexts")
+    assert status == 200
+    items = {i["vm_name"]: i for i in listing["vm_contexts"]}
+    web = items[ODD_NAMES[0]]
+    assert web["group_count"] == 2
+    assert sorted(web["groups"], key=lambda g: g["group_id"]) == [
+        {"group_id": "g-gold", "group_name": "Gold", "priority": 5, "enabled": True},
+        {"group_id": "g-web", "group_name": "Web tier", "priority": 20, "enabled": False}]
+    assert items[ODD_NAMES[1]]["group_count"] == 1 and items[ODD_NAMES[2]]["groups"] == []
+    assert [i["vm_name"] for i in listing["vm_contexts"]] == sorted(ODD_NAMES)  # ordered by name
+
+    status, page = await api.get("/vm-contexts", params={"limit": "2", "offset": "1"})
+    assert status == 200 and (page["count"], page["total"], page["limit"], page["offset"]) == (2, 3, 2, 1)
+    assert [i["vm_name"] for i in page["vm_contexts"]] == sorted(ODD_NAMES)[1:]
+    assert (await api.get("/vm-contexts", params={"limit": "0"}))[0] == 400
+
+    status, ungrouped = await api.get("/discovery/ungrouped-vms")
+    assert status == 200 and [v["vm_name"] for v in ungrouped["vms"]] == [ODD_NAMES[2]]
+    assert set(ungrouped["vms"][0]) == {"context_id", "vm_name", "vm_path", "vcenter_host", "datacenter",
+                                        "current_status", "auto_added", "scheduler_enabled", "cpu_count", "memory_mb",
+                                        "os_type", "power_state", "created_at", "last_job_at"}
+    detail = (await api.get(f"/vm-contexts/{quote(ODD_NAMES[0], safe='')}"))[1]
+    assert detail["context"]["group_count"] == 2
+
+
+def add_job(stack: Stack, job_id: str, context_id: str, job_type: str, status: str, created: str,
+            started: str | None = None, completed: str | None = None, **extra: object) -> None:
+    stack.sql("INSERT INTO jobs (id, job_type, status, progress, context_id, display_name, current_step, "
+              "error_message, started_at, completed_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+              (job_id, job_type, status, extra.get("progress", 0), context_id, f"{job_type} of vm",
+               extra.get("step"), extra.get("error"), started, completed, created))
+
+
+async def test_recent_jobs_of_every_type_and_the_details(vstack: Stack, api: Api) -> None:
+    ids = await add_all(api)
+    cid = ids[ODD_NAMES[1]]
+    other = ids[ODD_NAMES[0]]
+    add_job(vstack, "job-1", cid, "replication", "completed", "2025-01-01T10:00:00.000Z",
+            "2025-01-01T10:00:01.000Z", "2025-01-01T10:05:31.500Z", progress=100)
+    add_job(vstack, "backup-1", cid, "backup", "failed", "2025-01-02T10:00:00.000Z", "2025-01-02T10:00:00.000Z",
+            "2025-01-02T10:01:00.000Z", error="NBD write failed")
+    add_job(vstack, "tf-1", cid, "test_failover", "running", "2025-01-03T10:00:00.000Z", "2025-01-03T10:00:00.000Z",
+            progress=40.5, step="deploy destination VM")
+    add_job(vstack, "job-x", other, "replication", "running", "2025-01-04T10:00:00.000Z")
+    vstack.sql("INSERT INTO cbt_history (vm_context_id, job_id, disk_id, change_id, sync_type, created_at) "
+               "VALUES (?, 'job-1', 'disk-2000', '52 66 8c/5440', 'full', '2025-01-01T10:05:31Z')", (cid,))
+    vstack.sql("UPDATE vm_replication_contexts SET last_operation_summary = ? WHERE context_id = ?",
+               ('{"operation": "replication", "status": "completed"}', cid))
+
+    status, recent = await api.get(f"/vm-contexts/{cid}/recent-jobs")
+    assert status == 200 and recent["count"] == 3 and recent["context_id"] == cid
+    assert [(j["job_id"], j["job_type"], j["status"]) for j in recent["jobs"]] == [
+        ("tf-1", "test_failover", "running"), ("backup-1", "backup", "failed"), ("job-1", "replication", "completed")]
+    tf, backup, repl = recent["jobs"]
+    assert (tf["progress"], tf["current_step"], tf["duration_seconds"], tf["completed_at"]) == \
+        (40.5, "deploy destination VM", None, None)
+    assert (backup["error_message"], backup["duration_seconds"]) == ("NBD write failed", 60.0)
+    assert repl["duration_seconds"] == 330.5 and repl["display_name"] == "replication of vm"
+    assert (await api.get(f"/vm-contexts/{cid}/recent-jobs", params={"limit": "1"}))[1]["count"] == 1
+    assert (await api.get("/vm-contexts/ctx-none/recent-jobs"))[0] == 404
+
+    detail = (await api.get(f"/vm-contexts/{quote(ODD_NAMES[1], safe='')}"))[1]
+    assert detail["current_job"]["job_id"] == "tf-1"  # the running one, even without current_job_id
+    assert [j["job_id"] for j in detail["job_history"]] == ["tf-1", "backup-1", "job-1"]
+    assert detail["cbt_history"] == [{"job_id": "job-1", "disk_id": "disk-2000", "change_id": "52 66 8c/5440",
+                                      "previous_change_id": None, "sync_type": "full", "bytes_transferred": None,
+                                      "sync_success": True, "created_at": "2025-01-01T10:05:31Z"}]
+    assert detail["last_operation"] == {"operation": "replication", "status": "completed"}
+    assert detail["context"]["last_operation_summary"] == detail["last_operation"]
+    vstack.sql("UPDATE vm_replication_contexts SET current_job_id = 'job-1' WHERE context_id = ?", (cid,))
+    detail = (await api.get(f"/vm-contexts/{quote(ODD_NAMES[1], safe='')}"))[1]
+    assert detail["current_job"]["job_id"] == "job-1"
+    listed = next(i for i in (await api.get("/vm-contexts"))[1]["vm_contexts"] if i["context_id"] == cid)
+    assert listed["last_operation_summary"] == {"operation": "replication", "status": "completed"}
+    assert listed["current_job_id"] == "job-1"
+
+
+async def test_unknown_names_are_404_json(vstack: Stack, api: Api) -> None:
+    for path in ("/vm-contexts/nobody", f"/vm-contexts/{quote('a/b c ü', safe='')}"):
+        status, err = await api.get(path)
+        assert status == 404 and err["code"] == "not_found" and err["error"] == "VM context not found"
