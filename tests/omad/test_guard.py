@@ -51,7 +51,8 @@ async def app(tmp_path: Path) -> AsyncIterator[App]:
     await db.open()
     await db.migrate()
     agents = Agents(cfg)
-    application, auth = await assemble(cfg, db, agents)
+    omad = await assemble(cfg, db, agents)
+    application, auth = omad.app, omad.auth
     token = await auth.create_token("walker", "admin")
     await auth.add_user("old", "password-123", "admin")
     session = await auth.login_password("old", "password-123", "127.0.0.1")

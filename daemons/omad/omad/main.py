@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Protocol
 
 from aiohttp import web
 
@@ -32,14 +34,35 @@ from .inventory.contexts import Contexts
 from .inventory.credentials import Credentials
 from .inventory.discovery import Discovery
 from .inventory.vms import Vms
+from .jobs.engine import JobEngine
 from .store.db import Database
 
 log = logging.getLogger("omad")
 
 
-async def assemble(cfg: Config, db: Database, agents: Agents) -> tuple[web.Application, AuthService]:
+class Background(Protocol):
+    """A service with its own loop (a watchdog, the scheduler): started after recovery, stopped before the
+    database closes."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclasses.dataclass
+class Omad:
+    """Everything assemble() built that main() starts, serves and stops."""
+
+    app: web.Application
+    auth: AuthService
+    jobs: JobEngine
+    background: list[Background] = dataclasses.field(default_factory=list)
+
+
+async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     """Build every service with its collaborators, and the application that serves them."""
     audit = Audit(db)
+    jobs = JobEngine(db)
     auth = AuthService(db, audit, session_ttl=cfg.auth.session_ttl_seconds,
                        limiter=FailureLimiter(cfg.auth.login_failure_limit, cfg.auth.login_failure_window_seconds))
     box = SecretBox.from_key_file(cfg.secret_key_path)
@@ -59,7 +82,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> tuple[web.Appli
         vcenter.close()
 
     app.on_cleanup.append(close_clients)
-    return app, auth
+    return Omad(app, auth, jobs)
 
 
 async def amain() -> int:
@@ -76,15 +99,23 @@ async def amain() -> int:
     await db.open()
     agents = Agents(cfg)
     runner: web.AppRunner | None = None
+    omad: Omad | None = None
+    started: list[Background] = []
     try:
         await db.migrate()
-        app, auth = await assemble(cfg, db, agents)
+        omad = await assemble(cfg, db, agents)
         password_file = Path(cfg.state_dir) / "admin-password"
-        password = await auth.bootstrap(password_file)
+        password = await omad.auth.bootstrap(password_file)
         if password:
             log.warning("created the administrator 'admin'; its password is in %s", password_file)
             print(f"omad: first start: user 'admin', password {password} (also in {password_file})", flush=True)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None,
+        recovered = await omad.jobs.recover()  # before serving: no request sees a job a dead omad left
+        if recovered:
+            log.warning("recovered %d job(s) left active by the previous run", recovered)
+        for service in omad.background:
+            await service.start()
+            started.append(service)
+        runner = web.AppRunner(omad.app, handle_signals=False, access_log=None,
                                shutdown_timeout=cfg.api.shutdown_grace_seconds)
         await runner.setup()
         site = web.TCPSite(runner, cfg.api.listen_address, cfg.api.port, reuse_address=True)
@@ -101,6 +132,10 @@ async def amain() -> int:
     finally:
         if runner is not None:
             await runner.cleanup()  # stops accepting, lets running requests finish within the grace period
+        for service in reversed(started):
+            await service.stop()
+        if omad is not None:
+            await omad.jobs.drain(cfg.api.shutdown_grace_seconds)
         await agents.close()
         await db.close()
         log.info("stopped")
