@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
@@ -446,9 +448,9 @@ async def test_replication_full_then_incremental(sim: VMASim, oma: FakeOma, clie
         assert_identical(volume, "raw", src)
         assert first["sync_type"] == "full" and first["status"] == "Succeeded"
         write_random(src, 30 * MiB, 256 * 1024)
-        with open(src, "r+b") as f:  # and zero a block that had data
-            f.seek(1 * MiB)
-            f.write(bytes(64 * 1024))
+        with open(src, "r+b") as g:  # and zero a block that had data
+            g.seek(1 * MiB)
+            g.write(bytes(64 * 1024))
         second = await replicate("job-2", target)
         assert_identical(volume, "raw", src)
     assert second["sync_type"] == "incremental"
@@ -523,3 +525,32 @@ async def test_job_fault_refuse(sim: VMASim, oma: FakeOma, client: aiohttp.Clien
     assert resp.status == 200
     assert sim.state.job("b-no").status == "Failed"
     assert oma.telemetry == []
+
+
+# -- command line --------------------------------------------------------------------------------------
+
+
+async def test_command_line_serves_an_inventory_file(tmp_path: Path, client: aiohttp.ClientSession) -> None:
+    inventory = {
+        "vcenter": {"host": VCENTER, "datacenter": "DC1", "username": USER, "password": PASSWORD},
+        "vms": [{"name": "cli vm", "disks": [{"capacity_bytes": 32 * MiB, "datastore": "ssd"}],
+                 "nics": ["LAN", {"network_name": "DMZ", "adapter_type": "e1000e"}]}],
+    }
+    path = tmp_path / "inventory.json"
+    path.write_text(json.dumps(inventory))
+    repo = Path(__file__).resolve().parents[2]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.sim.vma", "--port", "0", "--inventory", str(path),
+        "--workdir", str(tmp_path / "work"), cwd=str(repo), stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), timeout=15)
+        assert b"listening on " in line, line
+        api_url = line.decode().split("listening on ")[1].split()[0]
+        async with client.post(api_url + "/discover", json=creds()) as resp:
+            (vm,) = (await resp.json())["vms"]
+        assert vm["disks"][0]["vmdk_path"] == "[ssd] cli vm/cli vm.vmdk"
+        assert [(n["network_name"], n["adapter_type"]) for n in vm["networks"]] == [("LAN", "vmxnet3"), ("DMZ", "e1000e")]
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), timeout=10) == 0

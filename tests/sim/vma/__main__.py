@@ -38,6 +38,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="where generated disk images live (default: a temp dir)")
     p.add_argument("--auth-failure-status", type=int, default=500, help="status of a wrong vCenter login (500 or 401)")
     p.add_argument("--telemetry-interval", type=float, default=1.0, help="seconds between progress telemetry posts")
+    p.add_argument("--no-change-tracking", action="store_true",
+                   help="do not map what each copy sent (faster fulls; every copy is then full)")
     p.add_argument("--show-inventory", action="store_true", help="print the discovery body and exit")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -68,10 +70,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print()
         return 0
     state = SimState(inventory, workdir=args.workdir, oma_url=args.oma_url,
-                     auth_failure_status=args.auth_failure_status, telemetry_interval=args.telemetry_interval)
+                     auth_failure_status=args.auth_failure_status, telemetry_interval=args.telemetry_interval,
+                     change_tracking=not args.no_change_tracking)
     for vm_id, index, path in sources:
         state.set_source(vm_id, index, path)
-    asyncio.run(_serve(state, args.host, args.port))
+    try:
+        asyncio.run(_serve(state, args.host, args.port))
+    finally:
+        state.remove_workdir()  # only a temporary one it made itself
     return 0
 
 

@@ -65,12 +65,13 @@ def _make_middlewares(state: SimState) -> list[Any]:
             at=time.time(),
         ))
         task = asyncio.current_task()
-        if task is not None:
-            state.inflight.add(task)
+        if task is None:
+            return await handler(request)
+        state.inflight.add(task)
         try:
             return await handler(request)
         finally:
-            state.inflight.discard(task)  # type: ignore[arg-type]
+            state.inflight.discard(task)
 
     @web.middleware
     async def inject(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -239,7 +240,7 @@ def make_app(state: SimState) -> web.Application:
     session_holder: list[aiohttp.ClientSession] = []
 
     async def on_startup(app: web.Application) -> None:
-        state.closing.clear()
+        state.closing = asyncio.Event()  # fresh: an Event is bound to the loop that first waits on it
         session = aiohttp.ClientSession()
         session_holder.append(session)
         jobs.oma = OmaClient(state, session)

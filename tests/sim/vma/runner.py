@@ -30,6 +30,7 @@ class VMASim:
         oma_url: Optional[str] = None,
         workdir: Union[str, Path, None] = None,
     ) -> None:
+        self._own_state = state is None
         if state is None:
             state = SimState(inventory, workdir=workdir, oma_url=oma_url)
         elif inventory is not None or oma_url is not None or workdir is not None:
@@ -67,7 +68,8 @@ class VMASim:
 
     async def close(self) -> None:
         """Stop serving: injected delays and hanging jobs end, running jobs are cancelled
-        (their NBD clients killed), the OMA client closes, a workdir we created is removed."""
+        (their NBD clients killed), the OMA client closes. A state built here has its temporary
+        workdir removed; a state passed in is left as it is (start() may serve it again)."""
         self.state.closing.set()
         if self.state.inflight:
             # Handlers whose client already left (a timed-out delay) are not awaited by every
@@ -77,7 +79,8 @@ class VMASim:
             await self._runner.cleanup()
             self._runner = None
         self.port = None
-        self.state.remove_workdir()
+        if self._own_state:
+            self.state.remove_workdir()
 
     async def __aenter__(self) -> "VMASim":
         return await self.start()

@@ -84,7 +84,8 @@ class JobManager:
                 vm = self._state.inventory.find_vm(ref)
                 if vm is not None:
                     return vm
-        raise Refused(f"failed to find VM {next((r for r in refs if r), '')!r}: vm '{refs[0]}' not found")
+        wanted = next((r for r in refs if r), "")
+        raise Refused(f"failed to find VM {wanted!r}: not found in vCenter {self._state.inventory.host}")
 
     def start_backup(self, req: dict[str, Any]) -> Job:
         for field in ("job_id", "vm_name", "nbd_targets"):
