@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 from oma_common import config, daemon, logs
@@ -23,6 +24,8 @@ from .health import Health
 from .store.db import Database
 
 log = logging.getLogger("omad")
+
+_AIOHTTP = tuple(int(p) for p in aiohttp.__version__.split(".")[:2])
 
 
 async def amain() -> int:
@@ -53,10 +56,14 @@ async def amain() -> int:
 
         apis = [HealthApi(Health(db, agents)), AuthApi(auth)]
         app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                               shutdown_timeout=cfg.api.shutdown_grace_seconds)
+        # The grace period belongs to the runner from aiohttp 3.9 on, to the site before (Debian 12 has
+        # 3.8, whose runner hands unknown keywords to every connection handler and so drops each one).
+        grace = {"shutdown_timeout": cfg.api.shutdown_grace_seconds}
+        runner_grace = grace if _AIOHTTP >= (3, 9) else {}
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, **runner_grace)
         await runner.setup()
-        site = web.TCPSite(runner, cfg.api.listen_address, cfg.api.port, reuse_address=True)
+        site = web.TCPSite(runner, cfg.api.listen_address, cfg.api.port, reuse_address=True,
+                           **({} if runner_grace else grace))
         await site.start()
         host, port = runner.addresses[0][:2]
         url = f"http://{host}:{port}"
