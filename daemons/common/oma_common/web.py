@@ -186,10 +186,16 @@ def collect(*apis: Any) -> list[BoundRoute]:
     """Every declared route of the given API objects, bound to them."""
     out: list[BoundRoute] = []
     for api in apis:
-        for name in dir(type(api)):
-            fn = getattr(type(api), name, None)
-            for spec in getattr(fn, "__oma_routes__", []):
-                out.append(BoundRoute(spec, getattr(api, name)))
+        # Declaration order, bases first: aiohttp 3.8 matches routes in registration order, so a literal path
+        # (`/things/default`) declared before a parameter (`/things/{id}`) must also be registered first.
+        seen: set[str] = set()
+        for cls in reversed(type(api).__mro__):
+            for name, fn in vars(cls).items():
+                if name in seen or not hasattr(fn, "__oma_routes__"):
+                    continue
+                seen.add(name)
+                for spec in fn.__oma_routes__:
+                    out.append(BoundRoute(spec, getattr(api, name)))
     return out
 
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
+import aiohttp
 from aiohttp import web
 
 from oma_common import config, daemon, logs
@@ -38,6 +39,8 @@ from .jobs.engine import JobEngine
 from .store.db import Database
 
 log = logging.getLogger("omad")
+
+_AIOHTTP = tuple(int(p) for p in aiohttp.__version__.split(".")[:2])
 
 
 class Background(Protocol):
@@ -115,10 +118,14 @@ async def amain() -> int:
         for service in omad.background:
             await service.start()
             started.append(service)
-        runner = web.AppRunner(omad.app, handle_signals=False, access_log=None,
-                               shutdown_timeout=cfg.api.shutdown_grace_seconds)
+        # The grace period belongs to the runner from aiohttp 3.9 on, to the site before (Debian 12 has
+        # 3.8, whose runner hands unknown keywords to every connection handler and so drops each one).
+        grace = {"shutdown_timeout": cfg.api.shutdown_grace_seconds}
+        runner_grace = grace if _AIOHTTP >= (3, 9) else {}
+        runner = web.AppRunner(omad.app, handle_signals=False, access_log=None, **runner_grace)
         await runner.setup()
-        site = web.TCPSite(runner, cfg.api.listen_address, cfg.api.port, reuse_address=True)
+        site = web.TCPSite(runner, cfg.api.listen_address, cfg.api.port, reuse_address=True,
+                           **({} if runner_grace else grace))
         await site.start()
         host, port = runner.addresses[0][:2]
         url = f"http://{host}:{port}"

@@ -1,0 +1,385 @@
+"""The .deb on a clean Debian 12 with systemd as PID 1: install, run, restart, upgrade, remove, purge.
+
+A minbase root (cached in .cache/nspawn-root) is booted with systemd-nspawn and driven with nsenter. The
+tests run in file order against one container and build on each other: install first, purge last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+import debbuild
+import nspawn_box
+from nspawn_box import BootFailed, Machine
+
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(600)]
+
+CACHE = debbuild.REPO / ".cache" / "nspawn-root"
+SERVICES = ("nbd-pool", "restore-mounter", "volume-agent", "omad")
+AGENTS = SERVICES[:3]
+API = "http://127.0.0.1:8082"
+TOOLS = ("mmdebstrap", "systemd-nspawn", "nsenter", "tar")
+
+# Runs inside the container with its own python3: one HTTP call, the answer as JSON on stdout.
+HTTP = """
+import json, sys, urllib.error, urllib.request
+method, url, body, token = sys.argv[1:5]
+req = urllib.request.Request(url, method=method, data=body.encode() if body else None,
+                             headers={"Content-Type": "application/json",
+                                      **({"Authorization": "Bearer " + token} if token else {})})
+try:
+    with urllib.request.urlopen(req, timeout=10) as r:
+        status, raw = r.status, r.read()
+except urllib.error.HTTPError as e:
+    status, raw = e.code, e.read()
+try:
+    parsed = json.loads(raw)
+except ValueError:
+    parsed = raw[:200].decode(errors="replace")
+print(json.dumps({"status": status, "body": parsed}))
+"""
+
+
+def _skip_unless_possible() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: mmdebstrap, systemd-nspawn and nsenter")
+    for tool in TOOLS:
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (apt-get install mmdebstrap systemd-container util-linux)")
+
+
+@pytest.fixture(scope="module")
+def base_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Future[Path]]:
+    """Starts making (or finding) the cached root at once, so that it overlaps the package builds."""
+    _skip_unless_possible()
+    log = tmp_path_factory.mktemp("nspawn-logs") / "mmdebstrap.log"
+    future: Future[Path] = Future()
+
+    def make() -> None:
+        try:
+            future.set_result(nspawn_box.base_root(CACHE, debbuild.control_depends(), log))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting fixture
+            future.set_exception(e)
+
+    thread = threading.Thread(target=make, daemon=True)
+    thread.start()
+    yield future
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def timings() -> Iterator[dict[str, float]]:
+    t: dict[str, float] = {"start": time.monotonic()}
+    yield t
+    total = time.monotonic() - t.pop("start")
+    print("\nnspawn test timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()) + f"; total {total:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def machine(base_root: Future[Path], deb_build: debbuild.DebBuild, upgrade_deb: debbuild.DebBuild,
+            tmp_path_factory: pytest.TempPathFactory, timings: dict[str, float]) -> Iterator[Machine]:
+    """A booted container holding both packages in /root; halted and removed on every path."""
+    t0 = time.monotonic()
+    tarball = base_root.result(timeout=900)
+    timings["root ready"] = time.monotonic() - timings["start"]
+    work = tmp_path_factory.mktemp("nspawn")
+    m = Machine.from_tarball(tarball, work / "root", f"oma-test-{os.getpid()}", work / "nspawn.log")
+    try:
+        m.copy_in(deb_build.deb, f"/root/{deb_build.deb.name}")
+        m.copy_in(upgrade_deb.deb, f"/root/{upgrade_deb.deb.name}")
+        try:
+            m.boot()
+        except BootFailed as e:
+            if not e.started:
+                pytest.skip(f"systemd-nspawn cannot boot a container on this host: {e}")
+            raise
+        timings["boot"] = time.monotonic() - t0
+        yield m
+    finally:
+        m.shutdown()
+        leftover = m.alive()
+        stray = m.stray_mounts()
+        m.remove()
+        assert not leftover, "the container's processes outlived its shutdown"
+        assert not stray, f"mounts left under the container's directory: {stray}"
+        assert not m.mounts_below() and not m.directory.exists(), "the container's root was not removed"
+
+
+@pytest.fixture(scope="module")
+def installed(machine: Machine, deb_build: debbuild.DebBuild, timings: dict[str, float]) -> Machine:
+    """`apt-get install --no-install-recommends ./oma-appliance_*.deb`, as the README tells an operator.
+
+    The container has no network (--private-network): everything must come from the root's apt cache.
+    """
+    t0 = time.monotonic()
+    p = machine.run("apt-get", "install", "--no-install-recommends", "-y", "-q", f"/root/{deb_build.deb.name}",
+                    timeout=400, check=False)
+    timings["apt-get install"] = time.monotonic() - t0
+    assert p.returncode == 0, f"apt-get install failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    assert "is a disabled or a static unit" not in p.stderr, p.stderr
+    return machine
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+
+def http(m: Machine, method: str, path: str, body: object = None, token: str = "") -> tuple[int, object]:
+    p = m.run("python3", "-c", HTTP, method, API + path, json.dumps(body) if body is not None else "", token)
+    out = json.loads(p.stdout)
+    return out["status"], out["body"]
+
+
+def health(m: Machine) -> dict:
+    status, body = http(m, "GET", "/health")
+    assert status == 200, body
+    assert isinstance(body, dict)
+    return body
+
+
+def wait_healthy(m: Machine, timeout: float = 20.0, **component_pids: int) -> dict:
+    """Poll /health until it is green (and names the given agents' pids); omad probes the agents per call."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            body = health(m)
+        except (AssertionError, ValueError):
+            body = {}
+        comps = body.get("components", {})
+        pids_ok = all(comps.get(name, {}).get("pid") == pid for name, pid in component_pids.items())
+        if body.get("status") == "healthy" and pids_ok:
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not healthy within {timeout} s: {body}")
+        time.sleep(0.2)
+
+
+# minbase has no procps (pgrep); the package brings python3.
+PIDS = """
+import os, sys
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")[:-1]
+    except OSError:
+        continue
+    if [a.decode(errors="replace") for a in argv] == sys.argv[1:]:
+        print(pid)
+"""
+
+
+def pids_of(m: Machine, *argv: str) -> list[str]:
+    """Processes in the container whose command line is exactly `argv`."""
+    return m.run("python3", "-c", PIDS, *argv).stdout.split()
+
+
+def prop(m: Machine, unit: str, name: str) -> str:
+    return m.run("systemctl", "show", "--value", "-p", name, unit).stdout.strip()
+
+
+def admin_password(m: Machine) -> str:
+    return m.run("cat", "/var/lib/oma/admin-password").stdout.strip()
+
+
+def login(m: Machine, username: str, password: str) -> tuple[int, dict]:
+    status, body = http(m, "POST", "/api/v1/auth/login", {"username": username, "password": password})
+    assert isinstance(body, dict)
+    return status, body
+
+
+# -- the checks, in order -----------------------------------------------------------------------------------
+
+
+def test_install_creates_user_directories_and_enables_the_target(installed: Machine) -> None:
+    m = installed
+    passwd = m.run("getent", "passwd", "oma").stdout.split(":")
+    assert passwd[5] == "/var/lib/oma" and passwd[6].strip().endswith("nologin")
+    listing = m.run("stat", "-c", "%n %a %U %G", "/var/lib/oma", "/var/lib/oma-agents", "/run/oma",
+                    "/var/lib/oma/admin-password", "/var/lib/oma/oma.db").stdout.split("\n")
+    assert listing[:5] == ["/var/lib/oma 750 oma oma", "/var/lib/oma-agents 700 root root",
+                           "/run/oma 755 root root", "/var/lib/oma/admin-password 600 oma oma",
+                           "/var/lib/oma/oma.db 600 oma oma"]
+    assert m.run("systemctl", "is-enabled", "oma.target").stdout.strip() == "enabled"
+
+
+def test_all_four_services_are_active_with_notify_readiness(installed: Machine) -> None:
+    m = installed
+    for s in SERVICES:
+        assert prop(m, f"{s}.service", "Type") == "notify", s
+        assert prop(m, f"{s}.service", "ActiveState") == "active", m.run(
+            "journalctl", "-b", "-u", s, "--no-pager").stdout[-2000:]
+        assert prop(m, f"{s}.service", "SubState") == "running"
+        assert prop(m, f"{s}.service", "NRestarts") == "0", f"{s} restarted: it failed at least once"
+    assert prop(m, "oma.target", "ActiveState") == "active"
+    # The agents' sockets: root:oma 0660, so that omad (user oma) may call them.
+    socks = m.run("stat", "-c", "%n %a %U %G", *(f"/run/oma/{a}.sock" for a in AGENTS)).stdout.split("\n")
+    assert socks[:3] == [f"/run/oma/{a}.sock 660 root oma" for a in AGENTS]
+
+
+def test_health_is_green_from_inside(installed: Machine) -> None:
+    body = wait_healthy(installed)
+    assert body["database"] == "connected"
+    assert {c: v["status"] for c, v in body["components"].items()} == {
+        "database": "ok", "nbd-pool": "ok", "restore-mounter": "ok", "volume-agent": "ok"}
+    p = installed.run("omactl", "status")
+    assert "healthy" in p.stdout
+
+
+def test_login_with_the_bootstrap_credentials(installed: Machine) -> None:
+    m = installed
+    status, body = login(m, "admin", admin_password(m))
+    assert status == 200 and body["success"] is True and body["role"] == "admin", body
+    status, me = http(m, "GET", "/api/v1/auth/me", token=body["session_token"])
+    assert status == 200 and me == {"name": "admin", "role": "admin", "kind": "user"}
+    status, body = login(m, "admin", "not-the-password")
+    assert status == 401 and body["success"] is False
+
+
+def test_swagger_ui_is_served_from_the_packaged_files(installed: Machine) -> None:
+    status, page = http(installed, "GET", "/swagger/")
+    assert status == 200 and "swagger" in str(page).lower()
+    status, _ = http(installed, "GET", "/swagger/swagger-ui-bundle.js")
+    assert status == 200
+
+
+def test_restarting_each_daemon_recovers_and_omad_reports_it(installed: Machine) -> None:
+    m = installed
+    for s in SERVICES:
+        before = int(prop(m, f"{s}.service", "MainPID"))
+        m.run("systemctl", "restart", f"{s}.service")  # returns once the new process sent READY=1
+        after = int(prop(m, f"{s}.service", "MainPID"))
+        assert after not in (0, before) and prop(m, f"{s}.service", "ActiveState") == "active", s
+        if s in AGENTS:
+            # Readiness means bound: the socket is there the moment `systemctl restart` returns.
+            m.run("test", "-S", f"/run/oma/{s}.sock")
+            wait_healthy(m, **{s: after})
+        else:
+            wait_healthy(m)
+            assert login(m, "admin", admin_password(m))[0] == 200
+        assert prop(m, f"{s}.service", "NRestarts") == "0"
+
+
+def test_nbd_pool_children_outlive_its_restart(installed: Machine) -> None:
+    """KillMode=process: a child of nbd-pool (an export, in real life) survives `systemctl restart`."""
+    m = installed
+    m.sh("mkdir -p /run/systemd/system/nbd-pool.service.d && printf '[Service]\\nExecStartPost=/bin/sh -c "
+         "\"sleep 3601 >/dev/null 2>&1 &\"\\n' > /run/systemd/system/nbd-pool.service.d/child.conf && "
+         "systemctl daemon-reload && systemctl restart nbd-pool")
+    first = pids_of(m, "sleep", "3601")
+    assert len(first) == 1
+    m.run("systemctl", "restart", "nbd-pool")
+    survivors = pids_of(m, "sleep", "3601")
+    assert first[0] in survivors and len(survivors) == 2, survivors
+    m.sh("rm -r /run/systemd/system/nbd-pool.service.d && systemctl daemon-reload")
+    wait_healthy(m)
+
+
+# Run by nbd-pool.service itself (ExecStartPost=, same sandbox): which addresses may it reach?
+FIREWALL_PROBE = """
+import errno, socket
+out = []
+for addr in ("127.0.0.1", "192.0.2.1"):
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect((addr, 9))
+        out.append(addr + " connected")
+    except TimeoutError:
+        out.append(addr + " dropped")
+    except OSError as e:
+        out.append(addr + " " + errno.errorcode.get(e.errno, str(e.errno)))
+open("/run/oma-firewall-probe", "w").write("\\n".join(out))
+"""
+
+
+def test_nbd_pool_reaches_the_loopback_only(installed: Machine) -> None:
+    """IPAddressDeny=any + IPAddressAllow=localhost: the unauthenticated exports stay on the loopback."""
+    m = installed
+    enforced = m.run("systemd-run", "--wait", "--pipe", "--quiet", "-p", "IPAddressDeny=any", "/usr/bin/python3",
+                     "-c", "import socket\ntry:\n socket.socket(type=socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))"
+                     "\n print('sent')\nexcept PermissionError:\n print('denied')").stdout.strip()
+    if enforced != "denied":
+        pytest.skip("this container's systemd cannot enforce IPAddressDeny= (no cgroup BPF firewall here); "
+                    "the unit's setting is checked statically in test_units.py")
+    # A non-loopback address in the container's own network namespace (--private-network): TEST-NET-1 on lo.
+    m.run("python3", "-c", "from pyroute2 import IPRoute; ip = IPRoute(); "
+          "ip.addr('add', index=ip.link_lookup(ifname='lo')[0], address='192.0.2.1', mask=32)")
+    m.run("python3", "-c", f"open('/run/oma-firewall-probe.py', 'w').write({FIREWALL_PROBE!r})")
+    m.sh("mkdir -p /run/systemd/system/nbd-pool.service.d && printf '[Service]\\nExecStartPost=-/usr/bin/python3 "
+         "/run/oma-firewall-probe.py\\n' > /run/systemd/system/nbd-pool.service.d/probe.conf && "
+         "systemctl daemon-reload && systemctl restart nbd-pool")
+    try:
+        result = m.run("cat", "/run/oma-firewall-probe").stdout.splitlines()
+    finally:
+        m.sh("rm -r /run/systemd/system/nbd-pool.service.d && systemctl daemon-reload")
+    # Nothing listens on port 9: the loopback answers "refused"; the unit's BPF firewall drops the SYN to
+    # the other address (the connect times out), which outside the unit is refused just the same.
+    assert result == ["127.0.0.1 ECONNREFUSED", "192.0.2.1 dropped"], result
+    outside = m.run("python3", "-c", FIREWALL_PROBE.replace("/run/oma-firewall-probe", "/run/oma-probe-outside"))
+    assert outside.returncode == 0
+    assert m.run("cat", "/run/oma-probe-outside").stdout.splitlines()[1] == "192.0.2.1 ECONNREFUSED"
+
+
+def test_journal_has_omads_log_and_not_the_password(installed: Machine) -> None:
+    m = installed
+    log = m.run("journalctl", "-b", "-u", "omad", "--no-pager", "-o", "cat").stdout
+    assert "applied migration 0001_foundation" in log
+    assert "listening on http://127.0.0.1:8082" in log
+    assert admin_password(m) not in m.run("journalctl", "-b", "--no-pager", "-o", "cat").stdout
+
+
+def test_upgrade_keeps_the_database_and_users(installed: Machine, upgrade_deb: debbuild.DebBuild,
+                                              timings: dict[str, float]) -> None:
+    m = installed
+    password = admin_password(m)
+    m.run("runuser", "-u", "oma", "--", "omactl", "user", "add", "alice", "--role", "operator",
+          "--password-stdin", input="alice-password\n")
+    pids = {s: prop(m, f"{s}.service", "MainPID") for s in SERVICES}
+    t0 = time.monotonic()
+    p = m.run("apt-get", "install", "--no-install-recommends", "-y", "-q", f"/root/{upgrade_deb.deb.name}",
+              timeout=300, check=False)
+    timings["upgrade"] = time.monotonic() - t0
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert m.run("dpkg-query", "-W", "-f", "${Version}", "oma-appliance").stdout == upgrade_deb.version
+    for s in SERVICES:  # restarted onto the new code, and running
+        assert prop(m, f"{s}.service", "ActiveState") == "active", s
+        assert prop(m, f"{s}.service", "MainPID") != pids[s], f"{s} was not restarted by the upgrade"
+    wait_healthy(m)
+    assert admin_password(m) == password
+    assert login(m, "admin", password)[0] == 200
+    assert login(m, "alice", "alice-password")[0] == 200
+    users = [json.loads(line)["username"] for line in m.run("omactl", "user", "list").stdout.splitlines()]
+    assert users == ["admin", "alice"]
+
+
+def test_remove_keeps_data_and_purge_removes_state_and_user(installed: Machine) -> None:
+    m = installed
+    # A leftover child in nbd-pool's cgroup, as a live export would be: removal must end it.
+    m.sh("mkdir -p /run/systemd/system/nbd-pool.service.d && printf '[Service]\\nExecStartPost=/bin/sh -c "
+         "\"sleep 3602 >/dev/null 2>&1 &\"\\n' > /run/systemd/system/nbd-pool.service.d/child.conf && "
+         "systemctl daemon-reload && systemctl restart nbd-pool")
+    m.run("apt-get", "remove", "-y", "-q", "oma-appliance", timeout=120)
+    for s in (*SERVICES, "oma"):
+        unit = f"{s}.target" if s == "oma" else f"{s}.service"
+        assert prop(m, unit, "ActiveState") in ("inactive", ""), unit
+    assert not pids_of(m, "sleep", "3601") + pids_of(m, "sleep", "3602"), "nbd-pool's children survived removal"
+    m.run("test", "-s", "/var/lib/oma/oma.db")
+    m.run("test", "-s", "/etc/oma/omad.d/50-local.toml")
+    m.run("getent", "passwd", "oma")
+    m.sh("rm -r /run/systemd/system/nbd-pool.service.d")
+    m.run("apt-get", "purge", "-y", "-q", "oma-appliance", timeout=120)
+    for path in ("/var/lib/oma", "/var/lib/oma-agents", "/etc/oma", "/run/oma", "/lib/systemd/system/omad.service",
+                 "/etc/systemd/system/multi-user.target.wants/oma.target"):
+        assert m.run("test", "-e", path, check=False).returncode == 1, f"{path} survived the purge"
+    assert m.run("getent", "passwd", "oma", check=False).returncode == 2
+    assert m.run("getent", "group", "oma", check=False).returncode == 2
+    status = m.run("dpkg-query", "-W", "-f", "${db:Status-Status}", "oma-appliance", check=False)
+    assert status.stdout in ("", "not-installed")
