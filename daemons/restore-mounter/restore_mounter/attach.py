@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -75,9 +76,10 @@ class Attacher(Protocol):
     async def intact(self, att: Attachment) -> bool:
         """Whether a recorded attachment still exists as recorded (for re-adoption after a restart)."""
 
-    async def release_orphans(self, keep: set[str], images: set[str]) -> list[str]:
-        """Detach our attachments not in `keep` (attachment ids); `images` are those of dropped records,
-        for a backend that cannot tag its devices with an owner. Returns what was released."""
+    async def release_orphans(self, keep: set[str], images: set[str], devices: set[str]) -> list[str]:
+        """Detach our attachments not in `keep` (attachment ids). A backend that cannot tag its devices
+        with an owner also gets the images of the dropped records and the devices found mounted under the
+        mount root by nobody. Returns what was released."""
 
 
 class NbdPoolAttacher:
@@ -118,7 +120,7 @@ class NbdPoolAttacher:
                 return str(a.get("device")) == att.device and Path(att.device).exists()
         return False
 
-    async def release_orphans(self, keep: set[str], images: set[str]) -> list[str]:
+    async def release_orphans(self, keep: set[str], images: set[str], devices: set[str]) -> list[str]:
         released = []
         for a in await self._list():
             aid, owner = str(a.get("attachment_id")), str(a.get("owner", ""))
@@ -170,10 +172,11 @@ class LocalLoopAttacher:
         return loop.backing_file(att.device) == att.image and all(os.path.exists(p.device)
                                                                    for p in att.partitions)
 
-    async def release_orphans(self, keep: set[str], images: set[str]) -> list[str]:
+    async def release_orphans(self, keep: set[str], images: set[str], devices: set[str]) -> list[str]:
         released = []
+        disks = {m.group(1) for d in devices if (m := re.fullmatch(r"(/dev/loop\d+)(p\d+)?", d))}
         for device, back in (await loop.list_loops()).items():
-            if back in images and Path(device).name not in keep:
+            if (back in images or device in disks) and Path(device).name not in keep:
                 log.warning("detaching %s (%s): no mount tracks it", device, back)
                 await loop.detach(device, back)
                 released.append(Path(device).name)

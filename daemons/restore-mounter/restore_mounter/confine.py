@@ -171,7 +171,6 @@ class WalkResolver:
                         if target.startswith("/"):
                             raise OSError(errno.EXDEV, "absolute symlink", rel)
                         parts.extendleft(reversed(target.split("/")))
-                        os.close(fd)
                         continue
                     if last:
                         result, fd = fd, -1

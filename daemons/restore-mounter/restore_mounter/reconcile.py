@@ -81,23 +81,27 @@ async def reconcile(manager: MountManager, records: list[MountRecord]) -> str:
     def ours(p: Path) -> bool:
         return any(p == k or p.is_relative_to(k) for k in kept)
 
+    strays: set[str] = set()  # devices mounted under the root by no mount we keep
+    daemons = [d for d in mounter.fuse_daemons()
+               if Path(d.mount_point).is_relative_to(root) and not ours(Path(d.mount_point))]
+    strays.update(d.device for d in daemons)  # a fusefat mount does not name its device in mountinfo
     for entry in mountinfo.under(root):
         if not ours(entry.mount_point):
+            strays.add(entry.source)
             log.warning("unmounting %s (%s): no mount tracks it", entry.mount_point, entry.fstype)
             try:
                 await mounter.umount(entry.mount_point)
             except Exception as e:
                 problems.append(f"{entry.mount_point}: {e}")
-    for d in mounter.fuse_daemons():
-        if Path(d.mount_point).is_relative_to(root) and not ours(Path(d.mount_point)):
-            try:
-                await mounter.stop_fuse_daemon(d)
-            except Exception as e:
-                problems.append(f"{d.program} pid {d.pid}: {e}")
+    for d in daemons:
+        try:
+            await mounter.stop_fuse_daemon(d)
+        except Exception as e:
+            problems.append(f"{d.program} pid {d.pid}: {e}")
     try:
         await manager.attacher.release_orphans({m.record.attachment.attachment_id for m in manager.mounts.values()
                                                 if m.record.attachment},
-                                               {r.image for r in dropped})
+                                               {r.image for r in dropped}, strays)
     except Exception as e:
         problems.append(f"attachments: {e}")
         log.error("could not release orphaned attachments: %s", e)
