@@ -214,7 +214,7 @@ def test_whole_disk_ext4_and_big_download(mod: Module) -> None:
     conn, resp = mod.agent.open("GET", "/mounts/whole/download", {"path": "/big.bin"})
     try:
         assert resp.status == 200
-        assert int(resp.getheader("Content-Length")) == 200 * MiB
+        assert int(resp.getheader("Content-Length") or 0) == 200 * MiB
         digest = hashlib.sha256()
         while chunk := resp.read(4 * MiB):
             digest.update(chunk)

@@ -80,7 +80,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     try:
         yield Rig(manager, clock, Sweeper(manager.sweep, 60, clock), image, root)
     finally:
-        for m in manager.list():
+        for m in manager.all():
             await manager.unmount(m.mount_id, force=True)
         assert leaks(root, [image]) == []
 
@@ -95,11 +95,11 @@ async def test_sweep_removes_only_what_expired(rig: Rig) -> None:
     clock.advance(1800)
     assert [m.mount_id for m in mgr.expired()] == ["a"]
     assert await rig.sweeper.sweep_once() == 1
-    assert [m.mount_id for m in mgr.list()] == ["b"]
+    assert [m.mount_id for m in mgr.all()] == ["b"]
     assert rig.sweeper.status()["expired_total"] == 1 and rig.sweeper.status()["last_sweep_at"] == clock.time()
     assert not Path(a.record.mount_path).exists() and leaks(rig.root, [])
     clock.advance(3600)
-    assert await rig.sweeper.sweep_once() == 1 and mgr.list() == []
+    assert await rig.sweeper.sweep_once() == 1 and mgr.all() == []
 
 
 @pytest.mark.root
@@ -109,11 +109,11 @@ async def test_status_is_not_activity_but_browsing_is(rig: Rig) -> None:
     clock.advance(3000)
     mgr.describe(m)
     mgr.get("m")
-    mgr.list()
+    mgr.all()
     mgr.resources()
     assert mgr.policy.idle_for(m) == 3000  # reading status did not count
     async with mgr.use("m") as held:
-        Browser().list(held, "/")
+        Browser().listing(held, "/")
     assert mgr.policy.idle_for(m) == 0
     clock.advance(3599)
     assert mgr.expired() == []
@@ -161,7 +161,7 @@ async def test_forced_unmount_cancels_the_holders(rig: Rig) -> None:
     task = asyncio.create_task(stuck())
     await started.wait()
     await mgr.unmount("m", force=True)
-    assert task.cancelled() and mgr.list() == []
+    assert task.cancelled() and mgr.all() == []
     with pytest.raises(errors.NotFound):
         async with mgr.use("m"):
             pass

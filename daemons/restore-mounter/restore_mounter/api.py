@@ -72,7 +72,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Executor
 from email.utils import formatdate
-from typing import Any, Literal, TypeVar
+from typing import IO, Any, Literal, TypeVar, cast
 
 from aiohttp import web
 
@@ -162,7 +162,7 @@ class RestoreApi:
     @route("GET", "/mounts", auth=Auth.PEER, tags=TAGS)
     async def list_mounts(self, call: Call) -> dict[str, Any]:
         """Every restore mount."""
-        mounts = [self.manager.describe(m) for m in self.manager.list()]
+        mounts = [self.manager.describe(m) for m in self.manager.all()]
         return {"mounts": mounts, "count": len(mounts)}
 
     @route("GET", "/mounts/{mount_id}", auth=Auth.PEER, tags=TAGS)
@@ -184,7 +184,7 @@ class RestoreApi:
         """List a directory of the backup (a page; optionally recursive)."""
         q = call.query
         async with self.manager.use(call.params["mount_id"]) as m:
-            page = await self._blocking(self.browser.list, m, q.path, recursive=q.recursive, depth=q.depth,
+            page = await self._blocking(self.browser.listing, m, q.path, recursive=q.recursive, depth=q.depth,
                                         offset=q.offset, limit=q.limit)
         return {"mount_id": m.mount_id, **page}
 
@@ -257,7 +257,7 @@ class RestoreApi:
             def produce() -> list[dict[str, str]]:
                 try:
                     with contextlib.closing(files.archive_items(m, q.path, top)) as items:
-                        skipped = archive.write(q.format, pipe, items, self.compress_level)
+                        skipped = archive.write(q.format, cast(IO[bytes], pipe), items, self.compress_level)
                     pipe.finish()
                     return skipped
                 except BaseException as e:
@@ -292,7 +292,7 @@ class RestoreApi:
     @route("GET", "/cleanup-status", auth=Auth.PEER, tags=TAGS)
     async def cleanup_status(self, call: Call) -> dict[str, Any]:
         """The idle-expiry sweep and what it has done."""
-        mounts = self.manager.list()
+        mounts = self.manager.all()
         return {**self.sweeper.status(), "idle_timeout": self.manager.policy.idle_timeout,
                 "active_mount_count": sum(m.record.status == "mounted" for m in mounts),
                 "expired_mount_count": len(self.manager.expired())}

@@ -21,7 +21,7 @@ import tarfile
 import time
 import zipfile
 from collections.abc import Iterable, Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from .files import Item
 
@@ -120,7 +120,7 @@ def _tarinfo(item: Item) -> tarfile.TarInfo:
 def write_targz(out: IO[bytes], items: Iterable[Item], level: int = 6) -> list[dict[str, str]]:
     skipped: list[dict[str, str]] = []
     with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=level, mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:  # type: ignore[call-overload]
+            tarfile.open(fileobj=cast(IO[bytes], gz), mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
         for item in _skipped(items, skipped):
             ti = _tarinfo(item)
             if item.kind != "file":

@@ -36,7 +36,9 @@ class Idle(Protocol):
     """What the idle rule needs to know about a mount."""
 
     last_activity: float  # clock.monotonic() of the last use
-    in_use: bool
+
+    @property
+    def in_use(self) -> bool: ...
 
 
 class IdlePolicy:

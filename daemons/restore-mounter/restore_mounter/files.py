@@ -7,7 +7,7 @@ import dataclasses
 import mimetypes
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from oma_common import errors
@@ -87,7 +87,7 @@ class Browser:
             os.close(fd)
         return entry(place.name, place.shown, st, target)
 
-    def list(self, m: Mount, path: str, *, recursive: bool = False, depth: int | None = None, offset: int = 0,
+    def listing(self, m: Mount, path: str, *, recursive: bool = False, depth: int | None = None, offset: int = 0,
              limit: int = 1000) -> dict[str, Any]:
         """A page of the directory's entries, sorted by name; recursive: depth-first, at most `depth` levels
         and `max_entries` entries (then `truncated`)."""
@@ -167,7 +167,7 @@ class Item:
         return open_child_file(self.dir_fd, self.base, self.st, self.name)
 
 
-def archive_items(m: Mount, path: str, top: str, max_depth: int = 256) -> Iterator[Item]:
+def archive_items(m: Mount, path: str, top: str, max_depth: int = 256) -> Generator[Item, None, None]:
     """Everything under `path`, depth-first by name, named `top/...`; symlinks as links, never followed;
     device nodes, FIFOs and sockets as "skip" items. The directory descriptors close with the generator."""
     place = locate(m, path)

@@ -115,7 +115,7 @@ class MountManager:
             raise errors.NotFound("mount not found", f"no restore mount {mount_id!r}")
         return m
 
-    def list(self) -> list[Mount]:
+    def all(self) -> list[Mount]:
         return sorted(self.mounts.values(), key=lambda m: (m.record.created_at, m.mount_id))
 
     @property
@@ -149,7 +149,7 @@ class MountManager:
         devices = [{"mount_id": m.mount_id, "device": m.record.attachment.device,
                     "backend": m.record.attachment.backend,
                     "partitions": [p.device for p in m.record.attachment.partitions]}
-                   for m in self.list() if m.record.attachment]
+                   for m in self.all() if m.record.attachment]
         return {"active_mounts": sum(m.record.status == MOUNTED for m in self.mounts.values()),
                 "slots_in_use": len(self.mounts), "max_mounts": self.max_mounts,
                 "available_slots": self.available_slots, "allocated_devices": devices,
@@ -194,7 +194,7 @@ class MountManager:
         return real
 
     async def save(self) -> None:
-        await self.state.save([m.record for m in self.list()])
+        await self.state.save([m.record for m in self.all()])
 
     async def mount(self, image: str, mount_id: str | None = None) -> tuple[Mount, bool]:
         """Attach and mount `image`; returns (mount, created). The same id and image again returns the
@@ -358,7 +358,7 @@ class MountManager:
     async def sweep(self) -> int:
         """Unmount what has expired, and retry mounts whose teardown failed; returns how many went."""
         removed = 0
-        for m in self.expired() + [m for m in self.list() if m.record.status == ERROR]:
+        for m in self.expired() + [m for m in self.all() if m.record.status == ERROR]:
             if m.mount_id not in self.mounts:
                 continue
             try:

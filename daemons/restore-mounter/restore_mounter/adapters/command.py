@@ -57,8 +57,7 @@ async def run(argv: Sequence[str], *, timeout: float = 60.0, check: bool = True,
         if detaching:
             out_f = stack.enter_context(tempfile.TemporaryFile())
             err_f = stack.enter_context(tempfile.TemporaryFile())
-            out: int | object = out_f.fileno()
-            err: int | object = err_f.fileno()
+            out, err = out_f.fileno(), err_f.fileno()
         else:
             out = err = subprocess.PIPE
         try:

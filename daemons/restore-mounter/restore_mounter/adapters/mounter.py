@@ -122,7 +122,7 @@ def _alive(pid: int, start_time: float | None = None) -> bool:
 
 def _start_time(pid: int) -> float:
     try:
-        return psutil.Process(pid).create_time()
+        return float(psutil.Process(pid).create_time())
     except psutil.Error:
         return 0.0
 
