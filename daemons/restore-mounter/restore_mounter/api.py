@@ -225,15 +225,9 @@ class RestoreApi:
         if rng:
             resp.headers["Content-Range"] = rng.content_range(size)
         resp.content_length = length
-        await resp.prepare(request)
+        await resp.prepare(request)  # a StreamResponse sends its headers now: the body may follow by sendfile
         try:
-            pos, end = start, start + length
-            while pos < end:
-                data = await self._blocking(os.pread, fd, min(READ_CHUNK, end - pos), pos)
-                if not data:
-                    raise OSError(f"{name} ended at {pos} of {size} bytes")
-                await resp.write(data)
-                pos += len(data)
+            await self._copy(request, resp, fd, start, length, name)
             await resp.write_eof()
         except ConnectionError:
             log.info("download of %s stopped: the client went away", name)
@@ -241,6 +235,25 @@ class RestoreApi:
             log.exception("download of %s failed after its first byte; aborting the response", name)
             _abort(request)
         return resp
+
+    async def _copy(self, request: web.Request, resp: web.StreamResponse, fd: int, start: int, length: int,
+                    name: str) -> None:
+        """sendfile(2) from the file to the socket (zero-copy), or read-and-write where it is unavailable."""
+        if request.transport is None:
+            raise ConnectionResetError("connection lost")
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            try:
+                await asyncio.get_running_loop().sendfile(request.transport, f, start, length)
+                return
+            except NotImplementedError:
+                pass
+        pos, end = start, start + length
+        while pos < end:
+            data = await self._blocking(os.pread, fd, min(READ_CHUNK, end - pos), pos)
+            if not data:
+                raise OSError(f"{name} ended at {pos} of {end - start} bytes")
+            await resp.write(data)
+            pos += len(data)
 
     @route("GET", "/mounts/{mount_id}/download-directory", query=ArchiveQuery, auth=Auth.PEER, tags=TAGS,
            stream="application/zip")
