@@ -42,7 +42,7 @@ from ..lib.diskimages import (
     whole_disk_ext4,
 )
 from ..lib.filetree import file_sha256, materialize
-from ..rig import Stack, make_stack
+from ..rig import make_stack
 from .conftest import Agent, cleanup, special_ext4, start_agent
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]

@@ -42,7 +42,8 @@ def tree(tmp_path: Path) -> Iterator[Path]:
         "home/user/evil": "/etc/shadow", "home/user/up": "../..", "home/user/escape": "../../..",
         "home/user/etcdir": "/etc", "home/user/proc": "/proc/self/root", "a": "b", "b": "../..",
         "loop1": "loop2", "loop2": "loop1", "lib": "usr/lib", "deep/x": "../home/user/notes.txt",
-        "sib": "../outside/secret", "home/user/dots": "./../../etc/./passwd", "home/user/dots2": "./../../../etc/passwd",
+        "sib": "../outside/secret", "home/user/dots": "./../../etc/./passwd",
+        "home/user/dots2": "./../../../etc/passwd",
     }
     for name, target in links.items():
         os.symlink(target, root / name)

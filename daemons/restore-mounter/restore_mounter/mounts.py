@@ -89,7 +89,7 @@ class Mount:
     def browse_path(self, fs: FsRecord) -> str | None:
         if not fs.mounted:
             return None
-        return "/" if len(self.roots) == 1 else f"/{fs.dirname}"
+        return "/" if len(self.record.mounted_filesystems) == 1 else f"/{fs.dirname}"
 
 
 class MountManager:
