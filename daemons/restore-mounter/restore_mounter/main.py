@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
 
 from oma_common import agent, daemon, schema
+from oma_common.rpc import AgentClient
+
+from .api import RestoreApi
+from .attach import Attacher, LocalLoopAttacher, NbdPoolAttacher
+from .confine import default_resolver
+from .expiry import IdlePolicy, Sweeper, SystemClock
+from .files import Browser
+from .mounts import MountManager
+from .reconcile import reconcile
+from .state import StateFile
 
 DAEMON = "restore-mounter"
 
@@ -14,21 +27,69 @@ DAEMON = "restore-mounter"
 class Config(agent.AgentConfig):
     """restore-mounter's options."""
 
-    mount_root: str = schema.spec("/var/lib/oma/restore", description="where restore mounts are made")
-    idle_timeout_seconds: int = schema.spec(3600, min=1, description="a mount idle this long is removed")
+    mount_root: str = schema.spec("/var/lib/oma/restore", description="where restore mounts are made (made 0700)")
+    idle_timeout_seconds: float = schema.spec(3600.0, min=0.05, description="a mount idle this long is removed")
+    cleanup_interval_seconds: float = schema.spec(60.0, min=0.05, description="how often expired mounts are swept")
     max_mounts: int = schema.spec(8, min=1, max=64, description="mounts at once (each holds an attach slot)")
+    attach: Literal["nbd-pool", "local-loop"] = schema.spec(
+        "nbd-pool", description="nbd-pool: ask nbd-pool for a read-only device (QCOW2 chains); "
+                                "local-loop: losetup a RAW image directly (raw images, tests)")
+    nbd_pool_socket: str = schema.spec("", description="nbd-pool's socket; empty = <run_dir>/nbd-pool.sock")
+    image_roots: list[str] = schema.spec(factory=list, description="if set, only images under these "
+                                                                   "directories are mounted")
+    fat_driver: Literal["auto", "kernel", "fusefat"] = schema.spec(
+        "auto", description="FAT: the kernel's vfat where it exists (auto), or always fusefat")
+    list_max_entries: int = schema.spec(10000, min=1, description="entries a recursive listing collects")
+    list_max_depth: int = schema.spec(32, min=1, max=1024, description="levels a recursive listing descends")
+    archive_workers: int = schema.spec(4, min=1, max=64, description="archives written at once (threads)")
+    compress_level: int = schema.spec(6, min=0, max=9, description="deflate level of zip and tar.gz")
+
+
+def make_attacher(cfg: Config) -> tuple[Attacher, AgentClient | None]:
+    if cfg.attach == "local-loop":
+        return LocalLoopAttacher(), None
+    path = Path(cfg.nbd_pool_socket) if cfg.nbd_pool_socket else Path(cfg.run_dir) / "nbd-pool.sock"
+    client = AgentClient("nbd-pool", path, timeout=120)
+    return NbdPoolAttacher(client), client
 
 
 async def amain() -> int:
     cfg, exit_now = agent.load(Config, DAEMON, "read-only restore mounts and the file access inside them")
     if exit_now:
         return 0
-    cfg.state_path(DAEMON)
+    state_dir = cfg.state_path(DAEMON)
+    mount_root = Path(cfg.mount_root)
+    mount_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(mount_root, 0o700)  # ntfs-3g mounts allow_other: nobody else may even reach the mount points
+    clock = SystemClock()
+    policy = IdlePolicy(clock, cfg.idle_timeout_seconds)
+    attacher, client = make_attacher(cfg)
+    state = StateFile(state_dir / "mounts.json")
+    manager = MountManager(attacher=attacher, state=state, mount_root=mount_root, max_mounts=cfg.max_mounts,
+                           policy=policy, clock=clock, resolver=default_resolver(), fat_driver=cfg.fat_driver,
+                           image_roots=cfg.image_roots)
+    sweeper = Sweeper(manager.sweep, cfg.cleanup_interval_seconds, clock)
+    archives = ThreadPoolExecutor(cfg.archive_workers, thread_name_prefix="archive")
+    api = RestoreApi(manager, Browser(cfg.list_max_entries, cfg.list_max_depth), sweeper, archives,
+                     cfg.compress_level)
+
+    async def start() -> str:
+        summary = await reconcile(manager, state.load())
+        sweeper.start()
+        return summary
 
     async def report() -> dict[str, Any]:
-        return {"active_mounts": 0, "max_mounts": cfg.max_mounts}
+        return {"active_mounts": manager.resources()["active_mounts"], "max_mounts": cfg.max_mounts,
+                "attach_backend": attacher.name}
 
-    return await agent.serve(DAEMON, cfg, [], report=report)
+    async def close() -> None:
+        # Mounts stay: they outlive a restart of the daemon and are re-adopted at the next start.
+        await sweeper.stop()
+        archives.shutdown(wait=True, cancel_futures=True)
+        if client is not None:
+            await client.close()
+
+    return await agent.serve(DAEMON, cfg, [api], report=report, reconcile=start, close=close)
 
 
 def main() -> None:

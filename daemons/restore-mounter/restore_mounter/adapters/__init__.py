@@ -1,0 +1,1 @@
+"""One module per external program or kernel interface restore-mounter drives."""

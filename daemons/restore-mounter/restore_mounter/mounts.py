@@ -1,0 +1,369 @@
+"""Restore mounts: attach an image, mount what it holds read-only, hold it while in use, take it all down.
+
+Concurrency policy: one lock per mount serialises its unmount; a mount being created or removed answers
+409 to everything but status reads. Unmounting a mount that a download or archive holds is refused (409)
+unless forced, which cancels the holders first. Slots: every mount, whatever its state, holds one of
+`max_mounts` slots (it holds a device); none left → 409 `exhausted` with `available_slots`.
+Every step is recorded in the state file before the resource it names exists, so that a crash at any point
+leaves a record that reconciliation can act on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import stat
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from oma_common import errors, logs
+
+from . import filesystems
+from .adapters import blkid, mounter
+from .attach import Attacher, owner_of
+from .confine import Confined, Resolver
+from .expiry import Clock, IdlePolicy
+from .records import ERROR, MOUNTED, MOUNTING, UNMOUNTING, FsRecord, MountRecord
+from .state import StateFile
+
+log = logging.getLogger(__name__)
+
+MOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class NoFilesystem(errors.Invalid):
+    """Nothing on the image could be mounted; `filesystems` says what was found and why."""
+
+    code = "no_filesystem"
+
+
+class Busy(errors.Conflict):
+    """The mount is in use (a download or archive holds it, or something keeps a filesystem busy)."""
+
+    code = "busy"
+
+
+def rfc3339(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Mount:
+    """A mount's record plus what lives only in memory: activity, holders, the confined filesystem roots."""
+
+    def __init__(self, record: MountRecord, now: float, resolver: Resolver) -> None:
+        self.record = record
+        self.last_activity = now
+        self.holders: dict[object, asyncio.Task[Any] | None] = {}
+        self.lock = asyncio.Lock()
+        self.resolver = resolver
+        self.roots: dict[str, Confined] = {}  # "part1" → its filesystem
+
+    @property
+    def mount_id(self) -> str:
+        return self.record.mount_id
+
+    @property
+    def in_use(self) -> bool:
+        return bool(self.holders)
+
+    def open_roots(self) -> None:
+        """Remember each mounted filesystem's root and device number (a vanished mount is then noticed)."""
+        self.roots = {}
+        for fs in self.record.mounted_filesystems:
+            dev = os.stat(fs.mount_point).st_dev
+            self.roots[fs.dirname] = Confined(fs.mount_point, dev, self.resolver)
+
+    @property
+    def single(self) -> Confined | None:
+        """With one filesystem, the browse root is that filesystem; with several, it lists them."""
+        return next(iter(self.roots.values())) if len(self.roots) == 1 else None
+
+    def browse_path(self, fs: FsRecord) -> str | None:
+        if not fs.mounted:
+            return None
+        return "/" if len(self.record.mounted_filesystems) == 1 else f"/{fs.dirname}"
+
+
+class MountManager:
+    def __init__(self, *, attacher: Attacher, state: StateFile, mount_root: Path, max_mounts: int,
+                 policy: IdlePolicy, clock: Clock, resolver: Resolver, fat_driver: str = "auto",
+                 image_roots: list[str] | None = None) -> None:
+        self.attacher = attacher
+        self.state = state
+        self.mount_root = mount_root
+        self.max_mounts = max_mounts
+        self.policy = policy
+        self.clock = clock
+        self.resolver = resolver
+        self.fat_driver = fat_driver
+        self.image_roots = [Path(os.path.realpath(r)) for r in image_roots or []]
+        self.mounts: dict[str, Mount] = {}
+
+    # --- queries (none of them counts as activity) ---------------------------------------------------
+
+    def get(self, mount_id: str) -> Mount:
+        m = self.mounts.get(mount_id)
+        if m is None:
+            raise errors.NotFound("mount not found", f"no restore mount {mount_id!r}")
+        return m
+
+    def all(self) -> list[Mount]:
+        return sorted(self.mounts.values(), key=lambda m: (m.record.created_at, m.mount_id))
+
+    @property
+    def available_slots(self) -> int:
+        return max(0, self.max_mounts - len(self.mounts))
+
+    def describe(self, m: Mount) -> dict[str, Any]:
+        r = m.record
+        mounted = r.mounted_filesystems
+        return {
+            "mount_id": r.mount_id, "image": r.image, "mount_path": r.mount_path, "status": r.status,
+            "device": r.attachment.device if r.attachment else None,
+            "backend": r.attachment.backend if r.attachment else None,
+            "attachment_id": r.attachment.attachment_id if r.attachment else None,
+            "filesystem_type": mounted[0].type if mounted else None,
+            "created_at": rfc3339(r.created_at),
+            "last_activity_at": rfc3339(self.clock.time() - (self.clock.monotonic() - m.last_activity)),
+            "expires_at": rfc3339(self.policy.expires_at(m)) if r.status == MOUNTED else None,
+            "idle_timeout_seconds": self.policy.idle_timeout,
+            "in_use": m.in_use, "active_operations": len(m.holders),
+            "error": r.error or None,
+            "filesystems": [{"partition": f.partition, "device": f.device, "type": f.type or None,
+                             "label": f.label, "size": f.size, "mounted": f.mounted, "driver": f.driver or None,
+                             "path": m.browse_path(f), "reason": f.reason or None} for f in r.filesystems],
+        }
+
+    def expired(self) -> list[Mount]:
+        return [m for m in self.mounts.values() if m.record.status == MOUNTED and self.policy.expired(m)]
+
+    def resources(self) -> dict[str, Any]:
+        devices = [{"mount_id": m.mount_id, "device": m.record.attachment.device,
+                    "backend": m.record.attachment.backend,
+                    "partitions": [p.device for p in m.record.attachment.partitions]}
+                   for m in self.all() if m.record.attachment]
+        return {"active_mounts": sum(m.record.status == MOUNTED for m in self.mounts.values()),
+                "slots_in_use": len(self.mounts), "max_mounts": self.max_mounts,
+                "available_slots": self.available_slots, "allocated_devices": devices,
+                "device_utilization": round(100.0 * len(self.mounts) / self.max_mounts, 1),
+                "attach_backend": self.attacher.name}
+
+    # --- use: activity and inhibitors -------------------------------------------------------------
+
+    def touch(self, m: Mount) -> None:
+        m.last_activity = self.clock.monotonic()
+
+    @contextlib.asynccontextmanager
+    async def use(self, mount_id: str) -> AsyncIterator[Mount]:
+        """Hold the mount for one operation: it counts as activity and blocks expiry and unmounting."""
+        m = self.get(mount_id)
+        if m.record.status != MOUNTED:
+            raise errors.Conflict("mount not available", f"mount {mount_id} is {m.record.status}")
+        token = object()
+        m.holders[token] = asyncio.current_task()
+        self.touch(m)
+        try:
+            yield m
+        finally:
+            del m.holders[token]
+            self.touch(m)
+
+    # --- mount ------------------------------------------------------------------------------------
+
+    def _check_image(self, image: str) -> str:
+        if not os.path.isabs(image):
+            raise errors.Invalid("invalid image", "the image path must be absolute")
+        real = os.path.realpath(image)
+        try:
+            st = os.stat(real)
+        except OSError as e:
+            raise errors.NotFound("image not found", f"{image}: {e.strerror}") from e
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.Invalid("invalid image", f"{image} is not a regular file")
+        if self.image_roots and not any(Path(real).is_relative_to(r) for r in self.image_roots):
+            raise errors.Forbidden("image outside the repositories",
+                                   f"{image} is not under {', '.join(map(str, self.image_roots))}")
+        return real
+
+    async def save(self) -> None:
+        await self.state.save([m.record for m in self.all()])
+
+    async def mount(self, image: str, mount_id: str | None = None) -> tuple[Mount, bool]:
+        """Attach and mount `image`; returns (mount, created). The same id and image again returns the
+        existing mount (a retried call); the same id with another image is a conflict."""
+        if mount_id is not None and not MOUNT_ID.fullmatch(mount_id):
+            raise errors.Invalid("invalid mount id", f"a mount id matches {MOUNT_ID.pattern}")
+        real = self._check_image(image)
+        if mount_id in self.mounts:
+            m = self.mounts[mount_id]
+            if m.record.image == real and m.record.status == MOUNTED:
+                return m, False
+            raise errors.Conflict("mount id in use", f"mount {mount_id} exists ({m.record.status}, "
+                                                     f"{m.record.image})")
+        if self.available_slots == 0:
+            raise errors.Exhausted("no restore slot free", f"all {self.max_mounts} restore mounts are in use",
+                                   available_slots=0, max_mounts=self.max_mounts)
+        mount_id = mount_id or f"mnt-{uuid.uuid4().hex[:12]}"
+        record = MountRecord(mount_id, real, str(self.mount_root / mount_id), MOUNTING, self.clock.time())
+        m = Mount(record, self.clock.monotonic(), self.resolver)
+        self.mounts[mount_id] = m
+        with logs.resource(mount_id):
+            try:
+                await self.save()
+                await self._bring_up(m)
+            except BaseException as e:
+                log.warning("mounting %s failed (%s); undoing", real, e)
+                try:
+                    await self.tear_down(m)
+                except Exception:
+                    log.exception("undoing the failed mount left something behind; the next start-up "
+                                  "reconciliation removes it")
+                    record.status, record.error = ERROR, f"failed mount not fully undone: {e}"
+                    await self.save()
+                    raise
+                del self.mounts[mount_id]
+                await self.save()
+                raise
+            record.status = MOUNTED
+            self.touch(m)
+            await self.save()
+            log.info("mounted %s: %s", real, ", ".join(f"{f.dirname} {f.type}" for f in record.mounted_filesystems))
+        return m, True
+
+    async def _bring_up(self, m: Mount) -> None:
+        r = m.record
+        os.mkdir(r.mount_path, 0o700)
+        r.attachment = await self.attacher.attach(r.image, owner_of(r.mount_id))
+        await self.save()
+        att = r.attachment
+        if att.partitions:
+            candidates = [(p.number, p.device, p.size, p.type) for p in att.partitions]
+        else:
+            candidates = [(0, att.device, blkid.device_size(att.device), "")]
+        for number, device, size, ptype in candidates:
+            fs = FsRecord(number, device, "", "", size)
+            r.filesystems.append(fs)
+            if ptype.lower() in filesystems.MBR_EXTENDED:
+                fs.reason = "extended partition (holds the logical partitions listed after it)"
+                continue
+            await self._mount_fs(m, fs)
+        if not r.mounted_filesystems:
+            found = [{"partition": f.partition, "type": f.type or None, "reason": f.reason}
+                     for f in r.filesystems]
+            raise NoFilesystem("no filesystem to mount",
+                               "; ".join(f"partition {f['partition']}: {f['reason']}" for f in found) or
+                               "the image holds nothing", filesystems=found)
+        m.open_roots()
+
+    async def _mount_fs(self, m: Mount, fs: FsRecord) -> None:
+        try:
+            probe = await blkid.probe(fs.device, resource_id=m.mount_id)
+        except Exception as e:
+            fs.reason = f"cannot probe: {e}"
+            return
+        fs.type, fs.label = probe.type, probe.label
+        plans = filesystems.plans_for(probe, self.fat_driver)
+        if isinstance(plans, str):
+            fs.reason = plans
+            return
+        point = Path(m.record.mount_path) / fs.dirname
+        os.mkdir(point, 0o700)
+        fs.mount_point = str(point)
+        await self.save()  # recorded before the mount exists
+        try:
+            done = await filesystems.mount_one(fs.device, point, plans, resource_id=m.mount_id)
+        except mounter.MountFailed as e:
+            fs.reason = f"mount failed: {e.reason}"
+            os.rmdir(point)
+            fs.mount_point = ""
+            return
+        fs.mounted, fs.driver, fs.fuse = True, done.driver, done.fuse
+        await self.save()
+
+    # --- unmount ----------------------------------------------------------------------------------
+
+    async def tear_down(self, m: Mount) -> None:
+        """Unmount every filesystem, detach, remove the directories. Idempotent; Busy if something is
+        still in use (what could be undone is undone, and the record says what is left)."""
+        r = m.record
+        busy = []
+        for fs in r.filesystems:
+            if not fs.mount_point:
+                continue
+            point = Path(fs.mount_point)
+            try:
+                await filesystems.unmount_one(point, fs.fuse, resource_id=r.mount_id)
+            except mounter.UnmountBusy as e:
+                busy.append(str(e))
+                continue
+            fs.mounted, fs.fuse = False, None
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(point)
+            fs.mount_point = ""
+        m.roots = {}
+        if busy:
+            await self.save()
+            raise Busy("filesystem busy", "; ".join(busy))
+        if r.attachment is not None:
+            await self.attacher.detach(r.attachment)
+            r.attachment = None
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(r.mount_path)
+
+    async def unmount(self, mount_id: str, *, force: bool = False, why: str = "requested") -> None:
+        m = self.get(mount_id)
+        with logs.resource(mount_id):
+            async with m.lock:
+                if self.mounts.get(mount_id) is not m:
+                    raise errors.NotFound("mount not found", f"mount {mount_id} was removed meanwhile")
+                if m.record.status == MOUNTING:
+                    raise errors.Conflict("mount in progress", f"mount {mount_id} is still being mounted")
+                if m.in_use and not force:
+                    raise Busy("mount in use", f"{len(m.holders)} download(s) or archive(s) are running on "
+                                               f"{mount_id}; retry later or force", active_operations=len(m.holders))
+                m.record.status, m.record.error = UNMOUNTING, ""
+                await self.save()
+                if m.in_use:
+                    await self._cancel_holders(m)
+                try:
+                    await self.tear_down(m)
+                except Exception as e:
+                    m.record.status, m.record.error = ERROR, str(getattr(e, "details", e))
+                    await self.save()
+                    log.warning("unmount (%s) failed: %s", why, e)
+                    raise
+                del self.mounts[mount_id]
+                await self.save()
+                log.info("unmounted and detached (%s)", why)
+
+    async def _cancel_holders(self, m: Mount, timeout: float = 10.0) -> None:
+        tasks = [t for t in m.holders.values() if t is not None and t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while m.holders and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if m.holders:
+            raise Busy("mount in use", f"{len(m.holders)} operation(s) did not stop within {timeout:g} s")
+
+    async def sweep(self) -> int:
+        """Unmount what has expired, and retry mounts whose teardown failed; returns how many went."""
+        removed = 0
+        for m in self.expired() + [m for m in self.all() if m.record.status == ERROR]:
+            if m.mount_id not in self.mounts:
+                continue
+            try:
+                await self.unmount(m.mount_id, why="idle expiry" if m.record.status == MOUNTED else "retry")
+                removed += 1
+            except errors.OmaError as e:
+                log.warning("%s: not removed: %s", m.mount_id, e, extra=logs.tag(m.mount_id))
+        return removed

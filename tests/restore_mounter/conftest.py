@@ -1,0 +1,182 @@
+"""The real restore-mounter over its real socket, with local-loop attach on raw images built by the tests."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import psutil
+import pytest
+
+from ..lib.diskimages import run
+from ..lib.filetree import Tree, materialize
+from ..rig import Stack, make_stack
+
+DAEMON = "restore-mounter"
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 60) -> None:
+        super().__init__("restore-mounter", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Agent:
+    """A small synchronous HTTP client for the agent's socket (its own code, not the daemons' client)."""
+
+    socket_path: Path
+    stack: Stack
+    images: dict[str, Path] = field(default_factory=dict)
+
+    def open(self, method: str, path: str, params: dict[str, Any] | None = None, body: Any = None,
+             headers: dict[str, str] | None = None) -> tuple[UnixHTTPConnection, http.client.HTTPResponse]:
+        conn = UnixHTTPConnection(str(self.socket_path))
+        url = path + ("?" + urlencode(params) if params else "")
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, url, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        return conn, conn.getresponse()
+
+    def request(self, method: str, path: str, params: dict[str, Any] | None = None, body: Any = None,
+                headers: dict[str, str] | None = None) -> Reply:
+        conn, resp = self.open(method, path, params, body, headers)
+        try:
+            return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    def raw_get(self, target: str) -> Reply:
+        """GET with the request target exactly as given (no encoding by the client)."""
+        conn = UnixHTTPConnection(str(self.socket_path))
+        try:
+            conn.putrequest("GET", target, skip_accept_encoding=True)
+            conn.endheaders()
+            resp = conn.getresponse()
+            return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    def mount(self, image: Path, mount_id: str | None = None, expect: int = 201) -> dict[str, Any]:
+        body: dict[str, Any] = {"image": str(image)}
+        if mount_id:
+            body["mount_id"] = mount_id
+        r = self.request("POST", "/mounts", body=body)
+        assert r.status == expect, r.body
+        return r.json  # type: ignore[no-any-return]
+
+    def unmount(self, mount_id: str, force: bool = False) -> Reply:
+        return self.request("DELETE", f"/mounts/{mount_id}", {"force": "true"} if force else None)
+
+    def files(self, mount_id: str, path: str = "/", **params: Any) -> dict[str, Any]:
+        r = self.request("GET", f"/mounts/{mount_id}/files", {"path": path, **params})
+        assert r.status == 200, r.body
+        return r.json  # type: ignore[no-any-return]
+
+    def all_files(self, mount_id: str, path: str = "/") -> dict[str, dict[str, Any]]:
+        listing = self.files(mount_id, path, recursive="true", limit=10000)
+        assert not listing["truncated"]
+        return {e["path"]: e for e in listing["files"]}
+
+    def download(self, mount_id: str, path: str, headers: dict[str, str] | None = None) -> Reply:
+        return self.request("GET", f"/mounts/{mount_id}/download", {"path": path}, headers=headers)
+
+    @property
+    def mount_root(self) -> Path:
+        return self.stack.state / "restore"
+
+
+def start_agent(stack: Stack, extra: str = "") -> Agent:
+    stack.add_config(DAEMON, "50-test.toml", 'attach = "local-loop"\n' + extra)
+    stack.start(DAEMON)
+    return Agent(stack.run_dir / f"{DAEMON}.sock", stack)
+
+
+@pytest.fixture
+def agent_config(short_tmp: Path) -> Iterator[Stack]:
+    """restore-mounter's configuration, not started; stopped (and its mounts removed) after the test."""
+    s = make_stack(short_tmp)
+    try:
+        yield s
+    finally:
+        cleanup(s)
+
+
+def cleanup(stack: Stack) -> None:
+    """Unmount whatever the test left (through the daemon when it runs), then stop it; assert no leaks."""
+    d = stack.daemons.get(DAEMON)
+    if d is not None and d.running():
+        agent = Agent(stack.run_dir / f"{DAEMON}.sock", stack)
+        for m in agent.request("GET", "/mounts").json["mounts"]:
+            agent.unmount(m["mount_id"], force=True)
+    stack.stop()
+    leftovers = leaks(stack.state / "restore", [])
+    assert not leftovers, leftovers
+
+
+def leaks(mount_root: Path, images: list[Path]) -> list[str]:
+    """Mounts under the root, loop devices on the images, live FUSE daemons serving the root."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split(" ")[4]
+            if point.startswith(str(mount_root) + "/"):
+                out.append(f"mount {point}")
+    wanted = {str(p) for p in images}
+    res = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"]).stdout
+    for d in json.loads(res).get("loopdevices", []) if res.strip() else []:
+        if (d.get("back-file") or "").removesuffix(" (deleted)") in wanted:
+            out.append(f"loop {d['name']} {d['back-file']}")
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = p.info["cmdline"] or []
+        if (cmd and os.path.basename(cmd[0]) in ("ntfs-3g", "fusefat") and p.info["status"] != psutil.STATUS_ZOMBIE
+                and any(str(mount_root) in a for a in cmd)):
+            out.append(f"fuse pid {p.pid} {cmd}")
+    return out
+
+
+def special_ext4(path: Path, tree: Tree, size_mib: int = 64) -> Path:
+    """A whole-disk ext4 image holding `tree` plus a FIFO, a socket and device nodes (mkfs.ext4 -d copies
+    them; the tree builders make none)."""
+    src = Path(tempfile.mkdtemp(dir=path.parent, prefix=".src-"))
+    try:
+        os.chmod(src, 0o755)
+        materialize(tree, src)
+        (src / "dev").mkdir()
+        os.mkfifo(src / "dev" / "fifo")
+        os.mknod(src / "dev" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        os.mknod(src / "dev" / "sda", 0o660 | stat.S_IFBLK, os.makedev(8, 0))
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(src / "dev" / "sock"))
+        sock.close()
+        with open(path, "wb") as f:
+            f.truncate(size_mib * 1024 * 1024)
+        run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "special", "-d", src, path])
+    finally:
+        shutil.rmtree(src)
+    return path

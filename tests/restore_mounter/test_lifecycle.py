@@ -1,0 +1,199 @@
+"""Mount, unmount, refusals, busy mounts, idle expiry and kill -9 reconciliation through the real daemon."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ..lib.diskimages import File, MiB, Pattern, Tree, gpt_ntfs, gpt_two_ext4, mbr_ext4, mbr_fat, run, to_qcow2
+from ..lib.filetree import file_sha256
+from ..rig import Stack
+from .conftest import DAEMON, leaks, start_agent
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
+
+BIG = File(Pattern(64 * MiB, seed=3))
+TREE: Tree = {"big.bin": BIG, "etc/hostname": b"guest\n"}
+
+
+def until(what: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def image(agent_config: Stack) -> Path:
+    return mbr_ext4(agent_config.state / "disk.raw", TREE).path
+
+
+def test_mount_and_unmount_leave_nothing(agent_config: Stack, image: Path) -> None:
+    agent = start_agent(agent_config)
+    m = agent.mount(image)
+    assert m["mount_id"].startswith("mnt-") and Path(m["mount_path"], "part1", "etc", "hostname").exists()
+    assert leaks(agent.mount_root, [image])  # it is there
+    r = agent.unmount(m["mount_id"])
+    assert r.status == 200 and r.json["status"] == "unmounted"
+    assert leaks(agent.mount_root, [image]) == []
+    assert os.listdir(agent.mount_root) == []
+    assert agent.unmount(m["mount_id"]).status == 404
+    assert json.loads((agent_config.state / DAEMON / "mounts.json").read_text())["mounts"] == []
+
+
+def test_refusals_leave_nothing(agent_config: Stack, image: Path) -> None:
+    agent_config.add_config(DAEMON, "60-roots.toml", f'image_roots = ["{agent_config.state}"]\n')
+    agent = start_agent(agent_config)
+    zeros = agent_config.state / "zeros.raw"
+    with open(zeros, "wb") as f:
+        f.truncate(8 * MiB)
+    qcow2 = to_qcow2(image, agent_config.state / "disk.qcow2")
+    cases = [({"image": "relative.raw"}, 400, "invalid_request"),
+             ({"image": str(agent_config.state / "missing.raw")}, 404, "not_found"),
+             ({"image": str(agent_config.state)}, 400, "invalid_request"),
+             ({"image": "/etc/hostname"}, 403, "forbidden"),
+             ({"image": str(image), "mount_id": "../x"}, 400, "invalid_request"),
+             ({"image": str(image), "mount_id": ".hidden"}, 400, "invalid_request"),
+             ({"image": str(qcow2)}, 400, "invalid_request"),
+             ({"image": str(zeros)}, 400, "no_filesystem")]
+    for body, status, code in cases:
+        r = agent.request("POST", "/mounts", body=body)
+        assert (r.status, r.json["code"]) == (status, code), (body, r.body)
+    r = agent.request("POST", "/mounts", body={"image": str(zeros)})
+    assert r.json["filesystems"] == [{"partition": 0, "type": None, "reason": "no filesystem recognised"}]
+    assert leaks(agent.mount_root, [image, zeros, qcow2]) == []
+    assert os.listdir(agent.mount_root) == []
+    assert agent.request("GET", "/resources").json["available_slots"] == 8
+
+
+def test_running_download_holds_the_mount(agent_config: Stack, image: Path) -> None:
+    agent = start_agent(agent_config)
+    m = agent.mount(image, "held")
+    conn, resp = agent.open("GET", "/mounts/held/download", {"path": "/big.bin"})
+    try:
+        assert resp.status == 200
+        resp.read(MiB)  # the rest waits in the daemon: the download is running
+        info = agent.request("GET", "/mounts/held").json
+        assert info["in_use"] and info["active_operations"] == 1
+        r = agent.unmount("held")
+        assert (r.status, r.json["code"], r.json["active_operations"]) == (409, "busy", 1)
+        r = agent.unmount("held", force=True)
+        assert r.status == 200, r.body
+        with pytest.raises(Exception):
+            while resp.read(4 * MiB):  # the stream is cut, never completed
+                pass
+            raise AssertionError("the download ended cleanly after its mount was forced away")
+    finally:
+        conn.close()
+    assert leaks(agent.mount_root, [image]) == []
+    assert m["mount_id"] not in [x["mount_id"] for x in agent.request("GET", "/mounts").json["mounts"]]
+
+
+def test_idle_mounts_are_swept_but_not_while_a_download_runs(agent_config: Stack, image: Path) -> None:
+    agent = start_agent(agent_config, "idle_timeout_seconds = 0.4\ncleanup_interval_seconds = 0.1\n")
+    agent.mount(image, "idle")
+    agent.mount(image, "busy")
+    conn, resp = agent.open("GET", "/mounts/busy/download", {"path": "/big.bin"})
+    try:
+        digest = hashlib.sha256(resp.read(MiB))
+        until(lambda: agent.request("GET", "/mounts/idle").status == 404)
+        time.sleep(0.6)  # longer than the idle timeout, while the download is held up
+        assert agent.request("GET", "/mounts/busy").json["status"] == "mounted"
+        while chunk := resp.read(4 * MiB):
+            digest.update(chunk)
+        assert digest.hexdigest() == file_sha256(BIG)
+    finally:
+        conn.close()
+    until(lambda: agent.request("GET", "/mounts/busy").status == 404)
+    status = agent.request("GET", "/cleanup-status").json
+    assert status["expired_total"] == 2 and status["active_mount_count"] == 0 and status["idle_timeout"] == 0.4
+    assert leaks(agent.mount_root, [image]) == []
+
+
+def _kill_9(stack: Stack) -> None:
+    d = stack.daemons[DAEMON]
+    os.kill(d.pid, signal.SIGKILL)
+    d.stop()
+
+
+@pytest.fixture
+def two_images(agent_config: Stack) -> tuple[Path, Path]:
+    gpt = gpt_two_ext4(agent_config.state / "gpt.raw", {"a/one.txt": b"one\n"}, {"two.txt": b"two\n"}).path
+    ntfs = gpt_ntfs(agent_config.state / "ntfs.raw", {"Users/x.txt": b"windows\n"}).path
+    return gpt, ntfs
+
+
+def test_kill_9_then_restart_readopts_intact_mounts(agent_config: Stack, two_images: tuple[Path, Path]) -> None:
+    gpt, ntfs = two_images
+    agent = start_agent(agent_config)
+    agent.mount(gpt, "gpt")
+    agent.mount(ntfs, "ntfs")
+    _kill_9(agent_config)
+    agent_config.start(DAEMON)
+    assert agent_config.daemons[DAEMON].status == "2 mount(s) re-adopted, 0 removed"
+    assert agent.download("gpt", "/part2/two.txt").body == b"two\n"
+    assert agent.download("ntfs", "/Users/x.txt").body == b"windows\n"
+    for mount_id in ("gpt", "ntfs"):
+        assert agent.unmount(mount_id).status == 200
+    assert leaks(agent.mount_root, [gpt, ntfs]) == []
+
+
+def test_kill_9_then_restart_removes_what_is_broken_or_forgotten(agent_config: Stack,
+                                                                 two_images: tuple[Path, Path]) -> None:
+    gpt, ntfs = two_images
+    fat = mbr_fat(agent_config.state / "fat.raw", {"A.TXT": b"fat\n"}).path
+    agent = start_agent(agent_config)
+    agent.mount(gpt, "gpt")
+    ntfs_mount = agent.mount(ntfs, "ntfs")
+    agent.mount(fat, "fat")
+    _kill_9(agent_config)
+    # The NTFS mount breaks while nobody watches: its FUSE daemon dies (the mount answers ENOTCONN).
+    state = agent_config.state / DAEMON / "mounts.json"
+    records = json.loads(state.read_text())["mounts"]
+    fuse = next(r for r in records if r["mount_id"] == "ntfs")["filesystems"][0]["fuse"]
+    os.kill(fuse["pid"], signal.SIGKILL)
+    # And the record of the FAT mount is lost, as if the state file had been written before it.
+    state.write_text(json.dumps({"version": 1, "mounts": [r for r in records if r["mount_id"] != "fat"]}))
+    agent_config.start(DAEMON)
+    assert agent_config.daemons[DAEMON].status == "1 mount(s) re-adopted, 1 removed"
+    assert [m["mount_id"] for m in agent.request("GET", "/mounts").json["mounts"]] == ["gpt"]
+    assert sorted(os.listdir(agent.mount_root)) == ["gpt"]
+    assert [x for x in leaks(agent.mount_root, [ntfs, fat]) if "/restore/gpt/" not in x] == []
+    assert _loops_of(ntfs) == [] and _loops_of(fat) == [] and ntfs_mount["device"].startswith("/dev/loop")
+    assert agent.unmount("gpt").status == 200
+    assert leaks(agent.mount_root, [gpt, ntfs, fat]) == []
+
+
+def test_kill_9_then_restart_with_a_damaged_state_file(agent_config: Stack,
+                                                       two_images: tuple[Path, Path]) -> None:
+    gpt, ntfs = two_images
+    agent = start_agent(agent_config)
+    agent.mount(gpt, "gpt")
+    agent.mount(ntfs, "ntfs")
+    _kill_9(agent_config)
+    (agent_config.state / DAEMON / "mounts.json").write_text("{not json")
+    agent_config.start(DAEMON)
+    assert agent_config.daemons[DAEMON].status == "0 mount(s) re-adopted, 0 removed"
+    assert leaks(agent.mount_root, [gpt, ntfs]) == []
+    assert os.listdir(agent.mount_root) == []
+    assert (agent_config.state / DAEMON / "mounts.damaged").exists()
+
+
+def _loops_of(image: Path) -> list[str]:
+    out = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"]).stdout
+    return [d["name"] for d in json.loads(out).get("loopdevices", []) if d.get("back-file") == str(image)] \
+        if out.strip() else []
+
+
+def test_agent_reports_mounts_in_health(agent_config: Stack, image: Path) -> None:
+    agent = start_agent(agent_config)
+    agent.mount(image, "h")
+    health = agent.request("GET", "/health").json
+    assert (health["active_mounts"], health["max_mounts"], health["attach_backend"]) == (1, 8, "local-loop")
