@@ -95,8 +95,22 @@ BY_CODE: dict[str, type[OmaError]] = {
 }
 
 
-def from_body(body: dict[str, Any], fallback: type[OmaError] = Unavailable) -> OmaError:
-    """Rebuild a domain error from the JSON error body another daemon sent."""
-    cls = BY_CODE.get(str(body.get("code", "")), fallback)
+_BY_STATUS: dict[int, type[OmaError]] = {
+    400: Invalid, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: TooLarge, 416: Invalid,
+    429: RateLimited, 500: Internal, 503: Unavailable, 504: TimedOut,
+}
+
+
+def from_body(body: dict[str, Any], status: int = 503) -> OmaError:
+    """Rebuild a domain error from the JSON error body (and HTTP status) another daemon sent.
+
+    The class comes from the body's code when it is a known one, else from the status; the agent's own
+    code (e.g. "path_escapes_mount") is kept so the caller sees it.
+    """
+    code = str(body.get("code", ""))
+    cls = BY_CODE.get(code) or _BY_STATUS.get(status, Unavailable)
     extra = {k: v for k, v in body.items() if k not in {"error", "details", "code", "timestamp"}}
-    return cls(str(body.get("error") or "agent error"), body.get("details"), **extra)
+    err = cls(str(body.get("error") or f"agent error {status}"), body.get("details"), **extra)
+    if code:
+        err.code = code
+    return err

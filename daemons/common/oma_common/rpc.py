@@ -163,22 +163,27 @@ class AgentClient:
 
     @contextlib.asynccontextmanager
     async def open(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
-                   timeout: float | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A response whose status is 2xx (errors already raised), for streaming bodies."""
-        t = aiohttp.ClientTimeout(total=timeout or self.timeout)
+                   timeout: float | None = None, headers: dict[str, str] | None = None,
+                   stream: bool = False, pass_status: tuple[int, ...] = ()) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A response whose status is 2xx or in `pass_status` (other errors raised), e.g. to relay a stream.
+
+        With `stream`, `timeout` bounds each read instead of the whole exchange: a download may take hours.
+        """
+        limit = timeout or self.timeout
+        t = aiohttp.ClientTimeout(total=None, sock_read=limit) if stream else aiohttp.ClientTimeout(total=limit)
         try:
             async with self._client().request(method, f"http://{self.name}{path}", json=json, params=params,
-                                              timeout=t) as resp:
-                if resp.status >= 400:
+                                              headers=headers, timeout=t) as resp:
+                if resp.status >= 400 and resp.status not in pass_status:
                     try:
                         body = await resp.json(content_type=None)
                     except (ValueError, aiohttp.ContentTypeError):
                         body = {"error": f"{self.name} answered {resp.status}", "details": await resp.text()}
-                    raise errors.from_body(body if isinstance(body, dict) else {})
+                    raise errors.from_body(body if isinstance(body, dict) else {}, resp.status)
                 yield resp
         except asyncio.TimeoutError as e:
             raise errors.TimedOut(f"{self.name} timed out", f"{self.name} did not answer {method} {path} "
-                                                           f"within {t.total} s") from e
+                                                           f"within {limit} s") from e
         except aiohttp.ClientConnectionError as e:
             raise errors.Unavailable(f"{self.name} unavailable",
                                      f"cannot reach {self.name} at {self.socket_path}: {e}") from e

@@ -1,0 +1,1 @@
+"""File-level restore: mount a backup's disk read-only through restore-mounter, browse, download, unmount."""
