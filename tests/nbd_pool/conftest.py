@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import random
 import socket
 import subprocess
@@ -254,8 +253,3 @@ async def make_pool(no_leftovers: range, stack_config: Stack) -> AsyncIterator[A
 async def pool(make_pool: Any) -> Pool:
     """nbd-pool with the default options on a free port range."""
     return await make_pool()  # type: ignore[no-any-return]
-
-
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (loop devices, FUSE mounts)")

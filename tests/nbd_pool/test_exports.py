@@ -85,10 +85,9 @@ async def test_read_only_export_refuses_writes(pool: Pool) -> None:
     assert b"Pattern verification failed" not in ok.stdout
 
 
+@pytest.mark.root
 async def test_block_device_behind_a_root_only_link_is_exported_raw(pool: Pool) -> None:
     """The replication path: a volume's /dev/disk/by-id-style link in a root-only directory, exported raw."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (loop device)")
     backing = pool.stack.state / "volume.raw"
     with open(backing, "wb") as f:
         f.truncate(16 * MIB)
