@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MIB, Pool, ash, make_source, sha256_of, sha256_of_image, sh, url
+from .helpers import MIB, Pool, ash, make_source, sha256_of, sha256_of_image, sh, url
 
 pytestmark = [pytest.mark.timeout(120)]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import POOL_SIZE, Pool, url
+from .helpers import POOL_SIZE, Pool, url
 
 pytestmark = [pytest.mark.timeout(120)]
 

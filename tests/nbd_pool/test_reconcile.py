@@ -17,7 +17,7 @@ from nbd_pool.adapters.fuse_loop import FuseLoopBackend
 from nbd_pool.adapters.orphans import list_orphans
 
 from ..lib.diskimages import gpt_two_ext4, to_qcow2
-from .conftest import MIB, Pool, ash, make_source, sh, url
+from .helpers import MIB, Pool, ash, make_source, sh, url
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -61,34 +61,40 @@ async def test_kill_9_with_three_exports_and_an_attachment_then_restart(pool: Po
     stray_nbd = await asyncio.create_subprocess_exec(
         "qemu-nbd", "--persistent", "--format=qcow2", "--export-name=stray", "--bind=127.0.0.1", f"--port={spare}",
         "--shared=10", "--", str(pool.image("stray.qcow2", "4M")), stderr=asyncio.subprocess.DEVNULL)
-    stray_att = (await FuseLoopBackend().attach(image, pool.work_root / "att-stray", resource_id="stray")).forget()
+    try:
+        stray_att = (await FuseLoopBackend().attach(image, pool.work_root / "att-stray", resource_id="stray")).forget()
 
-    pool.kill9()
-    for e in started.values():
-        assert alive(e["pid"])  # the exports did not die with the daemon
-    await asyncio.to_thread(pool.start)  # returns after READY
+        pool.kill9()
+        for e in started.values():
+            assert alive(e["pid"])  # the exports did not die with the daemon
+        await asyncio.to_thread(pool.start)  # returns after READY
 
-    # Adopted: the same processes, still leased to their job.
-    listed = await exports_of(pool)
-    assert {n: e["pid"] for n, e in listed.items()} == {n: e["pid"] for n, e in started.items()}
-    status = await pool.agent.ok("GET", "/ports/status")
-    assert sorted((a["port"], a["job_id"]) for a in status["allocations"]) == [(p, "job-k") for p in ports]
-    attachments = (await pool.agent.ok("GET", "/attachments"))["attachments"]
-    assert [(a["attachment_id"], a["device"], a["status"]) for a in attachments] == [
-        (att["attachment_id"], att["device"], "attached")]
-    assert all(Path(p["device"]).is_block_device() for p in att["partitions"])
-    health = await pool.agent.ok("GET", "/health")
-    assert (health["exports"], health["attachments"], health["allocated"]) == (3, 1, 3)
+        # Adopted: the same processes, still leased to their job.
+        listed = await exports_of(pool)
+        assert {n: e["pid"] for n, e in listed.items()} == {n: e["pid"] for n, e in started.items()}
+        status = await pool.agent.ok("GET", "/ports/status")
+        assert sorted((a["port"], a["job_id"]) for a in status["allocations"]) == [(p, "job-k") for p in ports]
+        attachments = (await pool.agent.ok("GET", "/attachments"))["attachments"]
+        assert [(a["attachment_id"], a["device"], a["status"]) for a in attachments] == [
+            (att["attachment_id"], att["device"], "attached")]
+        assert all(Path(p["device"]).is_block_device() for p in att["partitions"])
+        health = await pool.agent.ok("GET", "/health")
+        assert (health["exports"], health["attachments"], health["allocated"]) == (3, 1, 3)
 
-    # Released: the stray qemu-nbd, the stray FUSE export, loop device and qemu-storage-daemon.
-    assert await asyncio.wait_for(stray_nbd.wait(), 10) is not None
-    assert not alive(stray_att.process.pid)
-    assert loopdev.bound_file(stray_att.device) != stray_att.fuse_file
-    assert not mountinfo.is_mounted(Path(stray_att.fuse_file))
-    keep = {e["pid"] for e in listed.values()} | {attachments[0]["pid"]}
-    left = await list_orphans(pool.work_root, ports=pool.ports, keep_pids=keep, keep_devices={att["device"]},
-                              keep_mounts={Path(pool.work_root.resolve() / att["attachment_id"] / "disk.raw")})
-    assert not left, left
+        # Released: the stray qemu-nbd, the stray FUSE export, loop device and qemu-storage-daemon.
+        assert await asyncio.wait_for(stray_nbd.wait(), 10) is not None
+        assert not alive(stray_att.process.pid)
+        assert loopdev.bound_file(stray_att.device) != stray_att.fuse_file
+        assert not mountinfo.is_mounted(Path(stray_att.fuse_file))
+        assert sorted(d.name for d in pool.work_root.iterdir()) == [att["attachment_id"]]
+        keep = {e["pid"] for e in listed.values()} | {attachments[0]["pid"]}
+        left = await list_orphans(pool.work_root, ports=pool.ports, keep_pids=keep, keep_devices={att["device"]},
+                                  keep_mounts={Path(pool.work_root.resolve() / att["attachment_id"] / "disk.raw")})
+        assert not left, left
+    finally:
+        if stray_nbd.returncode is None:  # the test failed before the restart could release it
+            stray_nbd.kill()
+            await stray_nbd.wait()
 
     # The adopted exports still serve their data, and take new writes.
     for i, port in enumerate(ports):

@@ -97,6 +97,9 @@ class Attachments:
         return ({r.process.pid for r in records}, {r.device for r in records if r.device},
                 {Path(r.fuse_file) for r in records if r.fuse_file})
 
+    def workdirs(self) -> list[str]:
+        return [live.entry.record.workdir for live in self._live.values()]
+
     def _describe(self, live: _Live) -> dict[str, Any]:
         e, r = live.entry, live.entry.record
         return {"attachment_id": e.attachment_id, "owner": e.owner, "image": e.requested_image,
