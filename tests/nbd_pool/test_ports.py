@@ -17,8 +17,9 @@ pytestmark = [pytest.mark.timeout(120)]
 
 async def test_whole_range_under_concurrent_requests_then_409_then_release(pool: Pool) -> None:
     async def one(i: int) -> dict[str, Any]:
-        return await pool.agent.ok("POST", "/ports/allocate", {"job_id": f"job-{i:03d}", "count": 1,
-                                                               "export_names": [f"vm{i}-disk-2000"]})
+        out: dict[str, Any] = await pool.agent.ok("POST", "/ports/allocate", {
+            "job_id": f"job-{i:03d}", "count": 1, "export_names": [f"vm{i}-disk-2000"]})
+        return out
 
     results = await asyncio.gather(*(one(i) for i in range(POOL_SIZE)))
     ports = [r["allocated_ports"][0]["port"] for r in results]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 import pytest
 import pytest_asyncio
 
@@ -114,8 +115,8 @@ async def test_invalid_requests_are_400_json(nbd: NbdStack) -> None:
     image = nbd.image("v.qcow2", "4M")
     outside = nbd.stack.state / "outside.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", outside, "4M")
-    good = {"export_name": "v", "port": port, "qcow2_path": str(image)}
-    cases = {
+    good: dict[str, Any] = {"export_name": "v", "port": port, "qcow2_path": str(image)}
+    cases: dict[str, dict[str, Any]] = {
         "path outside the roots": {"qcow2_path": str(outside)},
         "dot-dot out of the root": {"qcow2_path": f"{nbd.repo}/../outside.qcow2"},
         "name with a slash": {"export_name": "vm/disk"},

@@ -107,7 +107,7 @@ class Attachments:
                 "partitions": [p.to_dict() for p in r.partitions], "attached_at": rfc3339(e.attached_at),
                 "status": live.status, "pid": r.process.pid}
 
-    def list(self) -> dict[str, Any]:
+    def listing(self) -> dict[str, Any]:
         return {"attachments": [self._describe(live) for live in self._live.values()],
                 "max_attachments": self.max_attachments, "available_slots": self.available_slots,
                 "backend": self.backend.name}
