@@ -205,7 +205,9 @@ class ExportRecord:
 def connected_clients(pid: int, port: int) -> list[NbdClient]:
     """Established TCP connections of `pid` on its listening `port` (blocking: psutil reads /proc/net)."""
     try:
-        conns = psutil.Process(pid).net_connections(kind="tcp")
+        proc = psutil.Process(pid)
+        # net_connections() is psutil 6's name; Debian 12 ships psutil 5.9, which only has connections().
+        conns = (getattr(proc, "net_connections", None) or proc.connections)(kind="tcp")
     except psutil.NoSuchProcess:
         return []
     return [
