@@ -147,3 +147,14 @@ async def test_leases_survive_a_restart(pool: Pool) -> None:
     await asyncio.to_thread(pool.start)
     after = (await pool.agent.ok("GET", "/ports/status"))["allocations"]
     assert after == before and len(after) == len(got["allocated_ports"])
+
+
+async def test_leases_outside_a_narrowed_range_are_freed_at_start(pool: Pool) -> None:
+    got = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-n", "count": 3})
+    ports = sorted(p["port"] for p in got["allocated_ports"])
+    assert pool.stop() == 0
+    pool.stack.add_config("nbd-pool", "60-narrow.toml", f"port_min = {ports[1]}\n")
+    await asyncio.to_thread(pool.start)
+    st = await pool.agent.ok("GET", "/ports/status")
+    assert [a["port"] for a in st["allocations"]] == ports[1:]
+    assert st["total_ports"] == pool.ports.stop - ports[1]

@@ -149,3 +149,37 @@ async def test_an_unreadable_state_file_stops_the_start_and_touches_nothing(pool
     leases.write_text(good)
     await asyncio.to_thread(pool.start)
     assert (await exports_of(pool))["u"]["pid"] == e["pid"]
+
+
+@pytest.mark.root
+async def test_attachment_survives_a_graceful_restart(pool: Pool) -> None:
+    raw = gpt_two_ext4(pool.stack.state / "g.raw", {"a.txt": b"A\n"}, {"b.txt": b"B\n"}, size=128 * MIB)
+    image = to_qcow2(raw.path, pool.repo / "g.qcow2")
+    att = await pool.agent.ok("POST", "/attachments", {"image": str(image), "owner": "o"})
+    assert pool.stop() == 0
+    assert alive(att["pid"]) and Path(att["partitions"][0]["device"]).is_block_device()
+    await asyncio.to_thread(pool.start)
+    listed = (await pool.agent.ok("GET", "/attachments"))["attachments"]
+    assert [(a["attachment_id"], a["device"], a["pid"]) for a in listed] == [
+        (att["attachment_id"], att["device"], att["pid"])]
+    assert sh("debugfs", "-R", "cat /a.txt", att["partitions"][0]["device"]).stdout == b"A\n"
+
+
+@pytest.mark.root
+async def test_the_periodic_check_releases_leftovers_under_the_work_root(make_pool: Any) -> None:
+    pool = await make_pool("reconcile_interval_seconds = 0.2\n")
+    raw = gpt_two_ext4(pool.stack.state / "p.raw", {"a.txt": b"A\n"}, {"b.txt": b"B\n"}, size=128 * MIB)
+    image = to_qcow2(raw.path, pool.repo / "p.qcow2")
+    ours = await pool.agent.ok("POST", "/attachments", {"image": str(image), "owner": "o"})
+    stray = (await FuseLoopBackend().attach(image, pool.work_root / "att-late", resource_id="late")).forget()
+    for _ in range(100):
+        if not alive(stray.process.pid) and not (pool.work_root / "att-late").exists():
+            break
+        await asyncio.sleep(0.05)
+    assert not alive(stray.process.pid)
+    assert loopdev.bound_file(stray.device) != stray.fuse_file
+    assert not (pool.work_root / "att-late").exists()
+    # Ours was left alone.
+    assert [a["attachment_id"] for a in (await pool.agent.ok("GET", "/attachments"))["attachments"]] == [
+        ours["attachment_id"]]
+    assert alive(ours["pid"]) and loopdev.bound_file(ours["device"]) is not None
