@@ -148,6 +148,10 @@ async def test_adoption_refuses_a_pid_whose_cmdline_differs() -> None:
     await other.start()
     try:
         assert other.pid is not None
+        # Right after exec the kernel may still show an empty cmdline for a moment.
+        deadline = time.monotonic() + 5
+        while not read_cmdline(other.pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         assert pid_matches(other.pid, [PY, "-c", SLEEPER])
         assert not pid_matches(other.pid, ["qemu-nbd", "-t"])
         assert not pid_matches(other.pid, lambda argv: "qemu-nbd" in argv[0])

@@ -71,7 +71,7 @@ def _print(rows: list[dict[str, Any]]) -> None:
 
 
 def _status(cfg: Config) -> int:
-    url_file = Path(cfg.run_dir) / "omad.url"
+    url_file = Path(cfg.state_dir) / "omad.url"
     if url_file.exists():
         base = url_file.read_text().strip()
     else:

@@ -88,6 +88,14 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     return Omad(app, auth, jobs)
 
 
+def write_url(path: Path, url: str) -> None:
+    """Where omactl finds an omad started on port 0; not worth failing the start over."""
+    try:
+        path.write_text(url + "\n")
+    except OSError as e:
+        log.warning("cannot record the API URL in %s: %s", path, e)
+
+
 async def amain() -> int:
     args = config.arg_parser("omad", "the OMA API daemon").parse_args()
     cfg = config.load_from_args(Config, "omad", args)
@@ -130,9 +138,7 @@ async def amain() -> int:
         host, port = runner.addresses[0][:2]
         url = f"http://{host}:{port}"
         log.info("listening on %s", url)
-        url_file = Path(cfg.run_dir) / "omad.url"  # how omactl finds an omad started on port 0
-        url_file.parent.mkdir(parents=True, exist_ok=True)
-        url_file.write_text(url + "\n")
+        write_url(Path(cfg.state_dir) / "omad.url", url)
         notifier.ready(f"listening on {url}")
         await stop.wait()
         notifier.stopping()
