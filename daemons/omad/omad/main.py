@@ -13,6 +13,7 @@ from oma_common import config, daemon, logs
 from oma_common.daemon import StopSignal
 from oma_common.notify import Notifier
 
+from .adapters.localfs import LocalFs
 from .api import app as api_app
 from .api.auth import AuthApi
 from .api.contexts import ContextsApi, VmsApi
@@ -20,13 +21,16 @@ from .api.credentials import CredentialsApi
 from .api.discovery import DiscoveryApi
 from .api.health import HealthApi
 from .api.nbd import NbdApi
+from .api.repositories import RepositoriesApi
 from .audit import Audit
 from .auth.ratelimit import FailureLimiter
 from .auth.service import AuthService
+from .backup.repositories import Repositories
 from .clients.agents import Agents
 from .clients.nbdpool import NbdPool
 from .clients.vcenter import VCenter
 from .clients.vma import VmaClient
+from .clients.volume_agent import VolumeAgent
 from .config import Config
 from .crypto import SecretBox
 from .health import Health
@@ -73,8 +77,13 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     contexts = Contexts(db)
     vms = Vms(db)
     discovery = Discovery(db, audit, credentials, vma, contexts, vms)
+    pool = NbdPool(agents.nbd_pool)
+
+    fs = LocalFs(timeout=cfg.backup.qemu_img_timeout_seconds)
+    repositories = Repositories(db, audit, box, fs, VolumeAgent(agents.volume_agent))
+
     apis = [HealthApi(Health(db, agents)), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
-            ContextsApi(contexts), VmsApi(vms), NbdApi(NbdPool(agents.nbd_pool))]
+            ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories)]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
 
     async def close_clients(app: web.Application) -> None:

@@ -77,11 +77,13 @@ class RepositoryMounts:
                     return self._answer(point, source, kind, already=True)
                 raise Conflict("mount point busy", f"{point} already has {current.source} ({current.fstype}) "
                                                    "mounted on it")
-            await asyncio.to_thread(self._make_point, point)
+            created = await asyncio.to_thread(self._make_point, point)
             argv = m.mount_argv(kind, source, point, options, program=self.mount_program)
             try:
                 await m.mount(argv, env=env, timeout=self.timeout)
             except m.CommandFailed as e:
+                for directory in reversed(created):  # leave no mount point behind a failed mount
+                    await asyncio.to_thread(_rmdir_quietly, directory)
                 raise self._explain(kind, source, point, e) from e
         log.info("%s: mounted %s (%s)", point, source, kind, extra={"resource": str(point)})
         return self._answer(point, source, kind, already=False)
@@ -187,16 +189,20 @@ class RepositoryMounts:
     def _lock(self, point: Path) -> asyncio.Lock:
         return self._locks.setdefault(point, asyncio.Lock())
 
-    def _make_point(self, point: Path) -> None:
+    def _make_point(self, point: Path) -> list[Path]:
+        """Create the mount point (and directories on the way); returns those created here."""
         self.root.mkdir(parents=True, exist_ok=True)
         here = self.root
+        created = []
         for part in point.relative_to(self.root).parts:
             here = here / part
             try:
                 here.mkdir(mode=0o755)
+                created.append(here)
             except FileExistsError:
                 if here.is_symlink() or not here.is_dir():
                     raise Invalid("bad mount point", f"{here} exists and is not a directory") from None
+        return created
 
     @staticmethod
     def _answer(point: Path, source: str, kind: str, *, already: bool) -> dict[str, Any]:
