@@ -5,6 +5,7 @@ always nosuid,nodev,noexec, a CIFS password only in the helper's environment, an
 from __future__ import annotations
 
 import json
+import os
 import stat
 import sys
 from pathlib import Path
@@ -174,3 +175,21 @@ async def test_with_a_cifs_client_an_unreachable_server_is_the_reason(tmp_path: 
         await mounts.mount(Share(kind="cifs", server="192.0.2.1", share_name="s", username="u", password="p",
                                  mount_point=str(tmp_path / "repos" / "c")), owner_uid=0, owner_gid=0)
     assert "CIFS client" not in info.value.details
+
+
+async def test_a_mount_root_others_can_write_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "repos"
+    root.mkdir()
+    root.chmod(0o777)
+    mounts = RepositoryMounts(root, mount_program=str(fake_mount(tmp_path)))
+    share = Share(kind="nfs", server="nas", export_path="/e", mount_point=str(root / "a"))
+    if os.geteuid() == 0:
+        with pytest.raises(Unavailable, match="root alone"):
+            await mounts.mount(share, owner_uid=1, owner_gid=1)
+    root.chmod(0o755)
+    (tmp_path / "real").mkdir()
+    linked = RepositoryMounts(tmp_path / "link", mount_program=str(fake_mount(tmp_path)))
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(Unavailable, match="resolves to"):
+        await linked.mount(Share(kind="nfs", server="nas", export_path="/e", mount_point=str(tmp_path / "link" / "a")),
+                           owner_uid=1, owner_gid=1)

@@ -191,7 +191,8 @@ class RepositoryMounts:
 
     def _make_point(self, point: Path) -> list[Path]:
         """Create the mount point (and directories on the way); returns those created here."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self._check_root()
         here = self.root
         created = []
         for part in point.relative_to(self.root).parts:
@@ -203,6 +204,17 @@ class RepositoryMounts:
                 if here.is_symlink() or not here.is_dir():
                     raise Invalid("bad mount point", f"{here} exists and is not a directory") from None
         return created
+
+    def _check_root(self) -> None:
+        """The root must be reached without symlinks and be writable by root alone: otherwise whoever can
+        write there could steer a mount made as root onto another directory."""
+        real = Path(os.path.realpath(self.root))
+        if real != self.root:
+            raise Unavailable("mount root unsafe", f"{self.root} resolves to {real}; configure the real path")
+        st = self.root.stat()
+        if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & 0o022):
+            raise Unavailable("mount root unsafe", f"{self.root} must be owned by root and writable by root alone "
+                                                   f"(it is uid {st.st_uid}, mode {st.st_mode & 0o7777:o})")
 
     @staticmethod
     def _answer(point: Path, source: str, kind: str, *, already: bool) -> dict[str, Any]:
