@@ -14,18 +14,26 @@ from oma_common.daemon import StopSignal
 from oma_common.notify import Notifier
 
 from .adapters.localfs import LocalFs
+from .adapters.qemu_img import QemuImg
 from .api import app as api_app
 from .api.auth import AuthApi
+from .api.backups import BackupsApi
 from .api.contexts import ContextsApi, VmsApi
 from .api.credentials import CredentialsApi
 from .api.discovery import DiscoveryApi
 from .api.health import HealthApi
 from .api.nbd import NbdApi
 from .api.repositories import RepositoriesApi
+from .api.telemetry import TelemetryApi, receiver
 from .audit import Audit
 from .auth.ratelimit import FailureLimiter
 from .auth.service import AuthService
+from .backup.backups import Backups
+from .backup.chains import Chains
+from .backup.completion import Completion, Telemetry
 from .backup.repositories import Repositories
+from .backup.teardown import Teardown
+from .backup.watchdog import Watchdog
 from .clients.agents import Agents
 from .clients.nbdpool import NbdPool
 from .clients.vcenter import VCenter
@@ -39,6 +47,7 @@ from .inventory.credentials import Credentials
 from .inventory.discovery import Discovery
 from .inventory.vms import Vms
 from .jobs.engine import JobEngine
+from .jobs.locks import KeyedLocks
 from .store.db import Database
 
 log = logging.getLogger("omad")
@@ -79,11 +88,22 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     discovery = Discovery(db, audit, credentials, vma, contexts, vms)
     pool = NbdPool(agents.nbd_pool)
 
+    # Backups: repositories, VM-level backups, their completion and chains, the idle watchdog.
+    locks = KeyedLocks()
     fs = LocalFs(timeout=cfg.backup.qemu_img_timeout_seconds)
+    qemu_img = QemuImg(timeout=cfg.backup.qemu_img_timeout_seconds)
     repositories = Repositories(db, audit, box, fs, VolumeAgent(agents.volume_agent))
+    teardown = Teardown(db, jobs, pool, fs, locks)
+    backups = Backups(db, audit, jobs, locks, contexts, credentials, repositories, pool, vma, qemu_img, fs, teardown,
+                      cfg.backup)
+    completion = Completion(db, jobs, locks, contexts, qemu_img, fs, teardown, cfg.backup)
+    jobs.on_recover("backup", backups.recover)
+    watchdog = Watchdog(db, pool, teardown, cfg.backup)
 
     apis = [HealthApi(Health(db, agents)), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
-            ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories)]
+            ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories),
+            BackupsApi(backups, completion, Chains(db), contexts),
+            TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)})]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
 
     async def close_clients(app: web.Application) -> None:
@@ -91,7 +111,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
         vcenter.close()
 
     app.on_cleanup.append(close_clients)
-    return Omad(app, auth, jobs)
+    return Omad(app, auth, jobs, background=[watchdog])
 
 
 async def amain() -> int:
