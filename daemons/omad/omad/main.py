@@ -6,7 +6,7 @@ import dataclasses
 import inspect
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -107,7 +107,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
 
     apis = [HealthApi(Health(db, agents)), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
             ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories),
-            BackupsApi(backups, completion, Chains(db), contexts),
+            BackupsApi(backups, completion, Chains(db, contexts)),
             TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)})]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
 
@@ -149,7 +149,7 @@ async def amain() -> int:
         for service in omad.background:
             await service.start()
             started.append(service)
-        grace = {"shutdown_timeout": cfg.api.shutdown_grace_seconds}
+        grace: dict[str, Any] = {"shutdown_timeout": cfg.api.shutdown_grace_seconds}
         runner = web.AppRunner(omad.app, handle_signals=False, access_log=None, **(grace if _GRACE_ON_RUNNER else {}))
         await runner.setup()
         site = web.TCPSite(runner, cfg.api.listen_address, cfg.api.port, reuse_address=True,

@@ -56,4 +56,4 @@ class RepositoriesApi:
     @route("GET", "/repositories/mounts", auth=Auth.PEER)
     async def list(self, call: Call) -> dict[str, Any]:
         """The mount root and the shares mounted below it."""
-        return await self.mounts.list()
+        return await self.mounts.listing()

@@ -106,7 +106,7 @@ class RepositoryMounts:
         return {"mount_point": str(point), "unmounted": True, "source": current.source,
                 "message": f"unmounted {current.source}"}
 
-    async def list(self) -> dict[str, Any]:
+    async def listing(self) -> dict[str, Any]:
         mounts = [e for e in await asyncio.to_thread(m.read_mounts)
                   if e.mount_point != self.root and e.mount_point.is_relative_to(self.root)]
         return {"mount_root": str(self.root),

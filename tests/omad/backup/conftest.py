@@ -20,15 +20,15 @@ import pytest
 from oma_common.rpc import AgentClient
 from tests.sim.vma import MiB, Inventory, SimState, VirtualMachine, VMASim
 
-from ...lib.diskimages import DiskImage, File, Pattern, gpt_two_ext4
+from ...lib.diskimages import DiskImage, File, Pattern, Tree, gpt_two_ext4
 from ...rig import Api, Stack
 from ..conftest import PASSWORD, USER, VCENTER, manual, vma_config
 
 IDLE_TIMEOUT = 3.0
 TWO_DISK_VM = "db 01"
-ROOT_TREE = {"etc/hostname": b"db01\n", "etc/motd": File(b"welcome\n", mode=0o644),
+ROOT_TREE: Tree = {"etc/hostname": b"db01\n", "etc/motd": File(b"welcome\n", mode=0o644),
              "var/lib/app/data.bin": File(Pattern(3 * MiB, seed=7))}
-DATA_TREE = {"db/table1": File(Pattern(2 * MiB, seed=11)), "db/README": b"backup me\n"}
+DATA_TREE: Tree = {"db/table1": File(Pattern(2 * MiB, seed=11)), "db/README": b"backup me\n"}
 
 
 def free_range(size: int) -> range:

@@ -34,10 +34,13 @@ async def refused_at_start(rig: Rig, http_status: int) -> dict:
     assert body["backup_id"].startswith("backup-"), body  # the failed backup can be looked up
     status, backup = await rig.api.get(f"/backups/{body['backup_id']}")
     assert status == 200
+    audit = rig.stack.sql("SELECT actor, outcome FROM audit_log WHERE action = 'backup.start' AND resource = ?",
+                          (f"backup:{body['backup_id']}",))
+    assert audit == [("admin", "failed")]
     return backup
 
 
-CASES: dict[str, tuple[Callable[[Rig], None], Callable[[Rig], Awaitable[dict]], str]] = {
+CASES: dict[str, tuple[Callable[[Rig], object], Callable[[Rig], Awaitable[dict]], str]] = {
     "vma refuses": (lambda r: r.state.faults.refuse_job(), lambda r: refused_at_start(r, 503),
                     "the VMA refused the backup: the VMA answered status 'failed': failed to create VM snapshot"),
     "vma errors": (lambda r: r.state.faults.error("backup/start", status=500, body="vCenter session expired"),

@@ -5,14 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from oma_common.errors import Invalid
 from oma_common.schema import spec
 from oma_common.web import Auth, Call, route
 
 from ..backup.backups import Backups, StartRequest
 from ..backup.chains import Chains
 from ..backup.completion import Completion
-from ..inventory.contexts import Contexts
 
 # A backup id is any segment but the two fixed names below it, whatever the route order; VM names in
 # /backups/{vm_name}/chain arrive percent-encoded when they hold "/" (aiohttp matches the raw path).
@@ -65,11 +63,10 @@ class ChangeIdQuery:
 
 
 class BackupsApi:
-    def __init__(self, backups: Backups, completion: Completion, chains: Chains, contexts: Contexts) -> None:
+    def __init__(self, backups: Backups, completion: Completion, chains: Chains) -> None:
         self.backups = backups
         self.completion = completion
         self.chains = chains
-        self.contexts = contexts
 
     @route("POST", "/backups", body=BackupIn, tags=("backups",))
     async def start(self, call: Call) -> dict[str, Any]:
@@ -82,7 +79,7 @@ class BackupsApi:
     async def list(self, call: Call) -> dict[str, Any]:
         """Backups, newest first, filtered and paged."""
         q: BackupQuery = call.query
-        return await self.backups.list(vm_name=q.vm_name, vm_context_id=q.vm_context_id,
+        return await self.backups.find(vm_name=q.vm_name, vm_context_id=q.vm_context_id,
                                        repository_id=q.repository_id, backup_type=q.backup_type, status=q.status,
                                        limit=q.limit, offset=q.offset)
 
@@ -90,18 +87,13 @@ class BackupsApi:
     async def chain(self, call: Call) -> dict[str, Any]:
         """A VM's backup chains (full + incrementals) with sizes; the newest at the top level."""
         q: ChainQuery = call.query
-        if q.vm_name:
-            context = await self.contexts.by_name(q.vm_name)
-        elif q.vm_context_id:
-            context = await self.contexts.by_id(q.vm_context_id)
-        else:
-            raise Invalid("say which VM", "send vm_name or vm_context_id")
-        return await self.chains.of_vm(context, q.repository_id)
+        return await self.chains.for_vm(vm_name=q.vm_name, vm_context_id=q.vm_context_id,
+                                        repository_id=q.repository_id)
 
     @route("GET", "/backups/{vm_name}/chain", tags=("backups",))
     async def chain_by_name(self, call: Call) -> dict[str, Any]:
         """The same as /backups/chain?vm_name= (the path the GUI calls)."""
-        return await self.chains.of_vm(await self.contexts.by_name(call.params["vm_name"]))
+        return await self.chains.for_vm(vm_name=call.params["vm_name"])
 
     @route("GET", "/backups/changeid", query=ChangeIdQuery, auth=Auth.MACHINE, tags=("backups",))
     async def change_id(self, call: Call) -> dict[str, Any]:

@@ -106,7 +106,10 @@ class Backups:
         The work runs as its own task: a client that hangs up does not interrupt it half way (it then either
         runs or is undone, as if the client had waited).
         """
-        return await asyncio.shield(asyncio.ensure_future(self._start(req, actor)))
+        task = asyncio.ensure_future(self._start(req, actor))
+        # Nobody may be left to read the outcome of a start whose client went away.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
 
     async def _start(self, req: StartRequest, actor: str) -> dict[str, Any]:
         context = await self.contexts.by_name(req.vm_name)
@@ -126,6 +129,9 @@ class Backups:
                 if not isinstance(e, OmaError):
                     log.exception("backup start crashed", extra={"resource": backup_id})
                 await self.teardown.fail(backup_id, reason)
+                await self.audit.record(actor, "backup.start", f"backup:{backup_id}", outcome="failed",
+                                        vm_name=req.vm_name, repository_id=req.repository_id,
+                                        backup_type=req.backup_type, reason=reason)
                 if isinstance(e, OmaError):
                     raise type(e)(e.message, e.details, **{**e.extra, "backup_id": backup_id}) from e
                 raise Internal("backup failed to start", "an unexpected error occurred; see the daemon log",
@@ -296,7 +302,7 @@ class Backups:
             return
         disk["size_bytes"], disk["virtual_size"] = info.actual_size, info.virtual_size
 
-    async def list(self, *, vm_name: str | None, vm_context_id: str | None, repository_id: str | None,
+    async def find(self, *, vm_name: str | None, vm_context_id: str | None, repository_id: str | None,
                    backup_type: str | None, status: str | None, limit: int, offset: int) -> dict[str, Any]:
         where = ("(? IS NULL OR b.vm_name = ?) AND (? IS NULL OR b.vm_context_id = ?) AND "
                  "(? IS NULL OR b.repository_id = ?) AND (? IS NULL OR b.backup_type = ?) AND (? IS NULL OR b.status = ?)")

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from oma_common.errors import Invalid
+
+from ..inventory.contexts import Contexts
 from ..store.db import Database, Tx
 
 # What a chain lists of each backup.
@@ -33,8 +36,20 @@ async def dependents(db: Database | Tx, backup_id: str) -> list[str]:
 
 
 class Chains:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, contexts: Contexts) -> None:
         self.db = db
+        self.contexts = contexts
+
+    async def for_vm(self, *, vm_name: str | None = None, vm_context_id: str | None = None,
+                     repository_id: str | None = None) -> dict[str, Any]:
+        """The chains of a VM named by name or context id (404 when unknown)."""
+        if vm_name:
+            context = await self.contexts.by_name(vm_name)
+        elif vm_context_id:
+            context = await self.contexts.by_id(vm_context_id)
+        else:
+            raise Invalid("say which VM", "send vm_name or vm_context_id")
+        return await self.of_vm(context, repository_id)
 
     async def of_vm(self, context: dict[str, Any], repository_id: str | None = None) -> dict[str, Any]:
         """Every chain of the VM's completed backups (oldest first inside a chain); the newest chain's
