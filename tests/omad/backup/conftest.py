@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import random
 import socket
 import subprocess
@@ -198,5 +197,26 @@ async def rig(stack_config: Stack, tmp_path: Path) -> AsyncIterator[Rig]:
             yield Rig(stack_config, sim, api, repo["id"], repo_dir, images)
         finally:
             await api.close()
+            await release_everything(stack_config)
             stack_config.stop()
-    assert os.path.isdir(repo_dir)
+            kill_strays(repo_dir)
+
+
+async def release_everything(stack: Stack) -> None:
+    """nbd-pool leaves its exports running when it stops (a backup survives an nbd-pool restart): a test
+    that ends mid-backup must release them first."""
+    client = AgentClient("nbd-pool", stack.run_dir / "nbd-pool.sock", timeout=30)
+    try:
+        for lease in (await client.call("GET", "/ports/status")).get("allocations", []):
+            await client.call("POST", f"/jobs/{lease['job_id']}/release")
+    except Exception:  # noqa: BLE001 - best effort; kill_strays() is the safety net
+        pass
+    finally:
+        await client.close()
+
+
+def kill_strays(repo_dir: Path) -> None:
+    """Kill (by pid) any qemu-nbd still serving an image of this test's repository."""
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "qemu-nbd" and str(repo_dir) in " ".join(proc.info["cmdline"] or []):
+            proc.kill()
