@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ..lib.diskimages import gpt_two_ext4, to_qcow2
-from .conftest import Pool, sh
+from .helpers import Pool, sh
 
 pytestmark = [pytest.mark.timeout(120)]
 

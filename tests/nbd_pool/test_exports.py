@@ -6,10 +6,11 @@ import asyncio
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .conftest import MIB, Pool, ash, make_source, sha256_of, sha256_of_image, sh, url
+from .helpers import MIB, Pool, ash, make_source, sha256_of, sha256_of_image, sh, url
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -78,7 +79,9 @@ async def test_read_only_export_refuses_writes(pool: Pool) -> None:
     assert res.returncode != 0 or b"write failed" in res.stdout + res.stderr, res
     assert b"wrote" not in res.stdout
     src = make_source(pool.stack.state / "ro-src.raw", 2 * MIB)
-    for client in (["qemu-img", "convert", "-n", "-f", "raw", src, "-O", "raw", target], ["nbdcopy", src, target]):
+    clients: list[list[str | Path]] = [["qemu-img", "convert", "-n", "-f", "raw", src, "-O", "raw", target],
+                                       ["nbdcopy", src, target]]
+    for client in clients:
         res = await ash(*client, check=False)
         assert res.returncode != 0, (client, res)
     ok = await ash("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x5a 0 1M", target)
@@ -154,7 +157,7 @@ async def test_invalid_requests_are_400_json(pool: Pool) -> None:
     (pool.repo / "escape.qcow2").symlink_to(outside)
     (pool.repo / "sub").mkdir()
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", outside, "-F", "qcow2", pool.repo / "sub" / "child.qcow2")
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "outside the roots": {"path": str(outside)},
         "dot-dot out of a root": {"path": f"{pool.repo}/../outside.qcow2"},
         "a link out of a root": {"path": str(pool.repo / "escape.qcow2")},

@@ -107,10 +107,11 @@ async def test_expiry_renew_and_extend_with_a_fake_clock(tmp_path: Path) -> None
 
 async def test_validation(tmp_path: Path) -> None:
     pool = make(tmp_path)
+    args: tuple[str, int, list[str] | None]
     for args in [("job 1", 1, None), ("job-1", 0, None), ("job-1", 11, None), ("job-1", 2, ["a"]),
                  ("job-1", 1, ["a/b"]), ("job-1", 1, [".a"])]:
         with pytest.raises(Invalid):
-            await pool.allocate(*args)  # type: ignore[arg-type]
+            await pool.allocate(*args)
     with pytest.raises(Invalid):
         pool.check_in_range(10110)
     pool.check_in_range(10109)

@@ -10,15 +10,16 @@ from typing import Any
 
 import pytest
 
-from .conftest import POOL_SIZE, Pool, url
+from .helpers import POOL_SIZE, Pool, url
 
 pytestmark = [pytest.mark.timeout(120)]
 
 
 async def test_whole_range_under_concurrent_requests_then_409_then_release(pool: Pool) -> None:
     async def one(i: int) -> dict[str, Any]:
-        return await pool.agent.ok("POST", "/ports/allocate", {"job_id": f"job-{i:03d}", "count": 1,
-                                                               "export_names": [f"vm{i}-disk-2000"]})
+        out: dict[str, Any] = await pool.agent.ok("POST", "/ports/allocate", {
+            "job_id": f"job-{i:03d}", "count": 1, "export_names": [f"vm{i}-disk-2000"]})
+        return out
 
     results = await asyncio.gather(*(one(i) for i in range(POOL_SIZE)))
     ports = [r["allocated_ports"][0]["port"] for r in results]
@@ -146,3 +147,14 @@ async def test_leases_survive_a_restart(pool: Pool) -> None:
     await asyncio.to_thread(pool.start)
     after = (await pool.agent.ok("GET", "/ports/status"))["allocations"]
     assert after == before and len(after) == len(got["allocated_ports"])
+
+
+async def test_leases_outside_a_narrowed_range_are_freed_at_start(pool: Pool) -> None:
+    got = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-n", "count": 3})
+    ports = sorted(p["port"] for p in got["allocated_ports"])
+    assert pool.stop() == 0
+    pool.stack.add_config("nbd-pool", "60-narrow.toml", f"port_min = {ports[1]}\n")
+    await asyncio.to_thread(pool.start)
+    st = await pool.agent.ok("GET", "/ports/status")
+    assert [a["port"] for a in st["allocations"]] == ports[1:]
+    assert st["total_ports"] == pool.ports.stop - ports[1]

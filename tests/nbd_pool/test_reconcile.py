@@ -17,14 +17,14 @@ from nbd_pool.adapters.fuse_loop import FuseLoopBackend
 from nbd_pool.adapters.orphans import list_orphans
 
 from ..lib.diskimages import gpt_two_ext4, to_qcow2
-from .conftest import MIB, Pool, ash, make_source, sh, url
+from .helpers import MIB, Pool, ash, make_source, sh, url
 
 pytestmark = [pytest.mark.timeout(120)]
 
 
 def alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 
@@ -61,34 +61,40 @@ async def test_kill_9_with_three_exports_and_an_attachment_then_restart(pool: Po
     stray_nbd = await asyncio.create_subprocess_exec(
         "qemu-nbd", "--persistent", "--format=qcow2", "--export-name=stray", "--bind=127.0.0.1", f"--port={spare}",
         "--shared=10", "--", str(pool.image("stray.qcow2", "4M")), stderr=asyncio.subprocess.DEVNULL)
-    stray_att = (await FuseLoopBackend().attach(image, pool.work_root / "att-stray", resource_id="stray")).forget()
+    try:
+        stray_att = (await FuseLoopBackend().attach(image, pool.work_root / "att-stray", resource_id="stray")).forget()
 
-    pool.kill9()
-    for e in started.values():
-        assert alive(e["pid"])  # the exports did not die with the daemon
-    await asyncio.to_thread(pool.start)  # returns after READY
+        pool.kill9()
+        for e in started.values():
+            assert alive(e["pid"])  # the exports did not die with the daemon
+        await asyncio.to_thread(pool.start)  # returns after READY
 
-    # Adopted: the same processes, still leased to their job.
-    listed = await exports_of(pool)
-    assert {n: e["pid"] for n, e in listed.items()} == {n: e["pid"] for n, e in started.items()}
-    status = await pool.agent.ok("GET", "/ports/status")
-    assert sorted((a["port"], a["job_id"]) for a in status["allocations"]) == [(p, "job-k") for p in ports]
-    attachments = (await pool.agent.ok("GET", "/attachments"))["attachments"]
-    assert [(a["attachment_id"], a["device"], a["status"]) for a in attachments] == [
-        (att["attachment_id"], att["device"], "attached")]
-    assert all(Path(p["device"]).is_block_device() for p in att["partitions"])
-    health = await pool.agent.ok("GET", "/health")
-    assert (health["exports"], health["attachments"], health["allocated"]) == (3, 1, 3)
+        # Adopted: the same processes, still leased to their job.
+        listed = await exports_of(pool)
+        assert {n: e["pid"] for n, e in listed.items()} == {n: e["pid"] for n, e in started.items()}
+        status = await pool.agent.ok("GET", "/ports/status")
+        assert sorted((a["port"], a["job_id"]) for a in status["allocations"]) == [(p, "job-k") for p in ports]
+        attachments = (await pool.agent.ok("GET", "/attachments"))["attachments"]
+        assert [(a["attachment_id"], a["device"], a["status"]) for a in attachments] == [
+            (att["attachment_id"], att["device"], "attached")]
+        assert all(Path(p["device"]).is_block_device() for p in att["partitions"])
+        health = await pool.agent.ok("GET", "/health")
+        assert (health["exports"], health["attachments"], health["allocated"]) == (3, 1, 3)
 
-    # Released: the stray qemu-nbd, the stray FUSE export, loop device and qemu-storage-daemon.
-    assert await asyncio.wait_for(stray_nbd.wait(), 10) is not None
-    assert not alive(stray_att.process.pid)
-    assert loopdev.bound_file(stray_att.device) != stray_att.fuse_file
-    assert not mountinfo.is_mounted(Path(stray_att.fuse_file))
-    keep = {e["pid"] for e in listed.values()} | {attachments[0]["pid"]}
-    left = await list_orphans(pool.work_root, ports=pool.ports, keep_pids=keep, keep_devices={att["device"]},
-                              keep_mounts={Path(pool.work_root.resolve() / att["attachment_id"] / "disk.raw")})
-    assert not left, left
+        # Released: the stray qemu-nbd, the stray FUSE export, loop device and qemu-storage-daemon.
+        assert await asyncio.wait_for(stray_nbd.wait(), 10) is not None
+        assert not alive(stray_att.process.pid)
+        assert loopdev.bound_file(stray_att.device) != stray_att.fuse_file
+        assert not mountinfo.is_mounted(Path(stray_att.fuse_file))
+        assert sorted(d.name for d in pool.work_root.iterdir()) == [att["attachment_id"]]
+        keep = {e["pid"] for e in listed.values()} | {attachments[0]["pid"]}
+        left = await list_orphans(pool.work_root, ports=pool.ports, keep_pids=keep, keep_devices={att["device"]},
+                                  keep_mounts={Path(pool.work_root.resolve() / att["attachment_id"] / "disk.raw")})
+        assert not left, left
+    finally:
+        if stray_nbd.returncode is None:  # the test failed before the restart could release it
+            stray_nbd.kill()
+            await stray_nbd.wait()
 
     # The adopted exports still serve their data, and take new writes.
     for i, port in enumerate(ports):
@@ -143,3 +149,37 @@ async def test_an_unreadable_state_file_stops_the_start_and_touches_nothing(pool
     leases.write_text(good)
     await asyncio.to_thread(pool.start)
     assert (await exports_of(pool))["u"]["pid"] == e["pid"]
+
+
+@pytest.mark.root
+async def test_attachment_survives_a_graceful_restart(pool: Pool) -> None:
+    raw = gpt_two_ext4(pool.stack.state / "g.raw", {"a.txt": b"A\n"}, {"b.txt": b"B\n"}, size=128 * MIB)
+    image = to_qcow2(raw.path, pool.repo / "g.qcow2")
+    att = await pool.agent.ok("POST", "/attachments", {"image": str(image), "owner": "o"})
+    assert pool.stop() == 0
+    assert alive(att["pid"]) and Path(att["partitions"][0]["device"]).is_block_device()
+    await asyncio.to_thread(pool.start)
+    listed = (await pool.agent.ok("GET", "/attachments"))["attachments"]
+    assert [(a["attachment_id"], a["device"], a["pid"]) for a in listed] == [
+        (att["attachment_id"], att["device"], att["pid"])]
+    assert sh("debugfs", "-R", "cat /a.txt", att["partitions"][0]["device"]).stdout == b"A\n"
+
+
+@pytest.mark.root
+async def test_the_periodic_check_releases_leftovers_under_the_work_root(make_pool: Any) -> None:
+    pool = await make_pool("reconcile_interval_seconds = 0.2\n")
+    raw = gpt_two_ext4(pool.stack.state / "p.raw", {"a.txt": b"A\n"}, {"b.txt": b"B\n"}, size=128 * MIB)
+    image = to_qcow2(raw.path, pool.repo / "p.qcow2")
+    ours = await pool.agent.ok("POST", "/attachments", {"image": str(image), "owner": "o"})
+    stray = (await FuseLoopBackend().attach(image, pool.work_root / "att-late", resource_id="late")).forget()
+    for _ in range(100):
+        if not alive(stray.process.pid) and not (pool.work_root / "att-late").exists():
+            break
+        await asyncio.sleep(0.05)
+    assert not alive(stray.process.pid)
+    assert loopdev.bound_file(stray.device) != stray.fuse_file
+    assert not (pool.work_root / "att-late").exists()
+    # Ours was left alone.
+    assert [a["attachment_id"] for a in (await pool.agent.ok("GET", "/attachments"))["attachments"]] == [
+        ours["attachment_id"]]
+    assert alive(ours["pid"]) and loopdev.bound_file(ours["device"]) is not None

@@ -158,9 +158,9 @@ class ExportsApi:
 
     @route("GET", "/exports", auth=Auth.PEER)
     @gated
-    async def list(self, call: Call) -> dict[str, Any]:
+    async def list_exports(self, call: Call) -> dict[str, Any]:
         """Running exports with their clients and limits."""
-        return {"processes": await self.exports.list()}
+        return {"processes": await self.exports.listing()}
 
     @route("POST", "/jobs/{job_id}/release", auth=Auth.PEER)
     @gated
@@ -190,6 +190,6 @@ class AttachmentsApi:
 
     @route("GET", "/attachments", auth=Auth.PEER)
     @gated
-    async def list(self, call: Call) -> dict[str, Any]:
+    async def list_attachments(self, call: Call) -> dict[str, Any]:
         """Attachments, slots and the backend in use."""
-        return self.attachments.list()
+        return self.attachments.listing()

@@ -97,6 +97,9 @@ class Attachments:
         return ({r.process.pid for r in records}, {r.device for r in records if r.device},
                 {Path(r.fuse_file) for r in records if r.fuse_file})
 
+    def workdirs(self) -> list[str]:
+        return [live.entry.record.workdir for live in self._live.values()]
+
     def _describe(self, live: _Live) -> dict[str, Any]:
         e, r = live.entry, live.entry.record
         return {"attachment_id": e.attachment_id, "owner": e.owner, "image": e.requested_image,
@@ -104,7 +107,7 @@ class Attachments:
                 "partitions": [p.to_dict() for p in r.partitions], "attached_at": rfc3339(e.attached_at),
                 "status": live.status, "pid": r.process.pid}
 
-    def list(self) -> dict[str, Any]:
+    def listing(self) -> dict[str, Any]:
         return {"attachments": [self._describe(live) for live in self._live.values()],
                 "max_attachments": self.max_attachments, "available_slots": self.available_slots,
                 "backend": self.backend.name}

@@ -152,7 +152,7 @@ class Exports:
             "status": "running" if live.export.running else "exited",
         }
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def listing(self) -> list[dict[str, Any]]:
         await self.refresh()
         return [self._describe(live) for live in sorted(self._live.values(), key=lambda x: x.port)]
 

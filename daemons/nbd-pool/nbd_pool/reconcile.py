@@ -18,7 +18,8 @@ import logging
 from collections.abc import Collection
 from pathlib import Path
 
-from .adapters import kernel_nbd
+from .adapters import kernel_nbd, mountinfo
+from .adapters.fuse_loop import FUSE_FILE
 from .adapters.orphans import list_orphans, release_orphans
 from .attachments import Attachments
 from .exports import Exports
@@ -83,6 +84,26 @@ class Reconciler:
             except Exception:
                 log.exception("periodic reconciliation failed; trying again in %gs", self.interval)
 
+    def _remove_stale_workdirs(self, keep: set[str]) -> int:
+        """Work directories no attachment owns, once nothing is mounted in them: at most an empty FUSE mount
+        point file is left there (blocking: a few stat calls, run in a thread)."""
+        removed = 0
+        mounted = {str(m.mount_point) for m in mountinfo.read_mounts()}
+        for d in sorted(self.work_root.resolve().iterdir()) if self.work_root.is_dir() else []:
+            if d.name in keep or not d.is_dir() or d.is_symlink():
+                continue
+            files = list(d.iterdir())
+            if any(str(f) in mounted or f.is_dir() or f.is_symlink() or f.name != FUSE_FILE or f.stat().st_size
+                   for f in files):
+                log.warning("%s is no attachment's, but not empty; left alone", d)
+                continue
+            for f in files:
+                f.unlink()
+            d.rmdir()
+            log.info("removed stale work directory %s", d)
+            removed += 1
+        return removed
+
     async def _sweep_orphans(self, *, ports: Collection[int] | None) -> tuple[list[str], int]:
         """Release what nobody accounts for. The caller holds the attachments' lock (no attach half-made)."""
         pids, devices, mounts = self.attachments.keep()
@@ -96,6 +117,7 @@ class Reconciler:
                         [str(m.mount_point) for m in found.fuse_mounts])
             problems = await release_orphans(found, resource_id="reconcile")
             released = len(found.loops) + len(found.processes) + len(found.fuse_mounts) - len(problems)
+        released += await asyncio.to_thread(self._remove_stale_workdirs, {Path(r).name for r in self.attachments.workdirs()})
         for device, _tid in kernel_nbd.connected_devices():
             if device in devices or (self.nbd_devices is not None and device not in self.nbd_devices):
                 continue

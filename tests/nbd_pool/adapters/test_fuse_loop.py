@@ -177,6 +177,32 @@ async def test_mbr_logical_partitions_match_the_kernel(tmp_path: Path, helpers: 
 
 @pytest.mark.root
 @pytest.mark.asyncio
+async def test_stale_partitions_on_a_reused_loop_device_are_replaced(tmp_path: Path, helpers: Any,
+                                                                      attachments: list[FuseLoopAttachment]) -> None:
+    """The kernel keeps BLKPG partitions of a loop device after losetup -d (without partscan); the next
+    attach on that device must not mistake them for its own."""
+    old = tmp_path / "old.img"
+    with open(old, "wb") as f:
+        f.truncate(64 * MIB)
+    helpers.sh("sfdisk", "-q", old, input=f"label: gpt\nstart=2048, size=20480, type={helpers.LINUX_FS}\n".encode())
+    free = helpers.sh("losetup", "--find").strip()
+    helpers.sh("losetup", "--read-only", free, old)
+    helpers.sh("partx", "--add", free)
+    helpers.sh("losetup", "--detach", free)
+    assert Path(f"/sys/class/block/{Path(free).name}p1").exists()  # what a careless previous user leaves
+    raw, parts = helpers.build_gpt_disk(tmp_path)
+    att = await FuseLoopBackend().attach(raw, tmp_path / "w", fmt="raw", resource_id="reuse")
+    attachments.append(att)
+    if att.device != free:
+        helpers.sh("partx", "--delete", free)
+        pytest.skip(f"another process took {free} meanwhile")
+    assert [(p.start, p.size) for p in att.partitions] == parts
+    await att.detach()
+    assert_nothing_left(att.record)
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
 async def test_failed_attach_leaves_nothing(tmp_path: Path) -> None:
     workdir = tmp_path / "w"
     with pytest.raises(ChildFailed, match="missing.qcow2"):

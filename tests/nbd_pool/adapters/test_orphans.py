@@ -10,7 +10,7 @@ from typing import Any
 import psutil
 import pytest
 
-from nbd_pool.adapters import loopdev, mountinfo
+from nbd_pool.adapters import loopdev, mountinfo, partx
 from nbd_pool.adapters.fuse_loop import FuseLoopBackend
 from nbd_pool.adapters.orphans import _port_of, list_orphans, references_root, release_orphans
 from nbd_pool.adapters.qemu_nbd import QemuNbdExport
@@ -30,7 +30,7 @@ def test_port_of_qemu_nbd_argv() -> None:
 
 def alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 
@@ -49,6 +49,7 @@ async def test_leftovers_are_found_and_released(tmp_path: Path, helpers: Any, fr
     crashed = (await backend.attach(raw, root / "a1", fmt="raw", resource_id="a1")).forget()
     # 2. A qemu-storage-daemon killed with SIGKILL: a dead FUSE mount with nobody behind it.
     dead = (await backend.attach(raw, root / "a2", fmt="raw", resource_id="a2")).forget()
+    await partx.delete_partitions(dead.device)  # a detached loop device would keep them (see fuse_loop)
     await loopdev.detach(dead.device)
     os.kill(dead.process.pid, 9)
     # 3. A qemu-nbd serving an image under the root, and 4. one elsewhere but on a pool port.

@@ -173,6 +173,9 @@ class FuseLoopBackend:
 
             await child.start(mounted, timeout=self.ready_timeout, interval=0.01)
             device = await loopdev.attach_read_only(fuse_file, resource_id=rid)
+            # A loop device keeps partitions added with BLKPG after it is detached (the kernel drops them
+            # only with partscan on), so a device fresh from losetup -f may show a previous user's.
+            await partx.delete_partitions(device, resource_id=rid)
             try:
                 table = await asyncio.to_thread(read_partition_table, Path(device))
             except (PartitionTableError, OSError) as exc:

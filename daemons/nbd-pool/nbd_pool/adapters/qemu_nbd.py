@@ -206,8 +206,8 @@ def connected_clients(pid: int, port: int) -> list[NbdClient]:
     """Established TCP connections of `pid` on its listening `port` (blocking: psutil reads /proc/net)."""
     try:
         proc = psutil.Process(pid)
-        # psutil 6 renamed connections() to net_connections(); Debian 12 has psutil 5.9.
-        conns = proc.net_connections(kind="tcp") if hasattr(proc, "net_connections") else proc.connections(kind="tcp")
+        # net_connections() is psutil 6's name; Debian 12 ships psutil 5.9, which only has connections().
+        conns = (getattr(proc, "net_connections", None) or proc.connections)(kind="tcp")
     except psutil.NoSuchProcess:
         return []
     return [

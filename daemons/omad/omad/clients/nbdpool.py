@@ -1,17 +1,28 @@
 """nbd-pool's socket API as typed calls: ports, qemu-nbd exports, read-only attachments.
 
-The agent's routes (nbd-pool/nbd_pool/api.py is the other side):
-  POST /ports/allocate {job_id, count, export_names?, lease_seconds?} → {job_id, allocated_ports: [{port, export_name}], expires_at}
-  POST /ports/release  {job_id?, ports?}                              → {success, released_count}
-  POST /ports/renew    {job_id, lease_seconds?}                       → {job_id, expires_at}
-  GET  /ports/status                                                  → {total_ports, allocated, available, allocations, foreign_ports}
-  POST /exports        {export_name, port, path, format?, read_only, shared_connections, job_id?} → {pid, port, export_name, path, status}
-  POST /exports/stop   {pid? | export_name?}                          → {success, stopped_pid}
-  GET  /exports                                                       → {processes: [...]}
-  POST /jobs/{job_id}/release                                         → {stopped_exports, released_count}
-  POST /attachments    {image, owner}                                 → {attachment_id, device, backend, partitions}
-  DELETE /attachments/{attachment_id}                                 → {success}
-  GET  /attachments                                                   → {attachments, max_attachments}
+The agent's routes (nbd-pool/nbd_pool/api.py is the other side; job ids match
+[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}, export names omad's api/nbd.py EXPORT_NAME; times are RFC 3339):
+  POST /ports/allocate {job_id, count, export_names?, lease_seconds?}
+       → {job_id, allocated_ports: [{port, export_name}], expires_at, lease_seconds}; 409 exhausted (+available)
+  POST /ports/release  {job_id?, ports?}   exports on those ports are stopped first
+       → {success, released_count, released_ports, stopped_exports, stopped_pids}; 409 if a port is another job's
+  POST /ports/renew    {job_id, lease_seconds?}                       → {job_id, expires_at, ports}; 404 no leases
+  GET  /ports/status   → {total_ports, allocated, available, port_range: {min, max}, foreign_ports,
+                          allocations: [{port, job_id, export_name, allocated_at, expires_at}]}
+  POST /exports        {export_name, port, path, format?, read_only, shared_connections, job_id?}
+       → the export as listed below, plus size; answers once the export completes an NBD handshake
+  POST /exports/stop   {pid? | export_name?}                          → {success, stopped_pid}; the port stays leased
+  GET  /exports        → {processes: [{pid, port, export_name, path, qcow2_path, resolved_path, format, read_only,
+                          job_id, bind_address, started_at, uptime_seconds, connection_count, clients,
+                          shared_limit, status}]}
+  POST /jobs/{job_id}/release                                         → as /ports/release
+  POST /attachments    {image, owner, format?}                        → 201 {attachment_id, owner, image,
+                          resolved_image, format, backend, device, partitions: [{number, device, start, size,
+                          type, name}], attached_at, status, pid}; 409 exhausted (+available_slots)
+  DELETE /attachments/{attachment_id}                                 → {success}; 409 while a partition is mounted
+  GET  /attachments    → {attachments: [...], max_attachments, available_slots, backend}
+  GET  /health         → {..., total_ports, allocated, available, foreign_ports, exports, attachments,
+                          max_attachments, backend}
 """
 
 from __future__ import annotations
