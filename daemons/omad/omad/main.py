@@ -3,31 +3,43 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-import aiohttp
 from aiohttp import web
 
 from oma_common import config, daemon, logs
 from oma_common.daemon import StopSignal
 from oma_common.notify import Notifier
 
+from .adapters.localfs import LocalFs
+from .adapters.qemu_img import QemuImg
 from .api import app as api_app
 from .api.auth import AuthApi
+from .api.backups import BackupsApi
 from .api.contexts import ContextsApi, VmsApi
 from .api.credentials import CredentialsApi
 from .api.discovery import DiscoveryApi
 from .api.health import HealthApi
 from .api.nbd import NbdApi
+from .api.repositories import RepositoriesApi
+from .api.telemetry import TelemetryApi, receiver
 from .audit import Audit
 from .auth.ratelimit import FailureLimiter
 from .auth.service import AuthService
+from .backup.backups import Backups
+from .backup.chains import Chains
+from .backup.completion import Completion, Telemetry
+from .backup.repositories import Repositories
+from .backup.teardown import Teardown
+from .backup.watchdog import Watchdog
 from .clients.agents import Agents
 from .clients.nbdpool import NbdPool
 from .clients.vcenter import VCenter
 from .clients.vma import VmaClient
+from .clients.volume_agent import VolumeAgent
 from .config import Config
 from .crypto import SecretBox
 from .health import Health
@@ -36,11 +48,14 @@ from .inventory.credentials import Credentials
 from .inventory.discovery import Discovery
 from .inventory.vms import Vms
 from .jobs.engine import JobEngine
+from .jobs.locks import KeyedLocks
 from .store.db import Database
 
 log = logging.getLogger("omad")
 
-_AIOHTTP = tuple(int(p) for p in aiohttp.__version__.split(".")[:2])
+# aiohttp 3.9 moved shutdown_timeout from the site to the runner. 3.8 (Debian 12) hands a runner's unknown
+# keywords to every connection's handler, which then fails: each request would be reset unanswered.
+_GRACE_ON_RUNNER = "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters
 
 
 class Background(Protocol):
@@ -76,8 +91,24 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     contexts = Contexts(db)
     vms = Vms(db)
     discovery = Discovery(db, audit, credentials, vma, contexts, vms)
+    pool = NbdPool(agents.nbd_pool)
+
+    # Backups: repositories, VM-level backups, their completion and chains, the idle watchdog.
+    locks = KeyedLocks()
+    fs = LocalFs(timeout=cfg.backup.qemu_img_timeout_seconds)
+    qemu_img = QemuImg(timeout=cfg.backup.qemu_img_timeout_seconds)
+    repositories = Repositories(db, audit, box, fs, VolumeAgent(agents.volume_agent))
+    teardown = Teardown(db, jobs, pool, fs, locks)
+    backups = Backups(db, audit, jobs, locks, contexts, credentials, repositories, pool, vma, qemu_img, fs, teardown,
+                      cfg.backup)
+    completion = Completion(db, jobs, locks, contexts, qemu_img, fs, teardown, cfg.backup)
+    jobs.on_recover("backup", backups.recover)
+    watchdog = Watchdog(db, pool, teardown, cfg.backup)
+
     apis = [HealthApi(Health(db, agents)), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
-            ContextsApi(contexts), VmsApi(vms), NbdApi(NbdPool(agents.nbd_pool))]
+            ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories),
+            BackupsApi(backups, completion, Chains(db, contexts)),
+            TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)})]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
 
     async def close_clients(app: web.Application) -> None:
@@ -85,7 +116,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
         vcenter.close()
 
     app.on_cleanup.append(close_clients)
-    return Omad(app, auth, jobs)
+    return Omad(app, auth, jobs, background=[watchdog])
 
 
 def write_url(path: Path, url: str) -> None:
@@ -126,14 +157,11 @@ async def amain() -> int:
         for service in omad.background:
             await service.start()
             started.append(service)
-        # The grace period belongs to the runner from aiohttp 3.9 on, to the site before (Debian 12 has
-        # 3.8, whose runner hands unknown keywords to every connection handler and so drops each one).
-        grace = {"shutdown_timeout": cfg.api.shutdown_grace_seconds}
-        runner_grace = grace if _AIOHTTP >= (3, 9) else {}
-        runner = web.AppRunner(omad.app, handle_signals=False, access_log=None, **runner_grace)
+        grace: dict[str, Any] = {"shutdown_timeout": cfg.api.shutdown_grace_seconds}
+        runner = web.AppRunner(omad.app, handle_signals=False, access_log=None, **(grace if _GRACE_ON_RUNNER else {}))
         await runner.setup()
         site = web.TCPSite(runner, cfg.api.listen_address, cfg.api.port, reuse_address=True,
-                           **({} if runner_grace else grace))
+                           **({} if _GRACE_ON_RUNNER else grace))
         await site.start()
         host, port = runner.addresses[0][:2]
         url = f"http://{host}:{port}"
