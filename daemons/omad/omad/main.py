@@ -25,6 +25,7 @@ from .api.discovery import DiscoveryApi
 from .api.health import HealthApi
 from .api.nbd import NbdApi
 from .api.repositories import RepositoriesApi
+from .api.restore import RestoreApi
 from .api.telemetry import TelemetryApi, receiver
 from .audit import Audit
 from .auth.ratelimit import FailureLimiter
@@ -35,6 +36,8 @@ from .backup.completion import Completion, Telemetry
 from .backup.repositories import Repositories
 from .backup.teardown import Teardown
 from .backup.watchdog import Watchdog
+from .restore.images import RepositoryImages
+from .restore.service import RestoreService
 from .clients.agents import Agents
 from .clients.nbdpool import NbdPool
 from .clients.vcenter import VCenter
@@ -104,11 +107,12 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     completion = Completion(db, jobs, locks, contexts, qemu_img, fs, teardown, cfg.backup)
     jobs.on_recover("backup", backups.recover)
     watchdog = Watchdog(db, pool, teardown, cfg.backup)
+    restore = RestoreService(db, audit, agents.restore_mounter, RepositoryImages(db))
 
     apis = [HealthApi(Health(db, agents)), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
             ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories),
             BackupsApi(backups, completion, Chains(db, contexts)),
-            TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)})]
+            TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)}), RestoreApi(restore)]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
 
     async def close_clients(app: web.Application) -> None:
@@ -116,7 +120,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
         vcenter.close()
 
     app.on_cleanup.append(close_clients)
-    return Omad(app, auth, jobs, background=[watchdog])
+    return Omad(app, auth, jobs, background=[watchdog, restore])
 
 
 def write_url(path: Path, url: str) -> None:

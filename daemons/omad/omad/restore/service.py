@@ -123,6 +123,13 @@ class RestoreService:
                 log.info("restore mount ended by restore-mounter (idle expiry)", extra={"resource": r["id"]})
         return agent
 
+    async def start(self) -> None:
+        """A background service only in that it reconciles once at start-up."""
+        await self.reconcile()
+
+    async def stop(self) -> None:
+        """Mounts outlive omad: restore-mounter holds them and expires them when idle."""
+
     async def reconcile(self) -> None:
         """At start-up: rows of mounts restore-mounter no longer holds end; its mounts we never recorded go."""
         try:
