@@ -139,7 +139,10 @@ def write_local_configs(state: Path, port: int, listen: str = "127.0.0.1") -> di
             if name == "restore-mounter":
                 text = f'mount_root = "{state / "restore"}"\n' + text
             if name == "volume-agent":
-                text = f'repository_mount_root = "{state / "repositories"}"\n' + text
+                text = f'repository_mount_root = "{state / "mounts"}"\n' + text
+            if name == "nbd-pool":
+                # Local repositories of a `make run` appliance live under <state>/repositories.
+                text = f'export_roots = ["{state / "repositories"}", "{state / "mounts"}", "/dev/disk/by-id"]\n' + text
         (d / "10-local.toml").write_text(text)
         dirs[name] = d
     return dirs
