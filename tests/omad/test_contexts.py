@@ -111,3 +111,29 @@ async def test_unknown_names_are_404_json(vstack: Stack, api: Api) -> None:
     for path in ("/vm-contexts/nobody", f"/vm-contexts/{quote('a/b c ü', safe='')}"):
         status, err = await api.get(path)
         assert status == 404 and err["code"] == "not_found" and err["error"] == "VM context not found"
+
+
+async def test_the_rendered_list_follows_every_change(vstack: Stack, api: Api) -> None:
+    """The whole list is kept rendered between changes; changes from any connection show at once."""
+    ids = await add_all(api)
+
+    async def listed() -> dict[str, dict]:
+        status, body = await api.get("/vm-contexts")
+        assert status == 200 and body["count"] == body["total"] == len(body["vm_contexts"])
+        return {i["vm_name"]: i for i in body["vm_contexts"]}
+
+    assert (await listed())[ODD_NAMES[0]]["group_count"] == 0
+    add_groups(vstack, ids)  # another connection writes
+    assert (await listed())[ODD_NAMES[0]]["group_count"] == 2
+    vstack.sql("UPDATE vm_machine_groups SET name = 'Platinum' WHERE id = 'g-gold'")
+    assert {g["group_name"] for g in (await listed())[ODD_NAMES[1]]["groups"]} == {"Platinum"}
+    vstack.sql("UPDATE vm_replication_contexts SET current_status = 'replicating' WHERE context_id = ?",
+               (ids[ODD_NAMES[2]],))
+    assert (await listed())[ODD_NAMES[2]]["current_status"] == "replicating"
+    page = (await api.get("/vm-contexts", params={"limit": "1", "offset": "2"}))[1]  # served from the rendering
+    assert page["vm_contexts"][0]["vm_name"] == sorted(ODD_NAMES)[2]
+    vstack.sql("DELETE FROM vm_machine_groups WHERE id = 'g-web'")  # cascades to its memberships
+    assert (await listed())[ODD_NAMES[0]]["group_count"] == 1
+    vstack.sql("DELETE FROM vm_replication_contexts WHERE context_id = ?", (ids[ODD_NAMES[1]],))
+    assert sorted(await listed()) == sorted([ODD_NAMES[0], ODD_NAMES[2]])
+    assert (await api.get("/vm-contexts", params={"limit": "5"}))[1]["total"] == 2

@@ -43,8 +43,8 @@ async def test_foreign_keys_are_enforced(tmp_path: Path) -> None:
     db = Database(tmp_path / "x.db")
     await db.open()
     try:
-        first = await db.migrate()
-        assert first[0] == 1 and first == sorted(first)
+        applied = await db.migrate()
+        assert applied[0] == 1 and applied == sorted(applied)  # every numbered migration, in order
         assert await db.migrate() == []
         with pytest.raises(sqlite3.IntegrityError):
             await db.execute("INSERT INTO sessions (token_hash, user_id, source, created_at, expires_at) "

@@ -79,11 +79,11 @@ class ContextsApi:
     async def list(self, call: Call) -> web.StreamResponse:
         """Every VM context with its groups (`groups`, `group_count`); `limit`/`offset` page it by VM name."""
         q: Page = call.query
-        items, count, total = await self.contexts.list_json(-1 if q.limit is None else q.limit, q.offset)
-        # The items arrive as JSON text (rendered by SQLite): wrap them rather than parse and re-encode.
-        text = (f'{{"vm_contexts": {items}, "count": {count}, "total": {total}, '
-                f'"limit": {"null" if q.limit is None else q.limit}, "offset": {q.offset}}}')
-        return web.Response(text=text, content_type="application/json")
+        items, count, total = await self.contexts.list_json(q.limit, q.offset)
+        # The items arrive as JSON (rendered by SQLite, kept between changes): wrap them, never re-encode.
+        tail = f', "count": {count}, "total": {total}, "limit": {"null" if q.limit is None else q.limit}, ' \
+               f'"offset": {q.offset}}}'
+        return web.Response(body=b'{"vm_contexts": ' + items + tail.encode(), content_type="application/json")
 
     @route("GET", "/vm-contexts/ungrouped", tags=("vm-contexts",))
     @route("GET", "/discovery/ungrouped-vms", tags=("discovery",))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import unicodedata
@@ -25,7 +26,8 @@ BOOLEAN = ("auto_added", "scheduler_enabled")
 JSON_TEXT = ("last_operation_summary",)
 
 # The list is the GUI's main table and may hold 10,000 VMs: SQLite renders each item as JSON itself, so
-# Python only joins strings. The expression is assembled once, from the constant column names above.
+# Python only joins strings, and the whole list is kept rendered until a row it shows changes. The SQL is
+# assembled once, at import, from the constant column names above.
 def _json_value(column: str) -> str:
     if column in BOOLEAN:
         return f"json(CASE c.{column} WHEN 1 THEN 'true' ELSE 'false' END)"
@@ -40,12 +42,69 @@ _GROUPS_JSON = (
     "FROM vm_group_memberships m JOIN vm_machine_groups g ON g.id = m.group_id "
     "WHERE m.vm_context_id = c.context_id)"
 )
-_ITEM_JSON = (
-    "json_object(" + ", ".join(f"'{col}', {_json_value(col)}" for col in COLUMNS)
+_ROW_JSON = "json_object(" + ", ".join(f"'{col}', {_json_value(col)}" for col in COLUMNS) + ")"
+# One page: groups by correlated subqueries (an index lookup per row).
+_PAGE_SQL = (
+    "SELECT json_object(" + ", ".join(f"'{col}', {_json_value(col)}" for col in COLUMNS)
     + f", 'groups', json({_GROUPS_JSON}), "
-    "'group_count', (SELECT COUNT(*) FROM vm_group_memberships m WHERE m.vm_context_id = c.context_id))"
+    "'group_count', (SELECT COUNT(*) FROM vm_group_memberships m JOIN vm_machine_groups g ON g.id = m.group_id "
+    "WHERE m.vm_context_id = c.context_id)) AS item "
+    "FROM vm_replication_contexts c ORDER BY c.vm_name LIMIT ? OFFSET ?"
 )
-_LIST_SQL = f"SELECT {_ITEM_JSON} AS item FROM vm_replication_contexts c ORDER BY c.vm_name LIMIT ? OFFSET ?"
+# The whole list: rows and groups in two passes, joined in Python (half the cost of 10,000 subqueries).
+_ALL_SQL = f"SELECT c.context_id AS id, {_ROW_JSON} AS item FROM vm_replication_contexts c ORDER BY c.vm_name"
+_ALL_GROUPS_SQL = (
+    "SELECT m.vm_context_id AS id, json_group_array(json_object('group_id', g.id, 'group_name', g.name, "
+    "'priority', m.priority, 'enabled', json(CASE m.enabled WHEN 1 THEN 'true' ELSE 'false' END))) AS groups, "
+    "COUNT(*) AS n FROM vm_group_memberships m JOIN vm_machine_groups g ON g.id = m.group_id "
+    "GROUP BY m.vm_context_id"
+)
+
+
+class _Rendered:
+    """The whole list, rendered once per generation of the contexts and their groups (see change_counters).
+
+    Requests that arrive while a render runs share it, even when a change came in meanwhile: the answer is
+    then at most one render (~0.1 s for 10,000 VMs) old, and under a stream of changes at most one render
+    runs at a time instead of one per request.
+    """
+
+    def __init__(self) -> None:
+        self.generation = -1
+        self.items: list[str] = []
+        self.body = b"[]"  # the items as one JSON array, encoded once
+        self._pending: asyncio.Future[None] | None = None
+
+    async def refresh(self, db: Database, generation: int) -> None:
+        if generation == self.generation:
+            return
+        if self._pending is not None:
+            await asyncio.shield(self._pending)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending = future
+        try:
+            items = await _render_all(db)
+            if generation > self.generation:
+                self.generation, self.items = generation, items
+                self.body = ("[" + ",".join(items) + "]").encode()
+            future.set_result(None)
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved here: a failure nobody waited for is not "never retrieved"
+            raise
+        finally:
+            self._pending = None
+
+
+async def _render_all(db: Database) -> list[str]:
+    groups = {r["id"]: (r["groups"], r["n"]) for r in await db.fetchall(_ALL_GROUPS_SQL)}
+    out = []
+    for row in await db.fetchall(_ALL_SQL):
+        g, n = groups.get(row["id"], ("[]", 0))
+        out.append(f'{row["item"][:-1]},"groups":{g},"group_count":{n}}}')
+    return out
+
 
 JOB_COLUMNS = ("j.id AS job_id, j.job_type, j.status, j.progress, j.started_at, j.completed_at, j.created_at, "
                "j.display_name, j.current_step, j.error_message")
@@ -93,14 +152,24 @@ def new_context_id(vm_name: str, when: datetime | None = None) -> str:
 class Contexts:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._rendered = _Rendered()
 
     # -- reading -------------------------------------------------------------------------------------
 
-    async def list_json(self, limit: int, offset: int) -> tuple[str, int, int]:
-        """The items of one page as a JSON array text, how many it holds, and how many contexts exist."""
-        rows = await self.db.fetchall(_LIST_SQL, (limit, offset))
-        total = await self.db.scalar("SELECT COUNT(*) FROM vm_replication_contexts")
-        return "[" + ",".join(r["item"] for r in rows) + "]", len(rows), int(total)
+    async def list_json(self, limit: int | None, offset: int) -> tuple[bytes, int, int]:
+        """The items of one page (limit None: all) as a JSON array, how many it holds, how many exist."""
+        generation = int(await self.db.scalar("SELECT generation FROM change_counters WHERE name = 'vm_contexts'"))
+        if limit is not None and generation != self._rendered.generation:
+            # A page after a change: cheaper to render the page alone than the whole list.
+            rows = await self.db.fetchall(_PAGE_SQL, (limit, offset))
+            total = await self.db.scalar("SELECT COUNT(*) FROM vm_replication_contexts")
+            return ("[" + ",".join(r["item"] for r in rows) + "]").encode(), len(rows), int(total)
+        rendered = self._rendered
+        await rendered.refresh(self.db, generation)
+        if limit is None and offset == 0:
+            return rendered.body, len(rendered.items), len(rendered.items)
+        page = rendered.items[offset:] if limit is None else rendered.items[offset:offset + limit]
+        return ("[" + ",".join(page) + "]").encode(), len(page), len(rendered.items)
 
     async def by_name(self, vm_name: str) -> dict[str, Any]:
         row = await self.db.fetchone("SELECT * FROM vm_replication_contexts WHERE vm_name = ?", (vm_name,))

@@ -169,3 +169,36 @@ CREATE TABLE cbt_history (
     created_at         TEXT NOT NULL
 );
 CREATE INDEX cbt_history_context ON cbt_history(vm_context_id, created_at);
+
+-- A generation number per cached view: triggers bump it on every change of the rows the view shows, from any
+-- connection (omad, omactl, an operator's sqlite3), so a cache keyed on it is never served stale.
+CREATE TABLE change_counters (
+    name       TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO change_counters (name, generation) VALUES ('vm_contexts', 0);
+
+CREATE TRIGGER vm_contexts_changed_insert AFTER INSERT ON vm_replication_contexts BEGIN
+    UPDATE change_counters SET generation = generation + 1 WHERE name = 'vm_contexts';
+END;
+CREATE TRIGGER vm_contexts_changed_update AFTER UPDATE ON vm_replication_contexts BEGIN
+    UPDATE change_counters SET generation = generation + 1 WHERE name = 'vm_contexts';
+END;
+CREATE TRIGGER vm_contexts_changed_delete AFTER DELETE ON vm_replication_contexts BEGIN
+    UPDATE change_counters SET generation = generation + 1 WHERE name = 'vm_contexts';
+END;
+CREATE TRIGGER vm_memberships_changed_insert AFTER INSERT ON vm_group_memberships BEGIN
+    UPDATE change_counters SET generation = generation + 1 WHERE name = 'vm_contexts';
+END;
+CREATE TRIGGER vm_memberships_changed_update AFTER UPDATE ON vm_group_memberships BEGIN
+    UPDATE change_counters SET generation = generation + 1 WHERE name = 'vm_contexts';
+END;
+CREATE TRIGGER vm_memberships_changed_delete AFTER DELETE ON vm_group_memberships BEGIN
+    UPDATE change_counters SET generation = generation + 1 WHERE name = 'vm_contexts';
+END;
+CREATE TRIGGER vm_groups_changed_update AFTER UPDATE ON vm_machine_groups BEGIN
+    UPDATE change_counters SET generation = generation + 1 WHERE name = 'vm_contexts';
+END;
+CREATE TRIGGER vm_groups_changed_delete AFTER DELETE ON vm_machine_groups BEGIN
+    UPDATE change_counters SET generation = generation + 1 WHERE name = 'vm_contexts';
+END;
