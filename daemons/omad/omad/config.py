@@ -68,6 +68,17 @@ class VCenterConfig:
 
 
 @dataclasses.dataclass
+class SchedulerConfig:
+    """The scheduler that runs schedules inside omad."""
+
+    poll_seconds: float = spec(5.0, min=0.1, description="how often the jobs of running executions are checked")
+    late_after_seconds: float = spec(60.0, min=0, description="a run that starts this long after its due time "
+                                                              "(omad was down or busy) is recorded as late")
+    idle_seconds: float = spec(60.0, min=1, description="longest sleep with nothing due; bounds how long a step "
+                                                        "of the system clock goes unnoticed")
+
+
+@dataclasses.dataclass
 class Config:
     """omad's configuration."""
 
@@ -81,6 +92,7 @@ class Config:
     secret_key_file: str = spec("", description="key that seals stored secrets; empty = <state_dir>/secret.key")
     vma: VmaConfig = spec(factory=VmaConfig, description="the VMA")
     vcenter: VCenterConfig = spec(factory=VCenterConfig, description="direct vCenter calls")
+    scheduler: SchedulerConfig = spec(factory=SchedulerConfig, description="the scheduler")
 
     @property
     def database_path(self) -> Path:

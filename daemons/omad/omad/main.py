@@ -18,8 +18,10 @@ from .api.auth import AuthApi
 from .api.contexts import ContextsApi, VmsApi
 from .api.credentials import CredentialsApi
 from .api.discovery import DiscoveryApi
+from .api.groups import GroupsApi
 from .api.health import HealthApi
 from .api.nbd import NbdApi
+from .api.schedules import SchedulesApi
 from .audit import Audit
 from .auth.ratelimit import FailureLimiter
 from .auth.service import AuthService
@@ -35,6 +37,11 @@ from .inventory.credentials import Credentials
 from .inventory.discovery import Discovery
 from .inventory.vms import Vms
 from .jobs.engine import JobEngine
+from .schedule.clock import SystemClock
+from .schedule.groups import Groups
+from .schedule.launcher import JobLauncher, UnconnectedLauncher
+from .schedule.scheduler import Scheduler
+from .schedule.schedules import Schedules
 from .store.db import Database
 
 log = logging.getLogger("omad")
@@ -73,8 +80,16 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     contexts = Contexts(db)
     vms = Vms(db)
     discovery = Discovery(db, audit, credentials, vma, contexts, vms)
+    # What a schedule's run starts per VM. Backups plug in here once omad/backup exists:
+    #   "backup": BackupLauncher(backups, jobs)  (omad/schedule/launcher.py), backups = the service POST /backups uses
+    launchers: dict[str, JobLauncher] = {"backup": UnconnectedLauncher("backup")}
+    scheduler = Scheduler(db, audit, launchers, SystemClock(), poll_seconds=cfg.scheduler.poll_seconds,
+                          late_after_seconds=cfg.scheduler.late_after_seconds, idle_seconds=cfg.scheduler.idle_seconds)
+    schedules = Schedules(db, audit, scheduler.clock, launchers, on_change=scheduler.wake)
+    groups = Groups(db, audit, on_change=scheduler.wake)
     apis = [HealthApi(Health(db, agents)), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
-            ContextsApi(contexts), VmsApi(vms), NbdApi(NbdPool(agents.nbd_pool))]
+            ContextsApi(contexts), VmsApi(vms), NbdApi(NbdPool(agents.nbd_pool)), SchedulesApi(schedules, scheduler),
+            GroupsApi(groups)]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
 
     async def close_clients(app: web.Application) -> None:
@@ -82,7 +97,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
         vcenter.close()
 
     app.on_cleanup.append(close_clients)
-    return Omad(app, auth, jobs)
+    return Omad(app, auth, jobs, background=[scheduler])
 
 
 async def amain() -> int:
