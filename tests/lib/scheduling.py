@@ -155,7 +155,8 @@ def build(db: Database, clock: FakeClock, **scheduler_options: Any) -> Domain:
     launcher = EngineLauncher(engine)
     launchers = {"backup": launcher}
     scheduler = Scheduler(db, audit, launchers, clock, **scheduler_options)
-    schedules = Schedules(db, audit, clock, launchers, on_change=scheduler.wake)
+    schedules = Schedules(db, audit, clock, launchers, on_change=scheduler.wake,
+                          on_disable=scheduler.halt)
     groups = Groups(db, audit, on_change=scheduler.wake)
     return Domain(db, clock, engine, launcher, scheduler, schedules, groups)
 

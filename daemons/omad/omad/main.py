@@ -85,7 +85,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     launchers: dict[str, JobLauncher] = {"backup": UnconnectedLauncher("backup")}
     scheduler = Scheduler(db, audit, launchers, SystemClock(), poll_seconds=cfg.scheduler.poll_seconds,
                           late_after_seconds=cfg.scheduler.late_after_seconds, idle_seconds=cfg.scheduler.idle_seconds)
-    schedules = Schedules(db, audit, scheduler.clock, launchers, on_change=scheduler.wake)
+    schedules = Schedules(db, audit, scheduler.clock, launchers, on_change=scheduler.wake,
+                          on_disable=scheduler.halt)
     groups = Groups(db, audit, on_change=scheduler.wake)
     apis = [HealthApi(Health(db, agents)), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
             ContextsApi(contexts), VmsApi(vms), NbdApi(NbdPool(agents.nbd_pool)), SchedulesApi(schedules, scheduler),

@@ -79,6 +79,7 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._ticks = 0
         self._ticked = asyncio.Condition()
+        self._halted: set[str] = set()  # schedules disabled while the current tick runs
 
     # -- service -------------------------------------------------------------------------------------
 
@@ -98,6 +99,11 @@ class Scheduler:
     def wake(self) -> None:
         """Something changed (a schedule, a group, a trigger): look again now rather than at the next poll."""
         self._wake.set()
+
+    def halt(self, schedule_id: str) -> None:
+        """The schedule was just disabled (its waiting VMs are skipped in the database): a tick in progress
+        starts nothing more for it."""
+        self._halted.add(schedule_id)
 
     async def wait_ticks(self, count: int) -> None:
         """Return once `count` ticks have completed since start (tests drive the loop with a fake clock)."""
@@ -153,6 +159,7 @@ class Scheduler:
         """Fire what is due, then move every running execution forward. Safe to call at any time."""
         report = TickReport()
         async with self._lock:
+            self._halted.clear()  # what was disabled before now is in the database this tick reads
             now = self.clock.now()
             await self._fire_due(now, report)
             await self._advance(now, report)
@@ -288,21 +295,29 @@ class Scheduler:
         jobs = {r["id"]: r for r in await tx.fetchall(
             "SELECT id, status, error_message FROM jobs WHERE id IN (SELECT value FROM json_each(?))",
             (json.dumps([v.job_id for v in running]),))}
+        ended: list[tuple[str, str, str | None]] = []
+        completed: list[_Open] = []
         for v in running:
             job = jobs.get(v.job_id or "")
             if job is not None and job["status"] in ACTIVE_JOB:
                 continue
             ok = job is not None and job["status"] in SUCCEEDED
-            why = "its job row disappeared" if job is None else \
-                f"{job['status']}{': ' + job['error_message'] if job['error_message'] else ''}"
-            await tx.execute("UPDATE schedule_execution_jobs SET status = ?, finished_at = ? WHERE job_id = ?",
-                             ("completed" if ok else "failed", iso(now), v.job_id))
+            ended.append(("completed" if ok else "failed", iso(now), v.job_id))
             report.finished += 1
             touched.add(v.execution_id)
             if ok:
-                await self._set(tx, v, "completed", completed_at=iso(now), reason=None)
+                completed.append(v)
             else:
+                why = "its job row disappeared" if job is None else \
+                    f"{job['status']}{': ' + job['error_message'] if job['error_message'] else ''}"
                 await self._failed_attempt(tx, v, schedules[v.schedule_id], now, f"job {v.job_id} {why}")
+        # The common case in bulk: every VM of a large execution may end between two polls.
+        await tx.executemany("UPDATE schedule_execution_jobs SET status = ?, finished_at = ? WHERE job_id = ?", ended)
+        await tx.executemany("UPDATE schedule_execution_vms SET status = 'completed', completed_at = ?, reason = NULL "
+                             "WHERE execution_id = ? AND vm_context_id = ?",
+                             [(iso(now), v.execution_id, v.context_id) for v in completed])
+        for v in completed:
+            v.status, v.reason = "completed", None
 
     async def _failed_attempt(self, tx: Tx, v: _Open, schedule: Mapping[str, Any], now: datetime, why: str) -> None:
         """A failed job or a refused start: retry after the schedule's delay while attempts remain."""
@@ -353,6 +368,20 @@ class Scheduler:
             (json.dumps(sorted({v.group_id for v in waiting})),))}
         busy = {r["context_id"]: r["id"] for r in await self.db.fetchall(
             "SELECT context_id, id FROM jobs WHERE status IN ('pending', 'running') AND context_id IS NOT NULL")}
+        started: list[tuple[str, str]] = []
+        try:
+            await self._start_waiting(waiting, schedules, limits, busy, per_schedule, per_group, started, now,
+                                      report, touched)
+        finally:
+            if started:  # informational, so written once per tick rather than once per job
+                async with self.db.transaction() as tx:
+                    await tx.executemany("UPDATE vm_replication_contexts SET last_scheduled_job_id = ? "
+                                         "WHERE context_id = ?", started)
+
+    async def _start_waiting(self, waiting: list[_Open], schedules: dict[str, dict[str, Any]],
+                             limits: dict[str, int], busy: dict[str, str], per_schedule: Counter[str],
+                             per_group: Counter[str], started: list[tuple[str, str]], now: datetime,
+                             report: TickReport, touched: set[int]) -> None:
         for v in waiting:
             schedule = schedules[v.schedule_id]
             if per_schedule[v.schedule_id] >= schedule["max_concurrent_jobs"]:
@@ -362,9 +391,8 @@ class Scheduler:
             if v.context_id in busy:
                 await self._note_wait(v, f"waiting: the VM is busy with job {busy[v.context_id]}")
                 continue
-            if await self.db.scalar("SELECT status FROM schedule_execution_vms WHERE execution_id = ? AND "
-                                    "vm_context_id = ?", (v.execution_id, v.context_id)) != "pending":
-                continue  # cancelled meanwhile (the schedule was disabled while this tick ran)
+            if v.schedule_id in self._halted:
+                continue  # disabled while this tick ran: its waiting VMs were skipped meanwhile
             target = target_of(schedule)
             try:
                 job_id = await self._launch(v, target)
@@ -389,8 +417,7 @@ class Scheduler:
                 await tx.execute("INSERT INTO schedule_execution_jobs (job_id, execution_id, vm_context_id, attempt, "
                                  "status, created_at) VALUES (?, ?, ?, ?, 'running', ?)",
                                  (job_id, v.execution_id, v.context_id, v.attempts, iso(now)))
-                await tx.execute("UPDATE vm_replication_contexts SET last_scheduled_job_id = ? WHERE context_id = ?",
-                                 (job_id, v.context_id))
+            started.append((job_id, v.context_id))
             busy[v.context_id] = job_id
             per_schedule[v.schedule_id] += 1
             per_group[v.group_id] += 1

@@ -76,12 +76,14 @@ def _text_id(value: Any) -> str | None:
 
 class Schedules:
     def __init__(self, db: Database, audit: Audit, clock: Clock, launchers: Mapping[str, JobLauncher],
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None,
+                 on_disable: Callable[[str], None] = lambda schedule_id: None) -> None:
         self.db = db
         self.audit = audit
         self.clock = clock
         self.launchers = launchers
         self.on_change = on_change  # wakes the scheduler: its next due time may have moved
+        self.on_disable = on_disable  # tells a tick in progress to start nothing more for this schedule
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -222,6 +224,8 @@ class Schedules:
             await refresh_next_scheduled(tx)
             changed = sorted(k for k in _UPDATABLE if _norm(new[k]) != _norm(row[k]))
             await self.audit.record(actor, audit_action, f"schedule:{schedule_id}", tx=tx, changed=changed)
+        if row["enabled"] and not new["enabled"]:
+            self.on_disable(schedule_id)  # right after the commit, before anything else can run
         log.info("schedule %r updated (%s), next run %s", new["name"], ", ".join(changed) or "no change",
                  next_run or "-", extra={"resource": schedule_id})
         self.on_change()
