@@ -138,6 +138,8 @@ def write_local_configs(state: Path, port: int, listen: str = "127.0.0.1") -> di
                     f'[socket]\ngroup = ""\nallowed_users = [{uid}]\n')
             if name == "restore-mounter":
                 text = f'mount_root = "{state / "restore"}"\n' + text
+            if name == "volume-agent":
+                text = f'repository_mount_root = "{state / "repositories"}"\n' + text
         (d / "10-local.toml").write_text(text)
         dirs[name] = d
     return dirs

@@ -68,6 +68,26 @@ class VCenterConfig:
 
 
 @dataclasses.dataclass
+class BackupConfig:
+    """VM backups into QCOW2 chains on backup repositories."""
+
+    nbd_host: str = spec("127.0.0.1", description="host the VMA reaches the exports at (its SSH tunnel's far end "
+                                                   "forwards the pool's ports to this appliance's loopback)")
+    shared_connections: int = spec(10, min=5, max=100, description="NBD clients each export accepts at once; "
+                                                                   "the VMA opens 2 per disk")
+    idle_timeout_seconds: float = spec(900.0, min=1, description="a running backup fails when none of its exports "
+                                                                 "has had a client, and the VMA has sent neither "
+                                                                 "telemetry nor a completion, for this long")
+    watchdog_interval_seconds: float = spec(15.0, min=0.05, description="how often running backups are checked "
+                                                                        "for idleness and their port leases renewed")
+    lease_seconds: int = spec(3600, min=10, description="lease asked for on a backup's NBD ports; renewed while "
+                                                        "the backup runs")
+    qemu_img_timeout_seconds: float = spec(120.0, min=1, description="time limit of one qemu-img call")
+    check_images: bool = spec(True, description="run `qemu-img check` on every image when a backup completes "
+                                                "(a corrupt image fails the backup)")
+
+
+@dataclasses.dataclass
 class SchedulerConfig:
     """The scheduler that runs schedules inside omad."""
 
@@ -92,6 +112,7 @@ class Config:
     secret_key_file: str = spec("", description="key that seals stored secrets; empty = <state_dir>/secret.key")
     vma: VmaConfig = spec(factory=VmaConfig, description="the VMA")
     vcenter: VCenterConfig = spec(factory=VCenterConfig, description="direct vCenter calls")
+    backup: BackupConfig = spec(factory=BackupConfig, description="VM backups")
     scheduler: SchedulerConfig = spec(factory=SchedulerConfig, description="the scheduler")
 
     @property

@@ -13,22 +13,34 @@ from oma_common import config, daemon, logs
 from oma_common.daemon import StopSignal
 from oma_common.notify import Notifier
 
+from .adapters.localfs import LocalFs
+from .adapters.qemu_img import QemuImg
 from .api import app as api_app
 from .api.auth import AuthApi
+from .api.backups import BackupsApi
 from .api.contexts import ContextsApi, VmsApi
 from .api.credentials import CredentialsApi
 from .api.discovery import DiscoveryApi
 from .api.groups import GroupsApi
 from .api.health import HealthApi
 from .api.nbd import NbdApi
+from .api.repositories import RepositoriesApi
 from .api.schedules import SchedulesApi
+from .api.telemetry import TelemetryApi, receiver
 from .audit import Audit
 from .auth.ratelimit import FailureLimiter
 from .auth.service import AuthService
+from .backup.backups import Backups
+from .backup.chains import Chains
+from .backup.completion import Completion, Telemetry
+from .backup.repositories import Repositories
+from .backup.teardown import Teardown
+from .backup.watchdog import Watchdog
 from .clients.agents import Agents
 from .clients.nbdpool import NbdPool
 from .clients.vcenter import VCenter
 from .clients.vma import VmaClient
+from .clients.volume_agent import VolumeAgent
 from .config import Config
 from .crypto import SecretBox
 from .health import Health
@@ -37,6 +49,7 @@ from .inventory.credentials import Credentials
 from .inventory.discovery import Discovery
 from .inventory.vms import Vms
 from .jobs.engine import JobEngine
+from .jobs.locks import KeyedLocks
 from .schedule.clock import SystemClock
 from .schedule.groups import Groups
 from .schedule.launcher import JobLauncher, UnconnectedLauncher
@@ -80,16 +93,33 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     contexts = Contexts(db)
     vms = Vms(db)
     discovery = Discovery(db, audit, credentials, vma, contexts, vms)
-    # What a schedule's run starts per VM. Backups plug in here once omad/backup exists:
-    #   "backup": BackupLauncher(backups, jobs)  (omad/schedule/launcher.py), backups = the service POST /backups uses
+    pool = NbdPool(agents.nbd_pool)
+
+    # Backups: repositories, VM-level backups, their completion and chains, the idle watchdog.
+    locks = KeyedLocks()
+    fs = LocalFs(timeout=cfg.backup.qemu_img_timeout_seconds)
+    qemu_img = QemuImg(timeout=cfg.backup.qemu_img_timeout_seconds)
+    repositories = Repositories(db, audit, box, fs, VolumeAgent(agents.volume_agent))
+    teardown = Teardown(db, jobs, pool, fs, locks)
+    backups = Backups(db, audit, jobs, locks, contexts, credentials, repositories, pool, vma, qemu_img, fs, teardown,
+                      cfg.backup)
+    completion = Completion(db, jobs, locks, contexts, qemu_img, fs, teardown, cfg.backup)
+    jobs.on_recover("backup", backups.recover)
+    watchdog = Watchdog(db, pool, teardown, cfg.backup)
+
+    # Schedules: each run starts, per VM, a job through the same domain function the API uses.
+    # Backups plug in here: "backup": BackupLauncher(backups, jobs)  (omad/schedule/launcher.py)
     launchers: dict[str, JobLauncher] = {"backup": UnconnectedLauncher("backup")}
     scheduler = Scheduler(db, audit, launchers, SystemClock(), poll_seconds=cfg.scheduler.poll_seconds,
                           late_after_seconds=cfg.scheduler.late_after_seconds, idle_seconds=cfg.scheduler.idle_seconds)
     schedules = Schedules(db, audit, scheduler.clock, launchers, on_change=scheduler.wake,
                           on_disable=scheduler.halt)
     groups = Groups(db, audit, on_change=scheduler.wake)
+
     apis = [HealthApi(Health(db, agents)), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
-            ContextsApi(contexts), VmsApi(vms), NbdApi(NbdPool(agents.nbd_pool)), SchedulesApi(schedules, scheduler),
+            ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories),
+            BackupsApi(backups, completion, Chains(db), contexts),
+            TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)}), SchedulesApi(schedules, scheduler),
             GroupsApi(groups)]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
 
@@ -98,7 +128,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
         vcenter.close()
 
     app.on_cleanup.append(close_clients)
-    return Omad(app, auth, jobs, background=[scheduler])
+    return Omad(app, auth, jobs, background=[watchdog, scheduler])
 
 
 async def amain() -> int:

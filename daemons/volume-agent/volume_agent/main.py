@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from oma_common import agent, daemon, schema
+
+from .api import RepositoriesApi
+from .repositories import RepositoryMounts
 
 DAEMON = "volume-agent"
 
@@ -16,6 +20,10 @@ class Config(agent.AgentConfig):
 
     device_dir: str = schema.spec("/dev/disk/by-id", description="where attached volumes appear "
                                                                 "(virtio-<serial> links)")
+    repository_mount_root: str = schema.spec("/srv/oma/repositories",
+                                             description="backup repositories on NFS/CIFS are mounted only "
+                                                         "below this directory (root-owned, not writable by omad)")
+    mount_timeout_seconds: float = schema.spec(60.0, min=1, description="time limit of one mount or umount")
 
 
 async def amain() -> int:
@@ -23,11 +31,12 @@ async def amain() -> int:
     if exit_now:
         return 0
     cfg.state_path(DAEMON)
+    mounts = RepositoryMounts(Path(cfg.repository_mount_root), timeout=cfg.mount_timeout_seconds)
 
     async def report() -> dict[str, Any]:
-        return {"device_dir": cfg.device_dir}
+        return {"device_dir": cfg.device_dir, "repository_mount_root": cfg.repository_mount_root}
 
-    return await agent.serve(DAEMON, cfg, [], report=report)
+    return await agent.serve(DAEMON, cfg, [RepositoriesApi(mounts)], report=report)
 
 
 def main() -> None:

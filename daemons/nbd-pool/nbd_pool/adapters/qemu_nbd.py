@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -124,6 +126,38 @@ def build_argv(path: Path, name: str, host: str, port: int, options: ExportOptio
         argv.append(f"--detect-zeroes={options.detect_zeroes}")
     argv += ["--", str(path)]
     return argv
+
+
+def direct_io_supported(path: Path) -> bool:
+    """Whether `path` can be opened with O_DIRECT, which cache=none needs (tmpfs cannot). Blocking open(2)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    os.close(fd)
+    return True
+
+
+def io_uring_allowed(sysctl: Path = Path("/proc/sys/kernel/io_uring_disabled")) -> bool:
+    """kernel.io_uring_disabled (6.6+): 0 allows io_uring for everyone; older kernels lack the file and allow it."""
+    try:
+        return sysctl.read_text().strip() == "0"
+    except (FileNotFoundError, PermissionError):
+        return True
+
+
+def fallback_options(options: ExportOptions, *, direct_io: bool, io_uring: bool) -> ExportOptions:
+    """The measured defaults where the host allows them, the nearest working flags where it does not."""
+    changes: dict[str, Any] = {}
+    if not direct_io and options.cache in ("none", "directsync"):
+        changes["cache"] = "writeback"
+        if options.aio == "native":
+            changes["aio"] = "threads"
+    if not io_uring and options.aio == "io_uring":
+        changes["aio"] = "threads"
+    return dataclasses.replace(options, **changes) if changes else options
 
 
 def probe_host(bind: str) -> str:

@@ -69,6 +69,15 @@ class VmaClient:
                                      "the VMA's discovery answer has no 'vms' list")
         return result
 
+    async def start_backup(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`POST /backup/start` (CONTRACTS.md "Backups"): `{job_id, status: "started"|"failed", message,
+        started_at}`. Never repeated: a second start of the same job would take a second snapshot."""
+        result = await self.call("POST", "/backup/start", json=body, idempotent=False)
+        if not isinstance(result, dict) or not isinstance(result.get("status"), str):
+            raise errors.Unavailable("VMA answered an unexpected backup start body",
+                                     "the VMA's answer to /backup/start has no 'status'")
+        return result
+
     # -- the one way to call the VMA -----------------------------------------------------------------
 
     async def call(self, method: str, path: str, *, json: Any = None, idempotent: bool,

@@ -1,0 +1,195 @@
+"""nbd-pool's socket API (the other side of omad's clients/nbdpool.py): ports, exports, jobs, attachments.
+
+Handlers validate with a schema, call one domain function and return a dict. Until start-up reconciliation
+is done a request waits for it (the socket is bound first, so that a second instance is refused early).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from oma_common.errors import Unavailable
+from oma_common.schema import spec
+from oma_common.web import Auth, Call, route
+
+from .attachments import Attachments
+from .exports import Exports, StartRequest
+from .jobs import Jobs, lease_view
+from .pool import EXPORT_NAME, JOB_ID, Pool
+
+Handler = Callable[[Any, Call], Awaitable[Any]]
+
+
+class Gate:
+    """Opened once start-up reconciliation is done; requests before that wait for it."""
+
+    def __init__(self, timeout: float = 120.0) -> None:
+        self.event = asyncio.Event()
+        self.timeout = timeout
+
+    def open(self) -> None:
+        self.event.set()
+
+    async def wait(self) -> None:
+        try:
+            await asyncio.wait_for(self.event.wait(), self.timeout)
+        except asyncio.TimeoutError:
+            raise Unavailable("nbd-pool is starting", "start-up reconciliation is still running; retry") from None
+
+
+def gated(fn: Handler) -> Handler:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, call: Call) -> Any:
+        await self.gate.wait()
+        return await fn(self, call)
+
+    return wrapper
+
+
+# --- shapes ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class AllocateIn:
+    job_id: str = spec(pattern=JOB_ID)
+    count: int = spec(1, min=1, max=65535, description="ports to lease, all or none")
+    export_names: list[str] | None = spec(None, description="one per port, in order (each matching the "
+                                                             "export name rule)")
+    lease_seconds: int | None = spec(None, min=1, description="lease length; default from the configuration")
+
+
+@dataclasses.dataclass
+class ReleaseIn:
+    job_id: str | None = spec(None, pattern=JOB_ID)
+    ports: list[int] | None = spec(None, description="these ports (of that job, when job_id is given too)")
+
+
+@dataclasses.dataclass
+class RenewIn:
+    job_id: str = spec(pattern=JOB_ID)
+    lease_seconds: int | None = spec(None, min=1)
+
+
+@dataclasses.dataclass
+class ExportIn:
+    export_name: str = spec(pattern=EXPORT_NAME)
+    port: int = spec(min=1, max=65535, description="a leased port of the pool")
+    path: str = spec(min_length=1, max_length=4096, description="an image or block device inside an export root")
+    format: Literal["qcow2", "raw"] | None = spec(None, description="default: raw for a block device, else qcow2")
+    read_only: bool = False
+    shared_connections: int = spec(10, min=5, max=1024, description="clients at once (the VMA opens 2 per export)")
+    job_id: str | None = spec(None, pattern=JOB_ID, description="when given, the port must be leased to this job")
+
+
+@dataclasses.dataclass
+class StopIn:
+    pid: int | None = spec(None, min=1)
+    export_name: str | None = spec(None, pattern=EXPORT_NAME)
+
+
+@dataclasses.dataclass
+class AttachIn:
+    image: str = spec(min_length=1, max_length=4096, description="a QCOW2 (or raw) file inside an export root")
+    owner: str = spec(min_length=1, max_length=256, description="who holds it, e.g. restore-mounter:<mount id>")
+    format: Literal["qcow2", "raw"] = "qcow2"
+
+
+# --- handlers ----------------------------------------------------------------------------------------------
+
+class PortsApi:
+    def __init__(self, pool: Pool, jobs: Jobs, gate: Gate) -> None:
+        self.pool = pool
+        self.jobs = jobs
+        self.gate = gate
+
+    @route("POST", "/ports/allocate", body=AllocateIn, auth=Auth.PEER)
+    @gated
+    async def allocate(self, call: Call) -> dict[str, Any]:
+        """Lease ports to a job, all or none (409 exhausted when the pool cannot)."""
+        b: AllocateIn = call.body
+        return await self.jobs.allocate(b.job_id, b.count, b.export_names, b.lease_seconds)
+
+    @route("POST", "/ports/release", body=ReleaseIn, auth=Auth.PEER)
+    @gated
+    async def release(self, call: Call) -> dict[str, Any]:
+        """Free a job's ports or the listed ones; exports running on them are stopped first."""
+        b: ReleaseIn = call.body
+        return await self.jobs.release(b.job_id, b.ports)
+
+    @route("POST", "/ports/renew", body=RenewIn, auth=Auth.PEER)
+    @gated
+    async def renew(self, call: Call) -> dict[str, Any]:
+        """Extend every lease of a job."""
+        b: RenewIn = call.body
+        return await self.jobs.renew(b.job_id, b.lease_seconds)
+
+    @route("GET", "/ports/status", auth=Auth.PEER)
+    @gated
+    async def status(self, call: Call) -> dict[str, Any]:
+        """Total, allocated, available, every lease, and the ports other processes hold."""
+        out = self.pool.status()
+        out["allocations"] = [lease_view(lease) for lease in self.pool.leases()]
+        return out
+
+
+class ExportsApi:
+    def __init__(self, exports: Exports, jobs: Jobs, gate: Gate) -> None:
+        self.exports = exports
+        self.jobs = jobs
+        self.gate = gate
+
+    @route("POST", "/exports", body=ExportIn, auth=Auth.PEER)
+    @gated
+    async def start(self, call: Call) -> dict[str, Any]:
+        """Export an image or device on a leased port; answers once the export completes an NBD handshake."""
+        b: ExportIn = call.body
+        return await self.exports.start(StartRequest(b.export_name, b.port, b.path, b.format, b.read_only,
+                                                     b.shared_connections, b.job_id))
+
+    @route("POST", "/exports/stop", body=StopIn, auth=Auth.PEER)
+    @gated
+    async def stop(self, call: Call) -> dict[str, Any]:
+        """Stop an export by pid or name; its port stays leased."""
+        b: StopIn = call.body
+        return {"success": True, "stopped_pid": await self.exports.stop(pid=b.pid, name=b.export_name)}
+
+    @route("GET", "/exports", auth=Auth.PEER)
+    @gated
+    async def list(self, call: Call) -> dict[str, Any]:
+        """Running exports with their clients and limits."""
+        return {"processes": await self.exports.list()}
+
+    @route("POST", "/jobs/{job_id}/release", auth=Auth.PEER)
+    @gated
+    async def release_job(self, call: Call) -> dict[str, Any]:
+        """Stop every export of the job and free its ports."""
+        return await self.jobs.release_job(call.params["job_id"])
+
+
+class AttachmentsApi:
+    def __init__(self, attachments: Attachments, gate: Gate) -> None:
+        self.attachments = attachments
+        self.gate = gate
+
+    @route("POST", "/attachments", body=AttachIn, status=201, auth=Auth.PEER)
+    @gated
+    async def attach(self, call: Call) -> dict[str, Any]:
+        """Attach an image read-only as a block device with its partitions (409 exhausted when full)."""
+        b: AttachIn = call.body
+        return await self.attachments.attach(b.image, b.owner, b.format)
+
+    @route("DELETE", "/attachments/{attachment_id}", auth=Auth.PEER)
+    @gated
+    async def detach(self, call: Call) -> dict[str, Any]:
+        """Detach (409 while a partition is still mounted)."""
+        await self.attachments.detach(call.params["attachment_id"])
+        return {"success": True}
+
+    @route("GET", "/attachments", auth=Auth.PEER)
+    @gated
+    async def list(self, call: Call) -> dict[str, Any]:
+        """Attachments, slots and the backend in use."""
+        return self.attachments.list()

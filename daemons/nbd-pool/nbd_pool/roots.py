@@ -1,0 +1,109 @@
+"""Which files nbd-pool may hand to qemu: regular files and block devices inside the configured roots.
+
+omad (an unprivileged user) names the paths; nbd-pool (root) opens them. So a path is resolved with every
+symlink followed and must then lie inside a root; `..` and links cannot lead out. One exception serves the
+volume device directory: a udev link such as /dev/disk/by-id/virtio-<serial> points at /dev/vdX, outside
+its root, and is followed when it leads to a block device and the directory holding it is writable by
+root alone, so a link that omad plants in a repository it writes to is never followed to a disk. A QCOW2
+opens more files than its own (backing files, an external data file): each of them must pass too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from oma_common.errors import Invalid, NotFound
+
+from .adapters.qemu_img import ImageError, Layer, backing_chain
+
+log = logging.getLogger("nbd_pool.roots")
+
+FILE = "file"
+BLOCK = "block"
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    requested: str  # as the caller named it
+    path: Path  # every symlink resolved: what qemu is given
+    kind: str  # FILE or BLOCK
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or path.is_relative_to(root)
+
+
+def _root_only_dir(directory: Path) -> bool:
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return False
+    return st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+class Roots:
+    def __init__(self, roots: Sequence[str]) -> None:
+        # Compared both as configured and resolved: a root may itself be reached through a link.
+        self.configured = [Path(os.path.normpath(r)) for r in roots]
+        self.resolved = [Path(os.path.realpath(r)) for r in roots]
+        for r in self.configured:
+            if not r.is_dir():
+                log.warning("export root %s does not exist (yet)", r)
+
+    def describe(self) -> str:
+        return ", ".join(map(str, self.configured)) or "(none configured)"
+
+    def resolve(self, requested: str, *, allow_block: bool = True) -> Resolved:
+        """The real path of `requested` if it may be opened; Invalid (or NotFound) otherwise."""
+        if not requested.startswith("/"):
+            raise Invalid("invalid path", f"{requested!r} is not an absolute path")
+        lexical = Path(os.path.normpath(requested))
+        real = Path(os.path.realpath(requested))
+        try:
+            st = os.stat(real)
+        except FileNotFoundError as exc:
+            raise NotFound("path not found", f"{requested} does not exist") from exc
+        except OSError as exc:
+            raise Invalid("invalid path", f"{requested}: {exc.strerror}") from exc
+        if stat.S_ISREG(st.st_mode):
+            kind = FILE
+        elif stat.S_ISBLK(st.st_mode) and allow_block:
+            kind = BLOCK
+        else:
+            what = "a regular file or a block device" if allow_block else "a regular file"
+            raise Invalid("not an image", f"{requested} is not {what}")
+        if any(_inside(real, root) for root in self.resolved):
+            return Resolved(requested, real, kind)
+        in_root = any(_inside(lexical, root) for root in self.configured + self.resolved)
+        if kind == BLOCK and in_root and lexical != real and _root_only_dir(lexical.parent):
+            return Resolved(requested, real, kind)
+        raise Invalid("path outside the export roots",
+                      f"{requested} (resolved {real}) is not inside an export root ({self.describe()})")
+
+    async def check_image(self, resolved: Resolved, fmt: str) -> list[Layer]:
+        """For a QCOW2, read its chain and check that every file it opens is inside the roots too."""
+        if fmt != "qcow2":
+            return []
+        try:
+            chain = await backing_chain(resolved.path, fmt)
+        except ImageError as exc:
+            raise Invalid("cannot read the image", f"{resolved.requested}: {exc}") from exc
+        for depth, layer in enumerate(chain):
+            if layer.data_file:
+                raise Invalid("image refused", f"{layer.filename} has an external data file ({layer.data_file}); "
+                                               f"images with data files are not exported")
+            if depth == 0:
+                continue  # the top is `resolved` itself, checked already
+            if layer.format not in ("qcow2", "raw"):
+                raise Invalid("image refused", f"backing file {layer.filename} has format {layer.format!r}")
+            try:
+                self.resolve(layer.filename, allow_block=False)
+            except (Invalid, NotFound) as exc:
+                raise Invalid("backing file outside the export roots",
+                              f"{resolved.requested} depends on {layer.filename}: {exc.details}") from exc
+        return chain

@@ -1,0 +1,390 @@
+"""VM-level backups: every disk of a VM at once, each into a QCOW2 in the repository, written by the VMA.
+
+Starting one (all steps recorded on its job):
+  1. rows first: the backup, one row per disk with its image path, the job — in one transaction that also
+     refuses a second active backup of the VM (409) and an incremental with nothing to continue (400);
+  2. create images: a new qcow2 of the disk's capacity, or for an incremental an overlay whose backing file
+     is the same disk's image of the previous backup (relative path, same directory). omad creates them, so
+     they belong to omad's user although nbd-pool's qemu-nbd (root) writes into them;
+  3. allocate ports: one per disk from nbd-pool, leased to the backup's id;
+  4. start exports: a writable qemu-nbd per image (`--shared`: the VMA opens 2 connections per disk);
+  5. start the VMA's backup with the `nbd_targets` string ("2000:nbd://host:port/export,2001:...").
+Any failure fails the backup and undoes everything (teardown.py). The backup then runs until the VMA
+completes every disk (completion.py), reports failure, or goes idle (watchdog.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import re
+import time
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+from oma_common.errors import Conflict, Internal, Invalid, NotFound, OmaError, Unavailable
+
+from ..adapters.localfs import LocalFs
+from ..adapters.qemu_img import QemuImg
+from ..audit import Audit
+from ..clients.nbdpool import NbdPool
+from ..clients.vma import VmaClient
+from ..config import BackupConfig
+from ..inventory.contexts import Contexts
+from ..inventory.credentials import Credentials, VCenterLogin
+from ..jobs.engine import JobEngine
+from ..jobs.locks import KeyedLocks
+from ..store.db import Database, Tx, utcnow
+from . import chains
+from .repositories import Repositories
+from .teardown import ACTIVE, Teardown, lock_key
+
+log = logging.getLogger(__name__)
+
+FIRST_DISK_KEY = 2000  # the VMA's target key of disk index 0 (CONTRACTS.md "Backups")
+GIB = 1024**3
+_DISK_FIELDS = ("disk_index, disk_id, capacity_bytes, qcow2_path, backing_file, nbd_port, nbd_export_name, "
+                "qemu_nbd_pid, status, change_id, previous_change_id, bytes_transferred, total_bytes, "
+                "progress_percent, size_bytes, completed_at")
+
+
+def safe_name(vm_name: str, limit: int = 40) -> str:
+    """A VM name reduced to what ids, export names and file names may hold."""
+    text = unicodedata.normalize("NFKD", vm_name).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:limit].rstrip("-.") or "vm"
+
+
+def export_name(backup_id: str, index: int) -> str:
+    return f"{backup_id}-disk-{FIRST_DISK_KEY + index}"
+
+
+def targets_string(host: str, disks: list[dict[str, Any]]) -> str:
+    return ",".join(f"{FIRST_DISK_KEY + d['disk_index']}:nbd://{host}:{d['nbd_port']}/{d['nbd_export_name']}"
+                    for d in disks)
+
+
+def _disk_key(disk_id: str) -> int:
+    digits = disk_id.removeprefix("disk-")
+    return int(digits) if digits.isdigit() else 1 << 30
+
+
+@dataclasses.dataclass
+class StartRequest:
+    vm_name: str
+    repository_id: str
+    backup_type: str
+    policy_id: str | None = None
+    tags: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Backups:
+    def __init__(self, db: Database, audit: Audit, jobs: JobEngine, locks: KeyedLocks, contexts: Contexts,
+                 credentials: Credentials, repositories: Repositories, pool: NbdPool, vma: VmaClient,
+                 qemu_img: QemuImg, fs: LocalFs, teardown: Teardown, cfg: BackupConfig) -> None:
+        self.db = db
+        self.audit = audit
+        self.jobs = jobs
+        self.locks = locks
+        self.contexts = contexts
+        self.credentials = credentials
+        self.repositories = repositories
+        self.pool = pool
+        self.vma = vma
+        self.qemu_img = qemu_img
+        self.fs = fs
+        self.teardown = teardown
+        self.cfg = cfg
+
+    # -- starting ------------------------------------------------------------------------------------
+
+    async def start(self, req: StartRequest, *, actor: str) -> dict[str, Any]:
+        """Start a backup and answer the spec's BackupResponse once the VMA accepted it.
+
+        The work runs as its own task: a client that hangs up does not interrupt it half way (it then either
+        runs or is undone, as if the client had waited).
+        """
+        return await asyncio.shield(asyncio.ensure_future(self._start(req, actor)))
+
+    async def _start(self, req: StartRequest, actor: str) -> dict[str, Any]:
+        context = await self.contexts.by_name(req.vm_name)
+        cid = context["context_id"]
+        async with self.locks.hold(f"vm-backup:{cid}", what=f"VM {req.vm_name!r}"):
+            repo, root = await self.repositories.ready_root(req.repository_id)
+            disks = await self._vm_disks(cid, req.vm_name)
+            login = await self.credentials.login_for(context["credential_id"])
+            backup_id = await self._record(req, context, repo, disks, actor)
+            try:
+                await self._launch(backup_id, context, root, login, req.backup_type)
+            except asyncio.CancelledError:
+                await self.teardown.fail(backup_id, "interrupted: omad stopped while the backup was starting")
+                raise
+            except Exception as e:
+                reason = str(e) if isinstance(e, OmaError) else f"internal error: {e!r}"
+                if not isinstance(e, OmaError):
+                    log.exception("backup start crashed", extra={"resource": backup_id})
+                await self.teardown.fail(backup_id, reason)
+                if isinstance(e, OmaError):
+                    raise type(e)(e.message, e.details, **{**e.extra, "backup_id": backup_id}) from e
+                raise Internal("backup failed to start", "an unexpected error occurred; see the daemon log",
+                               backup_id=backup_id) from e
+        await self.audit.record(actor, "backup.start", f"backup:{backup_id}", vm_name=req.vm_name,
+                                repository_id=req.repository_id, backup_type=req.backup_type)
+        out = await self.get(backup_id, sizes=False)
+        out["status"] = "started"  # the spec's answer to a start; GET shows it as "running"
+        for d in out["disk_results"]:
+            d["status"] = "qemu_started"
+        return out
+
+    async def _vm_disks(self, context_id: str, vm_name: str) -> list[dict[str, Any]]:
+        rows = await self.db.fetchall("SELECT disk_id, capacity_bytes, size_gb FROM vm_disks WHERE vm_context_id = ?",
+                                      (context_id,))
+        if not rows:
+            raise Invalid("VM has no disks", f"no disks are recorded for VM {vm_name!r}; discover it again")
+        rows.sort(key=lambda r: _disk_key(r["disk_id"]))  # index i is the VM's i-th disk by VMware key
+        for r in rows:
+            capacity = int(r["capacity_bytes"] or 0) or int(r["size_gb"] or 0) * GIB
+            if capacity <= 0:
+                raise Invalid("disk size unknown", f"{r['disk_id']} of VM {vm_name!r} has no recorded capacity")
+            r["capacity_bytes"] = -(-capacity // 512) * 512
+        return rows
+
+    async def _record(self, req: StartRequest, context: dict[str, Any], repo: dict[str, Any],
+                      disks: list[dict[str, Any]], actor: str) -> str:
+        """Step 1: the rows, checked and written in one transaction."""
+        cid = context["context_id"]
+        now = utcnow()
+        async with self.db.transaction() as tx:
+            active = await tx.scalar("SELECT backup_id FROM backup_jobs WHERE vm_context_id = ? AND status IN "
+                                     "('pending', 'running')", (cid,))
+            if active:
+                raise Conflict("backup running", f"VM {req.vm_name!r} has a backup running ({active}); "
+                                                 "wait for it to end", backup_id=active)
+            parent = None
+            parent_disks: dict[int, dict[str, Any]] = {}
+            if req.backup_type == "incremental":
+                parent = await chains.latest_completed(tx, cid, repo["id"])
+                if parent is None:
+                    raise Invalid("no previous backup", f"an incremental backup continues a completed backup of "
+                                  f"VM {req.vm_name!r} in repository {repo['name']!r}, and there is none: "
+                                  "take a full backup first")
+                parent_disks = {d["disk_index"]: d for d in await tx.fetchall(
+                    "SELECT disk_index, disk_id, qcow2_path, change_id FROM backup_disks WHERE backup_id = ?",
+                    (parent["backup_id"],))}
+            backup_id = await self._new_id(tx, context["vm_name"])
+            chain_id = parent["chain_id"] if parent else backup_id
+            await tx.execute(
+                "INSERT INTO backup_jobs (backup_id, vm_context_id, vm_name, repository_id, backup_type, "
+                "parent_backup_id, chain_id, status, policy_id, tags, created_by, created_at, updated_at, "
+                "current_phase) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, 'starting')",
+                (backup_id, cid, context["vm_name"], repo["id"], req.backup_type,
+                 parent["backup_id"] if parent else None, chain_id, req.policy_id, json.dumps(req.tags), actor,
+                 now, now))
+            for index, disk in enumerate(disks):
+                name = export_name(backup_id, index)
+                before = parent_disks.get(index)
+                # A disk continues its chain only when the parent has the same disk at this index.
+                backing = before if before is not None and before["disk_id"] == disk["disk_id"] else None
+                await tx.execute(
+                    "INSERT INTO backup_disks (backup_id, disk_index, disk_id, capacity_bytes, qcow2_path, "
+                    "backing_file, nbd_export_name, status, previous_change_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                    (backup_id, index, disk["disk_id"], disk["capacity_bytes"], f"{cid}/{name}.qcow2",
+                     Path(backing["qcow2_path"]).name if backing else None, name,
+                     backing["change_id"] if backing else None))
+            await self.jobs.create("backup", job_id=backup_id, context_id=cid, tx=tx,
+                                   display_name=f"{req.backup_type} backup of {context['vm_name']}",
+                                   details={"repository_id": repo["id"], "disks": len(disks)})
+        log.info("%s backup of %s into %s: %d disk(s)%s", req.backup_type, context["vm_name"], repo["name"],
+                 len(disks), f", continuing {parent['backup_id']}" if parent else "", extra={"resource": backup_id})
+        return backup_id
+
+    @staticmethod
+    async def _new_id(tx: Tx, vm_name: str) -> str:
+        base = f"backup-{safe_name(vm_name)}-{int(time.time())}"
+        candidate, n = base, 1
+        while await tx.scalar("SELECT 1 FROM backup_jobs WHERE backup_id = ? UNION ALL "
+                              "SELECT 1 FROM jobs WHERE id = ?", (candidate, candidate)):
+            n += 1
+            candidate = f"{base}-{n}"
+        return candidate
+
+    async def _launch(self, backup_id: str, context: dict[str, Any], root: Path, login: VCenterLogin,
+                      backup_type: str) -> None:
+        """Steps 2-5."""
+        disks = await self._disks(backup_id)
+        async with self.jobs.step(backup_id, "create images"):
+            await self.fs.make_dir(root / context["context_id"])
+            for d in disks:
+                path = root / d["qcow2_path"]
+                await self.qemu_img.create(path, d["capacity_bytes"], backing_file=d["backing_file"])
+        await self.jobs.progress(backup_id, 1)
+        async with self.jobs.step(backup_id, "allocate ports"):
+            out = await self.pool.allocate(backup_id, len(disks), [d["nbd_export_name"] for d in disks],
+                                           lease_seconds=self.cfg.lease_seconds)
+            ports = {a["export_name"]: int(a["port"]) for a in out["allocated_ports"]}
+            if set(ports) != {d["nbd_export_name"] for d in disks}:
+                raise Unavailable("nbd-pool answered unexpectedly", f"ports were allocated for {sorted(ports)}")
+            async with self.db.transaction() as tx:
+                for d in disks:
+                    d["nbd_port"] = ports[d["nbd_export_name"]]
+                    await tx.execute("UPDATE backup_disks SET nbd_port = ? WHERE backup_id = ? AND disk_index = ?",
+                                     (d["nbd_port"], backup_id, d["disk_index"]))
+        async with self.jobs.step(backup_id, "start exports"):
+            for d in disks:
+                started = await self.pool.start_export(
+                    export_name=d["nbd_export_name"], port=d["nbd_port"], path=str(root / d["qcow2_path"]),
+                    read_only=False, shared_connections=self.cfg.shared_connections, fmt="qcow2", job_id=backup_id)
+                await self.db.execute("UPDATE backup_disks SET qemu_nbd_pid = ?, status = 'exporting' "
+                                      "WHERE backup_id = ? AND disk_index = ?",
+                                      (started.get("pid"), backup_id, d["disk_index"]))
+        await self.jobs.progress(backup_id, 2)
+        async with self.jobs.step(backup_id, "start VMA backup"):
+            previous = disks[0]["previous_change_id"] if disks else None
+            body: dict[str, Any] = {
+                "job_id": backup_id, "vm_name": context["vm_name"], "vm_path": context["vm_path"],
+                "vcenter_host": login.vcenter, "vcenter_user": login.username, "vcenter_password": login.password,
+                "nbd_targets": targets_string(self.cfg.nbd_host, disks), "backup_type": backup_type}
+            if previous:
+                body["previous_change_id"] = previous
+            try:
+                answer = await self.vma.start_backup(body)
+            except OmaError as e:
+                raise type(e)(f"the VMA refused the backup: {e.message}", e.details, **e.extra) from e
+            if str(answer.get("status", "")).lower() == "failed":
+                raise Unavailable("the VMA refused the backup",
+                                  f"the VMA answered status 'failed': {answer.get('message') or '(no message)'}")
+        now = utcnow()
+        async with self.db.transaction() as tx:
+            # Completions may already have come in (a small VM): only a backup still pending becomes running.
+            await tx.execute("UPDATE backup_jobs SET status = 'running', started_at = ?, last_activity_at = ?, "
+                             "updated_at = ?, current_phase = 'started' WHERE backup_id = ? AND status = 'pending'",
+                             (now, now, now, backup_id))
+        log.info("VMA started the backup", extra={"resource": backup_id})
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    async def _disks(self, backup_id: str) -> list[dict[str, Any]]:
+        return await self.db.fetchall(f"SELECT {_DISK_FIELDS} FROM backup_disks WHERE backup_id = ? "
+                                      "ORDER BY disk_index", (backup_id,))
+
+    async def get(self, backup_id: str, *, sizes: bool = True) -> dict[str, Any]:
+        """One backup with its disks; `sizes` reads each image's current figures with qemu-img info -U."""
+        row = await self.db.fetchone(
+            "SELECT b.*, r.root_path FROM backup_jobs b JOIN backup_repositories r ON r.id = b.repository_id "
+            "WHERE b.backup_id = ?", (backup_id,))
+        if row is None:
+            raise NotFound("backup not found", f"backup {backup_id} does not exist")
+        disks = await self._disks(backup_id)
+        out = self._public(row, disks)
+        if sizes:
+            for d in out["disk_results"]:
+                await self._live_size(d)
+        return out
+
+    async def _live_size(self, disk: dict[str, Any]) -> None:
+        path = Path(disk["qcow2_path"])
+        disk["file_exists"] = await self.fs.exists(path)
+        if not disk["file_exists"]:
+            return
+        try:
+            info = await self.qemu_img.info(path, force_share=True)
+        except OmaError as e:
+            disk["size_error"] = e.details
+            return
+        disk["size_bytes"], disk["virtual_size"] = info.actual_size, info.virtual_size
+
+    async def list(self, *, vm_name: str | None, vm_context_id: str | None, repository_id: str | None,
+                   backup_type: str | None, status: str | None, limit: int, offset: int) -> dict[str, Any]:
+        where = ("(? IS NULL OR b.vm_name = ?) AND (? IS NULL OR b.vm_context_id = ?) AND "
+                 "(? IS NULL OR b.repository_id = ?) AND (? IS NULL OR b.backup_type = ?) AND (? IS NULL OR b.status = ?)")
+        params = (vm_name, vm_name, vm_context_id, vm_context_id, repository_id, repository_id, backup_type,
+                  backup_type, status, status)
+        total = await self.db.scalar(f"SELECT COUNT(*) FROM backup_jobs b WHERE {where}", params)
+        rows = await self.db.fetchall(
+            f"SELECT b.*, r.root_path FROM backup_jobs b JOIN backup_repositories r ON r.id = b.repository_id "
+            f"WHERE {where} ORDER BY b.created_at DESC, b.backup_id DESC LIMIT ? OFFSET ?", (*params, limit, offset))
+        items = []
+        for row in rows:
+            items.append(self._public(row, await self._disks(row["backup_id"])))
+        return {"backups": items, "total": int(total), "count": len(items), "limit": limit, "offset": offset}
+
+    def _public(self, row: dict[str, Any], disks: list[dict[str, Any]]) -> dict[str, Any]:
+        """The spec's BackupResponse, with the disks' details."""
+        root = Path(row["root_path"])
+        results = []
+        for d in disks:
+            item = dict(d)
+            item["vmware_disk_id"] = item.pop("disk_id")
+            item["disk_id"] = item.pop("disk_index")  # the VMA's disk_id is the index
+            item["qcow2_path"] = str(root / d["qcow2_path"])
+            results.append(item)
+        exported = [d for d in disks if d["nbd_port"]]
+        out = {k: row[k] for k in (
+            "backup_id", "vm_context_id", "vm_name", "backup_type", "repository_id", "policy_id", "status",
+            "parent_backup_id", "chain_id", "bytes_transferred", "total_bytes", "size_bytes", "current_phase",
+            "progress_percent", "transfer_speed_bps", "eta_seconds", "error_message", "created_by", "created_at",
+            "started_at", "completed_at", "updated_at", "last_activity_at")}
+        out["tags"] = json.loads(row["tags"] or "{}")
+        out["disk_results"] = results
+        out["nbd_targets_string"] = targets_string(self.cfg.nbd_host, exported) if len(exported) == len(disks) else ""
+        return out
+
+    # -- deleting ------------------------------------------------------------------------------------
+
+    async def delete(self, backup_id: str, *, actor: str) -> dict[str, Any]:
+        """Remove a backup's images and rows together; refused while it runs or others build on it."""
+        row = await self.db.fetchone("SELECT b.*, r.root_path FROM backup_jobs b JOIN backup_repositories r "
+                                     "ON r.id = b.repository_id WHERE b.backup_id = ?", (backup_id,))
+        if row is None:
+            raise NotFound("backup not found", f"backup {backup_id} does not exist")
+        # The VM's start lock: no incremental can pick this backup as its parent meanwhile.
+        async with self.locks.hold(f"vm-backup:{row['vm_context_id']}", what=f"VM {row['vm_name']!r}"):
+            async with self.locks.hold(lock_key(backup_id), what=f"backup {backup_id}"):
+                await self._deletable(self.db, backup_id)
+                files = [Path(row["root_path"]) / d["qcow2_path"] for d in await self._disks(backup_id)]
+                await self.fs.remove(files)  # images first: a failure leaves the rows that name them
+                for directory in {f.parent for f in files}:
+                    await self.fs.remove_dir_if_empty(directory)
+                async with self.db.transaction() as tx:
+                    await self._deletable(tx, backup_id)
+                    await tx.execute("DELETE FROM backup_jobs WHERE backup_id = ?", (backup_id,))
+                    await self.audit.record(actor, "backup.delete", f"backup:{backup_id}", tx=tx,
+                                            vm_name=row["vm_name"], repository_id=row["repository_id"],
+                                            backup_type=row["backup_type"], status=row["status"])
+        log.info("deleted (%d image(s))", len(files), extra={"resource": backup_id})
+        return {"message": f"backup {backup_id} deleted", "backup_id": backup_id, "images_removed": len(files)}
+
+    @staticmethod
+    async def _deletable(db: Database | Tx, backup_id: str) -> None:
+        status = await db.scalar("SELECT status FROM backup_jobs WHERE backup_id = ?", (backup_id,))
+        if status is None:
+            raise NotFound("backup not found", f"backup {backup_id} does not exist")
+        if status in ACTIVE:
+            raise Conflict("backup running", f"backup {backup_id} is {status}; it can be deleted once it ends")
+        deps = await chains.dependents(db, backup_id)
+        if deps:
+            raise Conflict("backup has dependents",
+                           f"backup {backup_id} is the base of {', '.join(deps)}; delete those first "
+                           "(newest first)", dependents=deps)
+
+    # -- after a restart -----------------------------------------------------------------------------
+
+    async def recover(self, job: dict[str, Any]) -> None:
+        """A backup a previous omad left active: its VMA session is lost with it, so undo it.
+
+        Runs before omad serves: nothing can complete or query it meanwhile. nbd-pool's exports and ports
+        for it are released (they survive omad), the partial images removed.
+        """
+        backup_id = job["id"]
+        exists = await self.db.scalar("SELECT 1 FROM backup_jobs WHERE backup_id = ?", (backup_id,))
+        if not exists:
+            await self.jobs.finish(backup_id, "failed", "interrupted: omad restarted (no backup row)")
+            return
+        if not await self.teardown.fail(backup_id, "interrupted: omad restarted while the backup ran; "
+                                                   "its exports were stopped and its images removed"):
+            # Ended already (the job row lagged behind): make the job agree with the backup.
+            status = await self.db.scalar("SELECT status FROM backup_jobs WHERE backup_id = ?", (backup_id,))
+            await self.jobs.finish(backup_id, status)

@@ -1,0 +1,95 @@
+"""Ending a backup that did not succeed: record why, stop its exports, free its ports, remove its images.
+
+Every path that gives up on a backup comes here (a failed start, the VMA reporting failure, the idle
+watchdog, an omad restart), so the undo is the same whatever went wrong. It runs inside the backup's lock:
+a completion that arrives meanwhile waits, then finds the backup failed and is refused. Releasing nbd-pool's side is best effort: if the agent cannot be reached now, the watchdog's sweep
+releases what a finished backup still holds later. Only this backup's own images are removed, never the
+backing files of its parent.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from oma_common.errors import NotFound, OmaError
+
+from ..adapters.localfs import LocalFs
+from ..clients.nbdpool import NbdPool
+from ..jobs.engine import JobEngine
+from ..jobs.locks import KeyedLocks
+from ..store.db import Database, utcnow
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("pending", "running")
+
+
+def lock_key(backup_id: str) -> str:
+    return f"backup:{backup_id}"
+
+
+class Teardown:
+    def __init__(self, db: Database, jobs: JobEngine, pool: NbdPool, fs: LocalFs, locks: KeyedLocks) -> None:
+        self.db = db
+        self.jobs = jobs
+        self.pool = pool
+        self.fs = fs
+        self.locks = locks
+
+    async def fail(self, backup_id: str, reason: str) -> bool:
+        """Fail an active backup and undo it; False when it had already ended (nothing is done)."""
+        async with self.locks.hold(lock_key(backup_id), wait=True):
+            return await self.fail_locked(backup_id, reason)
+
+    async def fail_locked(self, backup_id: str, reason: str) -> bool:
+        """`fail` for a caller that already holds the backup's lock.
+
+        The undo comes first and the status last, so that a backup reads `failed` only once nothing of it is
+        left; completions wait on the lock meanwhile. A crash in between leaves it active, and the recovery
+        at the next start undoes it again (every step may be repeated).
+        """
+        status = await self.db.scalar("SELECT status FROM backup_jobs WHERE backup_id = ?", (backup_id,))
+        if status not in ACTIVE:
+            return False
+        log.warning("failing the backup: %s", reason, extra={"resource": backup_id})
+        await self.release(backup_id)
+        await self.remove_images(backup_id)
+        now = utcnow()
+        async with self.db.transaction() as tx:
+            await tx.execute("UPDATE backup_jobs SET status = 'failed', error_message = ?, completed_at = ?, "
+                             "updated_at = ?, current_phase = 'failed' WHERE backup_id = ?",
+                             (reason, now, now, backup_id))
+            await tx.execute("UPDATE backup_disks SET status = 'failed' WHERE backup_id = ?", (backup_id,))
+            await self.jobs.finish(backup_id, "failed", reason, tx=tx)
+        return True
+
+    async def release(self, backup_id: str) -> bool:
+        """Stop the backup's exports and free its ports; False when nbd-pool could not be asked."""
+        try:
+            out = await self.pool.release_job(backup_id)
+        except NotFound:
+            return True  # nbd-pool holds nothing for it
+        except OmaError as e:
+            log.warning("could not release exports and ports (%s); the watchdog will retry", e,
+                        extra={"resource": backup_id})
+            return False
+        log.info("released %s export(s) and %s port(s)", out.get("stopped_exports", "?"),
+                 out.get("released_count", "?"), extra={"resource": backup_id})
+        return True
+
+    async def remove_images(self, backup_id: str) -> None:
+        """Remove the backup's own images (missing ones are fine) and its VM directory once empty."""
+        rows = await self.db.fetchall(
+            "SELECT r.root_path, d.qcow2_path FROM backup_disks d JOIN backup_jobs b USING (backup_id) "
+            "JOIN backup_repositories r ON r.id = b.repository_id WHERE d.backup_id = ?", (backup_id,))
+        files = [Path(r["root_path"]) / r["qcow2_path"] for r in rows]
+        try:
+            removed = await self.fs.remove(files)
+        except OmaError as e:
+            log.error("could not remove the images: %s", e, extra={"resource": backup_id})
+            return
+        for directory in {f.parent for f in files}:
+            await self.fs.remove_dir_if_empty(directory)
+        if removed:
+            log.info("removed %d image(s)", len(removed), extra={"resource": backup_id})

@@ -1,0 +1,153 @@
+"""The backups' watchdog: fails backups whose exports sit idle, renews the port leases of running ones, and
+releases what finished backups still hold in nbd-pool.
+
+A running backup is busy while any of its exports has an NBD client, and whenever the VMA sends telemetry
+or a completion (each moves `last_activity_at`). Clients connected to an export hold the backup open the
+way an inhibitor holds a mount (a long copy never times out); reading its status does not. When nothing has
+happened for `idle_timeout_seconds` the VMA is taken to be gone (it crashed, lost its tunnel, or hangs), and
+the backup is failed and undone. If nbd-pool cannot be asked, nobody is failed for idleness in that pass:
+an unreachable agent says nothing about the VMA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from oma_common.errors import OmaError
+
+from ..clients.nbdpool import NbdPool
+from ..config import BackupConfig
+from ..store.db import Database
+from .teardown import Teardown
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _parse(stamp: str | None) -> datetime | None:
+    if not stamp:
+        return None
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def client_count(export: dict[str, Any]) -> int:
+    """Connected NBD clients of one export as nbd-pool lists it."""
+    clients = export.get("clients")
+    if isinstance(clients, list):
+        return len(clients)
+    return int(export.get("connection_count") or 0)
+
+
+class Watchdog:
+    def __init__(self, db: Database, pool: NbdPool, teardown: Teardown, cfg: BackupConfig, *,
+                 clock: Clock = _utc_now) -> None:
+        self.db = db
+        self.pool = pool
+        self.teardown = teardown
+        self.idle_timeout = cfg.idle_timeout_seconds
+        self.interval = cfg.watchdog_interval_seconds
+        self.lease_seconds = cfg.lease_seconds
+        self.clock = clock
+        self._renewed: dict[str, datetime] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.check()
+            except Exception:  # one bad pass must not end the watch
+                log.exception("backup watchdog pass failed")
+            await asyncio.sleep(self.interval)
+
+    async def check(self) -> list[str]:
+        """One pass; returns the backups it failed."""
+        now = self.clock()
+        running = await self.db.fetchall(
+            "SELECT b.backup_id, b.status, b.created_at, b.started_at, b.last_activity_at, "
+            "(SELECT group_concat(d.nbd_export_name, char(10)) FROM backup_disks d WHERE d.backup_id = b.backup_id) "
+            "AS exports FROM backup_jobs b WHERE b.status = 'running'")
+        try:
+            exports = await self.pool.exports()
+        except OmaError as e:
+            log.warning("cannot list nbd-pool's exports (%s); idle backups are not judged in this pass", e)
+            exports = None
+        failed = []
+        for row in running:
+            backup_id = row["backup_id"]
+            if exports is not None and self._has_clients(row, exports):
+                row["last_activity_at"] = _iso(now)
+                await self.db.execute("UPDATE backup_jobs SET last_activity_at = ? WHERE backup_id = ? AND "
+                                      "status = 'running'", (row["last_activity_at"], backup_id))
+            last = _parse(row["last_activity_at"]) or _parse(row["started_at"]) or _parse(row["created_at"])
+            assert last is not None
+            idle = (now - last).total_seconds()
+            if exports is not None and idle > self.idle_timeout:
+                if await self.teardown.fail(backup_id, f"idle: no NBD client on its exports and no telemetry or "
+                                                       f"completion from the VMA for {idle:.0f} s (limit "
+                                                       f"{self.idle_timeout:g} s)"):
+                    failed.append(backup_id)
+                continue
+            await self._renew(backup_id, now)
+        active = {r["backup_id"] for r in running}
+        for gone in [k for k in self._renewed if k not in active]:
+            del self._renewed[gone]
+        await self._sweep(exports)
+        return failed
+
+    @staticmethod
+    def _has_clients(row: dict[str, Any], exports: list[dict[str, Any]]) -> bool:
+        names = set((row["exports"] or "").split("\n"))
+        return any(client_count(e) > 0 for e in exports
+                   if e.get("job_id") == row["backup_id"] or e.get("export_name") in names)
+
+    async def _renew(self, backup_id: str, now: datetime) -> None:
+        last = self._renewed.get(backup_id)
+        if last is not None and (now - last).total_seconds() < self.lease_seconds / 3:
+            return
+        try:
+            await self.pool.renew(backup_id, self.lease_seconds)
+            self._renewed[backup_id] = now
+        except OmaError as e:
+            log.warning("could not renew the port lease: %s", e, extra={"resource": backup_id})
+
+    async def _sweep(self, exports: list[dict[str, Any]] | None) -> None:
+        """Release what nbd-pool still holds for backups that have ended (a release that failed earlier)."""
+        try:
+            allocations = (await self.pool.status()).get("allocations", [])
+        except OmaError:
+            return
+        holders = {a.get("job_id") for a in allocations} | {e.get("job_id") for e in exports or []}
+        holders.discard(None)
+        if not holders:
+            return
+        marks = ",".join("?" * len(holders))
+        ended = await self.db.fetchall(f"SELECT backup_id FROM backup_jobs WHERE backup_id IN ({marks}) AND "
+                                       "status IN ('completed', 'failed')", tuple(holders))
+        for row in ended:
+            log.warning("nbd-pool still holds exports or ports of the ended backup; releasing them",
+                        extra={"resource": row["backup_id"]})
+            await self.teardown.release(row["backup_id"])

@@ -1,0 +1,30 @@
+"""volume-agent's socket API as typed calls (volume_agent/api.py is the other side).
+
+  POST /repositories/mount   {kind, server, mount_point, export_path?, share_name?, options?, username?,
+                              password?, domain?}          → {mount_point, source, type, mounted, already_mounted}
+  POST /repositories/unmount {mount_point}                 → {mount_point, unmounted, message}
+  GET  /repositories/mounts                                → {mount_root, mounts: [{mount_point, source, type}]}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from oma_common.rpc import AgentClient
+
+
+class VolumeAgent:
+    def __init__(self, client: AgentClient, *, mount_timeout: float = 90.0) -> None:
+        self.client = client
+        self.mount_timeout = mount_timeout
+
+    async def mount_share(self, share: dict[str, Any]) -> dict[str, Any]:
+        return await self.client.call("POST", "/repositories/mount", json=share,  # type: ignore[no-any-return]
+                                      timeout=self.mount_timeout)
+
+    async def unmount_share(self, mount_point: str) -> dict[str, Any]:
+        return await self.client.call("POST", "/repositories/unmount",  # type: ignore[no-any-return]
+                                      json={"mount_point": mount_point}, timeout=self.mount_timeout)
+
+    async def share_mounts(self) -> dict[str, Any]:
+        return await self.client.call("GET", "/repositories/mounts")  # type: ignore[no-any-return]

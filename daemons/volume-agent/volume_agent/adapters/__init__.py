@@ -1,0 +1,1 @@
+"""volume-agent's adapters: one module per external program or kernel interface."""

@@ -1,0 +1,108 @@
+"""mount(8) and umount(8) for network shares, the mount table (proc(5) mountinfo), and the kernel's
+filesystems: argv lists only, secrets in the environment (mount.cifs(8): USER, PASSWD), never in argv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from oma_common.process import CommandFailed, CommandResult, run
+
+log = logging.getLogger("volume_agent.mount")
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+FILESYSTEMS = Path("/proc/filesystems")
+# The user-space helper each kind needs, and the Debian package that has it.
+HELPERS = {"nfs": ("mount.nfs", "nfs-common"), "cifs": ("mount.cifs", "cifs-utils")}
+# The kernel module directory that would provide the filesystem when it is not built in.
+MODULE_DIRS = {"nfs": "kernel/fs/nfs", "cifs": "kernel/fs/smb/client"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MountEntry:
+    mount_point: Path
+    fstype: str
+    source: str
+    options: str
+
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    # The kernel escapes space, tab, newline and backslash in mountinfo paths as \ooo (proc(5)).
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    out = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        try:
+            sep = fields.index("-", 6)  # the optional fields end with a lone "-"
+            out.append(MountEntry(Path(_unescape(fields[4])), fields[sep + 1], _unescape(fields[sep + 2]),
+                                  fields[5]))
+        except (ValueError, IndexError):
+            continue
+    return out
+
+
+def read_mounts(path: Path = MOUNTINFO) -> list[MountEntry]:
+    return parse_mountinfo(path.read_text())
+
+
+def mounted_at(mount_point: Path, path: Path = MOUNTINFO) -> MountEntry | None:
+    """The topmost mount on `mount_point`, if any (the last one listed is the one visible)."""
+    found = [m for m in read_mounts(path) if m.mount_point == mount_point]
+    return found[-1] if found else None
+
+
+def kernel_lacks(fstype: str, filesystems: Path = FILESYSTEMS, modules: Path = Path("/lib/modules")) -> bool:
+    """True when the running kernel neither has `fstype` loaded nor a module that could provide it."""
+    try:
+        loaded = {line.split()[-1] for line in filesystems.read_text().splitlines() if line.strip()}
+    except OSError:
+        return False  # cannot tell: do not claim it
+    if fstype in loaded:
+        return False
+    module_dir = modules / os.uname().release / MODULE_DIRS.get(fstype, f"kernel/fs/{fstype}")
+    return not module_dir.exists()
+
+
+def helper_missing(fstype: str) -> str | None:
+    """The package to install when the filesystem's mount helper is absent, else None."""
+    helper, package = HELPERS.get(fstype, ("", ""))
+    if not helper:
+        return None
+    found = shutil.which(helper) or shutil.which(helper, path="/sbin:/usr/sbin")
+    return None if found else package
+
+
+def mount_argv(fstype: str, source: str, mount_point: Path, options: Sequence[str], *,
+               program: str = "mount") -> list[str]:
+    """`mount -t TYPE -o OPTS -- SOURCE MOUNTPOINT`; -i is never given, so the helper (mount.nfs,
+    mount.cifs) runs and does the name resolution and protocol negotiation the kernel cannot."""
+    argv = [program, "-t", fstype]
+    if options:
+        argv += ["-o", ",".join(options)]
+    return argv + ["--", source, str(mount_point)]
+
+
+async def mount(argv: list[str], *, env: Mapping[str, str] | None, timeout: float) -> CommandResult:
+    """Run mount; CommandFailed carries its exit code and message. `env` adds to a minimal environment."""
+    base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+    return await run(argv, env={**base, **(env or {})}, timeout=timeout, logger=log)
+
+
+async def umount(mount_point: Path, *, timeout: float, program: str = "umount") -> None:
+    await run([program, "--", str(mount_point)], timeout=timeout, logger=log)
+
+
+__all__ = ["CommandFailed", "MountEntry", "helper_missing", "kernel_lacks", "mount", "mount_argv", "mounted_at",
+           "parse_mountinfo", "read_mounts", "umount"]

@@ -1,0 +1,59 @@
+"""volume-agent's socket API: network shares for omad's backup repositories (CloudStack volumes come later)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from oma_common.rpc import peer_credentials
+from oma_common.schema import spec
+from oma_common.web import Auth, Call, route
+
+from .repositories import RepositoryMounts, Share
+
+
+@dataclasses.dataclass
+class MountIn:
+    """A share to mount: NFS `server:export_path`, or CIFS `//server/share_name` with a login."""
+
+    kind: str = spec(pattern=r"(?i)nfs|cifs|smb", description="nfs, or cifs (smb)")
+    server: str = spec(min_length=1, max_length=255)
+    mount_point: str = spec(min_length=2, max_length=4096, description="absolute path below the agent's mount root")
+    export_path: str = spec("", max_length=4096, description="NFS: the exported path")
+    share_name: str = spec("", max_length=255, description="CIFS: the share")
+    options: list[str] | str = spec(factory=list, description="extra mount options (a list, or comma-separated)")
+    username: str = spec("", max_length=255)
+    password: str = spec("", max_length=1024)
+    domain: str = spec("", max_length=255)
+
+
+@dataclasses.dataclass
+class UnmountIn:
+    mount_point: str = spec(min_length=2, max_length=4096)
+
+
+class RepositoriesApi:
+    def __init__(self, mounts: RepositoryMounts) -> None:
+        self.mounts = mounts
+
+    @route("POST", "/repositories/mount", body=MountIn, auth=Auth.PEER)
+    async def mount(self, call: Call) -> dict[str, Any]:
+        """Mount a share (idempotent); a CIFS share's files belong to the caller."""
+        b: MountIn = call.body
+        options = b.options.split(",") if isinstance(b.options, str) else b.options
+        kind = "cifs" if b.kind.lower() == "smb" else b.kind.lower()
+        share = Share(kind=kind, server=b.server, mount_point=b.mount_point, export_path=b.export_path,
+                      share_name=b.share_name, options=options, username=b.username, password=b.password,
+                      domain=b.domain)
+        _, uid, gid = peer_credentials(call.request)
+        return await self.mounts.mount(share, owner_uid=uid, owner_gid=gid)
+
+    @route("POST", "/repositories/unmount", body=UnmountIn, auth=Auth.PEER)
+    async def unmount(self, call: Call) -> dict[str, Any]:
+        """Unmount a share mounted here (nothing mounted: success, `unmounted` false)."""
+        return await self.mounts.unmount(call.body.mount_point)
+
+    @route("GET", "/repositories/mounts", auth=Auth.PEER)
+    async def list(self, call: Call) -> dict[str, Any]:
+        """The mount root and the shares mounted below it."""
+        return await self.mounts.list()

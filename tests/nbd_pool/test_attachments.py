@@ -1,0 +1,113 @@
+"""Read-only attachments through the real nbd-pool (fuse-loop here: this machine has no nbd module)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..lib.diskimages import gpt_two_ext4, to_qcow2
+from .conftest import Pool, sh
+
+pytestmark = [pytest.mark.timeout(120)]
+
+LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+
+
+def gpt_qcow2(pool: Pool, name: str = "disk.qcow2") -> Path:
+    raw = gpt_two_ext4(pool.stack.state / f"{name}.raw", {"etc/hostname": b"vm1\n"}, {"data/report.txt": b"q3\n"},
+                       size=128 * 1024 * 1024)
+    image = to_qcow2(raw.path, pool.repo / name)
+    raw.path.unlink()
+    return image
+
+
+def nothing_left(att: dict[str, Any], work_root: Path) -> None:
+    device = Path(att["device"])
+    back = Path(f"/sys/block/{device.name}/loop/backing_file")
+    assert not back.exists() or str(work_root) not in back.read_text()
+    assert not (work_root / att["attachment_id"]).exists()
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(work_root.resolve()) not in mounts
+
+
+@pytest.mark.root
+async def test_gpt_qcow2_with_two_ext4_is_attached_read_only_and_detached_cleanly(pool: Pool) -> None:
+    image = gpt_qcow2(pool)
+    att = await pool.agent.ok("POST", "/attachments", {"image": str(image), "owner": "restore-mounter:mnt-1"})
+    assert att["backend"] == "fuse-loop" and att["device"].startswith("/dev/loop")
+    parts = att["partitions"]
+    assert [p["number"] for p in parts] == [1, 2] and all(p["type"] == LINUX_FS for p in parts)
+    for p in parts:
+        assert Path(p["device"]).is_block_device()
+    # Writes fail on the disk and on both partitions.
+    for dev in [att["device"]] + [p["device"] for p in parts]:
+        with pytest.raises(OSError) as info:
+            fd = os.open(dev, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"x" * 4096, 0)
+            finally:
+                os.close(fd)
+        assert info.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    # Each partition holds its file system and files (read with debugfs: no mount needed).
+    for p, path, text in ((parts[0], "/etc/hostname", "vm1\n"), (parts[1], "/data/report.txt", "q3\n")):
+        assert sh("debugfs", "-R", f"cat {path}", p["device"]).stdout.decode() == text
+    listed = await pool.agent.ok("GET", "/attachments")
+    assert listed["max_attachments"] == 8 and listed["available_slots"] == 7 and listed["backend"] == "fuse-loop"
+    assert [(a["attachment_id"], a["owner"], a["status"]) for a in listed["attachments"]] == [
+        (att["attachment_id"], "restore-mounter:mnt-1", "attached")]
+    # While a partition is mounted, detach refuses and changes nothing.
+    mnt = pool.stack.state / "mnt"
+    mnt.mkdir()
+    sh("mount", "-o", "ro,noload", parts[1]["device"], mnt)
+    try:
+        assert (mnt / "data" / "report.txt").read_text() == "q3\n"
+        status, body = await pool.agent.request("DELETE", f"/attachments/{att['attachment_id']}")
+        assert status == 409 and body["error"] == "attachment in use", body
+        assert Path(parts[1]["device"]).is_block_device()
+    finally:
+        sh("umount", mnt)
+    assert await pool.agent.ok("DELETE", f"/attachments/{att['attachment_id']}") == {"success": True}
+    nothing_left(att, pool.work_root)
+    assert (await pool.agent.ok("GET", "/attachments"))["attachments"] == []
+    status, body = await pool.agent.request("DELETE", f"/attachments/{att['attachment_id']}")
+    assert status == 404
+
+
+@pytest.mark.root
+async def test_backing_chain_is_followed(pool: Pool) -> None:
+    base = gpt_qcow2(pool, "base.qcow2")
+    top = pool.repo / "top.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    att = await pool.agent.ok("POST", "/attachments", {"image": str(top), "owner": "t"})
+    try:
+        assert len(att["partitions"]) == 2
+        assert sh("debugfs", "-R", "cat /etc/hostname", att["partitions"][0]["device"]).stdout == b"vm1\n"
+    finally:
+        await pool.agent.ok("DELETE", f"/attachments/{att['attachment_id']}")
+    assert base.exists()
+
+
+@pytest.mark.root
+async def test_slots_are_limited(make_pool: Any) -> None:
+    pool = await make_pool("max_attachments = 1\n")
+    image = gpt_qcow2(pool)
+    first = await pool.agent.ok("POST", "/attachments", {"image": str(image), "owner": "a"})
+    status, body = await pool.agent.post("/attachments", {"image": str(image), "owner": "b"})
+    assert status == 409 and body["code"] == "exhausted" and body["available_slots"] == 0
+    await pool.agent.ok("DELETE", f"/attachments/{first['attachment_id']}")
+    second = await pool.agent.ok("POST", "/attachments", {"image": str(image), "owner": "b"})
+    await pool.agent.ok("DELETE", f"/attachments/{second['attachment_id']}")
+
+
+async def test_attach_refuses_what_is_outside_the_roots(pool: Pool) -> None:
+    outside = pool.stack.state / "elsewhere.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", outside, "8M")
+    for image in (str(outside), f"{pool.repo}/../elsewhere.qcow2", "/etc/shadow", "relative.qcow2"):
+        status, body = await pool.agent.post("/attachments", {"image": image, "owner": "x"})
+        assert status == 400 and body["code"] == "invalid_request", (image, body)
+    status, body = await pool.agent.post("/attachments", {"image": str(pool.repo / "nope.qcow2"), "owner": "x"})
+    assert status == 404

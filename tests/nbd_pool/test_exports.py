@@ -1,0 +1,194 @@
+"""Exports through the real nbd-pool over its socket, written and read by real NBD clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from .conftest import MIB, Pool, ash, make_source, sha256_of, sha256_of_image, sh, url
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+async def test_64_mib_written_with_qemu_img_and_nbdcopy_reads_back_identical(pool: Pool) -> None:
+    src = make_source(pool.stack.state / "src.raw", 64 * MIB)
+    a = await pool.export("job-w1", pool.image("a.qcow2"), "vm1-disk-2000")
+    b = await pool.export("job-w1", pool.image("b.qcow2"), "vm1-disk-2001")
+    assert a["status"] == "running" and a["size"] == 64 * MIB and a["shared_limit"] == 10
+    await ash("qemu-img", "convert", "-n", "-f", "raw", src, "-O", "raw", url(a["port"], a["export_name"]))
+    await ash("nbdcopy", src, url(b["port"], b["export_name"]))
+    # Read back through the exports while they run...
+    for e in (a, b):
+        await ash("qemu-img", "compare", "-f", "raw", "-F", "raw", src, url(e["port"], e["export_name"]))
+    released = await pool.agent.ok("POST", "/jobs/job-w1/release")
+    assert released["stopped_exports"] == 2 and released["released_count"] == 2
+    # ...and from the images once qemu-nbd has flushed and gone.
+    want = sha256_of(src)
+    assert sha256_of_image(pool.repo / "a.qcow2", "qcow2", pool.stack.state) == want
+    assert sha256_of_image(pool.repo / "b.qcow2", "qcow2", pool.stack.state) == want
+    # The zeros written as data were not allocated in the backup (detect-zeroes=unmap).
+    used = os.stat(pool.repo / "a.qcow2").st_blocks * 512
+    assert used < 40 * MIB, used
+
+
+async def test_two_clients_at_once(pool: Pool) -> None:
+    e = await pool.export("job-2c", pool.image("two.qcow2", "8M"), "two")
+    target = url(e["port"], "two")
+    # Two qemu-io sessions hold their connections open at the same time.
+    clients = [await asyncio.create_subprocess_exec("qemu-io", "-f", "raw", target, stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+               for _ in range(2)]
+    try:
+        for _ in range(100):
+            listed = (await pool.agent.ok("GET", "/exports"))["processes"]
+            if listed[0]["connection_count"] >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert listed[0]["connection_count"] == 2, listed
+        assert len(listed[0]["clients"]) == 2
+        for i, c in enumerate(clients):
+            assert c.stdin is not None
+            c.stdin.write(f"write -P 0x{i + 1:02x} {i * MIB} {MIB}\nquit\n".encode())
+            await c.stdin.drain()
+            c.stdin.close()  # qemu-io reads a pipe to its end before it runs the commands
+        outs = [await asyncio.wait_for(c.communicate(), 30) for c in clients]
+        assert all(c.returncode == 0 for c in clients), outs
+        assert all(b"wrote 1048576/1048576 bytes" in o[0] for o in outs), outs
+    finally:
+        for c in clients:
+            if c.returncode is None:
+                c.kill()
+                await c.wait()
+    for i in range(2):
+        res = await ash("qemu-io", "-f", "raw", "-r", "-c", f"read -P 0x{i + 1:02x} {i * MIB} {MIB}", target)
+        assert b"Pattern verification failed" not in res.stdout, res.stdout
+
+
+async def test_read_only_export_refuses_writes(pool: Pool) -> None:
+    image = pool.image("ro.qcow2", "8M")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", image)
+    e = await pool.export("job-ro", image, "ro", read_only=True)
+    assert e["read_only"] is True
+    target = url(e["port"], "ro")
+    res = await ash("qemu-io", "-f", "raw", "-c", "write -P 0x00 0 1M", target, check=False)
+    assert res.returncode != 0 or b"write failed" in res.stdout + res.stderr, res
+    assert b"wrote" not in res.stdout
+    src = make_source(pool.stack.state / "ro-src.raw", 2 * MIB)
+    for client in (["qemu-img", "convert", "-n", "-f", "raw", src, "-O", "raw", target], ["nbdcopy", src, target]):
+        res = await ash(*client, check=False)
+        assert res.returncode != 0, (client, res)
+    ok = await ash("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x5a 0 1M", target)
+    assert b"Pattern verification failed" not in ok.stdout
+
+
+@pytest.mark.root
+async def test_block_device_behind_a_root_only_link_is_exported_raw(pool: Pool) -> None:
+    """The replication path: a volume's /dev/disk/by-id-style link in a root-only directory, exported raw."""
+    backing = pool.stack.state / "volume.raw"
+    with open(backing, "wb") as f:
+        f.truncate(16 * MIB)
+    device = sh("losetup", "--show", "-f", backing).stdout.decode().strip()
+    try:
+        links = pool.repo / "by-id"
+        links.mkdir(mode=0o755)
+        (links / "virtio-vol1").symlink_to(device)
+        e = await pool.export("job-rep", links / "virtio-vol1", "vol1")
+        assert e["format"] == "raw" and e["resolved_path"] == device and e["path"] == str(links / "virtio-vol1")
+        src = make_source(pool.stack.state / "vol-src.raw", 16 * MIB, seed=7)
+        await ash("nbdcopy", src, url(e["port"], "vol1"))
+        await pool.agent.ok("POST", "/jobs/job-rep/release")
+        assert sha256_of(Path(device)) == sha256_of(src)
+        # The same link in a directory others may write to is not followed to the device.
+        os.chmod(links, 0o777)
+        alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-rep2", "count": 1})
+        status, body = await pool.agent.post("/exports", {"export_name": "vol1", "port": alloc["allocated_ports"][0]["port"],
+                                                          "path": str(links / "virtio-vol1")})
+        assert status == 400 and body["error"] == "path outside the export roots", body
+    finally:
+        sh("losetup", "-d", device)
+
+
+async def test_stop_by_name_and_by_pid_keeps_the_lease(pool: Pool) -> None:
+    one = await pool.export("job-s", pool.image("s1.qcow2", "4M"), "s1")
+    two = await pool.export("job-s", pool.image("s2.qcow2", "4M"), "s2")
+    assert await pool.agent.ok("POST", "/exports/stop", {"export_name": "s1"}) == {"success": True, "stopped_pid": one["pid"]}
+    assert await pool.agent.ok("POST", "/exports/stop", {"pid": two["pid"]}) == {"success": True, "stopped_pid": two["pid"]}
+    assert (await pool.agent.ok("GET", "/exports"))["processes"] == []
+    status, body = await pool.agent.post("/exports/stop", {"export_name": "s1"})
+    assert status == 404 and body["code"] == "not_found"
+    # The ports are still the job's: the export can start again on the same port.
+    leases = (await pool.agent.ok("GET", "/ports/status"))["allocations"]
+    assert sorted(x["port"] for x in leases) == sorted([one["port"], two["port"]])
+    again = await pool.export("job-s", pool.repo / "s1.qcow2", "s1", port=one["port"])
+    assert again["port"] == one["port"] and again["pid"] != one["pid"]
+
+
+async def test_conflicts_on_a_busy_port_name_or_image(pool: Pool) -> None:
+    image = pool.image("c.qcow2", "4M")
+    first = await pool.export("job-c", image, "c1")
+    alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-c", "count": 1})
+    free_port = alloc["allocated_ports"][0]["port"]
+    other = pool.image("c2.qcow2", "4M")
+    cases = [
+        ({"export_name": "c2", "port": first["port"], "path": str(other)}, "port busy"),
+        ({"export_name": "c1", "port": free_port, "path": str(other)}, "export name in use"),
+        ({"export_name": "c2", "port": free_port, "path": str(image)}, "image already exported"),
+        ({"export_name": "c2", "port": free_port, "path": str(other), "job_id": "job-other"}, "port leased to another job"),
+    ]
+    for body, error in cases:
+        status, out = await pool.agent.post("/exports", body)
+        assert out["error"] == error, (body, out)
+        assert status == (400 if error == "port leased to another job" else 409), out
+
+
+async def test_invalid_requests_are_400_json(pool: Pool) -> None:
+    alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-v", "count": 1})
+    port = alloc["allocated_ports"][0]["port"]
+    good = pool.image("good.qcow2", "4M")
+    outside = pool.stack.state / "outside.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", outside, "4M")
+    (pool.repo / "escape.qcow2").symlink_to(outside)
+    (pool.repo / "sub").mkdir()
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", outside, "-F", "qcow2", pool.repo / "sub" / "child.qcow2")
+    cases = {
+        "outside the roots": {"path": str(outside)},
+        "dot-dot out of a root": {"path": f"{pool.repo}/../outside.qcow2"},
+        "a link out of a root": {"path": str(pool.repo / "escape.qcow2")},
+        "a backing file outside the roots": {"path": str(pool.repo / "sub" / "child.qcow2")},
+        "a directory": {"path": str(pool.repo)},
+        "a relative path": {"path": "good.qcow2"},
+        "a name with a slash": {"export_name": "vm/disk"},
+        "a name with a space": {"export_name": "vm disk"},
+        "a name with a leading dot": {"export_name": ".hidden"},
+        "a port outside the range": {"port": pool.ports.stop},
+        "a port below the range": {"port": pool.ports.start - 1},
+        "a port not leased": {"port": port + 1 if port + 1 in pool.ports else port - 1},
+        "too few connections": {"shared_connections": 2},
+        "an unknown format": {"format": "vmdk"},
+    }
+    for what, override in cases.items():
+        body = {"export_name": "ok-name", "port": port, "path": str(good), **override}
+        status, out = await pool.agent.post("/exports", body)
+        assert status == 400, (what, status, out)
+        assert out["code"] == "invalid_request" and out["error"] and out["details"], (what, out)
+    assert (await pool.agent.ok("GET", "/exports"))["processes"] == []
+    status, out = await pool.agent.post("/exports", {"export_name": "x", "port": port,
+                                                     "path": str(pool.repo / "missing.qcow2")})
+    assert status == 404 and out["code"] == "not_found"
+
+
+async def test_export_that_dies_is_dropped_by_the_periodic_check(make_pool: object) -> None:
+    pool = await make_pool("reconcile_interval_seconds = 0.2\n")  # type: ignore[operator]
+    e = await pool.export("job-d", pool.image("d.qcow2", "4M"), "d")
+    os.kill(e["pid"], signal.SIGKILL)
+    for _ in range(100):
+        if not (await pool.agent.ok("GET", "/exports"))["processes"]:
+            break
+        await asyncio.sleep(0.05)
+    assert (await pool.agent.ok("GET", "/exports"))["processes"] == []
+    leases = (await pool.agent.ok("GET", "/ports/status"))["allocations"]
+    assert [x["port"] for x in leases] == [e["port"]]  # the port stays with the job until it is released

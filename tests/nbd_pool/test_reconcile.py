@@ -1,0 +1,145 @@
+"""nbd-pool dying or restarting under load: exports and attachments survive and are adopted, leftovers are
+released, and every lease is accounted for after READY."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from nbd_pool.adapters import loopdev, mountinfo
+from nbd_pool.adapters.fuse_loop import FuseLoopBackend
+from nbd_pool.adapters.orphans import list_orphans
+
+from ..lib.diskimages import gpt_two_ext4, to_qcow2
+from .conftest import MIB, Pool, ash, make_source, sh, url
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def write_pattern(port: int, name: str, pattern: int) -> None:
+    await ash("qemu-io", "-f", "raw", "-c", f"write -P {pattern:#04x} 0 {MIB}", url(port, name))
+
+
+async def check_pattern(port: int, name: str, pattern: int) -> None:
+    res = await ash("qemu-io", "-f", "raw", "-r", "-c", f"read -P {pattern:#04x} 0 {MIB}", url(port, name))
+    assert b"Pattern verification failed" not in res.stdout, res.stdout
+
+
+async def exports_of(pool: Pool) -> dict[str, dict[str, Any]]:
+    return {p["export_name"]: p for p in (await pool.agent.ok("GET", "/exports"))["processes"]}
+
+
+@pytest.mark.root
+async def test_kill_9_with_three_exports_and_an_attachment_then_restart(pool: Pool) -> None:
+    alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-k", "count": 3,
+                                                            "export_names": ["k0", "k1", "k2"]})
+    ports = [p["port"] for p in alloc["allocated_ports"]]
+    started = {}
+    for i, port in enumerate(ports):
+        started[f"k{i}"] = await pool.export("job-k", pool.image(f"k{i}.qcow2", "16M"), f"k{i}", port=port)
+        await write_pattern(port, f"k{i}", 0x10 + i)
+    raw = gpt_two_ext4(pool.stack.state / "fs.raw", {"a.txt": b"A\n"}, {"b.txt": b"B\n"}, size=128 * MIB)
+    image = to_qcow2(raw.path, pool.repo / "fs.qcow2")
+    att = await pool.agent.ok("POST", "/attachments", {"image": str(image), "owner": "restore-mounter:mnt-k"})
+
+    # Leftovers a crash could also leave: a qemu-nbd on a pool port that was never recorded (killed between
+    # spawn and record), and a half-made attachment under the work root.
+    spare = next(p for p in pool.ports if p not in ports)
+    stray_nbd = await asyncio.create_subprocess_exec(
+        "qemu-nbd", "--persistent", "--format=qcow2", "--export-name=stray", "--bind=127.0.0.1", f"--port={spare}",
+        "--shared=10", "--", str(pool.image("stray.qcow2", "4M")), stderr=asyncio.subprocess.DEVNULL)
+    stray_att = (await FuseLoopBackend().attach(image, pool.work_root / "att-stray", resource_id="stray")).forget()
+
+    pool.kill9()
+    for e in started.values():
+        assert alive(e["pid"])  # the exports did not die with the daemon
+    await asyncio.to_thread(pool.start)  # returns after READY
+
+    # Adopted: the same processes, still leased to their job.
+    listed = await exports_of(pool)
+    assert {n: e["pid"] for n, e in listed.items()} == {n: e["pid"] for n, e in started.items()}
+    status = await pool.agent.ok("GET", "/ports/status")
+    assert sorted((a["port"], a["job_id"]) for a in status["allocations"]) == [(p, "job-k") for p in ports]
+    attachments = (await pool.agent.ok("GET", "/attachments"))["attachments"]
+    assert [(a["attachment_id"], a["device"], a["status"]) for a in attachments] == [
+        (att["attachment_id"], att["device"], "attached")]
+    assert all(Path(p["device"]).is_block_device() for p in att["partitions"])
+    health = await pool.agent.ok("GET", "/health")
+    assert (health["exports"], health["attachments"], health["allocated"]) == (3, 1, 3)
+
+    # Released: the stray qemu-nbd, the stray FUSE export, loop device and qemu-storage-daemon.
+    assert await asyncio.wait_for(stray_nbd.wait(), 10) is not None
+    assert not alive(stray_att.process.pid)
+    assert loopdev.bound_file(stray_att.device) != stray_att.fuse_file
+    assert not mountinfo.is_mounted(Path(stray_att.fuse_file))
+    keep = {e["pid"] for e in listed.values()} | {attachments[0]["pid"]}
+    left = await list_orphans(pool.work_root, ports=pool.ports, keep_pids=keep, keep_devices={att["device"]},
+                              keep_mounts={Path(pool.work_root.resolve() / att["attachment_id"] / "disk.raw")})
+    assert not left, left
+
+    # The adopted exports still serve their data, and take new writes.
+    for i, port in enumerate(ports):
+        await check_pattern(port, f"k{i}", 0x10 + i)
+    src = make_source(pool.stack.state / "after.raw", 16 * MIB)
+    await ash("nbdcopy", src, url(ports[0], "k0"))
+    await ash("qemu-img", "compare", "-f", "raw", "-F", "raw", src, url(ports[0], "k0"))
+    assert sh("debugfs", "-R", "cat /b.txt", att["partitions"][1]["device"]).stdout == b"B\n"
+
+    # Adopted children are stopped like our own (through their pidfd) when the job is released.
+    rel = await pool.agent.ok("POST", "/jobs/job-k/release")
+    assert rel["stopped_exports"] == 3 and sorted(rel["stopped_pids"]) == sorted(e["pid"] for e in started.values())
+    assert not any(alive(e["pid"]) for e in started.values())
+    await pool.agent.ok("DELETE", f"/attachments/{att['attachment_id']}")
+
+
+async def test_sigterm_leaves_exports_running_and_the_next_start_adopts_them(pool: Pool) -> None:
+    e = await pool.export("job-t", pool.image("t.qcow2", "8M"), "t")
+    await write_pattern(e["port"], "t", 0x42)
+    assert pool.stop() == 0
+    assert alive(e["pid"])
+    await check_pattern(e["port"], "t", 0x42)  # served while nbd-pool is down
+    await asyncio.to_thread(pool.start)
+    assert (await exports_of(pool))["t"]["pid"] == e["pid"]
+    await check_pattern(e["port"], "t", 0x42)
+
+
+async def test_records_of_dead_or_unleased_children_are_dropped_at_start(pool: Pool) -> None:
+    alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-d", "count": 2})
+    p0, p1 = (p["port"] for p in alloc["allocated_ports"])
+    dead = await pool.export("job-d", pool.image("d0.qcow2", "4M"), "d0", port=p0)
+    kept = await pool.export("job-d", pool.image("d1.qcow2", "4M"), "d1", port=p1)
+    pool.kill9()
+    os.kill(dead["pid"], signal.SIGKILL)  # dies while nbd-pool is down
+    await asyncio.to_thread(pool.start)
+    assert list(await exports_of(pool)) == ["d1"]
+    # Its port stays with the job until the job releases it.
+    assert sorted(a["port"] for a in (await pool.agent.ok("GET", "/ports/status"))["allocations"]) == sorted([p0, p1])
+    assert alive(kept["pid"])
+
+
+async def test_an_unreadable_state_file_stops_the_start_and_touches_nothing(pool: Pool) -> None:
+    e = await pool.export("job-u", pool.image("u.qcow2", "4M"), "u")
+    pool.kill9()
+    leases = pool.stack.state / "nbd-pool" / "leases.json"
+    good = leases.read_text()
+    leases.write_text("{not json")
+    with pytest.raises(Exception, match="exited with 1"):
+        await asyncio.to_thread(pool.start)
+    assert "cannot read the state file" in pool.daemon.log_tail(50)
+    assert alive(e["pid"])  # the running export was left alone
+    leases.write_text(good)
+    await asyncio.to_thread(pool.start)
+    assert (await exports_of(pool))["u"]["pid"] == e["pid"]

@@ -1,0 +1,177 @@
+"""Backup repositories: local directories checked for writability, NFS/CIFS shares mounted by volume-agent
+(whose failure on this kernel is reported, not hidden), capacity by statvfs, CIFS passwords sealed at rest,
+no deletion while backups exist, and the API's filters and dry-run test."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oma_common.errors import Conflict, Invalid
+from omad.adapters.localfs import LocalFs
+from omad.audit import Audit
+from omad.backup.repositories import PURPOSE, Repositories
+from omad.crypto import SecretBox
+from omad.store.db import Database
+from volume_agent.adapters import mount as m
+
+from ..rig import Api, Stack
+
+NO_NFS = m.kernel_lacks("nfs") or m.helper_missing("nfs") is not None
+
+
+class FakeAgent:
+    """volume-agent as far as omad's repositories see it: a 'mount' is a directory under its root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.mounted: dict[str, dict[str, Any]] = {}
+
+    async def share_mounts(self) -> dict[str, Any]:
+        return {"mount_root": str(self.root), "mounts": []}
+
+    async def mount_share(self, share: dict[str, Any]) -> dict[str, Any]:
+        Path(share["mount_point"]).mkdir(parents=True, exist_ok=True)
+        self.mounted[share["mount_point"]] = share
+        return {"mount_point": share["mount_point"], "mounted": True}
+
+    async def unmount_share(self, mount_point: str) -> dict[str, Any]:
+        self.mounted.pop(mount_point, None)
+        return {"mount_point": mount_point, "unmounted": True}
+
+
+@pytest.fixture
+async def repos(tmp_path: Path) -> AsyncIterator[tuple[Repositories, Database, FakeAgent]]:
+    db = Database(tmp_path / "r.db")
+    await db.open()
+    await db.migrate()
+    agent = FakeAgent(tmp_path / "mounts")
+    box = SecretBox.from_key_file(tmp_path / "secret.key")
+    try:
+        yield Repositories(db, Audit(db), box, LocalFs(timeout=5), agent), db, agent  # type: ignore[arg-type]
+    finally:
+        await db.close()
+
+
+async def test_cifs_password_is_sealed_and_given_only_to_the_agent(repos: tuple[Repositories, Database, FakeAgent],
+                                                                   tmp_path: Path) -> None:
+    r, db, agent = repos
+    out = await r.create({"name": "smb", "type": "SMB", "config": {"server": "nas", "share_name": "bk",
+                                                                    "username": "svc", "password": "s3cr3t!"}},
+                         actor="admin")
+    assert out["type"] == "cifs" and out["config"]["password_set"] is True and "password" not in out["config"]
+    point = out["storage_info"]["mount_point"]
+    assert point == str(tmp_path / "mounts" / out["id"]) and out["config"]["mount_point"] == point
+    row = await db.fetchone("SELECT * FROM backup_repositories WHERE id = ?", (out["id"],))
+    assert row is not None and "s3cr3t!" not in json.dumps(row)
+    assert r.box.open(row["secret_sealed"], purpose=PURPOSE) == "s3cr3t!"
+    agent.mounted.clear()
+    _, root = await r.ready_root(out["id"])  # after a reboot: mounted again with the stored password
+    assert str(root) == point and agent.mounted[point]["password"] == "s3cr3t!"
+    audit = await db.fetchall("SELECT details FROM audit_log WHERE action = 'repository.create'")
+    assert audit and "s3cr3t!" not in audit[0]["details"]
+    with pytest.raises(Invalid, match="password"):
+        await r.create({"name": "nopw", "type": "cifs", "config": {"server": "nas", "share_name": "x",
+                                                                   "username": "u"}}, actor="admin")
+
+
+async def test_delete_is_refused_while_backups_exist(repos: tuple[Repositories, Database, FakeAgent],
+                                                     tmp_path: Path) -> None:
+    r, db, _ = repos
+    (tmp_path / "local").mkdir()
+    repo = await r.create({"name": "local", "type": "local", "config": {"disk_path": str(tmp_path / "local")}},
+                          actor="admin")
+    t = "2025-01-01T00:00:00.000Z"
+    await db.execute("INSERT INTO vm_replication_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, "
+                     "created_at, updated_at) VALUES ('ctx-a', 'a', 'uuid-a', '/DC/vm/a', 'vc', ?, ?)", (t, t))
+    await db.execute("INSERT INTO backup_jobs (backup_id, vm_context_id, vm_name, repository_id, backup_type, "
+                     "chain_id, status, created_at, updated_at) VALUES ('backup-a-1', 'ctx-a', 'a', ?, 'full', "
+                     "'backup-a-1', 'completed', ?, ?)", (repo["id"], t, t))
+    with pytest.raises(Conflict) as info:
+        await r.delete(repo["id"], actor="admin")
+    assert info.value.extra["backup_count"] == 1 and "1 backup" in info.value.details
+    await db.execute("DELETE FROM backup_jobs")
+    assert (await r.delete(repo["id"], actor="admin"))["repository_id"] == repo["id"]
+
+
+async def test_local_repositories_through_the_api(stack: Stack, admin: Api) -> None:
+    d1, d2 = stack.state / "repo-one", stack.state / "repo-two"
+    d1.mkdir()
+    d2.mkdir()
+    status, one = await admin.post("/repositories", {"name": "one", "type": "Local", "config": {"disk_path": str(d1)},
+                                                     "is_immutable": True, "min_retention_days": 7})
+    assert status == 201, one
+    assert one["type"] == "local" and one["enabled"] and one["is_immutable"] and one["min_retention_days"] == 7
+    info = one["storage_info"]
+    assert info["mount_point"] == str(d1) and info["total_bytes"] > 0 and info["available_bytes"] > 0
+    assert info["used_bytes"] <= info["total_bytes"]
+    st = os.statvfs(d1)
+    assert info["total_bytes"] == st.f_blocks * st.f_frsize
+    status, two = await admin.post("/repositories", {"name": "two", "type": "local", "enabled": False,
+                                                     "config": {"disk_path": str(d2) + "/"}})
+    assert status == 201 and two["config"]["disk_path"] == str(d2)
+
+    # duplicate name, same or nested directory, missing or non-directory path, bad type: refused
+    assert (await admin.post("/repositories", {"name": "one", "type": "local", "config": {"disk_path": str(d2)}}))[0] == 409
+    status, body = await admin.post("/repositories", {"name": "nested", "type": "local",
+                                                      "config": {"disk_path": str(d1)}})
+    assert status == 409 and "overlaps" in body["details"]
+    status, body = await admin.post("/repositories", {"name": "x", "type": "local",
+                                                      "config": {"disk_path": str(stack.state / "missing")}})
+    assert status == 400 and "does not exist" in body["details"]
+    (stack.state / "afile").write_text("x")
+    status, body = await admin.post("/repositories", {"name": "x", "type": "local",
+                                                      "config": {"disk_path": str(stack.state / "afile")}})
+    assert status == 400 and "not a directory" in body["details"]
+    status, body = await admin.post("/repositories", {"name": "x", "type": "tape", "config": {}})
+    assert status == 400
+    status, body = await admin.post("/repositories", {"name": "x", "type": "local", "config": {}})
+    assert status == 400 and "disk_path: is required" in body["details"]
+
+    status, listing = await admin.get("/repositories")
+    assert status == 200 and [r["name"] for r in listing] == ["one", "two"]
+    assert [r["name"] for r in (await admin.get("/repositories", params={"enabled": "false"}))[1]] == ["two"]
+    assert [r["name"] for r in (await admin.get("/repositories", params={"type": "local",
+                                                                         "enabled": "true"}))[1]] == ["one"]
+    assert (await admin.get("/repositories", params={"type": "nfs"}))[1] == []
+
+    status, storage = await admin.get(f"/repositories/{one['id']}/storage")
+    assert status == 200 and storage["mount_point"] == str(d1) and storage["total_bytes"] == info["total_bytes"]
+    assert storage["last_check_at"] >= info["last_check_at"]
+    assert (await admin.get("/repositories/repo-nothing/storage"))[0] == 404
+
+    status, test = await admin.post("/repositories/test", {"type": "local", "config": {"disk_path": str(d1)}})
+    assert status == 200 and test["success"] is True and test["storage_info"]["total_bytes"] > 0
+    status, test = await admin.post("/repositories/test", {"type": "local",
+                                                           "config": {"disk_path": str(stack.state / "nope")}})
+    assert status == 200 and test["success"] is False and "does not exist" in test["error"]["details"]
+
+    assert (await admin.delete(f"/repositories/{two['id']}"))[0] == 200
+    assert (await admin.delete(f"/repositories/{two['id']}"))[0] == 404
+    assert [r["name"] for r in (await admin.get("/repositories"))[1]] == ["one"]
+    assert d2.exists()  # a local repository's directory is the administrator's: never removed
+    audit = stack.sql("SELECT action, resource FROM audit_log WHERE action LIKE 'repository.%' ORDER BY id")
+    assert audit == [("repository.create", f"repository:{one['id']}"), ("repository.create", f"repository:{two['id']}"),
+                     ("repository.delete", f"repository:{two['id']}")]
+
+
+@pytest.mark.skipif(not NO_NFS, reason="this machine has an NFS client; the failure message is only checked where "
+                                       "the kernel or mount.nfs is missing")
+async def test_network_shares_fail_clearly_without_a_client(stack: Stack, admin: Api) -> None:
+    nfs = {"server": "127.0.0.1", "export_path": "/exports/backups", "options": "soft,timeo=10,retrans=1"}
+    status, body = await admin.post("/repositories", {"name": "nfs", "type": "nfs", "config": nfs})
+    assert status == 503, body
+    assert body["error"] == "cannot mount the NFS share"
+    assert "NFS client" in body["details"] or "nfs-common" in body["details"]
+    assert (await admin.get("/repositories"))[1] == []  # nothing saved
+    status, test = await admin.post("/repositories/test", {"type": "nfs", "config": nfs})
+    assert status == 200 and test["success"] is False and test["error"]["code"] == "unavailable"
+    status, body = await admin.post("/repositories", {"name": "smb", "type": "cifs", "config": {
+        "server": "127.0.0.1", "share_name": "b", "username": "u", "password": "p"}})
+    assert status == 503 and body["error"] == "cannot mount the CIFS share"
+    assert not list((stack.state / "repositories").glob("*"))  # the agent left no mount point behind

@@ -1,0 +1,195 @@
+"""volume-agent's share mounts for backup repositories: only below the mount root, never through a symlink,
+always nosuid,nodev,noexec, a CIFS password only in the helper's environment, and a failure that says why
+(on machines whose kernel has no NFS/CIFS client, that is what it says)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from oma_common.errors import Conflict, Invalid, Unavailable
+from oma_common.rpc import AgentClient
+from volume_agent.adapters import mount as m
+from volume_agent.repositories import RepositoryMounts, Share
+
+from ..rig import Stack
+
+NO_NFS = m.kernel_lacks("nfs") or m.helper_missing("nfs") is not None
+NO_CIFS = m.kernel_lacks("cifs") or m.helper_missing("cifs") is not None
+NFS_SKIP = ("this kernel has no NFS client (nfs is not in /proc/filesystems and no module provides it) or "
+            "mount.nfs (nfs-common) is missing: a real NFS mount cannot be exercised here")
+
+
+def fake_mount(tmp: Path, code: int = 0, message: str = "") -> Path:
+    """A stand-in for mount(8) that records its argv and the secrets' environment, then exits `code`."""
+    script = tmp / "fake-mount"
+    record = tmp / "calls.jsonl"
+    script.write_text(f"""#!{sys.executable}
+import json, os, sys
+with open({str(record)!r}, "a") as f:
+    f.write(json.dumps({{"argv": sys.argv[1:], "USER": os.environ.get("USER"),
+                        "PASSWD": os.environ.get("PASSWD")}}) + "\\n")
+sys.stderr.write({message!r})
+sys.exit({code})
+""")
+    script.chmod(0o755)
+    return script
+
+
+def calls(tmp: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp / "calls.jsonl").read_text().splitlines()]
+
+
+def test_mount_points_stay_below_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "repos"
+    mounts = RepositoryMounts(root)
+    assert mounts.mount_point(f"{root}/a/b") == root / "a" / "b"
+    for bad in ("relative/path", str(root), str(tmp_path / "elsewhere"), f"{root}/../escape", f"{root}/a//b",
+                f"{root}/./a"):
+        with pytest.raises(Invalid):
+            mounts.mount_point(bad)
+    root.mkdir()
+    (root / "link").symlink_to("/etc")
+    with pytest.raises(Invalid, match="symbolic link"):
+        mounts.mount_point(f"{root}/link/x")
+
+
+async def test_nfs_argv_forces_safe_options_and_refuses_loosening(tmp_path: Path) -> None:
+    mounts = RepositoryMounts(tmp_path / "repos", mount_program=str(fake_mount(tmp_path)))
+    share = Share(kind="nfs", server="nas.example", export_path="/export/backups",
+                  mount_point=str(tmp_path / "repos" / "r1"), options=["vers=4.1", "hard"])
+    out = await mounts.mount(share, owner_uid=1234, owner_gid=4321)
+    assert out["source"] == "nas.example:/export/backups" and out["mounted"]
+    (call,) = calls(tmp_path)
+    assert call["argv"] == ["-t", "nfs", "-o", "nosuid,nodev,noexec,vers=4.1,hard", "--",
+                            "nas.example:/export/backups", str(tmp_path / "repos" / "r1")]
+    point = tmp_path / "repos" / "r1"
+    assert point.is_dir() and stat.S_IMODE(point.stat().st_mode) == 0o755
+    for bad in (["suid"], ["exec"], ["uid=0"], ["credentials=/etc/shadow"], ["a,b"], ["opt=x y"]):
+        with pytest.raises(Invalid):
+            await mounts.mount(Share(kind="nfs", server="nas.example", export_path="/e", options=bad,
+                                     mount_point=str(point)), owner_uid=1, owner_gid=1)
+    for server in ("-oexec", "a b", ""):
+        with pytest.raises(Invalid):
+            await mounts.mount(Share(kind="nfs", server=server, export_path="/e", mount_point=str(point)),
+                               owner_uid=1, owner_gid=1)
+
+
+async def test_cifs_password_travels_in_the_environment_only(tmp_path: Path) -> None:
+    mounts = RepositoryMounts(tmp_path / "repos", mount_program=str(fake_mount(tmp_path)))
+    secret = "pa$$,word=with;odd chars"
+    await mounts.mount(Share(kind="cifs", server="10.0.0.5", share_name="backups", username="svc-oma",
+                             password=secret, domain="CORP", mount_point=str(tmp_path / "repos" / "smb")),
+                       owner_uid=1234, owner_gid=4321)
+    (call,) = calls(tmp_path)
+    assert secret not in json.dumps(call["argv"])
+    assert call["PASSWD"] == secret and call["USER"] == "svc-oma"
+    options = call["argv"][call["argv"].index("-o") + 1].split(",")
+    assert {"nosuid", "nodev", "noexec", "domain=CORP", "uid=1234", "gid=4321"} <= set(options)
+    assert call["argv"][-2] == "//10.0.0.5/backups"
+    with pytest.raises(Invalid, match="username"):
+        await mounts.mount(Share(kind="cifs", server="h", share_name="s", mount_point=str(tmp_path / "repos" / "x")),
+                           owner_uid=1, owner_gid=1)
+
+
+async def test_a_failed_mount_says_why(tmp_path: Path) -> None:
+    mounts = RepositoryMounts(tmp_path / "repos", mount_program=str(fake_mount(
+        tmp_path, code=32, message="mount: /x: unknown filesystem type 'nfs'.")))
+    with pytest.raises(Unavailable) as info:
+        await mounts.mount(Share(kind="nfs", server="nas", export_path="/e", mount_point=str(tmp_path / "repos" / "a")),
+                           owner_uid=1, owner_gid=1)
+    assert "unknown filesystem type 'nfs'" in info.value.details
+    if m.kernel_lacks("nfs"):
+        assert "has no NFS client" in info.value.details
+    if m.helper_missing("nfs"):
+        assert "nfs-common" in info.value.details
+
+
+def test_mountinfo_is_parsed_with_escapes() -> None:
+    text = ("36 35 98:0 / /srv/oma/repositories/a\\040b rw,nosuid - nfs4 nas:/export rw,vers=4.1\n"
+            "37 35 0:5 / /proc rw shared:1 - proc proc rw\n")
+    a, b = m.parse_mountinfo(text)
+    assert a.mount_point == Path("/srv/oma/repositories/a b") and a.fstype == "nfs4" and a.source == "nas:/export"
+    assert b.mount_point == Path("/proc")
+
+
+async def test_already_mounted_is_a_noop_and_another_share_is_a_conflict(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    mounts = RepositoryMounts(tmp_path / "repos", mount_program=str(fake_mount(tmp_path)))
+    point = tmp_path / "repos" / "r"
+    monkeypatch.setattr(m, "mounted_at", lambda p: m.MountEntry(point, "nfs4", "nas:/export", "rw") if p == point
+                        else None)
+    out = await mounts.mount(Share(kind="nfs", server="nas", export_path="/export", mount_point=str(point)),
+                             owner_uid=1, owner_gid=1)
+    assert out["already_mounted"] and not (tmp_path / "calls.jsonl").exists()
+    with pytest.raises(Conflict):
+        await mounts.mount(Share(kind="nfs", server="other", export_path="/export", mount_point=str(point)),
+                           owner_uid=1, owner_gid=1)
+
+
+async def test_the_agent_serves_mounts_over_its_socket(stack_config: Stack) -> None:
+    stack_config.start("volume-agent")
+    client = AgentClient("volume-agent", stack_config.run_dir / "volume-agent.sock", timeout=90)
+    try:
+        listing = await client.call("GET", "/repositories/mounts")
+        root = Path(listing["mount_root"])
+        assert root == stack_config.state / "repositories" and listing["mounts"] == []
+        with pytest.raises(Invalid, match="outside the mount root"):
+            await client.call("POST", "/repositories/mount", json={
+                "kind": "nfs", "server": "nas", "export_path": "/e", "mount_point": "/etc"})
+        share = {"kind": "nfs", "server": "127.0.0.1", "export_path": "/nothing", "mount_point": f"{root}/nfs1",
+                 "options": "soft,timeo=10,retrans=1"}
+        if NO_NFS:
+            with pytest.raises(Unavailable) as info:
+                await client.call("POST", "/repositories/mount", json=share)
+            assert "cannot mount the NFS share" in info.value.message
+            assert "127.0.0.1:/nothing" in info.value.details
+            assert "NFS client" in info.value.details or "nfs-common" in info.value.details
+        out = await client.call("POST", "/repositories/unmount", json={"mount_point": f"{root}/nfs1"})
+        assert out["unmounted"] is False
+    finally:
+        await client.close()
+
+
+@pytest.mark.skipif(NO_NFS, reason=NFS_SKIP)
+async def test_with_an_nfs_client_an_unreachable_server_is_the_reason(tmp_path: Path) -> None:
+    mounts = RepositoryMounts(tmp_path / "repos", timeout=20)
+    with pytest.raises(Unavailable) as info:  # TEST-NET-1: nothing answers there
+        await mounts.mount(Share(kind="nfs", server="192.0.2.1", export_path="/e", options=["soft", "timeo=5",
+                                                                                          "retrans=0"],
+                                 mount_point=str(tmp_path / "repos" / "n")), owner_uid=0, owner_gid=0)
+    assert "NFS client" not in info.value.details
+
+
+@pytest.mark.skipif(NO_CIFS, reason="this kernel has no CIFS client (cifs is not in /proc/filesystems and no module "
+                                    "provides it) or mount.cifs (cifs-utils) is missing: a real CIFS mount cannot "
+                                    "be exercised here")
+async def test_with_a_cifs_client_an_unreachable_server_is_the_reason(tmp_path: Path) -> None:
+    mounts = RepositoryMounts(tmp_path / "repos", timeout=20)
+    with pytest.raises(Unavailable) as info:
+        await mounts.mount(Share(kind="cifs", server="192.0.2.1", share_name="s", username="u", password="p",
+                                 mount_point=str(tmp_path / "repos" / "c")), owner_uid=0, owner_gid=0)
+    assert "CIFS client" not in info.value.details
+
+
+async def test_a_mount_root_others_can_write_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "repos"
+    root.mkdir()
+    root.chmod(0o777)
+    mounts = RepositoryMounts(root, mount_program=str(fake_mount(tmp_path)))
+    share = Share(kind="nfs", server="nas", export_path="/e", mount_point=str(root / "a"))
+    if os.geteuid() == 0:
+        with pytest.raises(Unavailable, match="root alone"):
+            await mounts.mount(share, owner_uid=1, owner_gid=1)
+    root.chmod(0o755)
+    (tmp_path / "real").mkdir()
+    linked = RepositoryMounts(tmp_path / "link", mount_program=str(fake_mount(tmp_path)))
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(Unavailable, match="resolves to"):
+        await linked.mount(Share(kind="nfs", server="nas", export_path="/e", mount_point=str(tmp_path / "link" / "a")),
+                           owner_uid=1, owner_gid=1)
