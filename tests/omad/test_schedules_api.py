@@ -10,7 +10,17 @@ from ..rig import Api, Stack
 
 pytestmark = pytest.mark.timeout(90)
 
-NIGHTLY = {"name": "nightly", "cron_expression": "0 30 2 * * *", "timezone": "Europe/Berlin", "repository_id": 1}
+NIGHTLY = {"name": "nightly", "cron_expression": "0 30 2 * * *", "timezone": "Europe/Berlin"}
+
+
+async def repository(stack: Stack, api: Api) -> str:
+    """A local backup repository (schedules are checked against the real backup service)."""
+    root = stack.state / "backups"
+    root.mkdir(exist_ok=True)
+    status, repo = await api.post("/repositories", {"name": "local", "type": "local",
+                                                    "config": {"disk_path": str(root)}})
+    assert status == 201, repo
+    return str(repo["id"])
 
 
 def seed_contexts(stack: Stack, names: list[str]) -> dict[str, str]:
@@ -24,18 +34,21 @@ def seed_contexts(stack: Stack, names: list[str]) -> dict[str, str]:
 
 
 INVALID = [
-    ({**NIGHTLY, "cron_expression": "0 61 2 * * *"}, "cron_expression", "the minute field (2nd of 6, '61')"),
-    ({**NIGHTLY, "cron_expression": "0 2 * *"}, "cron_expression", "4 fields"),
-    ({**NIGHTLY, "timezone": "Europe/Atlantis"}, "timezone", "not an IANA time zone"),
-    ({**NIGHTLY, "repository_id": None}, "repository_id", "needs a repository_id or a policy_id"),
-    ({**NIGHTLY, "max_concurrent_jobs": 0}, "max_concurrent_jobs", "must be >= 1"),
-    ({**NIGHTLY, "backup_type": "differential"}, "backup_type", "must be one of full, incremental, auto"),
-    ({k: v for k, v in NIGHTLY.items() if k != "name"}, "name", "is required"),
+    ({"cron_expression": "0 61 2 * * *"}, "cron_expression", "the minute field (2nd of 6, '61')"),
+    ({"cron_expression": "0 2 * *"}, "cron_expression", "4 fields"),
+    ({"timezone": "Europe/Atlantis"}, "timezone", "not an IANA time zone"),
+    ({"repository_id": None}, "repository_id", "needs a repository_id"),
+    ({"repository_id": 999}, "repository_id", "backup repository '999' does not exist"),
+    ({"max_concurrent_jobs": 0}, "max_concurrent_jobs", "must be >= 1"),
+    ({"backup_type": "differential"}, "backup_type", "must be one of full, incremental, auto"),
+    ({"name": None}, "name", "must not be null"),
 ]
 
 
-async def test_invalid_schedules_are_400s_naming_the_field(admin: Api) -> None:
-    for body, field, words in INVALID:
+async def test_invalid_schedules_are_400s_naming_the_field(stack: Stack, admin: Api) -> None:
+    repo = await repository(stack, admin)
+    for change, field, words in INVALID:
+        body = {**NIGHTLY, "repository_id": repo, **change}
         status, err = await admin.post("/schedules", body)
         assert status == 400, err
         assert err["code"] == "invalid_request" and err["details"].startswith(f"{field}: ")
@@ -43,13 +56,14 @@ async def test_invalid_schedules_are_400s_naming_the_field(admin: Api) -> None:
     assert (await admin.get("/schedules"))[1]["count"] == 0
 
 
-async def test_schedule_crud(admin: Api) -> None:
-    status, s = await admin.post("/schedules", NIGHTLY)
+async def test_schedule_crud(stack: Stack, admin: Api) -> None:
+    repo = await repository(stack, admin)
+    status, s = await admin.post("/schedules", {**NIGHTLY, "repository_id": repo})
     assert status == 201, s
     assert (s["cron_expression"], s["timezone"], s["enabled"], s["repository_id"]) == \
-        ("0 30 2 * * *", "Europe/Berlin", True, "1")
+        ("0 30 2 * * *", "Europe/Berlin", True, repo)
     assert s["next_run_at"] and s["created_by"] == "admin" and s["groups"] == [] and s["last_execution"] is None
-    assert (await admin.post("/schedules", NIGHTLY))[0] == 409
+    assert (await admin.post("/schedules", {**NIGHTLY, "repository_id": repo}))[0] == 409
     status, one = await admin.get(f"/schedules/{s['id']}")
     assert status == 200 and len(one["upcoming_runs"]) == 5 and one["upcoming_runs"][0] == s["next_run_at"]
     status, changed = await admin.put(f"/schedules/{s['id']}", {"cron_expression": "15 3 * * *",
@@ -70,7 +84,7 @@ async def test_schedule_crud(admin: Api) -> None:
 
 async def test_groups_membership_and_the_vm_list(stack: Stack, admin: Api) -> None:
     ids = seed_contexts(stack, ["web", "db", "spare"])
-    s = (await admin.post("/schedules", NIGHTLY))[1]
+    s = (await admin.post("/schedules", {**NIGHTLY, "repository_id": await repository(stack, admin)}))[1]
     status, err = await admin.post("/machine-groups", {"name": "Gold", "schedule_id": "no-such-schedule"})
     assert status == 400 and err["details"].startswith("schedule_id: ")
     assert (await admin.post("/machine-groups", {"name": "Gold", "max_concurrent_vms": 101}))[0] == 400
@@ -125,7 +139,8 @@ async def test_groups_membership_and_the_vm_list(stack: Stack, admin: Api) -> No
 
 async def test_a_manual_run_goes_through_omads_scheduler(stack: Stack, admin: Api) -> None:
     ids = seed_contexts(stack, ["web", "db"])
-    s = (await admin.post("/schedules", {**NIGHTLY, "retry_attempts": 0}))[1]
+    repo = await repository(stack, admin)
+    s = (await admin.post("/schedules", {**NIGHTLY, "repository_id": repo, "retry_attempts": 0}))[1]
     g = (await admin.post("/machine-groups", {"name": "Gold", "schedule_id": s["id"]}))[1]
     await admin.post(f"/machine-groups/{g['id']}/vms", {"vm_context_ids": list(ids.values())})
     status, run = await admin.post(f"/schedules/{s['id']}/trigger")
@@ -137,10 +152,10 @@ async def test_a_manual_run_goes_through_omads_scheduler(stack: Stack, admin: Ap
             break
         await asyncio.sleep(0.05)
     done = page["executions"][0]
-    # This omad has no backup service connected yet: each start is refused, visibly.
+    # The backup service refuses these VMs (seeded without disks): each refusal is recorded with its reason.
     assert (done["status"], done["jobs_created"], done["start_failures"]) == ("failed", 0, 2)
     status, detail = await admin.get(f"/schedules/{s['id']}/executions/{done['id']}")
-    assert status == 200 and all("backup not available" in v["reason"] for v in detail["vms"])
+    assert status == 200 and all("VM has no disks" in v["reason"] for v in detail["vms"]), detail
     status, page = await admin.get(f"/schedules/{s['id']}/executions", params={"limit": "1", "status": "failed"})
     assert status == 200 and (page["count"], page["total"]) == (1, 1)
     assert (await admin.get(f"/schedules/{s['id']}/executions", params={"status": "bogus"}))[0] == 400

@@ -52,7 +52,7 @@ from .jobs.engine import JobEngine
 from .jobs.locks import KeyedLocks
 from .schedule.clock import SystemClock
 from .schedule.groups import Groups
-from .schedule.launcher import JobLauncher, UnconnectedLauncher
+from .schedule.launcher import BackupLauncher, JobLauncher
 from .schedule.scheduler import Scheduler
 from .schedule.schedules import Schedules
 from .store.db import Database
@@ -108,8 +108,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     watchdog = Watchdog(db, pool, teardown, cfg.backup)
 
     # Schedules: each run starts, per VM, a job through the same domain function the API uses.
-    # Backups plug in here: "backup": BackupLauncher(backups, jobs)  (omad/schedule/launcher.py)
-    launchers: dict[str, JobLauncher] = {"backup": UnconnectedLauncher("backup")}
+    launchers: dict[str, JobLauncher] = {"backup": BackupLauncher(backups, jobs, repositories)}
     scheduler = Scheduler(db, audit, launchers, SystemClock(), poll_seconds=cfg.scheduler.poll_seconds,
                           late_after_seconds=cfg.scheduler.late_after_seconds, idle_seconds=cfg.scheduler.idle_seconds)
     schedules = Schedules(db, audit, scheduler.clock, launchers, on_change=scheduler.wake,

@@ -6,8 +6,9 @@ import dataclasses
 import logging
 from typing import Any, Protocol
 
-from oma_common.errors import Internal, Invalid, NotFound, Unavailable
+from oma_common.errors import Conflict, Internal, Invalid, NotFound, OmaError
 
+from ..backup.backups import StartRequest
 from ..jobs.engine import JobEngine
 
 log = logging.getLogger(__name__)
@@ -50,15 +51,18 @@ class JobLauncher(Protocol):
 
 
 class BackupStarter(Protocol):
-    """The backup domain's entry point (omad/backup, branch `backups`), the one POST /backups calls.
+    """The backup domain's entry point (omad/backup/backups.py), the one POST /backups calls.
 
-    Expected: `start(vm_name, repository_id, backup_type, policy_id=None)` returns the backup's job id (a str),
-    or a dict / object carrying `job_id` or `backup_id`, after it has created the job row; it raises Invalid
-    for an incremental without a completed previous backup and Conflict while the VM has a running backup.
+    It records the backup and its job (job id = backup id) before anything can fail, answers the spec's
+    BackupResponse, raises Conflict while the VM has a backup running, Invalid for an incremental with no
+    completed backup to continue, and any error after the rows exist carries the `backup_id` it failed.
     """
 
-    async def start(self, vm_name: str, repository_id: str | None, backup_type: str,
-                    policy_id: str | None = None) -> Any: ...
+    async def start(self, req: StartRequest, *, actor: str) -> dict[str, Any]: ...
+
+
+class RepositoryLookup(Protocol):
+    async def row(self, repo_id: str) -> dict[str, Any]: ...
 
 
 def _job_id(result: Any) -> str:
@@ -75,29 +79,45 @@ def _job_id(result: Any) -> str:
 class BackupLauncher:
     """Scheduled backups through the same domain function as POST /backups."""
 
-    def __init__(self, backups: BackupStarter, jobs: JobEngine) -> None:
+    def __init__(self, backups: BackupStarter, jobs: JobEngine, repositories: RepositoryLookup | None = None) -> None:
         self.backups = backups
         self.jobs = jobs
+        self.repositories = repositories
 
     async def check(self, target: Target) -> None:
-        if target.repository_id is None and target.policy_id is None:
-            raise Invalid("invalid schedule", "repository_id: a backup schedule needs a repository_id or a "
-                                              "policy_id", field="repository_id")
+        if target.repository_id is None:
+            why = " (a policy cannot choose the repository yet)" if target.policy_id else ""
+            raise Invalid("invalid schedule", f"repository_id: a backup schedule needs a repository_id{why}",
+                          field="repository_id")
+        if self.repositories is not None:
+            try:
+                await self.repositories.row(target.repository_id)
+            except NotFound as e:
+                raise Invalid("unknown repository", f"repository_id: backup repository {target.repository_id!r} "
+                                                     "does not exist", field="repository_id") from e
 
     async def start(self, vm: VmRef, target: Target) -> str:
-        if target.backup_type == "auto":
+        assert target.repository_id is not None  # check() made sure
+        kinds = ["incremental", "full"] if target.backup_type == "auto" else [target.backup_type]
+        tags = {"schedule_id": target.schedule_id, "schedule_name": target.schedule_name}
+        result: Any = None
+        for kind in kinds:
+            req = StartRequest(vm.vm_name, target.repository_id, kind, target.policy_id, tags)
             try:
-                result = await self.backups.start(vm.vm_name, target.repository_id, "incremental",
-                                                  policy_id=target.policy_id)
-            except Invalid as e:
-                # An incremental needs a completed previous backup in that repository; the first run is full.
-                log.info("%s: incremental refused (%s); starting a full backup", vm.vm_name, e.details,
-                         extra={"resource": vm.context_id})
-                result = await self.backups.start(vm.vm_name, target.repository_id, "full",
-                                                  policy_id=target.policy_id)
-        else:
-            result = await self.backups.start(vm.vm_name, target.repository_id, target.backup_type,
-                                              policy_id=target.policy_id)
+                result = await self.backups.start(req, actor=f"scheduler:{target.schedule_name}")
+                break
+            except Conflict:
+                raise  # the VM is busy (its backup_id is the running one, not ours): the scheduler waits
+            except OmaError as e:
+                if "backup_id" in e.extra:
+                    # The backup was recorded, then failed: its job row says so, and the scheduler follows it
+                    # like any other job (counted, retried).
+                    return str(e.extra["backup_id"])
+                if isinstance(e, Invalid) and kind == "incremental" and target.backup_type == "auto":
+                    # Nothing to continue in that repository (the first run, or the chain was deleted).
+                    log.info("%s: %s; a full backup instead", vm.vm_name, e.details, extra={"resource": vm.context_id})
+                    continue
+                raise
         job_id = _job_id(result)
         try:
             await self.jobs.get(job_id)  # the scheduler follows the job through its row: it must exist
@@ -105,20 +125,3 @@ class BackupLauncher:
             raise Internal("backup has no job row", f"backup {job_id} of {vm.vm_name!r} started, but no job "
                                                     f"{job_id} exists to follow") from e
         return job_id
-
-
-class UnconnectedLauncher:
-    """Stands in for an action whose service this omad does not have (yet): every start fails, clearly."""
-
-    def __init__(self, action: str) -> None:
-        self.action = action
-
-    async def check(self, target: Target) -> None:
-        if target.action == "backup" and target.repository_id is None and target.policy_id is None:
-            raise Invalid("invalid schedule", "repository_id: a backup schedule needs a repository_id or a "
-                                              "policy_id", field="repository_id")
-
-    async def start(self, vm: VmRef, target: Target) -> str:
-        raise Unavailable(f"{self.action} not available", f"this omad has no {self.action} service connected; "
-                                                          f"the scheduled {self.action} of {vm.vm_name!r} "
-                                                          "cannot start")
