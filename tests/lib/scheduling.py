@@ -59,6 +59,8 @@ class EngineLauncher:
         self.engine = engine
         self.started: list[tuple[str, str, str]] = []  # (vm_name, job_id, schedule_id) in start order
         self.refuse: dict[str, OmaError] = {}  # vm_name → what its start raises
+        self.gate: asyncio.Event | None = None  # when set, each start waits for it (a slow start)
+        self.entered = asyncio.Event()  # a start has begun
 
     async def check(self, target: Target) -> None:
         if target.repository_id is None and target.policy_id is None:
@@ -66,6 +68,9 @@ class EngineLauncher:
                                               "policy_id", field="repository_id")
 
     async def start(self, vm: VmRef, target: Target) -> str:
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
         if vm.vm_name in self.refuse:
             raise self.refuse[vm.vm_name]
         active = await self.engine.db.scalar("SELECT id FROM jobs WHERE context_id = ? AND status IN "

@@ -384,3 +384,22 @@ async def test_trigger_and_tick_do_not_interleave(domain: Domain) -> None:
     await d.scheduler.tick()
     per_vm = await active_jobs_per_vm(d)
     assert len(per_vm) == 20 and max(per_vm.values()) == 1
+
+
+async def test_stop_lets_the_start_in_progress_finish_and_starts_nothing_more(domain: Domain) -> None:
+    d = domain
+    ids = await add_contexts(d.db, ["a", "b", "c"])
+    s = await d.schedule("slow starts", "0 0 8 * * *")
+    await d.group("g", s["id"], list(ids.values()))
+    d.launcher.gate = asyncio.Event()
+    d.clock.set(datetime(2025, 3, 29, 8, tzinfo=UTC))
+    await d.scheduler.start()
+    await d.launcher.entered.wait()  # the loop is inside the first start
+    stopping = asyncio.ensure_future(d.scheduler.stop())
+    await asyncio.sleep(0)  # stop() has asked the loop to end
+    d.launcher.gate.set()
+    await stopping
+    detail = await d.schedules.execution(s["id"], (await d.executions(s["id"]))[0]["id"])
+    assert [(v["vm_name"], v["status"]) for v in detail["vms"]] == [("a", "running"), ("b", "pending"),
+                                                                   ("c", "pending")]
+    assert [j["job_id"] for j in detail["jobs"]] == [d.launcher.started[0][1]]  # the started job is recorded

@@ -66,7 +66,8 @@ class _Open:
 
 class Scheduler:
     def __init__(self, db: Database, audit: Audit, launchers: Mapping[str, JobLauncher], clock: Clock, *,
-                 poll_seconds: float = 5.0, late_after_seconds: float = 60.0, idle_seconds: float = 60.0) -> None:
+                 poll_seconds: float = 5.0, late_after_seconds: float = 60.0, idle_seconds: float = 60.0,
+                 stop_grace_seconds: float = 10.0) -> None:
         self.db = db
         self.audit = audit
         self.launchers = launchers
@@ -74,6 +75,8 @@ class Scheduler:
         self.poll_seconds = poll_seconds  # how often running jobs are looked at
         self.late_after_seconds = late_after_seconds  # a run started later than this after its due time is late
         self.idle_seconds = idle_seconds  # longest sleep with nothing due: bounds the effect of a clock step
+        self.stop_grace_seconds = stop_grace_seconds  # how long stop() lets a start in progress finish
+        self._stopping = False
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -84,15 +87,23 @@ class Scheduler:
     # -- service -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._stopping = False
         await self._schedule_unscheduled()
         self._task = asyncio.ensure_future(self._run())
         log.info("scheduler started")
 
     async def stop(self) -> None:
+        """Start nothing more; let a job start in progress finish and be recorded, then end the loop."""
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self.stop_grace_seconds)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+                log.warning("scheduler stopped while starting a job; its VM runs again after the restart")
             self._task = None
         log.info("scheduler stopped; running executions continue at the next start")
 
@@ -111,12 +122,14 @@ class Scheduler:
             await self._ticked.wait_for(lambda: self._ticks >= count)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 await self.tick()
             except Exception:
                 log.exception("scheduler tick failed")
+            if self._stopping:
+                break
             delay = await self._delay()
             sleeper = asyncio.ensure_future(self.clock.sleep(delay))
             waker = asyncio.ensure_future(self._wake.wait())
@@ -383,6 +396,8 @@ class Scheduler:
                              per_group: Counter[str], started: list[tuple[str, str]], now: datetime,
                              report: TickReport, touched: set[int]) -> None:
         for v in waiting:
+            if self._stopping:
+                break  # omad stops: the VMs left wait for the next start
             schedule = schedules[v.schedule_id]
             if per_schedule[v.schedule_id] >= schedule["max_concurrent_jobs"]:
                 continue
