@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from pathlib import Path
 from typing import Protocol
@@ -58,6 +59,10 @@ from .schedule.schedules import Schedules
 from .store.db import Database
 
 log = logging.getLogger("omad")
+
+# aiohttp 3.9 moved shutdown_timeout from the site to the runner. 3.8 (Debian 12) hands a runner's unknown
+# keywords to every connection's handler, which then fails: each request would be reset unanswered.
+_GRACE_ON_RUNNER = "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters
 
 
 class Background(Protocol):
@@ -161,10 +166,11 @@ async def amain() -> int:
         for service in omad.background:
             await service.start()
             started.append(service)
-        runner = web.AppRunner(omad.app, handle_signals=False, access_log=None,
-                               shutdown_timeout=cfg.api.shutdown_grace_seconds)
+        grace = {"shutdown_timeout": cfg.api.shutdown_grace_seconds}
+        runner = web.AppRunner(omad.app, handle_signals=False, access_log=None, **(grace if _GRACE_ON_RUNNER else {}))
         await runner.setup()
-        site = web.TCPSite(runner, cfg.api.listen_address, cfg.api.port, reuse_address=True)
+        site = web.TCPSite(runner, cfg.api.listen_address, cfg.api.port, reuse_address=True,
+                           **({} if _GRACE_ON_RUNNER else grace))
         await site.start()
         host, port = runner.addresses[0][:2]
         url = f"http://{host}:{port}"

@@ -94,7 +94,9 @@ class Rig:
             assert status == 200, body
             if body["status"] in statuses:
                 return body
-            assert time.monotonic() < deadline, f"{backup_id} is {body['status']} after {timeout}s"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{backup_id} is {body['status']} after {timeout}s\n--- omad ---\n"
+                                     f"{self.log_tail()}")
             await asyncio.sleep(0.1)
 
     async def backup(self, vm: str, backup_type: str = "full") -> dict[str, Any]:

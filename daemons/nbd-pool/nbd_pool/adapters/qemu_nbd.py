@@ -205,7 +205,9 @@ class ExportRecord:
 def connected_clients(pid: int, port: int) -> list[NbdClient]:
     """Established TCP connections of `pid` on its listening `port` (blocking: psutil reads /proc/net)."""
     try:
-        conns = psutil.Process(pid).net_connections(kind="tcp")
+        proc = psutil.Process(pid)
+        # psutil 6 renamed connections() to net_connections(); Debian 12 has psutil 5.9.
+        conns = proc.net_connections(kind="tcp") if hasattr(proc, "net_connections") else proc.connections(kind="tcp")
     except psutil.NoSuchProcess:
         return []
     return [
