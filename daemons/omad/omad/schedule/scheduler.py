@@ -209,7 +209,7 @@ class Scheduler:
             following = self._next(row, now)
             late = (now - due).total_seconds() > self.late_after_seconds
             missed = 0
-            if late:  # one run stands for every due time missed meanwhile
+            if late and following is not None:  # one run stands for every due time missed meanwhile
                 missed = len(cron.parse(row["cron_expression"]).runs_between(
                     due, now, cron.zone(row["timezone"]), MISSED_COUNT_LIMIT))
             async with self.db.transaction() as tx:
