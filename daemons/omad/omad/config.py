@@ -88,6 +88,17 @@ class BackupConfig:
 
 
 @dataclasses.dataclass
+class SchedulerConfig:
+    """The scheduler that runs schedules inside omad."""
+
+    poll_seconds: float = spec(5.0, min=0.1, description="how often the jobs of running executions are checked")
+    late_after_seconds: float = spec(60.0, min=0, description="a run that starts this long after its due time "
+                                                              "(omad was down or busy) is recorded as late")
+    idle_seconds: float = spec(60.0, min=1, description="longest sleep with nothing due; bounds how long a step "
+                                                        "of the system clock goes unnoticed")
+
+
+@dataclasses.dataclass
 class Config:
     """omad's configuration."""
 
@@ -102,6 +113,7 @@ class Config:
     vma: VmaConfig = spec(factory=VmaConfig, description="the VMA")
     vcenter: VCenterConfig = spec(factory=VCenterConfig, description="direct vCenter calls")
     backup: BackupConfig = spec(factory=BackupConfig, description="VM backups")
+    scheduler: SchedulerConfig = spec(factory=SchedulerConfig, description="the scheduler")
 
     @property
     def database_path(self) -> Path:

@@ -22,10 +22,12 @@ from .api.backups import BackupsApi
 from .api.contexts import ContextsApi, VmsApi
 from .api.credentials import CredentialsApi
 from .api.discovery import DiscoveryApi
+from .api.groups import GroupsApi
 from .api.health import HealthApi
 from .api.nbd import NbdApi
 from .api.repositories import RepositoriesApi
 from .api.restore import RestoreApi
+from .api.schedules import SchedulesApi
 from .api.telemetry import TelemetryApi, receiver
 from .audit import Audit
 from .auth.ratelimit import FailureLimiter
@@ -52,6 +54,11 @@ from .inventory.discovery import Discovery
 from .inventory.vms import Vms
 from .jobs.engine import JobEngine
 from .jobs.locks import KeyedLocks
+from .schedule.clock import SystemClock
+from .schedule.groups import Groups
+from .schedule.launcher import BackupLauncher, JobLauncher
+from .schedule.scheduler import Scheduler
+from .schedule.schedules import Schedules
 from .store.db import Database
 
 log = logging.getLogger("omad")
@@ -109,10 +116,20 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     watchdog = Watchdog(db, pool, teardown, cfg.backup)
     restore = RestoreService(db, audit, agents.restore_mounter, RepositoryImages(db))
 
+    # Schedules: each run starts, per VM, a job through the same domain function the API uses.
+    launchers: dict[str, JobLauncher] = {"backup": BackupLauncher(backups, jobs, repositories)}
+    scheduler = Scheduler(db, audit, launchers, SystemClock(), poll_seconds=cfg.scheduler.poll_seconds,
+                          late_after_seconds=cfg.scheduler.late_after_seconds, idle_seconds=cfg.scheduler.idle_seconds,
+                          stop_grace_seconds=cfg.api.shutdown_grace_seconds)
+    schedules = Schedules(db, audit, scheduler.clock, launchers, on_change=scheduler.wake,
+                          on_disable=scheduler.halt)
+    groups = Groups(db, audit, on_change=scheduler.wake)
+
     apis = [HealthApi(Health(db, agents)), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
             ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories),
             BackupsApi(backups, completion, Chains(db, contexts)),
-            TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)}), RestoreApi(restore)]
+            TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)}), RestoreApi(restore),
+            SchedulesApi(schedules, scheduler), GroupsApi(groups)]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
 
     async def close_clients(app: web.Application) -> None:
@@ -120,7 +137,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
         vcenter.close()
 
     app.on_cleanup.append(close_clients)
-    return Omad(app, auth, jobs, background=[watchdog, restore])
+    return Omad(app, auth, jobs, background=[watchdog, restore, scheduler])
 
 
 def write_url(path: Path, url: str) -> None:

@@ -21,6 +21,7 @@ COLUMNS = (
     "memory_mb", "os_type", "power_state", "vm_tools_version", "created_at", "updated_at", "first_job_at",
     "last_job_at", "auto_added", "scheduler_enabled", "credential_id", "ossea_config_id", "last_operation_summary",
     "guest_os", "display_name", "folder_path", "vmx_version", "annotation", "vmware_tools_status",
+    "next_scheduled_at", "last_scheduled_job_id",  # kept by the scheduler (migration 0005)
 )
 BOOLEAN = ("auto_added", "scheduler_enabled")
 JSON_TEXT = ("last_operation_summary",)

@@ -1,0 +1,127 @@
+"""What a scheduled run starts for each VM: the JobLauncher protocol, and the adapter onto the backup domain."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Protocol
+
+from oma_common.errors import Conflict, Internal, Invalid, NotFound, OmaError
+
+from ..backup.backups import StartRequest
+from ..jobs.engine import JobEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a schedule asks to be done to each of its VMs."""
+
+    schedule_id: str
+    schedule_name: str
+    action: str  # "backup" (replication joins when it exists)
+    backup_type: str  # full | incremental | auto (incremental when a previous backup allows it)
+    repository_id: str | None
+    policy_id: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class VmRef:
+    context_id: str
+    vm_name: str
+
+
+class JobLauncher(Protocol):
+    """Starts one job for one VM on behalf of a schedule.
+
+    The job is a row in `jobs` whose context_id is the VM's context. The scheduler learns that it finished by
+    reading that row — the shared truth every job type keeps — so a launcher reports nothing afterwards.
+    """
+
+    async def check(self, target: Target) -> None:
+        """Raise Invalid, naming the field, when a schedule with this target could never start a job."""
+
+    async def start(self, vm: VmRef, target: Target) -> str:
+        """Start the job; return its id in `jobs`.
+
+        Raise Conflict when the VM is busy: the scheduler waits and asks again, without counting an attempt.
+        Any other OmaError is a failed start: counted, and retried as the schedule says.
+        """
+
+
+class BackupStarter(Protocol):
+    """The backup domain's entry point (omad/backup/backups.py), the one POST /backups calls.
+
+    It records the backup and its job (job id = backup id) before anything can fail, answers the spec's
+    BackupResponse, raises Conflict while the VM has a backup running, Invalid for an incremental with no
+    completed backup to continue, and any error after the rows exist carries the `backup_id` it failed.
+    """
+
+    async def start(self, req: StartRequest, *, actor: str) -> dict[str, Any]: ...
+
+
+class RepositoryLookup(Protocol):
+    async def row(self, repo_id: str) -> dict[str, Any]: ...
+
+
+def _job_id(result: Any) -> str:
+    if isinstance(result, str):
+        return result
+    for key in ("job_id", "backup_id"):
+        value = result.get(key) if isinstance(result, dict) else getattr(result, key, None)
+        if value:
+            return str(value)
+    raise Internal("backup started without an id", f"the backup service returned {type(result).__name__} "
+                                                    "without job_id or backup_id")
+
+
+class BackupLauncher:
+    """Scheduled backups through the same domain function as POST /backups."""
+
+    def __init__(self, backups: BackupStarter, jobs: JobEngine, repositories: RepositoryLookup | None = None) -> None:
+        self.backups = backups
+        self.jobs = jobs
+        self.repositories = repositories
+
+    async def check(self, target: Target) -> None:
+        if target.repository_id is None:
+            why = " (a policy cannot choose the repository yet)" if target.policy_id else ""
+            raise Invalid("invalid schedule", f"repository_id: a backup schedule needs a repository_id{why}",
+                          field="repository_id")
+        if self.repositories is not None:
+            try:
+                await self.repositories.row(target.repository_id)
+            except NotFound as e:
+                raise Invalid("unknown repository", f"repository_id: backup repository {target.repository_id!r} "
+                                                     "does not exist", field="repository_id") from e
+
+    async def start(self, vm: VmRef, target: Target) -> str:
+        assert target.repository_id is not None  # check() made sure
+        kinds = ["incremental", "full"] if target.backup_type == "auto" else [target.backup_type]
+        tags = {"schedule_id": target.schedule_id, "schedule_name": target.schedule_name}
+        result: Any = None
+        for kind in kinds:
+            req = StartRequest(vm.vm_name, target.repository_id, kind, target.policy_id, tags)
+            try:
+                result = await self.backups.start(req, actor=f"scheduler:{target.schedule_name}")
+                break
+            except Conflict:
+                raise  # the VM is busy (its backup_id is the running one, not ours): the scheduler waits
+            except OmaError as e:
+                if "backup_id" in e.extra:
+                    # The backup was recorded, then failed: its job row says so, and the scheduler follows it
+                    # like any other job (counted, retried).
+                    return str(e.extra["backup_id"])
+                if isinstance(e, Invalid) and kind == "incremental" and target.backup_type == "auto":
+                    # Nothing to continue in that repository (the first run, or the chain was deleted).
+                    log.info("%s: %s; a full backup instead", vm.vm_name, e.details, extra={"resource": vm.context_id})
+                    continue
+                raise
+        job_id = _job_id(result)
+        try:
+            await self.jobs.get(job_id)  # the scheduler follows the job through its row: it must exist
+        except NotFound as e:
+            raise Internal("backup has no job row", f"backup {job_id} of {vm.vm_name!r} started, but no job "
+                                                    f"{job_id} exists to follow") from e
+        return job_id

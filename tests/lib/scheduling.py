@@ -1,0 +1,169 @@
+"""Test tools for the scheduler: a clock moved by hand, a real launcher that creates job rows through the job
+engine (finished when the test says), VM contexts seeded straight into the database, and the whole domain
+built around one database — shared by tests/omad/test_scheduler.py and bench/scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import heapq
+import itertools
+from datetime import datetime, timedelta
+from typing import Any
+
+from oma_common.errors import Conflict, Invalid, OmaError
+from omad.audit import Audit
+from omad.jobs.engine import JobEngine
+from omad.schedule.clock import iso
+from omad.schedule.groups import Groups
+from omad.schedule.launcher import Target, VmRef
+from omad.schedule.scheduler import Scheduler
+from omad.schedule.schedules import Schedules
+from omad.store.db import Database
+
+
+class FakeClock:
+    """Time that moves only when told; sleepers wake when it passes their deadline."""
+
+    def __init__(self, start: datetime) -> None:
+        self._now = start
+        self._sleepers: list[tuple[datetime, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> datetime:
+        return self._now
+
+    async def sleep(self, seconds: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._now + timedelta(seconds=seconds), next(self._seq), fut))
+        await fut
+
+    def set(self, when: datetime) -> None:
+        assert when >= self._now, "time does not run backwards here"
+        self._now = when
+        while self._sleepers and self._sleepers[0][0] <= when:
+            _, _, fut = heapq.heappop(self._sleepers)
+            if not fut.done():
+                fut.set_result(None)
+
+    def advance(self, **delta: float) -> None:
+        self.set(self._now + timedelta(**delta))
+
+
+class EngineLauncher:
+    """A real launcher: each start creates a running "backup" job row through the JobEngine, as the backup
+    domain does; the test finishes jobs when it wants. Like the backup domain it refuses (Conflict) a VM
+    that already has an active job, and it can be told to refuse a VM's start."""
+
+    def __init__(self, engine: JobEngine) -> None:
+        self.engine = engine
+        self.started: list[tuple[str, str, str]] = []  # (vm_name, job_id, schedule_id) in start order
+        self.refuse: dict[str, OmaError] = {}  # vm_name → what its start raises
+        self.gate: asyncio.Event | None = None  # when set, each start waits for it (a slow start)
+        self.entered = asyncio.Event()  # a start has begun
+
+    async def check(self, target: Target) -> None:
+        if target.repository_id is None and target.policy_id is None:
+            raise Invalid("invalid schedule", "repository_id: a backup schedule needs a repository_id or a "
+                                              "policy_id", field="repository_id")
+
+    async def start(self, vm: VmRef, target: Target) -> str:
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if vm.vm_name in self.refuse:
+            raise self.refuse[vm.vm_name]
+        active = await self.engine.db.scalar("SELECT id FROM jobs WHERE context_id = ? AND status IN "
+                                             "('pending', 'running')", (vm.context_id,))
+        if active:
+            raise Conflict("backup in progress", f"{vm.vm_name} has a running backup ({active})")
+        job_id = await self.engine.create("backup", display_name=f"backup of {vm.vm_name}", context_id=vm.context_id,
+                                          details={"schedule_id": target.schedule_id, "type": target.backup_type})
+        self.started.append((vm.vm_name, job_id, target.schedule_id))
+        return job_id
+
+    async def running(self) -> list[dict[str, Any]]:
+        """Active backup jobs with their VM name, oldest first."""
+        return await self.engine.db.fetchall(
+            "SELECT j.id, j.context_id, c.vm_name FROM jobs j JOIN vm_replication_contexts c "
+            "ON c.context_id = j.context_id WHERE j.status IN ('pending', 'running') ORDER BY j.created_at, j.id")
+
+    async def finish(self, job_id: str, status: str = "completed", error: str | None = None) -> None:
+        await self.engine.finish(job_id, status, error)
+
+    async def finish_all(self, status: str = "completed") -> int:
+        jobs = await self.running()
+        for j in jobs:
+            await self.finish(j["id"], status, None if status == "completed" else "simulated failure")
+        return len(jobs)
+
+
+async def add_contexts(db: Database, names: list[str]) -> dict[str, str]:
+    """VM contexts straight into the database; returns name → context id."""
+    now = "2025-01-01T00:00:00.000Z"
+    ids = {name: f"ctx-{name}-20250101-000000" for name in names}
+    async with db.transaction() as tx:
+        await tx.executemany(
+            "INSERT INTO vm_replication_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, "
+            "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(cid, name, f"4210-{i:06d}", f"/DC1/vm/{name}", "vc.example.com", now, now)
+             for i, (name, cid) in enumerate(ids.items())])
+    return ids
+
+
+@dataclasses.dataclass
+class Domain:
+    """Schedules, groups and the scheduler on one database, with a fake clock and the engine launcher."""
+
+    db: Database
+    clock: FakeClock
+    engine: JobEngine
+    launcher: EngineLauncher
+    scheduler: Scheduler
+    schedules: Schedules
+    groups: Groups
+
+    async def schedule(self, name: str, cron_expression: str, **fields: Any) -> dict[str, Any]:
+        values = {"name": name, "cron_expression": cron_expression, "description": "", "timezone": "UTC",
+                  "enabled": True, "skip_if_running": True, "max_concurrent_jobs": 10, "retry_attempts": 0,
+                  "retry_delay_minutes": 10, "action": "backup", "backup_type": "auto", "repository_id": "1",
+                  "policy_id": None, "replication_type": None, **fields}
+        return await self.schedules.create(values, actor="admin")
+
+    async def group(self, name: str, schedule_id: str | None, vms: list[str], *, max_concurrent_vms: int = 10,
+                    priority: int = 50, vm_priority: int = 50) -> dict[str, Any]:
+        group = await self.groups.create({"name": name, "description": "", "schedule_id": schedule_id,
+                                          "max_concurrent_vms": max_concurrent_vms, "priority": priority},
+                                         actor="admin")
+        if vms:
+            await self.groups.add_vms(group["id"], vms, priority=vm_priority, enabled=True, field="vm_context_ids",
+                                      actor="admin")
+        return group
+
+    async def at_next_run(self, schedule_id: str) -> datetime:
+        """Move the clock to the schedule's next due time and tick."""
+        row = await self.db.fetchone("SELECT next_run_at FROM schedules WHERE id = ?", (schedule_id,))
+        assert row and row["next_run_at"], "the schedule has no next run"
+        when = datetime.fromisoformat(row["next_run_at"].replace("Z", "+00:00"))
+        self.clock.set(when)
+        await self.scheduler.tick()
+        return when
+
+    async def executions(self, schedule_id: str) -> list[dict[str, Any]]:
+        page = await self.schedules.executions(schedule_id, limit=1000, offset=0, status=None)
+        return list(reversed(page["executions"]))  # oldest first
+
+
+def build(db: Database, clock: FakeClock, **scheduler_options: Any) -> Domain:
+    audit = Audit(db)
+    engine = JobEngine(db)
+    launcher = EngineLauncher(engine)
+    launchers = {"backup": launcher}
+    scheduler = Scheduler(db, audit, launchers, clock, **scheduler_options)
+    schedules = Schedules(db, audit, clock, launchers, on_change=scheduler.wake,
+                          on_disable=scheduler.halt)
+    groups = Groups(db, audit, on_change=scheduler.wake)
+    return Domain(db, clock, engine, launcher, scheduler, schedules, groups)
+
+
+__all__ = ["Domain", "EngineLauncher", "FakeClock", "add_contexts", "build", "iso"]

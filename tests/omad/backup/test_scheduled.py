@@ -1,0 +1,78 @@
+"""Scheduled backups end to end: omad's scheduler starts real backups through the same domain function as
+POST /backups (the VMA simulator writes them into nbd-pool's exports), within the groups' limits, full first
+and incremental after, and the execution's counts match the backups that ran."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from ...rig import Stack
+from .conftest import TWO_DISK_VM, Rig, qemu_img
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+
+
+@pytest.fixture
+def fast_scheduler(stack_config: Stack) -> None:
+    """Look at running backups every 0.2 s rather than every 5 s (requested before `rig` starts the stack)."""
+    stack_config.add_config("omad", "70-scheduler.toml", "[scheduler]\npoll_seconds = 0.2\n")
+
+
+def assert_same_source(rig: Rig, vm: str, disk: dict[str, Any]) -> None:
+    r = qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", disk["qcow2_path"], rig.source(vm, disk["disk_id"]))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+async def run_now(rig: Rig, schedule_id: str, timeout: float = 120) -> dict[str, Any]:
+    status, run = await rig.api.post(f"/schedules/{schedule_id}/trigger")
+    assert status == 202, run
+    deadline = time.monotonic() + timeout
+    while True:
+        status, detail = await rig.api.get(f"/schedules/{schedule_id}/executions/{run['id']}")
+        assert status == 200, detail
+        if detail["status"] != "running":
+            return detail
+        assert time.monotonic() < deadline, f"execution still running after {timeout}s:\n{rig.log_tail()}"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_schedule_backs_up_its_groups(fast_scheduler: None, rig: Rig) -> None:
+    api = rig.api
+    ctx = {v["vm_name"]: v["context_id"] for v in (await api.get("/vm-contexts"))[1]["vm_contexts"]}
+    status, s = await api.post("/schedules", {"name": "nightly", "cron_expression": "0 0 3 * * *",
+                                              "timezone": "Europe/Berlin", "repository_id": rig.repo_id,
+                                              "max_concurrent_jobs": 3, "retry_attempts": 0})
+    assert status == 201, s
+    web = (await api.post("/machine-groups", {"name": "web", "schedule_id": s["id"], "priority": 10,
+                                              "max_concurrent_vms": 2}))[1]
+    db = (await api.post("/machine-groups", {"name": "db", "schedule_id": s["id"], "priority": 20}))[1]
+    await api.post(f"/machine-groups/{web['id']}/vms", {"vm_context_ids": [ctx[f"web {n}"] for n in range(3)]})
+    await api.post(f"/machine-groups/{db['id']}/vms", {"vm_context_ids": [ctx[TWO_DISK_VM], ctx["web 0"]]})
+
+    first = await run_now(rig, s["id"])
+    assert (first["status"], first["vms_eligible"], first["jobs_created"], first["jobs_completed"],
+            first["jobs_failed"]) == ("completed", 4, 4, 4, 0), (first, rig.log_tail())
+    backups = {b["backup_id"]: b for b in (await api.get("/backups"))[1]["backups"]}
+    assert {j["job_id"] for j in first["jobs"]} == set(backups)  # the jobs ARE the backups
+    assert {b["vm_name"] for b in backups.values()} == {"web 0", "web 1", "web 2", TWO_DISK_VM}  # web 0 once
+    for b in backups.values():
+        assert (b["status"], b["backup_type"], b["created_by"]) == ("completed", "full", "scheduler:nightly")
+        assert b["tags"] == {"schedule_id": s["id"], "schedule_name": "nightly"}
+    for d in backups[next(k for k, b in backups.items() if b["vm_name"] == TWO_DISK_VM)]["disk_results"]:
+        assert_same_source(rig, TWO_DISK_VM, d)
+
+    second = await run_now(rig, s["id"])  # auto: incrementals now that a full backup exists
+    assert (second["status"], second["jobs_completed"]) == ("completed", 4), second
+    latest = {b["backup_id"]: b for b in (await api.get("/backups"))[1]["backups"]
+              if b["backup_id"] not in backups}
+    assert {b["backup_type"] for b in latest.values()} == {"incremental"} and len(latest) == 4
+    listing = {v["vm_name"]: v for v in (await api.get("/vm-contexts"))[1]["vm_contexts"]}
+    for b in latest.values():
+        assert listing[b["vm_name"]]["last_scheduled_job_id"] == b["backup_id"]
+        assert listing[b["vm_name"]]["next_scheduled_at"] == s["next_run_at"]
+    exports, ports = await rig.nbd_state()
+    assert exports == [] and ports["allocated"] == 0

@@ -1,0 +1,126 @@
+"""The backup launcher against the backup domain's interface (a stand-in that records rows the same way):
+what it passes, the ids it accepts, auto's fall-back to a full backup, busy VMs, a backup that failed after
+it was recorded, a started backup without a job row, and the repository check."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oma_common.errors import Conflict, Internal, Invalid, NotFound, Unavailable
+from omad.backup.backups import StartRequest
+from omad.jobs.engine import JobEngine
+from omad.schedule.launcher import BackupLauncher, Target, VmRef
+from omad.store.db import Database
+
+VM = VmRef("ctx-web-20250101-000000", "web 01")
+
+
+def target(backup_type: str = "auto", repository_id: str | None = "1", policy_id: str | None = None) -> Target:
+    return Target("s-1", "nightly", "backup", backup_type, repository_id, policy_id)
+
+
+@dataclasses.dataclass
+class Backup:
+    backup_id: str
+
+
+class FakeBackups:
+    """Stands where omad/backup's service is: records the backup's job row, then answers as told."""
+
+    def __init__(self, engine: JobEngine, answer: str = "dict") -> None:
+        self.engine = engine
+        self.answer = answer
+        self.calls: list[tuple[Any, ...]] = []
+        self.previous = False  # a completed backup exists: incrementals are allowed
+        self.fail_after_record = False
+
+    async def start(self, req: StartRequest, *, actor: str) -> Any:
+        self.calls.append((req.vm_name, req.repository_id, req.backup_type, req.policy_id, req.tags, actor))
+        if req.backup_type == "incremental" and not self.previous:
+            raise Invalid("no previous backup", f"{req.vm_name} has nothing to continue in {req.repository_id}")
+        active = await self.engine.db.scalar("SELECT id FROM jobs WHERE context_id = ? AND status = 'running'",
+                                             (VM.context_id,))
+        if active:
+            raise Conflict("backup running", f"{req.vm_name} is being backed up", backup_id=active)
+        job_id = await self.engine.create("backup", display_name=f"backup of {req.vm_name}", context_id=VM.context_id)
+        if self.fail_after_record:
+            await self.engine.finish(job_id, "failed", "nbd-pool unavailable")
+            raise Unavailable("nbd-pool unavailable", "socket missing", backup_id=job_id)
+        if self.answer == "str":
+            return job_id
+        if self.answer == "dict":
+            return {"backup_id": job_id, "status": "started", "disk_results": []}
+        if self.answer == "object":
+            return Backup(job_id)
+        return {"backup_id": "backup-without-a-job-row"}
+
+
+class Repos:
+    async def row(self, repo_id: str) -> dict[str, Any]:
+        if repo_id != "1":
+            raise NotFound("repository not found", f"backup repository {repo_id!r} does not exist")
+        return {"id": "1"}
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[JobEngine]:
+    db = Database(tmp_path / "l.db")
+    await db.open()
+    await db.migrate()
+    try:
+        yield JobEngine(db)
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize("answer", ["str", "dict", "object"])
+async def test_starts_through_the_backup_service_and_returns_the_job(engine: JobEngine, answer: str) -> None:
+    backups = FakeBackups(engine, answer)
+    launcher = BackupLauncher(backups, engine)
+    job_id = await launcher.start(VM, target("full", policy_id="7"))
+    assert (await engine.get(job_id))["job_type"] == "backup"
+    assert backups.calls == [("web 01", "1", "full", "7", {"schedule_id": "s-1", "schedule_name": "nightly"},
+                              "scheduler:nightly")]
+
+
+async def test_auto_is_incremental_when_possible_and_full_otherwise(engine: JobEngine) -> None:
+    backups = FakeBackups(engine)
+    launcher = BackupLauncher(backups, engine)
+    first = await launcher.start(VM, target("auto"))
+    assert [c[2] for c in backups.calls] == ["incremental", "full"]
+    with pytest.raises(Conflict):  # the VM is busy: the scheduler waits, it does not count a failure
+        await launcher.start(VM, target("auto"))
+    await engine.finish(first)
+    backups.previous, backups.calls = True, []
+    await launcher.start(VM, target("auto"))
+    assert [c[2] for c in backups.calls] == ["incremental"]
+
+
+async def test_a_backup_without_a_job_row_is_refused_loudly(engine: JobEngine) -> None:
+    launcher = BackupLauncher(FakeBackups(engine, "no row"), engine)
+    with pytest.raises(Internal, match="has no job row"):
+        await launcher.start(VM, target("full"))
+
+
+async def test_a_backup_that_failed_after_it_was_recorded_is_followed(engine: JobEngine) -> None:
+    backups = FakeBackups(engine)
+    backups.fail_after_record = True
+    job_id = await BackupLauncher(backups, engine).start(VM, target("full"))
+    job = await engine.get(job_id)  # the scheduler will see it failed and retry as the schedule says
+    assert job["status"] == "failed" and job["error_message"] == "nbd-pool unavailable"
+
+
+async def test_the_target_is_checked(engine: JobEngine) -> None:
+    launcher = BackupLauncher(FakeBackups(engine), engine, Repos())
+    for bad, words in ((target(repository_id=None), "needs a repository_id"),
+                       (target(repository_id=None, policy_id="3"), "a policy cannot choose the repository yet"),
+                       (target(repository_id="9"), "backup repository '9' does not exist")):
+        with pytest.raises(Invalid) as e:
+            await launcher.check(bad)
+        assert e.value.extra["field"] == "repository_id" and words in e.value.details
+    await launcher.check(target(repository_id="1", policy_id="3"))

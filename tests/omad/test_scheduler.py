@@ -1,0 +1,405 @@
+"""The scheduler on a fake clock: due times across DST, skip_if_running, concurrency limits while jobs are slow,
+retries after the configured delay, a VM under two schedules without overlapping jobs, execution counts that
+match the jobs, a missed run after downtime, restarts, and the VM's next_scheduled_at / last_scheduled_job_id.
+
+Jobs are real rows created through the JobEngine by a real in-process launcher; the test finishes them."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from oma_common.errors import Conflict, Invalid, Unavailable
+from omad.schedule.clock import iso
+from omad.store.db import Database
+
+from ..lib.scheduling import Domain, FakeClock, add_contexts, build
+
+pytestmark = pytest.mark.timeout(60)
+UTC = timezone.utc
+T0 = datetime(2025, 3, 28, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(tmp_path / "oma.db")
+    await database.open()
+    await database.migrate()
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@pytest.fixture
+def domain(db: Database) -> Domain:
+    return build(db, FakeClock(T0), poll_seconds=5.0, late_after_seconds=60.0)
+
+
+async def active_jobs_per_vm(d: Domain) -> Counter[str]:
+    return Counter(j["vm_name"] for j in await d.launcher.running())
+
+
+# -- when ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("expr", ["0 30 2 * * *", "30 2 * * *"])
+async def test_fires_at_the_right_instants_across_dst(domain: Domain, expr: str) -> None:
+    d = domain
+    ids = await add_contexts(d.db, ["vm1"])
+    s = await d.schedule("nightly", expr, timezone="Europe/Berlin")
+    await d.group("g", s["id"], [ids["vm1"]])
+    fired = []
+    for _ in range(4):
+        fired.append(iso(await d.at_next_run(s["id"])))
+        await d.launcher.finish_all()
+        await d.scheduler.tick()
+    assert fired == ["2025-03-29T01:30:00.000Z",  # 02:30 CET
+                     "2025-03-30T01:00:00.000Z",  # 02:30 does not exist: 03:00 CEST, once
+                     "2025-03-31T00:30:00.000Z",  # 02:30 CEST
+                     "2025-04-01T00:30:00.000Z"]
+    d.clock.set(datetime(2025, 10, 24, 12, tzinfo=UTC))
+    await d.schedules.set_enabled(s["id"], False, actor="admin")
+    await d.schedules.set_enabled(s["id"], True, actor="admin")  # next run counted from now
+    fired = []
+    for _ in range(3):
+        fired.append(iso(await d.at_next_run(s["id"])))
+        await d.launcher.finish_all()
+        await d.scheduler.tick()
+    assert fired == ["2025-10-25T00:30:00.000Z",  # 02:30 CEST
+                     "2025-10-26T00:30:00.000Z",  # 02:30 happens twice: the first one only
+                     "2025-10-27T01:30:00.000Z"]  # 02:30 CET
+    runs = await d.executions(s["id"])
+    assert [r["status"] for r in runs] == ["completed"] * 7 and not any(r["late"] for r in runs)
+    assert [r["scheduled_at"] for r in runs[-3:]] == fired
+
+
+async def test_the_loop_sleeps_on_the_clock_and_fires_on_time(domain: Domain) -> None:
+    d = domain
+    ids = await add_contexts(d.db, ["vm1"])
+    s = await d.schedule("every 10 min", "0 */10 * * * *")
+    await d.group("g", s["id"], [ids["vm1"]])
+    await d.scheduler.start()
+    try:
+        await d.scheduler.wait_ticks(1)
+        assert await d.executions(s["id"]) == []
+        d.clock.set(datetime(2025, 3, 28, 12, 10, tzinfo=UTC))  # the due time: the sleeping loop wakes
+        await d.scheduler.wait_ticks(2)
+        runs = await d.executions(s["id"])
+        assert len(runs) == 1 and runs[0]["scheduled_at"] == "2025-03-28T12:10:00.000Z"
+        assert runs[0]["jobs_created"] == 1 and not runs[0]["late"]
+        await d.launcher.finish_all()
+        d.clock.advance(seconds=5)  # the poll interval while an execution runs
+        await d.scheduler.wait_ticks(3)
+        assert (await d.executions(s["id"]))[0]["status"] == "completed"
+    finally:
+        await d.scheduler.stop()
+
+
+# -- skip_if_running, limits, retries ----------------------------------------------------------------
+
+async def test_skip_if_running_records_a_skipped_execution(domain: Domain) -> None:
+    d = domain
+    ids = await add_contexts(d.db, ["a", "b"])
+    s = await d.schedule("hourly", "0 0 * * * *", skip_if_running=True)
+    await d.group("g", s["id"], list(ids.values()))
+    await d.at_next_run(s["id"])
+    await d.at_next_run(s["id"])  # the first run's jobs are still running
+    first, second = await d.executions(s["id"])
+    assert first["status"] == "running" and first["jobs_created"] == 2
+    assert second["status"] == "skipped" and second["vms_eligible"] == 2 and second["jobs_skipped"] == 2
+    assert second["jobs_created"] == 0 and f"execution {first['id']}" in second["message"]
+    assert len(d.launcher.started) == 2
+    with pytest.raises(Conflict, match="still running"):
+        await d.scheduler.trigger(s["id"], actor="admin")
+
+    # Without skip_if_running the next run starts, and its VMs wait for their running jobs to end.
+    await d.schedules.update(s["id"], {"skip_if_running": False}, actor="admin")
+    await d.at_next_run(s["id"])
+    third = (await d.executions(s["id"]))[2]
+    assert third["status"] == "running" and third["jobs_created"] == 0
+    assert max((await active_jobs_per_vm(d)).values()) == 1
+    await d.launcher.finish_all()
+    await d.scheduler.tick()
+    runs = await d.executions(s["id"])
+    assert runs[0]["status"] == "completed" and runs[2]["jobs_created"] == 2
+    assert max((await active_jobs_per_vm(d)).values()) == 1
+
+
+async def test_concurrency_limits_hold_while_jobs_are_slow(domain: Domain) -> None:
+    d = domain
+    names = [f"vm{i:02d}" for i in range(30)]
+    ids = await add_contexts(d.db, names)
+    s = await d.schedule("big", "0 0 1 * * *", max_concurrent_jobs=6)
+    limits = {"gold": 2, "silver": 3, "bronze": 10}
+    members = {"gold": names[:8], "silver": names[8:18], "bronze": names[18:]}
+    groups = {}
+    for prio, (name, limit) in enumerate(limits.items()):
+        groups[name] = await d.group(name, s["id"], [ids[n] for n in members[name]], max_concurrent_vms=limit,
+                                     priority=prio * 10)
+    group_of = {n: g for g, ns in members.items() for n in ns}
+    rng = random.Random(7)
+    await d.at_next_run(s["id"])
+    peak = Counter[str]()
+    for _ in range(200):
+        running = await d.launcher.running()
+        per_group = Counter(group_of[j["vm_name"]] for j in running)
+        assert len(running) <= 6, running
+        for g, n in per_group.items():
+            assert n <= limits[g], (g, n)
+            peak[g] = max(peak[g], n)
+        peak["total"] = max(peak["total"], len(running))
+        if not running and (await d.executions(s["id"]))[0]["status"] != "running":
+            break
+        for j in running:  # slow jobs: a few finish per tick
+            if rng.random() < 0.3:
+                await d.launcher.finish(j["id"])
+        d.clock.advance(seconds=5)
+        await d.scheduler.tick()
+    run = (await d.executions(s["id"]))[0]
+    assert run["status"] == "completed" and run["jobs_created"] == 30 == run["jobs_completed"]
+    assert peak["total"] == 6 and peak["gold"] == 2 and peak["silver"] == 3  # the limits were reached, not passed
+    started = [n for n, _, _ in d.launcher.started]
+    assert sorted(started) == names  # every VM once
+    assert set(started[:2]) <= set(members["gold"])  # the first group by priority starts first
+
+
+async def test_retries_wait_the_configured_delay(domain: Domain) -> None:
+    d = domain
+    ids = await add_contexts(d.db, ["flaky", "refused", "fine"])
+    s = await d.schedule("retrying", "0 0 3 * * *", retry_attempts=2, retry_delay_minutes=7)
+    await d.group("g", s["id"], list(ids.values()))
+    d.launcher.refuse["refused"] = Unavailable("nbd-pool unavailable", "socket missing")
+    due = await d.at_next_run(s["id"])
+    for name, job_id, _ in d.launcher.started:
+        await d.launcher.finish(job_id, "completed" if name == "fine" else "failed", "disk on fire")
+    await d.scheduler.tick()
+    attempts = {}
+    for minute in (6, 7, 13, 14, 20, 21, 28):
+        d.clock.set(due.replace(minute=minute, second=59 if minute in (6, 13, 20) else 0))
+        await d.scheduler.tick()
+        attempts[minute] = Counter(n for n, _, _ in d.launcher.started)["flaky"]
+        for j in await d.launcher.running():
+            await d.launcher.finish(j["id"], "failed", "disk on fire")
+        await d.scheduler.tick()
+    # The first attempt at 03:00; retries at 03:07 and 03:14 (7 minutes after each failure); then no more.
+    assert attempts == {6: 1, 7: 2, 13: 2, 14: 3, 20: 3, 21: 3, 28: 3}
+    run = (await d.executions(s["id"]))[0]
+    detail = await d.schedules.execution(s["id"], run["id"])
+    vms = {v["vm_name"]: v for v in detail["vms"]}
+    assert vms["flaky"]["status"] == "failed" and vms["flaky"]["attempts"] == 3
+    assert "disk on fire" in vms["flaky"]["reason"] and "after 3 attempts" in vms["flaky"]["reason"]
+    assert vms["refused"]["status"] == "failed" and vms["refused"]["start_failures"] == 3
+    assert "nbd-pool unavailable" in vms["refused"]["reason"]
+    assert vms["fine"]["status"] == "completed" and vms["fine"]["attempts"] == 1
+    assert (run["status"], run["jobs_created"], run["jobs_completed"], run["jobs_failed"], run["start_failures"]) \
+        == ("failed", 4, 1, 3, 3)
+
+
+# -- one VM, two schedules ---------------------------------------------------------------------------
+
+async def test_a_vm_in_two_groups_with_two_schedules_gets_both_without_overlap(domain: Domain) -> None:
+    d = domain
+    ids = await add_contexts(d.db, ["shared", "only-a", "only-b"])
+    a = await d.schedule("A", "0 0 * * * *")
+    b = await d.schedule("B", "0 0 */2 * * *")  # due at the same instants every other hour
+    await d.group("ga", a["id"], [ids["shared"], ids["only-a"]])
+    await d.group("gb", b["id"], [ids["shared"], ids["only-b"]])
+    ctx = await d.db.fetchone("SELECT next_scheduled_at FROM vm_replication_contexts WHERE vm_name = 'shared'")
+    assert ctx["next_scheduled_at"] == "2025-03-28T13:00:00.000Z"
+    d.clock.set(datetime(2025, 3, 28, 14, tzinfo=UTC))  # both due now
+    await d.scheduler.tick()
+    for _ in range(6):
+        per_vm = await active_jobs_per_vm(d)
+        assert max(per_vm.values(), default=0) <= 1, per_vm
+        for j in await d.launcher.running():
+            await d.launcher.finish(j["id"])
+        d.clock.advance(seconds=5)
+        await d.scheduler.tick()
+    shared = [sched for name, _, sched in d.launcher.started if name == "shared"]
+    assert sorted(shared) == sorted([a["id"], b["id"]])  # protected by both
+    for sched in (a, b):
+        run = (await d.executions(sched["id"]))[-1]
+        assert run["status"] == "completed" and run["jobs_completed"] == 2
+    jobs = await d.db.fetchall("SELECT j.started_at, j.completed_at FROM jobs j JOIN vm_replication_contexts c "
+                               "ON c.context_id = j.context_id WHERE c.vm_name = 'shared' ORDER BY j.started_at")
+    assert jobs[0]["completed_at"] <= jobs[1]["started_at"]  # one after the other
+
+    # In two groups of the SAME schedule, a VM runs once per execution (in its first group by priority).
+    await d.group("ga2", a["id"], [ids["shared"]], priority=0)
+    d.launcher.started.clear()
+    await d.at_next_run(a["id"])
+    assert Counter(n for n, _, _ in d.launcher.started) == {"shared": 1, "only-a": 1}
+    run = (await d.executions(a["id"]))[-1]
+    assert run["vms_eligible"] == 2
+
+
+# -- counts, downtime, restarts, VM columns ----------------------------------------------------------
+
+async def test_execution_counts_match_the_jobs(domain: Domain) -> None:
+    d = domain
+    names = ["a-ok", "b-ok", "c-bad", "d-refused", "e-gone", "f-later"]  # start order: by name
+    ids = await add_contexts(d.db, names)
+    s = await d.schedule("mixed", "0 0 4 * * *", max_concurrent_jobs=3)
+    g = await d.group("g", s["id"], [ids[n] for n in names])
+    d.launcher.refuse["d-refused"] = Invalid("no repository", "repository 1 does not exist")
+    await d.at_next_run(s["id"])  # a, b, c start; the others wait for a slot
+    assert [n for n, _, _ in d.launcher.started] == names[:3]
+    await d.groups.remove_vm(g["id"], ids["e-gone"], actor="admin")
+    for name, job_id, _ in d.launcher.started:
+        await d.launcher.finish(job_id, "failed" if name == "c-bad" else "completed", "boom")
+    await d.scheduler.tick()  # d refused, e skipped (left the group), f starts
+    await d.launcher.finish_all()
+    await d.scheduler.tick()
+    run = (await d.executions(s["id"]))[0]
+    rows = await d.db.fetchall("SELECT j.status FROM schedule_execution_jobs x JOIN jobs j ON j.id = x.job_id "
+                               "WHERE x.execution_id = ?", (run["id"],))
+    statuses = Counter(r["status"] for r in rows)
+    assert run["status"] == "failed"
+    assert run["vms_eligible"] == 6
+    assert run["jobs_created"] == len(d.launcher.started) == sum(statuses.values()) == 4
+    assert run["jobs_completed"] == statuses["completed"] == 3
+    assert run["jobs_failed"] == statuses["failed"] == 1
+    assert run["jobs_skipped"] == 1 and run["start_failures"] == 1
+    assert run["message"] == "3 of 6 VM(s) protected, 2 failed, 1 skipped"
+    detail = await d.schedules.execution(s["id"], run["id"])
+    assert {j["job_id"] for j in detail["jobs"]} == {j for _, j, _ in d.launcher.started}
+    assert {v["vm_name"]: v["status"] for v in detail["vms"]} == {
+        "a-ok": "completed", "b-ok": "completed", "c-bad": "failed", "d-refused": "failed", "e-gone": "skipped",
+        "f-later": "completed"}
+
+
+async def test_a_run_missed_while_down_runs_once_and_late(db: Database) -> None:
+    clock = FakeClock(T0)
+    d = build(db, clock)
+    ids = await add_contexts(db, ["vm1", "vm2"])
+    s = await d.schedule("hourly", "0 0 * * * *", max_concurrent_jobs=1)
+    await d.group("g", s["id"], list(ids.values()))
+    await d.at_next_run(s["id"])  # 13:00: vm1 runs, vm2 waits for the slot
+
+    # omad stops at 13:00:30 and comes back at 17:20: a new scheduler on the same database.
+    clock.set(datetime(2025, 3, 28, 17, 20, tzinfo=UTC))
+    d2 = build(db, clock)
+    await d2.engine.recover()  # as omad does before the scheduler starts: the dead run's job is failed
+    await d2.scheduler.start()
+    try:
+        await d2.scheduler.wait_ticks(1)
+        runs = await d2.executions(s["id"])
+        assert [r["scheduled_at"] for r in runs] == ["2025-03-28T13:00:00.000Z", "2025-03-28T14:00:00.000Z"]
+        late = runs[1]
+        assert late["late"] and late["missed_runs"] == 3 and late["triggered_by"] == "scheduler"
+        assert late["started_at"] == "2025-03-28T17:20:00.000Z"
+        assert (await d2.schedules.get(s["id"]))["next_run_at"] == "2025-03-28T18:00:00.000Z"
+        # The interrupted run carried on: its failed job is counted and vm2 got its turn.
+        first = await d2.schedules.execution(s["id"], runs[0]["id"])
+        assert {v["vm_name"]: v["status"] for v in first["vms"]} == {"vm1": "failed", "vm2": "running"}
+        assert first["jobs_failed"] == 1 and "interrupted" in first["vms"][0]["reason"]
+    finally:
+        await d2.scheduler.stop()
+
+
+async def test_vm_columns_follow_the_schedules(domain: Domain) -> None:
+    d = domain
+    ids = await add_contexts(d.db, ["vm1", "vm2"])
+
+    async def vm(name: str) -> dict[str, str | None]:
+        row = await d.db.fetchone("SELECT next_scheduled_at, last_scheduled_job_id FROM vm_replication_contexts "
+                                  "WHERE vm_name = ?", (name,))
+        assert row is not None
+        return row
+
+    daily = await d.schedule("daily", "0 0 22 * * *")
+    hourly = await d.schedule("hourly", "0 30 * * * *", enabled=False)
+    g1 = await d.group("g1", daily["id"], [ids["vm1"]])
+    g2 = await d.group("g2", None, [ids["vm1"], ids["vm2"]])
+    assert (await vm("vm1"))["next_scheduled_at"] == "2025-03-28T22:00:00.000Z"
+    assert (await vm("vm2"))["next_scheduled_at"] is None
+    await d.groups.update(g2["id"], {"schedule_id": hourly["id"]}, actor="admin")
+    assert (await vm("vm2"))["next_scheduled_at"] is None  # the hourly schedule is disabled
+    await d.schedules.set_enabled(hourly["id"], True, actor="admin")
+    assert (await vm("vm1"))["next_scheduled_at"] == "2025-03-28T12:30:00.000Z"  # the earlier of both
+    await d.at_next_run(hourly["id"])
+    assert (await vm("vm1"))["next_scheduled_at"] == "2025-03-28T13:30:00.000Z"
+    jobs = {n: j for n, j, _ in d.launcher.started}
+    assert (await vm("vm1"))["last_scheduled_job_id"] == jobs["vm1"]
+    assert (await vm("vm2"))["last_scheduled_job_id"] == jobs["vm2"]
+    await d.groups.update(g2["id"], {"schedule_id": ""}, actor="admin")
+    assert (await vm("vm2"))["next_scheduled_at"] is None
+    assert (await vm("vm1"))["next_scheduled_at"] == "2025-03-28T22:00:00.000Z"
+    await d.groups.delete(g1["id"], actor="admin")
+    assert (await vm("vm1"))["next_scheduled_at"] is None
+    await d.db.execute("UPDATE vm_replication_contexts SET scheduler_enabled = 0 WHERE vm_name = 'vm2'")
+    await d.groups.update(g2["id"], {"schedule_id": daily["id"]}, actor="admin")
+    assert (await vm("vm2"))["next_scheduled_at"] is None  # the VM is excluded from scheduling
+
+
+async def test_disabling_stops_starting_and_manual_runs(domain: Domain) -> None:
+    d = domain
+    ids = await add_contexts(d.db, ["a", "b", "c"])
+    s = await d.schedule("slow", "0 0 5 * * *", max_concurrent_jobs=1)
+    await d.group("g", s["id"], list(ids.values()))
+    await d.at_next_run(s["id"])
+    assert len(d.launcher.started) == 1
+    await d.schedules.set_enabled(s["id"], False, actor="admin")
+    await d.launcher.finish_all()
+    await d.scheduler.tick()
+    run = (await d.executions(s["id"]))[0]
+    assert (run["status"], run["jobs_completed"], run["jobs_skipped"]) == ("completed", 1, 2)
+    assert len(d.launcher.started) == 1 and (await d.schedules.get(s["id"]))["next_run_at"] is None
+
+    manual = await d.scheduler.trigger(s["id"], actor="alice")  # a disabled schedule still runs by hand
+    assert manual["triggered_by"] == "manual:alice" and manual["status"] == "running"
+    await d.scheduler.tick()
+    assert len(d.launcher.started) == 2
+    with pytest.raises(Conflict):
+        await d.schedules.delete(s["id"], actor="admin")  # running
+    for _ in range(3):
+        await d.launcher.finish_all()
+        await d.scheduler.tick()
+    assert (await d.executions(s["id"]))[-1]["jobs_completed"] == 3
+    await d.schedules.delete(s["id"], actor="admin")
+    assert (await d.groups.list())[0]["schedule_id"] is None  # the group stays, unscheduled
+
+
+async def test_no_eligible_vms_is_a_skipped_run(domain: Domain) -> None:
+    d = domain
+    s = await d.schedule("empty", "0 0 6 * * *")
+    await d.at_next_run(s["id"])
+    run = (await d.executions(s["id"]))[0]
+    assert run["status"] == "skipped" and run["vms_eligible"] == 0 and "no enabled VM" in run["message"]
+
+
+async def test_trigger_and_tick_do_not_interleave(domain: Domain) -> None:
+    d = domain
+    ids = await add_contexts(d.db, [f"vm{i}" for i in range(20)])
+    s = await d.schedule("now", "0 0 7 * * *", skip_if_running=False, max_concurrent_jobs=20)
+    await d.group("g", s["id"], list(ids.values()), max_concurrent_vms=20)
+    await asyncio.gather(d.scheduler.trigger(s["id"], actor="a"), d.scheduler.tick(),
+                         d.scheduler.trigger(s["id"], actor="b"), d.scheduler.tick())
+    await d.scheduler.tick()
+    per_vm = await active_jobs_per_vm(d)
+    assert len(per_vm) == 20 and max(per_vm.values()) == 1
+
+
+async def test_stop_lets_the_start_in_progress_finish_and_starts_nothing_more(domain: Domain) -> None:
+    d = domain
+    ids = await add_contexts(d.db, ["a", "b", "c"])
+    s = await d.schedule("slow starts", "0 0 8 * * *")
+    await d.group("g", s["id"], list(ids.values()))
+    d.launcher.gate = asyncio.Event()
+    d.clock.set(datetime(2025, 3, 29, 8, tzinfo=UTC))
+    await d.scheduler.start()
+    await d.launcher.entered.wait()  # the loop is inside the first start
+    stopping = asyncio.ensure_future(d.scheduler.stop())
+    await asyncio.sleep(0)  # stop() has asked the loop to end
+    d.launcher.gate.set()
+    await stopping
+    detail = await d.schedules.execution(s["id"], (await d.executions(s["id"]))[0]["id"])
+    assert [(v["vm_name"], v["status"]) for v in detail["vms"]] == [("a", "running"), ("b", "pending"),
+                                                                   ("c", "pending")]
+    assert [j["job_id"] for j in detail["jobs"]] == [d.launcher.started[0][1]]  # the started job is recorded
