@@ -103,7 +103,7 @@ def test_omad_is_unprivileged_sandboxed_and_after_the_agents() -> None:
     assert last(u, "Service.User") == "oma"
     assert last(u, "Service.CapabilityBoundingSet") == ""
     assert last(u, "Service.ProtectSystem") == "strict"
-    assert words(u, "Service.ReadWritePaths") == {"/var/lib/oma"}
+    assert words(u, "Service.ReadWritePaths") == {"/var/lib/oma", "/srv/oma/repositories"}
     for key in ("PrivateTmp", "PrivateDevices", "ProtectHome", "ProtectKernelTunables", "RestrictNamespaces"):
         assert last(u, f"Service.{key}") == "yes", key
     agents = {f"{a}.service" for a in AGENTS}
@@ -218,7 +218,15 @@ def test_state_paths_agree_with_units_and_tmpfiles() -> None:
     dirs = tmpfiles_dirs()
     omad = effective_config("omad", uc.UNIT_DIR / "oma/omad.d")
     assert dirs[omad["state_dir"]] == ("0750", "oma", "oma")
-    assert words(unit("omad.service"), "Service.ReadWritePaths") == {omad["state_dir"]}
+    # omad writes its state and the repositories: local ones inside its state dir, shares mounted by
+    # volume-agent below its mount root, which is root's own directory (omad cannot plant a mount point).
+    vagent = effective_config("volume-agent", uc.UNIT_DIR / "oma/volume-agent.d")
+    assert words(unit("omad.service"), "Service.ReadWritePaths") == {omad["state_dir"],
+                                                                     vagent["repository_mount_root"]}
+    assert dirs[vagent["repository_mount_root"]] == ("0755", "root", "root")
+    assert dirs[omad["state_dir"] + "/repositories"] == ("0750", "oma", "oma")
+    pool = effective_config("nbd-pool", uc.UNIT_DIR / "oma/nbd-pool.d")
+    assert {omad["state_dir"] + "/repositories", vagent["repository_mount_root"]} <= set(pool["export_roots"])
     assert omad["run_dir"] == "/run/oma"
     for agent in AGENTS:
         cfg = effective_config(agent, uc.UNIT_DIR / "oma" / f"{agent}.d")
