@@ -138,7 +138,7 @@ async def test_the_agent_serves_mounts_over_its_socket(stack_config: Stack) -> N
     try:
         listing = await client.call("GET", "/repositories/mounts")
         root = Path(listing["mount_root"])
-        assert root == stack_config.state / "repositories" and listing["mounts"] == []
+        assert root == stack_config.state / "mounts" and listing["mounts"] == []
         with pytest.raises(Invalid, match="outside the mount root"):
             await client.call("POST", "/repositories/mount", json={
                 "kind": "nfs", "server": "nas", "export_path": "/e", "mount_point": "/etc"})
