@@ -12,9 +12,10 @@ from typing import Any
 import psutil
 import pytest
 
-from nbd_pool.adapters import loopdev, mountinfo
+from nbd_pool.adapters import loopdev
 from nbd_pool.adapters.fuse_loop import FuseLoopBackend
 from nbd_pool.adapters.orphans import list_orphans
+from oma_common import mountinfo
 
 from ..lib.diskimages import gpt_two_ext4, to_qcow2
 from .helpers import MIB, Pool, ash, make_source, sh, url

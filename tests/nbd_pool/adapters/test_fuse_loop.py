@@ -13,9 +13,10 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from nbd_pool.adapters import loopdev, mountinfo
+from nbd_pool.adapters import loopdev
 from nbd_pool.adapters.attach import AttachError, AttachRecord, DetachBusy
 from nbd_pool.adapters.fuse_loop import FuseLoopAttachment, FuseLoopBackend, build_qsd_argv
+from oma_common import mountinfo
 from oma_common.process import ChildFailed, run
 
 pytestmark = [pytest.mark.timeout(60)]

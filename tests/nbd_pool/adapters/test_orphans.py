@@ -10,7 +10,7 @@ from typing import Any
 import psutil
 import pytest
 
-from nbd_pool.adapters import loopdev, mountinfo, partx
+from nbd_pool.adapters import fuse_mounts, loopdev, partx
 from nbd_pool.adapters.fuse_loop import FuseLoopBackend
 from nbd_pool.adapters.orphans import _port_of, list_orphans, references_root, release_orphans
 from nbd_pool.adapters.qemu_nbd import QemuNbdExport
@@ -86,7 +86,7 @@ async def test_leftovers_are_found_and_released(tmp_path: Path, helpers: Any, fr
         for pid in (crashed.process.pid, in_rec.process.pid, pool_rec.process.pid):
             assert not alive(pid)
         assert loopdev.bound_file(crashed.device) is None or loopdev.bound_file(crashed.device) != crashed.fuse_file
-        assert not mountinfo.fuse_mounts_under(root)
+        assert not fuse_mounts.under(root)
         # Nothing foreign was touched.
         assert alive(foreign_rec.process.pid)
         assert loopdev.bound_file(foreign_loop) == str(raw)

@@ -14,9 +14,10 @@ import json
 import logging
 from pathlib import Path
 
+from oma_common import mountinfo
 from oma_common.process import AdoptedChild, PidMismatch, ProcessIdentity, SupervisedChild
 
-from . import loopdev, mountinfo, partx
+from . import fuse_mounts, loopdev, partx
 from .attach import AttachError, AttachRecord, DetachBusy, Partition, block_device_busy, check_format, partitions_from
 from .partitions import PartitionTableError, read_partition_table
 
@@ -126,7 +127,7 @@ async def _teardown(
         await child.stop(timeout=stop_timeout)
     if mountinfo.is_mounted(fuse_file):
         # qemu-storage-daemon unmounts its export when it exits cleanly; not when it was killed.
-        await mountinfo.unmount(fuse_file, resource_id=rid)
+        await fuse_mounts.unmount(fuse_file, resource_id=rid)
     await asyncio.to_thread(_remove_workdir, Path(record.workdir), fuse_file)
     lg.info("%s: detached %s", rid, record.image)
 
