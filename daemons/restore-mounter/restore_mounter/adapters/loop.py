@@ -13,7 +13,7 @@ import logging
 import re
 from pathlib import Path
 
-from .command import CommandFailed, run
+from oma_common.process import CommandFailed, run
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,7 @@ from pathlib import Path
 import psutil
 
 from oma_common import mountinfo
-
-from .command import CommandFailed, run
+from oma_common.process import CommandFailed, run
 
 log = logging.getLogger(__name__)
 
