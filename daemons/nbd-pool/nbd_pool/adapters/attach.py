@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from oma_common.blockdev import KernelPartition
 from oma_common.process import ProcessIdentity
 
 from .partitions import PartitionTable
-from .partx import KernelPartition
 
 FORMATS = ("qcow2", "raw")
 

@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from oma_common import mountinfo
+from oma_common import blockdev, mountinfo
 from oma_common.process import AdoptedChild, PidMismatch, ProcessIdentity, SupervisedChild
 
 from . import fuse_mounts, loopdev, partx
@@ -111,7 +111,7 @@ async def _teardown(
     rid = record.resource_id
     fuse_file = Path(record.fuse_file)
     device = record.device
-    if device and loopdev.bound_file(device) == str(fuse_file):
+    if device and blockdev.backing_file(device) == str(fuse_file):
         if await asyncio.to_thread(block_device_busy, device):
             raise DetachBusy(f"{rid}: {device} or one of its partitions is in use (mounted?)")
         try:
@@ -173,7 +173,7 @@ class FuseLoopBackend:
                 return mountinfo.is_mounted(fuse_file)
 
             await child.start(mounted, timeout=self.ready_timeout, interval=0.01)
-            device = await loopdev.attach_read_only(fuse_file, resource_id=rid)
+            device = await blockdev.attach_read_only(fuse_file, resource_id=rid)
             # A loop device keeps partitions added with BLKPG after it is detached (the kernel drops them
             # only with partscan on), so a device fresh from losetup -f may show a previous user's.
             await partx.delete_partitions(device, resource_id=rid)
@@ -213,7 +213,7 @@ class FuseLoopBackend:
         fuse_file = Path(record.fuse_file)
         if not mountinfo.is_mounted(fuse_file):
             raise AttachError(f"{record.resource_id}: FUSE export {fuse_file} is gone")
-        if loopdev.bound_file(record.device) != str(fuse_file):
+        if blockdev.backing_file(record.device) != str(fuse_file):
             raise AttachError(f"{record.resource_id}: {record.device} no longer reads {fuse_file}")
         try:
             child = AdoptedChild.adopt_identity(record.process, resource_id=record.resource_id, logger=self._log)

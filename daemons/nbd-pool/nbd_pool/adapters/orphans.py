@@ -16,12 +16,12 @@ from pathlib import Path
 import psutil
 
 from oma_common import mountinfo
+from oma_common.blockdev import LoopDevice
 from oma_common.mountinfo import MountEntry
 from oma_common.process import AdoptedChild, PidMismatch, ProcessError
 
 from . import fuse_mounts, loopdev, partx
 from .attach import block_device_busy
-from .loopdev import LoopDevice
 
 log = logging.getLogger("nbd_pool.orphans")
 
