@@ -18,7 +18,8 @@ from oma_common import blockdev, mountinfo
 from oma_common.process import AdoptedChild, PidMismatch, ProcessIdentity, SupervisedChild
 
 from . import fuse_mounts, loopdev, partx
-from .attach import AttachError, AttachRecord, DetachBusy, Partition, block_device_busy, check_format, partitions_from
+from .attach import (AttachError, AttachRecord, DetachBusy, HeldAttachment, block_device_busy, check_format,
+                     partitions_from)
 from .partitions import PartitionTableError, read_partition_table
 
 log = logging.getLogger("nbd_pool.fuse_loop")
@@ -70,37 +71,15 @@ def _remove_workdir(workdir: Path, fuse_file: Path) -> None:
         workdir.rmdir()  # only if we left nothing else; a stranger's file stays
 
 
-class FuseLoopAttachment:
+class FuseLoopAttachment(HeldAttachment):
     def __init__(self, record: AttachRecord, child: SupervisedChild | AdoptedChild | None, logger: logging.Logger) -> None:
-        self._record = record
-        self._child = child
+        super().__init__(record, child)
         self._log = logger
-        self._lock = asyncio.Lock()
-
-    @property
-    def device(self) -> str:
-        return self._record.device
-
-    @property
-    def partitions(self) -> list[Partition]:
-        return list(self._record.partitions)
-
-    @property
-    def record(self) -> AttachRecord:
-        return self._record
 
     async def detach(self, stop_timeout: float = 10.0) -> None:
         async with self._lock:
             await _teardown(self._record, self._child, self._log, stop_timeout=stop_timeout)
             self._child = None
-
-    def forget(self) -> AttachRecord:
-        if isinstance(self._child, SupervisedChild):
-            self._child.release()
-        elif self._child is not None:
-            self._child.close()
-        self._child = None
-        return self._record
 
 
 async def _teardown(
