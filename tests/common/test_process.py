@@ -189,6 +189,34 @@ async def test_run_reports_output_failure_and_timeout() -> None:
 
 
 @pytest.mark.asyncio
+async def test_run_says_why_from_stdout_when_stderr_is_empty() -> None:
+    with pytest.raises(CommandFailed) as info:
+        await run([PY, "-c", "import sys; print('said on stdout'); sys.exit(1)"])
+    assert info.value.stderr == "said on stdout"
+
+
+DAEMONISE = """
+import os, sys, time
+pid = os.fork()
+if pid == 0:
+    time.sleep(30)  # the daemon keeps stdout and stderr open
+    os._exit(0)
+print(pid)
+sys.stderr.write("forked")
+"""
+
+
+@pytest.mark.asyncio
+async def test_run_detaching_returns_when_the_program_does_not_its_daemon() -> None:
+    res = await run([PY, "-c", DAEMONISE], timeout=10, detaching=True)
+    daemon = int(res.text)
+    try:
+        assert res.seconds < 10 and res.error_text == "forked" and psutil.pid_exists(daemon)
+    finally:
+        os.kill(daemon, signal.SIGKILL)
+
+
+@pytest.mark.asyncio
 async def test_event_loop_stays_responsive_during_start_and_stop(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     child = SupervisedChild([PY, "-c", STUBBORN, str(ready)], resource_id="ticks")

@@ -4,7 +4,6 @@ NBD clients, images, and the scan for leftovers."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 import socket
@@ -17,6 +16,7 @@ import aiohttp
 
 from nbd_pool.adapters.orphans import list_orphans, release_orphans
 
+from ..lib.filetree import path_sha256
 from ..rig import Stack
 
 MIB = 1024 * 1024
@@ -73,20 +73,9 @@ def sha256_of_image(image: Path, fmt: str, tmp: Path) -> str:
     """The guest-visible bytes of an image, hashed (converted to raw first)."""
     raw = tmp / f"{image.name}.check.raw"
     sh("qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", image, raw)
-    h = hashlib.sha256()
-    with open(raw, "rb") as f:
-        while chunk := f.read(MIB):
-            h.update(chunk)
+    digest = path_sha256(raw)
     raw.unlink()
-    return h.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MIB):
-            h.update(chunk)
-    return h.hexdigest()
+    return digest
 
 
 class Agent:

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from .helpers import MIB, Pool, ash, make_source, sha256_of, sha256_of_image, sh, url
+from ..lib.filetree import path_sha256
+from .helpers import MIB, Pool, ash, make_source, sha256_of_image, sh, url
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -28,7 +29,7 @@ async def test_64_mib_written_with_qemu_img_and_nbdcopy_reads_back_identical(poo
     released = await pool.agent.ok("POST", "/jobs/job-w1/release")
     assert released["stopped_exports"] == 2 and released["released_count"] == 2
     # ...and from the images once qemu-nbd has flushed and gone.
-    want = sha256_of(src)
+    want = path_sha256(src)
     assert sha256_of_image(pool.repo / "a.qcow2", "qcow2", pool.stack.state) == want
     assert sha256_of_image(pool.repo / "b.qcow2", "qcow2", pool.stack.state) == want
     # The zeros written as data were not allocated in the backup (detect-zeroes=unmap).
@@ -104,7 +105,7 @@ async def test_block_device_behind_a_root_only_link_is_exported_raw(pool: Pool) 
         src = make_source(pool.stack.state / "vol-src.raw", 16 * MIB, seed=7)
         await ash("nbdcopy", src, url(e["port"], "vol1"))
         await pool.agent.ok("POST", "/jobs/job-rep/release")
-        assert sha256_of(Path(device)) == sha256_of(src)
+        assert path_sha256(Path(device)) == path_sha256(src)
         # The same link in a directory others may write to is not followed to the device.
         os.chmod(links, 0o777)
         alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-rep2", "count": 1})

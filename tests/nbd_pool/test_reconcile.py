@@ -12,9 +12,9 @@ from typing import Any
 import psutil
 import pytest
 
-from nbd_pool.adapters import loopdev, mountinfo
 from nbd_pool.adapters.fuse_loop import FuseLoopBackend
 from nbd_pool.adapters.orphans import list_orphans
+from oma_common import blockdev, mountinfo
 
 from ..lib.diskimages import gpt_two_ext4, to_qcow2
 from .helpers import MIB, Pool, ash, make_source, sh, url
@@ -84,7 +84,7 @@ async def test_kill_9_with_three_exports_and_an_attachment_then_restart(pool: Po
         # Released: the stray qemu-nbd, the stray FUSE export, loop device and qemu-storage-daemon.
         assert await asyncio.wait_for(stray_nbd.wait(), 10) is not None
         assert not alive(stray_att.process.pid)
-        assert loopdev.bound_file(stray_att.device) != stray_att.fuse_file
+        assert blockdev.backing_file(stray_att.device) != stray_att.fuse_file
         assert not mountinfo.is_mounted(Path(stray_att.fuse_file))
         assert sorted(d.name for d in pool.work_root.iterdir()) == [att["attachment_id"]]
         keep = {e["pid"] for e in listed.values()} | {attachments[0]["pid"]}
@@ -177,9 +177,9 @@ async def test_the_periodic_check_releases_leftovers_under_the_work_root(make_po
             break
         await asyncio.sleep(0.05)
     assert not alive(stray.process.pid)
-    assert loopdev.bound_file(stray.device) != stray.fuse_file
+    assert blockdev.backing_file(stray.device) != stray.fuse_file
     assert not (pool.work_root / "att-late").exists()
     # Ours was left alone.
     assert [a["attachment_id"] for a in (await pool.agent.ok("GET", "/attachments"))["attachments"]] == [
         ours["attachment_id"]]
-    assert alive(ours["pid"]) and loopdev.bound_file(ours["device"]) is not None
+    assert alive(ours["pid"]) and blockdev.backing_file(ours["device"]) is not None

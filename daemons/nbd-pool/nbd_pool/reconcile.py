@@ -18,7 +18,9 @@ import logging
 from collections.abc import Collection
 from pathlib import Path
 
-from .adapters import kernel_nbd, mountinfo
+from oma_common import mountinfo
+
+from .adapters import kernel_nbd
 from .adapters.fuse_loop import FUSE_FILE
 from .adapters.orphans import list_orphans, release_orphans
 from .attachments import Attachments
@@ -88,7 +90,7 @@ class Reconciler:
         """Work directories no attachment owns, once nothing is mounted in them: at most an empty FUSE mount
         point file is left there (blocking: a few stat calls, run in a thread)."""
         removed = 0
-        mounted = {str(m.mount_point) for m in mountinfo.read_mounts()}
+        mounted = {str(m.mount_point) for m in mountinfo.read()}
         for d in sorted(self.work_root.resolve().iterdir()) if self.work_root.is_dir() else []:
             if d.name in keep or not d.is_dir() or d.is_symlink():
                 continue

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from oma_common import errors
+from oma_common.process import CommandFailed
 from oma_common.rpc import AgentClient
 
 from .adapters import loop
-from .adapters.command import CommandFailed
 
 log = logging.getLogger(__name__)
 

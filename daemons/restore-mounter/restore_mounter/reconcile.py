@@ -15,9 +15,9 @@ import logging
 import os
 from pathlib import Path
 
-from oma_common import errors, logs
+from oma_common import errors, logs, mountinfo
 
-from .adapters import mounter, mountinfo
+from .adapters import mounter
 from .mounts import Mount, MountManager
 from .records import ERROR, MOUNTED, MountRecord
 

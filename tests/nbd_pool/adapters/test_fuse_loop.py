@@ -13,9 +13,9 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from nbd_pool.adapters import loopdev, mountinfo
 from nbd_pool.adapters.attach import AttachError, AttachRecord, DetachBusy
 from nbd_pool.adapters.fuse_loop import FuseLoopAttachment, FuseLoopBackend, build_qsd_argv
+from oma_common import blockdev, mountinfo
 from oma_common.process import ChildFailed, run
 
 pytestmark = [pytest.mark.timeout(60)]
@@ -34,7 +34,7 @@ async def attachments() -> AsyncIterator[list[FuseLoopAttachment]]:
     made: list[FuseLoopAttachment] = []
     yield made
     for a in made:
-        if loopdev.bound_file(a.device) is not None or mountinfo.is_mounted(Path(a.record.fuse_file)):
+        if blockdev.backing_file(a.device) is not None or mountinfo.is_mounted(Path(a.record.fuse_file)):
             await a.detach()
 
 
@@ -49,11 +49,11 @@ def qsd_pids_for(path: Path) -> list[int]:
 
 def assert_nothing_left(record: AttachRecord) -> None:
     fuse_file = Path(record.fuse_file)
-    assert loopdev.bound_file(record.device) != record.fuse_file
+    assert blockdev.backing_file(record.device) != record.fuse_file
     assert not mountinfo.is_mounted(fuse_file)
     assert qsd_pids_for(fuse_file) == []
     assert not Path(record.workdir).exists()
-    assert not [p for p in record.partitions if Path(p.device).exists() and loopdev.bound_file(record.device) == record.fuse_file]
+    assert not [p for p in record.partitions if Path(p.device).exists() and blockdev.backing_file(record.device) == record.fuse_file]
 
 
 def test_qsd_argv_is_read_only_json() -> None:
@@ -110,7 +110,7 @@ async def test_gpt_qcow2_exposes_both_partitions_read_only(tmp_path: Path, helpe
         # While mounted, detach refuses and leaves everything in place.
         with pytest.raises(DetachBusy):
             await att.detach()
-        assert loopdev.bound_file(att.device) == att.record.fuse_file
+        assert blockdev.backing_file(att.device) == att.record.fuse_file
         assert Path(att.partitions[1].device).exists()
     finally:
         await run(["umount", mnt])
@@ -154,7 +154,7 @@ async def test_workdir_behind_a_symlink(tmp_path: Path, attachments: list[FuseLo
     att = await FuseLoopBackend().attach(image, tmp_path / "link" / "a", resource_id="symlink")
     attachments.append(att)
     assert att.record.fuse_file == str(tmp_path / "real" / "a" / "disk.raw")
-    assert loopdev.bound_file(att.device) == att.record.fuse_file
+    assert blockdev.backing_file(att.device) == att.record.fuse_file
     await att.detach()
     assert_nothing_left(att.record)
     assert not (tmp_path / "link" / "a").exists()
@@ -225,7 +225,7 @@ async def test_resume_after_restart_then_detach(tmp_path: Path, helpers: Any, at
     att = await FuseLoopBackend().attach(image, tmp_path / "w", resource_id="resume")
     saved = att.forget().to_dict()  # the daemon stops, leaving the attachment up
     record = AttachRecord.from_dict(saved)
-    assert loopdev.bound_file(record.device) == record.fuse_file
+    assert blockdev.backing_file(record.device) == record.fuse_file
     resumed = await FuseLoopBackend().resume(record)
     attachments.append(resumed)
     assert resumed.partitions == att.partitions

@@ -10,10 +10,11 @@ from typing import Any
 import psutil
 import pytest
 
-from nbd_pool.adapters import loopdev, mountinfo, partx
+from nbd_pool.adapters import fuse_mounts, loopdev, partx
 from nbd_pool.adapters.fuse_loop import FuseLoopBackend
 from nbd_pool.adapters.orphans import _port_of, list_orphans, references_root, release_orphans
 from nbd_pool.adapters.qemu_nbd import QemuNbdExport
+from oma_common import blockdev
 from oma_common.process import AdoptedChild, run
 
 pytestmark = [pytest.mark.timeout(60)]
@@ -64,7 +65,7 @@ async def test_leftovers_are_found_and_released(tmp_path: Path, helpers: Any, fr
     img_foreign = elsewhere / "foreign.qcow2"
     await run(["qemu-img", "create", "-q", "-f", "qcow2", img_foreign, "64M"])
     foreign = QemuNbdExport(img_foreign, "foreign", "127.0.0.1", free_port + 3 if free_port + 3 < 65536 else free_port - 1)
-    foreign_loop = await loopdev.attach_read_only(raw)
+    foreign_loop = await blockdev.attach_read_only(raw)
     kept = None
     try:
         for e in (nbd_in, nbd_pool_port, foreign):
@@ -85,11 +86,11 @@ async def test_leftovers_are_found_and_released(tmp_path: Path, helpers: Any, fr
         assert not await list_orphans(root, ports=pool_ports)
         for pid in (crashed.process.pid, in_rec.process.pid, pool_rec.process.pid):
             assert not alive(pid)
-        assert loopdev.bound_file(crashed.device) is None or loopdev.bound_file(crashed.device) != crashed.fuse_file
-        assert not mountinfo.fuse_mounts_under(root)
+        assert blockdev.backing_file(crashed.device) is None or blockdev.backing_file(crashed.device) != crashed.fuse_file
+        assert not fuse_mounts.under(root)
         # Nothing foreign was touched.
         assert alive(foreign_rec.process.pid)
-        assert loopdev.bound_file(foreign_loop) == str(raw)
+        assert blockdev.backing_file(foreign_loop) == str(raw)
         kept = AdoptedChild.adopt_identity(foreign_rec.process, resource_id="foreign")
     finally:
         if kept is not None:
@@ -112,7 +113,7 @@ async def test_busy_loop_device_is_reported_not_forced(tmp_path: Path, helpers: 
         found = await list_orphans(root)
         problems = await release_orphans(found)
         assert any("in use" in p for p in problems)
-        assert loopdev.bound_file(rec.device) == rec.fuse_file  # the mounted device is left alone
+        assert blockdev.backing_file(rec.device) == rec.fuse_file  # the mounted device is left alone
     finally:
         await run(["umount", mnt])
     assert await release_orphans(await list_orphans(root)) == []

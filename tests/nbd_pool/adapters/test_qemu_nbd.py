@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import struct
 from collections.abc import AsyncIterator
@@ -19,6 +18,8 @@ from nbd_pool.adapters.nbd_probe import ExportNotFound, probe_export
 from nbd_pool.adapters.qemu_nbd import ExportOptions, ExportRecord, QemuNbdExport, build_argv
 from oma_common.process import ChildFailed, PidMismatch, run
 
+from ...lib.filetree import path_sha256
+
 pytestmark = [pytest.mark.timeout(60)]
 
 MIB = 1024 * 1024
@@ -26,14 +27,6 @@ MIB = 1024 * 1024
 
 def url(export: QemuNbdExport) -> str:
     return f"nbd://127.0.0.1:{export.port}/{export.name}"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MIB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_source(path: Path, size: int = 64 * MIB) -> Path:
@@ -112,7 +105,7 @@ async def test_write_64mib_reads_back_identical(tmp_path: Path, free_port: int, 
     assert "identical" in (await run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, target])).text
     back = tmp_path / "back.raw"
     await run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", target, back])
-    assert sha256(back) == sha256(src)
+    assert path_sha256(back) == path_sha256(src)
 
 
 @pytest.mark.asyncio

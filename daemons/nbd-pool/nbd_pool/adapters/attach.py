@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import os
@@ -9,10 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from oma_common.process import ProcessIdentity
+from oma_common.blockdev import KernelPartition
+from oma_common.process import AdoptedChild, ProcessIdentity, SupervisedChild
 
 from .partitions import PartitionTable
-from .partx import KernelPartition
 
 FORMATS = ("qcow2", "raw")
 
@@ -99,6 +100,38 @@ class Attachment(Protocol):
 
     def forget(self) -> AttachRecord:
         """Stop supervising but leave everything attached (daemon shutdown); returns the record to persist."""
+
+
+class HeldAttachment:
+    """What both backends hold for an attachment: its record and the child serving it (None once stopped).
+
+    Subclasses add detach(), which tears down under `_lock` and then drops `_child`.
+    """
+
+    def __init__(self, record: AttachRecord, child: SupervisedChild | AdoptedChild | None) -> None:
+        self._record = record
+        self._child = child
+        self._lock = asyncio.Lock()
+
+    @property
+    def device(self) -> str:
+        return self._record.device
+
+    @property
+    def partitions(self) -> list[Partition]:
+        return list(self._record.partitions)
+
+    @property
+    def record(self) -> AttachRecord:
+        return self._record
+
+    def forget(self) -> AttachRecord:
+        if isinstance(self._child, SupervisedChild):
+            self._child.release()
+        elif self._child is not None:
+            self._child.close()
+        self._child = None
+        return self._record
 
 
 class AttachBackend(Protocol):

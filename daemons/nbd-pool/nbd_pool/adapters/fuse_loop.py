@@ -14,10 +14,12 @@ import json
 import logging
 from pathlib import Path
 
+from oma_common import blockdev, mountinfo
 from oma_common.process import AdoptedChild, PidMismatch, ProcessIdentity, SupervisedChild
 
-from . import loopdev, mountinfo, partx
-from .attach import AttachError, AttachRecord, DetachBusy, Partition, block_device_busy, check_format, partitions_from
+from . import fuse_mounts, loopdev, partx
+from .attach import (AttachError, AttachRecord, DetachBusy, HeldAttachment, block_device_busy, check_format,
+                     partitions_from)
 from .partitions import PartitionTableError, read_partition_table
 
 log = logging.getLogger("nbd_pool.fuse_loop")
@@ -69,37 +71,15 @@ def _remove_workdir(workdir: Path, fuse_file: Path) -> None:
         workdir.rmdir()  # only if we left nothing else; a stranger's file stays
 
 
-class FuseLoopAttachment:
+class FuseLoopAttachment(HeldAttachment):
     def __init__(self, record: AttachRecord, child: SupervisedChild | AdoptedChild | None, logger: logging.Logger) -> None:
-        self._record = record
-        self._child = child
+        super().__init__(record, child)
         self._log = logger
-        self._lock = asyncio.Lock()
-
-    @property
-    def device(self) -> str:
-        return self._record.device
-
-    @property
-    def partitions(self) -> list[Partition]:
-        return list(self._record.partitions)
-
-    @property
-    def record(self) -> AttachRecord:
-        return self._record
 
     async def detach(self, stop_timeout: float = 10.0) -> None:
         async with self._lock:
             await _teardown(self._record, self._child, self._log, stop_timeout=stop_timeout)
             self._child = None
-
-    def forget(self) -> AttachRecord:
-        if isinstance(self._child, SupervisedChild):
-            self._child.release()
-        elif self._child is not None:
-            self._child.close()
-        self._child = None
-        return self._record
 
 
 async def _teardown(
@@ -110,7 +90,7 @@ async def _teardown(
     rid = record.resource_id
     fuse_file = Path(record.fuse_file)
     device = record.device
-    if device and loopdev.bound_file(device) == str(fuse_file):
+    if device and blockdev.backing_file(device) == str(fuse_file):
         if await asyncio.to_thread(block_device_busy, device):
             raise DetachBusy(f"{rid}: {device} or one of its partitions is in use (mounted?)")
         try:
@@ -126,7 +106,7 @@ async def _teardown(
         await child.stop(timeout=stop_timeout)
     if mountinfo.is_mounted(fuse_file):
         # qemu-storage-daemon unmounts its export when it exits cleanly; not when it was killed.
-        await mountinfo.unmount(fuse_file, resource_id=rid)
+        await fuse_mounts.unmount(fuse_file, resource_id=rid)
     await asyncio.to_thread(_remove_workdir, Path(record.workdir), fuse_file)
     lg.info("%s: detached %s", rid, record.image)
 
@@ -172,7 +152,7 @@ class FuseLoopBackend:
                 return mountinfo.is_mounted(fuse_file)
 
             await child.start(mounted, timeout=self.ready_timeout, interval=0.01)
-            device = await loopdev.attach_read_only(fuse_file, resource_id=rid)
+            device = await blockdev.attach_read_only(fuse_file, resource_id=rid)
             # A loop device keeps partitions added with BLKPG after it is detached (the kernel drops them
             # only with partscan on), so a device fresh from losetup -f may show a previous user's.
             await partx.delete_partitions(device, resource_id=rid)
@@ -212,7 +192,7 @@ class FuseLoopBackend:
         fuse_file = Path(record.fuse_file)
         if not mountinfo.is_mounted(fuse_file):
             raise AttachError(f"{record.resource_id}: FUSE export {fuse_file} is gone")
-        if loopdev.bound_file(record.device) != str(fuse_file):
+        if blockdev.backing_file(record.device) != str(fuse_file):
             raise AttachError(f"{record.resource_id}: {record.device} no longer reads {fuse_file}")
         try:
             child = AdoptedChild.adopt_identity(record.process, resource_id=record.resource_id, logger=self._log)

@@ -21,7 +21,8 @@ from pathlib import Path
 from oma_common.process import AdoptedChild, ChildFailed, ChildNotReady, PidMismatch, SupervisedChild, run
 
 from . import partx
-from .attach import AttachError, AttachRecord, DetachBusy, Partition, block_device_busy, check_format, partitions_from
+from .attach import (AttachError, AttachRecord, DetachBusy, HeldAttachment, block_device_busy, check_format,
+                     partitions_from)
 from .partitions import PartitionTableError, read_partition_table
 
 log = logging.getLogger("nbd_pool.kernel_nbd")
@@ -113,37 +114,15 @@ class _DeviceLock:
             self.fd = None
 
 
-class KernelNbdAttachment:
+class KernelNbdAttachment(HeldAttachment):
     def __init__(self, backend: KernelNbdBackend, record: AttachRecord, child: SupervisedChild | AdoptedChild | None) -> None:
+        super().__init__(record, child)
         self._backend = backend
-        self._record = record
-        self._child = child
-        self._lock = asyncio.Lock()
-
-    @property
-    def device(self) -> str:
-        return self._record.device
-
-    @property
-    def partitions(self) -> list[Partition]:
-        return list(self._record.partitions)
-
-    @property
-    def record(self) -> AttachRecord:
-        return self._record
 
     async def detach(self) -> None:
         async with self._lock:
             await self._backend._teardown(self._record, self._child)
             self._child = None
-
-    def forget(self) -> AttachRecord:
-        if isinstance(self._child, SupervisedChild):
-            self._child.release()
-        elif self._child is not None:
-            self._child.close()
-        self._child = None
-        return self._record
 
 
 class KernelNbdBackend:

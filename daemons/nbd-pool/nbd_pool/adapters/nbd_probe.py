@@ -11,6 +11,10 @@ import asyncio
 import contextlib
 import dataclasses
 import struct
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 NBD_MAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT": newstyle negotiation, and the prefix of every client option
@@ -201,6 +205,26 @@ async def _close(conn: _Conn) -> None:
         await conn.writer.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def _negotiation(host: str, port: int, timeout: float) -> AsyncIterator[_Conn]:
+    """A connection past the handshake; socket errors become NbdProbeError, and it is closed at the end."""
+    conn = await _session(host, port, timeout)
+    try:
+        await _handshake(conn)
+        yield conn
+    except (ConnectionError, OSError) as exc:
+        raise NbdProbeError(f"{host}:{port}: {exc}") from exc
+    finally:
+        await _close(conn)
+
+
+async def _within(work: Awaitable[T], host: str, port: int, timeout: float) -> T:
+    try:
+        return await asyncio.wait_for(work, timeout)
+    except asyncio.TimeoutError:
+        raise NbdProbeError(f"NBD handshake with {host}:{port} timed out after {timeout:g}s") from None
+
+
 async def probe_export(host: str, port: int, name: str, *, timeout: float = 5.0) -> ExportInfo:
     """Handshake with the NBD server at host:port and return the named export's info.
 
@@ -209,9 +233,7 @@ async def probe_export(host: str, port: int, name: str, *, timeout: float = 5.0)
     """
 
     async def go() -> ExportInfo:
-        conn = await _session(host, port, timeout)
-        try:
-            await _handshake(conn)
+        async with _negotiation(host, port, timeout) as conn:
             try:
                 info = await _info(conn, name)
                 if info is None:  # a server without NBD_OPT_INFO: settle for its export list
@@ -223,33 +245,17 @@ async def probe_export(host: str, port: int, name: str, *, timeout: float = 5.0)
                 raise
             await _abort(conn)
             return info
-        except (ConnectionError, OSError) as exc:
-            raise NbdProbeError(f"{host}:{port}: {exc}") from exc
-        finally:
-            await _close(conn)
 
-    try:
-        return await asyncio.wait_for(go(), timeout)
-    except asyncio.TimeoutError:
-        raise NbdProbeError(f"NBD handshake with {host}:{port} timed out after {timeout:g}s") from None
+    return await _within(go(), host, port, timeout)
 
 
 async def list_exports(host: str, port: int, *, timeout: float = 5.0) -> list[str]:
     """The export names the server lists (NBD_OPT_LIST)."""
 
     async def go() -> list[str]:
-        conn = await _session(host, port, timeout)
-        try:
-            await _handshake(conn)
+        async with _negotiation(host, port, timeout) as conn:
             names = await _list(conn)
             await _abort(conn)
             return names
-        except (ConnectionError, OSError) as exc:
-            raise NbdProbeError(f"{host}:{port}: {exc}") from exc
-        finally:
-            await _close(conn)
 
-    try:
-        return await asyncio.wait_for(go(), timeout)
-    except asyncio.TimeoutError:
-        raise NbdProbeError(f"NBD handshake with {host}:{port} timed out after {timeout:g}s") from None
+    return await _within(go(), host, port, timeout)

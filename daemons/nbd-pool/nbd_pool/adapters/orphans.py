@@ -15,12 +15,13 @@ from pathlib import Path
 
 import psutil
 
+from oma_common import mountinfo
+from oma_common.blockdev import LoopDevice
+from oma_common.mountinfo import MountEntry
 from oma_common.process import AdoptedChild, PidMismatch, ProcessError
 
-from . import loopdev, mountinfo, partx
+from . import fuse_mounts, loopdev, partx
 from .attach import block_device_busy
-from .loopdev import LoopDevice
-from .mountinfo import MountEntry
 
 log = logging.getLogger("nbd_pool.orphans")
 
@@ -102,7 +103,7 @@ async def list_orphans(
     loops = [d for d in await loopdev.loops_under(root) if d.device not in keep_devices]
     procs = await asyncio.to_thread(qemu_processes, root=root, ports=ports)
     keep_mount_set = {Path(m) for m in keep_mounts}
-    mounts = [m for m in mountinfo.fuse_mounts_under(root) if m.mount_point not in keep_mount_set]
+    mounts = [m for m in fuse_mounts.under(root) if m.mount_point not in keep_mount_set]
     return Orphans(loops, [p for p in procs if p.pid not in keep_pids], mounts)
 
 
@@ -137,12 +138,12 @@ async def release_orphans(orphans: Orphans, *, stop_timeout: float = 5.0, resour
             problems.append(f"pid {proc.pid}: {exc}")
         finally:
             child.close()
-    remaining = {m.mount_point for m in mountinfo.read_mounts()}
+    remaining = {m.mount_point for m in mountinfo.read()}
     for mount in orphans.fuse_mounts:
         if mount.mount_point not in remaining or str(mount.mount_point) in in_use:
             continue  # unmounted by its qemu-storage-daemon on SIGTERM, or still backing a busy device
         try:
-            await mountinfo.unmount(mount.mount_point, resource_id=resource_id)
+            await fuse_mounts.unmount(mount.mount_point, resource_id=resource_id)
         except ProcessError as exc:
             problems.append(f"{mount.mount_point}: {exc}")
     for p in problems:

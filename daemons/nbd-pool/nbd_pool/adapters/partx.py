@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from pathlib import Path
 
+from oma_common.blockdev import SYS_CLASS_BLOCK, KernelPartition, kernel_partitions
 from oma_common.process import run
 
 from .partitions import PartitionTable
@@ -14,44 +14,16 @@ from .partitions import PartitionTable
 log = logging.getLogger("nbd_pool.partx")
 
 PARTX = "partx"
-SYS_CLASS_BLOCK = Path("/sys/class/block")
 
 
 class PartxError(Exception):
     """Partitions could not be added or removed, or the kernel's view differs from the table."""
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelPartition:
-    number: int
-    device: str  # /dev/loop0p1
-    start: int  # bytes
-    size: int  # bytes
-
-
 def partition_name(disk: str, number: int) -> str:
     """Kernel naming: a disk name ending in a digit gets a 'p' (loop0p1, nbd0p1), others not (sda1)."""
     base = Path(disk).name
     return f"{base}p{number}" if base[-1:].isdigit() else f"{base}{number}"
-
-
-def kernel_partitions(disk: str, sys_class_block: Path = SYS_CLASS_BLOCK) -> list[KernelPartition]:
-    """The partitions the kernel has for `disk`, from sysfs (start and size are in 512-byte units there)."""
-    base = Path(disk).name
-    out = []
-    try:
-        children = list((sys_class_block / base).iterdir())
-    except FileNotFoundError:
-        return []
-    for child in children:
-        try:
-            number = int((child / "partition").read_text())
-            start = int((child / "start").read_text()) * 512
-            size = int((child / "size").read_text()) * 512
-        except (FileNotFoundError, NotADirectoryError, ValueError):
-            continue
-        out.append(KernelPartition(number, f"/dev/{child.name}", start, size))
-    return sorted(out, key=lambda p: p.number)
 
 
 async def delete_partitions(disk: str, *, resource_id: str = "", sys_class_block: Path = SYS_CLASS_BLOCK) -> None:

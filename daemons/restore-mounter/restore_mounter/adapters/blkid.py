@@ -6,7 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .command import CommandFailed, run
+from oma_common.process import CommandFailed, run
 
 BLKID = "blkid"
 

@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import re
 from pathlib import Path
 
-from .command import CommandFailed, run
+from oma_common import blockdev
+from oma_common.blockdev import DELETED, LOSETUP, LoopError
+from oma_common.process import CommandFailed, run
 
 log = logging.getLogger(__name__)
 
-LOSETUP = "losetup"
 PARTX = "partx"
-SYS_BLOCK = Path("/sys/class/block")
 
-
-class LoopError(Exception):
-    """A loop device or its partitions could not be set up or torn down."""
+__all__ = ["LoopError", "TableEntry", "add_partitions", "attach", "backing_file", "detach", "list_loops",
+           "partition_devices", "read_table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,31 +35,18 @@ class TableEntry:
 
 async def attach(image: Path, *, resource_id: str = "") -> str:
     """Bind `image` read-only to a free loop device; return /dev/loopN."""
-    res = await run([LOSETUP, "--read-only", "--show", "--find", "--", str(image)], timeout=60,
-                    resource_id=resource_id)
-    device = res.text.strip()
-    if not re.fullmatch(r"/dev/loop\d+", device):
-        raise LoopError(f"losetup printed {device!r} for {image}")
-    log.info("%s attached read-only to %s", image, device)
-    return device
+    return await blockdev.attach_read_only(image, timeout=60, resource_id=resource_id)
 
 
 def backing_file(device: str) -> str | None:
     """The file bound to a loop device, from sysfs; None when the device is not bound."""
-    try:
-        text = (SYS_BLOCK / Path(device).name / "loop" / "backing_file").read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return text.removesuffix(" (deleted)")
+    back = blockdev.backing_file(device)
+    return None if back is None else back.removesuffix(DELETED)
 
 
 async def list_loops() -> dict[str, str]:
     """{device: backing file} of every bound loop device."""
-    res = await run([LOSETUP, "--list", "--json", "--output", "NAME,BACK-FILE"], timeout=60)
-    if not res.text.strip():
-        return {}  # losetup prints nothing when no device is bound
-    devices = json.loads(res.text).get("loopdevices", [])
-    return {d["name"]: (d.get("back-file") or "").removesuffix(" (deleted)") for d in devices}
+    return {d.device: d.back_file.removesuffix(DELETED) for d in await blockdev.list_loops(timeout=60)}
 
 
 async def read_table(device: str, *, resource_id: str = "") -> list[TableEntry] | None:
@@ -82,18 +67,7 @@ async def read_table(device: str, *, resource_id: str = "") -> list[TableEntry] 
 
 def partition_devices(device: str) -> dict[int, str]:
     """{number: /dev/loopNpM} of the partitions the kernel has for `device`."""
-    base = Path(device).name
-    out = {}
-    try:
-        children = list((SYS_BLOCK / base).iterdir())
-    except FileNotFoundError:
-        return {}
-    for child in children:
-        try:
-            out[int((child / "partition").read_text())] = f"/dev/{child.name}"
-        except (OSError, ValueError):
-            continue
-    return out
+    return {p.number: p.device for p in blockdev.kernel_partitions(device)}
 
 
 async def add_partitions(device: str, numbers: list[int], *, resource_id: str = "",

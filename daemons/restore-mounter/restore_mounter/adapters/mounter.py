@@ -17,8 +17,8 @@ from pathlib import Path
 
 import psutil
 
-from . import mountinfo
-from .command import CommandFailed, run
+from oma_common import mountinfo
+from oma_common.process import CommandFailed, run
 
 log = logging.getLogger(__name__)
 

@@ -4,63 +4,26 @@ filesystems: argv lists only, secrets in the environment (mount.cifs(8): USER, P
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+# The mount table is read by the shared parser; these names are this adapter's API (repositories, tests).
+from oma_common.mountinfo import MountEntry
+from oma_common.mountinfo import find as mounted_at
+from oma_common.mountinfo import parse as parse_mountinfo
+from oma_common.mountinfo import read as read_mounts
 from oma_common.process import CommandFailed, CommandResult, run
 
 log = logging.getLogger("volume_agent.mount")
 
-MOUNTINFO = Path("/proc/self/mountinfo")
 FILESYSTEMS = Path("/proc/filesystems")
 # The user-space helper each kind needs, and the Debian package that has it.
 HELPERS = {"nfs": ("mount.nfs", "nfs-common"), "cifs": ("mount.cifs", "cifs-utils")}
 # The kernel module directory that would provide the filesystem when it is not built in.
 MODULE_DIRS = {"nfs": "kernel/fs/nfs", "cifs": "kernel/fs/smb/client"}
-
-
-@dataclasses.dataclass(frozen=True)
-class MountEntry:
-    mount_point: Path
-    fstype: str
-    source: str
-    options: str
-
-
-_OCTAL = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field: str) -> str:
-    # The kernel escapes space, tab, newline and backslash in mountinfo paths as \ooo (proc(5)).
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    out = []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        try:
-            sep = fields.index("-", 6)  # the optional fields end with a lone "-"
-            out.append(MountEntry(Path(_unescape(fields[4])), fields[sep + 1], _unescape(fields[sep + 2]),
-                                  fields[5]))
-        except (ValueError, IndexError):
-            continue
-    return out
-
-
-def read_mounts(path: Path = MOUNTINFO) -> list[MountEntry]:
-    return parse_mountinfo(path.read_text())
-
-
-def mounted_at(mount_point: Path, path: Path = MOUNTINFO) -> MountEntry | None:
-    """The topmost mount on `mount_point`, if any (the last one listed is the one visible)."""
-    found = [m for m in read_mounts(path) if m.mount_point == mount_point]
-    return found[-1] if found else None
 
 
 def kernel_lacks(fstype: str, filesystems: Path = FILESYSTEMS, modules: Path = Path("/lib/modules")) -> bool:
