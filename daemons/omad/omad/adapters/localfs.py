@@ -189,3 +189,6 @@ class LocalFs:
                 raise Unavailable("cannot rename file", f"rename {src} to {dst}: {e.strerror or e}") from e
 
         await self._call(f"rename {src}", move)
+
+    async def glob(self, root: Path, pattern: str) -> list[Path]:
+        return await self._call(f"listing {root}", lambda: sorted(root.glob(pattern)))
