@@ -117,7 +117,8 @@ async def test_retention_prunes_exactly_the_expired_backups_and_keeps_chains(db:
     runs = await retention.runs("pol-1")
     assert [r["run_id"] for r in runs["runs"]] == [run["run_id"], dry["run_id"]]
 
-    # The scheduled service, on the fake clock: after the lock ends, c0 goes too; b-chain stays (b2 is young).
+    # The scheduled service, on the fake clock: on day 41 (cutoff day 31) chain B has aged out too, and c0's
+    # lock has ended; d0 stays for x (outside the policy) built on it.
     await retention.start()
     try:
         await asyncio.sleep(0.01)  # the service is asleep on the clock
@@ -128,6 +129,6 @@ async def test_retention_prunes_exactly_the_expired_backups_and_keeps_chains(db:
                 break
             await asyncio.sleep(0.02)
         last = (await retention.runs("pol-1"))["runs"][0]
-        assert last["triggered_by"] == "retention" and last["removed"] == [c0], last
+        assert last["triggered_by"] == "retention" and last["removed"] == [b2, b1, b0, c0], last
     finally:
         await retention.stop()
