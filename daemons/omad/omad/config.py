@@ -88,6 +88,18 @@ class BackupConfig:
 
 
 @dataclasses.dataclass
+class PolicyConfig:
+    """Backup policies: copies, retention and verification."""
+
+    copy_attempts: int = spec(3, min=1, max=20, description="tries of one copy before it is marked failed")
+    copy_backoff_seconds: float = spec(5.0, min=0, description="wait before the 2nd try; doubled for each next one")
+    file_timeout_seconds: float = spec(6 * 3600.0, min=1, description="time limit of copying or hashing one image")
+    retention_interval_seconds: float = spec(3600.0, min=1, description="how often enabled policies are pruned")
+    verify_interval_seconds: float = spec(6 * 3600.0, min=1, description="how often stale backups are verified")
+    reverify_after_hours: float = spec(7 * 24.0, min=0, description="a backup is verified again after this long")
+
+
+@dataclasses.dataclass
 class SchedulerConfig:
     """The scheduler that runs schedules inside omad."""
 
@@ -113,6 +125,7 @@ class Config:
     vma: VmaConfig = spec(factory=VmaConfig, description="the VMA")
     vcenter: VCenterConfig = spec(factory=VCenterConfig, description="direct vCenter calls")
     backup: BackupConfig = spec(factory=BackupConfig, description="VM backups")
+    policies: PolicyConfig = spec(factory=PolicyConfig, description="backup policies, copies, retention, verification")
     scheduler: SchedulerConfig = spec(factory=SchedulerConfig, description="the scheduler")
 
     @property

@@ -25,6 +25,7 @@ from .api.discovery import DiscoveryApi
 from .api.groups import GroupsApi
 from .api.health import HealthApi
 from .api.nbd import NbdApi
+from .api.policies import PoliciesApi
 from .api.repositories import RepositoriesApi
 from .api.restore import RestoreApi
 from .api.schedules import SchedulesApi
@@ -35,6 +36,11 @@ from .auth.service import AuthService
 from .backup.backups import Backups
 from .backup.chains import Chains
 from .backup.completion import Completion, Telemetry
+from .backup.copies import Copies
+from .backup.immutability import Immutability
+from .backup.policies import Policies
+from .backup.retention import Retention
+from .backup.verify import Verifier
 from .backup.repositories import Repositories
 from .backup.teardown import Teardown
 from .backup.watchdog import Watchdog
@@ -107,12 +113,23 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     locks = KeyedLocks()
     fs = LocalFs(timeout=cfg.backup.qemu_img_timeout_seconds)
     qemu_img = QemuImg(timeout=cfg.backup.qemu_img_timeout_seconds)
-    repositories = Repositories(db, audit, box, fs, VolumeAgent(agents.volume_agent))
+    volume_agent = VolumeAgent(agents.volume_agent)
+    repositories = Repositories(db, audit, box, fs, volume_agent)
     teardown = Teardown(db, jobs, pool, fs, locks)
+    clock = SystemClock()
+    immutability = Immutability(db, audit, volume_agent, fs, clock)
     backups = Backups(db, audit, jobs, locks, contexts, credentials, repositories, pool, vma, qemu_img, fs, teardown,
-                      cfg.backup)
+                      cfg.backup, immutability)
     completion = Completion(db, jobs, locks, contexts, qemu_img, fs, teardown, cfg.backup)
     jobs.on_recover("backup", backups.recover)
+
+    # Policies: copies of completed backups (immediate rules run on completion), locks, retention, verification.
+    policies = Policies(db, audit)
+    verifier = Verifier(db, jobs, qemu_img, fs, clock, cfg.policies)
+    copies = Copies(db, audit, jobs, locks, qemu_img, fs, repositories, verifier, immutability, cfg.policies)
+    retention = Retention(db, backups, clock, interval_seconds=cfg.policies.retention_interval_seconds)
+    completion.on_completed += [immutability.lock_new, copies.after_backup]
+    jobs.on_recover("backup_copy", copies.recover)
     watchdog = Watchdog(db, pool, teardown, cfg.backup)
     restore = RestoreService(db, audit, agents.restore_mounter, RepositoryImages(db))
 
@@ -129,7 +146,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
             ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories),
             BackupsApi(backups, completion, Chains(db, contexts)),
             TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)}), RestoreApi(restore),
-            SchedulesApi(schedules, scheduler), GroupsApi(groups)]
+            SchedulesApi(schedules, scheduler), GroupsApi(groups),
+            PoliciesApi(policies, retention, copies, verifier, immutability)]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
 
     async def close_clients(app: web.Application) -> None:
@@ -137,7 +155,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
         vcenter.close()
 
     app.on_cleanup.append(close_clients)
-    return Omad(app, auth, jobs, background=[watchdog, restore, scheduler])
+    return Omad(app, auth, jobs, background=[watchdog, restore, scheduler, retention, verifier])
 
 
 def write_url(path: Path, url: str) -> None:

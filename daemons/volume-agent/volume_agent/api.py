@@ -9,6 +9,7 @@ from oma_common.rpc import peer_credentials
 from oma_common.schema import spec
 from oma_common.web import Auth, Call, route
 
+from .immutability import Immutability
 from .repositories import RepositoryMounts, Share
 
 
@@ -30,6 +31,13 @@ class MountIn:
 @dataclasses.dataclass
 class UnmountIn:
     mount_point: str = spec(min_length=2, max_length=4096)
+
+
+@dataclasses.dataclass
+class PathsIn:
+    """Files of backup repositories (absolute, below a configured repository root)."""
+
+    paths: list[str] = spec(description="absolute paths of regular files")
 
 
 class RepositoriesApi:
@@ -57,3 +65,23 @@ class RepositoriesApi:
     async def list(self, call: Call) -> dict[str, Any]:
         """The mount root and the shares mounted below it."""
         return await self.mounts.listing()
+
+
+class ImmutabilityApi:
+    def __init__(self, immutability: Immutability) -> None:
+        self.immutability = immutability
+
+    @route("POST", "/immutability/lock", body=PathsIn, auth=Auth.PEER)
+    async def lock(self, call: Call) -> dict[str, Any]:
+        """Set the immutable attribute (chattr +i): nobody, root included, can change or remove the files."""
+        return await self.immutability.set(call.body.paths, True)
+
+    @route("POST", "/immutability/unlock", body=PathsIn, auth=Auth.PEER)
+    async def unlock(self, call: Call) -> dict[str, Any]:
+        """Clear the immutable attribute (chattr -i)."""
+        return await self.immutability.set(call.body.paths, False)
+
+    @route("POST", "/immutability/status", body=PathsIn, auth=Auth.PEER)
+    async def status(self, call: Call) -> dict[str, Any]:
+        """Whether each file is immutable (lsattr)."""
+        return await self.immutability.status(call.body.paths)

@@ -8,7 +8,8 @@ from typing import Any
 
 from oma_common import agent, daemon, schema
 
-from .api import RepositoriesApi
+from .api import ImmutabilityApi, RepositoriesApi
+from .immutability import Immutability
 from .repositories import RepositoryMounts
 
 DAEMON = "volume-agent"
@@ -24,6 +25,9 @@ class Config(agent.AgentConfig):
                                              description="backup repositories on NFS/CIFS are mounted only "
                                                          "below this directory (root-owned, not writable by omad)")
     mount_timeout_seconds: float = schema.spec(60.0, min=1, description="time limit of one mount or umount")
+    immutable_roots: list[str] = schema.spec(factory=list, description="local repository directories whose files "
+                                                                       "may be made immutable (chattr +i); the "
+                                                                       "share mount root always may")
 
 
 async def amain() -> int:
@@ -33,10 +37,14 @@ async def amain() -> int:
     cfg.state_path(DAEMON)
     mounts = RepositoryMounts(Path(cfg.repository_mount_root), timeout=cfg.mount_timeout_seconds)
 
-    async def report() -> dict[str, Any]:
-        return {"device_dir": cfg.device_dir, "repository_mount_root": cfg.repository_mount_root}
+    immutability = Immutability([Path(cfg.repository_mount_root), *map(Path, cfg.immutable_roots)],
+                                timeout=cfg.mount_timeout_seconds)
 
-    return await agent.serve(DAEMON, cfg, [RepositoriesApi(mounts)], report=report)
+    async def report() -> dict[str, Any]:
+        return {"device_dir": cfg.device_dir, "repository_mount_root": cfg.repository_mount_root,
+                "immutable_roots": [str(r) for r in immutability.roots]}
+
+    return await agent.serve(DAEMON, cfg, [RepositoriesApi(mounts), ImmutabilityApi(immutability)], report=report)
 
 
 def main() -> None:

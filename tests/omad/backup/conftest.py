@@ -173,13 +173,16 @@ async def rig(stack_config: Stack, tmp_path: Path) -> AsyncIterator[Rig]:
             state.set_source(name, index, path)
     repo_dir = stack_config.state / "backups"
     repo_dir.mkdir()
+    more_repos = stack_config.state / "repos"  # further repositories (copy destinations, immutable ones)
+    more_repos.mkdir()
     ports = free_range(24)
     async with VMASim(state=state) as sim:
         stack_config.add_config("omad", "50-vma.toml", vma_config(sim.url, timeout=20))
         stack_config.add_config("omad", "60-backup.toml",
                                 f"[backup]\nidle_timeout_seconds = {IDLE_TIMEOUT}\nwatchdog_interval_seconds = 0.25\n")
         stack_config.add_config("nbd-pool", "60-pool.toml",
-                                f'export_roots = ["{repo_dir}"]\nport_min = {ports[0]}\nport_max = {ports[-1]}\n')
+                                f'export_roots = ["{repo_dir}", "{more_repos}"]\nport_min = {ports[0]}\nport_max = {ports[-1]}\n')
+        stack_config.add_config("volume-agent", "60-immutable.toml", f'immutable_roots = ["{more_repos}"]\n')
         stack_config.start()
         sim.state.oma_url = stack_config.url
         api = Api(stack_config.url)

@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import hashlib
 import os
 import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
+
+CHUNK = 4 * 1024 * 1024
+Progress = Callable[[int], None]
 
 from oma_common.errors import Invalid, TimedOut, Unavailable
 
@@ -32,11 +36,12 @@ class LocalFs:
     def __init__(self, *, timeout: float = 30.0) -> None:
         self.timeout = timeout
 
-    async def _call(self, what: str, fn: Callable[[], T]) -> T:
+    async def _call(self, what: str, fn: Callable[[], T], timeout: float | None = None) -> T:
+        limit = timeout or self.timeout
         try:
-            return await asyncio.wait_for(asyncio.to_thread(fn), self.timeout)
+            return await asyncio.wait_for(asyncio.to_thread(fn), limit)
         except asyncio.TimeoutError as e:
-            raise TimedOut("storage not answering", f"{what} did not finish within {self.timeout:g} s "
+            raise TimedOut("storage not answering", f"{what} did not finish within {limit:g} s "
                                                     "(a network share whose server is down?)") from e
 
     async def capacity(self, path: Path) -> Capacity:
@@ -120,3 +125,70 @@ class LocalFs:
 
     async def owner(self, path: Path) -> int:
         return await self._call(f"stat {path}", lambda: path.stat().st_uid)
+
+    async def sha256(self, path: Path, *, timeout: float | None = None) -> str:
+        """The file's SHA-256, read in a worker thread (images are large: `timeout` may exceed the default)."""
+
+        def digest() -> str:
+            h = hashlib.sha256()
+            try:
+                with open(path, "rb") as f:
+                    while chunk := f.read(CHUNK):
+                        h.update(chunk)
+            except OSError as e:
+                raise Unavailable("cannot read file", f"read {path}: {e.strerror or e}") from e
+            return h.hexdigest()
+
+        return await self._call(f"sha256 of {path}", digest, timeout)
+
+    async def copy_file(self, src: Path, dst: Path, *, progress: Progress | None = None,
+                        timeout: float | None = None) -> str:
+        """Copy `src` to a new `dst` (never overwritten), synced; returns the SHA-256 of the bytes written.
+
+        `progress` is called from the worker thread with the bytes copied so far (it must be thread-safe).
+        A failed copy leaves no `dst`.
+        """
+
+        def copy() -> str:
+            h = hashlib.sha256()
+            done = 0
+            try:
+                fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+            except FileExistsError as e:
+                raise Invalid("file exists", f"{dst} already exists; refusing to overwrite it") from e
+            except OSError as e:
+                raise Unavailable("cannot create file", f"create {dst}: {e.strerror or e}") from e
+            try:
+                with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+                    while chunk := f.read(CHUNK):
+                        h.update(chunk)
+                        out.write(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except OSError as e:
+                dst.unlink(missing_ok=True)
+                raise Unavailable("copy failed", f"copy {src} to {dst}: {e.strerror or e}") from e
+            except BaseException:
+                dst.unlink(missing_ok=True)
+                raise
+            return h.hexdigest()
+
+        return await self._call(f"copy {src}", copy, timeout)
+
+    async def size(self, path: Path) -> int:
+        return await self._call(f"stat {path}", lambda: path.stat().st_size)
+
+    async def rename(self, src: Path, dst: Path) -> None:
+        def move() -> None:
+            try:
+                os.rename(src, dst)
+            except OSError as e:
+                raise Unavailable("cannot rename file", f"rename {src} to {dst}: {e.strerror or e}") from e
+
+        await self._call(f"rename {src}", move)
+
+    async def glob(self, root: Path, pattern: str) -> list[Path]:
+        return await self._call(f"listing {root}", lambda: sorted(root.glob(pattern)))

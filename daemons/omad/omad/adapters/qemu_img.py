@@ -110,6 +110,25 @@ class QemuImg:
         result = await self._run(argv, what=f"compare {a} {b}", ok_codes=(0, 1))
         return result.returncode == 0
 
+    async def rebase_unsafe(self, path: Path, backing_file: str | None) -> None:
+        """Rewrite only the backing file name in the image's header (no data is read or written): for a copy
+        whose backing file is the same content under another name (qemu-img(1), "rebase -u")."""
+        if backing_file is not None and (Path(backing_file).is_absolute() or backing_file.startswith("-")):
+            raise ValueError(f"backing file must be a relative path: {backing_file}")
+        self._exists(path)
+        argv = [self.program, "rebase", "-u", "-f", "qcow2", "-b", backing_file or ""]
+        if backing_file:
+            argv += ["-F", "qcow2"]
+        await self._run(argv + ["--", str(path)], what=f"rebase {path}")
+
+    async def convert(self, src: Path, dst: Path, *, fmt: str = "raw") -> None:
+        """Read a whole chain from its top into one new image of `fmt` (a flat export or a check copy)."""
+        if dst.exists():
+            raise Invalid("image exists", f"{dst} already exists; refusing to overwrite it")
+        self._exists(src)
+        await self._run([self.program, "convert", "-U", "-f", "qcow2", "-O", fmt, "--", str(src), str(dst)],
+                        what=f"convert {src}")
+
     # -- plumbing ------------------------------------------------------------------------------------
 
     def _info_argv(self, path: Path, force_share: bool, *, chain: bool) -> list[str]:

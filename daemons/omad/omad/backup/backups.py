@@ -39,6 +39,7 @@ from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
 from ..store.db import Database, Tx, utcnow
 from . import chains
+from .immutability import Immutability
 from .repositories import Repositories
 from .teardown import ACTIVE, Teardown, lock_key
 
@@ -83,8 +84,10 @@ class StartRequest:
 class Backups:
     def __init__(self, db: Database, audit: Audit, jobs: JobEngine, locks: KeyedLocks, contexts: Contexts,
                  credentials: Credentials, repositories: Repositories, pool: NbdPool, vma: VmaClient,
-                 qemu_img: QemuImg, fs: LocalFs, teardown: Teardown, cfg: BackupConfig) -> None:
+                 qemu_img: QemuImg, fs: LocalFs, teardown: Teardown, cfg: BackupConfig,
+                 immutability: Immutability | None = None) -> None:
         self.db = db
+        self.immutability = immutability
         self.audit = audit
         self.jobs = jobs
         self.locks = locks
@@ -115,6 +118,8 @@ class Backups:
         context = await self.contexts.by_name(req.vm_name)
         cid = context["context_id"]
         async with self.locks.hold(f"vm-backup:{cid}", what=f"VM {req.vm_name!r}"):
+            if req.policy_id:
+                await self._follows_policy(req)
             repo, root = await self.repositories.ready_root(req.repository_id)
             disks = await self._vm_disks(cid, req.vm_name)
             login = await self.credentials.login_for(context["credential_id"])
@@ -206,6 +211,18 @@ class Backups:
         log.info("%s backup of %s into %s: %d disk(s)%s", req.backup_type, context["vm_name"], repo["name"],
                  len(disks), f", continuing {parent['backup_id']}" if parent else "", extra={"resource": backup_id})
         return backup_id
+
+    async def _follows_policy(self, req: StartRequest) -> None:
+        """A backup under a policy goes to the policy's primary repository (its rules copy it elsewhere)."""
+        policy = await self.db.fetchone("SELECT name, enabled, primary_repository_id FROM backup_policies "
+                                        "WHERE id = ?", (req.policy_id,))
+        if policy is None:
+            raise Invalid("policy not found", f"backup policy {req.policy_id!r} does not exist")
+        if not policy["enabled"]:
+            raise Invalid("policy disabled", f"backup policy {policy['name']!r} is disabled")
+        if policy["primary_repository_id"] != req.repository_id:
+            raise Invalid("not the policy's repository", f"policy {policy['name']!r} backs up into repository "
+                          f"{policy['primary_repository_id']}, not {req.repository_id}")
 
     @staticmethod
     async def _new_id(tx: Tx, vm_name: str) -> str:
@@ -351,11 +368,15 @@ class Backups:
             async with self.locks.hold(lock_key(backup_id), what=f"backup {backup_id}"):
                 await self._deletable(self.db, backup_id)
                 files = [Path(row["root_path"]) / d["qcow2_path"] for d in await self._disks(backup_id)]
+                if self.immutability is not None:
+                    await self.immutability.refuse_if_locked(self.db, backup_id)
+                    await self.immutability.release(backup_id, files)  # the lock has ended: chattr -i
                 await self.fs.remove(files)  # images first: a failure leaves the rows that name them
                 for directory in {f.parent for f in files}:
                     await self.fs.remove_dir_if_empty(directory)
                 async with self.db.transaction() as tx:
                     await self._deletable(tx, backup_id)
+                    await tx.execute("DELETE FROM backup_copies WHERE copy_backup_id = ?", (backup_id,))
                     await tx.execute("DELETE FROM backup_jobs WHERE backup_id = ?", (backup_id,))
                     await self.audit.record(actor, "backup.delete", f"backup:{backup_id}", tx=tx,
                                             vm_name=row["vm_name"], repository_id=row["repository_id"],

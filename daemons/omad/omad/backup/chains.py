@@ -35,6 +35,21 @@ async def dependents(db: Database | Tx, backup_id: str) -> list[str]:
     return [r["backup_id"] for r in rows]
 
 
+async def lineage(db: Database | Tx, backup_id: str) -> list[dict[str, Any]]:
+    """The backup and every backup it is built on, oldest (the full) first."""
+    out: list[dict[str, Any]] = []
+    current: str | None = backup_id
+    while current is not None and len(out) < 10000:
+        row = await db.fetchone("SELECT b.*, r.root_path FROM backup_jobs b JOIN backup_repositories r "
+                                "ON r.id = b.repository_id WHERE b.backup_id = ?", (current,))
+        if row is None:
+            break
+        out.append(row)
+        current = row["parent_backup_id"]
+    out.reverse()
+    return out
+
+
 class Chains:
     def __init__(self, db: Database, contexts: Contexts) -> None:
         self.db = db

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from oma_common.errors import Conflict, Invalid, NotFound, OmaError
@@ -67,6 +68,8 @@ class Completion:
         self.fs = fs
         self.teardown = teardown
         self.cfg = cfg
+        # Called with the backup's id once it is completed (immutability locks, immediate copy rules).
+        self.on_completed: list[Callable[[str], Awaitable[None]]] = []
 
     # -- completion ----------------------------------------------------------------------------------
 
@@ -114,6 +117,7 @@ class Completion:
             "JOIN backup_jobs b USING (backup_id) JOIN backup_repositories r ON r.id = b.repository_id "
             "WHERE d.backup_id = ? ORDER BY d.disk_index", (backup_id,))
         sizes: dict[int, int] = {}
+        digests: dict[int, str] = {}
         for r in rows:
             path = Path(r["root_path"]) / r["qcow2_path"]
             try:
@@ -128,14 +132,19 @@ class Completion:
                                                            f"unusable: {e}")
                 return
             sizes[r["disk_index"]] = info.actual_size
+            try:  # what verification and copies check the image against from now on
+                digests[r["disk_index"]] = await self.fs.sha256(path, timeout=self.cfg.qemu_img_timeout_seconds * 10)
+            except OmaError as e:
+                await self.teardown.fail_locked(backup_id, f"the image of disk {r['disk_index']} is unreadable: {e}")
+                return
             if await self.fs.owner(path) != os.geteuid():
                 # qemu-nbd (root) writes into the file omad created; it must stay omad's to be removed later.
                 log.warning("%s is not owned by omad's user any more", path, extra={"resource": backup_id})
         now = utcnow()
         async with self.db.transaction() as tx:
             for index, size in sizes.items():
-                await tx.execute("UPDATE backup_disks SET size_bytes = ? WHERE backup_id = ? AND disk_index = ?",
-                                 (size, backup_id, index))
+                await tx.execute("UPDATE backup_disks SET size_bytes = ?, sha256 = ? WHERE backup_id = ? AND "
+                                 "disk_index = ?", (size, digests[index], backup_id, index))
             await tx.execute(
                 "UPDATE backup_jobs SET status = 'completed', completed_at = ?, updated_at = ?, progress_percent = 100,"
                 " current_phase = 'completed', eta_seconds = 0, size_bytes = ?, bytes_transferred = ? "
@@ -144,6 +153,11 @@ class Completion:
             await self.jobs.finish(backup_id, "completed", tx=tx)
         log.info("backup completed: %d image(s), %d bytes stored", len(sizes), sum(sizes.values()),
                  extra={"resource": backup_id})
+        for hook in self.on_completed:
+            try:
+                await hook(backup_id)
+            except Exception:  # noqa: BLE001 - the backup is recorded; a hook's failure is its own
+                log.exception("after-completion step failed", extra={"resource": backup_id})
 
     async def _answer(self, backup_id: str, disk_index: int, change_id: str, note: str) -> dict[str, Any]:
         status = await self.db.scalar("SELECT status FROM backup_jobs WHERE backup_id = ?", (backup_id,))

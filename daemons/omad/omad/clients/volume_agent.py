@@ -4,6 +4,8 @@
                               password?, domain?}          → {mount_point, source, type, mounted, already_mounted}
   POST /repositories/unmount {mount_point}                 → {mount_point, unmounted, message}
   GET  /repositories/mounts                                → {mount_root, mounts: [{mount_point, source, type}]}
+  POST /immutability/lock    {paths}                       → {paths, immutable: true}   (chattr +i)
+  POST /immutability/unlock  {paths}                       → {paths, immutable: false}  (chattr -i)
 """
 
 from __future__ import annotations
@@ -28,3 +30,11 @@ class VolumeAgent:
 
     async def share_mounts(self) -> dict[str, Any]:
         return await self.client.call("GET", "/repositories/mounts")  # type: ignore[no-any-return]
+
+    async def lock_files(self, paths: list[str]) -> dict[str, Any]:
+        return await self.client.call("POST", "/immutability/lock",  # type: ignore[no-any-return]
+                                      json={"paths": paths}, timeout=self.mount_timeout)
+
+    async def unlock_files(self, paths: list[str]) -> dict[str, Any]:
+        return await self.client.call("POST", "/immutability/unlock",  # type: ignore[no-any-return]
+                                      json={"paths": paths}, timeout=self.mount_timeout)

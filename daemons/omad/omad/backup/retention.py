@@ -1,0 +1,157 @@
+"""Retention: a policy's backups older than its `retention_days` are pruned, on a schedule and on demand.
+
+A backup goes only when it is past retention, not locked, and nothing kept is built on it: every backup a
+kept one needs (its chain below) is kept, so each remaining chain stays restorable. Removal goes newest
+first through the same delete as the API's. Every run (dry runs too) is recorded with what went, what
+stayed and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from datetime import timedelta
+from typing import Any, Protocol
+
+from oma_common.errors import NotFound, OmaError
+
+from ..schedule.clock import Clock, iso
+from ..store.db import Database
+
+log = logging.getLogger(__name__)
+
+
+class Deleter(Protocol):
+    async def delete(self, backup_id: str, *, actor: str) -> dict[str, Any]: ...
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    out["dry_run"] = bool(row["dry_run"])
+    for k in ("removed", "kept", "errors"):
+        out[k] = json.loads(row[k])
+    out["run_id"] = out.pop("id")
+    return out
+
+
+class Retention:
+    def __init__(self, db: Database, backups: Deleter, clock: Clock, *, interval_seconds: float) -> None:
+        self.db = db
+        self.backups = backups
+        self.clock = clock
+        self.interval = interval_seconds
+        self._task: asyncio.Task[None] | None = None
+
+    async def plan(self, policy_id: str) -> tuple[list[str], list[dict[str, str]], str]:
+        """(what would go, newest first; what stays with why; the time measured from)."""
+        policy = await self.db.fetchone("SELECT * FROM backup_policies WHERE id = ?", (policy_id,))
+        if policy is None:
+            raise NotFound("policy not found", f"backup policy {policy_id!r} does not exist")
+        now = self.clock.now()
+        as_of = iso(now)
+        rows = await self.db.fetchall("SELECT backup_id, parent_backup_id, completed_at, locked_until FROM "
+                                      "backup_jobs WHERE policy_id = ? AND status = 'completed' "
+                                      "ORDER BY completed_at DESC, created_at DESC", (policy_id,))
+        if not rows:
+            return [], [], as_of
+        days = int(policy["retention_days"])
+        cutoff = iso(now - timedelta(days=days))
+        reasons: dict[str, str] = {}
+        for r in rows:
+            if days == 0:
+                reasons[r["backup_id"]] = "the policy keeps backups forever (retention_days 0)"
+            elif r["completed_at"] >= cutoff:
+                reasons[r["backup_id"]] = f"within {days} day(s) of retention"
+            elif r["locked_until"] and r["locked_until"] > as_of:
+                reasons[r["backup_id"]] = f"locked until {r['locked_until']}"
+        # Whatever any backup that stays is built on stays too (also backups outside the policy).
+        all_rows = await self.db.fetchall("SELECT backup_id, parent_backup_id FROM backup_jobs WHERE status != 'failed'")
+        parent = {r["backup_id"]: r["parent_backup_id"] for r in all_rows}
+        ours = {r["backup_id"] for r in rows}
+        keepers = [b for b in parent if b not in ours or b in reasons]
+        for b in keepers:
+            child, up = b, parent.get(b)
+            while up is not None:
+                if up in ours and up not in reasons:
+                    reasons[up] = f"{child} is built on it"
+                child, up = up, parent.get(up)
+        removable = [r["backup_id"] for r in rows if r["backup_id"] not in reasons]
+        # Newest first, children always before their parents.
+        depth = {}
+        for b in removable:
+            n, up = 0, parent.get(b)
+            while up is not None:
+                n, up = n + 1, parent.get(up)
+            depth[b] = n
+        removable.sort(key=lambda b: -depth[b])
+        kept = [{"backup_id": r["backup_id"], "reason": reasons[r["backup_id"]]} for r in rows
+                if r["backup_id"] in reasons]
+        return removable, kept, as_of
+
+    async def prune(self, policy_id: str, *, dry_run: bool, actor: str) -> dict[str, Any]:
+        run_id = f"prune-{secrets.token_hex(6)}"
+        removable, kept, as_of = await self.plan(policy_id)
+        await self.db.execute("INSERT INTO prune_runs (id, policy_id, dry_run, triggered_by, as_of, status, "
+                              "started_at) VALUES (?, ?, ?, ?, ?, 'running', ?)",
+                              (run_id, policy_id, int(dry_run), actor, as_of, iso(self.clock.now())))
+        removed: list[str] = []
+        errors: list[dict[str, Any]] = []
+        if dry_run:
+            removed = removable
+        else:
+            for backup_id in removable:
+                try:
+                    await self.backups.delete(backup_id, actor=actor)
+                    removed.append(backup_id)
+                except OmaError as e:
+                    errors.append({"backup_id": backup_id, "error": str(e), **e.extra})
+                    log.warning("prune of %s refused: %s", backup_id, e, extra={"resource": policy_id})
+        status = "failed" if errors else "completed"
+        await self.db.execute("UPDATE prune_runs SET status = ?, removed = ?, kept = ?, errors = ?, finished_at = ? "
+                              "WHERE id = ?", (status, json.dumps(removed), json.dumps(kept),
+                                               json.dumps(errors, default=str), iso(self.clock.now()), run_id))
+        log.info("%s: %d backup(s) %s, %d kept, %d error(s)", "dry run" if dry_run else "pruned", len(removed),
+                 "would go" if dry_run else "removed", len(kept), len(errors), extra={"resource": policy_id})
+        return await self.run(run_id)
+
+    async def run(self, run_id: str) -> dict[str, Any]:
+        row = await self.db.fetchone("SELECT * FROM prune_runs WHERE id = ?", (run_id,))
+        if row is None:
+            raise NotFound("prune run not found", f"prune run {run_id} does not exist")
+        return _public(row)
+
+    async def runs(self, policy_id: str, limit: int = 50) -> dict[str, Any]:
+        if not await self.db.scalar("SELECT 1 FROM backup_policies WHERE id = ?", (policy_id,)):
+            raise NotFound("policy not found", f"backup policy {policy_id!r} does not exist")
+        rows = await self.db.fetchall("SELECT * FROM prune_runs WHERE policy_id = ? ORDER BY started_at DESC, "
+                                      "rowid DESC LIMIT ?", (policy_id, limit))
+        return {"policy_id": policy_id, "runs": [_public(r) for r in rows], "count": len(rows)}
+
+    async def prune_all(self) -> list[dict[str, Any]]:
+        """The scheduled pass: every enabled policy with a retention."""
+        out = []
+        for p in await self.db.fetchall("SELECT id FROM backup_policies WHERE enabled = 1 AND retention_days > 0 "
+                                        "ORDER BY name"):
+            try:
+                out.append(await self.prune(p["id"], dry_run=False, actor="retention"))
+            except OmaError as e:
+                log.error("retention failed: %s", e, extra={"resource": p["id"]})
+        return out
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await self.clock.sleep(self.interval)
+            try:
+                await self.prune_all()
+            except Exception:  # noqa: BLE001 - the service must outlive one bad pass
+                log.exception("retention pass failed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
