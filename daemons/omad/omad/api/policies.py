@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any, Literal
 
 from oma_common.schema import spec
-from oma_common.web import Call, route
+from oma_common.web import Auth, Call, route
 
 from ..backup.copies import Copies
 from ..backup.immutability import Immutability
@@ -92,12 +92,12 @@ class PoliciesApi:
         """One policy with its copy rules."""
         return await self.policies.get(call.params["policy_id"])
 
-    @route("DELETE", "/policies/{policy_id}", tags=("policies",))
+    @route("DELETE", "/policies/{policy_id}", auth=Auth.ADMIN, tags=("policies",))
     async def delete(self, call: Call) -> dict[str, Any]:
         """Delete a policy and its copy rules (its backups stay)."""
         return await self.policies.delete(call.params["policy_id"], actor=call.actor)
 
-    @route("POST", "/policies/{policy_id}/prune", query=PruneQuery, tags=("policies",))
+    @route("POST", "/policies/{policy_id}/prune", query=PruneQuery, auth=Auth.ADMIN, tags=("policies",))
     async def prune(self, call: Call) -> dict[str, Any]:
         """Apply the policy's retention now (dry_run: what would go); never a locked or needed backup."""
         return await self.retention.prune(call.params["policy_id"], dry_run=call.query.dry_run, actor=call.actor)
@@ -139,7 +139,7 @@ class PoliciesApi:
         """Whether the backup is immutable, until when, and whether its files are locked on disk."""
         return await self.immutability.state(call.params["backup_id"])
 
-    @route("POST", f"/backups/{_ID}/lock", body=LockIn, tags=("backups",))
+    @route("POST", f"/backups/{_ID}/lock", body=LockIn, auth=Auth.ADMIN, tags=("backups",))
     async def extend_lock(self, call: Call) -> dict[str, Any]:
         """Extend the backup's lock (and its chain's); shortening is refused (409 with unlock_at)."""
         return await self.immutability.extend(call.params["backup_id"], call.body.until, actor=call.actor)

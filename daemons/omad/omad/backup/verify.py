@@ -47,7 +47,8 @@ class Verifier:
         checked = 0
         below: dict[int, Path] = {}  # disk index → the parent backup's image
         for m in members:
-            disks = await self.db.fetchall("SELECT disk_index, qcow2_path, backing_file, sha256 FROM backup_disks "
+            disks = await self.db.fetchall("SELECT backup_id, disk_index, qcow2_path, backing_file, sha256 "
+                                           "FROM backup_disks "
                                            "WHERE backup_id = ? ORDER BY disk_index", (m["backup_id"],))
             current: dict[int, Path] = {}
             for d in disks:
@@ -77,7 +78,12 @@ class Verifier:
             if digest != disk["sha256"]:
                 out += bad(f"checksum mismatch: sha256 {digest}, recorded {disk['sha256']}")
         else:
-            out += bad("no checksum recorded")
+            # Completed before checksums were recorded (migration 0007): the image has just passed
+            # qemu-img check, so its digest now becomes the reference later verifications compare with.
+            digest = await self.fs.sha256(path, timeout=self.cfg.file_timeout_seconds)
+            await self.db.execute("UPDATE backup_disks SET sha256 = ? WHERE backup_id = ? AND disk_index = ? "
+                                  "AND sha256 IS NULL", (digest, disk["backup_id"], disk["disk_index"]))
+            log.info("recorded the first checksum of %s", path, extra={"resource": disk["backup_id"]})
         if disk["backing_file"]:
             target = Path(os.path.normpath(path.parent / (info.backing_file or "")))
             if info.backing_file != disk["backing_file"]:
