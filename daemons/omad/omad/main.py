@@ -126,7 +126,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     # Policies: copies of completed backups (immediate rules run on completion), locks, retention, verification.
     policies = Policies(db, audit)
     verifier = Verifier(db, jobs, qemu_img, fs, clock, cfg.policies)
-    copies = Copies(db, audit, jobs, locks, qemu_img, fs, repositories, verifier, immutability, cfg.policies)
+    copies = Copies(db, audit, jobs, locks, qemu_img, fs, repositories, verifier, immutability, clock,
+                    cfg.policies)
     retention = Retention(db, backups, clock, interval_seconds=cfg.policies.retention_interval_seconds)
     completion.on_completed += [immutability.lock_new, copies.after_backup]
     jobs.on_recover("backup_copy", copies.recover)

@@ -13,7 +13,6 @@ A failed try removes its partial files and is retried with a doubling pause; the
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
@@ -28,6 +27,7 @@ from ..audit import Audit
 from ..config import PolicyConfig
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
+from ..schedule.clock import Clock
 from ..store.db import Database, utcnow
 from .backups import FIRST_DISK_KEY
 from .chains import lineage
@@ -60,7 +60,7 @@ def public(row: dict[str, Any]) -> dict[str, Any]:
 class Copies:
     def __init__(self, db: Database, audit: Audit, jobs: JobEngine, locks: KeyedLocks, qemu_img: QemuImg,
                  fs: LocalFs, repositories: Repositories, verifier: Verifier, immutability: Immutability,
-                 cfg: PolicyConfig) -> None:
+                 clock: Clock, cfg: PolicyConfig) -> None:
         self.db = db
         self.audit = audit
         self.jobs = jobs
@@ -70,6 +70,7 @@ class Copies:
         self.repositories = repositories
         self.verifier = verifier
         self.immutability = immutability
+        self.clock = clock
         self.cfg = cfg
 
     # -- asking for copies ---------------------------------------------------------------------------
@@ -188,7 +189,7 @@ class Copies:
                         pause = self.cfg.copy_backoff_seconds * 2 ** (attempt - 1)
                         log.warning("copy try %d failed (%s); again in %g s", attempt, e, pause,
                                     extra={"resource": copy_id})
-                        await asyncio.sleep(pause)
+                        await self.clock.sleep(pause)
             assert error is not None
             reason = f"{error.message}: {error.details}" if error.details != error.message else error.message
             await self._set(copy_id, status="failed", error_message=reason, completed_at=utcnow())
