@@ -93,6 +93,8 @@ class PolicyConfig:
 
     copy_attempts: int = spec(3, min=1, max=20, description="tries of one copy before it is marked failed")
     copy_backoff_seconds: float = spec(5.0, min=0, description="wait before the 2nd try; doubled for each next one")
+    copy_interval_seconds: float = spec(3600.0, min=1, description="how often scheduled copy rules copy the "
+                                                                 "backups their destination lacks")
     file_timeout_seconds: float = spec(6 * 3600.0, min=1, description="time limit of copying or hashing one image")
     retention_interval_seconds: float = spec(3600.0, min=1, description="how often enabled policies are pruned")
     verify_interval_seconds: float = spec(6 * 3600.0, min=1, description="how often stale backups are verified")

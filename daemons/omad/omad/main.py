@@ -36,7 +36,7 @@ from .auth.service import AuthService
 from .backup.backups import Backups
 from .backup.chains import Chains
 from .backup.completion import Completion, Telemetry
-from .backup.copies import Copies
+from .backup.copies import Copies, ScheduledCopies
 from .backup.immutability import Immutability
 from .backup.policies import Policies
 from .backup.retention import Retention
@@ -129,6 +129,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     copies = Copies(db, audit, jobs, locks, qemu_img, fs, repositories, verifier, immutability, clock,
                     cfg.policies)
     retention = Retention(db, backups, clock, interval_seconds=cfg.policies.retention_interval_seconds)
+    scheduled_copies = ScheduledCopies(db, copies, clock, interval_seconds=cfg.policies.copy_interval_seconds)
     completion.on_completed += [immutability.lock_new, copies.after_backup]
     jobs.on_recover("backup_copy", copies.recover)
     watchdog = Watchdog(db, pool, teardown, cfg.backup)
@@ -156,7 +157,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
         vcenter.close()
 
     app.on_cleanup.append(close_clients)
-    return Omad(app, auth, jobs, background=[watchdog, restore, scheduler, retention, verifier])
+    return Omad(app, auth, jobs, background=[watchdog, restore, scheduler, retention, verifier,
+                                            scheduled_copies])
 
 
 def write_url(path: Path, url: str) -> None:

@@ -9,6 +9,9 @@ A copy job, under one lock per destination and chain (so a full and its incremen
      rename it into place and record the copy as a backup of the destination (rows of backup_jobs and
      backup_disks, the link in backup_copies), locked when the destination is immutable.
 A failed try removes its partial files and is retried with a doubling pause; the last failure is recorded.
+
+Rules with copy_mode "immediate" run when a backup completes; those with "scheduled" run from ScheduledCopies,
+which every `copy_interval_seconds` asks for the copies their destinations lack.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +207,8 @@ class Copies:
         todo = [m for m in members if held[m["backup_id"]] is None]
         async with self.jobs.step(copy_id, "verify source"):
             if todo:
-                found, _ = await self.verifier.problems(copy["source_backup_id"])
+                # Stored with the source like any verification: a scheduled copy skips a source known bad.
+                found = (await self.verifier.verify(copy["source_backup_id"]))["errors"]
                 if found:
                     raise SourceBad("source verification failed", "; ".join(f"{p['file']}: {p['problem']}"
                                                                             for p in found))
@@ -336,3 +341,64 @@ class Copies:
             if await self.db.scalar("SELECT 1 FROM backup_jobs WHERE backup_id = ?", (new_id,)):
                 continue
             await self.fs.remove(await self.fs.glob(Path(root), f"{m['vm_context_id']}/{new_id}-disk-*.qcow2*"))
+
+
+class ScheduledCopies:
+    """The service of the scheduled copy rules: each pass, every enabled rule with copy_mode "scheduled" of an
+    enabled policy asks for a copy of each completed backup of the policy that its destination neither holds
+    nor is copying, rules of higher priority first, older backups first (with each rule's verify_after_copy).
+    A backup whose last verification failed is not copied (each copy job verifies its source as well); a copy
+    that failed for another reason is asked for again on the next pass."""
+
+    def __init__(self, db: Database, copies: Copies, clock: Clock, *, interval_seconds: float) -> None:
+        self.db = db
+        self.copies = copies
+        self.clock = clock
+        self.interval = interval_seconds
+        self._task: asyncio.Task[None] | None = None
+
+    async def due(self) -> list[dict[str, Any]]:
+        """(rule, backup) pairs to copy now, in the order they are asked for."""
+        return await self.db.fetchall(
+            "SELECT r.id AS rule_id, r.destination_repository_id, r.verify_after_copy, b.backup_id "
+            "FROM backup_copy_rules r JOIN backup_policies p ON p.id = r.policy_id "
+            "JOIN backup_jobs b ON b.policy_id = p.id "
+            "WHERE p.enabled = 1 AND r.enabled = 1 AND r.copy_mode = 'scheduled' AND b.status = 'completed' "
+            "AND b.copied_from IS NULL AND b.repository_id != r.destination_repository_id "
+            "AND COALESCE(b.verify_status, '') != 'failed' "
+            "AND NOT EXISTS (SELECT 1 FROM backup_copies c WHERE c.source_backup_id = b.backup_id "
+            "AND c.destination_repository_id = r.destination_repository_id AND c.status != 'failed') "
+            "ORDER BY r.priority DESC, r.id, b.completed_at, b.created_at, b.backup_id")
+
+    async def run_once(self) -> list[str]:
+        """One pass; returns the ids of the copies it started."""
+        started = []
+        for d in await self.due():
+            try:
+                out = await self.copies.request(d["backup_id"], d["destination_repository_id"], actor="schedule",
+                                                rule_id=d["rule_id"], verify_after_copy=bool(d["verify_after_copy"]))
+            except OmaError as e:  # a destination disabled, a backup deleted meanwhile: the next pass tries again
+                log.warning("scheduled copy by rule %s not started: %s", d["rule_id"], e,
+                            extra={"resource": d["backup_id"]})
+                continue
+            if not out.get("existing"):
+                started.append(out["copy_id"])
+        if started:
+            log.info("scheduled copy rules started %d copy(ies)", len(started))
+        return started
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await self.clock.sleep(self.interval)
+            try:
+                await self.run_once()
+            except Exception:  # noqa: BLE001 - the service must outlive one bad pass
+                log.exception("scheduled copies failed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
