@@ -4,6 +4,7 @@ local repository, and checks that a backup left nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import socket
@@ -167,27 +168,37 @@ def build_inventory(tmp: Path) -> tuple[Inventory, dict[str, DiskImage], dict[st
 @pytest.fixture
 async def rig(stack_config: Stack, tmp_path: Path) -> AsyncIterator[Rig]:
     inv, images, sources = build_inventory(tmp_path)
-    state = SimState(inv, workdir=tmp_path / "vmasim", telemetry_interval=0.2, outbound_timeout=30)
+    async with open_rig(stack_config, tmp_path, inv, sources, images) as r:
+        yield r
+
+
+@contextlib.asynccontextmanager
+async def open_rig(stack: Stack, tmp: Path, inv: Inventory, sources: dict[str, list[Path]],
+                   images: dict[str, DiskImage], **sim_options: Any) -> AsyncIterator[Rig]:
+    """Start the simulator and the four daemons of `stack`, log in, add the VMs of `sources` and a local
+    repository; stop everything afterwards (also used by bench/restore)."""
+    state = SimState(inv, workdir=tmp / "vmasim", **{"telemetry_interval": 0.2, "outbound_timeout": 30,
+                                                     **sim_options})
     for name, paths in sources.items():
         for index, path in enumerate(paths):
             state.set_source(name, index, path)
-    repo_dir = stack_config.state / "backups"
+    repo_dir = stack.state / "backups"
     repo_dir.mkdir()
-    more_repos = stack_config.state / "repos"  # further repositories (copy destinations, immutable ones)
+    more_repos = stack.state / "repos"  # further repositories (copy destinations, immutable ones)
     more_repos.mkdir()
     ports = free_range(24)
     async with VMASim(state=state) as sim:
-        stack_config.add_config("omad", "50-vma.toml", vma_config(sim.url, timeout=20))
-        stack_config.add_config("omad", "60-backup.toml",
-                                f"[backup]\nidle_timeout_seconds = {IDLE_TIMEOUT}\nwatchdog_interval_seconds = 0.25\n")
-        stack_config.add_config("nbd-pool", "60-pool.toml",
-                                f'export_roots = ["{repo_dir}", "{more_repos}"]\nport_min = {ports[0]}\nport_max = {ports[-1]}\n')
-        stack_config.add_config("volume-agent", "60-immutable.toml", f'immutable_roots = ["{more_repos}"]\n')
-        stack_config.start()
-        sim.state.oma_url = stack_config.url
-        api = Api(stack_config.url)
-        await api.login("admin", stack_config.admin_password)
+        stack.add_config("omad", "50-vma.toml", vma_config(sim.url, timeout=20))
+        stack.add_config("omad", "60-backup.toml",
+                         f"[backup]\nidle_timeout_seconds = {IDLE_TIMEOUT}\nwatchdog_interval_seconds = 0.25\n")
+        stack.add_config("nbd-pool", "60-pool.toml",
+                         f'export_roots = ["{repo_dir}", "{more_repos}"]\nport_min = {ports[0]}\nport_max = {ports[-1]}\n')
+        stack.add_config("volume-agent", "60-immutable.toml", f'immutable_roots = ["{more_repos}"]\n')
+        stack.start()
+        sim.state.oma_url = stack.url
+        api = Api(stack.url)
         try:
+            await api.login("admin", stack.admin_password)
             status, body = await api.post("/vmware-credentials", {
                 "credential_name": "sim", "vcenter_host": VCENTER, "username": USER, "password": PASSWORD,
                 "datacenter": "DC1", "is_default": True})
@@ -197,11 +208,11 @@ async def rig(stack_config: Stack, tmp_path: Path) -> AsyncIterator[Rig]:
             status, repo = await api.post("/repositories", {"name": "local", "type": "local",
                                                             "config": {"disk_path": str(repo_dir)}})
             assert status == 201, repo
-            yield Rig(stack_config, sim, api, repo["id"], repo_dir, images)
+            yield Rig(stack, sim, api, repo["id"], repo_dir, images)
         finally:
             await api.close()
-            await release_everything(stack_config)
-            stack_config.stop()
+            await release_everything(stack)
+            stack.stop()
             kill_strays(repo_dir)
 
 
