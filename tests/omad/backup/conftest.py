@@ -217,8 +217,16 @@ async def open_rig(stack: Stack, tmp: Path, inv: Inventory, sources: dict[str, l
 
 
 async def release_everything(stack: Stack) -> None:
-    """nbd-pool leaves its exports running when it stops (a backup survives an nbd-pool restart): a test
-    that ends mid-backup must release them first."""
+    """nbd-pool leaves its exports running when it stops (a backup survives an nbd-pool restart), and
+    restore-mounter its mounts: a test or bench that ends early must release both first."""
+    mounter = AgentClient("restore-mounter", stack.run_dir / "restore-mounter.sock", timeout=60)
+    try:
+        for m in (await mounter.call("GET", "/mounts")).get("mounts", []):
+            await mounter.call("DELETE", f"/mounts/{m['mount_id']}", params={"force": "true"})
+    except Exception:  # noqa: BLE001 - best effort, like the release below
+        pass
+    finally:
+        await mounter.close()
     client = AgentClient("nbd-pool", stack.run_dir / "nbd-pool.sock", timeout=30)
     try:
         for lease in (await client.call("GET", "/ports/status")).get("allocations", []):
