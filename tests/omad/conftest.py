@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from omad.store.db import Database
 from tests.sim.vcenter import VCenterSim
 from tests.sim.vma import MiB, Inventory, SimState, VMASim
 
@@ -71,3 +72,15 @@ def vcsim() -> Iterator[VCenterSim]:
     """A real vCenter simulator (govmomi) that pyvmomi logs in to."""
     with VCenterSim(username="oma@vsphere.local", password="s3cret pa$$ wörd", default_vms=False) as sim:
         yield sim
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    """omad's database, migrated, in the test's directory (for in-process domain tests)."""
+    d = Database(tmp_path / "oma.db")
+    await d.open()
+    await d.migrate()
+    try:
+        yield d
+    finally:
+        await d.close()

@@ -5,7 +5,6 @@ the copy is failed with the reason, and nothing of it is left in the destination
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -55,17 +54,6 @@ class RefusingFs(LocalFs):
             assert src.exists()  # a partial image is there to be cleaned up
             raise Unavailable("cannot rename file", f"rename {src} to {dst}: Read-only file system")
         await super().rename(src, dst)
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    d = Database(tmp_path / "oma.db")
-    await d.open()
-    await d.migrate()
-    try:
-        yield d
-    finally:
-        await d.close()
 
 
 def leftovers(root: Path, backup_id: str) -> list[str]:

@@ -4,8 +4,6 @@ restart hands each active job to its type's function, and shutdown marks interru
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,14 +16,8 @@ from omad.store.db import Database
 
 
 @pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[JobEngine]:
-    db = Database(tmp_path / "j.db")
-    await db.open()
-    await db.migrate()
-    try:
-        yield JobEngine(db)
-    finally:
-        await db.close()
+def engine(db: Database) -> JobEngine:
+    return JobEngine(db)
 
 
 async def test_steps_and_progress_are_recorded(engine: JobEngine) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, cast
@@ -30,17 +29,6 @@ from ..lib.scheduling import FakeClock, add_contexts
 pytestmark = pytest.mark.timeout(120)
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    d = Database(tmp_path / "oma.db")
-    await d.open()
-    await d.migrate()
-    try:
-        yield d
-    finally:
-        await d.close()
 
 
 async def seed(db: Database, fs: LocalFs, root: Path, ctx: str, name: str, day: int, parent: str | None,

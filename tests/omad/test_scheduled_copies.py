@@ -6,7 +6,6 @@ twice, picks up a new incremental on the next pass, and never copies a backup wh
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,6 @@ from omad.store.db import Database
 from .policy_rig import PolicyRig, same_content
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    d = Database(tmp_path / "oma.db")
-    await d.open()
-    await d.migrate()
-    try:
-        yield d
-    finally:
-        await d.close()
 
 
 async def asked(rig: PolicyRig) -> list[tuple[str, str]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,17 +19,6 @@ from omad.store.db import Database
 from .policy_rig import T0, PolicyRig
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    d = Database(tmp_path / "oma.db")
-    await d.open()
-    await d.migrate()
-    try:
-        yield d
-    finally:
-        await d.close()
 
 
 async def states(db: Database) -> dict[str, tuple[str | None, str | None]]:

@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 
@@ -24,17 +22,6 @@ from ..lib.scheduling import Domain, FakeClock, add_contexts, build
 pytestmark = pytest.mark.timeout(60)
 UTC = timezone.utc
 T0 = datetime(2025, 3, 28, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(tmp_path / "oma.db")
-    await database.open()
-    await database.migrate()
-    try:
-        yield database
-    finally:
-        await database.close()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import aiohttp
 from aiohttp import web
 
 from .faults import apply_endpoint_fault
-from .inventory import InventoryError
 from .jobs import FAILED
 from .oma import OmaClient
 from .state import RecordedRequest, SimState, now_rfc3339

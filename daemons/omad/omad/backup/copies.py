@@ -16,10 +16,8 @@ which every `copy_interval_seconds` asks for the copies their destinations lack.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from ..config import PolicyConfig
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
 from ..schedule.clock import Clock
+from ..jobs.periodic import Periodic
 from ..store.db import Database, utcnow
 from .backups import FIRST_DISK_KEY
 from .chains import lineage
@@ -355,7 +354,7 @@ class ScheduledCopies:
         self.copies = copies
         self.clock = clock
         self.interval = interval_seconds
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("scheduled copies", clock, lambda: self.interval, self.run_once)
 
     async def due(self) -> list[dict[str, Any]]:
         """(rule, backup) pairs to copy now, in the order they are asked for."""
@@ -388,17 +387,7 @@ class ScheduledCopies:
         return started
 
     async def start(self) -> None:
-        self._task = asyncio.ensure_future(self._loop())
-
-    async def _loop(self) -> None:
-        while True:
-            await self.clock.sleep(self.interval)
-            try:
-                await self.run_once()
-            except Exception:  # noqa: BLE001 - the service must outlive one bad pass
-                log.exception("scheduled copies failed")
+        await self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._periodic.stop()

@@ -8,7 +8,6 @@ stayed and why.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 from oma_common.errors import NotFound, OmaError
 
 from ..schedule.clock import Clock, iso
+from ..jobs.periodic import Periodic
 from ..store.db import Database
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Retention:
         self.backups = backups
         self.clock = clock
         self.interval = interval_seconds
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("retention pass", clock, lambda: self.interval, self.prune_all)
 
     async def plan(self, policy_id: str) -> tuple[list[str], list[dict[str, str]], str]:
         """(what would go, newest first; what stays with why; the time measured from)."""
@@ -141,17 +141,7 @@ class Retention:
         return out
 
     async def start(self) -> None:
-        self._task = asyncio.ensure_future(self._loop())
-
-    async def _loop(self) -> None:
-        while True:
-            await self.clock.sleep(self.interval)
-            try:
-                await self.prune_all()
-            except Exception:  # noqa: BLE001 - the service must outlive one bad pass
-                log.exception("retention pass failed")
+        await self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._periodic.stop()

@@ -21,6 +21,7 @@ from ..adapters.qemu_img import QemuImg
 from ..config import PolicyConfig
 from ..jobs.engine import JobEngine
 from ..schedule.clock import Clock, iso
+from ..jobs.periodic import Periodic
 from ..store.db import Database
 from .chains import lineage
 
@@ -36,7 +37,8 @@ class Verifier:
         self.fs = fs
         self.clock = clock
         self.cfg = cfg
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("scheduled verification", clock, lambda: self.cfg.verify_interval_seconds,
+                                  self.verify_stale)
 
     async def problems(self, backup_id: str) -> tuple[list[dict[str, str]], int]:
         """What is wrong with the images the backup needs ([] when nothing), and how many were checked."""
@@ -160,17 +162,7 @@ class Verifier:
         return done
 
     async def start(self) -> None:
-        self._task = asyncio.ensure_future(self._loop())
-
-    async def _loop(self) -> None:
-        while True:
-            await self.clock.sleep(self.cfg.verify_interval_seconds)
-            try:
-                await self.verify_stale()
-            except Exception:  # noqa: BLE001 - the service must outlive one bad pass
-                log.exception("scheduled verification failed")
+        await self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._periodic.stop()
