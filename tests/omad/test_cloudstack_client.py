@@ -85,7 +85,7 @@ async def test_a_job_that_does_not_end_in_time_times_out(sim: CloudStackSim) -> 
 
 async def test_a_refused_parameter_is_invalid_with_cloudstacks_text(sim: CloudStackSim) -> None:
     with pytest.raises(Invalid) as e:
-        await client(sim).list("listTemplates")  # templatefilter is mandatory
+        await client(sim).listing("listTemplates")  # templatefilter is mandatory
     assert e.value.code == "cloudstack_invalid_parameter"
     assert "missing parameter templatefilter" in e.value.details
     with pytest.raises(Unavailable) as unknown:

@@ -245,7 +245,7 @@ class Client:
         data = await self._guard(command, self._cs.__getattr__(command)(**params), self.limits.timeout)
         return data if isinstance(data, dict) else {}
 
-    async def list(self, command: str, **params: Any) -> list[dict[str, Any]]:
+    async def listing(self, command: str, **params: Any) -> list[dict[str, Any]]:
         """Every item of a list command, all pages; an empty answer (`{}`) is no items."""
         # The whole listing is bounded, not each page: a few pages of a large cloud fit in a few timeouts.
         data = await self._guard(command, self._cs.__getattr__(command)(fetch_list=True, **params),
@@ -286,26 +286,26 @@ class Client:
     # -- typed reads ---------------------------------------------------------------------------------------
 
     async def zones(self, **params: Any) -> list[Zone]:
-        return [zone(d) for d in await self.list("listZones", **params)]
+        return [zone(d) for d in await self.listing("listZones", **params)]
 
     async def domains(self, **params: Any) -> list[Domain]:
-        return [domain(d) for d in await self.list("listDomains", **params)]
+        return [domain(d) for d in await self.listing("listDomains", **params)]
 
     async def networks(self, **params: Any) -> list[Network]:
-        return [network(d) for d in await self.list("listNetworks", **params)]
+        return [network(d) for d in await self.listing("listNetworks", **params)]
 
     async def service_offerings(self, **params: Any) -> list[ServiceOffering]:
-        return [service_offering(d) for d in await self.list("listServiceOfferings", **params)]
+        return [service_offering(d) for d in await self.listing("listServiceOfferings", **params)]
 
     async def disk_offerings(self, **params: Any) -> list[DiskOffering]:
-        return [disk_offering(d) for d in await self.list("listDiskOfferings", **params)]
+        return [disk_offering(d) for d in await self.listing("listDiskOfferings", **params)]
 
     async def templates(self, **params: Any) -> list[Template]:
         params.setdefault("templatefilter", "executable")
-        return [template(d) for d in await self.list("listTemplates", **params)]
+        return [template(d) for d in await self.listing("listTemplates", **params)]
 
     async def virtual_machines(self, **params: Any) -> list[VirtualMachine]:
-        return [virtual_machine(d) for d in await self.list("listVirtualMachines", **params)]
+        return [virtual_machine(d) for d in await self.listing("listVirtualMachines", **params)]
 
 
 class CloudStack:
