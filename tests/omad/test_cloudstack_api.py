@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,22 +41,13 @@ def cs(short_tmp: Path) -> Iterator[CloudStackSim]:
 
 
 @pytest.fixture
-def omad(stack_config: Stack, cs: CloudStackSim) -> Iterator[Stack]:
-    """omad alone (no agent is needed here), polling CloudStack jobs quickly."""
+def stack(stack_config: Stack, cs: CloudStackSim) -> Iterator[Stack]:
+    """omad alone (no agent is needed here), calling the simulator with short time limits; the shared `admin`
+    fixture logs in to it."""
     stack_config.add_config("omad", "50-cloudstack.toml", "[cloudstack]\ntimeout_seconds = 5\n"
                                                           "poll_interval_seconds = 0.05\n")
     stack_config.start("omad")
     yield stack_config
-
-
-@pytest.fixture
-async def admin(omad: Stack) -> AsyncIterator[Api]:
-    api = Api(omad.url)
-    await api.login("admin", omad.admin_password)
-    try:
-        yield api
-    finally:
-        await api.close()
 
 
 def creds(cs: CloudStackSim, **extra: Any) -> dict[str, Any]:
@@ -76,7 +67,7 @@ def config(cs: CloudStackSim, **extra: Any) -> dict[str, Any]:
     return {"name": "primary", **creds(cs), **ids(cs), **extra}
 
 
-async def test_config_envelope_round_trip_and_the_secret_never_leaves(omad: Stack, admin: Api,
+async def test_config_envelope_round_trip_and_the_secret_never_leaves(stack: Stack, admin: Api,
                                                                       cs: CloudStackSim) -> None:
     answers: list[Any] = []
     status, empty = await admin.post("/ossea/config", {"action": "get"})
@@ -119,7 +110,7 @@ async def test_config_envelope_round_trip_and_the_secret_never_leaves(omad: Stac
     assert (await admin.post("/ossea/config", {"action": "create", "config": config(cs, name="dr")}))[0] == 409
 
     # A config a VM context replicates with is not deleted.
-    omad.sql("INSERT INTO vm_replication_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, "
+    stack.sql("INSERT INTO vm_replication_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, "
              "created_at, updated_at, ossea_config_id) VALUES ('ctx-a', 'a', 'uuid-a', '/a', 'vc', 't', 't', ?)",
              (second["id"],))
     status, err = await admin.post("/ossea/config", {"action": "delete", "id": second["id"]})
@@ -131,17 +122,17 @@ async def test_config_envelope_round_trip_and_the_secret_never_leaves(omad: Stac
 
     for answer in answers:
         assert cs.secret_key not in json.dumps(answer)
-    sealed = omad.sql("SELECT secret_key_sealed FROM ossea_configs")
+    sealed = stack.sql("SELECT secret_key_sealed FROM ossea_configs")
     assert sealed and all(s.startswith("v1.") for (s,) in sealed)
-    omad.stop("omad")  # checkpoints the WAL into the file, then every file of the database is searched
-    for path in omad.state.glob("oma.db*"):
+    stack.stop("omad")  # checkpoints the WAL into the file, then every file of the database is searched
+    for path in stack.state.glob("oma.db*"):
         raw = path.read_bytes()
         assert cs.secret_key.encode() not in raw and cs.secret_key.encode("utf-16-le") not in raw, path
 
 
-async def test_operators_may_not_change_or_use_credentials(omad: Stack, admin: Api, cs: CloudStackSim) -> None:
-    assert omad.omactl("user", "add", "olga", "--password-stdin", stdin="operator-pass\n").returncode == 0
-    async with Api(omad.url) as op:
+async def test_operators_may_not_change_or_use_credentials(stack: Stack, admin: Api, cs: CloudStackSim) -> None:
+    assert stack.omactl("user", "add", "olga", "--password-stdin", stdin="operator-pass\n").returncode == 0
+    async with Api(stack.url) as op:
         await op.login("olga", "operator-pass")
         assert (await op.post("/ossea/config", {"action": "create", "config": config(cs)}))[0] == 403
         assert (await op.post("/settings/cloudstack/test-connection", creds(cs)))[0] == 403
@@ -226,13 +217,13 @@ async def test_validate_names_each_missing_id(admin: Api, cs: CloudStackSim) -> 
     assert "service offering 'no-so'" in from_saved["message"]
 
 
-async def test_streamlined_save_checks_then_saves_the_default(omad: Stack, admin: Api, cs: CloudStackSim) -> None:
+async def test_streamlined_save_checks_then_saves_the_default(stack: Stack, admin: Api, cs: CloudStackSim) -> None:
     the_ids = ids(cs)
     body = {**creds(cs), **{k: v for k, v in the_ids.items() if k != "zone"}, "zone_id": the_ids["zone"],
             "domain_name": "ROOT"}
     status, err = await admin.post("/ossea/config-streamlined", {**body, "disk_offering_id": "no-such-offering"})
     assert status == 400 and "disk offering 'no-such-offering'" in err["details"]
-    assert omad.sql("SELECT COUNT(*) FROM ossea_configs") == [(0,)]
+    assert stack.sql("SELECT COUNT(*) FROM ossea_configs") == [(0,)]
     status, saved = await admin.post("/ossea/config-streamlined", body)
     assert status == 200 and saved["success"] is True, saved
     assert saved["config"]["name"] == "production-ossea" and saved["config"]["is_default"] is True
@@ -240,7 +231,7 @@ async def test_streamlined_save_checks_then_saves_the_default(omad: Stack, admin
     assert cs.secret_key not in json.dumps(saved)
     status, again = await admin.post("/ossea/config-streamlined", {**body, "network_id": the_ids["network_id"]})
     assert status == 200 and again["config"]["id"] == saved["config"]["id"]
-    assert omad.sql("SELECT COUNT(*) FROM ossea_configs") == [(1,)]
+    assert stack.sql("SELECT COUNT(*) FROM ossea_configs") == [(1,)]
 
 
 async def test_networks_and_offerings_of_the_saved_config(admin: Api, cs: CloudStackSim) -> None:

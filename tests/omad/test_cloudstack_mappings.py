@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,38 +27,33 @@ def cs(short_tmp: Path) -> Iterator[CloudStackSim]:
 
 
 @pytest.fixture
-def omad(stack_config: Stack, cs: CloudStackSim) -> Iterator[Stack]:
+def stack(stack_config: Stack, cs: CloudStackSim) -> Iterator[Stack]:
+    """omad alone, with a saved CloudStack config and a VM context with three NICs on two VMware networks."""
     stack_config.add_config("omad", "50-cloudstack.toml", "[cloudstack]\ntimeout_seconds = 5\n")
     stack_config.start("omad")
+    stack_config.sql("INSERT INTO vm_replication_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, "
+                     "created_at, updated_at) VALUES ('ctx-db', ?, '4210-aaaa', '/DC1/vm/db', 'vc', 't', 't')", (VM,))
+    for pos, name in enumerate(("VM Network", "Backup LAN", "VM Network")):
+        stack_config.sql("INSERT INTO vm_networks (vm_context_id, position, label, network_name) "
+                         "VALUES ('ctx-db', ?, ?, ?)", (pos, f"Network adapter {pos + 1}", name))
     yield stack_config
 
 
 @pytest.fixture
-async def admin(omad: Stack, cs: CloudStackSim) -> AsyncIterator[Api]:
-    api = Api(omad.url)
-    await api.login("admin", omad.admin_password)
-    inv = cs.inv
-    status, _ = await api.post("/ossea/config", {"action": "create", "config": {
+async def admin(admin: Api, cs: CloudStackSim) -> Api:
+    """The shared administrator, once the default CloudStack config is saved."""
+    status, _ = await admin.post("/ossea/config", {"action": "create", "config": {
         "name": "primary", "api_url": cs.endpoint, "api_key": cs.api_key, "secret_key": cs.secret_key,
-        "zone": next(iter(inv.zones)), "oma_vm_id": cs.appliance_vm_id}})
+        "zone": next(iter(cs.inv.zones)), "oma_vm_id": cs.appliance_vm_id}})
     assert status == 200
-    # A VM context with three NICs on two VMware networks (as discovery records them).
-    omad.sql("INSERT INTO vm_replication_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, "
-             "created_at, updated_at) VALUES ('ctx-db', ?, '4210-aaaa', '/DC1/vm/db', 'vc', 't', 't')", (VM,))
-    for pos, net in enumerate(("VM Network", "Backup LAN", "VM Network")):
-        omad.sql("INSERT INTO vm_networks (vm_context_id, position, label, network_name) VALUES ('ctx-db', ?, ?, ?)",
-                 (pos, f"Network adapter {pos + 1}", net))
-    try:
-        yield api
-    finally:
-        await api.close()
+    return admin
 
 
 def net(cs: CloudStackSim, name: str) -> str:
     return next(n.id for n in cs.inv.networks.values() if n.name == name)
 
 
-async def test_mappings_crud_and_status(omad: Stack, admin: Api, cs: CloudStackSim) -> None:
+async def test_mappings_crud_and_status(stack: Stack, admin: Api, cs: CloudStackSim) -> None:
     prod, test = net(cs, "prod-net"), net(cs, "test-net")
     status, st = await admin.get("/network-mappings/ctx-db/status")
     assert status == 200 and st["success"] is True

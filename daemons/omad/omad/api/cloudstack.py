@@ -9,6 +9,7 @@ from oma_common.errors import Invalid
 from oma_common.schema import spec
 from oma_common.web import Auth, Call, now_rfc3339, route
 
+from ..clients.cloudstack import Network
 from ..cloudstack.config import Configs, Connection
 from ..cloudstack.networks import Networks
 from ..cloudstack.settings import Ids, Settings
@@ -222,21 +223,9 @@ class Validation:
 
 
 @dataclasses.dataclass
-class NetworkOut:
-    id: str
-    name: str
-    display_text: str
-    zone_id: str
-    zone_name: str
-    state: str
-    type: str
-    cidr: str
-
-
-@dataclasses.dataclass
 class NetworkList:
     success: bool
-    networks: list[NetworkOut]
+    networks: list[Network]
     count: int
 
 

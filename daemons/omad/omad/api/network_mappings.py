@@ -8,8 +8,10 @@ from typing import Any
 from oma_common.schema import spec
 from oma_common.web import Auth, Call, route
 
+from ..clients.cloudstack import Network, ServiceOffering
 from ..cloudstack.mappings import MappingIn, Mappings
 from ..cloudstack.networks import Networks
+from ..store.network_mappings import NetworkMapping
 
 _TAGS = ("network-mappings",)
 _TEXT = r"[^\x00-\x1f\x7f]+"
@@ -34,31 +36,17 @@ class MappingBody:
 
 
 @dataclasses.dataclass
-class MappingOut:
-    id: int
-    vm_context_id: str
-    vm_id: str
-    source_network_name: str
-    destination_network_id: str
-    destination_network_name: str
-    is_test_network: bool
-    created_by: str
-    created_at: str
-    updated_at: str
-
-
-@dataclasses.dataclass
 class MappingAnswer:
     success: bool
     message: str
-    data: MappingOut
+    data: NetworkMapping
 
 
 @dataclasses.dataclass
 class MappingsAnswer:
     success: bool
     message: str
-    data: list[MappingOut]
+    data: list[NetworkMapping]
 
 
 @dataclasses.dataclass
@@ -70,7 +58,7 @@ class KindStatus:
     unmapped: list[str]
     stale: list[str]
     complete: bool
-    mappings: list[MappingOut]
+    mappings: list[NetworkMapping]
 
 
 @dataclasses.dataclass
@@ -126,18 +114,6 @@ class ResolveIn:
 
 
 @dataclasses.dataclass
-class Network:
-    id: str
-    name: str
-    display_text: str
-    zone_id: str
-    zone_name: str
-    state: str
-    type: str
-    cidr: str
-
-
-@dataclasses.dataclass
 class NetworksAnswer:
     success: bool
     message: str
@@ -159,21 +135,10 @@ class ResolveAnswer:
 
 
 @dataclasses.dataclass
-class Offering:
-    id: str
-    name: str
-    display_text: str
-    cpu_number: int
-    cpu_speed: int
-    memory: int
-    is_customized: bool
-
-
-@dataclasses.dataclass
 class OfferingsAnswer:
     success: bool
     message: str
-    data: list[Offering]
+    data: list[ServiceOffering]
 
 
 class NetworkMappingsApi:
