@@ -122,6 +122,11 @@ async def test_config_envelope_round_trip_and_the_secret_never_leaves(stack: Sta
 
     for answer in answers:
         assert cs.secret_key not in json.dumps(answer)
+    audit = stack.sql("SELECT action, details FROM audit_log WHERE action LIKE 'ossea_config.%' ORDER BY id")
+    assert [a for a, _ in audit] == ["ossea_config.create", "ossea_config.update", "ossea_config.create",
+                                     "ossea_config.delete"]
+    assert json.loads(audit[1][1]) == {"changed": ["name"]}  # an empty secret is no change
+    assert all(cs.secret_key not in d for _, d in audit)
     sealed = stack.sql("SELECT secret_key_sealed FROM ossea_configs")
     assert sealed and all(s.startswith("v1.") for (s,) in sealed)
     stack.stop("omad")  # checkpoints the WAL into the file, then every file of the database is searched
