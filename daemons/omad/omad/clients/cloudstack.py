@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from cs import AIOCloudStack, CloudStackApiException, CloudStackException
 
-from oma_common.errors import Invalid, NotFound, OmaError, TimedOut, Unavailable
+from oma_common.errors import Conflict, Invalid, OmaError, TimedOut, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +193,15 @@ def virtual_machine(d: dict[str, Any]) -> VirtualMachine:
 
 # -- errors -----------------------------------------------------------------------------------------------
 
-# CloudStack's errorcode → our class. 431 is a parameter CloudStack refused (an unknown id, a bad value): the
-# caller sent it. 401 (bad key or signature), 432 (unknown command) and 530 (internal) are the management
-# server's or its configuration's problem, which the caller fixes in the CloudStack settings, not the request.
-_BY_ERRORCODE: dict[int, type[OmaError]] = {431: Invalid, 436: NotFound, 401: Unavailable, 432: Unavailable,
-                                            530: Unavailable}
-_CODE_NAMES = {401: "cloudstack_unauthorized", 431: "cloudstack_invalid_parameter", 432: "cloudstack_unknown_command",
-               436: "cloudstack_not_found", 530: "cloudstack_internal_error"}
+# CloudStack's errorcode (ApiErrorCode) → our class. 400/430/431 are values CloudStack refused (an unknown id,
+# a bad parameter): the caller sent them. 536 is a resource in use (an attached volume). Everything else —
+# 401 bad key or signature, 429 API limit, 432 unknown command, 53x internal or capacity — is the management
+# server's or its configuration's problem, fixed in CloudStack or its settings, not in the request.
+_BY_ERRORCODE: dict[int, type[OmaError]] = {400: Invalid, 430: Invalid, 431: Invalid, 536: Conflict}
+_CODE_NAMES = {401: "cloudstack_unauthorized", 429: "cloudstack_rate_limited", 430: "cloudstack_invalid_parameter",
+               431: "cloudstack_invalid_parameter", 432: "cloudstack_unknown_command",
+               530: "cloudstack_internal_error", 533: "cloudstack_insufficient_capacity",
+               536: "cloudstack_resource_in_use"}
 
 
 def api_error(command: str, error: Any, status: int | None = None) -> OmaError:
@@ -210,7 +212,7 @@ def api_error(command: str, error: Any, status: int | None = None) -> OmaError:
     except (TypeError, ValueError):
         errorcode = 530
     text = str(body.get("errortext") or error or "no error text")
-    cls = _BY_ERRORCODE.get(errorcode) or (Invalid if 400 <= errorcode < 500 else Unavailable)
+    cls = _BY_ERRORCODE.get(errorcode, Unavailable)
     err = cls(f"CloudStack refused {command}", f"CloudStack {command}: {text} (errorcode {errorcode})",
               cloudstack_errorcode=errorcode, cloudstack_cserrorcode=body.get("cserrorcode"),
               cloudstack_errortext=text)
