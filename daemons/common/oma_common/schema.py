@@ -185,7 +185,7 @@ def _check(tp: Any, value: Any, where: str, meta: dict[str, Any], problems: _Pro
         if not isinstance(value, dict):
             problems.add(where, "must be an object")
             return None
-        return _build(tp, value, where, problems)
+        return _build(tp, value, where, problems)  # type: ignore[arg-type]
     if origin is list:
         if not isinstance(value, list):
             problems.add(where, "must be an array")
@@ -325,7 +325,7 @@ class SchemaRegistry:
         hints = _hints(cls)
         props: dict[str, Any] = {}
         required: list[str] = []
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for f in dataclasses.fields(cls):
             prop = self.of(hints[f.name])
             meta = {k: v for k, v in f.metadata.items() if v is not None}
             if "pattern" in meta:

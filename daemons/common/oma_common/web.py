@@ -29,7 +29,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -37,6 +37,7 @@ from . import errors, schema
 from .logs import caller_address
 
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
 
 class Auth(str, enum.Enum):
     """Who may call a route. Everything is USER unless declared otherwise."""
@@ -237,16 +238,16 @@ def declared_statuses(spec: RouteSpec) -> dict[int, str]:
 def route(method: str, path: str, *, summary: str = "", body: type | None = None, query: type | None = None,
           response: Any = None, status: int = 200, auth: Auth = Auth.USER, tags: tuple[str, ...] = (),
           stream: str | None = None, errors: ErrorTypes = (), body_required: bool = True,
-          responses: dict[int, str] | None = None, description: str = "") -> Callable[[Any], Any]:
+          responses: dict[int, str] | None = None, description: str = "") -> Callable[[F], F]:
     """Declare a handler method; stack several to serve aliases."""
 
-    def deco(fn: Any) -> Any:
+    def deco(fn: F) -> F:
         specs = list(getattr(fn, "__oma_routes__", []))
         doc = (fn.__doc__ or "").strip().splitlines()
         specs.append(RouteSpec(method.upper(), path, summary or (doc[0] if doc else fn.__name__), body, query,
                                response, status, auth, tags, stream, tuple(errors), body_required,
                                dict(responses or {}), description))
-        fn.__oma_routes__ = specs
+        fn.__oma_routes__ = specs  # type: ignore[attr-defined]
         return fn
 
     return deco
