@@ -13,6 +13,7 @@ from aiohttp import web
 from oma_common import config, daemon, logs
 from oma_common.daemon import StopSignal
 from oma_common.notify import Notifier
+from oma_common.web import REQUEST_LIMITS
 
 from .adapters.localfs import LocalFs
 from .adapters.qemu_img import QemuImg
@@ -217,7 +218,8 @@ async def amain() -> int:
             await service.start()
             started.append(service)
         grace: dict[str, Any] = {"shutdown_timeout": cfg.api.shutdown_grace_seconds}
-        runner = web.AppRunner(omad.app, handle_signals=False, access_log=None, **(grace if _GRACE_ON_RUNNER else {}))
+        runner = web.AppRunner(omad.app, handle_signals=False, access_log=None, **REQUEST_LIMITS,
+                               **(grace if _GRACE_ON_RUNNER else {}))
         await runner.setup()
         site = web.TCPSite(runner, cfg.api.listen_address, cfg.api.port, reuse_address=True,
                            **({} if _GRACE_ON_RUNNER else grace))
