@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from oma_common.errors import Invalid
-from oma_common.schema import spec
+from oma_common.errors import CALLS_OUT, Conflict, Invalid, NotFound
+from oma_common.schema import name_spec, spec
 from oma_common.web import Auth, Call, now_rfc3339, route
 
 from ..clients.cloudstack import Network
@@ -15,6 +15,9 @@ from ..cloudstack.networks import Networks
 from ..cloudstack.settings import Ids, Settings
 
 _TAGS = ("cloudstack",)
+# A settings call needs credentials: given, or a saved config (NotFound by id, Conflict when none is saved);
+# then CloudStack may be unreachable, slow, or refuse (its 4xx answers are a 400 here, the rest a 503).
+_REACHES_CLOUDSTACK = (NotFound, Conflict, *CALLS_OUT)
 # CloudStack ids are UUIDs; older objects have numeric ids. Anything else is refused before CloudStack sees it.
 _CS_ID = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}"
 _URL = dict(min_length=1, max_length=2048, pattern=r"[^\s]+", description="http(s)://host[:port][/client/api] "
@@ -31,13 +34,13 @@ class ConfigFields:
     """A CloudStack config's fields; all optional here (update sends only what changes), a new config needs
     name, api_url, api_key, secret_key, zone and oma_vm_id."""
 
-    name: str | None = spec(None, min_length=1, max_length=255, pattern=r"[^\x00-\x1f\x7f]+")
+    name: str | None = name_spec(None, min_length=1, max_length=255)
     api_url: str | None = spec(None, **_URL)
     api_key: str | None = spec(None, **_KEY)
     secret_key: str | None = spec(None, max_length=1024, description="sealed at rest, never returned; empty on "
                                                                      "update keeps the stored one")
     zone: str | None = _id_field("the zone id")
-    domain: str | None = spec(None, max_length=255, pattern=r"[^\x00-\x1f\x7f]*")
+    domain: str | None = name_spec(None, max_length=255)
     oma_vm_id: str | None = _id_field("this appliance's VM id (see /settings/cloudstack/detect-oma-vm)")
     template_id: str | None = _id_field()
     network_id: str | None = _id_field()
@@ -109,7 +112,7 @@ class ConnectionIn:
     base_url: str | None = spec(None, **_URL)
     api_key: str | None = spec(None, **_KEY)
     secret_key: str | None = spec(None, max_length=1024)
-    domain: str | None = spec(None, max_length=255, pattern=r"[^\x00-\x1f\x7f]*")
+    domain: str | None = name_spec(None, max_length=255)
     config_id: int | None = spec(None, min=1, max=2**53)
 
 
@@ -142,9 +145,9 @@ class StreamlinedIn:
     service_offering_id: str | None = _id_field()
     disk_offering_id: str | None = _id_field()
     network_id: str | None = _id_field()
-    domain: str | None = spec(None, max_length=255, pattern=r"[^\x00-\x1f\x7f]*")
-    domain_name: str | None = spec(None, max_length=255, pattern=r"[^\x00-\x1f\x7f]*")
-    name: str = spec("production-ossea", min_length=1, max_length=255, pattern=r"[^\x00-\x1f\x7f]+")
+    domain: str | None = name_spec(None, max_length=255)
+    domain_name: str | None = name_spec(None, max_length=255)
+    name: str = name_spec("production-ossea", min_length=1, max_length=255)
 
 
 @dataclasses.dataclass
@@ -253,7 +256,8 @@ class CloudStackApi:
 
     # -- /ossea -------------------------------------------------------------------------------------------
 
-    @route("POST", "/ossea/config", body=ConfigEnvelope, response=ConfigAnswer, auth=Auth.ADMIN, tags=_TAGS)
+    @route("POST", "/ossea/config", errors=(NotFound, Conflict),
+           body=ConfigEnvelope, response=ConfigAnswer, auth=Auth.ADMIN, tags=_TAGS)
     async def config(self, call: Call) -> dict[str, Any]:
         """get, create, update, delete or test a saved CloudStack config (the secret key is never returned)."""
         env: ConfigEnvelope = call.body
@@ -286,12 +290,14 @@ class CloudStackApi:
             out.update(test_result=result, success=result["success"], message=result["message"])
         return out
 
-    @route("POST", "/ossea/discover-resources", body=ConnectionIn, response=Resources, auth=Auth.ADMIN, tags=_TAGS)
+    @route("POST", "/ossea/discover-resources", errors=_REACHES_CLOUDSTACK,
+           body=ConnectionIn, response=Resources, auth=Auth.ADMIN, tags=_TAGS)
     async def discover_resources(self, call: Call) -> dict[str, Any]:
         """Zones, domains, templates, service and disk offerings and networks the given key may use."""
         return await self.settings.resources(connection(call.body), with_vm=False)
 
-    @route("POST", "/ossea/config-streamlined", body=StreamlinedIn, response=ConfigAnswer, auth=Auth.ADMIN,
+    @route("POST", "/ossea/config-streamlined", errors=_REACHES_CLOUDSTACK,
+           body=StreamlinedIn, response=ConfigAnswer, auth=Auth.ADMIN,
            tags=_TAGS)
     async def config_streamlined(self, call: Call) -> dict[str, Any]:
         """Check the chosen ids against CloudStack (400 naming each missing one), then save them as the default
@@ -317,26 +323,30 @@ class CloudStackApi:
 
     # -- /settings/cloudstack -----------------------------------------------------------------------------
 
-    @route("POST", "/settings/cloudstack/test-connection", body=ConnectionIn, response=TestResult, auth=Auth.ADMIN,
+    @route("POST", "/settings/cloudstack/test-connection", errors=(NotFound, Conflict),
+           body=ConnectionIn, response=TestResult, auth=Auth.ADMIN,
            tags=_TAGS)
     async def test_connection(self, call: Call) -> dict[str, Any]:
         """List CloudStack's zones with the given (or saved) credentials; 200 with success false and
         CloudStack's text when it fails."""
         return await self.settings.test_connection(connection(call.body))
 
-    @route("POST", "/settings/cloudstack/detect-oma-vm", body=ConnectionIn, response=Detection, auth=Auth.ADMIN,
+    @route("POST", "/settings/cloudstack/detect-oma-vm", errors=_REACHES_CLOUDSTACK,
+           body=ConnectionIn, response=Detection, auth=Auth.ADMIN,
            tags=_TAGS)
     async def detect_oma_vm(self, call: Call) -> dict[str, Any]:
         """The CloudStack VM one of whose NICs has one of this machine's MAC addresses: this appliance."""
         return await self.settings.detect(connection(call.body))
 
-    @route("GET", "/settings/cloudstack/networks", query=ConfigQuery, response=NetworkList, tags=_TAGS)
+    @route("GET", "/settings/cloudstack/networks", errors=_REACHES_CLOUDSTACK,
+           query=ConfigQuery, response=NetworkList, tags=_TAGS)
     async def networks(self, call: Call) -> dict[str, Any]:
         """The networks of the saved (default) config's CloudStack."""
         items = await self.networks_.available(call.query.config_id)
         return {"success": True, "networks": items, "count": len(items)}
 
-    @route("POST", "/settings/cloudstack/validate", body=ValidateIn, response=Validation, auth=Auth.ADMIN, tags=_TAGS)
+    @route("POST", "/settings/cloudstack/validate", errors=_REACHES_CLOUDSTACK,
+           body=ValidateIn, response=Validation, auth=Auth.ADMIN, tags=_TAGS)
     async def validate(self, call: Call) -> dict[str, Any]:
         """Check that every configured id (zone, template, offerings, network, appliance VM) exists; 200 with
         success false naming each missing one."""
@@ -345,7 +355,8 @@ class CloudStackApi:
                   service_offering_id=b.service_offering_id, disk_offering_id=b.disk_offering_id)
         return await self.settings.validate(connection(b), ids)
 
-    @route("POST", "/settings/cloudstack/discover-all", body=ConnectionIn, response=Resources, auth=Auth.ADMIN,
+    @route("POST", "/settings/cloudstack/discover-all", errors=_REACHES_CLOUDSTACK,
+           body=ConnectionIn, response=Resources, auth=Auth.ADMIN,
            tags=_TAGS)
     async def discover_all(self, call: Call) -> dict[str, Any]:
         """This appliance's VM, zones, domains, templates, offerings and networks in one answer."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from oma_common.schema import spec
+from oma_common.errors import CALLS_OUT, Conflict, Invalid, NotFound
+from oma_common.schema import name_spec, spec
 from oma_common.web import Auth, Call, route
 
 from ..clients.cloudstack import Network, ServiceOffering
@@ -14,7 +15,8 @@ from ..cloudstack.networks import Networks
 from ..store.network_mappings import NetworkMapping
 
 _TAGS = ("network-mappings",)
-_TEXT = r"[^\x00-\x1f\x7f]+"
+# Reading CloudStack needs a saved config (NotFound by id, Conflict when none is saved) and may fail there.
+_REACHES_CLOUDSTACK = (NotFound, Conflict, *CALLS_OUT)
 _CS_ID = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}"
 _VM = "{vm_id:[^/]+}"
 
@@ -24,15 +26,14 @@ class MappingBody:
     """One source network of a VM → a CloudStack network, for live (default) or test failover. Saving the same
     VM, source network and kind again replaces the destination."""
 
-    vm_id: str = spec(min_length=1, max_length=512, pattern=_TEXT, description="the VM's name, VMware id or "
-                                                                               "context id")
-    source_network_name: str = spec(min_length=1, max_length=512, pattern=_TEXT,
-                                    description="the VMware network of one of the VM's NICs")
+    vm_id: str = name_spec(min_length=1, max_length=512, description="the VM's name, VMware id or context id")
+    source_network_name: str = name_spec(min_length=1, max_length=512,
+                                         description="the VMware network of one of the VM's NICs")
     destination_network_id: str = spec(max_length=128, pattern=_CS_ID, description="a CloudStack network id")
-    destination_network_name: str = spec("", max_length=512, pattern=f"({_TEXT})?",
-                                         description="informative; CloudStack's name is stored")
+    destination_network_name: str = name_spec("", max_length=512,
+                                              description="informative; CloudStack's name is stored")
     is_test_network: bool = spec(False)
-    vm_context_id: str | None = spec(None, min_length=1, max_length=512, pattern=_TEXT)
+    vm_context_id: str | None = name_spec(None, min_length=1, max_length=512)
 
 
 @dataclasses.dataclass
@@ -108,7 +109,7 @@ class ConfigQuery:
 
 @dataclasses.dataclass
 class ResolveIn:
-    network_name: str = spec(min_length=1, max_length=512, pattern=_TEXT)
+    network_name: str = name_spec(min_length=1, max_length=512)
     zone_id: str | None = spec(None, max_length=128, pattern=_CS_ID)
     config_id: int | None = spec(None, min=1, max=2**53)
 
@@ -146,7 +147,8 @@ class NetworkMappingsApi:
         self.mappings = mappings
         self.networks = networks
 
-    @route("POST", "/network-mappings", body=MappingBody, response=MappingAnswer, status=201, auth=Auth.ADMIN,
+    @route("POST", "/network-mappings", errors=(*_REACHES_CLOUDSTACK, Invalid),
+           body=MappingBody, response=MappingAnswer, status=201, auth=Auth.ADMIN,
            tags=_TAGS)
     async def create(self, call: Call) -> dict[str, Any]:
         """Map one of a VM's source networks to a CloudStack network (checked there) for live or test failover."""
@@ -162,7 +164,7 @@ class NetworkMappingsApi:
         items = await self.mappings.list_all()
         return {"success": True, "message": f"{len(items)} network mapping(s)", "data": items}
 
-    @route("GET", f"/network-mappings/{_VM}/status", response=StatusAnswer, tags=_TAGS)
+    @route("GET", f"/network-mappings/{_VM}/status", errors=(NotFound,), response=StatusAnswer, tags=_TAGS)
     async def status(self, call: Call) -> dict[str, Any]:
         """Which of the VM's source networks are mapped, for live and for test failover."""
         data = await self.mappings.status(call.params["vm_id"])
@@ -170,13 +172,14 @@ class NetworkMappingsApi:
                 "message": "every source network has a live mapping" if data["mapping_complete"]
                 else f"{len(data['live']['unmapped'])} source network(s) without a live mapping"}
 
-    @route("GET", f"/network-mappings/{_VM}", response=MappingsAnswer, tags=_TAGS)
+    @route("GET", f"/network-mappings/{_VM}", errors=(NotFound,), response=MappingsAnswer, tags=_TAGS)
     async def of_vm(self, call: Call) -> dict[str, Any]:
         """The network mappings of one VM (by name, VMware id or context id)."""
         items = await self.mappings.of_vm(call.params["vm_id"])
         return {"success": True, "message": f"{len(items)} network mapping(s)", "data": items}
 
-    @route("DELETE", f"/network-mappings/{_VM}/{{source_network_name:.+}}", query=DeleteQuery, response=Deleted,
+    @route("DELETE", f"/network-mappings/{_VM}/{{source_network_name:.+}}", errors=(NotFound,),
+           query=DeleteQuery, response=Deleted,
            auth=Auth.ADMIN, tags=_TAGS)
     async def delete(self, call: Call) -> dict[str, Any]:
         """Remove the mapping(s) of one source network of a VM; 404 when there is none."""
@@ -184,13 +187,14 @@ class NetworkMappingsApi:
         gone = await self.mappings.delete(call.params["vm_id"], source, call.query.is_test_network, actor=call.actor)
         return {"success": True, "message": f"{gone} mapping(s) of {source!r} deleted", "deleted": gone}
 
-    @route("GET", "/networks/available", query=NetworksQuery, response=NetworksAnswer, tags=_TAGS)
+    @route("GET", "/networks/available", errors=_REACHES_CLOUDSTACK,
+           query=NetworksQuery, response=NetworksAnswer, tags=_TAGS)
     async def available(self, call: Call) -> dict[str, Any]:
         """CloudStack's networks (of the default config, or `config_id`'s), optionally of one zone."""
         items = await self.networks.available(call.query.config_id, call.query.zone_id)
         return {"success": True, "message": f"{len(items)} network(s)", "data": items}
 
-    @route("POST", "/networks/resolve", body=ResolveIn, response=ResolveAnswer, tags=_TAGS)
+    @route("POST", "/networks/resolve", errors=_REACHES_CLOUDSTACK, body=ResolveIn, response=ResolveAnswer, tags=_TAGS)
     async def resolve(self, call: Call) -> dict[str, Any]:
         """The id of the CloudStack network with this name; 404 when none, 409 when several (give zone_id)."""
         b: ResolveIn = call.body
@@ -198,7 +202,8 @@ class NetworkMappingsApi:
         return {"success": True, "message": f"network {b.network_name!r} is {net.id}",
                 "data": {"network_name": b.network_name, "network_id": net.id, "network": net}}
 
-    @route("GET", "/service-offerings/available", query=ConfigQuery, response=OfferingsAnswer, tags=_TAGS)
+    @route("GET", "/service-offerings/available", errors=_REACHES_CLOUDSTACK,
+           query=ConfigQuery, response=OfferingsAnswer, tags=_TAGS)
     async def service_offerings(self, call: Call) -> dict[str, Any]:
         """CloudStack's service offerings (of the default config, or `config_id`'s)."""
         items = await self.networks.service_offerings(call.query.config_id)
