@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from oma_common.errors import CALLS_OUT, Conflict, Invalid, NotFound
+from oma_common.errors import CALLS_OUT, Conflict, Invalid, NotFound, OmaError
 from oma_common.schema import name_spec, spec
 from oma_common.web import Auth, Call, now_rfc3339, route
 
@@ -17,12 +17,18 @@ from ..cloudstack.settings import Ids, Settings
 _TAGS = ("cloudstack",)
 # A settings call needs credentials: given, or a saved config (NotFound by id, Conflict when none is saved);
 # then CloudStack may be unreachable, slow, or refuse (its 4xx answers are a 400 here, the rest a 503).
-_REACHES_CLOUDSTACK = (NotFound, Conflict, *CALLS_OUT)
+_REACHES_CLOUDSTACK: tuple[type[OmaError], ...] = (NotFound, Conflict, *CALLS_OUT)
 # CloudStack ids are UUIDs; older objects have numeric ids. Anything else is refused before CloudStack sees it.
 _CS_ID = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}"
-_URL = dict(min_length=1, max_length=2048, pattern=r"[^\s]+", description="http(s)://host[:port][/client/api] "
-                                                                          "or host:port")
-_KEY = dict(min_length=1, max_length=1024, pattern=r"[^\s]+")
+
+
+def _url(default: Any = None) -> Any:
+    return spec(default, min_length=1, max_length=2048, pattern=r"[^\s]+",
+                description="http(s)://host[:port][/client/api] or host:port")
+
+
+def _key(*default: Any) -> Any:
+    return spec(*default, min_length=1, max_length=1024, pattern=r"[^\s]+")
 
 
 def _id_field(description: str = "") -> Any:
@@ -35,8 +41,8 @@ class ConfigFields:
     name, api_url, api_key, secret_key, zone and oma_vm_id."""
 
     name: str | None = name_spec(None, min_length=1, max_length=255)
-    api_url: str | None = spec(None, **_URL)
-    api_key: str | None = spec(None, **_KEY)
+    api_url: str | None = _url()
+    api_key: str | None = _key(None)
     secret_key: str | None = spec(None, max_length=1024, description="sealed at rest, never returned; empty on "
                                                                      "update keeps the stored one")
     zone: str | None = _id_field("the zone id")
@@ -108,9 +114,9 @@ class ConfigAnswer:
 class ConnectionIn:
     """CloudStack credentials, or a saved config (`config_id`, else the default one) to take them from."""
 
-    api_url: str | None = spec(None, **_URL)
-    base_url: str | None = spec(None, **_URL)
-    api_key: str | None = spec(None, **_KEY)
+    api_url: str | None = _url()
+    base_url: str | None = _url()
+    api_key: str | None = _key(None)
     secret_key: str | None = spec(None, max_length=1024)
     domain: str | None = name_spec(None, max_length=255)
     config_id: int | None = spec(None, min=1, max=2**53)
@@ -134,13 +140,13 @@ class StreamlinedIn:
     """The setup wizard's save: credentials and the chosen ids; checked against CloudStack, then saved (by
     name: an existing config of that name is updated) as the default config."""
 
-    api_key: str = spec(**_KEY)
+    api_key: str = _key()
     secret_key: str = spec(min_length=1, max_length=1024)
     oma_vm_id: str = spec(max_length=128, pattern=_CS_ID)
     zone_id: str | None = _id_field()
     zone: str | None = _id_field("alias of zone_id")
-    api_url: str | None = spec(None, **_URL)
-    base_url: str | None = spec(None, **_URL)
+    api_url: str | None = _url()
+    base_url: str | None = _url()
     template_id: str | None = _id_field()
     service_offering_id: str | None = _id_field()
     disk_offering_id: str | None = _id_field()

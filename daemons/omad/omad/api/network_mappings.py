@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from oma_common.errors import CALLS_OUT, Conflict, Invalid, NotFound
+from oma_common.errors import CALLS_OUT, Conflict, Invalid, NotFound, OmaError
 from oma_common.schema import name_spec, spec
 from oma_common.web import Auth, Call, route
 
@@ -16,7 +16,7 @@ from ..store.network_mappings import NetworkMapping
 
 _TAGS = ("network-mappings",)
 # Reading CloudStack needs a saved config (NotFound by id, Conflict when none is saved) and may fail there.
-_REACHES_CLOUDSTACK = (NotFound, Conflict, *CALLS_OUT)
+_REACHES_CLOUDSTACK: tuple[type[OmaError], ...] = (NotFound, Conflict, *CALLS_OUT)
 _CS_ID = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}"
 _VM = "{vm_id:[^/]+}"
 
