@@ -178,7 +178,9 @@ class NetworkMappingsApi:
         items = await self.mappings.of_vm(call.params["vm_id"])
         return {"success": True, "message": f"{len(items)} network mapping(s)", "data": items}
 
-    @route("DELETE", f"/network-mappings/{_VM}/{{source_network_name:.+}}", errors=(NotFound,),
+    # A source network name may hold "/" (the rest of the path); "status" is not one, so that .../status is
+    # only the GET above and the path's Allow header says exactly that.
+    @route("DELETE", f"/network-mappings/{_VM}/{{source_network_name:(?!status$).+}}", errors=(NotFound,),
            query=DeleteQuery, response=Deleted,
            auth=Auth.ADMIN, tags=_TAGS)
     async def delete(self, call: Call) -> dict[str, Any]:
