@@ -106,6 +106,7 @@ def test_api_urls_are_normalised() -> None:
     assert normalise_api_url("cs.example.com:8080") == "http://cs.example.com:8080/client/api"
     assert normalise_api_url("https://cs.example.com/client/api/") == "https://cs.example.com/client/api"
     assert normalise_api_url("http://10.0.0.1:8080") == "http://10.0.0.1:8080/client/api"
-    for bad in ("", "ftp://x", "http://", "a b", "http://h:99999"):
+    assert normalise_api_url("http://[fd00::5]:8080") == "http://[fd00::5]:8080/client/api"
+    for bad in ("", "ftp://x", "http://", "a b", "http://h:99999", "0", "http://10.1", "http://a..b", "http://-a/"):
         with pytest.raises(Invalid):
             normalise_api_url(bad)

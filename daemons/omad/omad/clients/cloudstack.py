@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
+import re
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -48,6 +50,9 @@ class Limits:
     verify_tls: bool = True
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?")
+
+
 def normalise_api_url(text: str) -> str:
     """`cs.example.com:8080`, `http://cs:8080` or `https://cs/client/api` → the API URL (`…/client/api`)."""
     raw = text.strip()
@@ -60,6 +65,17 @@ def normalise_api_url(text: str) -> str:
         parts.port
     except ValueError as e:
         raise Invalid("invalid CloudStack URL", f"{text!r}: the port is not a number from 1 to 65535") from e
+    host = parts.hostname
+    if all(c.isdigit() or c == "." for c in host):  # "0", "10.1": numbers that are not a whole IPv4 address
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError as e:
+            raise Invalid("invalid CloudStack URL", f"{text!r}: {host!r} is not an IPv4 address") from e
+    elif not _HOST_NAME.fullmatch(host):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as e:
+            raise Invalid("invalid CloudStack URL", f"{text!r}: {host!r} is not a host name or address") from e
     path = parts.path.rstrip("/") or "/client/api"
     return f"{parts.scheme}://{parts.netloc}{path}"
 
@@ -280,6 +296,8 @@ class Client:
         except asyncio.TimeoutError as e:
             raise TimedOut("CloudStack did not answer", f"CloudStack {command} at {where}: no answer within "
                                                         f"{limit:g} s") from e
+        except aiohttp.InvalidURL as e:  # a host aiohttp will not connect to ("0", "a..b"): the caller's URL
+            raise Invalid("invalid CloudStack URL", f"{self.endpoint.api_url}: {e}") from e
         except (aiohttp.ClientError, OSError, ValueError) as e:
             # ValueError: an answer that is not a CloudStack envelope (cs unpacks its single key).
             raise Unavailable("CloudStack unreachable", f"CloudStack {command} at {where}: "
