@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from oma_common.errors import Invalid, Unavailable
-from oma_common.process import CommandFailed
+from oma_common.command import CommandFailed
 
 from .adapters import chattr
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from oma_common.process import CommandResult, run
+from oma_common.command import CommandResult, run
 
 log = logging.getLogger("volume_agent.chattr")
 

@@ -15,7 +15,7 @@ from oma_common.mountinfo import MountEntry
 from oma_common.mountinfo import find as mounted_at
 from oma_common.mountinfo import parse as parse_mountinfo
 from oma_common.mountinfo import read as read_mounts
-from oma_common.process import CommandFailed, CommandResult, run
+from oma_common.command import CommandFailed, CommandResult, run
 
 log = logging.getLogger("volume_agent.mount")
 
