@@ -11,11 +11,9 @@ import os
 import select
 import signal
 import subprocess
-import tempfile
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import Any, Union
 
 import psutil
 
