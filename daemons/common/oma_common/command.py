@@ -63,13 +63,14 @@ async def run(
     logger: logging.Logger | None = None,
     resource_id: str = "",
     detaching: bool = False,
+    pass_fds: Sequence[int] = (),
 ) -> CommandResult:
     """Run a short command to completion (argv list, no shell); raise CommandFailed on failure or timeout.
 
     asyncio's subprocess transport is the right tool here: if we are cancelled, the child is killed.
     `detaching=True` is for programs that fork a daemon that keeps running after they return (ntfs-3g,
     fusefat): their output goes to temporary files instead of pipes, because a pipe held open by the daemon
-    would never reach EOF.
+    would never reach EOF. `pass_fds` are descriptors the program inherits (named as /proc/self/fd/N).
     """
     lg = logger or log
     args = tuple(os.fspath(a) for a in argv)
@@ -84,6 +85,7 @@ async def run(
                 stdout=out_f or subprocess.PIPE,
                 stderr=err_f or subprocess.PIPE,
                 env=dict(env) if env is not None else None,
+                pass_fds=tuple(pass_fds),
             )
         except OSError as exc:
             raise CommandFailed(args, None, "", f"cannot be executed: {exc}") from exc
