@@ -61,11 +61,27 @@ def relative_below(root: Path, path: str) -> str:
     return str(p.relative_to(root))
 
 
+class RootReplaced(OSError):
+    """The root directory is not the one it was (device and inode differ): someone swapped it."""
+
+
+def identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 @contextlib.contextmanager
-def opened(root: Path, rel: str, flags: int, resolve: int = STRICT) -> Iterator[int]:
-    """A descriptor of `rel` beneath `root` (the root itself is configuration, resolved normally)."""
+def opened(root: Path, rel: str, flags: int, resolve: int = STRICT, *,
+           root_identity: tuple[int, int] | None = None) -> Iterator[int]:
+    """A descriptor of `rel` beneath `root`. The root itself is configuration and is opened by name; when it
+    lies in a directory the caller does not trust, pass the (device, inode) it had when it was trusted and
+    the opened root is checked against it (RootReplaced)."""
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        if root_identity is not None:
+            st = os.fstat(root_fd)
+            if (st.st_dev, st.st_ino) != root_identity:
+                raise RootReplaced(errno.ESTALE, f"{root} is not the directory it was", str(root))
         fd = openat2(root_fd, rel, flags, resolve)
     finally:
         os.close(root_fd)

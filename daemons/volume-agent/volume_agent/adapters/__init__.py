@@ -8,7 +8,7 @@ NEEDS: dict[str, Needs] = {
                    caps=("CAP_SYS_ADMIN",  # mount(2), umount(2)
                          "CAP_NET_BIND_SERVICE"),  # mount.nfs speaks NFSv3's mount protocol from a reserved port
                    syscalls=("@mount",)),
-    "chattr": needs("chattr +i/-i and lsattr on backup images omad owns (mode 0600, user oma)",
+    "fsflags": needs("the immutable attribute (FS_IOC_SETFLAGS) of backup images omad owns (0600, user oma)",
                     caps=("CAP_LINUX_IMMUTABLE",  # set or clear the immutable attribute
                           "CAP_FOWNER",  # FS_IOC_SETFLAGS on a file the caller does not own
                           "CAP_DAC_READ_SEARCH")),  # open and reach another user's 0600 files and 0700 dirs
