@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from oma_common.errors import Conflict, Invalid, NotFound, Unauthorized
+from oma_common.errors import Conflict, Invalid, NotFound, RateLimited, Unauthorized
 
 from ..audit import Audit
 from ..store.db import Database, utcnow
@@ -147,27 +147,30 @@ class AuthService:
     # -- login and sessions ------------------------------------------------------------------------
 
     async def login_password(self, username: str, password: str, source: str) -> Session:
-        self.limiter.check(source)
+        attempt = self.limiter.attempt(source)  # counted before the slow check (see ratelimit)
         row = await self.db.fetchone("SELECT id, password_hash, role, disabled FROM users WHERE username = ?",
                                      (username,))
-        ok = await secrets.verify_password(row["password_hash"] if row else secrets.DUMMY_HASH, password)
+        try:
+            ok = await secrets.verify_password(row["password_hash"] if row else secrets.DUMMY_HASH, password)
+        except RateLimited:  # too many logins being checked at once: this one was not judged
+            self.limiter.withdraw(source, attempt)
+            raise
         if row is None or not ok or row["disabled"]:
             await self._failed(source, f"user:{username}")
-        self.limiter.succeeded(source)
+        self.limiter.withdraw(source, attempt)
         principal = Principal(username, row["role"], "user")  # type: ignore[index]
         return await self._open_session(principal, source, user_id=row["id"])  # type: ignore[index]
 
     async def login_token(self, appliance_id: str, token: str, version: str, source: str) -> Session:
-        self.limiter.check(source)
+        attempt = self.limiter.attempt(source)
         row = await self._token_row(token)
         if row is None or (row["appliance_id"] and row["appliance_id"] != appliance_id):
             await self._failed(source, f"appliance:{appliance_id}")
-        self.limiter.succeeded(source)
+        self.limiter.withdraw(source, attempt)
         principal = Principal(row["name"], row["role"], "token")  # type: ignore[index]
         return await self._open_session(principal, source, api_token_id=row["id"], version=version)  # type: ignore[index]
 
     async def _failed(self, source: str, who: str) -> None:
-        self.limiter.failed(source)
         await self.audit.record(who, "auth.login", who, outcome="denied", source=source)
         raise Unauthorized("invalid credentials", "the credentials were not accepted")
 
