@@ -127,3 +127,13 @@ async def test_a_login_flood_does_not_grow_omad_without_bound(stack: Stack) -> N
     grown_mib = (_hwm_kib(pid) - before) / 1024
     assert set(statuses) <= {200, 429} and statuses.count(200) >= 2, statuses
     assert grown_mib < RSS_BOUND_MIB, f"omad's peak RSS grew by {grown_mib:.0f} MiB"
+
+
+async def test_the_bootstrap_password_file_goes_when_the_password_changes(stack: Stack, anon: Api) -> None:
+    password_file = stack.state / "admin-password"
+    assert password_file.exists()
+    assert stack.omactl("user", "passwd", "olga-missing", "--password-stdin", stdin="n3w-secret-pass\n").returncode == 1
+    assert password_file.exists()  # a failed change keeps it
+    assert stack.omactl("user", "passwd", "admin", "--password-stdin", stdin="n3w-admin-pass\n").returncode == 0
+    assert not password_file.exists()
+    await anon.login("admin", "n3w-admin-pass")

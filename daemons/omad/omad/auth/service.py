@@ -50,11 +50,14 @@ def _iso(dt: datetime) -> str:
 
 
 class AuthService:
-    def __init__(self, db: Database, audit: Audit, *, session_ttl: float, limiter: FailureLimiter) -> None:
+    def __init__(self, db: Database, audit: Audit, *, session_ttl: float, limiter: FailureLimiter,
+                 bootstrap_file: Path | None = None) -> None:
         self.db = db
         self.audit = audit
         self.session_ttl = session_ttl
         self.limiter = limiter
+        #: Where the bootstrap administrator's first password was written; removed once it is changed.
+        self.bootstrap_file = bootstrap_file
 
     # -- users -------------------------------------------------------------------------------------
 
@@ -88,6 +91,14 @@ class AuthService:
             # A changed password ends the user's sessions.
             await tx.execute("DELETE FROM sessions WHERE user_id = ?", (row["id"],))
             await self.audit.record(actor, "user.password", f"user:{username}", tx=tx)
+        if username == "admin":
+            self.forget_bootstrap_password()
+
+    def forget_bootstrap_password(self) -> None:
+        """The first password is no longer the admin's: the file that holds it must not outlive that."""
+        if self.bootstrap_file is not None and self.bootstrap_file.exists():
+            self.bootstrap_file.unlink(missing_ok=True)
+            log.info("removed %s: the bootstrap password was changed", self.bootstrap_file)
 
     async def list_users(self) -> list[dict[str, Any]]:
         return await self.db.fetchall("SELECT id, username, role, disabled, created_at, updated_at FROM users "
