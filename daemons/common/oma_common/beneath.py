@@ -70,21 +70,27 @@ def identity(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-@contextlib.contextmanager
-def opened(root: Path, rel: str, flags: int, resolve: int = STRICT, *,
-           root_identity: tuple[int, int] | None = None) -> Iterator[int]:
-    """A descriptor of `rel` beneath `root`. The root itself is configuration and is opened by name; when it
-    lies in a directory the caller does not trust, pass the (device, inode) it had when it was trusted and
-    the opened root is checked against it (RootReplaced)."""
+def open_beneath(root: Path, rel: str, flags: int, resolve: int = STRICT, *,
+                 root_identity: tuple[int, int] | None = None) -> int:
+    """A descriptor of `rel` beneath `root` (the caller closes it). The root itself is configuration and is
+    opened by name; when it lies in a directory the caller does not trust, pass the (device, inode) it had
+    when it was trusted and the opened root is checked against it (RootReplaced)."""
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         if root_identity is not None:
             st = os.fstat(root_fd)
             if (st.st_dev, st.st_ino) != root_identity:
                 raise RootReplaced(errno.ESTALE, f"{root} is not the directory it was", str(root))
-        fd = openat2(root_fd, rel, flags, resolve)
+        return openat2(root_fd, rel, flags, resolve)
     finally:
         os.close(root_fd)
+
+
+@contextlib.contextmanager
+def opened(root: Path, rel: str, flags: int, resolve: int = STRICT, *,
+           root_identity: tuple[int, int] | None = None) -> Iterator[int]:
+    """`open_beneath` for the length of a with-block."""
+    fd = open_beneath(root, rel, flags, resolve, root_identity=root_identity)
     try:
         yield fd
     finally:
