@@ -138,17 +138,18 @@ class Repositories:
             capacity = await self.fs.capacity(root)
             now = utcnow()
             sealed = self.box.seal(target.password, purpose=PURPOSE) if target.type == "cifs" else None
-            new = store.NewRepository(
+            repo = Repository(
                 id=repo_id, name=fields["name"], type=target.type, enabled=bool(fields.get("enabled", True)),
                 config=json.dumps(target.config), secret_sealed=sealed, root_path=str(root),
                 is_immutable=bool(fields.get("is_immutable", False)),
                 min_retention_days=int(fields.get("min_retention_days", 0)),
-                description=fields.get("description", ""), created_by=actor, total_bytes=capacity.total_bytes,
-                used_bytes=capacity.used_bytes, available_bytes=capacity.available_bytes)
+                description=fields.get("description", ""), created_by=actor, created_at=now, updated_at=now,
+                total_bytes=capacity.total_bytes, used_bytes=capacity.used_bytes,
+                available_bytes=capacity.available_bytes, last_check_at=now, last_check_error=None)
             async with self.db.transaction() as tx:
                 await store.check_name_free(tx, fields["name"])
                 await self._root_free(tx, root)
-                await store.create(tx, new, now)
+                await store.create(tx, repo)
                 await self.audit.record(actor, "repository.create", f"repository:{repo_id}", tx=tx,
                                         name=fields["name"], type=target.type, root=str(root))
         except BaseException:

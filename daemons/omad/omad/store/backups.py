@@ -28,7 +28,7 @@ class BackupStatus(enum.StrEnum):
 # The one definition of a backup that is still under way (also the partial index backup_jobs_one_active).
 ACTIVE: tuple[BackupStatus, ...] = (BackupStatus.PENDING, BackupStatus.RUNNING)
 ENDED: tuple[BackupStatus, ...] = (BackupStatus.COMPLETED, BackupStatus.FAILED)
-_ACTIVE_IN = f"({', '.join('?' * len(ACTIVE))})"
+ACTIVE_PLACEHOLDERS = f"({', '.join('?' * len(ACTIVE))})"
 
 
 class DiskStatus(enum.StrEnum):
@@ -225,7 +225,7 @@ async def find(db: Reader, *, vm_name: str | None, vm_context_id: str | None, re
 
 async def active_for_vm(db: Reader, context_id: str) -> Backup | None:
     """The VM's backup under way (at most one: the partial unique index)."""
-    row = await db.fetchone(f"{_SELECT} WHERE b.vm_context_id = ? AND b.status IN {_ACTIVE_IN}",
+    row = await db.fetchone(f"{_SELECT} WHERE b.vm_context_id = ? AND b.status IN {ACTIVE_PLACEHOLDERS}",
                             (context_id, *ACTIVE))
     return _backup(row) if row is not None else None
 
@@ -453,7 +453,7 @@ async def complete(tx: Tx, backup_id: str, *, sizes: dict[int, int], bytes_trans
     return bool(await tx.execute(
         "UPDATE backup_jobs SET status = ?, completed_at = ?, updated_at = ?, progress_percent = 100, "
         "current_phase = 'completed', eta_seconds = 0, size_bytes = ?, bytes_transferred = ? "
-        f"WHERE backup_id = ? AND status IN {_ACTIVE_IN}",
+        f"WHERE backup_id = ? AND status IN {ACTIVE_PLACEHOLDERS}",
         (BackupStatus.COMPLETED, now, now, sum(sizes.values()), bytes_transferred, backup_id, *ACTIVE)))
 
 
@@ -461,7 +461,7 @@ async def fail(tx: Tx, backup_id: str, reason: str, now: str) -> bool:
     """The backup failed for `reason` (its disks with it); False when it had ended already (nothing changes)."""
     changed = await tx.execute(
         "UPDATE backup_jobs SET status = ?, error_message = ?, completed_at = ?, updated_at = ?, "
-        f"current_phase = 'failed' WHERE backup_id = ? AND status IN {_ACTIVE_IN}",
+        f"current_phase = 'failed' WHERE backup_id = ? AND status IN {ACTIVE_PLACEHOLDERS}",
         (BackupStatus.FAILED, reason, now, now, backup_id, *ACTIVE))
     if changed:
         await tx.execute("UPDATE backup_disks SET status = ? WHERE backup_id = ?", (DiskStatus.FAILED, backup_id))

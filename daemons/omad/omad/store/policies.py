@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .backups import BackupStatus, VerifyStatus
+from .backups import ACTIVE, ACTIVE_PLACEHOLDERS, BackupStatus, VerifyStatus
 from .base import Reader, get_or_404, name_free, record
 from .db import Tx
 
@@ -23,16 +23,9 @@ class CopyMode(enum.StrEnum):
     SCHEDULED = "scheduled"
 
 
-class CopyStatus(enum.StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-
-
-# The one definition of a copy under way.
-COPY_ACTIVE: tuple[CopyStatus, ...] = (CopyStatus.PENDING, CopyStatus.RUNNING)
-_COPY_ACTIVE_IN = f"({', '.join('?' * len(COPY_ACTIVE))})"
+# A copy lives the life of a backup (the same CHECK): pending → running → completed or failed.
+CopyStatus = BackupStatus
+COPY_ACTIVE = ACTIVE
 
 
 class RunStatus(enum.StrEnum):
@@ -311,7 +304,7 @@ async def complete_copy_by_chain(tx: Tx, source_backup_id: str, repository_id: s
     """A backup copied because a chain above it needed it: a copy of it still waiting becomes completed (it then
     finds itself done), else the copy is recorded as `new_id`."""
     waiting = await tx.scalar(f"SELECT id FROM backup_copies WHERE source_backup_id = ? AND "
-                              f"destination_repository_id = ? AND status IN {_COPY_ACTIVE_IN}",
+                              f"destination_repository_id = ? AND status IN {ACTIVE_PLACEHOLDERS}",
                               (source_backup_id, repository_id, *COPY_ACTIVE))
     if waiting:
         await tx.execute("UPDATE backup_copies SET status = ?, copy_backup_id = ?, completed_at = ?, "

@@ -37,24 +37,6 @@ class Repository:
         object.__setattr__(self, "is_immutable", bool(self.is_immutable))
 
 
-@dataclasses.dataclass(frozen=True)
-class NewRepository:
-    id: str
-    name: str
-    type: str
-    enabled: bool
-    config: str
-    secret_sealed: str | None
-    root_path: str
-    is_immutable: bool
-    min_retention_days: int
-    description: str
-    created_by: str
-    total_bytes: int  # the storage check made while creating it
-    used_bytes: int
-    available_bytes: int
-
-
 def _repository(row: dict[str, Any]) -> Repository:
     return record(Repository, row)
 
@@ -94,14 +76,11 @@ async def check_name_free(db: Reader, name: str) -> None:
     await name_free(db, "SELECT 1 FROM backup_repositories WHERE name = ?", (name,), what="repository", name=name)
 
 
-async def create(tx: Tx, new: NewRepository, now: str) -> None:
-    await tx.execute(
-        "INSERT INTO backup_repositories (id, name, type, enabled, config, secret_sealed, root_path, is_immutable, "
-        "min_retention_days, description, created_by, created_at, updated_at, total_bytes, used_bytes, "
-        "available_bytes, last_check_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (new.id, new.name, new.type, int(new.enabled), new.config, new.secret_sealed, new.root_path,
-         int(new.is_immutable), new.min_retention_days, new.description, new.created_by, now, now,
-         new.total_bytes, new.used_bytes, new.available_bytes, now))
+async def create(tx: Tx, repo: Repository) -> None:
+    """A new repository, as `repo` says (its first storage check included)."""
+    values = dataclasses.astuple(repo)
+    columns = ", ".join(f.name for f in dataclasses.fields(Repository))
+    await tx.execute(f"INSERT INTO backup_repositories ({columns}) VALUES ({', '.join('?' * len(values))})", values)
 
 
 async def record_check(db: Tx, repo_id: str, *, total_bytes: int, used_bytes: int, available_bytes: int,
