@@ -10,6 +10,7 @@ backing files of its parent.
 from __future__ import annotations
 
 import logging
+
 from oma_common.errors import NotFound, OmaError
 
 from ..adapters.localfs import LocalFs

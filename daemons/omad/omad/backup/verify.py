@@ -42,9 +42,8 @@ class Verifier:
 
     async def problems(self, backup_id: str) -> tuple[list[dict[str, str]], int]:
         """What is wrong with the images the backup needs ([] when nothing), and how many were checked."""
+        await store.get_status(self.db, backup_id)  # NotFound
         members = await store.lineage(self.db, backup_id)
-        if not members or members[-1].backup_id != backup_id:
-            await store.get(self.db, backup_id)  # NotFound
         found: list[dict[str, str]] = []
         checked = 0
         below: dict[int, Path] = {}  # disk index → the parent backup's image
