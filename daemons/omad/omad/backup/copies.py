@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from oma_common.errors import Conflict, Invalid, OmaError
+from oma_common.periodic import Periodic
 
 from ..adapters.localfs import LocalFs
 from ..adapters.qemu_img import QemuImg
@@ -30,7 +31,6 @@ from ..config import PolicyConfig
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
 from ..schedule.clock import Clock
-from ..jobs.periodic import Periodic
 from ..store import backups as backup_store
 from ..store import policies as store
 from ..store import repositories as repository_store
@@ -294,7 +294,7 @@ class ScheduledCopies:
         self.copies = copies
         self.clock = clock
         self.interval = interval_seconds
-        self._periodic = Periodic("scheduled copies", clock, lambda: self.interval, self.run_once)
+        self._periodic = Periodic("scheduled copies", self.run_once, lambda: self.interval, clock=clock, logger=log)
 
     async def due(self) -> list[store.DueCopy]:
         """(rule, backup) pairs to copy now, in the order they are asked for."""

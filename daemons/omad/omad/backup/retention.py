@@ -15,9 +15,9 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from oma_common.errors import OmaError
+from oma_common.periodic import Periodic
 
 from ..schedule.clock import Clock, iso
-from ..jobs.periodic import Periodic
 from ..store import backups as backup_store
 from ..store import policies as store
 from ..store.db import Database
@@ -42,7 +42,7 @@ class Retention:
         self.backups = backups
         self.clock = clock
         self.interval = interval_seconds
-        self._periodic = Periodic("retention pass", clock, lambda: self.interval, self.prune_all)
+        self._periodic = Periodic("retention pass", self.prune_all, lambda: self.interval, clock=clock, logger=log)
 
     async def plan(self, policy_id: str) -> tuple[list[str], list[dict[str, str]], str]:
         """(what would go, newest first; what stays with why; the time measured from)."""

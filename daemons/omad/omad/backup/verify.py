@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from oma_common.errors import OmaError, Unavailable
+from oma_common.periodic import Periodic
 
 from ..adapters.localfs import LocalFs
 from ..adapters.qemu_img import QemuImg
 from ..config import PolicyConfig
 from ..jobs.engine import JobEngine
 from ..schedule.clock import Clock, iso
-from ..jobs.periodic import Periodic
 from ..store import backups as store
 from ..store.db import Database
 
@@ -37,8 +37,8 @@ class Verifier:
         self.fs = fs
         self.clock = clock
         self.cfg = cfg
-        self._periodic = Periodic("scheduled verification", clock, lambda: self.cfg.verify_interval_seconds,
-                                  self.verify_stale)
+        self._periodic = Periodic("scheduled verification", self.verify_stale,
+                                  lambda: self.cfg.verify_interval_seconds, clock=clock, logger=log)
 
     async def problems(self, backup_id: str) -> tuple[list[dict[str, str]], int]:
         """What is wrong with the images the backup needs ([] when nothing), and how many were checked."""

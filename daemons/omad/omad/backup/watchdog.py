@@ -11,14 +11,14 @@ an unreachable agent says nothing about the VMA.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 from oma_common.errors import OmaError
+from oma_common.periodic import Periodic
+from oma_common.timefmt import parse_rfc3339, rfc3339
 
 from ..clients.nbdpool import NbdPool
 from ..config import BackupConfig
@@ -36,13 +36,7 @@ def _utc_now() -> datetime:
 
 
 def _parse(stamp: str | None) -> datetime | None:
-    if not stamp:
-        return None
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
-
-def _iso(when: datetime) -> str:
-    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return parse_rfc3339(stamp) if stamp else None
 
 
 def client_count(export: dict[str, Any]) -> int:
@@ -64,25 +58,13 @@ class Watchdog:
         self.lease_seconds = cfg.lease_seconds
         self.clock = clock
         self._renewed: dict[str, datetime] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("backup watchdog pass", self.check, self.interval, immediately=True, logger=log)
 
     async def start(self) -> None:
-        self._task = asyncio.ensure_future(self._loop())
+        await self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.check()
-            except Exception:  # one bad pass must not end the watch
-                log.exception("backup watchdog pass failed")
-            await asyncio.sleep(self.interval)
+        await self._periodic.stop()
 
     async def check(self) -> list[str]:
         """One pass; returns the backups it failed."""
@@ -97,7 +79,7 @@ class Watchdog:
         for b in running:
             last_activity = b.last_activity_at
             if exports is not None and self._has_clients(b, exports):
-                last_activity = _iso(now)
+                last_activity = rfc3339(now)
                 await store.touch_running(self.db, b.backup_id, last_activity)
             last = _parse(last_activity) or _parse(b.started_at) or _parse(b.created_at)
             assert last is not None
