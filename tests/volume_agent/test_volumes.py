@@ -1,0 +1,211 @@
+"""volume-agent's CloudStack volumes, end to end: the real agent over its socket against the CloudStack
+simulator, real loop devices behind the attached volumes, nbd-pool exporting them, qemu-io writing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oma_common.errors import Conflict, NotFound, TimedOut, Unavailable
+
+from ..nbd_pool.helpers import ash, url
+from ..sim.cloudstack import serial_of
+from .conftest import VolumeEnv
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+
+MIB = 1024 * 1024
+GIB = 1024**3
+
+
+async def export(env: VolumeEnv, job: str, path: str, name: str) -> dict[str, Any]:
+    alloc = await env.pool.ok("POST", "/ports/allocate", {"job_id": job, "count": 1, "export_names": [name]})
+    port = alloc["allocated_ports"][0]["port"]
+    return await env.pool.ok("POST", "/exports", {"export_name": name, "port": port, "path": path,
+                                                  "job_id": job})  # type: ignore[no-any-return]
+
+
+async def qemu_io(env: VolumeEnv, vol: dict[str, Any], command: str) -> None:
+    """Run one qemu-io command on the volume's device through an nbd-pool export of it, then release it."""
+    e = await export(env, "job-vol", vol["link_path"], "vol")
+    assert e["format"] == "raw" and e["size"] == vol["size_bytes"]
+    try:
+        await ash("qemu-io", "-f", "raw", "-c", command, url(e["port"], "vol"))
+    finally:
+        await env.pool.ok("POST", "/jobs/job-vol/release")
+
+
+def loops_on(path: Path) -> list[str]:
+    out = subprocess.run(["losetup", "--list", "--noheadings", "-O", "NAME,BACK-FILE"], capture_output=True,
+                         text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if str(path) in line]
+
+
+def registry(env: VolumeEnv) -> list[dict[str, Any]]:
+    return json.loads(env.registry.read_text())["items"]  # type: ignore[no-any-return]
+
+
+async def create(env: VolumeEnv, vm: str = "vm1", unit: int = 0, size: int = 1 * GIB - 5) -> dict[str, Any]:
+    return await env.call("POST", "/volumes", {"vm_name": vm, "disk_unit": unit, "size_bytes": size})  # type: ignore
+
+
+async def test_write_detach_reattach_snapshot_revert(volume_env: VolumeEnv) -> None:
+    env = volume_env
+    await env.start_agent()
+    vol = await create(env)
+    assert vol["name"] == "migration-vm1-disk-0" and vol["size_bytes"] == GIB and not vol["attached_here"]
+    assert env.sim.volume(vol["volume_id"])["state"] == "Allocated"
+    with pytest.raises(Conflict):
+        await create(env)
+
+    vol = await env.call("POST", f"/volumes/{vol['volume_id']}/attach")
+    link = env.device_dir / f"virtio-{serial_of(vol['volume_id'])}"
+    assert vol["attached_here"] and vol["link_path"] == str(link) and vol["device_path"] == os.path.realpath(link)
+    assert vol["serial"] == serial_of(vol["volume_id"])
+    devices = (await env.call("GET", "/devices"))["devices"]
+    assert [(d["volume_id"], d["device_path"]) for d in devices] == [(vol["volume_id"], vol["device_path"])]
+    assert [i["volume_id"] for i in registry(env)] == [vol["volume_id"]]
+    assert env.sim.volume(vol["volume_id"])["virtualmachineid"] == env.sim.appliance_vm_id
+
+    await qemu_io(env, vol, "write -P 0xab 0 64M")
+    vol = await env.call("POST", f"/volumes/{vol['volume_id']}/detach")
+    assert not vol["attached_here"] and vol["device_path"] is None
+    assert not link.exists() and registry(env) == [] and (await env.call("GET", "/devices"))["devices"] == []
+    assert env.sim.volume(vol["volume_id"]).get("virtualmachineid") is None
+
+    vol = await env.call("POST", f"/volumes/{vol['volume_id']}/attach")
+    await qemu_io(env, vol, "read -P 0xab 0 64M")
+
+    snap = await env.call("POST", f"/volumes/{vol['volume_id']}/snapshots", {})
+    assert snap["volume_id"] == vol["volume_id"] and snap["state"] == "BackedUp"
+    await qemu_io(env, vol, "write -P 0xcd 0 64M")
+    vol = await env.call("POST", f"/volumes/{vol['volume_id']}/revert", {"snapshot_id": snap["snapshot_id"]})
+    assert vol["attached_here"] and vol["snapshots"] == [snap["snapshot_id"]]
+    await qemu_io(env, vol, "read -P 0xab 0 64M")
+
+    with pytest.raises(Conflict, match="detach it first"):
+        await env.call("DELETE", f"/volumes/{vol['volume_id']}")
+    await env.call("DELETE", f"/volumes/{vol['volume_id']}/snapshots/{snap['snapshot_id']}")
+    await env.call("POST", f"/volumes/{vol['volume_id']}/detach")
+    gone = await env.call("DELETE", f"/volumes/{vol['volume_id']}")
+    assert gone["deleted"] and env.sim.volume(vol["volume_id"]) is None
+    assert (await env.call("GET", "/volumes"))["volumes"] == []
+
+
+async def test_cloudstack_errors_reach_the_caller_with_their_text(volume_env: VolumeEnv) -> None:
+    env = volume_env
+    await env.start_agent(device_timeout=1)
+    vol = await create(env)
+    env.sim.faults.fail["attachvolume"] = "Failed to attach volume: the hypervisor said no"
+    with pytest.raises(Unavailable) as info:
+        await env.call("POST", f"/volumes/{vol['volume_id']}/attach")
+    assert info.value.details == "Failed to attach volume: the hypervisor said no"
+    assert info.value.extra["cloudstack_errorcode"] == 530
+    env.sim.faults.fail.clear()
+    env.sim.faults.device_never = True
+    with pytest.raises(TimedOut, match="did not appear"):
+        await env.call("POST", f"/volumes/{vol['volume_id']}/attach")
+    assert env.sim.volume(vol["volume_id"]).get("virtualmachineid") is None  # undone
+    view = await env.call("GET", f"/volumes/{vol['volume_id']}")
+    assert not view["attached_here"] and view["operation"] is None
+    with pytest.raises(NotFound):
+        await env.call("POST", "/volumes/00000000-0000-0000-0000-000000000000/attach")
+
+
+async def test_the_appliance_is_found_by_mac_and_a_wrong_secret_is_reported(volume_env: VolumeEnv) -> None:
+    env = volume_env
+    ours = next(p.read_text().strip() for p in Path("/sys/class/net").glob("*/address")
+                if p.read_text().strip() not in ("", "00:00:00:00:00:00"))
+    env.sim.inv.vms[env.sim.appliance_vm_id].nics[0].macaddress = ours
+    await env.start_agent(appliance_vm_id="")
+    health = await env.call("GET", "/health")
+    assert health["appliance_vm_id"] == env.sim.appliance_vm_id and health["cloudstack_configured"]
+    await env.restart_agent(secret_key="wrong")  # starts anyway (reconciles against /dev only)
+    with pytest.raises(Unavailable) as info:
+        await create(env)
+    assert "unable to verify user credentials and/or request signature" in info.value.details
+
+
+async def test_kill9_between_cloudstacks_attach_and_the_device(volume_env: VolumeEnv) -> None:
+    env = volume_env
+    await env.start_agent(grace=10)
+    one, two = await create(env, unit=0), await create(env, unit=1)
+    for vol, never in ((one, False), (two, True)):
+        env.sim.faults.job_seconds, env.sim.faults.device_never = 1.0, never
+        n = env.sim.commands.calls.count("attachVolume")
+        task = asyncio.create_task(env.call("POST", f"/volumes/{vol['volume_id']}/attach"))
+        await env.until(lambda: env.sim.commands.calls.count("attachVolume") > n)
+        env.freeze()  # the job runs on in CloudStack; the agent does not see it end
+        await env.until(lambda: vol["volume_id"] in env.sim.attached_here())
+        env.kill9()
+        with pytest.raises(Unavailable):
+            await task
+        env.sim.faults.job_seconds = 0
+        await env.restart_agent(grace=1 if never else 10)
+        view = await env.call("GET", f"/volumes/{vol['volume_id']}")
+        link = env.device_dir / f"virtio-{serial_of(vol['volume_id'])}"
+        assert view["operation"] is None
+        if never:  # attached in CloudStack with no device: detached there, nothing vouched for
+            assert not view["attached_here"] and vol["volume_id"] not in env.sim.attached_here()
+            assert not link.exists()
+        else:  # the device did appear: the attach is completed
+            assert view["attached_here"] and view["device_path"] == os.path.realpath(link)
+            assert vol["volume_id"] in env.sim.attached_here()
+        assert [i["volume_id"] for i in registry(env)] == [one["volume_id"]]
+
+
+async def test_kill9_between_detach_and_the_records_update(volume_env: VolumeEnv) -> None:
+    env = volume_env
+    await env.start_agent()
+    vol = await create(env)
+    vol = await env.call("POST", f"/volumes/{vol['volume_id']}/attach")
+    link = Path(vol["link_path"])
+    env.sim.faults.job_seconds = 1.0
+    task = asyncio.create_task(env.call("POST", f"/volumes/{vol['volume_id']}/detach"))
+    await env.until(lambda: "detachVolume" in env.sim.commands.calls)
+    env.freeze()
+    assert registry(env) == []  # vouching withdrawn before CloudStack was asked
+    await env.until(lambda: vol["volume_id"] not in env.sim.attached_here())
+    env.kill9()
+    with pytest.raises(Unavailable):
+        await task
+    saved = json.loads((env.stack.state / "volume-agent" / "volumes.json").read_text())["items"]
+    assert saved[0]["operation"]["kind"] == "detach" and saved[0]["attached_here"] is False
+    env.sim.faults.job_seconds = 0
+    await env.restart_agent()
+    view = await env.call("GET", f"/volumes/{vol['volume_id']}")
+    assert not view["attached_here"] and view["operation"] is None and view["device_path"] is None
+    assert not link.exists() and registry(env) == []
+    assert env.sim.volume(vol["volume_id"]).get("virtualmachineid") is None
+
+
+async def test_a_device_whose_volume_is_gone_is_not_vouched_for(volume_env: VolumeEnv, short_tmp: Path) -> None:
+    env = volume_env
+    await env.start_agent()
+    vol = await create(env)
+    vol = await env.call("POST", f"/volumes/{vol['volume_id']}/attach")
+    await asyncio.to_thread(env.stack.stop, "volume-agent")
+    # Behind the agent's back: the volume is detached and deleted, and a stale link to another device stays.
+    env.sim.threaded.call(env.sim.commands.dispatch("detachVolume", {"id": vol["volume_id"]}))
+    await env.until(lambda: env.sim.volume(vol["volume_id"]).get("virtualmachineid") is None)
+    env.sim.threaded.call(env.sim.commands.dispatch("deleteVolume", {"id": vol["volume_id"]}))
+    stale = short_tmp / "stale.raw"
+    stale.write_bytes(bytes(MIB))
+    loop = subprocess.run(["losetup", "--show", "-f", stale], check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        Path(vol["link_path"]).symlink_to(loop)
+        await env.restart_agent()
+        assert (await env.call("GET", "/volumes"))["volumes"] == []
+        assert registry(env) == [] and (await env.call("GET", "/devices"))["devices"] == []
+        log = (env.stack.state / "logs" / "volume-agent.log").read_text()
+        assert f"volume {vol['volume_id']}: CloudStack has no such volume any more" in log
+    finally:
+        Path(vol["link_path"]).unlink(missing_ok=True)
+        subprocess.run(["losetup", "-d", loop], check=False)
+    assert loops_on(stale) == []
