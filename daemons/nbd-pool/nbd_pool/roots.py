@@ -22,7 +22,7 @@ from pathlib import Path
 from oma_common.errors import Invalid, NotFound
 
 from .adapters.qemu_img import ImageError, Layer, backing_chain
-from .vouched import DeviceGuard
+from .vouched import DeviceGuard, root_only
 
 log = logging.getLogger("nbd_pool.roots")
 
@@ -39,14 +39,6 @@ class Resolved:
 
 def _inside(path: Path, root: Path) -> bool:
     return path == root or path.is_relative_to(root)
-
-
-def _root_only_dir(directory: Path) -> bool:
-    try:
-        st = os.stat(directory)
-    except OSError:
-        return False
-    return st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 class Roots:
@@ -85,7 +77,7 @@ class Roots:
         if any(_inside(real, root) for root in self.resolved):
             return self._vouched(Resolved(requested, real, kind))
         in_root = any(_inside(lexical, root) for root in self.configured + self.resolved)
-        if kind == BLOCK and in_root and lexical != real and _root_only_dir(lexical.parent):
+        if kind == BLOCK and in_root and lexical != real and root_only(lexical.parent):
             return self._vouched(Resolved(requested, real, kind))
         raise Invalid("path outside the export roots",
                       f"{requested} (resolved {real}) is not inside an export root ({self.describe()})")

@@ -24,7 +24,8 @@ log = logging.getLogger("nbd_pool.vouched")
 KIND = "vouched-devices"
 
 
-def _root_only(path: Path) -> bool:
+def root_only(path: Path) -> bool:
+    """Owned by root and writable by nobody else (a directory: nobody else can add or swap its entries)."""
     try:
         st = os.stat(path)
     except OSError:
@@ -40,7 +41,7 @@ class DeviceGuard:
         """The registry's entries by major:minor ({} when there is none, or it is not to be trusted)."""
         if not self.registry.exists():
             return {}
-        if not (_root_only(self.registry) and _root_only(self.registry.parent)):
+        if not (root_only(self.registry) and root_only(self.registry.parent)):
             log.warning("ignoring %s: it or its directory is not owned by root alone", self.registry)
             return {}
         try:

@@ -406,8 +406,8 @@ class Commands:
                 for i, n in enumerate(network_ids)]
         vm = Inventory.add(self.inv.vms, VirtualMachine(new_id(), name, p.get("displayname") or name, zone.id,
                                                         so.id, template.id, "Starting" if start else "Stopped", nics))
-        self.inv.volumes[(root := Volume(new_id(), f"ROOT-{name}", zone.id, template.size, "ROOT", None,
-                                         state="Ready", virtualmachineid=vm.id, deviceid=0, attached=now())).id] = root
+        Inventory.add(self.inv.volumes, Volume(new_id(), f"ROOT-{name}", zone.id, template.size, "ROOT", None,
+                                               state="Ready", virtualmachineid=vm.id, deviceid=0, attached=now()))
 
         async def body() -> dict[str, Any]:
             if start:

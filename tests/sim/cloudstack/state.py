@@ -243,8 +243,8 @@ class Inventory:
 
     def add_vm(self, name: str, zoneid: str, offeringid: str, templateid: str, networkid: str, mac: str,
                ip: str, *, state: str = "Running", with_root: bool = True) -> VirtualMachine:
-        vm = self.add(self.vms, VirtualMachine(new_id(), name, name, zoneid, offeringid, templateid, state,
-                                               [Nic(new_id(), networkid, mac.lower(), ip)]))
+        vm: VirtualMachine = self.add(self.vms, VirtualMachine(new_id(), name, name, zoneid, offeringid, templateid,
+                                                               state, [Nic(new_id(), networkid, mac.lower(), ip)]))
         if with_root:
             template = self.templates[templateid]
             self.add(self.volumes, Volume(new_id(), f"ROOT-{name}", zoneid, template.size, "ROOT", None,
