@@ -209,3 +209,46 @@ async def test_a_device_whose_volume_is_gone_is_not_vouched_for(volume_env: Volu
         Path(vol["link_path"]).unlink(missing_ok=True)
         subprocess.run(["losetup", "-d", loop], check=False)
     assert loops_on(stale) == []
+
+
+async def test_the_appliances_own_disks_are_never_taken(volume_env: VolumeEnv) -> None:
+    env = volume_env
+    await env.start_agent()
+    root = next(v for v in env.sim.inv.volumes.values() if v.virtualmachineid == env.sim.appliance_vm_id)
+    with pytest.raises(Conflict, match="ROOT disk of oma-appliance"):
+        await env.call("POST", f"/volumes/{root.id}/attach")
+    # A data volume someone else attached to this appliance (it may hold this system's data) is left alone.
+    vol = await create(env, unit=3)
+    await env.call("POST", f"/volumes/{vol['volume_id']}/attach")
+    await env.call("POST", f"/volumes/{vol['volume_id']}/detach")
+    await asyncio.to_thread(env.stack.stop, "volume-agent")
+    (env.stack.state / "volume-agent" / "volumes.json").unlink()  # the agent forgets it ever had it
+    env.sim.threaded.call(env.sim.commands.dispatch("attachVolume", {"id": vol["volume_id"],
+                                                                     "virtualmachineid": env.sim.appliance_vm_id}))
+    await env.until(lambda: vol["volume_id"] in env.sim.attached_here())
+    await env.restart_agent()
+    with pytest.raises(Conflict, match="not by volume-agent"):
+        await env.call("POST", f"/volumes/{vol['volume_id']}/attach")
+    listing = await env.call("GET", "/volumes")
+    assert listing == {"volumes": [], "unmanaged_attached": [vol["volume_id"]]}
+    assert (await env.call("GET", "/devices"))["devices"] == [] and registry(env) == []
+
+
+async def test_an_interrupted_create_is_kept_or_forgotten_by_what_cloudstack_has(volume_env: VolumeEnv) -> None:
+    env = volume_env
+    zone = next(iter(env.sim.inv.zones))
+    offering = next(o.id for o in env.sim.inv.disk_offerings.values() if o.iscustomized)
+    env.sim.threaded.call(env.sim.commands.dispatch("createVolume", {
+        "name": "migration-vm9-disk-0", "zoneid": zone, "diskofferingid": offering, "size": "2"}))
+    state = env.stack.state / "volume-agent"
+    state.mkdir(mode=0o700, exist_ok=True)
+    pending = [{"name": name, "volume_id": "", "size_bytes": 2 * GIB,
+                "operation": {"kind": "create", "started_at": 1.0}}
+               for name in ("migration-vm9-disk-0", "migration-vm9-disk-1")]
+    (state / "volumes.json").write_text(json.dumps({"kind": "volumes", "version": 1, "items": pending}))
+    await env.start_agent()
+    (kept,) = (await env.call("GET", "/volumes"))["volumes"]
+    assert kept["name"] == "migration-vm9-disk-0" and kept["operation"] is None and kept["size_bytes"] == 2 * GIB
+    assert env.sim.volume(kept["volume_id"])["name"] == "migration-vm9-disk-0"
+    log = (env.stack.state / "logs" / "volume-agent.log").read_text()
+    assert "migration-vm9-disk-1: an interrupted create left no volume in CloudStack; forgotten" in log

@@ -105,7 +105,9 @@ class Volumes:
                                           if (v := r.vouched()) is not None])
 
     async def begin(self, rec: VolumeRecord, kind: OpKind, **extra: Any) -> Operation:
+        """Record the operation (and the volume, if it is new to us) before anything is asked of CloudStack."""
         rec.operation = Operation(kind, self.clock(), **extra)
+        self.records[rec.key] = rec
         await self.save()
         return rec.operation
 
@@ -132,14 +134,22 @@ class Volumes:
         return self.records.get(volume_id)
 
     async def _adopt(self, volume_id: str) -> tuple[VolumeRecord, dict[str, Any]]:
-        """The record of a volume CloudStack has (made now for one this agent did not create)."""
+        """The record of a data volume CloudStack has; one this agent did not create gets a record when its
+        first operation begins. The appliance's own disks are never taken: a ROOT volume is refused, and so is
+        a volume attached to this appliance that this agent did not attach (it may hold this system's data)."""
         vol = await self.cloud.volume(volume_id)
         if vol is None:
             raise NotFound("volume not found", f"CloudStack has no volume {volume_id}")
+        if vol.get("type") == "ROOT":
+            raise Conflict("a ROOT volume", f"volume {volume_id} is the ROOT disk of "
+                                            f"{vol.get('vmname') or 'a VM'}; volume-agent manages data volumes only")
         rec = self._record(volume_id)
         if rec is None:
+            if vol.get("virtualmachineid") and vol.get("virtualmachineid") == await self.appliance():
+                raise Conflict("attached here by someone else",
+                               f"volume {volume_id} is attached to this appliance, but not by volume-agent; it is "
+                               f"not taken over (it may hold this system's data)")
             rec = VolumeRecord(str(vol.get("name", "")), volume_id, int(vol.get("size", 0)))
-            self.records[rec.key] = rec
             log.info("volume %s (%s): managed from now on", volume_id, rec.name, extra={"resource": volume_id})
         return rec, vol
 
@@ -162,7 +172,6 @@ class Volumes:
             offering = disk_offering_id or self.disk_offering_id or await self._custom_offering()
             zone = zone_id or self.zone_id or str((await self.cloud.vm(await self.appliance())).get("zoneid", ""))
             rec = VolumeRecord(name, size_bytes=size_gb * GIB)
-            self.records[rec.key] = rec
             op = await self.begin(rec, OpKind.CREATE)
             try:
                 answer = await self.cloud.start("createVolume", name=name, zoneid=zone, diskofferingid=offering,
@@ -305,7 +314,6 @@ class Volumes:
                                                   f"{vol.get('vmname') or vol['virtualmachineid']}; detach it first")
             if rec is None:
                 rec = VolumeRecord(str(vol.get("name", "")), volume_id, int(vol.get("size", 0)))
-                self.records[rec.key] = rec
             await self.begin(rec, OpKind.DELETE)
             try:
                 await self.cloud.call("deleteVolume", id=volume_id)
