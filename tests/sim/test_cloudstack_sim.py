@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from cs import AIOCloudStack, CloudStack, CloudStackApiException
 
@@ -226,3 +227,17 @@ async def test_a_vm_is_deployed_stopped_given_a_root_volume_and_started(sim: Clo
     await cs.stopVirtualMachine(id=vm["id"], fetch_result=True)
     await cs.destroyVirtualMachine(id=vm["id"], expunge=True, fetch_result=True)
     assert await cs.listVirtualMachines(id=vm["id"]) == {}
+
+
+async def test_faults_are_set_and_state_read_over_the_admin_endpoint(sim: CloudStackSim) -> None:
+    base = sim.endpoint.removesuffix("/client/api")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/admin/faults", json={"job_seconds": 0.2, "fail": {"createSnapshot": "no"},
+                                                           "device_never": True}) as r:
+            assert r.status == 200 and (await r.json())["fail"] == {"createsnapshot": "no"}
+        assert sim.faults.job_seconds == 0.2 and sim.faults.device_never
+        await new_volume(client(sim), "v-admin")
+        async with http.get(f"{base}/admin/state") as r:
+            state = await r.json()
+    assert state["appliance_vm_id"] == sim.appliance_vm_id
+    assert "v-admin" in [v["name"] for v in state["volumes"]] and "createVolume" in state["calls"]
