@@ -74,6 +74,11 @@ async def test_write_detach_reattach_snapshot_revert(volume_env: VolumeEnv) -> N
     assert env.sim.volume(vol["volume_id"])["virtualmachineid"] == env.sim.appliance_vm_id
 
     await qemu_io(env, vol, "write -P 0xab 0 64M")
+    await export(env, "job-busy", vol["link_path"], "busy")  # a running export holds the device open
+    with pytest.raises(Conflict, match=r"is open by \d+ \(qemu-nbd\); stop its exports"):
+        await env.call("POST", f"/volumes/{vol['volume_id']}/detach")
+    assert [i["volume_id"] for i in registry(env)] == [vol["volume_id"]]  # still vouched for
+    await env.pool.ok("POST", "/jobs/job-busy/release")
     vol = await env.call("POST", f"/volumes/{vol['volume_id']}/detach")
     assert not vol["attached_here"] and vol["device_path"] is None
     assert not link.exists() and registry(env) == [] and (await env.call("GET", "/devices"))["devices"] == []

@@ -35,6 +35,7 @@ from oma_common.statefile import StateFile
 from .adapters.cloudstack import CloudStack
 from .adapters.devdir import DeviceDir
 from .adapters.netif import mac_addresses
+from .adapters.openers import openers
 from .records import REGISTRY_KIND, Operation, OpKind, VolumeRecord
 
 log = logging.getLogger("volume_agent.volumes")
@@ -270,10 +271,14 @@ class Volumes:
         op = within or await self.begin(rec, OpKind.DETACH)
         try:
             was_vouched = rec.attached_here
-            rec.attached_here = False  # withdraw vouching before the device goes
+            rec.attached_here = False  # withdraw vouching first: nbd-pool starts no export on it from now on
             await self.save()
             if was_vouched:
                 await self.save_registry()
+            users = await asyncio.to_thread(openers, Path(rec.device)) if rec.device else []
+            if users:  # pulling it from under a writer would lose what it writes
+                raise Conflict("volume in use", f"{rec.device} (volume {rec.volume_id}) is open by "
+                                                f"{', '.join(users)}; stop its exports before detaching it")
             if on:
                 answer = await self.cloud.start("detachVolume", id=rec.volume_id)
                 op.jobid = str(answer["jobid"])
