@@ -275,7 +275,10 @@ class Volumes:
             await self.save()
             if was_vouched:
                 await self.save_registry()
-            users = await asyncio.to_thread(openers, Path(rec.device)) if rec.device else []
+            users, hidden = await asyncio.to_thread(openers, Path(rec.device)) if rec.device else ([], 0)
+            if hidden:
+                log.warning("volume %s: %d processes could not be checked for %s open (no CAP_SYS_PTRACE); "
+                            "detaching on trust", rec.volume_id, hidden, rec.device, extra={"resource": rec.volume_id})
             if users:  # pulling it from under a writer would lose what it writes
                 raise Conflict("volume in use", f"{rec.device} (volume {rec.volume_id}) is open by "
                                                 f"{', '.join(users)}; stop its exports before detaching it")
