@@ -14,6 +14,8 @@ import pytest
 
 from oma_common.errors import Conflict, NotFound, TimedOut, Unavailable
 
+from volume_agent.adapters.openers import use_of
+
 from ..nbd_pool.helpers import ash, url
 from ..sim.cloudstack import serial_of
 from .conftest import VolumeEnv
@@ -75,6 +77,9 @@ async def test_write_detach_reattach_snapshot_revert(volume_env: VolumeEnv) -> N
 
     await qemu_io(env, vol, "write -P 0xab 0 64M")
     await export(env, "job-busy", vol["link_path"], "busy")  # a running export holds the device open
+    no_proc = env.stack.state / "no-proc"  # as the agent sees it without CAP_SYS_PTRACE: QEMU's lock only
+    no_proc.mkdir()
+    assert use_of(Path(vol["device_path"]), proc=no_proc).describe().startswith("a QEMU process")
     with pytest.raises(Conflict, match=r"is open by \d+ \(qemu-nbd\); stop its exports"):
         await env.call("POST", f"/volumes/{vol['volume_id']}/detach")
     assert [i["volume_id"] for i in registry(env)] == [vol["volume_id"]]  # still vouched for

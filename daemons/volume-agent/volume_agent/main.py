@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from oma_common import agent, daemon, schema
-from oma_common.statefile import StateFile
+from oma_common.statefile import Damaged, StateFile
 
 from .adapters.cloudstack import CloudStack, Settings
 from .adapters.devdir import DeviceDir
@@ -82,7 +82,7 @@ async def amain() -> int:
     immutability = Immutability([Path(cfg.repository_mount_root), *map(Path, cfg.immutable_roots)],
                                 timeout=cfg.mount_timeout_seconds)
     cs = cfg.cloudstack
-    volumes = Volumes(cloudstack_client(cs), DeviceDir(Path(cfg.device_dir)), StateFile(state / "volumes.json", "volumes"),
+    volumes = Volumes(cloudstack_client(cs), DeviceDir(Path(cfg.device_dir)), StateFile(state / "volumes.json", "volumes", damaged=Damaged.REFUSE),
                       registry_file(Path(cfg.vouched_registry) if cfg.vouched_registry else state / "vouched.json"),
                       appliance_vm_id=cs.appliance_vm_id, zone_id=cs.zone_id, disk_offering_id=cs.disk_offering_id,
                       device_timeout=cfg.device_timeout_seconds)

@@ -30,12 +30,12 @@ from oma_common.contracts.volume_agent_volumes import (
     VolumeView,
 )
 from oma_common.errors import Conflict, Invalid, NotFound, OmaError, TimedOut, Unavailable
-from oma_common.statefile import StateFile
+from oma_common.statefile import Damaged, StateFile
 
 from .adapters.cloudstack import CloudStack
 from .adapters.devdir import DeviceDir
 from .adapters.netif import mac_addresses
-from .adapters.openers import openers
+from .adapters.openers import use_of
 from .records import REGISTRY_KIND, Operation, OpKind, VolumeRecord
 
 log = logging.getLogger("volume_agent.volumes")
@@ -275,13 +275,11 @@ class Volumes:
             await self.save()
             if was_vouched:
                 await self.save_registry()
-            users, hidden = await asyncio.to_thread(openers, Path(rec.device)) if rec.device else ([], 0)
-            if hidden:
-                log.warning("volume %s: %d processes could not be checked for %s open (no CAP_SYS_PTRACE); "
-                            "detaching on trust", rec.volume_id, hidden, rec.device, extra={"resource": rec.volume_id})
-            if users:  # pulling it from under a writer would lose what it writes
+            use = await asyncio.to_thread(use_of, Path(rec.device)) if rec.device and Path(rec.device).exists() \
+                else None
+            if use is not None and use.in_use:  # pulling it from under a writer would lose what it writes
                 raise Conflict("volume in use", f"{rec.device} (volume {rec.volume_id}) is open by "
-                                                f"{', '.join(users)}; stop its exports before detaching it")
+                                                f"{use.describe()}; stop its exports before detaching it")
             if on:
                 answer = await self.cloud.start("detachVolume", id=rec.volume_id)
                 op.jobid = str(answer["jobid"])
@@ -427,4 +425,4 @@ def snapshot_view(snap: dict[str, Any], volume_id: str) -> SnapshotView:
 
 
 def registry_file(path: Path) -> StateFile:
-    return StateFile(path, REGISTRY_KIND)
+    return StateFile(path, REGISTRY_KIND, damaged=Damaged.REFUSE)  # written here, read by nbd-pool only

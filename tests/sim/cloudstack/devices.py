@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from oma_common.blockdev import list_loops
-from oma_common.process import run
+from oma_common.command import run
 
 log = logging.getLogger("cloudstack_sim.devices")
 
