@@ -269,8 +269,8 @@ class Volumes:
             raise Conflict("volume attached elsewhere", f"volume {rec.volume_id} is attached to VM "
                                                         f"{vol.get('vmname') or on}, not to this appliance")
         op = within or await self.begin(rec, OpKind.DETACH)
+        was_vouched = rec.attached_here
         try:
-            was_vouched = rec.attached_here
             rec.attached_here = False  # withdraw vouching first: nbd-pool starts no export on it from now on
             await self.save()
             if was_vouched:
@@ -294,7 +294,7 @@ class Volumes:
         except OmaError:
             # CloudStack kept it attached: vouch again if the device is still the one we knew.
             device = await asyncio.to_thread(self.devices.find, rec.serial)
-            if device is not None and device.rdev == rec.rdev:
+            if was_vouched and device is not None and device.rdev == rec.rdev:
                 rec.attached_here = True
                 await self.save()
                 await self.save_registry()
