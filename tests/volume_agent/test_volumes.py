@@ -262,3 +262,23 @@ async def test_an_interrupted_create_is_kept_or_forgotten_by_what_cloudstack_has
     assert env.sim.volume(kept["volume_id"])["name"] == "migration-vm9-disk-0"
     log = (env.stack.state / "logs" / "volume-agent.log").read_text()
     assert "migration-vm9-disk-1: an interrupted create left no volume in CloudStack; forgotten" in log
+
+
+async def test_operations_on_one_volume_queue_behind_each_other(volume_env: VolumeEnv) -> None:
+    env = volume_env
+    await env.start_agent()
+    vol = await create(env)
+    env.sim.faults.job_seconds = 0.3
+    path = f"/volumes/{vol['volume_id']}"
+    attached = asyncio.create_task(env.call("POST", f"{path}/attach"))
+    await env.until(lambda: "attachVolume" in env.sim.commands.calls)
+    detached, snap = await asyncio.gather(env.call("POST", f"{path}/detach"),
+                                          env.call("POST", f"{path}/snapshots", {}))
+    assert (await attached)["attached_here"] and not detached["attached_here"]
+    assert snap["volume_id"] == vol["volume_id"]
+    # Each call waited for the one before it: never two CloudStack jobs on the volume at once.
+    jobs = sorted((j for j in env.sim.inv.jobs.values() if j.instanceid in (vol["volume_id"], snap["snapshot_id"])
+                   and not j.cmd.endswith("CreateVolumeCmd")), key=lambda j: j.started)
+    assert [j.cmd.rsplit(".", 1)[1] for j in jobs][0] == "AttachVolumeCmd" and len(jobs) == 3
+    for before, after in zip(jobs, jobs[1:]):
+        assert before.finished is not None and before.finished <= after.started

@@ -4,6 +4,7 @@ with NICs, volumes, snapshots, async jobs; and the API's error, `CloudStackError
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -194,6 +195,8 @@ class Job:
     resultcode: int = 0
     result: dict[str, Any] | None = None
     created: str = dataclasses.field(default_factory=now)
+    started: float = dataclasses.field(default_factory=time.monotonic)  # for tests: did two jobs overlap?
+    finished: float | None = None
 
 
 @dataclasses.dataclass
