@@ -124,3 +124,22 @@ async def test_the_target_is_checked(engine: JobEngine) -> None:
             await launcher.check(bad)
         assert e.value.extra["field"] == "repository_id" and words in e.value.details
     await launcher.check(target(repository_id="1", policy_id="3"))
+
+
+async def test_start_many_starts_one_by_one_and_reports_each_vm(engine: JobEngine) -> None:
+    backups = FakeBackups(engine)
+    launcher = BackupLauncher(backups, engine)
+    other = VmRef("ctx-db-20250101-000000", "db 01")
+    got = [(vm, out) async for vm, out in launcher.start_many([VM, VM, other], target("full"))]
+    assert [vm for vm, _ in got] == [VM, VM, other]
+    assert isinstance(got[0][1], str) and (await engine.get(got[0][1]))["status"] == "running"
+    assert isinstance(got[1][1], Conflict)  # busy: reported, not raised, and the next VM still starts
+    assert isinstance(got[2][1], Conflict)  # (the stand-in keeps every backup on the one context)
+
+    async def broken(vm: VmRef, t: Target) -> str:
+        raise KeyError("a launcher bug")
+
+    launcher.start = broken  # type: ignore[method-assign]
+    got = [(vm, out) async for vm, out in launcher.start_many([VM, other], target("full"))]
+    assert [type(out).__name__ for _, out in got] == ["OmaError", "OmaError"]
+    assert "failed unexpectedly" in str(got[0][1])
