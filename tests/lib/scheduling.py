@@ -76,7 +76,7 @@ class EngineLauncher:
                 yield item
             return
         self.entered.set()
-        busy = await job_store.busy_contexts(self.engine.db)
+        busy = await job_store.busy_contexts(self.engine.db, [vm.context_id for vm in vms])
         outcomes: dict[str, Outcome] = {}
         new: list[tuple[VmRef, job_store.NewJob]] = []
         for vm in vms:

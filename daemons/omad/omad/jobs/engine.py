@@ -1,6 +1,8 @@
 """The job engine: job rows with named steps and progress, background tasks, and recovery at start-up.
 
-A job is a row in `jobs`; its steps are rows in `job_steps`. Work either runs as a task the engine tracks
+A job is a row in `jobs`; its steps are rows in `job_steps` (both owned by store/jobs.py, whose transitions end
+a job once: a job that completed is not failed afterwards). Many jobs are created in one transaction with
+`create_many` (a scheduler tick starting a thousand VMs). Work either runs as a task the engine tracks
 (`spawn`), or advances on events (a backup completes when the VMA reports every disk). At start-up every job
 left `running` by a previous omad is handed to its type's recovery function, which compensates (undo) or
 resumes; a job type without one is marked failed with the reason.

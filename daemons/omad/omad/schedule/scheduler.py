@@ -211,8 +211,9 @@ class Scheduler:
                     raise Conflict("schedule is running", f"schedule {s.name!r} is still running (execution "
                                                           f"{running}) and skips runs meanwhile (skip_if_running)",
                                    execution_id=running)
-                execution_id = await self._open(tx, s, scheduled_at=now, now=now, triggered_by=f"manual:{actor}",
-                                                late=False, missed=0)
+                vms = (await group_store.eligible(tx, [schedule_id]))[schedule_id]
+                execution_id = await self._open(tx, s, vms, running, scheduled_at=now, now=now,
+                                                triggered_by=f"manual:{actor}", late=False, missed=0)
                 await self.audit.record(actor, "schedule.trigger", f"schedule:{schedule_id}", tx=tx,
                                         execution_id=execution_id)
         self.wake()
@@ -224,6 +225,8 @@ class Scheduler:
         if not due:
             return
         async with self.db.transaction() as tx:
+            eligible = await group_store.eligible(tx, [s.id for s in due])
+            running = await store.running_execution_of(tx, [s.id for s in due])
             for s in due:
                 assert s.next_run_at is not None
                 at = parse_iso(s.next_run_at)
@@ -233,18 +236,17 @@ class Scheduler:
                 if late and following is not None:  # one run stands for every due time missed meanwhile
                     missed = len(cron.parse(s.cron_expression).runs_between(at, now, cron.zone(s.timezone),
                                                                             MISSED_COUNT_LIMIT))
-                await self._open(tx, s, scheduled_at=at, now=now, triggered_by="scheduler", late=late,
-                                 missed=missed)
+                await self._open(tx, s, eligible[s.id], running.get(s.id), scheduled_at=at, now=now,
+                                 triggered_by="scheduler", late=late, missed=missed)
                 await store.fired(tx, s.id, next_run_at=iso(following) if following else None, at=iso(now))
                 report.fired += 1
             await store.refresh_next_scheduled(tx)
 
     @staticmethod
-    async def _open(tx: Tx, s: Schedule, *, scheduled_at: datetime, now: datetime, triggered_by: str, late: bool,
-                    missed: int) -> int:
-        """Record an execution: running with its VMs in order, or skipped with the reason."""
-        vms = await group_store.eligible(tx, s.id)
-        running = await store.running_execution(tx, s.id)
+    async def _open(tx: Tx, s: Schedule, vms: list[tuple[str, str]], running: int | None, *, scheduled_at: datetime,
+                    now: datetime, triggered_by: str, late: bool, missed: int) -> int:
+        """Record an execution of `vms` (the eligible ones, in order): running, or skipped with the reason (the
+        schedule's `running` execution goes on and skip_if_running is set, or no VM is eligible)."""
         message = None
         if running and s.skip_if_running:
             message = f"skipped: the previous run (execution {running}) is still running"
@@ -272,13 +274,13 @@ class Scheduler:
             await self._release_retries(tx, open_vms, now, touched)
             await self._drop_ineligible(tx, open_vms, now, touched)
         await self._dispatch(open_vms, schedules, now, report, touched)
+        listed = {v.row.execution_id for v in open_vms}  # executions with VMs left when the tick began
+        still_open = {v.row.execution_id for v in open_vms if v.status in store.OPEN}
         async with self.db.transaction() as tx:
-            for e in executions:
-                if e.id in touched or not any(v.row.execution_id == e.id for v in open_vms):
-                    await store.recount(tx, e.id)
-                if not any(v.row.execution_id == e.id and v.status in store.OPEN for v in open_vms):
-                    await self._close(tx, e.id, now)
-                    report.closed += 1
+            await store.recount(tx, [e.id for e in executions if e.id in touched or e.id not in listed])
+            for i in [e.id for e in executions if e.id not in still_open]:
+                await self._close(tx, i, now)
+                report.closed += 1
 
     async def _collect_finished(self, tx: Tx, open_vms: list[_Open], schedules: Mapping[str, Schedule],
                                 now: datetime, report: TickReport, touched: set[int]) -> None:

@@ -217,20 +217,20 @@ async def known_contexts(db: Reader, context_ids: Sequence[str]) -> set[str]:
         (_json(context_ids),))}
 
 
-async def eligible(db: Reader, schedule_id: str) -> list[tuple[str, str]]:
-    """(context, group) of every VM the schedule protects, once each, in start order: groups by priority
-    (lower first), then VMs by their priority in the group (lower first), then by name. A VM in two of the
-    schedule's groups runs once, in the first."""
+async def eligible(db: Reader, schedule_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+    """Schedule id → (context, group) of every VM the schedule protects, once each, in start order: groups by
+    priority (lower first), then VMs by their priority in the group (lower first), then by name. A VM in two of
+    the schedule's groups runs once, in the first. Every schedule asked for has an entry."""
     rows = await db.fetchall(
-        "SELECT m.vm_context_id, m.group_id FROM vm_machine_groups g "
+        "SELECT g.schedule_id, m.vm_context_id, m.group_id FROM vm_machine_groups g "
         "JOIN vm_group_memberships m ON m.group_id = g.id "
         "JOIN vm_replication_contexts c ON c.context_id = m.vm_context_id "
-        "WHERE g.schedule_id = ? AND m.enabled = 1 AND c.scheduler_enabled = 1 "
-        "ORDER BY g.priority, g.name, g.id, m.priority, c.vm_name", (schedule_id,))
-    seen: dict[str, str] = {}
+        "WHERE g.schedule_id IN (SELECT value FROM json_each(?)) AND m.enabled = 1 AND c.scheduler_enabled = 1 "
+        "ORDER BY g.schedule_id, g.priority, g.name, g.id, m.priority, c.vm_name", (_json(schedule_ids),))
+    seen: dict[str, dict[str, str]] = {s: {} for s in schedule_ids}
     for r in rows:
-        seen.setdefault(r["vm_context_id"], r["group_id"])
-    return list(seen.items())
+        seen[r["schedule_id"]].setdefault(r["vm_context_id"], r["group_id"])
+    return {s: list(vms.items()) for s, vms in seen.items()}
 
 
 async def protected(db: Reader, context_ids: Sequence[str]) -> set[tuple[str, str]]:

@@ -125,10 +125,17 @@ async def active_for_context(db: Reader, context_id: str) -> str | None:
         (context_id,))
 
 
-async def busy_contexts(db: Reader) -> dict[str, str]:
-    """VM context → one of its active jobs, for every context that has one."""
-    return {r["context_id"]: r["id"] for r in await db.fetchall(
-        f"SELECT context_id, id FROM jobs WHERE status IN {_ACTIVE_SQL} AND context_id IS NOT NULL")}
+async def busy_contexts(db: Reader, context_ids: Sequence[str] | None = None) -> dict[str, str]:
+    """VM context → one of its active jobs, for every context that has one (or for those of `context_ids`)."""
+    if context_ids is None:
+        rows = await db.fetchall(f"SELECT context_id, id FROM jobs WHERE status IN {_ACTIVE_SQL} "
+                                 "AND context_id IS NOT NULL")
+    else:
+        # CROSS JOIN keeps SQLite from walking every active job: it looks up each context (jobs_context index).
+        rows = await db.fetchall(f"SELECT j.context_id, j.id FROM json_each(?) AS w CROSS JOIN jobs j "
+                                 f"ON j.context_id = w.value WHERE j.status IN {_ACTIVE_SQL}",
+                                 (json.dumps(list(context_ids)),))
+    return {r["context_id"]: r["id"] for r in rows}
 
 
 async def outcomes(db: Reader, job_ids: Sequence[str]) -> dict[str, JobOutcome]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -287,9 +288,14 @@ async def get_execution(db: Reader, execution_id: int) -> Execution:
 
 async def running_execution(db: Reader, schedule_id: str) -> int | None:
     """The schedule's oldest running execution, if any."""
-    return await db.scalar(  # type: ignore[no-any-return]
-        "SELECT id FROM schedule_executions WHERE schedule_id = ? AND status = 'running' ORDER BY id LIMIT 1",
-        (schedule_id,))
+    return (await running_execution_of(db, [schedule_id])).get(schedule_id)
+
+
+async def running_execution_of(db: Reader, schedule_ids: Sequence[str]) -> dict[str, int]:
+    """Schedule id → its oldest running execution, for those of these schedules that have one."""
+    return {r["schedule_id"]: r["id"] for r in await db.fetchall(
+        "SELECT schedule_id, MIN(id) AS id FROM schedule_executions WHERE status = 'running' AND schedule_id IN "
+        "(SELECT value FROM json_each(?)) GROUP BY schedule_id", (json.dumps(list(schedule_ids)),))}
 
 
 async def any_running(db: Reader) -> bool:
@@ -362,19 +368,20 @@ async def open_execution(tx: Tx, new: NewExecution) -> int:
     return execution_id
 
 
-async def recount(tx: Tx, execution_id: int) -> None:
-    """The counts, from the rows they count: they always match the jobs the execution created."""
+async def recount(tx: Tx, execution_ids: Sequence[int]) -> None:
+    """The counts, from the rows they count: they always match the jobs the executions created."""
     await tx.execute(
-        "UPDATE schedule_executions SET "
-        "jobs_created = (SELECT COUNT(*) FROM schedule_execution_jobs WHERE execution_id = :id), "
-        "jobs_completed = (SELECT COUNT(*) FROM schedule_execution_jobs WHERE execution_id = :id "
+        "UPDATE schedule_executions AS e SET "
+        "jobs_created = (SELECT COUNT(*) FROM schedule_execution_jobs WHERE execution_id = e.id), "
+        "jobs_completed = (SELECT COUNT(*) FROM schedule_execution_jobs WHERE execution_id = e.id "
         "AND status = 'completed'), "
-        "jobs_failed = (SELECT COUNT(*) FROM schedule_execution_jobs WHERE execution_id = :id "
+        "jobs_failed = (SELECT COUNT(*) FROM schedule_execution_jobs WHERE execution_id = e.id "
         "AND status = 'failed'), "
-        "jobs_skipped = (SELECT COUNT(*) FROM schedule_execution_vms WHERE execution_id = :id "
+        "jobs_skipped = (SELECT COUNT(*) FROM schedule_execution_vms WHERE execution_id = e.id "
         "AND status = 'skipped'), "
         "start_failures = (SELECT COALESCE(SUM(start_failures), 0) FROM schedule_execution_vms "
-        "WHERE execution_id = :id) WHERE id = :id", {"id": execution_id})
+        "WHERE execution_id = e.id) WHERE e.id IN (SELECT value FROM json_each(?))",
+        (json.dumps(list(execution_ids)),))
 
 
 async def vm_outcomes(db: Reader, execution_id: int) -> tuple[dict[str, int], bool]:
