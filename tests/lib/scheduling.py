@@ -17,7 +17,7 @@ from omad.audit import Audit
 from omad.jobs.engine import JobEngine
 from omad.schedule.clock import iso
 from omad.schedule.groups import Groups
-from omad.schedule.launcher import Outcome, Target, VmRef, one_by_one
+from omad.schedule.launcher import Outcome, Start, Target, VmRef, one_by_one
 from omad.schedule.scheduler import Scheduler
 from omad.schedule.schedules import Schedules
 from omad.store import jobs as job_store
@@ -70,29 +70,29 @@ class EngineLauncher:
             raise Invalid("invalid schedule", "repository_id: a backup schedule needs a repository_id or a "
                                               "policy_id", field="repository_id")
 
-    async def start_many(self, vms: Sequence[VmRef], target: Target) -> AsyncGenerator[tuple[VmRef, Outcome], None]:
+    async def start_many(self, starts: Sequence[Start]) -> AsyncGenerator[tuple[Start, Outcome], None]:
         if self.gate is not None:
-            async for item in one_by_one(self.start, vms, target):
+            async for item in one_by_one(self.start, starts):
                 yield item
             return
         self.entered.set()
-        busy = await job_store.busy_contexts(self.engine.db, [vm.context_id for vm in vms])
-        outcomes: dict[str, Outcome] = {}
-        new: list[tuple[VmRef, job_store.NewJob]] = []
-        for vm in vms:
-            if vm.vm_name in self.refuse:
-                outcomes[vm.context_id] = self.refuse[vm.vm_name]
-            elif vm.context_id in busy:
-                outcomes[vm.context_id] = Conflict("backup in progress", f"{vm.vm_name} has a running backup "
-                                                                          f"({busy[vm.context_id]})")
+        busy = await job_store.busy_contexts(self.engine.db, [s.vm.context_id for s in starts])
+        outcomes: list[Outcome] = []
+        new: list[tuple[Start, job_store.NewJob]] = []
+        for s in starts:
+            if s.vm.vm_name in self.refuse:
+                outcomes.append(self.refuse[s.vm.vm_name])
+            elif s.vm.context_id in busy:
+                outcomes.append(Conflict("backup in progress", f"{s.vm.vm_name} has a running backup "
+                                                               f"({busy[s.vm.context_id]})"))
             else:
-                job = self._job(vm, target)
-                new.append((vm, job))
-                outcomes[vm.context_id] = job.id
+                job = self._job(s.vm, s.target)
+                new.append((s, job))
+                outcomes.append(job.id)
         await self.engine.create_many([job for _, job in new])
-        self.started.extend((vm.vm_name, job.id, target.schedule_id) for vm, job in new)
-        for vm in vms:
-            yield vm, outcomes[vm.context_id]
+        self.started.extend((s.vm.vm_name, job.id, s.target.schedule_id) for s, job in new)
+        for s, outcome in zip(starts, outcomes):
+            yield s, outcome
 
     async def start(self, vm: VmRef, target: Target) -> str:
         self.entered.set()

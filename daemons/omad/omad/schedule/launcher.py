@@ -33,6 +33,14 @@ class VmRef:
     vm_name: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """One job to start: a VM, and what its schedule asks for."""
+
+    vm: VmRef
+    target: Target
+
+
 Outcome = str | OmaError  # the started job's id, or why the start was refused
 
 
@@ -46,30 +54,30 @@ class JobLauncher(Protocol):
     async def check(self, target: Target) -> None:
         """Raise Invalid, naming the field, when a schedule with this target could never start a job."""
 
-    def start_many(self, vms: Sequence[VmRef], target: Target) -> AsyncGenerator[tuple[VmRef, Outcome], None]:
-        """Start a job for each VM, in order, and yield each VM with its job's id in `jobs` or the OmaError
+    def start_many(self, starts: Sequence[Start]) -> AsyncGenerator[tuple[Start, Outcome], None]:
+        """Start a job for each VM, in order, and yield each start with its job's id in `jobs` or the OmaError
         that refused it: Conflict when the VM is busy (the scheduler waits and asks again, without counting an
         attempt); any other OmaError is a failed start, counted and retried as the schedule says.
 
         A launcher that can create all the jobs at once does so in one transaction; one that starts them one
-        by one yields after each start, and the scheduler stops asking (closes the iterator) when omad stops.
+        by one yields after each start, and the scheduler stops asking (closes the generator) when omad stops.
         """
 
 
-async def one_by_one(start: Callable[[VmRef, Target], Awaitable[str]], vms: Sequence[VmRef], target: Target
-                     ) -> AsyncGenerator[tuple[VmRef, Outcome], None]:
+async def one_by_one(start: Callable[[VmRef, Target], Awaitable[str]], starts: Sequence[Start]
+                     ) -> AsyncGenerator[tuple[Start, Outcome], None]:
     """`start_many` for a launcher that starts one VM at a time: a bug in one start fails that start, visibly,
     and the next VM is still started."""
-    for vm in vms:
+    for one in starts:
         outcome: Outcome
         try:
-            outcome = await start(vm, target)
+            outcome = await start(one.vm, one.target)
         except OmaError as e:
             outcome = e
         except Exception as e:  # noqa: BLE001 - a launcher bug must not stop the scheduler
-            log.exception("launcher failed", extra={"resource": vm.context_id})
-            outcome = OmaError("internal error", f"starting the {target.action} failed unexpectedly: {e}")
-        yield vm, outcome
+            log.exception("launcher failed", extra={"resource": one.vm.context_id})
+            outcome = OmaError("internal error", f"starting the {one.target.action} failed unexpectedly: {e}")
+        yield one, outcome
 
 
 class BackupStarter(Protocol):
@@ -118,9 +126,9 @@ class BackupLauncher:
                 raise Invalid("unknown repository", f"repository_id: backup repository {target.repository_id!r} "
                                                      "does not exist", field="repository_id") from e
 
-    def start_many(self, vms: Sequence[VmRef], target: Target) -> AsyncGenerator[tuple[VmRef, Outcome], None]:
+    def start_many(self, starts: Sequence[Start]) -> AsyncGenerator[tuple[Start, Outcome], None]:
         """One by one: each start runs the backup domain's own steps (its rows, nbd-pool, the VMA)."""
-        return one_by_one(self.start, vms, target)
+        return one_by_one(self.start, starts)
 
     async def start(self, vm: VmRef, target: Target) -> str:
         """Start one VM's backup; return its job id (raises as `start_many` reports)."""

@@ -32,7 +32,7 @@ from ..store.schedules import (AttemptStatus, ExecutionStatus, NewExecution, Ope
                                VmStatus)
 from . import cron
 from .clock import Clock, iso, parse_iso
-from .launcher import JobLauncher, Outcome, VmRef
+from .launcher import JobLauncher, Outcome, Start, Target, VmRef
 from .schedules import load_execution, target_of
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,7 @@ class Scheduler:
         async with self.db.transaction() as tx:
             eligible = await group_store.eligible(tx, [s.id for s in due])
             running = await store.running_execution_of(tx, [s.id for s in due])
+            fired: list[tuple[str, str | None]] = []  # (schedule, its next run)
             for s in due:
                 assert s.next_run_at is not None
                 at = parse_iso(s.next_run_at)
@@ -238,8 +239,9 @@ class Scheduler:
                                                                             MISSED_COUNT_LIMIT))
                 await self._open(tx, s, eligible[s.id], running.get(s.id), scheduled_at=at, now=now,
                                  triggered_by="scheduler", late=late, missed=missed)
-                await store.fired(tx, s.id, next_run_at=iso(following) if following else None, at=iso(now))
+                fired.append((s.id, iso(following) if following else None))
                 report.fired += 1
+            await store.fired(tx, fired, at=iso(now))
             await store.refresh_next_scheduled(tx)
 
     @staticmethod
@@ -354,8 +356,8 @@ class Scheduler:
                         report: TickReport, touched: set[int]) -> None:
         """Start the waiting VMs in order while the schedule's and each group's limits allow.
 
-        In rounds: each round picks every VM the limits allow (assuming each start succeeds), starts them per
-        schedule through its launcher's `start_many` and records the round in one transaction. A refused start
+        In rounds: each round picks every VM the limits allow (assuming each start succeeds), starts them all
+        through their launcher's `start_many` (one call per action) and records the round in one transaction. A refused start
         frees its slot, so another round looks again at the VMs the limits held back; every VM is tried at
         most once per tick.
         """
@@ -371,10 +373,10 @@ class Scheduler:
             done = _Round()
             chosen = self._choose(waiting, schedules, limits, busy, per_schedule, per_group, tried, done)
             try:
-                for schedule_id, batch in _by_schedule(chosen).items():
+                for action, batch in _by_action(chosen, schedules).items():
                     if self._stopping:
                         break  # omad stops: the VMs left wait for the next start
-                    await self._start(batch, schedules[schedule_id], done)
+                    await self._start(action, batch, schedules, done)
             finally:
                 await self._record(done, schedules, now, touched)
             report.started += len(done.started)
@@ -417,32 +419,31 @@ class Scheduler:
             chosen.append(v)
         return chosen
 
-    async def _start(self, batch: list[_Open], schedule: Schedule, done: _Round) -> None:
-        """Start the batch through the schedule's launcher; each VM ends started or refused in `done`."""
-        target = target_of(schedule)
-        launcher = self.launchers.get(target.action)
+    async def _start(self, action: str, batch: list[_Open], schedules: Mapping[str, Schedule], done: _Round
+                     ) -> None:
+        """Start the batch through the action's launcher; each VM ends started or refused in `done`."""
+        launcher = self.launchers.get(action)
         if launcher is None:
-            refusal: OmaError = Invalid("action not available", f"this omad cannot start a {target.action}")
+            refusal: OmaError = Invalid("action not available", f"this omad cannot start a {action}")
             done.refused.extend((v, refusal) for v in batch)
             return
-        by_context = {v.row.context_id: v for v in batch}
-        reported: set[str] = set()
+        starts = {Start(VmRef(v.row.context_id, v.row.vm_name or ""), target_of(schedules[v.row.schedule_id])): v
+                  for v in batch}
+        reported: set[Start] = set()
         try:
-            async with contextlib.aclosing(launcher.start_many(
-                    [VmRef(v.row.context_id, v.row.vm_name or "") for v in batch], target)) as outcomes:
-                async for vm, outcome in outcomes:
-                    v = by_context[vm.context_id]
-                    reported.add(v.row.context_id)
-                    self._started_or_refused(v, outcome, target.action, schedule.name, done)
+            async with contextlib.aclosing(launcher.start_many(list(starts))) as outcomes:
+                async for start, outcome in outcomes:
+                    reported.add(start)
+                    self._started_or_refused(starts[start], outcome, start.target, done)
                     if self._stopping:
                         break  # omad stops: the start in progress was recorded; the VMs left wait
         except Exception as e:  # a launcher bug must not stop the scheduler: the attempts fail, visibly
-            log.exception("launcher failed", extra={"resource": schedule.id})
-            refusal = OmaError("internal error", f"starting the {target.action} failed unexpectedly: {e}")
-            done.refused.extend((v, refusal) for v in batch if v.row.context_id not in reported)
+            log.exception("launcher failed", extra={"resource": action})
+            refusal = OmaError("internal error", f"starting the {action} failed unexpectedly: {e}")
+            done.refused.extend((v, refusal) for start, v in starts.items() if start not in reported)
 
     @staticmethod
-    def _started_or_refused(v: _Open, outcome: Outcome, action: str, schedule_name: str, done: _Round) -> None:
+    def _started_or_refused(v: _Open, outcome: Outcome, target: Target, done: _Round) -> None:
         if isinstance(outcome, Conflict):
             done.waits.append((v, f"waiting: {outcome.details}"))
             done.refused.append((v, outcome))
@@ -452,8 +453,8 @@ class Scheduler:
             v.attempts += 1
             v.status, v.job_id, v.retry_at, v.reason = VmStatus.RUNNING, outcome, None, None
             done.started.append(Started(v.row.execution_id, v.row.context_id, v.attempts, outcome))
-            log.info("%s: %s job %s started (schedule %r, attempt %d)", v.row.vm_name, action, outcome, schedule_name,
-                     v.attempts, extra={"resource": v.row.context_id})
+            log.info("%s: %s job %s started (schedule %r, attempt %d)", v.row.vm_name, target.action, outcome,
+                     target.schedule_name, v.attempts, extra={"resource": v.row.context_id})
 
     async def _record(self, done: _Round, schedules: Mapping[str, Schedule], now: datetime, touched: set[int]
                       ) -> None:
@@ -486,9 +487,9 @@ class Scheduler:
         log.info("execution %d %s: %s", execution_id, status, message, extra={"resource": str(execution_id)})
 
 
-def _by_schedule(vms: Sequence[_Open]) -> dict[str, list[_Open]]:
-    """The VMs per schedule, schedules in the order their first VM comes, VMs in order."""
+def _by_action(vms: Sequence[_Open], schedules: Mapping[str, Schedule]) -> dict[str, list[_Open]]:
+    """The VMs per action (one launcher each), in order."""
     out: dict[str, list[_Open]] = {}
     for v in vms:
-        out.setdefault(v.row.schedule_id, []).append(v)
+        out.setdefault(schedules[v.row.schedule_id].action, []).append(v)
     return out

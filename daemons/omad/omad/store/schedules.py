@@ -240,10 +240,10 @@ async def set_next_run(tx: Tx, schedule_id: str, next_run_at: str | None) -> Non
     await tx.execute("UPDATE schedules SET next_run_at = ? WHERE id = ?", (next_run_at, schedule_id))
 
 
-async def fired(tx: Tx, schedule_id: str, *, next_run_at: str | None, at: str) -> None:
-    """The schedule ran at `at`; it runs next at `next_run_at`."""
-    await tx.execute("UPDATE schedules SET next_run_at = ?, last_run_at = ? WHERE id = ?",
-                     (next_run_at, at, schedule_id))
+async def fired(tx: Tx, schedules: Sequence[tuple[str, str | None]], *, at: str) -> None:
+    """These schedules (id, next run) ran at `at`; each runs next at its next run."""
+    await tx.executemany("UPDATE schedules SET next_run_at = ?, last_run_at = ? WHERE id = ?",
+                         [(next_run_at, at, schedule_id) for schedule_id, next_run_at in schedules])
 
 
 async def delete(tx: Tx, schedule_id: str) -> None:
