@@ -212,8 +212,9 @@ class Scheduler:
                                                           f"{running}) and skips runs meanwhile (skip_if_running)",
                                    execution_id=running)
                 vms = (await group_store.eligible(tx, [schedule_id]))[schedule_id]
-                execution_id = await self._open(tx, s, vms, running, scheduled_at=now, now=now,
-                                                triggered_by=f"manual:{actor}", late=False, missed=0)
+                [execution_id] = await self._open(tx, [(s, self._execution(
+                    s, vms, running, scheduled_at=now, now=now, triggered_by=f"manual:{actor}", late=False,
+                    missed=0))])
                 await self.audit.record(actor, "schedule.trigger", f"schedule:{schedule_id}", tx=tx,
                                         execution_id=execution_id)
         self.wake()
@@ -228,6 +229,7 @@ class Scheduler:
             eligible = await group_store.eligible(tx, [s.id for s in due])
             running = await store.running_execution_of(tx, [s.id for s in due])
             fired: list[tuple[str, str | None]] = []  # (schedule, its next run)
+            opening: list[tuple[Schedule, NewExecution]] = []
             for s in due:
                 assert s.next_run_at is not None
                 at = parse_iso(s.next_run_at)
@@ -237,30 +239,39 @@ class Scheduler:
                 if late and following is not None:  # one run stands for every due time missed meanwhile
                     missed = len(cron.parse(s.cron_expression).runs_between(at, now, cron.zone(s.timezone),
                                                                             MISSED_COUNT_LIMIT))
-                await self._open(tx, s, eligible[s.id], running.get(s.id), scheduled_at=at, now=now,
-                                 triggered_by="scheduler", late=late, missed=missed)
+                opening.append((s, self._execution(s, eligible[s.id], running.get(s.id), scheduled_at=at, now=now,
+                                                   triggered_by="scheduler", late=late, missed=missed)))
                 fired.append((s.id, iso(following) if following else None))
-                report.fired += 1
+            report.fired += len(await self._open(tx, opening))
             await store.fired(tx, fired, at=iso(now))
             await store.refresh_next_scheduled(tx)
 
     @staticmethod
-    async def _open(tx: Tx, s: Schedule, vms: list[tuple[str, str]], running: int | None, *, scheduled_at: datetime,
-                    now: datetime, triggered_by: str, late: bool, missed: int) -> int:
-        """Record an execution of `vms` (the eligible ones, in order): running, or skipped with the reason (the
+    def _execution(s: Schedule, vms: list[tuple[str, str]], running: int | None, *, scheduled_at: datetime,
+                   now: datetime, triggered_by: str, late: bool, missed: int) -> NewExecution:
+        """An execution of `vms` (the eligible ones, in order): running, or skipped with the reason (the
         schedule's `running` execution goes on and skip_if_running is set, or no VM is eligible)."""
         message = None
         if running and s.skip_if_running:
             message = f"skipped: the previous run (execution {running}) is still running"
         elif not vms:
             message = "skipped: no enabled VM is in a group that uses this schedule"
-        execution_id = await store.open_execution(tx, NewExecution(
-            s.id, iso(scheduled_at), iso(now), triggered_by, late, missed, vms, skipped_because=message))
-        status = ExecutionStatus.SKIPPED if message else ExecutionStatus.RUNNING
-        lateness = f", {(now - scheduled_at).total_seconds():.0f} s late ({missed} more missed)" if late else ""
-        log.info("schedule %r: execution %d %s, %d VM(s)%s%s", s.name, execution_id, status, len(vms),
-                 lateness, f" — {message}" if message else "", extra={"resource": s.id})
-        return execution_id
+        return NewExecution(s.id, iso(scheduled_at), iso(now), triggered_by, late, missed, vms,
+                            skipped_because=message)
+
+    @staticmethod
+    async def _open(tx: Tx, opening: list[tuple[Schedule, NewExecution]]) -> list[int]:
+        """Record the executions (in one batch); returns their ids in order."""
+        ids = await store.open_executions(tx, [new for _, new in opening])
+        for (s, new), execution_id in zip(opening, ids):
+            status = ExecutionStatus.SKIPPED if new.skipped_because else ExecutionStatus.RUNNING
+            lateness = ""
+            if new.late:
+                seconds = (parse_iso(new.started_at) - parse_iso(new.scheduled_at)).total_seconds()
+                lateness = f", {seconds:.0f} s late ({new.missed_runs} more missed)"
+            log.info("schedule %r: execution %d %s, %d VM(s)%s%s", s.name, execution_id, status, len(new.vms),
+                     lateness, f" — {new.skipped_because}" if new.skipped_because else "", extra={"resource": s.id})
+        return ids
 
     # -- running executions --------------------------------------------------------------------------
 
@@ -357,9 +368,9 @@ class Scheduler:
         """Start the waiting VMs in order while the schedule's and each group's limits allow.
 
         In rounds: each round picks every VM the limits allow (assuming each start succeeds), starts them all
-        through their launcher's `start_many` (one call per action) and records the round in one transaction. A refused start
-        frees its slot, so another round looks again at the VMs the limits held back; every VM is tried at
-        most once per tick.
+        through their launcher's `start_many` (one call per action) and records the round in one transaction.
+        A refused start frees its slot, so another round looks again at the VMs the limits held back; every VM
+        is tried at most once per tick.
         """
         waiting = [v for v in open_vms if v.status == VmStatus.PENDING]
         if not waiting:

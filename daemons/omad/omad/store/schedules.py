@@ -351,21 +351,27 @@ async def open_vms(db: Reader) -> list[OpenVm]:
         " ORDER BY e.id, v.position")]
 
 
-async def open_execution(tx: Tx, new: NewExecution) -> int:
-    """Record an execution: running with its VMs pending in order, or skipped with the reason."""
-    skipped = new.skipped_because is not None
-    execution_id = await tx.execute(
-        "INSERT INTO schedule_executions (schedule_id, scheduled_at, started_at, completed_at, status, "
-        "triggered_by, late, missed_runs, vms_eligible, jobs_skipped, message) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (new.schedule_id, new.scheduled_at, new.started_at, new.started_at if skipped else None,
-         ExecutionStatus.SKIPPED if skipped else ExecutionStatus.RUNNING, new.triggered_by, int(new.late),
-         new.missed_runs, len(new.vms), len(new.vms) if skipped else 0, new.skipped_because))
-    if not skipped:
-        await tx.executemany(
-            "INSERT INTO schedule_execution_vms (execution_id, vm_context_id, group_id, position, status) "
-            "VALUES (?, ?, ?, ?, 'pending')", [(execution_id, cid, gid, i) for i, (cid, gid) in enumerate(new.vms)])
-    return execution_id
+async def open_executions(tx: Tx, news: Sequence[NewExecution]) -> list[int]:
+    """Record executions (of different schedules), each running with its VMs pending in order, or skipped with
+    the reason; returns their ids in order. One statement for the executions, one batch for their VMs."""
+    if len({n.schedule_id for n in news}) != len(news):
+        raise ValueError("one execution per schedule at a time")
+    rows = [[n.schedule_id, n.scheduled_at, n.started_at, n.started_at if n.skipped_because else None,
+             ExecutionStatus.SKIPPED if n.skipped_because else ExecutionStatus.RUNNING, n.triggered_by, int(n.late),
+             n.missed_runs, len(n.vms), len(n.vms) if n.skipped_because else 0, n.skipped_because] for n in news]
+    columns = ("schedule_id, scheduled_at, started_at, completed_at, status, triggered_by, late, missed_runs, "
+               "vms_eligible, jobs_skipped, message")
+    values = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(rows[0]))) if rows else ""
+    # executemany cannot tell the ids; RETURNING can (in no set order, so by schedule).
+    ids = {r["schedule_id"]: r["id"] for r in await tx.fetchall(
+        f"INSERT INTO schedule_executions ({columns}) SELECT {values} FROM json_each(?) ORDER BY key "
+        "RETURNING id, schedule_id", (json.dumps(rows),))} if rows else {}
+    await tx.executemany(
+        "INSERT INTO schedule_execution_vms (execution_id, vm_context_id, group_id, position, status) "
+        "VALUES (?, ?, ?, ?, 'pending')",
+        [(ids[n.schedule_id], cid, gid, i) for n in news if not n.skipped_because
+         for i, (cid, gid) in enumerate(n.vms)])
+    return [ids[n.schedule_id] for n in news]
 
 
 async def recount(tx: Tx, execution_ids: Sequence[int]) -> None:
