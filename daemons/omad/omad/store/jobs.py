@@ -169,9 +169,9 @@ async def create_many(tx: Tx, jobs: Sequence[NewJob]) -> None:
 
 # -- the transitions: the only code that writes jobs.status and job_steps.status -------------------------
 
-async def start(tx: Tx, job_id: str) -> bool:
+async def start(tx: Tx, job_id: str, *, now: str | None = None) -> bool:
     """pending → running; False when the job was not pending."""
-    now = utcnow()
+    now = now or utcnow()
     return bool(await tx.execute("UPDATE jobs SET status = 'running', started_at = ?, updated_at = ? "
                                  "WHERE id = ? AND status = 'pending'", (now, now, job_id)))
 
