@@ -140,7 +140,7 @@ async def busy_contexts(db: Reader, context_ids: Sequence[str] | None = None) ->
 
 async def outcomes(db: Reader, job_ids: Sequence[str]) -> dict[str, JobOutcome]:
     """Status and error of each of these jobs that exists."""
-    return {r["id"]: record(JobOutcome, r) for r in await db.fetchall(
+    return {r["id"]: JobOutcome(**r) for r in await db.fetchall(  # exactly the record's columns (a hot path)
         "SELECT id, status, error_message FROM jobs WHERE id IN (SELECT value FROM json_each(?))",
         (json.dumps(list(job_ids)),))}
 

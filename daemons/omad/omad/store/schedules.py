@@ -342,7 +342,7 @@ async def execution_jobs(db: Reader, execution_id: int) -> list[ExecutionJob]:
 
 async def open_vms(db: Reader) -> list[OpenVm]:
     """Every VM of a running execution that is not done, in start order (execution, then position)."""
-    return [record(OpenVm, r) for r in await db.fetchall(
+    return [OpenVm(**r) for r in await db.fetchall(  # exactly the record's columns: no record() on this hot path
         "SELECT v.execution_id, e.schedule_id, v.vm_context_id AS context_id, c.vm_name, v.group_id, v.status,"
         " v.attempts, v.job_id, v.retry_at, v.reason FROM schedule_executions e"
         " JOIN schedule_execution_vms v ON v.execution_id = e.id"
