@@ -172,24 +172,25 @@ async def create_many(tx: Tx, jobs: Sequence[NewJob]) -> None:
 async def start(tx: Tx, job_id: str, *, now: str | None = None) -> bool:
     """pending → running; False when the job was not pending."""
     now = now or utcnow()
-    return bool(await tx.execute("UPDATE jobs SET status = 'running', started_at = ?, updated_at = ? "
-                                 "WHERE id = ? AND status = 'pending'", (now, now, job_id)))
+    return bool(await tx.execute(
+        "UPDATE jobs SET status = ?, started_at = ?, updated_at = ? WHERE id = ? AND status = ?",
+        (JobStatus.RUNNING, now, now, job_id, JobStatus.PENDING)))
 
 
 async def complete(tx: Tx, job_id: str) -> bool:
     """An active job completes (progress 100); False when it had ended already (nothing changes)."""
     now = utcnow()
     return bool(await tx.execute(
-        f"UPDATE jobs SET status = 'completed', error_message = NULL, completed_at = ?, updated_at = ?, "
-        f"progress = 100 WHERE id = ? AND status IN {_ACTIVE_SQL}", (now, now, job_id)))
+        f"UPDATE jobs SET status = ?, error_message = NULL, completed_at = ?, updated_at = ?, progress = 100 "
+        f"WHERE id = ? AND status IN {_ACTIVE_SQL}", (JobStatus.COMPLETED, now, now, job_id)))
 
 
 async def fail(tx: Tx, job_id: str, reason: str | None) -> bool:
     """An active job fails with the reason; False when it had ended already (the first outcome stays)."""
     now = utcnow()
     return bool(await tx.execute(
-        f"UPDATE jobs SET status = 'failed', error_message = ?, completed_at = ?, updated_at = ? "
-        f"WHERE id = ? AND status IN {_ACTIVE_SQL}", (reason, now, now, job_id)))
+        f"UPDATE jobs SET status = ?, error_message = ?, completed_at = ?, updated_at = ? "
+        f"WHERE id = ? AND status IN {_ACTIVE_SQL}", (JobStatus.FAILED, reason, now, now, job_id)))
 
 
 async def set_progress(tx: Tx, job_id: str, percent: float, current_step: str | None) -> None:
@@ -209,17 +210,18 @@ async def begin_step(tx: Tx, job_id: str, name: str) -> int:
     """A new step, running, numbered after the job's last one; it becomes the job's current step."""
     seq = int(await tx.scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM job_steps WHERE job_id = ?", (job_id,)))
     now = utcnow()
-    await tx.execute("INSERT INTO job_steps (job_id, seq, name, status, started_at) VALUES (?, ?, ?, 'running', ?)",
-                     (job_id, seq, name, now))
+    await tx.execute("INSERT INTO job_steps (job_id, seq, name, status, started_at) VALUES (?, ?, ?, ?, ?)",
+                     (job_id, seq, name, StepStatus.RUNNING, now))
     await tx.execute("UPDATE jobs SET current_step = ?, updated_at = ? WHERE id = ?", (name, now, job_id))
     return seq
 
 
 async def complete_step(db: Tx, job_id: str, seq: int) -> None:
-    await db.execute("UPDATE job_steps SET status = 'completed', completed_at = ? WHERE job_id = ? AND seq = ? "
-                     "AND status = 'running'", (utcnow(), job_id, seq))
+    await db.execute("UPDATE job_steps SET status = ?, completed_at = ? WHERE job_id = ? AND seq = ? AND status = ?",
+                     (StepStatus.COMPLETED, utcnow(), job_id, seq, StepStatus.RUNNING))
 
 
 async def fail_step(db: Tx, job_id: str, seq: int, reason: str) -> None:
-    await db.execute("UPDATE job_steps SET status = 'failed', completed_at = ?, error_message = ? "
-                     "WHERE job_id = ? AND seq = ? AND status = 'running'", (utcnow(), reason, job_id, seq))
+    await db.execute("UPDATE job_steps SET status = ?, completed_at = ?, error_message = ? "
+                     "WHERE job_id = ? AND seq = ? AND status = ?",
+                     (StepStatus.FAILED, utcnow(), reason, job_id, seq, StepStatus.RUNNING))
