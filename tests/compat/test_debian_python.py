@@ -20,6 +20,7 @@ SUBSET = [
     "tests/omad/test_jobs.py", "tests/omad/test_health.py",
     "tests/omad/backup/test_backups.py", "tests/omad/backup/test_failures.py",
     "tests/omad/backup/test_immutability.py", "tests/omad/backup/test_restore.py",
+    "tests/omad/test_cloudstack_client.py",  # cs 2.7 (Debian 12) has an older asyncio client than PyPI's
 ]
 MODULES = ["aiohttp", "aiosqlite", "psutil", "sdnotify", "pyVmomi", "cs", "cryptography", "argon2", "pytest",
            "pytest_asyncio", "pytest_timeout"]
