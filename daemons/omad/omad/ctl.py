@@ -135,7 +135,8 @@ async def _run(args: argparse.Namespace, cfg: Config) -> int:
     try:
         await db.migrate()
         auth = AuthService(db, Audit(db), session_ttl=cfg.auth.session_ttl_seconds,
-                           limiter=FailureLimiter(cfg.auth.login_failure_limit, cfg.auth.login_failure_window_seconds))
+                           limiter=FailureLimiter(cfg.auth.login_failure_limit, cfg.auth.login_failure_window_seconds),
+                           bootstrap_file=Path(cfg.state_dir) / "admin-password")
         if args.cmd == "user":
             if args.action == "add":
                 await auth.add_user(args.username, _password(args.password_stdin), args.role)

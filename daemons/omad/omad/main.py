@@ -99,7 +99,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     audit = Audit(db)
     jobs = JobEngine(db)
     auth = AuthService(db, audit, session_ttl=cfg.auth.session_ttl_seconds,
-                       limiter=FailureLimiter(cfg.auth.login_failure_limit, cfg.auth.login_failure_window_seconds))
+                       limiter=FailureLimiter(cfg.auth.login_failure_limit, cfg.auth.login_failure_window_seconds),
+                       bootstrap_file=Path(cfg.state_dir) / "admin-password")
     box = SecretBox.from_key_file(cfg.secret_key_path)
     vma = VmaClient(cfg.vma)
     vcenter = VCenter(timeout=cfg.vcenter.test_timeout_seconds, verify_tls=cfg.vcenter.verify_tls,
