@@ -20,17 +20,20 @@ from .adapters.qemu_img import QemuImg
 from .api import app as api_app
 from .api.auth import AuthApi
 from .api.backups import BackupsApi
+from .api.cloudstack import CloudStackApi
 from .api.contexts import ContextsApi, VmsApi
 from .api.credentials import CredentialsApi
 from .api.discovery import DiscoveryApi
 from .api.groups import GroupsApi
 from .api.health import HealthApi
 from .api.nbd import NbdApi
+from .api.network_mappings import NetworkMappingsApi
 from .api.policies import PoliciesApi
 from .api.repositories import RepositoriesApi
 from .api.restore import RestoreApi
 from .api.schedules import SchedulesApi
 from .api.telemetry import TelemetryApi, receiver
+from .adapters.netlinks import local_nics
 from .audit import Audit
 from .auth.ratelimit import FailureLimiter
 from .auth.service import AuthService
@@ -48,6 +51,11 @@ from .backup.watchdog import Watchdog
 from .restore.images import RepositoryImages
 from .restore.service import RestoreService
 from .clients.agents import Agents
+from .clients.cloudstack import CloudStack, Limits
+from .cloudstack.config import Configs
+from .cloudstack.mappings import Mappings
+from .cloudstack.networks import Networks
+from .cloudstack.settings import Settings
 from .clients.nbdpool import NbdPool
 from .clients.vcenter import VCenter
 from .clients.vma import VmaClient
@@ -111,6 +119,15 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     discovery = Discovery(db, audit, credentials, vma, contexts, vms)
     pool = NbdPool(agents.nbd_pool)
 
+    # CloudStack: saved configs, the setup flows, networks and the VMs' network mappings.
+    cs_cfg = cfg.cloudstack
+    cloudstack = CloudStack(Limits(timeout=cs_cfg.timeout_seconds, job_timeout=cs_cfg.job_timeout_seconds,
+                                   poll_interval=cs_cfg.poll_interval_seconds, verify_tls=cs_cfg.verify_tls))
+    ossea_configs = Configs(db, audit, box)
+    networks = Networks(ossea_configs, cloudstack)
+    cloudstack_api = CloudStackApi(ossea_configs, Settings(ossea_configs, cloudstack, local_nics), networks)
+    mappings_api = NetworkMappingsApi(Mappings(db, audit, networks), networks)
+
     # Backups: repositories, VM-level backups, their completion and chains, the idle watchdog.
     locks = KeyedLocks()
     fs = LocalFs(timeout=cfg.backup.qemu_img_timeout_seconds)
@@ -151,7 +168,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
             BackupsApi(backups, completion, Chains(db, contexts)),
             TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)}), RestoreApi(restore),
             SchedulesApi(schedules, scheduler), GroupsApi(groups),
-            PoliciesApi(policies, retention, copies, verifier, immutability)]
+            PoliciesApi(policies, retention, copies, verifier, immutability), cloudstack_api, mappings_api]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
 
     async def close_clients(app: web.Application) -> None:
