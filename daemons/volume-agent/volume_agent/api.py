@@ -1,4 +1,5 @@
-"""volume-agent's socket API: network shares for omad's backup repositories (CloudStack volumes come later)."""
+"""volume-agent's socket API: network shares for omad's backup repositories, file locks, and ending VMA tunnel
+sessions (CloudStack volumes come later)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from oma_common.web import Auth, Call, route
 
 from .immutability import Immutability
 from .repositories import RepositoryMounts, Share
+from .tunnels import Session, TunnelSessions
 
 
 @dataclasses.dataclass
@@ -85,3 +87,25 @@ class ImmutabilityApi:
     async def status(self, call: Call) -> dict[str, Any]:
         """Whether each file is immutable (lsattr)."""
         return await self.immutability.status(call.body.paths)
+
+
+@dataclasses.dataclass
+class SessionIn:
+    pid: int = spec(min=2, description="sshd's per-connection monitor process")
+    start_time: float = spec(min=0, description="its start time (psutil create_time), against pid reuse")
+
+
+@dataclasses.dataclass
+class TerminateIn:
+    sessions: list[SessionIn] = spec(description="the sessions that logged in with a revoked key")
+
+
+class TunnelsApi:
+    def __init__(self, sessions: TunnelSessions) -> None:
+        self.sessions = sessions
+
+    @route("POST", "/tunnels/terminate", body=TerminateIn, auth=Auth.PEER)
+    async def terminate(self, call: Call) -> dict[str, Any]:
+        """End these sshd sessions of the VMA tunnel user (anything else named is skipped, with the reason)."""
+        b: TerminateIn = call.body
+        return await self.sessions.terminate([Session(s.pid, s.start_time) for s in b.sessions])

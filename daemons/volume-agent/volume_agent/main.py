@@ -8,9 +8,10 @@ from typing import Any
 
 from oma_common import agent, daemon, schema
 
-from .api import ImmutabilityApi, RepositoriesApi
+from .api import ImmutabilityApi, RepositoriesApi, TunnelsApi
 from .immutability import Immutability
 from .repositories import RepositoryMounts
+from .tunnels import TunnelSessions
 
 DAEMON = "volume-agent"
 
@@ -28,6 +29,8 @@ class Config(agent.AgentConfig):
     immutable_roots: list[str] = schema.spec(factory=list, description="local repository directories whose files "
                                                                        "may be made immutable (chattr +i); the "
                                                                        "share mount root always may")
+    tunnel_user: str = schema.spec("vma_tunnel", min_length=1, max_length=32,
+                                   description="the VMA tunnel's sshd user: only its sessions are ended on request")
 
 
 async def amain() -> int:
@@ -44,7 +47,8 @@ async def amain() -> int:
         return {"device_dir": cfg.device_dir, "repository_mount_root": cfg.repository_mount_root,
                 "immutable_roots": [str(r) for r in immutability.roots]}
 
-    return await agent.serve(DAEMON, cfg, [RepositoriesApi(mounts), ImmutabilityApi(immutability)], report=report)
+    apis = [RepositoriesApi(mounts), ImmutabilityApi(immutability), TunnelsApi(TunnelSessions(cfg.tunnel_user))]
+    return await agent.serve(DAEMON, cfg, apis, report=report)
 
 
 def main() -> None:

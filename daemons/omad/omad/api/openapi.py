@@ -55,7 +55,7 @@ def document(routes: list[BoundRoute], prefix: str) -> dict[str, Any]:
         else:
             op["responses"]["401"] = {"description": "authentication required", **err}
             if spec.auth is Auth.MACHINE:
-                op["description"] = "Also accepted without a token from a loopback peer (the VMA's tunnel)."
+                op["description"] = "Also accepted without a token through the VMA's SSH tunnel (a loopback peer owned by the tunnel user)."
             if spec.auth is Auth.ADMIN:
                 op["responses"]["403"] = {"description": "administrator only", **err}
         paths.setdefault(path, {})[spec.method.lower()] = op
