@@ -145,7 +145,7 @@ async def _vma(args: argparse.Namespace, cfg: Config, db: Database) -> None:
     try:
         enrollments = Enrollments.from_config(cfg, db, Audit(db), VolumeAgent(agents.volume_agent))
         if args.action == "list":
-            _print(await enrollments.list())
+            _print(await enrollments.everything())
         elif args.action == "pairing-code":
             out = await enrollments.create_pairing_code(args.valid_for, generated_by=None, actor=_actor())
             print(f"{out['pairing_code']} (valid until {out['expires_at']})")

@@ -153,7 +153,7 @@ class Enrollments:
         items = [self._view(e) for e in rows]
         return {"count": len(items), "enrollments": items}
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def everything(self) -> list[dict[str, Any]]:
         await self._expire()
         return [self._view(e) for e in await store.enrollments(self.db, *EnrollmentStatus)]
 
