@@ -38,6 +38,7 @@ SSH = ["ssh", "-F", "/dev/null", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=ye
 def free_port(candidates: range | None = None) -> int:
     for port in candidates or [0]:
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to listen on
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
@@ -210,29 +211,50 @@ async def http_status(port: int, path: str, *, user: str | None = None) -> str:
     return out.decode().strip()
 
 
+def nbd_size(port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nbdinfo", "--size", f"nbd://127.0.0.1:{port}/disk"], capture_output=True, text=True,
+                          timeout=30)
+
+
 @contextlib.contextmanager
 def nbd_server(tmp: Path) -> Iterator[int]:
-    """qemu-nbd on a 1 MiB image, on a free port of the NBD range."""
+    """An NBD export of a 1 MiB image on a free port of the NBD range (from its top), checked by a handshake of
+    its own before use. qemu-storage-daemon, not qemu-nbd: an nbd-pool starting anywhere on this machine (other
+    tests' stacks) ends every qemu-nbd serving a port of its range as its own orphan."""
     image = tmp / "disk.raw"
     with open(image, "wb") as f:
         f.truncate(1024 * 1024)
-    port = free_port(range(10100, 10201))
-    proc = subprocess.Popen(["qemu-nbd", "-t", "-f", "raw", "-x", "disk", "-b", "127.0.0.1", "-p", str(port),
-                             str(image)], stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while not listening(port):
-            assert proc.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
-            time.sleep(0.05)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    for port in range(10200, 10099, -1):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                continue  # taken
+        proc = subprocess.Popen(["qemu-storage-daemon",
+                                 "--blockdev", f"driver=file,node-name=f0,filename={image},read-only=on",
+                                 "--blockdev", "driver=raw,node-name=d0,file=f0,read-only=on",
+                                 "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}",
+                                 "--export", "type=nbd,id=e0,node-name=d0,name=disk,writable=off"],
+                                stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while proc.poll() is None and not listening(port) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if proc.poll() is None and nbd_size(port).returncode == 0:
+                yield port
+                return
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    raise RuntimeError("no NBD port free")
 
 
 async def test_an_approved_key_opens_exactly_the_tunnel(rig: Rig) -> None:
     key = VmaKey.fresh("vma-east")
-    await approved(rig.admin, rig.anon, key)
+    eid = await approved(rig.admin, rig.anon, key)
+    # The VMA learns which host key to expect, and as which user to log in.
+    status, result = await rig.anon.get("/vma/enroll/result", params={"enrollment_id": eid})
+    host_fp = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(rig.sshd.host_key_pub)],
+                             capture_output=True, text=True, check=True).stdout.split()[1]
+    assert (result["host_key_hash"], result["ssh_user"]) == (host_fp, TUNNEL_USER), result
     key_file = key.write(rig.tmp)
     local_api, local_nbd = free_port(), free_port()
     with nbd_server(rig.tmp) as nbd_port:
@@ -247,8 +269,7 @@ async def test_an_approved_key_opens_exactly_the_tunnel(rig: Rig) -> None:
             assert await http_status(rig.api_port, machine, user="nobody") == "401"
             assert await http_status(rig.api_port, machine) == "401"  # root is not the tunnel either
             # An NBD handshake through the NBD forward.
-            info = subprocess.run(["nbdinfo", "--size", f"nbd://127.0.0.1:{local_nbd}/disk"], capture_output=True,
-                                  text=True, timeout=30)
+            info = nbd_size(local_nbd)
             assert info.returncode == 0 and info.stdout.strip() == str(1024 * 1024), info.stderr
             # The VMA's API through the remote forward.
             assert await http_status(rig.vma_listen, "/api/v1/health") == "200"

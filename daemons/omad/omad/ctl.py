@@ -122,12 +122,13 @@ async def _authorized_keys(args: argparse.Namespace, cfg: Config) -> int:
         return 0  # omad never ran: nothing is approved
     monitor_pid = os.getppid()
     start = process_start_time(monitor_pid)
+    if start is None:
+        return 0  # the asking sshd is gone: nothing to hand out
     db = Database(cfg.database_path)
     await db.open()
     try:
         enrollments = Enrollments.from_config(cfg, db, Audit(db), _NoSessions())
-        lines = await enrollments.authorized_keys(args.user, args.fingerprint,
-                                                  (monitor_pid, start) if start is not None else None, _alive)
+        lines = await enrollments.authorized_keys(args.user, args.fingerprint, (monitor_pid, start), _alive)
     finally:
         await db.close()
     for line in lines:

@@ -338,7 +338,7 @@ class Enrollments:
 
     # -- sshd (omactl vma authorized-keys, run by sshd as AuthorizedKeysCommand) ---------------------------
 
-    async def authorized_keys(self, user: str, fingerprint: str | None, monitor: tuple[int, float] | None,
+    async def authorized_keys(self, user: str, fingerprint: str | None, monitor: tuple[int, float],
                               alive: Callable[[int, float], bool]) -> list[str]:
         """The approved key lines for `user` (only the one with `fingerprint` when given). Each one handed out is
         recorded against the asking sshd process (`monitor`: its pid and start time), so that revoking the key
@@ -356,9 +356,8 @@ class Enrollments:
             for old in await store.logins(tx):
                 if not alive(old.monitor_pid, old.monitor_start):
                     await store.forget_login(tx, old)
-            if monitor is not None:
-                for e in found:
-                    await store.record_login(tx, TunnelLogin(monitor[0], monitor[1], e.id, e.key_fingerprint, now))
+            for e in found:
+                await store.record_login(tx, TunnelLogin(monitor[0], monitor[1], e.id, e.key_fingerprint, now))
         return [spec.authorized_line(keys.parse(e.public_key), f"oma-vma:{e.id}") for e in found]
 
     @staticmethod
