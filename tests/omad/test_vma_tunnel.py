@@ -30,7 +30,7 @@ from .enrollment_rig import VmaKey, approved, enroll, verified
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
 TUNNEL_USER = "vma_tunnel"
-DROP_IN = ROOT / "systemd" / "sshd_config.d" / "oma-vma-tunnel.conf"
+DROP_IN = ROOT / "packaging" / "debian" / "etc" / "ssh" / "sshd_config.d" / "oma-vma-tunnel.conf"
 SSH = ["ssh", "-F", "/dev/null", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
        "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
 
@@ -316,7 +316,7 @@ async def test_keys_that_are_not_approved_cannot_log_in(rig: Rig) -> None:
     eid = await verified(rig.admin, rig.anon, refused)
     status, _ = await rig.admin.post(f"/admin/vma/reject/{eid}", {"reason": "no"})
     assert status == 200
-    # A used pairing code gives nothing either.
+    # An unknown pairing code gives nothing either (used and expired ones: test_vma_enrollment.py).
     status, out = await enroll(rig.admin, rig.anon, VmaKey.fresh("late"), code="ABCD-EFGH-JKMN")
     assert status == 401
     for key in (unverified, forged, waiting, refused):

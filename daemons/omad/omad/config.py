@@ -129,7 +129,8 @@ class EnrollmentConfig:
                                                                     "rejected within this time expires")
     max_code_ttl_seconds: int = spec(86400, min=60, description="longest validity an administrator may give a "
                                                                "pairing code")
-    rate_limit: int = spec(30, min=1, description="public enrollment calls accepted from one address per window")
+    rate_limit: int = spec(120, min=1, description="public enrollment calls accepted from one address per window "
+                                                   "(the VMA polls its result while it waits for approval)")
     rate_window_seconds: int = spec(60, min=1, description="window the public calls are counted in")
     failure_limit: int = spec(5, min=1, description="wrong pairing codes or signatures from one address "
                                                     "before a 429")
