@@ -89,7 +89,10 @@ def run_sshd(stack: Stack, workdir: Path) -> Iterator[Sshd]:
     try:
         os.chmod(conf_dir, 0o755)
         command = conf_dir / "omactl"
-        command.write_text(f"#!/bin/sh\nexec {sys.executable} -m omad.ctl --config {stack.config_dirs['omad']} \"$@\"\n")
+        # sshd runs the command with an empty environment: the interpreter's module path is passed on here.
+        path = f"export PYTHONPATH='{os.environ['PYTHONPATH']}'\n" if os.environ.get("PYTHONPATH") else ""
+        command.write_text(f"#!/bin/sh\n{path}exec {sys.executable} -m omad.ctl --config {stack.config_dirs['omad']} "
+                           "\"$@\"\n")
         command.chmod(0o755)
         host_key = conf_dir / "host_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
