@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from oma_common.errors import Conflict, Exhausted, Invalid, NotFound, Unavailable
+from oma_common.statefile import StateFile
 
 from .adapters.ports import PortProbeError, port_is_free
-from .state import StateFile
 
 log = logging.getLogger("nbd_pool.pool")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from oma_common import errors
-from oma_common.process import CommandFailed
+from oma_common.command import CommandFailed
 from oma_common.rpc import AgentClient
 
 from .adapters import loop

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from oma_common.rpc import peer_credentials
-from oma_common.schema import spec
+from oma_common.schema import any_case, spec
 from oma_common.web import Auth, Call, route
 
 from .immutability import Immutability
@@ -19,7 +19,7 @@ from .tunnels import Session, TunnelSessions
 class MountIn:
     """A share to mount: NFS `server:export_path`, or CIFS `//server/share_name` with a login."""
 
-    kind: str = spec(pattern=r"(?i)nfs|cifs|smb", description="nfs, or cifs (smb)")
+    kind: str = spec(pattern=any_case("nfs", "cifs", "smb"), description="nfs, or cifs (smb), any letter case")
     server: str = spec(min_length=1, max_length=255)
     mount_point: str = spec(min_length=2, max_length=4096, description="absolute path below the agent's mount root")
     export_path: str = spec("", max_length=4096, description="NFS: the exported path")

@@ -243,8 +243,9 @@ class Enrollments:
 
     async def enroll(self, req: EnrollRequest, source: str) -> dict[str, Any]:
         self.calls.attempt(source)
-        self.failures.check(source)
         key = keys.parse(req.public_key)
+        # Counted before the code is looked at, withdrawn when it matches (auth/ratelimit.py).
+        tried = self.failures.attempt(source)
         await self._expire()
         digest = _code_digest(req.pairing_code)
         enrollment_id = f"enr-{secrets.token_hex(16)}"
@@ -269,10 +270,10 @@ class Enrollments:
         if code is None:
             known = await store.find_pairing_code(self.db, digest)
             why = "unknown" if known is None else ("used" if known.used_at else "expired")
-            self.failures.failed(source)
             await self.audit.record(actor, "vma.enroll", "", outcome="denied", source=source, reason=f"{why} pairing code",
                                     key_fingerprint=key.fingerprint)
             raise Unauthorized("invalid pairing code", "the pairing code is unknown, already used or expired")
+        self.failures.withdraw(source, tried)
         log.info("VMA %s enrolled from %s with key %s", req.vma_name, source, key.fingerprint,
                  extra={"resource": enrollment_id})
         return {"enrollment_id": enrollment_id, "challenge": challenge,
@@ -290,7 +291,21 @@ class Enrollments:
 
     async def verify(self, enrollment_id: str, signature: str, source: str) -> dict[str, Any]:
         self.calls.attempt(source)
-        self.failures.check(source)
+        tried = self.failures.attempt(source)
+        try:
+            ok = await self._verify(enrollment_id, signature, source)
+        except OmaError:
+            self.failures.withdraw(source, tried)  # unknown, expired or answered: no signature was judged
+            raise
+        if not ok:
+            raise Unauthorized("signature does not verify", "the signature is not the enrolled key's Ed25519 "
+                                                            "signature of the challenge; the enrollment is rejected")
+        self.failures.withdraw(source, tried)
+        return {"status": str(EnrollmentStatus.AWAITING_APPROVAL), "enrollment_id": enrollment_id,
+                "message": MESSAGES[EnrollmentStatus.AWAITING_APPROVAL]}
+
+    async def _verify(self, enrollment_id: str, signature: str, source: str) -> bool:
+        """Spend the challenge on this signature: awaiting approval when it verifies, rejected when not."""
         await self._expire()
         now = self._now()[1]
         async with self.db.transaction() as tx:
@@ -310,12 +325,7 @@ class Enrollments:
                                    now=now)
             await self.audit.record(f"vma:{e.vma_name}", "vma.verify", f"enrollment:{enrollment_id}", tx=tx,
                                     source=source, outcome="ok" if ok else "denied", key_fingerprint=e.key_fingerprint)
-        if not ok:
-            self.failures.failed(source)
-            raise Unauthorized("signature does not verify", "the signature is not the enrolled key's Ed25519 "
-                                                            "signature of the challenge; the enrollment is rejected")
-        return {"status": str(EnrollmentStatus.AWAITING_APPROVAL), "enrollment_id": enrollment_id,
-                "message": MESSAGES[EnrollmentStatus.AWAITING_APPROVAL]}
+        return ok
 
     async def result(self, enrollment_id: str, source: str) -> dict[str, Any]:
         self.calls.attempt(source)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from oma_common import blockdev
 from oma_common.blockdev import DELETED, LOSETUP, LoopError
-from oma_common.process import CommandFailed, run
+from oma_common.command import CommandFailed, run
 
 log = logging.getLogger(__name__)
 
