@@ -1,10 +1,12 @@
-"""VMA enrollment: the administrator's /admin/vma/* and the VMA's public /vma/enroll* (CONTRACTS.md, "VMA enrollment")."""
+"""VMA enrollment: the administrator's /admin/vma/* and the VMA's public /vma/enroll* (CONTRACTS.md,
+"VMA enrollment")."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+from oma_common.errors import Conflict, NotFound, RateLimited, Unauthorized
 from oma_common.schema import spec
 from oma_common.web import Auth, Call, route
 
@@ -75,7 +77,8 @@ class VmaEnrollmentApi:
 
     # -- the VMA -------------------------------------------------------------------------------------------
 
-    @route("POST", "/vma/enroll", body=EnrollIn, response=EnrollOut, auth=Auth.PUBLIC, tags=("vma",))
+    @route("POST", "/vma/enroll", errors=(Unauthorized, Conflict, RateLimited),
+           body=EnrollIn, response=EnrollOut, auth=Auth.PUBLIC, tags=("vma",))
     async def enroll(self, call: Call) -> dict[str, Any]:
         """Enroll with a pairing code and an ssh-ed25519 key; answers the challenge to sign (401: bad code)."""
         b: EnrollIn = call.body
@@ -83,13 +86,15 @@ class VmaEnrollmentApi:
             EnrollRequest(b.pairing_code, b.vma_public_key, b.vma_name, b.vma_version, b.vma_fingerprint),
             call.request.remote or "unknown")
 
-    @route("POST", "/vma/enroll/verify", body=VerifyIn, auth=Auth.PUBLIC, tags=("vma",))
+    @route("POST", "/vma/enroll/verify", errors=(NotFound, Conflict, Unauthorized, RateLimited),
+           body=VerifyIn, auth=Auth.PUBLIC, tags=("vma",))
     async def verify(self, call: Call) -> dict[str, Any]:
         """Prove possession of the key: the base64 Ed25519 signature of the challenge (one attempt)."""
         b: VerifyIn = call.body
         return await self.enrollments.verify(b.enrollment_id, b.signature, call.request.remote or "unknown")
 
-    @route("GET", "/vma/enroll/result", query=ResultQuery, auth=Auth.PUBLIC, tags=("vma",))
+    @route("GET", "/vma/enroll/result", errors=(NotFound, RateLimited),
+           query=ResultQuery, auth=Auth.PUBLIC, tags=("vma",))
     async def result(self, call: Call) -> dict[str, Any]:
         """The enrollment's status; once approved, the tunnel user, ssh options and host key hash."""
         return await self.enrollments.result(call.query.enrollment_id, call.request.remote or "unknown")
@@ -107,21 +112,24 @@ class VmaEnrollmentApi:
         """Enrollments waiting for their proof of possession or for approval."""
         return await self.enrollments.pending()
 
-    @route("POST", "/admin/vma/approve/{enrollment_id}", body=ApproveIn, auth=Auth.ADMIN, tags=("vma",))
+    @route("POST", "/admin/vma/approve/{enrollment_id}", errors=(NotFound, Conflict),
+           body=ApproveIn, auth=Auth.ADMIN, tags=("vma",))
     async def approve(self, call: Call) -> dict[str, Any]:
         """Approve a verified enrollment: its key may open the tunnel (409 unless awaiting approval)."""
         b: ApproveIn = call.body
         return await self.enrollments.approve(call.params["enrollment_id"], approved_by=b.approved_by, notes=b.notes,
                                               actor=call.actor)
 
-    @route("POST", "/admin/vma/reject/{enrollment_id}", body=RejectIn, auth=Auth.ADMIN, tags=("vma",))
+    @route("POST", "/admin/vma/reject/{enrollment_id}", errors=(NotFound, Conflict),
+           body=RejectIn, auth=Auth.ADMIN, tags=("vma",))
     async def reject(self, call: Call) -> dict[str, Any]:
         """Reject an enrollment that is not approved yet."""
         b: RejectIn = call.body
         return await self.enrollments.reject(call.params["enrollment_id"], rejected_by=b.rejected_by, reason=b.reason,
                                              actor=call.actor)
 
-    @route("DELETE", "/admin/vma/revoke/{enrollment_id}", query=RevokeQuery, auth=Auth.ADMIN, tags=("vma",))
+    @route("DELETE", "/admin/vma/revoke/{enrollment_id}", errors=(NotFound, Conflict),
+           query=RevokeQuery, auth=Auth.ADMIN, tags=("vma",))
     async def revoke(self, call: Call) -> dict[str, Any]:
         """Revoke an approved VMA: its key stops working at once and its live tunnel is ended."""
         return await self.enrollments.revoke(call.params["enrollment_id"], revoked_by=call.query.revoked_by,
