@@ -24,7 +24,10 @@ def owner_of_client(family: socket.AddressFamily, server_host: str, client_host:
             with conn:
                 local = conn.getsockname()
                 assert socktable.listener_uid(socktable.normalise(*server.getsockname()[:2])) == os.getuid()
-                return socktable.owner_uid(socktable.normalise(*peer[:2]), socktable.normalise(*local[:2]))
+                here, there = socktable.normalise(*peer[:2]), socktable.normalise(*local[:2])
+                by_proc = [uid for a, b, _state, uid in socktable.entries() if (a, b) == (here, there)]
+                assert by_proc == [socktable.diag_owner_uid(here, there)]  # netlink and /proc agree
+                return socktable.owner_uid(here, there)
 
 
 def test_owner_of_an_ipv4_loopback_peer() -> None:
