@@ -367,7 +367,7 @@ def test_upgrade_keeps_the_database_and_users(installed: Machine, upgrade_deb: d
     assert admin_password(m) == password
     assert login(m, "admin", password)[0] == 200
     assert login(m, "alice", "alice-password")[0] == 200
-    users = [json.loads(line)["username"] for line in m.run("omactl", "user", "list").stdout.splitlines()]
+    users = [json.loads(line)["username"] for line in m.run("omactl", "user", "list", "--json").stdout.splitlines()]
     assert users == ["admin", "alice"]
 
 
