@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import sqlite3
 import subprocess
@@ -87,7 +88,13 @@ class Stack:
 
 def make_stack(tmp: Path, port: int = 0) -> Stack:
     write_local_configs(tmp, port)
-    return Stack(tmp)
+    stack = Stack(tmp)
+    # The VMA simulator runs inside the test process, so the test's own user stands in for the tunnel user whose
+    # loopback sockets may call the machine routes without a token (tests/omad/test_vma_tunnel.py puts the real
+    # vma_tunnel back and goes through sshd).
+    stack.add_config("omad", "20-tunnel-user.toml",
+                     f'[enrollment]\ntunnel_user = "{pwd.getpwuid(os.getuid()).pw_name}"\n')
+    return stack
 
 
 @contextlib.contextmanager

@@ -1,9 +1,11 @@
-"""Every route is closed unless declared public; the VMA's machine endpoints accept loopback peers only."""
+"""Every route is closed unless declared public; the VMA's machine endpoints take no token only from the tunnel."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import pwd
 import re
 import subprocess
 import sys
@@ -25,16 +27,19 @@ from omad.clients.agents import Agents
 from omad.config import Config
 from omad.main import assemble
 from omad.store.db import Database
+from omad.vma.tunnel import TunnelPeers
 
 # The only routes reachable without a token. Adding one means adding it here, on purpose.
 PUBLIC = {
     ("GET", "/health"), ("GET", "/api/v1/health"), ("POST", "/api/v1/auth/login"),
     ("GET", "/api/v1/openapi.json"), ("GET", "/swagger"), ("GET", "/swagger/"), ("GET", "/api/v1/swagger"),
-    ("GET", "/api/v1/swagger/"),
+    ("GET", "/api/v1/swagger/"), ("POST", "/api/v1/vma/enroll"), ("POST", "/api/v1/vma/enroll/verify"),
+    ("GET", "/api/v1/vma/enroll/result"),
 }
 
-# The VMA's machine endpoints (CONTRACTS.md, "Authentication"): no token needed from a loopback peer, which
-# the walker is; a wrong or expired token is still refused. Adding one means adding it here, on purpose.
+# The VMA's machine endpoints (CONTRACTS.md, "Authentication"): no token needed through the VMA's tunnel (a
+# loopback peer owned by the tunnel user); a wrong or expired token is still refused. Adding one means adding it
+# here, on purpose.
 MACHINE = {
     ("GET", "/api/v1/replications/changeid"), ("POST", "/api/v1/replications/{job_id}/changeid"),
     ("GET", "/api/v1/backups/changeid"), ("POST", "/api/v1/backups/{backup_id}/complete"),
@@ -135,7 +140,9 @@ class MachineProbe:
 @pytest.fixture
 async def machine_app(app: App) -> AsyncIterator[tuple[str, App]]:
     """omad's application with one machine route, served on every address (for the namespace test)."""
-    application = api_app.build([MachineProbe()], app.auth, cors_origins=["*"], max_body=4096)
+    # The test's own user plays the tunnel user here; tests/omad/test_vma_tunnel.py goes through a real sshd.
+    tunnel = TunnelPeers(pwd.getpwuid(os.getuid()).pw_name)
+    application = api_app.build([MachineProbe()], app.auth, tunnel=tunnel, cors_origins=["*"], max_body=4096)
     runner = web.AppRunner(application)
     await runner.setup()
     site = web.TCPSite(runner, "0.0.0.0", 0)
@@ -147,15 +154,33 @@ async def machine_app(app: App) -> AsyncIterator[tuple[str, App]]:
         await runner.cleanup()
 
 
-async def test_machine_route_accepts_loopback_without_token(machine_app: tuple[str, App]) -> None:
+async def test_machine_route_accepts_the_tunnel_user_without_token(machine_app: tuple[str, App]) -> None:
     url, app = machine_app
     async with aiohttp.ClientSession() as s:
         async with s.post(url + "/api/v1/probe/machine") as r:
             assert r.status == 200 and (await r.json())["caller"] == "vma-tunnel"
         async with s.post(url + "/api/v1/probe/machine", headers={"Authorization": "Bearer omat_bad"}) as r:
-            assert r.status == 401  # a wrong token is never rescued by the loopback rule
+            assert r.status == 401  # a wrong token is never rescued by the tunnel rule
         async with s.post(url + "/api/v1/probe/machine", headers={"Authorization": "Bearer " + app.admin_token}) as r:
             assert r.status == 200 and (await r.json())["caller"] == "walker"
+
+
+CALL = ("import sys,urllib.request,urllib.error\n"
+        "req=urllib.request.Request(sys.argv[1],data=b'{}',method='POST',headers=dict(h.split(': ',1) for h in sys.argv[2:]))\n"
+        "try:\n print(urllib.request.urlopen(req,timeout=10).status)\n"
+        "except urllib.error.HTTPError as e:\n print(e.code)\n")
+
+
+@pytest.mark.root
+async def test_machine_route_refuses_another_local_user_without_token(machine_app: tuple[str, App]) -> None:
+    """Loopback is not enough: a process of another user on this host (nobody) needs a token."""
+    url, app = machine_app
+    for headers, expected in (([], "401"), ([f"Authorization: Bearer {app.admin_token}"], "200")):
+        proc = await asyncio.create_subprocess_exec(
+            "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c", CALL,
+            url + "/api/v1/probe/machine", *headers, stdout=subprocess.PIPE)
+        out, _ = await proc.communicate()
+        assert out.decode().strip() == expected
 
 
 @pytest.fixture
@@ -186,10 +211,7 @@ def netns() -> Any:
 async def test_machine_route_refuses_another_host_without_token(machine_app: tuple[str, App], netns: str) -> None:
     url, app = machine_app
     port = url.rsplit(":", 1)[1]
-    code = ("import sys,urllib.request,urllib.error\n"
-            "req=urllib.request.Request(sys.argv[1],data=b'{}',method='POST',headers=dict(h.split(': ',1) for h in sys.argv[2:]))\n"
-            "try:\n print(urllib.request.urlopen(req,timeout=10).status)\n"
-            "except urllib.error.HTTPError as e:\n print(e.code)\n")
+    code = CALL
     remote = f"http://198.18.7.1:{port}/api/v1/probe/machine"
     proc = await asyncio.create_subprocess_exec(
         "ip", "netns", "exec", netns, sys.executable, "-c", code, remote, stdout=subprocess.PIPE)

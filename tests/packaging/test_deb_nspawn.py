@@ -213,6 +213,12 @@ def test_install_creates_user_directories_and_enables_the_target(installed: Mach
                            "/run/oma 755 root root", "/var/lib/oma/admin-password 600 oma oma",
                            "/var/lib/oma/oma.db 600 oma oma"]
     assert m.run("systemctl", "is-enabled", "oma.target").stdout.strip() == "enabled"
+    # The VMA tunnel's account, and sshd's drop-in that lets only approved keys in as it (as oma).
+    tunnel = m.run("getent", "passwd", "vma_tunnel").stdout.split(":")
+    assert tunnel[6].strip().endswith("nologin")
+    effective = m.run("sshd", "-T", "-C", "user=vma_tunnel,host=vma,addr=127.0.0.1").stdout
+    assert "authorizedkeyscommand /usr/bin/omactl vma authorized-keys %u %f" in effective
+    assert "authorizedkeyscommanduser oma" in effective and "permittty no" in effective
 
 
 def test_all_four_services_are_active_with_notify_readiness(installed: Machine) -> None:
@@ -361,7 +367,7 @@ def test_upgrade_keeps_the_database_and_users(installed: Machine, upgrade_deb: d
     assert admin_password(m) == password
     assert login(m, "admin", password)[0] == 200
     assert login(m, "alice", "alice-password")[0] == 200
-    users = [json.loads(line)["username"] for line in m.run("omactl", "user", "list").stdout.splitlines()]
+    users = [json.loads(line)["username"] for line in m.run("omactl", "user", "list", "--json").stdout.splitlines()]
     assert users == ["admin", "alice"]
 
 
@@ -386,5 +392,7 @@ def test_remove_keeps_data_and_purge_removes_state_and_user(installed: Machine) 
         assert m.run("test", "-e", path, check=False).returncode == 1, f"{path} survived the purge"
     assert m.run("getent", "passwd", "oma", check=False).returncode == 2
     assert m.run("getent", "group", "oma", check=False).returncode == 2
+    assert m.run("getent", "passwd", "vma_tunnel", check=False).returncode == 2
+    assert m.run("test", "-e", "/etc/ssh/sshd_config.d/oma-vma-tunnel.conf", check=False).returncode == 1
     status = m.run("dpkg-query", "-W", "-f", "${db:Status-Status}", "oma-appliance", check=False)
     assert status.stdout in ("", "not-installed")

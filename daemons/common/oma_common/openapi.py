@@ -25,7 +25,7 @@ ERROR_SCHEMA = {
 BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 SECURITY: dict[Auth, list[dict[str, list[str]]]] = {
     Auth.PUBLIC: [],
-    Auth.MACHINE: [*BEARER, {}],  # {}: no token at all, accepted from a loopback peer only
+    Auth.MACHINE: [*BEARER, {}],  # {}: no token at all, accepted through the VMA's tunnel only
     Auth.USER: BEARER,
     Auth.ADMIN: BEARER,
     Auth.PEER: [],  # no credentials: the unix socket's peer uid is checked (SO_PEERCRED)
@@ -71,7 +71,8 @@ def _operation(reg: SchemaRegistry, spec: RouteSpec, operation_id: str) -> dict[
     op["responses"] = responses
     op["security"] = SECURITY.get(spec.auth, BEARER)
     if spec.auth is Auth.MACHINE:
-        notes.append("Also accepted without a token from a loopback peer (the VMA's tunnel).")
+        notes.append("Also accepted without a token through the VMA's SSH tunnel (a loopback peer owned by the "
+                     "tunnel user).")
     if spec.auth is Auth.PEER:
         notes.append("The uid of the unix socket's peer is checked (SO_PEERCRED).")
     if notes:

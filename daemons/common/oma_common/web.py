@@ -45,7 +45,7 @@ class Auth(str, enum.Enum):
     """Who may call a route. Everything is USER unless declared otherwise."""
 
     PUBLIC = "public"  # no credentials at all (health, login, docs, enrollment)
-    MACHINE = "machine"  # the VMA's tunnel: no token from a loopback peer, or any valid token
+    MACHINE = "machine"  # the VMA's tunnel: no token from the tunnel user's loopback socket, or any valid token
     USER = "user"  # a valid session or API token
     ADMIN = "admin"  # a valid session or token of an administrator
     PEER = "peer"  # agents: the unix-socket peer's uid is checked for every request

@@ -33,8 +33,13 @@ class Audit:
             await self.db.execute(sql, params)
         log.info("%s %s %s: %s", actor, action, resource or "-", outcome, extra={"resource": resource or "-"})
 
-    async def recent(self, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
-        if action:
+    async def recent(self, limit: int = 100, action: str | None = None, *, prefix: str | None = None
+                     ) -> list[dict[str, Any]]:
+        """The latest rows, of one action or of every action starting with `prefix` (e.g. "vma.")."""
+        if prefix:
+            rows = await self.db.fetchall("SELECT * FROM audit_log WHERE substr(action, 1, ?) = ? "
+                                          "ORDER BY id DESC LIMIT ?", (len(prefix), prefix, limit))
+        elif action:
             rows = await self.db.fetchall("SELECT * FROM audit_log WHERE action = ? ORDER BY id DESC LIMIT ?",
                                           (action, limit))
         else:

@@ -123,6 +123,31 @@ class SchedulerConfig:
 
 
 @dataclasses.dataclass
+class EnrollmentConfig:
+    """VMA enrollment and the VMA's SSH tunnel account."""
+
+    tunnel_user: str = spec("vma_tunnel", min_length=1, max_length=32,
+                            description="user an approved VMA key logs in as (sshd); an unauthenticated call to the "
+                                        "VMA's machine routes is accepted only from a loopback socket it owns")
+    nbd_port_first: int = spec(10100, min=1, max=65535, description="first NBD port the tunnel may forward to "
+                                                                    "(nbd-pool's port range)")
+    nbd_port_last: int = spec(10200, min=1, max=65535, description="last NBD port the tunnel may forward to")
+    ssh_host_key: str = spec("/etc/ssh/ssh_host_ed25519_key.pub",
+                             description="sshd's host public key; its fingerprint is handed to approved VMAs")
+    challenge_ttl_seconds: int = spec(300, min=10, description="time the VMA has to answer its challenge")
+    approval_ttl_seconds: int = spec(7 * 86400, min=60, description="a verified enrollment not approved or "
+                                                                    "rejected within this time expires")
+    max_code_ttl_seconds: int = spec(86400, min=60, description="longest validity an administrator may give a "
+                                                               "pairing code")
+    rate_limit: int = spec(120, min=1, description="public enrollment calls accepted from one address per window "
+                                                   "(the VMA polls its result while it waits for approval)")
+    rate_window_seconds: int = spec(60, min=1, description="window the public calls are counted in")
+    failure_limit: int = spec(5, min=1, description="wrong pairing codes or signatures from one address "
+                                                    "before a 429")
+    failure_window_seconds: int = spec(300, min=1, description="window the failures are counted in")
+
+
+@dataclasses.dataclass
 class Config:
     """omad's configuration."""
 
@@ -140,6 +165,7 @@ class Config:
     backup: BackupConfig = spec(factory=BackupConfig, description="VM backups")
     policies: PolicyConfig = spec(factory=PolicyConfig, description="backup policies, copies, retention, verification")
     scheduler: SchedulerConfig = spec(factory=SchedulerConfig, description="the scheduler")
+    enrollment: EnrollmentConfig = spec(factory=EnrollmentConfig, description="VMA enrollment and its SSH tunnel")
 
     @property
     def database_path(self) -> Path:
@@ -148,6 +174,14 @@ class Config:
     @property
     def secret_key_path(self) -> Path:
         return Path(self.secret_key_file) if self.secret_key_file else Path(self.state_dir) / "secret.key"
+
+    def api_base_url(self) -> str:
+        """Where omad answers: the URL it recorded at start (port 0 picks one), else the configured address."""
+        url_file = Path(self.state_dir) / "omad.url"
+        if url_file.exists():
+            return url_file.read_text().strip()
+        host = self.api.listen_address if self.api.listen_address not in ("0.0.0.0", "::") else "127.0.0.1"
+        return f"http://{host}:{self.api.port}"
 
     def agent_socket(self, name: str) -> Path:
         configured = {"nbd-pool": self.agents.nbd_pool_socket, "restore-mounter": self.agents.restore_mounter_socket,

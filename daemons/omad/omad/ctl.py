@@ -1,4 +1,4 @@
-"""omactl: the operator's command line — users, API tokens, the audit trail and the appliance's status."""
+"""omactl: the operator's command line — users, API tokens, VMAs, the audit trail and the appliance's status."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
+import pwd
 import sys
 import unicodedata
 import urllib.error
@@ -15,11 +17,15 @@ from typing import Any
 
 from oma_common import config
 from oma_common.errors import OmaError
+from oma_common.process import process_start_time
 
 from .audit import Audit
 from .auth.ratelimit import FailureLimiter
 from .auth.service import ROLES, AuthService
+from .clients.agents import Agents
+from .clients.volume_agent import VolumeAgent
 from .config import Config
+from .vma.enrollment import Enrollments
 from .store.db import Database
 
 
@@ -27,6 +33,7 @@ from .store.db import Database
 USER_COLUMNS = ("username", "role", "disabled", "created_at")
 TOKEN_COLUMNS = ("name", "role", "appliance_id", "created_by", "created_at", "expires_at", "revoked_at",
                  "last_used_at")
+VMA_COLUMNS = ("id", "vma_name", "status", "key_fingerprint", "source", "created_at", "decided_by", "revoked_at")
 AUDIT_COLUMNS = ("at", "actor", "action", "resource", "outcome", "source", "details")
 _WIDEST = 60  # a longer cell is cut with "…" (--json has it whole)
 
@@ -62,6 +69,22 @@ def _parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="recent audit events", parents=[fmt])
     audit.add_argument("--limit", type=int, default=50)
     audit.add_argument("--action")
+
+    vma = sub.add_parser("vma", help="enrolled VMAs and their SSH tunnel").add_subparsers(dest="action", required=True)
+    vma.add_parser("list", help="every enrollment", parents=[fmt])
+    code = vma.add_parser("pairing-code", help="a single-use pairing code for a new VMA")
+    code.add_argument("--valid-for", type=int, default=600, metavar="SECONDS")
+    approve = vma.add_parser("approve", help="let a verified enrollment's key open the tunnel")
+    approve.add_argument("enrollment_id")
+    approve.add_argument("--notes", default="")
+    reject = vma.add_parser("reject", help="reject an enrollment")
+    reject.add_argument("enrollment_id")
+    reject.add_argument("--reason", default="")
+    revoke_vma = vma.add_parser("revoke", help="revoke an approved VMA and end its tunnel")
+    revoke_vma.add_argument("enrollment_id")
+    keys = vma.add_parser("authorized-keys", help="sshd's AuthorizedKeysCommand: the approved key lines for USER")
+    keys.add_argument("user")
+    keys.add_argument("fingerprint", nargs="?", help="only the key with this fingerprint (sshd's %%f)")
 
     sub.add_parser("status", help="ask the running omad for its health", parents=[fmt])
     return p
@@ -106,13 +129,7 @@ def _print(rows: list[dict[str, Any]], columns: tuple[str, ...], as_json: bool) 
 
 
 def _status(cfg: Config, as_json: bool = False) -> int:
-    url_file = Path(cfg.state_dir) / "omad.url"
-    if url_file.exists():
-        base = url_file.read_text().strip()
-    else:
-        host = cfg.api.listen_address if cfg.api.listen_address not in ("0.0.0.0", "::") else "127.0.0.1"
-        base = f"http://{host}:{cfg.api.port}"
-    url = f"{base}/health"
+    url = f"{cfg.api_base_url()}/health"
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
             body = json.load(r)
@@ -127,6 +144,70 @@ def _status(cfg: Config, as_json: bool = False) -> int:
         details = printable(comp["details"]) if comp.get("details") else ""
         print(f"  {printable(name)}: {printable(comp.get('status'))}{' - ' + details if details else ''}")
     return 0 if body["status"] == "healthy" else 2
+
+
+def _alive(pid: int, start: float) -> bool:
+    """Whether the process recorded as (pid, start time) still runs."""
+    actual = process_start_time(pid)
+    return actual is not None and abs(actual - start) <= 0.05
+
+
+async def _authorized_keys(args: argparse.Namespace, cfg: Config) -> int:
+    """Run by sshd (as AuthorizedKeysCommandUser) for each key offered: print the approved lines, nothing else.
+
+    The parent process is sshd's per-connection monitor; it is recorded with the key handed out, so that a
+    revocation can end this session. Any failure prints nothing: sshd then refuses the key.
+    """
+    if not cfg.database_path.exists():
+        return 0  # omad never ran: nothing is approved
+    monitor_pid = os.getppid()
+    start = process_start_time(monitor_pid)
+    if start is None:
+        return 0  # the asking sshd is gone: nothing to hand out
+    db = Database(cfg.database_path)
+    await db.open()
+    try:
+        enrollments = Enrollments.from_config(cfg, db, Audit(db), _NoSessions())
+        lines = await enrollments.authorized_keys(args.user, args.fingerprint, (monitor_pid, start), _alive)
+    finally:
+        await db.close()
+    for line in lines:
+        print(line)
+    return 0
+
+
+class _NoSessions:
+    async def end_tunnel_sessions(self, sessions: list[dict[str, Any]]) -> dict[str, Any]:
+        raise OmaError("not available", "ending sessions is not done here")
+
+
+async def _vma(args: argparse.Namespace, cfg: Config, db: Database) -> None:
+    agents = Agents(cfg)
+    try:
+        enrollments = Enrollments.from_config(cfg, db, Audit(db), VolumeAgent(agents.volume_agent))
+        if args.action == "list":
+            _print(await enrollments.everything(), VMA_COLUMNS, args.json)
+        elif args.action == "pairing-code":
+            out = await enrollments.create_pairing_code(args.valid_for, generated_by=None, actor=_actor())
+            print(f"{out['pairing_code']} (valid until {out['expires_at']})")
+        elif args.action == "approve":
+            print((await enrollments.approve(args.enrollment_id, approved_by=None, notes=args.notes,
+                                             actor=_actor()))["message"])
+        elif args.action == "reject":
+            print((await enrollments.reject(args.enrollment_id, rejected_by=None, reason=args.reason,
+                                            actor=_actor()))["message"])
+        elif args.action == "revoke":
+            print((await enrollments.revoke(args.enrollment_id, revoked_by=None, actor=_actor()))["message"])
+    finally:
+        await agents.close()
+
+
+def _actor() -> str:
+    """Who runs omactl, for the audit trail."""
+    try:
+        return f"omactl:{pwd.getpwuid(os.getuid()).pw_name}"
+    except KeyError:
+        return f"omactl:uid {os.getuid()}"
 
 
 async def _run(args: argparse.Namespace, cfg: Config) -> int:
@@ -156,6 +237,8 @@ async def _run(args: argparse.Namespace, cfg: Config) -> int:
                 print(f"token {args.name} revoked")
             else:
                 _print(await auth.list_tokens(), TOKEN_COLUMNS, args.json)
+        elif args.cmd == "vma":
+            await _vma(args, cfg, db)
         elif args.cmd == "audit":
             _print(await Audit(db).recent(args.limit, args.action), AUDIT_COLUMNS, args.json)
         return 0
@@ -169,6 +252,8 @@ def main() -> None:
         cfg = config.load(Config, args.config or config.default_dirs("omad"))
         if args.cmd == "status":
             sys.exit(_status(cfg, args.json))
+        if args.cmd == "vma" and args.action == "authorized-keys":
+            sys.exit(asyncio.run(_authorized_keys(args, cfg)))
         sys.exit(asyncio.run(_run(args, cfg)))
     except OmaError as e:
         print(f"omactl: {e.message}: {e.details}", file=sys.stderr)

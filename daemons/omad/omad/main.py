@@ -33,6 +33,7 @@ from .api.repositories import RepositoriesApi
 from .api.restore import RestoreApi
 from .api.schedules import SchedulesApi
 from .api.telemetry import TelemetryApi, receiver
+from .api.vma import VmaEnrollmentApi
 from .adapters.netlinks import local_nics
 from .audit import Audit
 from .auth.ratelimit import FailureLimiter
@@ -75,6 +76,8 @@ from .schedule.launcher import BackupLauncher, JobLauncher
 from .schedule.scheduler import Scheduler
 from .schedule.schedules import Schedules
 from .store.db import Database
+from .vma.enrollment import Enrollments
+from .vma.tunnel import TunnelPeers
 
 log = logging.getLogger("omad")
 
@@ -163,13 +166,19 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
                           on_disable=scheduler.halt)
     groups = Groups(db, audit, on_change=scheduler.wake)
 
+    # VMA enrollment: approved keys reach sshd through `omactl vma authorized-keys`; volume-agent ends the sshd
+    # sessions of a revoked key.
+    enrollments = Enrollments.from_config(cfg, db, audit, volume_agent)
+
     apis = [HealthApi(Health(db, agents)), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
             ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories),
             BackupsApi(backups, completion, Chains(db, contexts)),
             TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)}), RestoreApi(restore),
             SchedulesApi(schedules, scheduler), GroupsApi(groups),
-            PoliciesApi(policies, retention, copies, verifier, immutability), cloudstack_api, mappings_api]
-    app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
+            PoliciesApi(policies, retention, copies, verifier, immutability), cloudstack_api, mappings_api,
+            VmaEnrollmentApi(enrollments)]
+    app = api_app.build(apis, auth, tunnel=TunnelPeers(cfg.enrollment.tunnel_user), cors_origins=cfg.api.cors_origins,
+                        max_body=cfg.api.max_body_bytes)
 
     async def close_clients(app: web.Application) -> None:
         await vma.close()

@@ -1,5 +1,5 @@
 """volume-agent's socket API: CloudStack volumes and their devices, network shares for omad's backup
-repositories, and immutable backup files."""
+repositories, immutable backup files, and ending a revoked VMA's tunnel sessions."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from oma_common.web import Auth, Call, route
 
 from .immutability import Immutability
 from .repositories import RepositoryMounts, Share
+from .tunnels import Session, TunnelSessions
 from .volumes import Volumes
 
 
@@ -157,3 +158,25 @@ class VolumesApi:
         """Which device belongs to which volume: the devices attached here for CloudStack volumes (those
         nbd-pool may export)."""
         return self.volumes.vouched()
+
+
+@dataclasses.dataclass
+class SessionIn:
+    pid: int = spec(min=2, description="sshd's per-connection monitor process")
+    start_time: float = spec(min=0, description="its start time (psutil create_time), against pid reuse")
+
+
+@dataclasses.dataclass
+class TerminateIn:
+    sessions: list[SessionIn] = spec(description="the sessions that logged in with a revoked key")
+
+
+class TunnelsApi:
+    def __init__(self, sessions: TunnelSessions) -> None:
+        self.sessions = sessions
+
+    @route("POST", "/tunnels/terminate", body=TerminateIn, auth=Auth.PEER)
+    async def terminate(self, call: Call) -> dict[str, Any]:
+        """End these sshd sessions of the VMA tunnel user (anything else named is skipped, with the reason)."""
+        b: TerminateIn = call.body
+        return await self.sessions.terminate([Session(s.pid, s.start_time) for s in b.sessions])

@@ -11,10 +11,11 @@ from oma_common.statefile import Damaged, StateFile
 
 from .adapters.cloudstack import CloudStack, Settings
 from .adapters.devdir import DeviceDir
-from .api import ImmutabilityApi, RepositoriesApi, VolumesApi
+from .api import ImmutabilityApi, RepositoriesApi, TunnelsApi, VolumesApi
 from .immutability import Immutability
 from .reconcile import Reconciler
 from .repositories import RepositoryMounts
+from .tunnels import TunnelSessions
 from .volumes import Volumes, registry_file
 
 DAEMON = "volume-agent"
@@ -63,6 +64,8 @@ class Config(agent.AgentConfig):
     immutable_roots: list[str] = schema.spec(factory=list, description="local repository directories whose files "
                                                                        "may be made immutable (chattr +i); the "
                                                                        "share mount root always may")
+    tunnel_user: str = schema.spec("vma_tunnel", min_length=1, max_length=32,
+                                   description="the VMA tunnel's sshd user: only its sessions are ended on request")
 
 
 def cloudstack_client(c: CloudStackConfig) -> CloudStack | None:
@@ -96,7 +99,8 @@ async def amain() -> int:
                 "appliance_vm_id": volumes.appliance_vm_id or None, "volumes": len(volumes.records),
                 "attached_here": len(volumes.vouched().devices)}
 
-    apis = [RepositoriesApi(mounts), ImmutabilityApi(immutability), VolumesApi(volumes)]
+    apis = [RepositoriesApi(mounts), ImmutabilityApi(immutability), VolumesApi(volumes),
+            TunnelsApi(TunnelSessions(cfg.tunnel_user))]
     return await agent.serve(DAEMON, cfg, apis, report=report, reconcile=reconciler.startup)
 
 

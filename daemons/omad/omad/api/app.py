@@ -9,16 +9,19 @@ from aiohttp import web
 from oma_common.web import collect, error_middleware, mount
 
 from ..auth.service import AuthService
+from ..vma.tunnel import TunnelPeers
 from . import guard
 from .openapi import OpenApi, SwaggerUi
 
 PREFIX = "/api/v1"
 
 
-def build(apis: list[Any], auth: AuthService, *, cors_origins: list[str], max_body: int) -> web.Application:
-    """`apis` are the handler objects, each built with its own collaborators."""
+def build(apis: list[Any], auth: AuthService, *, tunnel: TunnelPeers, cors_origins: list[str],
+          max_body: int) -> web.Application:
+    """`apis` are the handler objects, each built with its own collaborators; `tunnel` recognises the VMA's
+    tunnel, the only peer whose machine calls need no token."""
     cors = guard.Cors(cors_origins)
-    app = web.Application(middlewares=[cors.preflight, error_middleware, guard.middleware(auth)],
+    app = web.Application(middlewares=[cors.preflight, error_middleware, guard.middleware(auth, tunnel)],
                           client_max_size=max_body)
     app.on_response_prepare.append(cors.on_prepare)
     openapi = OpenApi()

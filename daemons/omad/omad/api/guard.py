@@ -1,8 +1,7 @@
-"""Who may call what: bearer authentication, the admin rule, and the loopback rule for the VMA's tunnel."""
+"""Who may call what: bearer authentication, the admin rule, and the tunnel rule for the VMA's machine calls."""
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -11,6 +10,7 @@ from oma_common.errors import Forbidden, Unauthorized
 from oma_common.web import Auth, spec_of
 
 from ..auth.service import LOOPBACK_MACHINE, AuthService
+from ..vma.tunnel import TunnelPeers
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -19,14 +19,6 @@ def bearer(request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     return value.strip() if scheme.lower() == "bearer" else ""
-
-
-def is_loopback(request: web.Request) -> bool:
-    """True when the TCP peer is on this host's loopback (the VMA's SSH tunnel lands there)."""
-    try:
-        return ipaddress.ip_address(request.remote or "").is_loopback
-    except ValueError:
-        return False
 
 
 def policy_of(request: web.Request) -> Auth | None:
@@ -42,7 +34,17 @@ def policy_of(request: web.Request) -> Auth | None:
     return Auth.USER  # anything registered without a declaration is closed, never open
 
 
-def middleware(auth: AuthService) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+async def through_tunnel(request: web.Request, tunnel: TunnelPeers) -> bool:
+    """True when the TCP peer is the VMA's SSH tunnel: a loopback socket owned by the tunnel user (sshd's
+    forwarding process). Any other local process, whoever runs it, is not the tunnel."""
+    transport = request.transport
+    if transport is None:
+        return False
+    return await tunnel.is_tunnel(transport.get_extra_info("peername"), transport.get_extra_info("sockname"))
+
+
+def middleware(auth: AuthService, tunnel: TunnelPeers) -> Callable[[web.Request, Handler],
+                                                                   Awaitable[web.StreamResponse]]:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         policy = policy_of(request)
@@ -57,7 +59,7 @@ def middleware(auth: AuthService) -> Callable[[web.Request, Handler], Awaitable[
             return await handler(request)
         token = bearer(request)
         principal = await auth.authenticate(token) if token else None
-        if principal is None and policy is Auth.MACHINE and not token and is_loopback(request):
+        if principal is None and policy is Auth.MACHINE and not token and await through_tunnel(request, tunnel):
             principal = LOOPBACK_MACHINE
         if principal is None:
             raise Unauthorized("authentication required",

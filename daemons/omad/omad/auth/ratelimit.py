@@ -1,4 +1,4 @@
-"""Login limiting per source address, with an injectable clock.
+"""Limiting per source address (logins, public enrollment calls), with an injectable clock.
 
 Every attempt is counted *before* the slow password check, in the same step as the limit check (no await in
 between), so a burst of concurrent guesses cannot all pass the check before the first failure is recorded.
@@ -21,7 +21,9 @@ Attempt = tuple[float, int]
 class FailureLimiter:
     """At most `limit` attempts that did not succeed inside `window` seconds from one source."""
 
-    def __init__(self, limit: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, limit: int, window: float, clock: Callable[[], float] = time.monotonic, *,
+                 what: str = "failed logins") -> None:
+        self.what = what  # what is counted, for the refusal's message
         self.limit = limit
         self.window = window
         self.clock = clock
@@ -40,8 +42,8 @@ class FailureLimiter:
         q = self._recent(source)
         if len(q) >= self.limit:
             retry = max(1, int(q[0][0] + self.window - self.clock()) + 1)
-            raise RateLimited("too many failed logins",
-                              f"{len(q)} failed logins from {source} in the last {int(self.window)} s; "
+            raise RateLimited(f"too many {self.what}",
+                              f"{len(q)} {self.what} from {source} in the last {int(self.window)} s; "
                               f"try again in {retry} s", retry_after=retry)
         a = (self.clock(), next(self._seq))
         q.append(a)

@@ -6,6 +6,7 @@
   GET  /repositories/mounts                                → {mount_root, mounts: [{mount_point, source, type}]}
   POST /immutability/lock    {paths}                       → {paths, immutable: true}   (chattr +i)
   POST /immutability/unlock  {paths}                       → {paths, immutable: false}  (chattr -i)
+  POST /tunnels/terminate    {sessions: [{pid, start_time}]} → {terminated: [pid], skipped: [{pid, reason}]}
 """
 
 from __future__ import annotations
@@ -38,3 +39,8 @@ class VolumeAgent:
     async def unlock_files(self, paths: list[str]) -> dict[str, Any]:
         return await self.client.call("POST", "/immutability/unlock",  # type: ignore[no-any-return]
                                       json={"paths": paths}, timeout=self.mount_timeout)
+
+    async def end_tunnel_sessions(self, sessions: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stop the sshd sessions of the VMA tunnel user started by these per-connection sshd processes."""
+        return await self.client.call("POST", "/tunnels/terminate",  # type: ignore[no-any-return]
+                                      json={"sessions": sessions})
