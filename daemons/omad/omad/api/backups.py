@@ -115,7 +115,7 @@ class BackupsApi:
         return await self.completion.complete_disk(call.params["backup_id"], b.disk_id, b.change_id,
                                                    b.bytes_transferred)
 
-    @route("DELETE", f"/backups/{_ID}", errors=(NotFound, Conflict, *CALLS_OUT), tags=("backups",))
+    @route("DELETE", f"/backups/{_ID}", errors=(NotFound, Conflict, *CALLS_OUT), auth=Auth.ADMIN, tags=("backups",))
     async def delete(self, call: Call) -> dict[str, Any]:
         """Delete a backup's images and records (409 while it runs or later backups are built on it)."""
         return await self.backups.delete(call.params["backup_id"], actor=call.actor)

@@ -77,7 +77,8 @@ class PoliciesApi:
         self.verifier = verifier
         self.immutability = immutability
 
-    @route("POST", "/policies", errors=(NotFound, Conflict), body=PolicyIn, status=201, tags=("policies",))
+    @route("POST", "/policies", errors=(NotFound, Conflict), body=PolicyIn, status=201, auth=Auth.ADMIN,
+           tags=("policies",))
     async def create(self, call: Call) -> dict[str, Any]:
         """Create a policy with its copy rules (repositories must exist; a copy never targets the primary)."""
         b: PolicyIn = call.body
