@@ -52,7 +52,7 @@ class Tx:
         """Run one statement; returns the last inserted rowid (for INSERT) or the changed row count."""
         cur = await self._conn.execute(sql, params)
         try:
-            return cur.lastrowid if sql.lstrip().upper().startswith("INSERT") else cur.rowcount
+            return (cur.lastrowid or 0) if sql.lstrip().upper().startswith("INSERT") else cur.rowcount
         finally:
             await cur.close()
 
@@ -161,7 +161,7 @@ class Database:
 
     async def ping(self) -> bool:
         try:
-            return await self.scalar("SELECT 1") == 1
+            return bool(await self.scalar("SELECT 1") == 1)
         except (sqlite3.Error, RuntimeError, ValueError):
             return False
 
