@@ -65,8 +65,8 @@ class Tx:
         return dict(row) if row is not None else None
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
-        async with self._conn.execute(sql, params) as cur:
-            rows = await cur.fetchall()
+        # One trip to the connection's thread (execute, fetch and close there), not three.
+        rows = await self._conn.execute_fetchall(sql, params)
         return [dict(r) for r in rows]
 
     async def scalar(self, sql: str, params: Params = ()) -> Any:
