@@ -217,12 +217,8 @@ class Contexts:
             n += 1
             context_id = f"{base}-{n}"
         await store.create(tx, context_id, NewContext(
-            vm_name=vm.name, vmware_vm_id=vm.id, vm_path=vm.path, vcenter_host=vcenter_host,
-            datacenter=vm.datacenter or datacenter, cpu_count=vm.cpu_count, memory_mb=vm.memory_mb,
-            os_type=vm.os_type, power_state=vm.power_state, vm_tools_version=vm.vmware_tools_version,
-            guest_os=vm.guest_os, display_name=vm.display_name or vm.name, folder_path=vm.folder_path,
-            vmx_version=vm.vmx_version, annotation=vm.annotation, vmware_tools_status=vm.vmware_tools_status,
-            auto_added=auto_added, credential_id=credential_id), now)
+            vmware_vm_id=vm.id, vcenter_host=vcenter_host, datacenter=vm.datacenter or datacenter,
+            auto_added=auto_added, credential_id=credential_id, specs=_specs(vm, vm.name)), now)
         for disk in vm.disks:
             await store.add_disk(tx, context_id, _disk(disk), now)
         await store.replace_nics(tx, context_id, _nics(vm))
@@ -249,11 +245,7 @@ class Contexts:
         changes += disk_changes(old_disks, vm.disks)
         changes += nic_changes(await store.networks_of(tx, context_id), vm.networks)
         now = utcnow()
-        await store.update_specs(tx, context_id, Specs(
-            vm_name=name, vm_path=vm.path, cpu_count=vm.cpu_count, memory_mb=vm.memory_mb, os_type=vm.os_type,
-            power_state=vm.power_state, vm_tools_version=vm.vmware_tools_version, guest_os=vm.guest_os,
-            display_name=vm.display_name or vm.name, folder_path=vm.folder_path, vmx_version=vm.vmx_version,
-            annotation=vm.annotation, vmware_tools_status=vm.vmware_tools_status), changed=bool(changes), now=now)
+        await store.update_specs(tx, context_id, _specs(vm, name), changed=bool(changes), now=now)
         for disk in vm.disks:
             if disk.id not in old_disks:
                 await store.add_disk(tx, context_id, _disk(disk), now)
@@ -263,6 +255,13 @@ class Contexts:
             await store.remove_disk(tx, context_id, disk_id)
         await store.replace_nics(tx, context_id, _nics(vm))
         return changes
+
+
+def _specs(vm: VmSpec, name: str) -> Specs:
+    return Specs(vm_name=name, vm_path=vm.path, cpu_count=vm.cpu_count, memory_mb=vm.memory_mb, os_type=vm.os_type,
+                 power_state=vm.power_state, vm_tools_version=vm.vmware_tools_version, guest_os=vm.guest_os,
+                 display_name=vm.display_name or vm.name, folder_path=vm.folder_path, vmx_version=vm.vmx_version,
+                 annotation=vm.annotation, vmware_tools_status=vm.vmware_tools_status)
 
 
 def _disk(d: DiskSpec) -> DiskSpecs:

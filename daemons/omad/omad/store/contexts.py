@@ -175,14 +175,11 @@ class Ungrouped:
 
 
 @dataclasses.dataclass(frozen=True)
-class NewContext:
-    """The columns a discovery sets when it creates a context."""
+class Specs:
+    """What vCenter says of a VM, as a context keeps it (its name only while no other context has it)."""
 
     vm_name: str
-    vmware_vm_id: str
     vm_path: str
-    vcenter_host: str
-    datacenter: str
     cpu_count: int
     memory_mb: int
     os_type: str
@@ -194,27 +191,21 @@ class NewContext:
     vmx_version: str
     annotation: str
     vmware_tools_status: str
-    auto_added: bool
-    credential_id: int | None
+
+
+_SPEC_COLUMNS = tuple(f.name for f in dataclasses.fields(Specs))
 
 
 @dataclasses.dataclass(frozen=True)
-class Specs:
-    """What a re-discovery brings up to date in a context (its name only when no other context has it)."""
+class NewContext:
+    """The columns a discovery sets when it creates a context."""
 
-    vm_name: str
-    vm_path: str
-    cpu_count: int
-    memory_mb: int
-    os_type: str
-    power_state: str
-    vm_tools_version: str
-    guest_os: str
-    display_name: str
-    folder_path: str
-    vmx_version: str
-    annotation: str
-    vmware_tools_status: str
+    vmware_vm_id: str
+    vcenter_host: str
+    datacenter: str
+    auto_added: bool
+    credential_id: int | None
+    specs: Specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,31 +395,25 @@ async def job(db: Reader, job_id: str) -> ContextJob | None:
 
 # -- writing (inside the caller's transaction) ---------------------------------------------------------------
 
+# Assembled once, at import, from the constant column names of Specs.
+_CREATE_SQL = (
+    "INSERT INTO vm_replication_contexts (context_id, vmware_vm_id, vcenter_host, datacenter, current_status,"
+    f" auto_added, scheduler_enabled, credential_id, created_at, updated_at, {', '.join(_SPEC_COLUMNS)})"
+    f" VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?{', ?' * len(_SPEC_COLUMNS)})")
+_UPDATE_SPECS_SQL = (
+    f"UPDATE vm_replication_contexts SET {', '.join(f'{c} = ?' for c in _SPEC_COLUMNS)},"
+    " updated_at = CASE WHEN ? THEN ? ELSE updated_at END WHERE context_id = ?")
+
 async def create(tx: Tx, context_id: str, new: NewContext, now: str) -> None:
     """A new context starts as discovered; the scheduler may pick it up (scheduler_enabled)."""
-    v = dataclasses.asdict(new)
-    await tx.execute(
-        "INSERT INTO vm_replication_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, datacenter,"
-        " current_status, cpu_count, memory_mb, os_type, power_state, vm_tools_version, guest_os, display_name,"
-        " folder_path, vmx_version, annotation, vmware_tools_status, created_at, updated_at, auto_added,"
-        " scheduler_enabled, credential_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
-        (context_id, v["vm_name"], v["vmware_vm_id"], v["vm_path"], v["vcenter_host"], v["datacenter"],
-         ContextStatus.DISCOVERED.value, v["cpu_count"], v["memory_mb"], v["os_type"], v["power_state"],
-         v["vm_tools_version"], v["guest_os"], v["display_name"], v["folder_path"], v["vmx_version"],
-         v["annotation"], v["vmware_tools_status"], now, now, int(v["auto_added"]), v["credential_id"]))
+    await tx.execute(_CREATE_SQL, (context_id, new.vmware_vm_id, new.vcenter_host, new.datacenter,
+                                   ContextStatus.DISCOVERED.value, int(new.auto_added), new.credential_id, now, now,
+                                   *(getattr(new.specs, c) for c in _SPEC_COLUMNS)))
 
 
 async def update_specs(tx: Tx, context_id: str, specs: Specs, *, changed: bool, now: str) -> None:
     """Write what vCenter says now; updated_at moves only when the specs changed (not for power state)."""
-    v = dataclasses.asdict(specs)
-    await tx.execute(
-        "UPDATE vm_replication_contexts SET vm_name = ?, vm_path = ?, cpu_count = ?, memory_mb = ?, os_type = ?,"
-        " power_state = ?, vm_tools_version = ?, guest_os = ?, display_name = ?, folder_path = ?, vmx_version = ?,"
-        " annotation = ?, vmware_tools_status = ?, updated_at = CASE WHEN ? THEN ? ELSE updated_at END"
-        " WHERE context_id = ?",
-        (v["vm_name"], v["vm_path"], v["cpu_count"], v["memory_mb"], v["os_type"], v["power_state"],
-         v["vm_tools_version"], v["guest_os"], v["display_name"], v["folder_path"], v["vmx_version"],
-         v["annotation"], v["vmware_tools_status"], changed, now, context_id))
+    await tx.execute(_UPDATE_SPECS_SQL, (*(getattr(specs, c) for c in _SPEC_COLUMNS), changed, now, context_id))
 
 
 async def add_disk(tx: Tx, context_id: str, disk: DiskSpecs, now: str) -> None:
