@@ -12,7 +12,7 @@ from .base import Reader, get_or_404, record
 from .db import Tx
 
 # Named writers of vm_replication_contexts.current_status (tests/omad/test_store_rules.py holds us to it).
-TRANSITIONS = ("create",)
+TRANSITIONS = ("create", "job_started", "job_ended")
 
 
 class ContextStatus(enum.StrEnum):
@@ -447,3 +447,70 @@ async def replace_nics(tx: Tx, context_id: str, nics: Sequence[Nic]) -> None:
         " connected, type) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [(context_id, i, n.label, n.network_name, n.adapter_type, n.mac_address, int(n.connected), n.type)
          for i, n in enumerate(nics)])
+
+
+# -- the jobs a context has run (replications and backups alike) ---------------------------------------------
+
+
+async def job_started(tx: Tx, context_id: str, job_id: str, now: str, *,
+                      status: ContextStatus | None = None) -> None:
+    """A job of this VM began: it is the current one, counted in total_jobs_run; `status` (a replication:
+    replicating) moves the context, a backup leaves it where it is."""
+    await tx.execute(
+        "UPDATE vm_replication_contexts SET current_job_id = ?, total_jobs_run = total_jobs_run + 1,"
+        " first_job_at = COALESCE(first_job_at, ?), last_job_at = ?,"
+        " current_status = COALESCE(?, current_status) WHERE context_id = ?",
+        (job_id, now, now, status.value if status is not None else None, context_id))
+
+
+async def job_ended(tx: Tx, context_id: str, job_id: str, *, succeeded: bool, summary: dict[str, Any], now: str,
+                    status: ContextStatus | None = None) -> None:
+    """A job of this VM ended: counted as successful or failed, its summary kept as the last operation; it is
+    no longer the current job (unless another one took its place meanwhile); `status` moves the context."""
+    await tx.execute(
+        "UPDATE vm_replication_contexts SET successful_jobs = successful_jobs + ?, failed_jobs = failed_jobs + ?,"
+        " last_successful_job_id = CASE WHEN ? THEN ? ELSE last_successful_job_id END,"
+        " current_job_id = CASE WHEN current_job_id = ? THEN NULL ELSE current_job_id END,"
+        " last_job_at = ?, last_operation_summary = ?, current_status = COALESCE(?, current_status)"
+        " WHERE context_id = ?",
+        (int(succeeded), int(not succeeded), int(succeeded), job_id, job_id, now, json.dumps(summary, default=str),
+         status.value if status is not None else None, context_id))
+
+
+async def add_cbt(tx: Tx, context_id: str, *, job_id: str, disk_id: str, change_id: str,
+                  previous_change_id: str | None, sync_type: str, bytes_transferred: int | None,
+                  success: bool, now: str) -> None:
+    """Append one row to the context's CBT history."""
+    await tx.execute(
+        "INSERT INTO cbt_history (vm_context_id, job_id, disk_id, change_id, previous_change_id, sync_type,"
+        " bytes_transferred, sync_success, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (context_id, job_id, disk_id, change_id, previous_change_id, sync_type, bytes_transferred, int(success),
+         now))
+
+
+async def mark_cbt(tx: Tx, job_id: str, *, success: bool, bytes_by_disk: Mapping[str, int]) -> None:
+    """The sync behind a job's CBT rows ended: they say whether it succeeded (and what each disk sent)."""
+    await tx.execute("UPDATE cbt_history SET sync_success = ? WHERE job_id = ?", (int(success), job_id))
+    for disk_id, sent in bytes_by_disk.items():
+        await tx.execute("UPDATE cbt_history SET bytes_transferred = ? WHERE job_id = ? AND disk_id = ?",
+                         (sent, job_id, disk_id))
+
+
+async def set_change_id(tx: Tx, context_id: str, disk_id: str, change_id: str | None, now: str) -> None:
+    """The change id the next sync of this disk continues from (None: it copies in full)."""
+    await tx.execute("UPDATE vm_disks SET disk_change_id = ?, updated_at = ? WHERE vm_context_id = ? AND disk_id = ?",
+                     (change_id, now, context_id, disk_id))
+
+
+async def change_id_by_path(db: Reader, vm_path: str, disk_id: str) -> str:
+    """The change id stored for a VM's disk, found by the VM's path; "" when there is none."""
+    value = await db.scalar(
+        "SELECT d.disk_change_id FROM vm_disks d JOIN vm_replication_contexts c ON c.context_id = d.vm_context_id"
+        " WHERE c.vm_path = ? AND d.disk_id = ? ORDER BY c.updated_at DESC LIMIT 1", (vm_path, disk_id))
+    return str(value or "")
+
+
+async def by_vmware_id(db: Reader, vmware_vm_id: str) -> Context | None:
+    row = await db.fetchone("SELECT * FROM vm_replication_contexts WHERE vmware_vm_id = ? ORDER BY updated_at DESC"
+                            " LIMIT 1", (vmware_vm_id,))
+    return _context(row) if row is not None else None
