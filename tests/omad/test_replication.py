@@ -5,30 +5,24 @@ of those devices."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hashlib
 import random
 import signal
-import socket
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
+import aiohttp
 import pytest
 
 from oma_common.rpc import AgentClient
 from tests.sim.cloudstack import CloudStackSim
-from tests.sim.vma import MiB, Inventory, SimState, VMASim
+from tests.sim.vma import MiB
 from tests.sim.vma import faults as F
 
-from ..rig import Api, Stack
-from .backup.conftest import free_range, release_everything
-from .conftest import PASSWORD, USER, VCENTER, manual, vma_config
+from ..rig import Stack
+from .replication_rig import VM, Rig, open_rig
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
-VM = "app 01"
 SIZES = [32 * MiB, 16 * MiB]
 IDLE = 3.0
 
@@ -39,137 +33,17 @@ def write_random(path: Path, offset: int, length: int, seed: int) -> None:
         f.write(random.Random(seed).randbytes(length))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def digest(path: Path | str, size: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = size
-        while left:
-            chunk = f.read(min(left, 4 * MiB))
-            assert chunk, f"{path} is shorter than {size}"
-            h.update(chunk)
-            left -= len(chunk)
-    return h.hexdigest()
-
-
-@dataclasses.dataclass
-class Rig:
-    stack: Stack
-    sim: VMASim
-    cs: CloudStackSim
-    api: Api
-    sources: list[Path]
-
-    @property
-    def state(self) -> SimState:
-        return self.sim.state
-
-    def source_vm(self) -> dict[str, Any]:
-        return next(v for v in self.state.inventory.discovery()["vms"] if v["name"] == VM)
-
-    async def start(self, **extra: Any) -> tuple[int, dict[str, Any]]:
-        return await self.api.post("/replications", {"source_vm": self.source_vm(), "ossea_config_id": 1,
-                                                      "vcenter_host": VCENTER, **extra})
-
-    async def wait(self, job_id: str, statuses: tuple[str, ...] = ("completed", "failed", "cancelled"),
-                   timeout: float = 90) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            status, body = await self.api.get(f"/replications/{job_id}")
-            if status == 200 and body["status"] in statuses:
-                return body
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{job_id}: {status} {body}\n--- omad ---\n{self.log_tail()}")
-            await asyncio.sleep(0.1)
-
-    async def sync(self, **extra: Any) -> dict[str, Any]:
-        status, started = await self.start(**extra)
-        assert status == 201, started
-        done = await self.wait(started["job_id"])
-        assert done["status"] == "completed", (done, self.log_tail())
-        return done
-
-    def log_tail(self, daemon: str = "omad", lines: int = 60) -> str:
-        path = self.stack.state / "logs" / f"{daemon}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-    async def context(self) -> dict[str, Any]:
-        status, body = await self.api.get(f"/vm-contexts/{VM}")
-        assert status == 200, body
-        return body
-
-    async def nbd_state(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        client = AgentClient("nbd-pool", self.stack.run_dir / "nbd-pool.sock", timeout=30)
-        try:
-            return (await client.call("GET", "/exports"))["processes"], await client.call("GET", "/ports/status")
-        finally:
-            await client.close()
-
-    async def assert_released(self) -> None:
-        exports, ports = await self.nbd_state()
-        assert exports == [] and ports["allocated"] == 0, (exports, ports)
-
-    def assert_volumes_hold_sources(self, job: dict[str, Any]) -> None:
-        for disk, src, size in zip(job["disks"], self.sources, SIZES):
-            link = self.cs.devices.link(disk["volume_id"])
-            assert digest(link, size) == digest(src, size), disk["disk_id"]
-
-
 @pytest.fixture
 async def rig(cloudstack_sim: CloudStackSim, stack_config: Stack, tmp_path: Path) -> AsyncIterator[Rig]:
-    inv = Inventory(host=VCENTER, datacenter="DC1", username=USER, password=PASSWORD)
-    inv.add_vm(VM, disks=list(SIZES), nics=1)
-    state = SimState(inv, workdir=tmp_path / "vmasim", callback_retry_seconds=60)
     sources = []
     for index, size in enumerate(SIZES):
         path = tmp_path / f"disk{index}.raw"
         with open(path, "wb") as f:
             f.truncate(size)
         write_random(path, MiB, size // 2, seed=index)
-        state.set_source(VM, index, path)
         sources.append(path)
-    cs = cloudstack_sim
-    ports = free_range(16)
-    stack = stack_config
-    async with VMASim(state=state) as sim:
-        stack.add_config("omad", "50-vma.toml", vma_config(sim.url, timeout=5))
-        stack.add_config("omad", "60-replication.toml", "[replication]\npoll_interval_seconds = 0.1\n"
-                                                        f"idle_timeout_seconds = {IDLE}\n")
-        # A fixed port: the VMA calls back where it was told to, across an omad restart.
-        stack.add_config("omad", "61-port.toml", f"[api]\nport = {free_port()}\n")
-        stack.add_config("nbd-pool", "60-pool.toml", f'export_roots = ["{cs.devices.device_dir}"]\n'
-                                                     f"port_min = {ports[0]}\nport_max = {ports[-1]}\n")
-        stack.add_config("volume-agent", "50-cloudstack.toml", f"""
-device_dir = "{cs.devices.device_dir}"
-device_timeout_seconds = 10
-[cloudstack]
-endpoint = "{cs.endpoint}"
-api_key = "{cs.api_key}"
-secret_key = "{cs.secret_key}"
-appliance_vm_id = "{cs.appliance_vm_id}"
-poll_interval_seconds = 0.05
-job_timeout_seconds = 30
-""")
-        stack.start()
-        api = Api(stack.url)
-        try:
-            await api.login("admin", stack.admin_password)
-            status, body = await api.post("/vmware-credentials", {
-                "credential_name": "sim", "vcenter_host": VCENTER, "username": USER, "password": PASSWORD,
-                "datacenter": "DC1", "is_default": True})
-            assert status in (200, 201), body
-            status, body = await api.post("/discovery/add-vms", {**manual(), "vm_names": [VM]})
-            assert status == 200 and body["vms_added"] == 1, body
-            yield Rig(stack, sim, cs, api, sources)
-        finally:
-            await api.close()
-            await release_everything(stack)
-            stack.stop()
+    async with open_rig(stack_config, cloudstack_sim, tmp_path, sources, idle_timeout=IDLE) as r:
+        yield r
 
 
 async def test_initial_then_incremental_writes_only_changed_blocks(rig: Rig) -> None:
@@ -268,6 +142,14 @@ async def test_one_active_job_per_vm_and_progress_proxy(rig: Rig) -> None:
     assert (await rig.api.get("/progress/job-unknown"))[0] == 404
     status, merged = await rig.api.get(f"/replications/{job_id}/progress")
     assert status == 200 and merged["status"] == "replicating"
+    # The VMA's pushed telemetry is taken without a token from loopback, as its tunnel arrives.
+    telemetry = {"job_id": job_id, "job_type": "replication", "status": "running", "current_phase": "transferring",
+                 "bytes_transferred": 1, "total_bytes": 2, "progress_percent": 50.0}
+    async with aiohttp.ClientSession() as anonymous:
+        async with anonymous.post(f"{rig.stack.url}/api/v1/telemetry/replication/{job_id}", json=telemetry) as r:
+            assert r.status == 200 and (await r.json())["status"] == "recorded"
+        async with anonymous.post(f"{rig.stack.url}/api/v1/telemetry/replication/job-nope", json=telemetry) as r:
+            assert r.status == 404
     # Cancelled: exports stop, ports are freed, the context counts a failed job.
     status, body = await rig.api.delete(f"/replications/{job_id}")
     assert status == 200 and body["status"] == "cancelled"

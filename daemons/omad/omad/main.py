@@ -181,7 +181,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     apis = [HealthApi(Health(db, agents)), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
             ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories),
             BackupsApi(backups, completion, Chains(db, contexts)),
-            TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)}), RestoreApi(restore),
+            TelemetryApi({"backup": receiver(Telemetry, completion.telemetry),
+                          "replication": receiver(Telemetry, monitor.telemetry)}), RestoreApi(restore),
             SchedulesApi(schedules, scheduler), GroupsApi(groups),
             PoliciesApi(policies, retention, copies, verifier, immutability), cloudstack_api, mappings_api,
             ReplicationsApi(replications, ChangeIds(db, locks))]

@@ -15,6 +15,7 @@ from typing import Any
 
 from oma_common.errors import NotFound, OmaError
 
+from ..backup.completion import Telemetry
 from ..clients.nbdpool import NbdPool
 from ..clients.vma import VmaClient
 from ..config import ReplicationConfig
@@ -146,6 +147,26 @@ class Monitor:
         if lowered in FAILED:
             return f"the VMA reported failure: {body.get('last_error') or body.get('current_operation') or status}"
         return None
+
+    async def telemetry(self, job_id: str, report: Telemetry) -> dict[str, Any]:
+        """The VMA's pushed progress (the backup client's body): recorded between polls; `failed` ends the job."""
+        rep = await store.find_one(self.db, job_id)
+        if rep is None:
+            raise NotFound("Job not found", f"replication job {job_id} does not exist")
+        if not rep.active:
+            return {"status": "ignored", "job_id": job_id, "message": f"replication {job_id} is {rep.status}"}
+        moved = report.bytes_transferred != rep.bytes_transferred or report.status != rep.vma_status
+        await store.update_progress(
+            self.db, job_id, percent=min(100.0, max(0.0, report.progress_percent)),
+            bytes_transferred=report.bytes_transferred, total_bytes=report.total_bytes,
+            operation=report.current_phase or rep.current_operation, vma_status=rep.vma_status,
+            vma_sync_type=rep.vma_sync_type, vma_eta_seconds=report.eta_seconds, body=rep.vma_progress,
+            moved=moved, now=utcnow())
+        if report.status.lower() == "failed":
+            said = (report.error or {}).get("message") or "no reason given"
+            await self.ending.fail(job_id, f"the VMA reported the replication failed: {said}")
+            return {"status": "failed", "job_id": job_id, "message": "replication marked failed"}
+        return {"status": "recorded", "job_id": job_id, "message": "telemetry recorded"}
 
     async def _idle(self, rep: store.Replication) -> bool:
         if _seconds_since(rep.last_activity_at) < self.cfg.idle_timeout_seconds:

@@ -21,7 +21,7 @@ import logging
 import re
 from typing import Any
 
-from oma_common.errors import Conflict, Internal, Invalid, NotFound, OmaError, TimedOut, Unavailable
+from oma_common.errors import Conflict, Invalid, NotFound, OmaError, TimedOut, Unavailable
 
 from ..audit import Audit
 from ..backup.backups import safe_name
@@ -35,6 +35,7 @@ from ..inventory.vmspec import VmSpec
 from ..jobs import ids
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
+from ..jobs.starting import undone_on_failure
 from ..store import contexts as contexts_store
 from ..store import replications as store
 from ..store.contexts import ContextStatus
@@ -130,22 +131,10 @@ class Replications:
                     "created_at": ctx.created_at}
         async with self.locks.hold(f"vm-replication:{ctx.context_id}", what=f"VM {ctx.vm_name!r}"):
             job_id = await self._record(req, ctx, actor)
-            try:
+            async with undone_on_failure(job_id, kind="replication", id_key="job_id", fail=self.ending.fail,
+                                         audit=self.audit, actor=actor, action="replication.start",
+                                         resource=f"job:{job_id}", vm_name=ctx.vm_name):
                 created = await self._launch(job_id, ctx)
-            except asyncio.CancelledError:
-                await self.ending.fail(job_id, "interrupted: omad stopped while the replication was starting")
-                raise
-            except Exception as e:
-                reason = str(e) if isinstance(e, OmaError) else f"internal error: {e!r}"
-                if not isinstance(e, OmaError):
-                    log.exception("replication start crashed", extra={"resource": job_id})
-                await self.ending.fail(job_id, reason)
-                await self.audit.record(actor, "replication.start", f"job:{job_id}", outcome="failed",
-                                        vm_name=ctx.vm_name, reason=reason)
-                if isinstance(e, OmaError):
-                    raise type(e)(e.message, e.details, **{**e.extra, "job_id": job_id}) from e
-                raise Internal("replication failed to start", "an unexpected error occurred; see the daemon log",
-                               job_id=job_id) from e
         await self.audit.record(actor, "replication.start", f"job:{job_id}", vm_name=ctx.vm_name)
         for callback in self.on_started:
             callback(job_id)
@@ -257,10 +246,7 @@ class Replications:
         await self.jobs.progress(job_id, 1)
         names = {d.export_name: d.disk_id for d in disks}
         async with self.jobs.step(job_id, "allocate ports"):
-            out = await self.pool.allocate(job_id, len(disks), list(names), lease_seconds=self.cfg.lease_seconds)
-            ports = {a["export_name"]: int(a["port"]) for a in out["allocated_ports"]}
-            if set(ports) != set(names):
-                raise Unavailable("nbd-pool answered unexpectedly", f"ports were allocated for {sorted(ports)}")
+            ports = await self.pool.allocate_named(job_id, list(names), self.cfg.lease_seconds)
             async with self.db.transaction() as tx:
                 await store.set_ports(tx, job_id, ports)
         disks = await store.disks(self.db, job_id)
