@@ -106,7 +106,7 @@ class ReplicationConfig:
                                                                    "the VMA opens 2 per disk")
     lease_seconds: int = spec(3600, min=10, description="lease asked for on a replication's NBD ports; renewed "
                                                         "while it runs")
-    poll_interval_seconds: float = spec(5.0, min=0.05, description="how often a running replication asks the VMA "
+    poll_interval_seconds: float = spec(5.0, min=0.01, description="how often a running replication asks the VMA "
                                                                    "for its progress")
     idle_timeout_seconds: float = spec(900.0, min=1, description="a running replication fails when the VMA's "
                                                                  "progress has not moved, no change id came and no "

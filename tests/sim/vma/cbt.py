@@ -123,11 +123,11 @@ def scan(path: str, block_size: int = BLOCK_SIZE) -> BlockMap:
                 buf = os.pread(f.fileno(), min(chunk, size - pos), pos)
                 if not buf:
                     break
-                view = memoryview(buf)
                 for i in range(0, len(buf), block_size):
-                    block = view[i:i + block_size]
+                    # A bytes slice compares with memcmp; a memoryview compares item by item (10x slower).
+                    block = buf[i:i + block_size]
                     index = (pos + i) // block_size
-                    if block == zero_block[:len(block)]:
+                    if block == (zero_block if len(block) == block_size else bytes(len(block))):
                         continue  # already marked zero
                     # sha256 (truncated): the fastest hashlib digest here, SHA extensions at work.
                     out[index * _DIGEST:(index + 1) * _DIGEST] = hashlib.sha256(block).digest()[:_DIGEST]
