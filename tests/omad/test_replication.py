@@ -9,6 +9,7 @@ import random
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -196,3 +197,17 @@ async def test_omad_killed_mid_sync_readopts_and_completes(rig: Rig) -> None:
     rig.assert_volumes_hold_sources(done)
     await rig.assert_released()
     assert "adopting" in rig.log_tail(lines=400)
+
+
+async def test_a_source_vm_listing_a_disk_twice_is_refused(api: Any) -> None:
+    vm = {"id": "4207-dup", "name": "dup", "path": "/DC1/vm/dup",
+          "disks": [{"id": "disk-2000", "capacity_bytes": MiB}, {"id": "disk-2000", "capacity_bytes": MiB}]}
+    status, body = await api.post("/replications", {"source_vm": vm, "ossea_config_id": 1,
+                                                    "start_replication": False})
+    assert status == 400 and "twice" in body["details"], body
+    status, body = await api.post("/replications", {"source_vm": {**vm, "disks": vm["disks"][:1]},
+                                                    "ossea_config_id": 1, "start_replication": False})
+    assert status == 201 and body["current_status"] == "discovered", body
+    status, body = await api.post("/replications", {"source_vm": {**vm, "disks": vm["disks"][:1]},
+                                                    "ossea_config_id": 1, "start_replication": False})
+    assert status == 409, body

@@ -116,6 +116,9 @@ class Replications:
             return found
         if not vm.disks:
             raise Invalid("VM has no disks", f"source_vm {vm.name!r} lists no disks")
+        ids_seen = [d.id for d in vm.disks]
+        if len(set(ids_seen)) != len(ids_seen):
+            raise Invalid("duplicate disk ids", f"source_vm {vm.name!r} lists a disk id twice: {sorted(ids_seen)}")
         async with self.db.transaction() as tx:
             cid = await self.contexts.create(tx, vm, vcenter_host=req.vcenter_host or "",
                                              datacenter=req.datacenter or vm.datacenter, credential_id=None,
