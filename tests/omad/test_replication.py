@@ -83,6 +83,14 @@ async def test_initial_then_incremental_writes_only_changed_blocks(rig: Rig) -> 
     # The volumes were created once and reused.
     assert [d["volume_id"] for d in second["disks"]] == [d["volume_id"] for d in first["disks"]]
 
+    status, listed = await rig.api.get("/replications", params={"status": "completed"})
+    assert status == 200 and [r["job_id"] for r in listed["replications"]] == [second["job_id"], first["job_id"]]
+    status, changed = await rig.api.put(f"/replications/{second['job_id']}", {"target_network": "net-test"})
+    assert status == 200 and changed["configuration"]["target_network"] == "net-test"
+    status, removed = await rig.api.delete(f"/replications/{first['job_id']}")
+    assert status == 200 and removed["deleted"], removed
+    assert (await rig.api.get(f"/replications/{first['job_id']}"))[0] == 404
+
 
 async def test_a_recreated_volume_and_a_mismatched_base_copy_in_full(rig: Rig) -> None:
     first = await rig.sync()
