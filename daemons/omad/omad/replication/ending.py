@@ -90,7 +90,7 @@ class Ending:
             async with self.db.transaction() as tx:
                 if not await store.fail(tx, job_id, reason, now, cancelled=cancelled):
                     return False
-                await self.jobs.finish(job_id, status, reason, tx=tx)
+                await self.jobs.finish(job_id, "failed", reason, tx=tx)  # a job row ends completed or failed
                 await contexts_store.mark_cbt(tx, job_id, success=False, bytes_by_disk={})
                 await contexts_store.job_ended(tx, rep.vm_context_id, job_id, succeeded=False,
                                                summary=_summary(rep, status, reason, now), now=now,
