@@ -199,12 +199,7 @@ async def open_rig(stack: Stack, tmp: Path, inv: Inventory, sources: dict[str, l
         api = Api(stack.url)
         try:
             await api.login("admin", stack.admin_password)
-            status, body = await api.post("/vmware-credentials", {
-                "credential_name": "sim", "vcenter_host": VCENTER, "username": USER, "password": PASSWORD,
-                "datacenter": "DC1", "is_default": True})
-            assert status in (200, 201), body
-            status, body = await api.post("/discovery/add-vms", {**manual(), "vm_names": list(sources)})
-            assert status == 200 and body["vms_added"] == len(sources), body
+            await add_vms(api, list(sources))
             status, repo = await api.post("/repositories", {"name": "local", "type": "local",
                                                             "config": {"disk_path": str(repo_dir)}})
             assert status == 201, repo
@@ -214,6 +209,16 @@ async def open_rig(stack: Stack, tmp: Path, inv: Inventory, sources: dict[str, l
             await release_everything(stack)
             stack.stop()
             kill_strays(repo_dir)
+
+
+async def add_vms(api: Api, names: list[str]) -> None:
+    """Save the simulated vCenter's login as the default credential and add these VMs to management."""
+    status, body = await api.post("/vmware-credentials", {
+        "credential_name": "sim", "vcenter_host": VCENTER, "username": USER, "password": PASSWORD,
+        "datacenter": "DC1", "is_default": True})
+    assert status in (200, 201), body
+    status, body = await api.post("/discovery/add-vms", {**manual(), "vm_names": names})
+    assert status == 200 and body["vms_added"] == len(names), body
 
 
 async def release_everything(stack: Stack) -> None:

@@ -13,6 +13,8 @@ from urllib.parse import quote
 import pytest
 
 from ...lib.diskimages import File, Pattern, ext4_modify
+from tests.sim.vma import faults as F
+
 from .conftest import TWO_DISK_VM, Rig, qemu_img, write_random
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -181,3 +183,22 @@ async def test_delete_from_the_newest_end(rig: Rig) -> None:
     audit = rig.stack.sql("SELECT action FROM audit_log WHERE action LIKE 'backup.%' ORDER BY id")
     assert [a for (a,) in audit] == ["backup.start"] * 3 + ["backup.delete"] * 3
     assert (await rig.api.delete(f"/repositories/{rig.repo_id}"))[0] == 200
+
+
+async def test_the_vm_context_counts_backups(rig: Rig) -> None:
+    """A backup is one of the VM's jobs: counted, remembered as its last operation, current while it runs."""
+    done = await rig.backup("web 0")
+    rig.state.faults.add_job(F.JobFault(F.FAIL, kind="backup", after_bytes=MiB))
+    status, started = await rig.start("web 0")
+    assert status == 200, started
+    failed = await rig.wait(started["backup_id"])
+    assert failed["status"] == "failed"
+    status, detail = await rig.api.get("/vm-contexts/web 0")
+    assert status == 200, detail
+    ctx = detail["context"]
+    assert (ctx["total_jobs_run"], ctx["successful_jobs"], ctx["failed_jobs"]) == (2, 1, 1)
+    assert ctx["last_successful_job_id"] == done["backup_id"] and ctx["current_job_id"] is None
+    assert ctx["first_job_at"] and ctx["last_job_at"]
+    assert ctx["current_status"] == "discovered"  # a backup does not move the replication status
+    summary = ctx["last_operation_summary"]
+    assert summary["job_type"] == "backup" and summary["status"] == "failed" and summary["error_message"]

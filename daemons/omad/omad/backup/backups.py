@@ -24,7 +24,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from oma_common.errors import Conflict, Internal, Invalid, OmaError, Unavailable
+from oma_common.errors import Conflict, Invalid, OmaError, Unavailable
 
 from ..adapters.localfs import LocalFs
 from ..adapters.qemu_img import QemuImg
@@ -36,7 +36,9 @@ from ..inventory.contexts import Contexts
 from ..inventory.credentials import Credentials, VCenterLogin
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
+from ..jobs.starting import undone_on_failure
 from ..store import backups as store
+from ..store import contexts as contexts_store
 from ..store import policies as policy_store
 from ..store.db import Database, Tx, utcnow
 from ..store.repositories import Repository
@@ -129,23 +131,11 @@ class Backups:
             disks = await self._vm_disks(cid, req.vm_name)
             login = await self.credentials.login_for(context["credential_id"])
             backup_id = await self._record(req, context, repo, disks, actor)
-            try:
+            async with undone_on_failure(backup_id, kind="backup", id_key="backup_id", fail=self.teardown.fail,
+                                         audit=self.audit, actor=actor, action="backup.start",
+                                         resource=f"backup:{backup_id}", vm_name=req.vm_name,
+                                         repository_id=req.repository_id, backup_type=req.backup_type):
                 await self._launch(backup_id, context, root, login, req.backup_type)
-            except asyncio.CancelledError:
-                await self.teardown.fail(backup_id, "interrupted: omad stopped while the backup was starting")
-                raise
-            except Exception as e:
-                reason = str(e) if isinstance(e, OmaError) else f"internal error: {e!r}"
-                if not isinstance(e, OmaError):
-                    log.exception("backup start crashed", extra={"resource": backup_id})
-                await self.teardown.fail(backup_id, reason)
-                await self.audit.record(actor, "backup.start", f"backup:{backup_id}", outcome="failed",
-                                        vm_name=req.vm_name, repository_id=req.repository_id,
-                                        backup_type=req.backup_type, reason=reason)
-                if isinstance(e, OmaError):
-                    raise type(e)(e.message, e.details, **{**e.extra, "backup_id": backup_id}) from e
-                raise Internal("backup failed to start", "an unexpected error occurred; see the daemon log",
-                               backup_id=backup_id) from e
         await self.audit.record(actor, "backup.start", f"backup:{backup_id}", vm_name=req.vm_name,
                                 repository_id=req.repository_id, backup_type=req.backup_type)
         out = await self.get(backup_id, sizes=False)
@@ -204,6 +194,7 @@ class Backups:
             await self.jobs.create("backup", job_id=backup_id, context_id=cid, tx=tx,
                                    display_name=f"{req.backup_type} backup of {context['vm_name']}",
                                    details={"repository_id": repo.id, "disks": len(disks)})
+            await contexts_store.job_started(tx, cid, backup_id, now)
         log.info("%s backup of %s into %s: %d disk(s)%s", req.backup_type, context["vm_name"], repo.name,
                  len(disks), f", continuing {parent.backup_id}" if parent else "", extra={"resource": backup_id})
         return backup_id
@@ -240,10 +231,7 @@ class Backups:
         await self.jobs.progress(backup_id, 1)
         names = {str(d.nbd_export_name): d.disk_index for d in disks}  # create() named every disk's export
         async with self.jobs.step(backup_id, "allocate ports"):
-            out = await self.pool.allocate(backup_id, len(disks), list(names), lease_seconds=self.cfg.lease_seconds)
-            ports = {a["export_name"]: int(a["port"]) for a in out["allocated_ports"]}
-            if set(ports) != set(names):
-                raise Unavailable("nbd-pool answered unexpectedly", f"ports were allocated for {sorted(ports)}")
+            ports = await self.pool.allocate_named(backup_id, list(names), self.cfg.lease_seconds)
             async with self.db.transaction() as tx:
                 await store.set_ports(tx, backup_id, {names[name]: port for name, port in ports.items()})
         disks = await store.disks(self.db, backup_id)

@@ -28,7 +28,7 @@ from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
 from ..store import backups as store
 from ..store.db import Database, utcnow
-from .teardown import Teardown, lock_key
+from .teardown import Teardown, job_ended, lock_key
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,11 @@ class Completion:
                 # qemu-nbd (root) writes into the file omad created; it must stay omad's to be removed later.
                 log.warning("%s is not owned by omad's user any more", path, extra={"resource": backup_id})
         async with self.db.transaction() as tx:
-            await store.complete(tx, backup_id, sizes=sizes, bytes_transferred=sum(d.bytes_transferred for d in disks),
-                                 now=utcnow())
+            now = utcnow()
+            sent = sum(d.bytes_transferred for d in disks)
+            await store.complete(tx, backup_id, sizes=sizes, bytes_transferred=sent, now=now)
             await self.jobs.finish(backup_id, "completed", tx=tx)
+            await job_ended(tx, await store.get(tx, backup_id), succeeded=True, reason=None, now=now)
         log.info("backup completed: %d image(s), %d bytes stored", len(sizes), sum(sizes.values()),
                  extra={"resource": backup_id})
         for hook in self.on_completed:

@@ -10,6 +10,7 @@ backing files of its parent.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from oma_common.errors import NotFound, OmaError
 
@@ -18,9 +19,21 @@ from ..clients.nbdpool import NbdPool
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
 from ..store import backups as store
-from ..store.db import Database, utcnow
+from ..store import contexts as contexts_store
+from ..store.db import Database, Tx, utcnow
 
 log = logging.getLogger(__name__)
+
+
+async def job_ended(tx: Tx, backup: store.Backup, *, succeeded: bool, reason: str | None, now: str) -> None:
+    """The VM's context counts the backup's end and keeps it as its last operation."""
+    summary: dict[str, Any] = {"job_id": backup.backup_id, "job_type": "backup", "operation": backup.backup_type,
+                               "status": "completed" if succeeded else "failed",
+                               "bytes_transferred": backup.bytes_transferred, "completed_at": now}
+    if reason:
+        summary["error_message"] = reason
+    await contexts_store.job_ended(tx, backup.vm_context_id, backup.backup_id, succeeded=succeeded,
+                                   summary=summary, now=now)
 
 
 def lock_key(backup_id: str) -> str:
@@ -57,6 +70,7 @@ class Teardown:
         async with self.db.transaction() as tx:
             await store.fail(tx, backup_id, reason, now)
             await self.jobs.finish(backup_id, "failed", reason, tx=tx)
+            await job_ended(tx, await store.get(tx, backup_id), succeeded=False, reason=reason, now=now)
         return True
 
     async def release(self, backup_id: str) -> bool:

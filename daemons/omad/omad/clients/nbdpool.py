@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
+from oma_common.errors import Unavailable
 from oma_common.rpc import AgentClient
 
 
@@ -45,6 +46,14 @@ class NbdPool:
         if lease_seconds is not None:
             body["lease_seconds"] = lease_seconds
         return await self.client.call("POST", "/ports/allocate", json=body)  # type: ignore[no-any-return]
+
+    async def allocate_named(self, job_id: str, export_names: list[str], lease_seconds: int) -> dict[str, int]:
+        """One port per export name, leased to the job: {export name: port}."""
+        out = await self.allocate(job_id, len(export_names), export_names, lease_seconds=lease_seconds)
+        ports = {a["export_name"]: int(a["port"]) for a in out["allocated_ports"]}
+        if set(ports) != set(export_names):
+            raise Unavailable("nbd-pool answered unexpectedly", f"ports were allocated for {sorted(ports)}")
+        return ports
 
     async def release(self, job_id: str | None = None, ports: list[int] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {}

@@ -7,11 +7,18 @@
   POST /immutability/lock    {paths}                       → {paths, immutable: true}   (chattr +i)
   POST /immutability/unlock  {paths}                       → {paths, immutable: false}  (chattr -i)
   POST /tunnels/terminate    {sessions: [{pid, start_time}]} → {terminated: [pid], skipped: [{pid, reason}]}
+  POST /volumes              {vm_name, disk_unit, size_bytes} → 201 VolumeView (oma_common.contracts.
+                              volume_agent_volumes): {volume_id, name, size_bytes, serial, attached_here,
+                              device_path, link_path, snapshots, operation}; 409 when the name exists
+  GET  /volumes/{id}                                        → VolumeView; 404 unknown
+  POST /volumes/{id}/attach                                 → VolumeView once its device is present (vouched)
+  POST /volumes/{id}/detach                                 → VolumeView
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from oma_common.rpc import AgentClient
 
@@ -44,3 +51,16 @@ class VolumeAgent:
         """Stop the sshd sessions of the VMA tunnel user started by these per-connection sshd processes."""
         return await self.client.call("POST", "/tunnels/terminate",  # type: ignore[no-any-return]
                                       json={"sessions": sessions})
+    # -- CloudStack volumes (replication) --------------------------------------------------------------
+
+    async def create_volume(self, vm_name: str, disk_unit: int, size_bytes: int) -> dict[str, Any]:
+        body = {"vm_name": vm_name, "disk_unit": disk_unit, "size_bytes": size_bytes}
+        return await self.client.call("POST", "/volumes", json=body,  # type: ignore[no-any-return]
+                                      timeout=self.mount_timeout)
+
+    async def volume(self, volume_id: str) -> dict[str, Any]:
+        return await self.client.call("GET", f"/volumes/{quote(volume_id, safe='')}")  # type: ignore[no-any-return]
+
+    async def attach_volume(self, volume_id: str) -> dict[str, Any]:
+        return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/attach",  # type: ignore[no-any-return]
+                                      timeout=self.mount_timeout)
