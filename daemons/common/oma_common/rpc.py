@@ -13,17 +13,18 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 
-from . import errors
+from . import errors, schema
 from .web import error_response
 
 log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")
+T = TypeVar("T")
 
 
 class AlreadyRunning(Exception):
@@ -163,6 +164,21 @@ class AgentClient:
                    timeout: float | None = None) -> Any:
         async with self.open(method, path, json=json, params=params, timeout=timeout) as resp:
             return await resp.json(content_type=None)
+
+    async def typed(self, answer: type[T], method: str, path: str, *, body: Any = None,
+                    params: Any = None, timeout: float | None = None) -> T:
+        """A call whose request body and query are contract dataclasses (oma_common.contracts) and whose
+        answer is parsed into `answer`; an answer that does not fit is the agent failing (Unavailable)."""
+        query = None
+        if params is not None:
+            query = {k: str(v).lower() if isinstance(v, bool) else str(v)
+                     for k, v in schema.to_dict(params).items() if v is not None}
+        data = await self.call(method, path, json=schema.to_dict(body) if body is not None else None, params=query,
+                               timeout=timeout)
+        try:
+            return schema.parse(answer, data, what=f"{self.name}'s answer")
+        except errors.Invalid as e:
+            raise errors.Unavailable(f"{self.name} answered unexpectedly", e.details) from e
 
     @contextlib.asynccontextmanager
     async def open(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import stat
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from oma_common import errors, logs
+from oma_common.contracts.restore_mounter import MOUNT_ID
 
 from . import filesystems
 from .adapters import blkid, mounter
@@ -34,7 +34,6 @@ from .state import StateFile
 
 log = logging.getLogger(__name__)
 
-MOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class NoFilesystem(errors.Invalid):

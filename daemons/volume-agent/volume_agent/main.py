@@ -19,8 +19,6 @@ DAEMON = "volume-agent"
 class Config(agent.AgentConfig):
     """volume-agent's options."""
 
-    device_dir: str = schema.spec("/dev/disk/by-id", description="where attached volumes appear "
-                                                                "(virtio-<serial> links)")
     repository_mount_root: str = schema.spec("/srv/oma/repositories",
                                              description="backup repositories on NFS/CIFS are mounted only "
                                                          "below this directory (root-owned, not writable by omad)")
@@ -41,7 +39,7 @@ async def amain() -> int:
                                 timeout=cfg.mount_timeout_seconds)
 
     async def report() -> dict[str, Any]:
-        return {"device_dir": cfg.device_dir, "repository_mount_root": cfg.repository_mount_root,
+        return {"repository_mount_root": cfg.repository_mount_root,
                 "immutable_roots": [str(r) for r in immutability.roots]}
 
     return await agent.serve(DAEMON, cfg, [RepositoriesApi(mounts), ImmutabilityApi(immutability)], report=report)

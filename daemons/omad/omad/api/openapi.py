@@ -2,74 +2,20 @@
 
 from __future__ import annotations
 
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from oma_common import __version__
-from oma_common.schema import SchemaRegistry
+from oma_common import openapi
 from oma_common.web import Auth, BoundRoute, Call, route
 
-_PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
-
-ERROR_SCHEMA = {
-    "type": "object",
-    "required": ["error", "details", "code", "timestamp"],
-    "properties": {"error": {"type": "string"}, "details": {"type": "string"}, "code": {"type": "string"},
-                   "timestamp": {"type": "string", "format": "date-time"}},
-}
+DESCRIPTION = "The OMA appliance's API (target side of VMware → CloudStack protection)."
 
 
 def document(routes: list[BoundRoute], prefix: str) -> dict[str, Any]:
-    reg = SchemaRegistry()
-    paths: dict[str, dict[str, Any]] = {}
-    for bound in routes:
-        spec = bound.spec
-        path = prefix + _PARAM.sub(r"{\1}", spec.path)
-        op: dict[str, Any] = {"summary": spec.summary, "operationId": f"{spec.method.lower()}_{bound.handler.__name__}"
-                              f"_{len(paths)}", "tags": list(spec.tags) or [spec.path.strip('/').split('/')[0]]}
-        params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                  for name in _PARAM.findall(spec.path)]
-        if spec.query is not None:
-            obj = reg._object(spec.query)
-            for name, schema in obj["properties"].items():
-                params.append({"name": name, "in": "query", "required": name in obj.get("required", []),
-                               "schema": schema})
-        if params:
-            op["parameters"] = params
-        if spec.body is not None:
-            op["requestBody"] = {"required": True,
-                                 "content": {"application/json": {"schema": reg.ref(spec.body)}}}
-        if spec.stream:
-            ok: dict[str, Any] = {"description": "streamed", "content": {spec.stream: {}}}
-        else:
-            resp_schema = reg.of(spec.response) if spec.response is not None else {"type": "object"}
-            ok = {"description": "success", "content": {"application/json": {"schema": resp_schema}}}
-        err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-        op["responses"] = {str(spec.status): ok, "400": {"description": "invalid request", **err}}
-        if spec.auth is Auth.PUBLIC:
-            op["security"] = []
-        else:
-            op["responses"]["401"] = {"description": "authentication required", **err}
-            if spec.auth is Auth.MACHINE:
-                op["description"] = "Also accepted without a token from a loopback peer (the VMA's tunnel)."
-            if spec.auth is Auth.ADMIN:
-                op["responses"]["403"] = {"description": "administrator only", **err}
-        paths.setdefault(path, {})[spec.method.lower()] = op
-    reg.components["Error"] = ERROR_SCHEMA
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "OMA API", "version": __version__,
-                 "description": "The OMA appliance's API (target side of VMware → CloudStack protection)."},
-        "servers": [{"url": "/"}],
-        "paths": dict(sorted(paths.items())),
-        "components": {"schemas": reg.components,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{"bearer": []}],
-    }
+    return openapi.document(routes, prefix, title="OMA API", description=DESCRIPTION)
 
 
 class OpenApi:

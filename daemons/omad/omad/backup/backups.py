@@ -85,7 +85,7 @@ class Backups:
     def __init__(self, db: Database, audit: Audit, jobs: JobEngine, locks: KeyedLocks, contexts: Contexts,
                  credentials: Credentials, repositories: Repositories, pool: NbdPool, vma: VmaClient,
                  qemu_img: QemuImg, fs: LocalFs, teardown: Teardown, cfg: BackupConfig,
-                 immutability: Immutability | None = None) -> None:
+                 immutability: Immutability) -> None:
         self.db = db
         self.immutability = immutability
         self.audit = audit
@@ -368,9 +368,8 @@ class Backups:
             async with self.locks.hold(lock_key(backup_id), what=f"backup {backup_id}"):
                 await self._deletable(self.db, backup_id)
                 files = [Path(row["root_path"]) / d["qcow2_path"] for d in await self._disks(backup_id)]
-                if self.immutability is not None:
-                    await self.immutability.refuse_if_locked(self.db, backup_id)
-                    await self.immutability.release(backup_id, files)  # the lock has ended: chattr -i
+                await self.immutability.refuse_if_locked(self.db, backup_id)
+                await self.immutability.release(backup_id, files)  # the lock has ended: chattr -i
                 await self.fs.remove(files)  # images first: a failure leaves the rows that name them
                 for directory in {f.parent for f in files}:
                     await self.fs.remove_dir_if_empty(directory)
