@@ -149,7 +149,7 @@ async def request_fd(socket_path: Path, target: str, *, agent: str, timeout: flo
                 os.close(fd)
 
 
-def quoted(path: str, **params: str) -> str:
+def target(path: str, params: dict[str, str]) -> str:
     """A request target: the path with its query, each part percent-encoded."""
     query = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in params.items())
     return path + ("?" + query if query else "")
@@ -215,9 +215,13 @@ def _descriptors(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait until `sock` can be read. The reader is removed by the number it was added with: whoever closes
+    the socket must first let this return (an entry left behind would be matched to the next socket that
+    gets the same number)."""
+    fd = sock.fileno()
     ready = loop.create_future()
-    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
     try:
         await ready
     finally:
-        loop.remove_reader(sock.fileno())
+        loop.remove_reader(fd)

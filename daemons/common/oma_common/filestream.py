@@ -144,6 +144,8 @@ async def send_file(request: web.Request, fd: int, meta: FileMeta,
     finally:
         if watch is not None:
             watch.cancel()
+            with contextlib.suppress(BaseException):
+                await watch  # done with what it watches before the caller closes that
     return resp
 
 

@@ -83,8 +83,8 @@ class RestoreMounter:
     @contextlib.asynccontextmanager
     async def open_file(self, mount_id: str, path: str) -> AsyncIterator[OpenFile]:
         """The file's read-only descriptor (closed on leaving); the mount stays held until then."""
-        target = fdpass.quoted(_m(mount_id) + "/open", path=path)
-        held = await fdpass.request_fd(self.client.socket_path, target, agent=self.client.name,
+        held = await fdpass.request_fd(self.client.socket_path, fdpass.target(_m(mount_id) + "/open", {"path": path}),
+                                       agent=self.client.name,
                                        timeout=self.open_timeout)
         try:
             try:
