@@ -7,9 +7,9 @@ Mounts
   POST   /mounts                 {image: "<absolute path>", mount_id?: "<id>"}
          → 201 Mount (200 with the existing Mount when the same mount_id and image are sent again).
          `mount_id` ([A-Za-z0-9][A-Za-z0-9_.-]{0,63}) is the caller's (omad's restore_mounts row id);
-         generated ("mnt-…") when absent. The image is attached read-only (nbd-pool, or local-loop for raw
-         images), every partition (or the whole disk) probed, and every recognised filesystem mounted
-         read-only without journal replay, nosuid,nodev,noexec, under <mount_root>/<mount_id>/part<N>.
+         generated ("mnt-…") when absent. The image is attached read-only by nbd-pool, every partition
+         (or the whole disk) probed, and every recognised filesystem mounted read-only without journal
+         replay, nosuid,nodev,noexec, under <mount_root>/<mount_id>/part<N>.
          Errors: 400 invalid_request (image path), 400 no_filesystem (nothing mountable; `filesystems`
          says why), 403 forbidden (image outside `image_roots`), 404 not_found (image missing),
          409 conflict (mount_id in use with another image), 409 exhausted {available_slots, max_mounts}
@@ -23,7 +23,7 @@ Mounts
          retried by the sweep); 404 unknown id.
 
   Mount = {mount_id, image, mount_path, status ("mounting"|"mounted"|"unmounting"|"error"), device,
-           backend ("kernel-nbd"|"fuse-loop"|"local-loop"), attachment_id, filesystem_type (first mounted),
+           backend ("kernel-nbd"|"fuse-loop"), attachment_id, filesystem_type (first mounted),
            created_at, last_activity_at, expires_at (RFC 3339, UTC), idle_timeout_seconds, in_use,
            active_operations, error,
            filesystems: [{partition (0 = whole disk), device, type, label, size, mounted, driver,
