@@ -82,8 +82,9 @@ async def _send_body(request: web.Request, body: bytes, fd: int, timeout: float)
         raw.detach()
 
 
-async def hold_until_closed(request: web.Request, poll: float = 0.25) -> None:
-    """Wait until the client closes the connection (it has finished with the descriptor)."""
+async def hold_until_closed(request: web.Request, poll: float = 0.05) -> None:
+    """Wait until the client closes the connection (it has finished with the descriptor). Polled: aiohttp
+    offers no callback for a lost connection, and cancels a handler on it only in some versions (3.8)."""
     while request.transport is not None and not request.transport.is_closing():
         await asyncio.sleep(poll)
 

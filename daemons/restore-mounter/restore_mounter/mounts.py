@@ -326,6 +326,8 @@ class MountManager:
                 if m.record.status == MOUNTING:
                     raise errors.Conflict("mount in progress", f"mount {mount_id} is still being mounted")
                 if m.in_use and not force:
+                    await self._settle(m)
+                if m.in_use and not force:
                     raise Busy("mount in use", f"{len(m.holders)} download(s) or archive(s) are running on "
                                                f"{mount_id}; retry later or force", active_operations=len(m.holders))
                 m.record.status, m.record.error = UNMOUNTING, ""
@@ -342,6 +344,14 @@ class MountManager:
                 del self.mounts[mount_id]
                 await self.save()
                 log.info("unmounted and detached (%s)", why)
+
+    async def _settle(self, m: Mount, grace: float = 1.0) -> None:
+        """Give holders that are ending a moment: a caller that was handed a file closes its connection
+        after its own client has the last byte, so an unmount right after a download may arrive first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while m.holders and loop.time() < deadline:
+            await asyncio.sleep(0.02)
 
     async def _cancel_holders(self, m: Mount, timeout: float = 10.0) -> None:
         tasks = [t for t in m.holders.values() if t is not None and t is not asyncio.current_task()]
