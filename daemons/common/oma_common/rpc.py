@@ -182,21 +182,19 @@ class AgentClient:
 
     @contextlib.asynccontextmanager
     async def open(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
-                   timeout: float | None = None, headers: dict[str, str] | None = None,
-                   stream: bool = False, pass_status: tuple[int, ...] = ()) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A response whose status is 2xx or in `pass_status` (other errors raised), e.g. to relay a stream.
+                   timeout: float | None = None, stream: bool = False) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A response whose status is 2xx (errors raised), e.g. to relay a stream.
 
-        With `stream`, `timeout` bounds each read instead of the whole exchange: a download may take hours,
+        With `stream`, `timeout` bounds each read instead of the whole exchange: an archive may take hours,
         and the response is read in larger gulps (aiohttp's default buffer of 64 KiB pauses the socket every
-        64-128 KiB, which made omad's relay of a restore download a fraction of restore-mounter's own rate).
+        64-128 KiB, which made omad's relay a fraction of restore-mounter's own rate).
         """
         limit = timeout or self.timeout
         t = aiohttp.ClientTimeout(total=None, sock_read=limit) if stream else aiohttp.ClientTimeout(total=limit)
         try:
             async with self._client().request(method, f"http://{self.name}{path}", json=json, params=params,
-                                              headers=headers, timeout=t,
-                                              read_bufsize=STREAM_BUFSIZE if stream else None) as resp:
-                if resp.status >= 400 and resp.status not in pass_status:
+                                              timeout=t, read_bufsize=STREAM_BUFSIZE if stream else None) as resp:
+                if resp.status >= 400:
                     try:
                         body = await resp.json(content_type=None)
                     except (ValueError, aiohttp.ContentTypeError):

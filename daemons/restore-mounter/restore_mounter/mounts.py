@@ -332,10 +332,11 @@ class MountManager:
                                                f"{mount_id}; retry later or force", active_operations=len(m.holders))
                 m.record.status, m.record.error = UNMOUNTING, ""
                 await self.save()
-                if m.in_use:
+                forced = m.in_use
+                if forced:
                     await self._cancel_holders(m)
                 try:
-                    await self.tear_down(m)
+                    await self._tear_down(m, patience=2.0 if forced else 0.0)
                 except Exception as e:
                     m.record.status, m.record.error = ERROR, str(getattr(e, "details", e))
                     await self.save()
@@ -344,6 +345,20 @@ class MountManager:
                 del self.mounts[mount_id]
                 await self.save()
                 log.info("unmounted and detached (%s)", why)
+
+    async def _tear_down(self, m: Mount, patience: float) -> None:
+        """tear_down, retried while busy for `patience` seconds: a caller handed a file by a holder we just
+        cancelled closes that descriptor on its own time (it notices the holder's connection ending)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        while True:
+            try:
+                await self.tear_down(m)
+                return
+            except Busy:
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(0.05)
 
     async def _settle(self, m: Mount, grace: float = 1.0) -> None:
         """Give holders that are ending a moment: a caller that was handed a file closes its connection

@@ -14,7 +14,15 @@ from aiohttp import web
 
 from oma_common import filestream
 from oma_common.contracts.restore_mounter import ArchiveQuery as AgentArchiveQuery
-from oma_common.contracts.restore_mounter import CleanupStatus, Entry, Listing, ListQuery, Resources
+from oma_common.contracts.restore_mounter import (  # the user's browsing is restore-mounter's, passed on
+    CleanupStatus,
+    Entry,
+    Listing,
+    ListQuery,
+    PathQuery,
+    Resources,
+    UnmountQuery,
+)
 from oma_common.schema import spec
 from oma_common.web import Call, route
 
@@ -29,25 +37,6 @@ RELAYED = ("Content-Type", "Content-Length", "Content-Disposition")
 class MountIn:
     backup_id: str = spec(min_length=1, max_length=256)
     disk_index: int = spec(0, min=0, max=63, description="which disk of the backup (0 = the first)")
-
-
-@dataclasses.dataclass
-class UnmountQuery:
-    force: bool = spec(False, description="cancel running downloads and archives first")
-
-
-@dataclasses.dataclass
-class FilesQuery:
-    path: str = spec("/", max_length=8192, description="directory inside the backup")
-    recursive: bool = False
-    depth: int | None = spec(None, min=1, max=1024)
-    offset: int = spec(0, min=0)
-    limit: int = spec(1000, min=1, max=10000)
-
-
-@dataclasses.dataclass
-class PathQuery:
-    path: str = spec(min_length=1, max_length=8192, description="path inside the backup")
 
 
 @dataclasses.dataclass
@@ -85,12 +74,10 @@ class RestoreApi:
         """Unmount and release the device."""
         return await self.restore.unmount(call.params["mount_id"], call.actor, call.query.force)
 
-    @route("GET", "/restore/{mount_id}/files", query=FilesQuery, response=Listing, tags=TAGS)
+    @route("GET", "/restore/{mount_id}/files", query=ListQuery, response=Listing, tags=TAGS)
     async def files(self, call: Call) -> Listing:
         """List a directory (optionally recursive, paginated)."""
-        q: FilesQuery = call.query
-        return await self.restore.files(call.params["mount_id"], ListQuery(q.path, q.recursive, q.depth, q.offset,
-                                                                           q.limit))
+        return await self.restore.files(call.params["mount_id"], call.query)
 
     @route("GET", "/restore/{mount_id}/file-info", query=PathQuery, response=Entry, tags=TAGS)
     async def file_info(self, call: Call) -> Entry:
