@@ -7,6 +7,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,8 +20,6 @@ from oma_common import errors, fdpass
 from oma_common.web import error_response
 
 pytestmark = pytest.mark.timeout(20)
-RELEASED = web.AppKey("released", asyncio.Event)
-HOLDERS = web.AppKey("holders", list)
 
 
 def open_fds() -> set[int]:
@@ -96,8 +95,16 @@ async def test_bad_answers_fail_and_leak_nothing(tmp_path: Path, case: str) -> N
     assert not left, f"left open: {left}"
 
 
-async def agent_app(path: Path, target: Path) -> web.AppRunner:
+@dataclasses.dataclass
+class Agent:
+    runner: web.AppRunner
+    released: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    holders: list[asyncio.Task[object]] = dataclasses.field(default_factory=list)
+
+
+async def agent_app(path: Path, target: Path) -> Agent:
     """A real aiohttp app answering /open with fdpass, /missing with the one error shape."""
+    agent = Agent(web.AppRunner(web.Application()))
 
     async def open_file(request: web.Request) -> web.StreamResponse:
         fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
@@ -105,30 +112,26 @@ async def agent_app(path: Path, target: Path) -> web.AppRunner:
             resp = await fdpass.reply_with_fd(request, b'{"name": "f"}', fd)
         finally:
             os.close(fd)
-        request.app[HOLDERS].append(asyncio.current_task())
+        agent.holders.append(asyncio.current_task())  # type: ignore[arg-type]
         await fdpass.hold_until_closed(request, poll=0.02)
-        request.app[RELEASED].set()
+        agent.released.set()
         return resp
 
     async def missing(request: web.Request) -> web.StreamResponse:
         return error_response(errors.NotFound("no such file", "/missing does not exist"))
 
-    app = web.Application()
-    app[RELEASED] = asyncio.Event()
-    app[HOLDERS] = []
-    app.router.add_get("/open", open_file)
-    app.router.add_get("/missing", missing)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.UnixSite(runner, str(path)).start()
-    return runner
+    agent.runner.app.router.add_get("/open", open_file)
+    agent.runner.app.router.add_get("/missing", missing)
+    await agent.runner.setup()
+    await web.UnixSite(agent.runner, str(path)).start()
+    return agent
 
 
 async def test_a_descriptor_is_handed_over_and_the_hold_ends_when_we_close(tmp_path: Path) -> None:
     target = tmp_path / "data.bin"
     target.write_bytes(b"0123456789" * 1000)
     sock = tmp_path / "agent.sock"
-    runner = await agent_app(sock, target)
+    agent = await agent_app(sock, target)
     try:
         before = open_fds()
         for _ in range(3):
@@ -136,14 +139,14 @@ async def test_a_descriptor_is_handed_over_and_the_hold_ends_when_we_close(tmp_p
             assert held.body == b'{"name": "f"}'
             assert os.pread(held.fd, 10, 5) == b"5678901234"
             assert os.fstat(held.fd).st_ino == target.stat().st_ino
-            runner.app[RELEASED].clear()
+            agent.released.clear()
             held.close()
-            await asyncio.wait_for(runner.app[RELEASED].wait(), 5)  # the agent's hold ended with our close
+            await asyncio.wait_for(agent.released.wait(), 5)  # the agent's hold ended with our close
         with pytest.raises(errors.NotFound) as e:
             await fdpass.request_fd(sock, "/missing", agent="test-agent", timeout=5)
         assert e.value.details == "/missing does not exist"
     finally:
-        await runner.cleanup()
+        await agent.runner.cleanup()
     assert open_fds() <= before  # (the agent's side of each connection lives in this process too)
 
 
@@ -151,17 +154,17 @@ async def test_the_agent_ending_the_hold_is_noticed(tmp_path: Path) -> None:
     target = tmp_path / "data.bin"
     target.write_bytes(b"x")
     sock = tmp_path / "agent.sock"
-    runner = await agent_app(sock, target)
+    agent = await agent_app(sock, target)
     try:
         held = await fdpass.request_fd(sock, "/open", agent="test-agent", timeout=5)
         try:
             watcher = asyncio.create_task(held.released())
             await asyncio.sleep(0.1)
             assert not watcher.done()
-            for task in runner.app[HOLDERS]:
+            for task in agent.holders:
                 task.cancel()  # as a forced unmount cancels the mount's holders
             await asyncio.wait_for(watcher, 5)
         finally:
             held.close()
     finally:
-        await runner.cleanup()
+        await agent.runner.cleanup()

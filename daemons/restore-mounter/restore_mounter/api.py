@@ -118,15 +118,19 @@ class RestoreApi:
         self.archives = archives
         self.compress_level = compress_level
 
-    async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def _blocking(self, fn: Callable[..., T], *args: Any, undo: Callable[[T], object] | None = None,
+                        **kwargs: Any) -> T:
         """Run filesystem work in a thread; if we are cancelled, wait for the thread before going on (it
-        uses descriptors inside the mount, which must be closed before the mount is released)."""
+        uses descriptors inside the mount, which must be closed before the mount is released), and `undo`
+        what it returned (a descriptor nobody will close otherwise)."""
         fut = asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
             with contextlib.suppress(BaseException):
-                await fut
+                result = await fut
+                if undo is not None:
+                    undo(result)
             raise
 
     # --- mounts ---
@@ -173,7 +177,7 @@ class RestoreApi:
             return await self._blocking(self.browser.stat, m, call.query.path)
 
     async def _open(self, m: MountState, path: str) -> tuple[int, OpenedFile]:
-        fd, st, name = await self._blocking(self.browser.open, m, path)
+        fd, st, name = await self._blocking(self.browser.open, m, path, undo=lambda opened: os.close(opened[0]))
         return fd, OpenedFile.of(name, st, files.mime_type(name))
 
     @route("GET", "/mounts/{mount_id}/open", query=PathQuery, response=OpenedFile, auth=Auth.PEER, tags=TAGS)
