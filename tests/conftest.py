@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from .rig import Api, Stack, make_stack
+from .sim.cloudstack import CloudStackSim, running
 
 # tool → Debian package that provides it
 REQUIRED_TOOLS = {
@@ -44,6 +45,15 @@ def short_tmp() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def cloudstack_sim(short_tmp: Path) -> Iterator[CloudStackSim]:
+    """A CloudStack simulator on its own thread and a free 127.0.0.1 port (`sim.endpoint`, `sim.api_key`,
+    `sim.secret_key`); volumes attached to `sim.appliance_vm_id` appear as loop devices linked from
+    `<short_tmp>/by-id` (root needed for that). Every loop device it made is released afterwards."""
+    with running(short_tmp / "cloudstack", short_tmp / "by-id") as sim:
+        yield sim
 
 
 @pytest.fixture

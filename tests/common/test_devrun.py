@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -44,3 +45,105 @@ def test_run_local_serves_health_and_stops_on_ctrl_c(short_tmp: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _launch(state: Path) -> tuple[subprocess.Popen[str], str, list[str]]:
+    proc = subprocess.Popen([sys.executable, "-m", "oma_common.devrun", "--state-dir", str(state), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        m = re.match(r"OMA API: (http://\S+)/api/v1", line)
+        if m:
+            return proc, m.group(1), seen
+    raise AssertionError("the launcher never printed the API URL:\n" + "".join(seen))
+
+
+def _health(url: str) -> dict:
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        return json.load(r)
+
+
+def _daemons(launcher_pid: int) -> dict[str, psutil.Process]:
+    out = {}
+    for c in psutil.Process(launcher_pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            argv = c.cmdline()
+            if len(argv) > 2 and c.status() != psutil.STATUS_ZOMBIE:
+                out[argv[2]] = c
+    return out
+
+
+def _wait_for(cond, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return _health(url)["status"] == "healthy"
+    except OSError:
+        return False
+
+
+def test_a_crashed_daemon_is_restarted_alone(short_tmp: Path) -> None:
+    proc, url, _ = _launch(short_tmp)
+    try:
+        before = _daemons(proc.pid)
+        assert set(before) == {"omad", "nbd_pool", "restore_mounter", "volume_agent"}
+        before["nbd_pool"].kill()
+        _wait_for(lambda: "nbd_pool" in _daemons(proc.pid) and _daemons(proc.pid)["nbd_pool"].pid != before["nbd_pool"].pid)
+        _wait_for(lambda: _healthy(url))
+        after = _daemons(proc.pid)
+        assert {n: p.pid for n, p in after.items() if n != "nbd_pool"} == \
+               {n: p.pid for n, p in before.items() if n != "nbd_pool"}, "only the crashed daemon restarts"
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
+def test_sighup_stops_every_daemon(short_tmp: Path) -> None:
+    proc, _url, _ = _launch(short_tmp)
+    children = list(_daemons(proc.pid).values())
+    proc.send_signal(signal.SIGHUP)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    _wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children), 10)
+
+
+def test_a_killed_launcher_leaves_nothing_and_the_next_one_starts(short_tmp: Path) -> None:
+    proc, _url, _ = _launch(short_tmp)
+    children = list(_daemons(proc.pid).values())
+    proc.kill()  # as `kill -9` of the launcher's process group would
+    proc.communicate(timeout=10)
+    # The kernel sends each daemon SIGTERM (PR_SET_PDEATHSIG) and they drain.
+    _wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children), 20)
+    proc2, url2, _ = _launch(short_tmp)
+    try:
+        assert _health(url2)["status"] == "healthy"
+    finally:
+        proc2.send_signal(signal.SIGINT)
+        proc2.communicate(timeout=30)
+
+
+def test_daemons_left_by_an_earlier_launcher_are_replaced(short_tmp: Path) -> None:
+    from oma_common.devrun import DaemonProcess, write_local_configs
+
+    dirs = write_local_configs(short_tmp.resolve(), 0)
+    orphan = DaemonProcess("nbd-pool", dirs["nbd-pool"])  # no parent-death signal: as an older launcher left it
+    orphan.start()
+    try:
+        proc, url, seen = _launch(short_tmp)
+        try:
+            assert any(f"nbd_pool (pid {orphan.pid})" in line for line in seen), "".join(seen)
+            assert orphan.proc is not None and orphan.proc.poll() is not None
+            assert _health(url)["status"] == "healthy"
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)
+    finally:
+        orphan.stop()

@@ -17,15 +17,14 @@ from oma_common.process import (
     AdoptedChild,
     ChildFailed,
     ChildNotReady,
-    CommandFailed,
     PidMismatch,
     ProcessIdentity,
     StderrRing,
     SupervisedChild,
     pid_matches,
     read_cmdline,
-    run,
 )
+from oma_common.command import CommandFailed, run
 
 pytestmark = [pytest.mark.timeout(30)]
 

@@ -8,7 +8,8 @@ from typing import Literal
 import pytest
 
 from oma_common.errors import Invalid
-from oma_common.schema import SchemaRegistry, parse, parse_text, spec
+from oma_common.schema import (INT64_MAX, SchemaRegistry, any_case, ecma_pattern, name_spec, parse, parse_text,
+                               spec, text_spec)
 
 
 @dataclasses.dataclass
@@ -74,3 +75,61 @@ def test_json_schema_carries_constraints_and_required() -> None:
     assert thing["properties"]["kind"]["enum"] == ["full", "incremental"]
     assert thing["properties"]["disks"]["items"] == {"$ref": "#/components/schemas/Disk"}
     assert thing["properties"]["note"]["nullable"] is True
+
+
+@dataclasses.dataclass
+class Named:
+    name: str = name_spec(max_length=20)
+    description: str = text_spec("", max_length=100)
+    size: int = 0
+    kind: str = spec("nfs", pattern=any_case("nfs", "cifs"))
+
+
+@pytest.mark.parametrize("bad", ["esc\x1b[2J", "cr\rhidden", "nul\x00", "lone \ud800 surrogate", "c1 \x9b",
+                                 "bidi \u202e", "line\nbreak", "x" * 21])
+def test_names_refuse_control_characters_invalid_unicode_and_length(bad: str) -> None:
+    with pytest.raises(Invalid, match="name: must"):
+        parse(Named, {"name": bad})
+
+
+def test_text_allows_tab_and_newline_only() -> None:
+    assert parse(Named, {"name": "web 01 – ünï/cödé", "description": "two\nlines\tand a tab"}).description
+    for bad in ("esc\x1b", "cr\r", "\udfff"):
+        with pytest.raises(Invalid, match="description: must"):
+            parse(Named, {"name": "n", "description": bad})
+
+
+def test_integers_are_bounded_to_64_bits_even_undeclared() -> None:
+    assert parse(Named, {"name": "n", "size": INT64_MAX}).size == INT64_MAX
+    with pytest.raises(Invalid, match="size: must be <="):
+        parse(Named, {"name": "n", "size": INT64_MAX + 1})
+    with pytest.raises(Invalid, match="size: must be an integer"):
+        parse_text(Named, {"name": "n", "size": "9" * 400})
+    reg = SchemaRegistry()
+    reg.ref(Named)
+    assert reg.components["Named"]["properties"]["size"]["maximum"] == INT64_MAX
+
+
+def test_query_text_takes_only_what_openapi_serialises() -> None:
+    for bad in ("1_000", " 7", "\u0661", "+3"):
+        with pytest.raises(Invalid, match="count: must be an integer"):
+            parse_text(Thing, {"name": "a", "count": bad})
+    with pytest.raises(Invalid, match="enabled: must be a boolean"):
+        parse_text(Thing, {"name": "a", "enabled": "yes"})
+
+
+def test_patterns_are_ecma_262_and_anchored_in_the_document() -> None:
+    with pytest.raises(ValueError, match="not ECMA-262"):
+        ecma_pattern("(?i)local|nfs")
+    with pytest.raises(ValueError, match="not ECMA-262"):
+        spec(pattern=r"\Aabc\Z")
+    assert parse(Named, {"name": "n", "kind": "NFS"}).kind == "NFS"
+    with pytest.raises(Invalid, match="kind: must match"):
+        parse(Named, {"name": "n", "kind": "nfsx"})
+    reg = SchemaRegistry()
+    reg.ref(Named)
+    props = reg.components["Named"]["properties"]
+    assert props["kind"]["pattern"] == "^(?:[Nn][Ff][Ss]|[Cc][Ii][Ff][Ss])$"
+    assert props["name"]["pattern"].startswith("^[^") and props["name"]["maxLength"] == 20
+    reg.ref(Thing)
+    assert reg.components["Thing"]["properties"]["tags"].get("maxItems") is None  # lists count items

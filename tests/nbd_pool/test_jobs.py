@@ -14,7 +14,7 @@ import pytest
 from nbd_pool.exports import Exports
 from nbd_pool.jobs import Jobs
 from nbd_pool.pool import Pool
-from nbd_pool.state import StateFile
+from oma_common.statefile import Damaged, StateFile
 from oma_common.errors import Conflict
 
 from .test_pool import Clock
@@ -69,7 +69,7 @@ class FakeExports:
 
 def setup(tmp_path: Path, grace: float = 600) -> tuple[Clock, Pool, FakeExports, Jobs]:
     clock = Clock()
-    pool = Pool(StateFile(tmp_path / "leases.json", "leases"), port_min=10100, port_max=10109, host="127.0.0.1",
+    pool = Pool(StateFile(tmp_path / "leases.json", "leases", damaged=Damaged.REFUSE), port_min=10100, port_max=10109, host="127.0.0.1",
                 lease_seconds=3600, max_lease_seconds=86400, clock=clock, port_free=lambda h, p: True)
     exports = FakeExports(clock)
     return clock, pool, exports, Jobs(pool, cast(Exports, exports), idle_grace_seconds=grace, clock=clock)

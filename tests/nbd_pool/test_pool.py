@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nbd_pool.pool import Pool
-from nbd_pool.state import StateFile
+from oma_common.statefile import Damaged, StateFile
 from oma_common.errors import Conflict, Exhausted, Invalid, NotFound
 
 
@@ -23,7 +23,7 @@ class Clock:
 
 def make(tmp_path: Path, *, busy: set[int] | None = None, size: int = 10, clock: Clock | None = None) -> Pool:
     held = busy if busy is not None else set()
-    pool = Pool(StateFile(tmp_path / "leases.json", "leases"), port_min=10100, port_max=10100 + size - 1,
+    pool = Pool(StateFile(tmp_path / "leases.json", "leases", damaged=Damaged.REFUSE), port_min=10100, port_max=10100 + size - 1,
                 host="127.0.0.1", lease_seconds=3600, max_lease_seconds=86400, clock=clock or Clock(),
                 port_free=lambda host, port: port not in held)
     pool.load()

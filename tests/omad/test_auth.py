@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import psutil
+
 from ..rig import Api, Stack
 
 
@@ -72,3 +78,62 @@ async def test_omactl_status(stack: Stack) -> None:
     out = stack.omactl("status")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OMA API: healthy" in out.stdout and "nbd-pool: ok" in out.stdout
+
+
+async def _login(base: str, password: str, local: str = "127.0.0.1") -> int:
+    conn = aiohttp.TCPConnector(local_addr=(local, 0), force_close=True)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        async with s.post(base + "/api/v1/auth/login", json={"username": "admin", "password": password}) as r:
+            return r.status
+
+
+async def test_concurrent_wrong_logins_are_each_counted_before_checking(stack: Stack) -> None:
+    """30 guesses at once from one address: only the limit (5) reach the password check, the rest are 429."""
+    statuses = await asyncio.gather(*(_login(stack.url, f"wrong-{i}-guess") for i in range(30)))
+    assert sorted(statuses) == [401] * 5 + [429] * 25, statuses
+    denied = stack.sql("SELECT COUNT(*) FROM audit_log WHERE action = 'auth.login' AND outcome = 'denied'")[0][0]
+    assert denied == 5
+
+
+async def test_a_correct_login_does_not_forgive_failures(stack: Stack) -> None:
+    for _ in range(3):
+        assert await _login(stack.url, "wrong-wrong") == 401
+    assert await _login(stack.url, stack.admin_password) == 200
+    for _ in range(2):
+        assert await _login(stack.url, "wrong-wrong") == 401
+    # Five failures stand in the window: even the right password now waits.
+    assert await _login(stack.url, stack.admin_password) == 429
+    # Another address is not affected.
+    assert await _login(stack.url, stack.admin_password, local="127.0.0.2") == 200
+
+
+RSS_BOUND_MIB = 256  # two argon2 checks at ~64 MiB each, and the interpreter's own churn
+
+
+def _hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+async def test_a_login_flood_does_not_grow_omad_without_bound(stack: Stack) -> None:
+    """50 logins at once from 50 addresses: argon2 runs on two threads, the rest wait or are turned away."""
+    pid = stack.daemons["omad"].pid
+    before = psutil.Process(pid).memory_info().rss // 1024
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the high-water mark
+    statuses = await asyncio.gather(*(_login(stack.url, stack.admin_password, local=f"127.0.1.{i + 1}")
+                                      for i in range(50)))
+    grown_mib = (_hwm_kib(pid) - before) / 1024
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 2, statuses
+    assert grown_mib < RSS_BOUND_MIB, f"omad's peak RSS grew by {grown_mib:.0f} MiB"
+
+
+async def test_the_bootstrap_password_file_goes_when_the_password_changes(stack: Stack, anon: Api) -> None:
+    password_file = stack.state / "admin-password"
+    assert password_file.exists()
+    assert stack.omactl("user", "passwd", "olga-missing", "--password-stdin", stdin="n3w-secret-pass\n").returncode == 1
+    assert password_file.exists()  # a failed change keeps it
+    assert stack.omactl("user", "passwd", "admin", "--password-stdin", stdin="n3w-admin-pass\n").returncode == 0
+    assert not password_file.exists()
+    await anon.login("admin", "n3w-admin-pass")

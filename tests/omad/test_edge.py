@@ -3,6 +3,8 @@ routes and methods all answer the one JSON error shape; CORS preflights are answ
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ..rig import Api, Stack
@@ -46,9 +48,53 @@ async def test_unknown_route_and_wrong_method_are_json(admin: Api) -> None:
     status, body = await admin.get("/no/such/thing")
     assert status == 404
     assert_error_shape(body, "not_found")
-    status, body = await admin.request("DELETE", "/auth/login")
-    assert status == 405
+    async with admin.session.delete(admin.base + "/api/v1/auth/login") as r:
+        assert r.status == 405
+        assert r.headers["Allow"] == "POST"  # RFC 9110: a 405 lists what the resource serves
+        assert_error_shape(await r.json(), "invalid_request")
+    async with admin.session.delete(admin.base + "/api/v1/restore/mounts", headers=admin._headers(None)) as r:
+        assert (r.status, r.headers["Allow"]) == (405, "GET")  # not an unmount of a mount named "mounts"
+
+
+async def test_a_body_is_required_where_the_operation_needs_one(admin: Api) -> None:
+    status, group = await admin.post("/machine-groups", {"name": "g1"})
+    assert status == 201, group
+    for path in (f"/machine-groups/{group['id']}", "/vm-contexts/ctx-nope/group"):
+        status, body = await admin.request("PUT", path)
+        assert status == 400, (path, body)
+        assert "needs a JSON body" in body["details"]
+    assert (await admin.put(f"/machine-groups/{group['id']}", {"description": "two\nlines"}))[0] == 200
+
+
+@pytest.mark.parametrize("query", [{"offset": "9" * 30}, {"offset": str(2 ** 63)}, {"limit": "1_0"}, {"offset": "-1"}])
+async def test_integer_parameters_are_bounded(admin: Api, query: dict[str, str]) -> None:
+    status, body = await admin.get("/backups", params=query)
+    assert status == 400, body
     assert_error_shape(body, "invalid_request")
+
+
+@pytest.mark.parametrize("payload", ['{"name": NaN}', '{"name": "g", "max_concurrent_vms": Infinity}',
+                                     '{"name": "esc\\u001b[2J"}', '{"name": "cr\\rhidden"}',
+                                     '{"name": "lone \\ud800"}', '{"name": "g", "description": "bell\\u0007"}'])
+async def test_names_and_numbers_are_sane(admin: Api, payload: str) -> None:
+    status, body = await admin.request("POST", "/machine-groups", data=payload.encode(),
+                                       headers={"Content-Type": "application/json"})
+    assert status == 400, body
+    assert_error_shape(body, "invalid_request")
+
+
+async def test_the_audit_records_the_callers_address_and_omactl_prints_it_safely(stack: Stack, admin: Api) -> None:
+    assert (await admin.post("/machine-groups", {"name": "audited"}))[0] == 201
+    stack.sql("UPDATE audit_log SET resource = ? WHERE action = 'machine_group.create'", ("evil\x1b[2J\rname",))
+    rows = stack.sql("SELECT source FROM audit_log WHERE action = 'machine_group.create'")
+    assert rows == [("127.0.0.1",)]
+    table = stack.omactl("audit", "--action", "machine_group.create")
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()[:2]
+    assert header.split()[:4] == ["AT", "ACTOR", "ACTION", "RESOURCE"] and "127.0.0.1" in row
+    assert "\x1b" not in table.stdout and "\r" not in table.stdout and "evil\\x1b[2J\\rname" in row
+    as_json = stack.omactl("audit", "--action", "machine_group.create", "--json")
+    assert json.loads(as_json.stdout.splitlines()[0])["resource"] == "evil\x1b[2J\rname"
 
 
 async def test_cors_preflight_and_headers(anon: Api) -> None:

@@ -138,19 +138,25 @@ def http(m: Machine, method: str, path: str, body: object = None, token: str = "
     return out["status"], out["body"]
 
 
-def health(m: Machine) -> dict:
-    status, body = http(m, "GET", "/health")
+def health(m: Machine, token: str = "") -> dict:
+    status, body = http(m, "GET", "/health", token=token)
     assert status == 200, body
     assert isinstance(body, dict)
     return body
 
 
 def wait_healthy(m: Machine, timeout: float = 20.0, **component_pids: int) -> dict:
-    """Poll /health until it is green (and names the given agents' pids); omad probes the agents per call."""
+    """Poll /health until it is green (and names the given agents' pids: details need a token); omad probes
+    the agents per call."""
     deadline = time.monotonic() + timeout
+    token = ""
+    if component_pids:
+        status, session = login(m, "admin", admin_password(m))
+        assert status == 200, session
+        token = session["session_token"]
     while True:
         try:
-            body = health(m)
+            body = health(m, token)
         except (AssertionError, ValueError):
             body = {}
         comps = body.get("components", {})

@@ -273,3 +273,55 @@ def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path: Path) -
         st = (root / path.lstrip("/")).stat()
         assert oct(st.st_mode & 0o7777) == oct(int(mode, 8)), path
         assert (st.st_uid, st.st_gid) == ((uid, gid) if user == "oma" else (0, 0)), path
+
+
+# -- each unit grants exactly what its daemon's adapters declare they need ---------------------------------
+
+ADAPTERS = {"omad.service": "omad.adapters", "nbd-pool.service": "nbd_pool.adapters",
+            "restore-mounter.service": "restore_mounter.adapters", "volume-agent.service": "volume_agent.adapters"}
+
+
+def declared_needs(service: str) -> tuple[dict[str, Any], set[str]]:
+    """The adapters package's NEEDS table and the names of the adapter modules it has."""
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module(ADAPTERS[service])
+    return pkg.NEEDS, {m.name for m in pkgutil.iter_modules(pkg.__path__)}
+
+
+def syscall_groups(u: dict[str, list[str]]) -> tuple[set[str], set[str]]:
+    """(allowed, denied) groups of the unit's SystemCallFilter= lines."""
+    allowed: set[str] = set()
+    denied: set[str] = set()
+    for line in u.get("Service.SystemCallFilter", []):
+        if line.startswith("~"):
+            denied |= set(line[1:].split())
+        else:
+            allowed |= set(line.split())
+    return allowed, denied
+
+
+@pytest.mark.parametrize("service", uc.SERVICES)
+def test_every_adapter_declares_what_it_needs(service: str) -> None:
+    table, modules = declared_needs(service)
+    assert modules <= set(table), f"adapters of {service} without a NEEDS entry: {sorted(modules - set(table))}"
+    for name, need in table.items():
+        assert need.why, name
+
+
+@pytest.mark.parametrize("service", uc.SERVICES)
+def test_the_unit_grants_exactly_the_adapters_needs(service: str) -> None:
+    from oma_common.privileges import union
+
+    table, _ = declared_needs(service)
+    need = union(table)
+    u = unit(service)
+    granted = words(u, "Service.CapabilityBoundingSet")
+    assert granted == set(need.capabilities), (
+        f"{service}: CapabilityBoundingSet= {sorted(granted)}, adapters need {sorted(need.capabilities)}")
+    allowed, denied = syscall_groups(u)
+    assert allowed - {"@system-service"} == set(need.syscalls), (service, allowed, need.syscalls)
+    assert not (denied & set(need.syscalls)), f"{service} denies {sorted(denied & need.syscalls)} that adapters use"
+    if last(u, "Service.PrivateDevices") == "yes":
+        assert not need.devices, f"{service} has PrivateDevices=yes but adapters open {sorted(need.devices)}"

@@ -27,7 +27,7 @@ EXPOSURE_TARGETS = {
     "omad.service": 2.0,
     "nbd-pool.service": 4.3,
     "restore-mounter.service": 4.0,
-    "volume-agent.service": 3.8,
+    "volume-agent.service": 4.5,  # mounts shares and sets immutable flags: see the unit's capability list
 }
 
 HOST_UNITS = Path("/usr/lib/systemd/system")

@@ -32,7 +32,10 @@ def fake_mount(tmp: Path, code: int = 0, message: str = "") -> Path:
     script.write_text(f"""#!{sys.executable}
 import json, os, sys
 with open({str(record)!r}, "a") as f:
-    f.write(json.dumps({{"argv": sys.argv[1:], "USER": os.environ.get("USER"),
+    target = sys.argv[-1]
+    if target.startswith("/proc/self/fd/"):
+        target = os.readlink(target)  # what the inherited descriptor holds
+    f.write(json.dumps({{"argv": sys.argv[1:], "target": target, "USER": os.environ.get("USER"),
                         "PASSWD": os.environ.get("PASSWD")}}) + "\\n")
 sys.stderr.write({message!r})
 sys.exit({code})
@@ -66,8 +69,10 @@ async def test_nfs_argv_forces_safe_options_and_refuses_loosening(tmp_path: Path
     out = await mounts.mount(share, owner_uid=1234, owner_gid=4321)
     assert out["source"] == "nas.example:/export/backups" and out["mounted"]
     (call,) = calls(tmp_path)
-    assert call["argv"] == ["-t", "nfs", "-o", "nosuid,nodev,noexec,vers=4.1,hard", "--",
-                            "nas.example:/export/backups", str(tmp_path / "repos" / "r1")]
+    assert call["argv"][:-1] == ["--no-canonicalize", "-t", "nfs", "-o", "nosuid,nodev,noexec,vers=4.1,hard", "--",
+                                 "nas.example:/export/backups"]
+    # mount(8) is handed the checked directory's descriptor, not its name.
+    assert call["argv"][-1].startswith("/proc/self/fd/") and call["target"] == str(tmp_path / "repos" / "r1")
     point = tmp_path / "repos" / "r1"
     assert point.is_dir() and stat.S_IMODE(point.stat().st_mode) == 0o755
     for bad in (["suid"], ["exec"], ["uid=0"], ["credentials=/etc/shadow"], ["a,b"], ["opt=x y"]):
@@ -122,14 +127,74 @@ async def test_already_mounted_is_a_noop_and_another_share_is_a_conflict(tmp_pat
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     mounts = RepositoryMounts(tmp_path / "repos", mount_program=str(fake_mount(tmp_path)))
     point = tmp_path / "repos" / "r"
-    monkeypatch.setattr(m, "mounted_at", lambda p: m.MountEntry(point, "nfs4", "nas:/export", "rw") if p == point
-                        else None)
+    monkeypatch.setattr(m, "read_mounts", lambda: [m.MountEntry(point, "nfs4", "nas:/export", "rw")])
     out = await mounts.mount(Share(kind="nfs", server="nas", export_path="/export", mount_point=str(point)),
                              owner_uid=1, owner_gid=1)
     assert out["already_mounted"] and not (tmp_path / "calls.jsonl").exists()
     with pytest.raises(Conflict):
         await mounts.mount(Share(kind="nfs", server="other", export_path="/export", mount_point=str(point)),
                            owner_uid=1, owner_gid=1)
+
+
+async def test_a_mount_point_inside_a_share_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The share's server decides what is below its mount point: a directory there may be a symlink by the
+    time mount(8) runs, so nothing is ever mounted inside a share."""
+    mounts = RepositoryMounts(tmp_path / "repos", mount_program=str(fake_mount(tmp_path)))
+    share = tmp_path / "repos" / "share"
+    monkeypatch.setattr(m, "read_mounts", lambda: [m.MountEntry(share, "nfs4", "nas:/export", "rw")])
+    for op in ("mount", "unmount"):
+        with pytest.raises(Invalid, match="inside a share"):
+            if op == "mount":
+                await mounts.mount(Share(kind="nfs", server="nas", export_path="/e",
+                                         mount_point=str(share / "nested")), owner_uid=1, owner_gid=1)
+            else:
+                await mounts.unmount(str(share / "nested"))
+    assert not (tmp_path / "calls.jsonl").exists()
+
+
+async def test_a_component_swapped_for_a_symlink_is_never_mounted_through(tmp_path: Path) -> None:
+    """A racing flip of a directory on the way to the mount point, between a symlink to a directory outside
+    the root and the real directory: every mount lands on the real directory or is refused."""
+    import ctypes
+    import threading
+
+    root = tmp_path / "repos"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    mounts = RepositoryMounts(root, mount_program=str(fake_mount(tmp_path)))
+    (root / "a").mkdir(parents=True)
+    (root / "a.link").symlink_to(outside)
+    stop = threading.Event()
+    flips = [0]
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+
+    def flip() -> None:
+        # renameat2(RENAME_EXCHANGE): "a" is always there, now the directory, now a symlink to `outside`.
+        while not stop.is_set():
+            assert libc.renameat2(at_fdcwd, bytes(root / "a"), at_fdcwd, bytes(root / "a.link"), rename_exchange) == 0
+            flips[0] += 1
+
+    t = threading.Thread(target=flip)
+    t.start()
+    refused = done = 0
+    try:
+        for i in range(200):
+            try:
+                await mounts.mount(Share(kind="nfs", server="nas", export_path="/e",
+                                         mount_point=str(root / "a" / f"p{i}")), owner_uid=1, owner_gid=1)
+                done += 1
+            except Invalid:
+                refused += 1
+    finally:
+        stop.set()
+        t.join()
+    assert flips[0] > 100, "the race did not run"
+    assert not any(outside.iterdir()), "a directory was created through the symlink"
+    targets = [c["target"] for c in calls(tmp_path)] if done else []
+    # The directory that was mounted on is the real one (which the exchange may have renamed "a.link").
+    assert len(targets) == done and all(Path(t).parent in (root / "a", root / "a.link") for t in targets), targets
+    assert done + refused == 200
 
 
 async def test_the_agent_serves_mounts_over_its_socket(stack_config: Stack) -> None:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .process import run
+from .command import run
 
 log = logging.getLogger("oma.blockdev")
 

@@ -1,12 +1,18 @@
 """Run the four daemons in the foreground without systemd (`make run`, and the tests' fixtures).
 
 Each daemon is started as a child with its own NOTIFY_SOCKET, so "ready" means exactly what systemd would
-take it to mean: the daemon sent READY=1. Ctrl-C stops omad first, then the agents.
+take it to mean: the daemon sent READY=1. The launcher behaves like the installed units: a daemon that
+crashes is restarted alone (`Restart=on-failure`, with a start limit), Ctrl-C, SIGTERM and SIGHUP stop omad
+first, then the agents, and if the launcher itself dies its daemons get SIGTERM from the kernel
+(PR_SET_PDEATHSIG). Daemons left by an earlier launcher of the same state directory are stopped before the
+new ones start.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -18,9 +24,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 AGENTS = ("nbd-pool", "restore-mounter", "volume-agent")
 MODULES = {"omad": "omad", "nbd-pool": "nbd_pool", "restore-mounter": "restore_mounter",
            "volume-agent": "volume_agent"}
+
+
+PR_SET_PDEATHSIG = 1
+#: Restart=on-failure's defaults: at most this many starts of one daemon in this many seconds.
+START_LIMIT_BURST = 5
+START_LIMIT_INTERVAL = 10.0
+RESTART_DELAY = 0.1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launcher dies, however it dies (kill -9 included)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class DaemonFailed(Exception):
@@ -39,6 +60,7 @@ class DaemonProcess:
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    die_with_parent: bool = False
     proc: subprocess.Popen[bytes] | None = None
     status: str = ""
     _sock: socket.socket | None = None
@@ -63,7 +85,8 @@ class DaemonProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", MODULES[self.name], "--config", str(self.config_dir), *self.extra_args],
                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                start_new_session=True)  # Ctrl-C reaches the launcher, which stops them in order
+                start_new_session=True,  # Ctrl-C reaches the launcher, which stops them in order
+                preexec_fn=_die_with_parent if self.die_with_parent else None)
         finally:
             if out:
                 out.close()
@@ -148,6 +171,62 @@ def write_local_configs(state: Path, port: int, listen: str = "127.0.0.1") -> di
     return dirs
 
 
+def leftovers(dirs: dict[str, Path]) -> list[psutil.Process]:
+    """Daemons still running with this state directory's configuration (their launcher died)."""
+    wanted = {(MODULES[name], str(d)) for name, d in dirs.items()}
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        argv = p.info["cmdline"] or []
+        if len(argv) >= 5 and argv[1] == "-m" and argv[3] == "--config" and (argv[2], argv[4]) in wanted:
+            found.append(p)
+    return found
+
+
+def stop_leftovers(dirs: dict[str, Path], timeout: float = 15.0) -> list[str]:
+    """Stop daemons an earlier launcher of the same state directory left behind: SIGTERM, wait, SIGKILL."""
+    procs = leftovers(dirs)
+    # omad first, as a normal stop would.
+    procs.sort(key=lambda p: 0 if "omad" in (p.info["cmdline"] or ["", "", ""])[2] else 1)
+    names = []
+    for p in procs:
+        names.append(f"{p.info['cmdline'][2]} (pid {p.pid})")
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+            if not _gone(p, timeout):
+                p.kill()
+                _gone(p, 5)
+    return names
+
+
+def _gone(p: psutil.Process, timeout: float) -> bool:
+    """Whether `p` (not our child: we cannot reap it) exited within `timeout`; a zombie has."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class Restarts:
+    """Restart=on-failure with StartLimitBurst/StartLimitIntervalSec: too many starts → give up."""
+
+    def __init__(self, burst: int = START_LIMIT_BURST, interval: float = START_LIMIT_INTERVAL) -> None:
+        self.burst = burst
+        self.interval = interval
+        self._starts: dict[str, list[float]] = {}
+
+    def allow(self, name: str, now: float) -> bool:
+        recent = [t for t in self._starts.get(name, []) if now - t < self.interval]
+        if len(recent) >= self.burst:
+            return False
+        self._starts[name] = [*recent, now]
+        return True
+
+
 def run_local(state: Path, port: int) -> int:
     state = state.resolve()
     dirs = write_local_configs(state, port)
@@ -155,11 +234,15 @@ def run_local(state: Path, port: int) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     started: list[DaemonProcess] = []
     stopping: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
+    restarts = Restarts()
     try:
+        for name in stop_leftovers(dirs):
+            print(f"stopped {name}, left running by an earlier launcher of {state}", flush=True)
         for name in (*AGENTS, "omad"):
-            d = DaemonProcess(name, dirs[name], log_path=logs / f"{name}.log")
+            d = DaemonProcess(name, dirs[name], log_path=logs / f"{name}.log", die_with_parent=True)
+            restarts.allow(name, time.monotonic())
             d.start()
             started.append(d)
             print(f"{name}: ready (pid {d.pid}, log {d.log_path})", flush=True)
@@ -170,20 +253,35 @@ def run_local(state: Path, port: int) -> int:
             print(f"login: admin / {password_file.read_text().strip()}   (from {password_file})")
         print("Ctrl-C stops everything.", flush=True)
         while not stopping:
-            crashed = [d for d in started if not d.running()]
-            if crashed:
-                for d in crashed:
-                    print(f"{d.name} exited with {d.proc.returncode if d.proc else '?'}; stopping the rest "
-                          f"(see {d.log_path})", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+            for d in started:
+                if d.running() or d.proc is None:
+                    continue
+                code = d.proc.returncode
+                d.stop()  # closes its notify socket
+                if code == 0:
+                    print(f"{d.name} exited cleanly; not restarted (Restart=on-failure)", file=sys.stderr)
+                    d.proc = None
+                    continue
+                if not restarts.allow(d.name, time.monotonic()):
+                    print(f"{d.name} failed {START_LIMIT_BURST} times within {START_LIMIT_INTERVAL:g} s; "
+                          f"stopping everything (see {d.log_path})", file=sys.stderr)
+                    return 1
+                print(f"{d.name} exited with {code}; restarting it (see {d.log_path})", file=sys.stderr, flush=True)
+                time.sleep(RESTART_DELAY)
+                try:
+                    d.start()
+                    print(f"{d.name}: ready again (pid {d.pid})", flush=True)
+                except DaemonFailed as e:
+                    print(f"{d.name}: restart failed: {e}", file=sys.stderr, flush=True)
+            time.sleep(0.2)
         return 0
     except DaemonFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         for d in reversed(started):
-            print(f"{d.name}: stopped ({d.stop()})", flush=True)
+            if d.proc is not None:
+                print(f"{d.name}: stopped ({d.stop()})", flush=True)
 
 
 def main() -> None:

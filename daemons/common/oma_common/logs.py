@@ -10,6 +10,9 @@ import sys
 from collections.abc import Iterator
 
 _resource: contextvars.ContextVar[str] = contextvars.ContextVar("oma_resource", default="-")
+# The network address of the caller whose request is being handled ("" outside a request); the HTTP edge
+# sets it, the audit trail records it. Tasks started by the request inherit it.
+caller_address: contextvars.ContextVar[str] = contextvars.ContextVar("oma_caller_address", default="")
 
 
 class _ResourceFilter(logging.Filter):

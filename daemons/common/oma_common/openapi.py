@@ -1,4 +1,7 @@
-"""OpenAPI 3 documents generated from declared routes and their schemas (omad's API and each agent's socket)."""
+"""OpenAPI 3 documents generated from declared routes and their schemas (omad's API and each agent's socket).
+
+Every status an operation answers comes from its declaration (`oma_common.web.declared_statuses`).
+"""
 
 from __future__ import annotations
 
@@ -7,71 +10,98 @@ from typing import Any
 
 from . import __version__
 from .schema import SchemaRegistry
-from .web import Auth, BoundRoute, Call, route
+from .web import PATH_PARAM_MAX, Auth, BoundRoute, Call, RouteSpec, declared_statuses, route
 
 _PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
 
 ERROR_SCHEMA = {
     "type": "object",
+    "description": "Every error: `error` (short), `details` (long), a stable `code`; some add fields (e.g. "
+                   "`problems`, one line per invalid input; `retry_after`).",
     "required": ["error", "details", "code", "timestamp"],
     "properties": {"error": {"type": "string"}, "details": {"type": "string"}, "code": {"type": "string"},
                    "timestamp": {"type": "string", "format": "date-time"}},
 }
+BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+SECURITY: dict[Auth, list[dict[str, list[str]]]] = {
+    Auth.PUBLIC: [],
+    Auth.MACHINE: [*BEARER, {}],  # {}: no token at all, accepted from a loopback peer only
+    Auth.USER: BEARER,
+    Auth.ADMIN: BEARER,
+    Auth.PEER: [],  # no credentials: the unix socket's peer uid is checked (SO_PEERCRED)
+}
+
+
+def _operation(reg: SchemaRegistry, spec: RouteSpec, operation_id: str) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": spec.summary, "operationId": operation_id,
+                          "tags": list(spec.tags) or [spec.path.strip("/").split("/")[0]]}
+    notes = [spec.description] if spec.description else []
+    params: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True,
+         "schema": {"type": "string", "minLength": 1, "maxLength": PATH_PARAM_MAX}}
+        for name in spec.path_params]
+    if spec.query is not None:
+        obj = reg._object(spec.query)
+        for name, schema in obj["properties"].items():
+            param = {"name": name, "in": "query", "required": name in obj.get("required", []), "schema": schema}
+            if schema.get("type") == "array":
+                param.update(style="form", explode=False)  # a=1,2,3, as the query parser reads lists
+            params.append(param)
+    if params:
+        op["parameters"] = params
+    if spec.body is not None:
+        body_schema = reg.ref(spec.body) if spec.body is not dict else {"type": "object"}
+        op["requestBody"] = {"required": spec.body_required,
+                             "content": {"application/json": {"schema": body_schema}}}
+        if not spec.body_required:
+            notes.append("The body may be left out; every field then takes its default.")
+    responses: dict[str, Any] = {}
+    for status, description in declared_statuses(spec).items():
+        if status >= 400:
+            content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        elif spec.stream:
+            content = {spec.stream: {"schema": {"type": "string", "format": "binary"}}}
+        elif status in (204, 302, 304):
+            content = {}
+        else:
+            schema = reg.of(spec.response) if spec.response is not None else {"type": "object"}
+            content = {"application/json": {"schema": schema}}
+        responses[str(status)] = {"description": description, **({"content": content} if content else {})}
+    op["responses"] = responses
+    op["security"] = SECURITY.get(spec.auth, BEARER)
+    if spec.auth is Auth.MACHINE:
+        notes.append("Also accepted without a token from a loopback peer (the VMA's tunnel).")
+    if spec.auth is Auth.PEER:
+        notes.append("The uid of the unix socket's peer is checked (SO_PEERCRED).")
+    if notes:
+        op["description"] = " ".join(notes)
+    return op
 
 
 def document(routes: list[BoundRoute], prefix: str = "", *, title: str, description: str) -> dict[str, Any]:
+    """The document of `routes` served under `prefix`; the bearer scheme is declared where a route uses it."""
     reg = SchemaRegistry()
     paths: dict[str, dict[str, Any]] = {}
-    bearer = False
-    for bound in routes:
+    for n, bound in enumerate(routes):
         spec = bound.spec
         path = prefix + _PARAM.sub(r"{\1}", spec.path)
-        op: dict[str, Any] = {"summary": spec.summary, "operationId": f"{spec.method.lower()}_{bound.handler.__name__}"
-                              f"_{len(paths)}", "tags": list(spec.tags) or [spec.path.strip('/').split('/')[0]]}
-        params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                  for name in _PARAM.findall(spec.path)]
-        if spec.query is not None:
-            obj = reg._object(spec.query)
-            for name, schema in obj["properties"].items():
-                params.append({"name": name, "in": "query", "required": name in obj.get("required", []),
-                               "schema": schema})
-        if params:
-            op["parameters"] = params
-        if spec.body is not None:
-            op["requestBody"] = {"required": True,
-                                 "content": {"application/json": {"schema": reg.ref(spec.body)}}}
-        if spec.stream:
-            ok: dict[str, Any] = {"description": "streamed", "content": {spec.stream: {}}}
-        else:
-            resp_schema = reg.of(spec.response) if spec.response is not None else {"type": "object"}
-            ok = {"description": "success", "content": {"application/json": {"schema": resp_schema}}}
-        err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-        op["responses"] = {str(spec.status): ok, "400": {"description": "invalid request", **err}}
-        if spec.auth is Auth.PUBLIC:
-            op["security"] = []
-        elif spec.auth is Auth.PEER:
-            op["security"] = []
-            op["description"] = "The uid of the unix socket's peer is checked (SO_PEERCRED)."
-            op["responses"]["403"] = {"description": "peer not permitted", **err}
-        else:
-            bearer = True
-            op["responses"]["401"] = {"description": "authentication required", **err}
-            if spec.auth is Auth.MACHINE:
-                op["description"] = "Also accepted without a token from a loopback peer (the VMA's tunnel)."
-            if spec.auth is Auth.ADMIN:
-                op["responses"]["403"] = {"description": "administrator only", **err}
-        paths.setdefault(path, {})[spec.method.lower()] = op
+        op_id = f"{spec.method.lower()}_{bound.handler.__name__}_{n}"
+        paths.setdefault(path, {})[spec.method.lower()] = _operation(reg, spec, op_id)
     reg.components["Error"] = ERROR_SCHEMA
     doc: dict[str, Any] = {
         "openapi": "3.0.3",
-        "info": {"title": title, "version": __version__, "description": description},
+        "info": {"title": title, "version": __version__,
+                 "description": f"{description} Every operation lists every status it answers; a method a path "
+                                "does not serve is a 405 with `Allow`."},
         "servers": [{"url": "/"}],
         "paths": dict(sorted(paths.items())),
         "components": {"schemas": reg.components},
     }
-    if bearer:
-        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        doc["security"] = [{"bearer": []}]
+    if any(b.spec.auth not in (Auth.PUBLIC, Auth.PEER) for b in routes):
+        doc["components"]["securitySchemes"] = {"bearer": {
+            "type": "http", "scheme": "bearer",
+            "description": "a session token from POST /auth/login, or an API token (omactl token create)"}}
+        doc["security"] = BEARER
     return doc
 
 

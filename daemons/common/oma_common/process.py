@@ -1,4 +1,4 @@
-"""Child processes: supervised children, adoption of survivors after a restart, and one-shot commands."""
+"""Child processes: supervised children and adoption of survivors after a restart (one-shot commands: command.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ import os
 import select
 import signal
 import subprocess
-import tempfile
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import Any, Union
 
 import psutil
 
@@ -61,17 +59,6 @@ class ChildUnkillable(ProcessError):
 
 class PidMismatch(ProcessError):
     """A remembered pid is gone, a zombie, or now belongs to another program: it must not be signalled."""
-
-
-class CommandFailed(ProcessError):
-    """A one-shot command exited with a non-zero code, could not be executed, or timed out."""
-
-    def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str, reason: str = "") -> None:
-        self.argv = list(argv)
-        self.returncode = returncode
-        self.stderr = stderr.strip()  # what the program said (run: its stdout when stderr was empty)
-        what = reason or f"exited with code {returncode}"
-        super().__init__(f"{' '.join(self.argv)}: {what}" + (f": {self.stderr}" if self.stderr else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +162,34 @@ def _pidfd_exit_future(loop: asyncio.AbstractEventLoop, pidfd: int) -> asyncio.F
 
     loop.add_reader(pidfd, on_readable)
     return fut
+
+
+
+async def terminate(
+    name: str, pid: int, send: Callable[[int], None], exited: asyncio.Future[None], *,
+    timeout: float, kill_timeout: float, logger: logging.Logger,
+) -> None:
+    """The one stop sequence: SIGTERM, wait `timeout`, SIGKILL, wait `kill_timeout`, else ChildUnkillable.
+
+    `send(signum)` delivers a signal the pid-reuse-safe way the caller has (its own child's process group,
+    or a pidfd); a process that is already gone counts as stopped.
+    """
+    if exited.done():
+        return
+    logger.info("%s: stopping pid %d (SIGTERM)", name, pid)
+    with contextlib.suppress(ProcessLookupError):
+        send(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(asyncio.shield(exited), timeout)
+        return
+    except asyncio.TimeoutError:
+        logger.warning("%s: pid %d still running %gs after SIGTERM; sending SIGKILL", name, pid, timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        send(signal.SIGKILL)
+    try:
+        await asyncio.wait_for(asyncio.shield(exited), kill_timeout)
+    except asyncio.TimeoutError:
+        raise ChildUnkillable(f"{name}: pid {pid} survived SIGKILL for {kill_timeout:g}s") from None
 
 
 class SupervisedChild:
@@ -376,25 +391,18 @@ class SupervisedChild:
         if self._released:
             raise ProcessError(f"{self.resource_id}: released; adopt pid {self._popen.pid} to stop it")
         async with self._stop_lock:
-            if not self._exited.done():
-                self._log.info("%s: stopping pid %d (SIGTERM)", self.resource_id, self._popen.pid)
-                # Safe against pid reuse: the child is not reaped until its pidfd fires.
-                with contextlib.suppress(ProcessLookupError):
-                    self._popen.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(asyncio.shield(self._exited), timeout)
-                except asyncio.TimeoutError:
-                    self._log.warning(
-                        "%s: pid %d still running %gs after SIGTERM; sending SIGKILL", self.resource_id, self._popen.pid, timeout
-                    )
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(self._popen.pid, signal.SIGKILL)  # the group: helpers it forked go too
-                    try:
-                        await asyncio.wait_for(asyncio.shield(self._exited), kill_timeout)
-                    except asyncio.TimeoutError:
-                        raise ChildUnkillable(
-                            f"{self.resource_id}: pid {self._popen.pid} survived SIGKILL for {kill_timeout:g}s"
-                        ) from None
+            popen = self._popen
+
+            def send(signum: int) -> None:
+                # Safe against pid reuse: the child is not reaped until its pidfd fires. SIGKILL goes to the
+                # process group, so helpers it forked go too.
+                if signum == signal.SIGKILL:
+                    os.killpg(popen.pid, signum)
+                else:
+                    popen.send_signal(signum)
+
+            await terminate(self.resource_id, popen.pid, send, self._exited, timeout=timeout,
+                            kill_timeout=kill_timeout, logger=self._log)
             await self._drain_stderr()
             self._close_pipe()
             return self._popen.poll()
@@ -512,21 +520,10 @@ class AdoptedChild:
         async with self._stop_lock:
             if self._pidfd is None:
                 return
-            exited = self._exit_future()
-            if not exited.done():
-                self._log.info("%s: stopping adopted pid %d (SIGTERM)", self.resource_id, self.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(self._pidfd, signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(asyncio.shield(exited), timeout)
-                except asyncio.TimeoutError:
-                    self._log.warning("%s: adopted pid %d ignored SIGTERM for %gs; SIGKILL", self.resource_id, self.pid, timeout)
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-                    try:
-                        await asyncio.wait_for(asyncio.shield(exited), kill_timeout)
-                    except asyncio.TimeoutError:
-                        raise ChildUnkillable(f"{self.resource_id}: pid {self.pid} survived SIGKILL") from None
+            pidfd = self._pidfd
+            await terminate(f"{self.resource_id} (adopted)", self.pid,
+                            lambda signum: signal.pidfd_send_signal(pidfd, signum), self._exit_future(),
+                            timeout=timeout, kill_timeout=kill_timeout, logger=self._log)
             self._log.info("%s: adopted pid %d exited (exit code unknown: not our child)", self.resource_id, self.pid)
             self.close()
 
@@ -545,86 +542,3 @@ def _pidfd_exited(pidfd: int) -> bool:
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
     return bool(poller.poll(0))
-
-
-@dataclasses.dataclass(frozen=True)
-class CommandResult:
-    argv: tuple[str, ...]
-    returncode: int
-    stdout: bytes
-    stderr: bytes
-    seconds: float
-
-    @property
-    def text(self) -> str:
-        return self.stdout.decode("utf-8", "replace")
-
-    @property
-    def error_text(self) -> str:
-        return self.stderr.decode("utf-8", "replace").strip()
-
-
-def _rewound(f: IO[bytes] | None) -> bytes:
-    if f is None:
-        return b""
-    f.seek(0)
-    return f.read()
-
-
-async def run(
-    argv: Sequence[str | os.PathLike[str]],
-    *,
-    timeout: float = 60.0,
-    check: bool = True,
-    input: bytes | None = None,
-    env: Mapping[str, str] | None = None,
-    logger: logging.Logger | None = None,
-    resource_id: str = "",
-    detaching: bool = False,
-) -> CommandResult:
-    """Run a short command to completion (argv list, no shell); raise CommandFailed on failure or timeout.
-
-    asyncio's subprocess transport is the right tool here: if we are cancelled, the child is killed.
-    `detaching=True` is for programs that fork a daemon that keeps running after they return (ntfs-3g,
-    fusefat): their output goes to temporary files instead of pipes, because a pipe held open by the daemon
-    would never reach EOF.
-    """
-    lg = logger or log
-    args = tuple(os.fspath(a) for a in argv)
-    started = time.monotonic()
-    with contextlib.ExitStack() as files:
-        out_f = files.enter_context(tempfile.TemporaryFile()) if detaching else None
-        err_f = files.enter_context(tempfile.TemporaryFile()) if detaching else None
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *args,
-                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                stdout=out_f or subprocess.PIPE,
-                stderr=err_f or subprocess.PIPE,
-                env=dict(env) if env is not None else None,
-            )
-        except OSError as exc:
-            raise CommandFailed(args, None, "", f"cannot be executed: {exc}") from exc
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(input), timeout)
-        except asyncio.TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            _, err = await proc.communicate()
-            err = err or _rewound(err_f)
-            raise CommandFailed(args, None, err.decode("utf-8", "replace"), f"timed out after {timeout:g}s") from None
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise
-        if detaching:
-            out, err = _rewound(out_f), _rewound(err_f)
-    seconds = time.monotonic() - started
-    assert proc.returncode is not None
-    prefix = f"{resource_id}: " if resource_id else ""
-    lg.debug("%s%s -> %d in %.3fs", prefix, " ".join(args), proc.returncode, seconds)
-    if check and proc.returncode != 0:
-        # A program that wrote nothing on stderr may have said why on stdout.
-        raise CommandFailed(args, proc.returncode, (err.strip() or out).decode("utf-8", "replace"))
-    return CommandResult(args, proc.returncode, out, err, seconds)

@@ -3,6 +3,12 @@
 One declaration serves three purposes: it parses a request body, query string or config file into a typed
 object (collecting every problem, not just the first), and it renders the OpenAPI document.
 Constraints ride on the dataclass field: ``name: str = spec(min_length=1, max_length=128)``.
+
+Strings: every string must be valid Unicode (no lone surrogates) without NUL. Names (``name_spec(...)``: no
+control characters at all) and free text (``text_spec(...)``: tab and newline allowed) say so in the document
+with an ECMA-262 pattern, and are checked here. Patterns are ECMA-262 and Python alike (no inline flags,
+no ``\\A``/``\\Z``) and match the whole value; the document anchors them. Integers without declared bounds
+are bounded to SQLite's 64-bit range in both the check and the document.
 """
 
 from __future__ import annotations
@@ -19,6 +25,49 @@ from .errors import Invalid
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
 
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+# C0 controls, DEL, C1 controls, the line/paragraph separators and the bidirectional overrides and
+# isolates (they reorder what a terminal or a table shows).
+NAME_PATTERN = r"^[^\u0000-\u001F\u007F-\u009F\u2028-\u202E\u2066-\u2069]*$"
+# The same, but tab and newline are allowed (descriptions, notes).
+TEXT_PATTERN = r"^[^\u0000-\u0008\u000B-\u001F\u007F-\u009F\u2028-\u202E\u2066-\u2069]*$"
+# Inline flags, named groups, atomic groups, \A \Z: Python only (ECMA-262 has lookarounds and (?:...)).
+_NOT_ECMA = re.compile(r"\(\?(?![:=!]|<[=!])|\\[AZ]")
+
+
+def ecma_pattern(pattern: str) -> str:
+    """`pattern` itself when JSON Schema's regex dialect (ECMA-262) reads it as Python does; else ValueError."""
+    if _NOT_ECMA.search(pattern):
+        raise ValueError(f"pattern {pattern!r} is not ECMA-262 (no inline flags, named groups, \\A or \\Z); "
+                         "use an enum or character classes such as [Ll]ocal")
+    re.compile(pattern)
+    return pattern
+
+
+def any_case(*words: str) -> str:
+    """An ECMA-262 pattern that matches any of `words` in any letter case (`[Nn][Ff][Ss]`)."""
+    def one(w: str) -> str:
+        return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else re.escape(c) for c in w)
+    return "^(?:" + "|".join(one(w) for w in words) + ")$"
+
+
+def text_problems(value: str, *, max_length: int | None = None, pattern: str | None = None) -> list[str]:
+    """What is wrong with a string: NUL, invalid Unicode, length, pattern (one line each)."""
+    out = []
+    if "\x00" in value:
+        out.append("must not contain NUL characters")
+    if any("\ud800" <= c <= "\udfff" for c in value):
+        out.append("must be valid Unicode (it holds a lone UTF-16 surrogate)")
+    if max_length is not None and len(value) > max_length:
+        out.append(f"must have at most {max_length} characters")
+    if pattern is not None and not re.fullmatch(pattern, value):
+        if pattern in (NAME_PATTERN, TEXT_PATTERN):
+            out.append("must not contain control characters" + (" (tab and newline are allowed)"
+                                                                 if pattern == TEXT_PATTERN else ""))
+        else:
+            out.append(f"must match {pattern}")
+    return out
+
 
 def spec(
     default: Any = _MISSING,
@@ -31,13 +80,17 @@ def spec(
     max_length: int | None = None,
     pattern: str | None = None,
     example: Any = None,
+    item: dict[str, Any] | None = None,
 ) -> Any:
-    """A dataclass field with validation constraints and documentation."""
+    """A dataclass field with validation constraints and documentation; `item` constrains each item of a list
+    (JSON Schema keywords, e.g. from `name_item(255)`)."""
+    if pattern is not None:
+        ecma_pattern(pattern)
     meta = {
         k: v
         for k, v in dict(
             description=description, minimum=min, maximum=max, minLength=min_length,
-            maxLength=max_length, pattern=pattern, example=example,
+            maxLength=max_length, pattern=pattern, example=example, item=item,
         ).items()
         if v not in (None, "")
     }
@@ -52,6 +105,25 @@ class _Problems:
 
     def add(self, where: str, what: str) -> None:
         self.items.append(f"{where or 'body'}: {what}")
+
+
+def name_spec(default: Any = _MISSING, *, max_length: int, min_length: int | None = None, description: str = "",
+         example: Any = None) -> Any:
+    """A name or identifier: bounded, no control characters, valid Unicode."""
+    return spec(default, min_length=min_length, max_length=max_length, pattern=NAME_PATTERN,
+                description=description, example=example)
+
+
+def text_spec(default: Any = _MISSING, *, max_length: int, min_length: int | None = None, description: str = "",
+         example: Any = None) -> Any:
+    """Free text (a description, a note): bounded, tab and newline but no other control characters."""
+    return spec(default, min_length=min_length, max_length=max_length, pattern=TEXT_PATTERN,
+                description=description, example=example)
+
+
+def name_item(max_length: int) -> dict[str, Any]:
+    """`item=` for a list of names: each bounded, without control characters."""
+    return {"maxLength": max_length, "pattern": NAME_PATTERN}
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -70,26 +142,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_INT_TEXT = re.compile(r"-?[0-9]+")
+_FLOAT_TEXT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+
+
 def _coerce_text(tp: Any, value: str) -> Any:
     """Query strings and path parameters arrive as text; turn them into the declared scalar."""
     _, tp = _is_optional(tp)
+    # As OpenAPI serialises them, nothing else: int() would also take "1_000", " 7" and other scripts' digits.
     if tp is bool:
-        low = value.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        return value
+        return {"true": True, "false": False}.get(value, value)
     if tp is int:
-        try:
-            return int(value)
-        except ValueError:
-            return value
+        return int(value) if _INT_TEXT.fullmatch(value) and len(value) <= 20 else value
     if tp is float:
-        try:
-            return float(value)
-        except ValueError:
-            return value
+        return float(value) if _FLOAT_TEXT.fullmatch(value) and len(value) <= 64 else value
     if get_origin(tp) is list:
         return [_coerce_text(get_args(tp)[0], v) for v in value.split(",") if v != ""]
     return value
@@ -119,12 +185,13 @@ def _check(tp: Any, value: Any, where: str, meta: dict[str, Any], problems: _Pro
         if not isinstance(value, dict):
             problems.add(where, "must be an object")
             return None
-        return _build(tp, value, where, problems)
+        return _build(tp, value, where, problems)  # type: ignore[arg-type]
     if origin is list:
         if not isinstance(value, list):
             problems.add(where, "must be an array")
             return None
-        out = [_check(get_args(tp)[0], v, f"{where}[{i}]", {}, problems) for i, v in enumerate(value)]
+        item = meta.get("item", {})
+        out = [_check(get_args(tp)[0], v, f"{where}[{i}]", item, problems) for i, v in enumerate(value)]
         _bounds(len(out), meta.get("minLength"), meta.get("maxLength"), where, "items", problems)
         return out
     if origin is dict or tp is dict:
@@ -143,7 +210,7 @@ def _check(tp: Any, value: Any, where: str, meta: dict[str, Any], problems: _Pro
         if isinstance(value, bool) or not isinstance(value, int):
             problems.add(where, "must be an integer")
             return value
-        _range(value, meta, where, problems)
+        _range(value, {"minimum": INT64_MIN, "maximum": INT64_MAX, **meta}, where, problems)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -155,11 +222,9 @@ def _check(tp: Any, value: Any, where: str, meta: dict[str, Any], problems: _Pro
         if not isinstance(value, str):
             problems.add(where, "must be a string")
             return value
-        if "\x00" in value:
-            problems.add(where, "must not contain NUL bytes")
-        _bounds(len(value), meta.get("minLength"), meta.get("maxLength"), where, "characters", problems)
-        if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
-            problems.add(where, f"must match {meta['pattern']}")
+        _bounds(len(value), meta.get("minLength"), None, where, "characters", problems)
+        for what in text_problems(value, max_length=meta.get("maxLength"), pattern=meta.get("pattern")):
+            problems.add(where, what)
         return value
     if origin in (Union, types.UnionType):
         for alt in get_args(tp):
@@ -232,6 +297,17 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+_KEYWORDS = {"string": ("minLength", "maxLength", "pattern"), "integer": ("minimum", "maximum"),
+             "number": ("minimum", "maximum")}
+
+
+def _anchored(pattern: str) -> str:
+    """JSON Schema's `pattern` matches anywhere in the value; ours match the whole of it."""
+    if pattern.startswith("^") and pattern.endswith("$"):
+        return pattern
+    return f"^(?:{pattern})$"
+
+
 class SchemaRegistry:
     """Renders dataclasses as JSON Schema, collecting named components for OpenAPI."""
 
@@ -249,9 +325,23 @@ class SchemaRegistry:
         hints = _hints(cls)
         props: dict[str, Any] = {}
         required: list[str] = []
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for f in dataclasses.fields(cls):
             prop = self.of(hints[f.name])
-            prop.update({k: v for k, v in f.metadata.items() if v is not None})
+            meta = {k: v for k, v in f.metadata.items() if v is not None}
+            if "pattern" in meta:
+                meta["pattern"] = _anchored(meta["pattern"])
+            item = meta.pop("item", None)
+            if prop.get("type") == "array":  # lengths of a list are counts of items
+                meta.update({new: meta.pop(old) for old, new in (("minLength", "minItems"), ("maxLength", "maxItems"))
+                             if old in meta})
+                if item:
+                    prop["items"] = {**prop["items"], **item, "pattern": _anchored(item["pattern"])} \
+                        if "pattern" in item else {**prop["items"], **item}
+            if "oneOf" in prop:  # each constraint goes to the alternatives it is about
+                for alt in prop["oneOf"]:
+                    alt.update({k: v for k, v in meta.items() if k in _KEYWORDS.get(alt.get("type", ""), ())})
+                meta = {k: v for k, v in meta.items() if not any(k in kw for kw in _KEYWORDS.values())}
+            prop.update(meta)
             if f.default is not _MISSING and f.default is not None and not isinstance(f.default, enum.Enum):
                 prop["default"] = f.default
             props[f.name] = prop
@@ -289,7 +379,9 @@ class SchemaRegistry:
             return {"type": "object", "additionalProperties": self.of(args[1]) if args else {}}
         if origin in (Union, types.UnionType):
             return {"oneOf": [self.of(a) for a in get_args(tp)]}
-        simple = {bool: "boolean", int: "integer", float: "number", str: "string"}
+        if tp is int:
+            return {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX}
+        simple = {bool: "boolean", float: "number", str: "string"}
         if tp in simple:
             return {"type": simple[tp]}
         raise TypeError(f"schema type {tp!r} is not supported")

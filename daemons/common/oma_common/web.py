@@ -4,6 +4,21 @@ Handlers are methods of small API classes built with their collaborators. A hand
 ``@route("POST", "/things", body=ThingIn, status=201)``, receives a ``Call`` (parsed body and query,
 path parameters, the caller) and returns a dict, a list or a StreamResponse. Domain errors are mapped to
 HTTP here and nowhere else.
+
+Declaring what a route may answer (the OpenAPI document is generated from it, so it cannot drift):
+- Each domain error class in ``oma_common.errors`` carries its HTTP ``status`` (NotFound 404, Conflict
+  409, Unavailable 503, ...). A route lists the domain errors its handler may raise, directly or from
+  the domain and clients below it: ``@route("GET", "/things/{id}", errors=(NotFound,))``. List the class
+  that is raised (Exhausted, not 409); a subclass is covered by its base.
+- What the edge itself answers is added from the declaration, never listed by hand: 400 when the route
+  takes a body, a query or path parameters (bad input), 413 when it takes a body, 401 for every route
+  that is not PUBLIC (or PEER), 403 for ADMIN routes and PEER routes (the socket's peer is refused).
+- Add Unavailable (503) and TimedOut (504) wherever the handler calls an agent, the VMA or vCenter;
+  RateLimited (429) where the route is rate-limited.
+- Success statuses other than `status` (e.g. 206 for a Range download) go in `responses={206: "..."}`.
+- A route that answers a status it did not declare logs "undeclared status" at WARNING; the schemathesis
+  run in tests/omad/test_openapi_fuzz.py fails on it.
+Bodies are required unless `body_required=False` (an absent body then parses as `{}`).
 """
 
 from __future__ import annotations
@@ -14,28 +29,15 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from . import errors, schema
+from .logs import caller_address
 
 log = logging.getLogger(__name__)
-
-STATUS: dict[type[errors.OmaError], int] = {
-    errors.Invalid: 400,
-    errors.Unauthorized: 401,
-    errors.Forbidden: 403,
-    errors.NotFound: 404,
-    errors.Conflict: 409,
-    errors.Exhausted: 409,
-    errors.TooLarge: 413,
-    errors.RateLimited: 429,
-    errors.Internal: 500,
-    errors.Unavailable: 503,
-    errors.TimedOut: 504,
-}
-
+F = TypeVar("F", bound=Callable[..., Any])
 
 class Auth(str, enum.Enum):
     """Who may call a route. Everything is USER unless declared otherwise."""
@@ -77,14 +79,11 @@ def error_body(err: errors.OmaError) -> dict[str, Any]:
 
 
 def status_of(err: errors.OmaError) -> int:
-    for cls in type(err).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
-    return 500
+    return err.status
 
 
-def error_response(err: errors.OmaError) -> web.Response:
-    headers = {}
+def error_response(err: errors.OmaError, headers: dict[str, str] | None = None) -> web.Response:
+    headers = dict(headers or {})
     if isinstance(err, errors.RateLimited) and "retry_after" in err.extra:
         headers["Retry-After"] = str(int(err.extra["retry_after"]))
     return json_response(error_body(err), status=status_of(err), headers=headers)
@@ -96,10 +95,28 @@ _HTTP_TO_DOMAIN: dict[int, type[errors.OmaError]] = {
 }
 
 
+def _note_undeclared(request: web.Request, status: int) -> None:
+    spec = spec_of(request)
+    if spec is not None and status >= 300 and status not in declared_statuses(spec):
+        log.warning("undeclared status %d answered by %s %s (declare it on the route)", status, spec.method,
+                    spec.path)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                            ) -> web.StreamResponse:
     """Every failure leaves as the one JSON error shape; internals stay in the log."""
+    token = caller_address.set(request.remote or "")
+    try:
+        resp = await _answer(request, handler)
+        _note_undeclared(request, resp.status)
+        return resp
+    finally:
+        caller_address.reset(token)
+
+
+async def _answer(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                  ) -> web.StreamResponse:
     try:
         return await handler(request)
     except errors.OmaError as e:
@@ -111,9 +128,12 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
             raise
         if e.status == 413:
             err: errors.OmaError = errors.TooLarge("request body too large", e.text or "")
-        elif e.status == 405:
-            err = errors.Invalid("method not allowed", f"{request.method} is not allowed on {request.path}")
-            resp = error_response(err)
+        elif isinstance(e, web.HTTPMethodNotAllowed):
+            # RFC 9110 section 15.5.6: a 405 lists the methods the resource does support.
+            allowed = ", ".join(sorted(e.allowed_methods))
+            err = errors.Invalid("method not allowed", f"{request.method} is not allowed on {request.path}; "
+                                                      f"allowed: {allowed}")
+            resp = error_response(err, {"Allow": allowed})
             resp.set_status(405)
             return resp
         else:
@@ -146,31 +166,88 @@ class Call:
         return getattr(p, "name", None) or self.request.get("peer_name") or "anonymous"
 
 
+ErrorTypes = tuple[type[errors.OmaError], ...]
+
+
 @dataclasses.dataclass
 class RouteSpec:
     method: str
     path: str
     summary: str
-    body: type | None = None
+    body: type | None = None  # a dataclass, or dict for any JSON object the handler checks itself
     query: type | None = None
     response: Any = None
     status: int = 200
     auth: Auth = Auth.USER
     tags: tuple[str, ...] = ()
     stream: str | None = None  # content type of a streamed (non-JSON) response
+    errors: ErrorTypes = ()  # the domain errors the handler may raise (see the module docstring)
+    body_required: bool = True
+    responses: dict[int, str] = dataclasses.field(default_factory=dict)  # further success statuses
+    description: str = ""
+
+    @property
+    def path_params(self) -> list[str]:
+        return [seg[1:-1].split(":", 1)[0] for seg in _segments(self.path)]
+
+
+def _segments(path: str) -> list[str]:
+    """The {name} or {name:regex} segments of an aiohttp path (a regex may hold braces of its own)."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(path):
+        if ch == "{":
+            depth += 1
+            if depth == 1:
+                start = i
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                out.append(path[start:i + 1])
+    return out
+
+
+# aiohttp's HTTP parser answers a request line or header longer than 8190 bytes itself, in text/plain, before
+# any middleware runs. Every request the document allows fits in this much (a 4096-character path in the
+# query is 48 KiB percent-encoded); pass these to web.AppRunner.
+REQUEST_LIMITS = {"max_line_size": 128 * 1024, "max_field_size": 16 * 1024}
+
+# Path parameters: at most this many characters, no NUL, valid Unicode (checked before the handler runs).
+PATH_PARAM_MAX = 1024
+
+
+def declared_statuses(spec: RouteSpec) -> dict[int, str]:
+    """Every status the route may answer, with a description: its own, the edge's and its errors'."""
+    out: dict[int, str] = {spec.status: "success"}
+    out.update(spec.responses)
+    if spec.body is not None or spec.query is not None or spec.path_params:
+        out[400] = "invalid request (body, query or path parameters)"
+    if spec.body is not None:
+        out[413] = "request body too large"
+    if spec.auth not in (Auth.PUBLIC, Auth.PEER):
+        out[401] = "authentication required"
+    if spec.auth is Auth.ADMIN:
+        out[403] = "administrator only"
+    if spec.auth is Auth.PEER:
+        out[403] = "the socket's peer is not allowed"
+    for cls in spec.errors:
+        doc = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+        out[cls.status] = f"{out[cls.status]}; {doc}" if cls.status in out and cls.status >= 400 else doc
+    return dict(sorted(out.items()))
 
 
 def route(method: str, path: str, *, summary: str = "", body: type | None = None, query: type | None = None,
           response: Any = None, status: int = 200, auth: Auth = Auth.USER, tags: tuple[str, ...] = (),
-          stream: str | None = None) -> Callable[[Any], Any]:
+          stream: str | None = None, errors: ErrorTypes = (), body_required: bool = True,
+          responses: dict[int, str] | None = None, description: str = "") -> Callable[[F], F]:
     """Declare a handler method; stack several to serve aliases."""
 
-    def deco(fn: Any) -> Any:
+    def deco(fn: F) -> F:
         specs = list(getattr(fn, "__oma_routes__", []))
         doc = (fn.__doc__ or "").strip().splitlines()
         specs.append(RouteSpec(method.upper(), path, summary or (doc[0] if doc else fn.__name__), body, query,
-                               response, status, auth, tags, stream))
-        fn.__oma_routes__ = specs
+                               response, status, auth, tags, stream, tuple(errors), body_required,
+                               dict(responses or {}), description))
+        fn.__oma_routes__ = specs  # type: ignore[attr-defined]
         return fn
 
     return deco
@@ -199,23 +276,49 @@ def collect(*apis: Any) -> list[BoundRoute]:
     return out
 
 
-async def read_json(request: web.Request) -> Any:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads(raw: bytes | str) -> Any:
+    """JSON as RFC 8259 has it: NaN and Infinity (which Python's json accepts) are refused."""
+    return json.loads(raw, parse_constant=_no_constant)
+
+
+async def read_json(request: web.Request, *, required: bool = False) -> Any:
     raw = await request.read()  # honours client_max_size: raises 413
     if not raw.strip():
+        if required:
+            raise errors.Invalid("missing body", "this operation needs a JSON body")
         return {}
     try:
-        return json.loads(raw)
+        return loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise errors.Invalid("malformed JSON", f"the request body is not valid JSON: {e}") from e
+
+
+def _check_params(spec: RouteSpec, params: dict[str, str]) -> None:
+    problems = [f"{name}: {what}" for name, value in params.items()
+                for what in schema.text_problems(value, max_length=PATH_PARAM_MAX)]
+    if problems:
+        raise errors.Invalid("invalid path parameter", "; ".join(problems), problems=problems)
 
 
 def _endpoint(bound: BoundRoute) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     spec = bound.spec
 
     async def endpoint(request: web.Request) -> web.StreamResponse:
-        body = schema.parse(spec.body, await read_json(request)) if spec.body else None
+        params = dict(request.match_info)
+        _check_params(spec, params)
+        body: Any = None
+        if spec.body is dict:
+            body = await read_json(request, required=spec.body_required)
+            if not isinstance(body, dict):
+                raise errors.Invalid("invalid body", "the body must be a JSON object")
+        elif spec.body is not None:
+            body = schema.parse(spec.body, await read_json(request, required=spec.body_required))
         query = schema.parse_text(spec.query, request.query) if spec.query else None
-        result = await bound.handler(Call(request, body, query, dict(request.match_info)))
+        result = await bound.handler(Call(request, body, query, params))
         if isinstance(result, web.StreamResponse):
             return result
         return json_response(result, status=spec.status)

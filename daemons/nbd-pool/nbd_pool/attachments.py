@@ -18,12 +18,13 @@ from typing import Any
 
 from oma_common.errors import Conflict, Exhausted, Invalid, NotFound, TimedOut, Unavailable
 from oma_common.process import ChildFailed, ChildNotReady, ProcessError, pid_matches
+from oma_common.statefile import StateFile
+from oma_common.timefmt import rfc3339
 
 from .adapters.attach import AttachBackend, AttachError, Attachment, AttachRecord, DetachBusy
 from .adapters.loopdev import LoopError
 from .adapters.partx import PartxError
 from .roots import Roots
-from .state import StateFile, rfc3339
 
 log = logging.getLogger("nbd_pool.attachments")
 
@@ -104,7 +105,7 @@ class Attachments:
         e, r = live.entry, live.entry.record
         return {"attachment_id": e.attachment_id, "owner": e.owner, "image": e.requested_image,
                 "resolved_image": r.image, "format": r.fmt, "backend": r.backend, "device": r.device,
-                "partitions": [p.to_dict() for p in r.partitions], "attached_at": rfc3339(e.attached_at),
+                "partitions": [p.to_dict() for p in r.partitions], "attached_at": rfc3339(e.attached_at, timespec="seconds"),
                 "status": live.status, "pid": r.process.pid}
 
     def listing(self) -> dict[str, Any]:

@@ -19,6 +19,8 @@ from typing import Any
 
 from oma_common.errors import Conflict, Invalid, NotFound, TimedOut, Unavailable
 from oma_common.process import AdoptedChild, ChildFailed, ChildNotReady, ChildUnkillable, PidMismatch, ProcessError
+from oma_common.statefile import StateFile
+from oma_common.timefmt import rfc3339
 
 from .adapters.ports import port_is_free
 from .adapters.qemu_nbd import (
@@ -32,7 +34,6 @@ from .adapters.qemu_nbd import (
 )
 from .pool import Lease, Pool, check_export_name, check_job_id
 from .roots import BLOCK, Roots
-from .state import StateFile, rfc3339
 
 log = logging.getLogger("nbd_pool.exports")
 
@@ -144,7 +145,7 @@ class Exports:
             "read_only": rec.options.read_only,
             "job_id": live.entry.job_id,
             "bind_address": rec.host,
-            "started_at": rfc3339(live.entry.started_at),
+            "started_at": rfc3339(live.entry.started_at, timespec="seconds"),
             "uptime_seconds": round(max(0.0, self.clock() - start), 1),
             "connection_count": len(live.clients),
             "clients": list(live.clients),

@@ -14,17 +14,17 @@ from collections.abc import Callable
 from typing import Any
 
 from oma_common.errors import Exhausted, Invalid
+from oma_common.timefmt import rfc3339
 
 from .exports import Exports
 from .pool import Lease, Pool, check_job_id
-from .state import rfc3339
 
 log = logging.getLogger("nbd_pool.jobs")
 
 
 def lease_view(lease: Lease) -> dict[str, Any]:
     return {"port": lease.port, "job_id": lease.job_id, "export_name": lease.export_name,
-            "allocated_at": rfc3339(lease.allocated_at), "expires_at": rfc3339(lease.expires_at)}
+            "allocated_at": rfc3339(lease.allocated_at, timespec="seconds"), "expires_at": rfc3339(lease.expires_at, timespec="seconds")}
 
 
 class Jobs:
@@ -45,7 +45,7 @@ class Jobs:
             leases = await self.pool.allocate(job_id, count, export_names, lease_seconds)
         return {"job_id": job_id,
                 "allocated_ports": [{"port": lease.port, "export_name": lease.export_name} for lease in leases],
-                "expires_at": rfc3339(min(lease.expires_at for lease in leases)),
+                "expires_at": rfc3339(min(lease.expires_at for lease in leases), timespec="seconds"),
                 "lease_seconds": round(leases[0].expires_at - leases[0].allocated_at)}
 
     async def release(self, job_id: str | None = None, ports: list[int] | None = None) -> dict[str, Any]:
@@ -76,7 +76,7 @@ class Jobs:
     async def renew(self, job_id: str, lease_seconds: int | None = None) -> dict[str, Any]:
         check_job_id(job_id)
         until = await self.pool.renew(job_id, lease_seconds)
-        return {"job_id": job_id, "expires_at": rfc3339(until),
+        return {"job_id": job_id, "expires_at": rfc3339(until, timespec="seconds"),
                 "ports": [lease.port for lease in self.pool.leases_of(job_id)]}
 
     async def sweep_expired(self) -> dict[str, list[int]]:

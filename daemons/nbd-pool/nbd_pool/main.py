@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
@@ -11,6 +10,8 @@ from typing import Any, Literal
 
 from oma_common import agent, daemon, schema
 from oma_common.errors import Invalid
+from oma_common.periodic import Periodic
+from oma_common.statefile import Damaged, StateFile
 
 from .adapters import kernel_nbd
 from .adapters.attach import AttachBackend
@@ -25,7 +26,6 @@ from .jobs import Jobs
 from .pool import Pool
 from .reconcile import Reconciler
 from .roots import Roots
-from .state import StateFile
 
 DAEMON = "nbd-pool"
 log = logging.getLogger("nbd_pool")
@@ -104,6 +104,11 @@ def check_config(cfg: Config) -> ExportOptions:
         raise Invalid("invalid configuration", f"qemu_nbd: {exc}") from exc
 
 
+# An unreadable state document stops nbd-pool instead of being replaced: the exports it lists keep running and
+# serving meanwhile, and an operator decides (moving it aside makes them orphans that reconciliation ends).
+DAMAGED = Damaged.REFUSE
+
+
 async def amain() -> int:
     cfg, exit_now = agent.load(Config, DAEMON, "NBD port pool, qemu-nbd exports and read-only image attach")
     if exit_now:
@@ -114,19 +119,19 @@ async def amain() -> int:
     clock = time.time
 
     roots = Roots(cfg.export_roots)
-    pool = Pool(StateFile(state / "leases.json", "leases"), port_min=cfg.port_min, port_max=cfg.port_max,
+    pool = Pool(StateFile(state / "leases.json", "leases", damaged=DAMAGED), port_min=cfg.port_min, port_max=cfg.port_max,
                 host=cfg.bind_address, lease_seconds=cfg.lease_seconds, max_lease_seconds=cfg.max_lease_seconds,
                 clock=clock)
-    exports = Exports(pool, roots, StateFile(state / "exports.json", "exports"), bind_address=cfg.bind_address,
+    exports = Exports(pool, roots, StateFile(state / "exports.json", "exports", damaged=DAMAGED), bind_address=cfg.bind_address,
                       options=options, ready_timeout=cfg.ready_timeout_seconds, stop_timeout=cfg.stop_timeout_seconds,
                       clock=clock)
     backend, backends = choose_backend(cfg)
-    attachments = Attachments(backend, roots, StateFile(state / "attachments.json", "attachments"),
+    attachments = Attachments(backend, roots, StateFile(state / "attachments.json", "attachments", damaged=DAMAGED),
                               work_root=work_root, max_attachments=cfg.max_attachments, clock=clock,
                               other_backends=backends)
     jobs = Jobs(pool, exports, idle_grace_seconds=cfg.idle_grace_seconds, clock=clock)
     reconciler = Reconciler(pool, exports, attachments, jobs, work_root=work_root,
-                            interval=cfg.reconcile_interval_seconds, nbd_devices=cfg.nbd_devices)
+                            nbd_devices=cfg.nbd_devices)
     # Before binding: an unreadable state file stops us here, with the previous exports still running.
     pool.load()
     exports.load()
@@ -134,19 +139,16 @@ async def amain() -> int:
     log.info("export roots: %s; attach backend: %s; work root: %s", roots.describe(), backend.name, work_root)
 
     gate = Gate()
-    stop_periodic = asyncio.Event()
-    periodic: list[asyncio.Task[None]] = []
+    periodic = Periodic("periodic reconciliation", reconciler.periodic, cfg.reconcile_interval_seconds, logger=log)
 
     async def reconcile() -> str:
         summary = await reconciler.startup()
         gate.open()
-        periodic.append(asyncio.create_task(reconciler.run(stop_periodic), name="reconcile"))
+        await periodic.start()
         return summary
 
     async def close() -> None:
-        stop_periodic.set()
-        for task in periodic:
-            await task
+        await periodic.stop()
         n_exports = await exports.release_all()
         n_attachments = await attachments.forget_all()
         log.info("left %d exports and %d attachments in place for the next start", n_exports, n_attachments)

@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from oma_common.errors import Conflict, Exhausted, Invalid, NotFound, Unavailable
+from oma_common.statefile import StateFile
 
 from oma_common.contracts.nbd_pool import EXPORT_NAME, JOB_ID
 
 from .adapters.ports import PortProbeError, port_is_free
-from .state import StateFile
 
 log = logging.getLogger("nbd_pool.pool")
 

@@ -33,13 +33,12 @@ log = logging.getLogger("nbd_pool.reconcile")
 
 class Reconciler:
     def __init__(self, pool: Pool, exports: Exports, attachments: Attachments, jobs: Jobs, *, work_root: Path,
-                 interval: float, nbd_devices: Collection[str] | None = None, qemu_nbd: str = "qemu-nbd") -> None:
+                 nbd_devices: Collection[str] | None = None, qemu_nbd: str = "qemu-nbd") -> None:
         self.pool = pool
         self.exports = exports
         self.attachments = attachments
         self.jobs = jobs
         self.work_root = work_root
-        self.interval = interval
         self.nbd_devices = set(nbd_devices) if nbd_devices is not None else None
         self.qemu_nbd = qemu_nbd
 
@@ -72,19 +71,6 @@ class Reconciler:
             await self.attachments.check()
             await self._sweep_orphans(ports=None)
         await self.jobs.sweep_expired()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """The periodic check every `interval` seconds until `stop` is set; a failed pass is logged and retried."""
-        while True:
-            try:
-                await asyncio.wait_for(stop.wait(), self.interval)
-                return
-            except asyncio.TimeoutError:
-                pass
-            try:
-                await self.periodic()
-            except Exception:
-                log.exception("periodic reconciliation failed; trying again in %gs", self.interval)
 
     def _remove_stale_workdirs(self, keep: set[str]) -> int:
         """Work directories no attachment owns, once nothing is mounted in them: at most an empty FUSE mount

@@ -6,6 +6,8 @@ import json
 import logging
 from typing import Any
 
+from oma_common.logs import caller_address
+
 from .store.db import Database, Tx, utcnow
 
 log = logging.getLogger("omad.audit")
@@ -17,7 +19,11 @@ class Audit:
 
     async def record(self, actor: str, action: str, resource: str = "", *, outcome: str = "ok",
                      source: str = "", tx: Tx | None = None, **details: Any) -> None:
-        """Write one audit row (inside `tx` when the action is part of a transaction)."""
+        """Write one audit row (inside `tx` when the action is part of a transaction).
+
+        `source` defaults to the address of the caller whose request this is (empty for omactl and timers).
+        """
+        source = source or caller_address.get()
         params = (utcnow(), actor, action, resource, outcome, json.dumps(details, default=str), source)
         sql = ("INSERT INTO audit_log (at, actor, action, resource, outcome, details, source) "
                "VALUES (?, ?, ?, ?, ?, ?, ?)")

@@ -68,6 +68,16 @@ class VCenterConfig:
 
 
 @dataclasses.dataclass
+class CloudStackConfig:
+    """omad's CloudStack calls (settings, resources, network mappings)."""
+
+    timeout_seconds: float = spec(15.0, min=0.5, description="time limit of one CloudStack API request")
+    job_timeout_seconds: float = spec(600.0, min=1, description="time limit of one async CloudStack job")
+    poll_interval_seconds: float = spec(2.0, min=0.01, description="pause between two queryAsyncJobResult calls")
+    verify_tls: bool = spec(True, description="check the management server's certificate on https URLs")
+
+
+@dataclasses.dataclass
 class BackupConfig:
     """VM backups into QCOW2 chains on backup repositories."""
 
@@ -126,6 +136,7 @@ class Config:
     secret_key_file: str = spec("", description="key that seals stored secrets; empty = <state_dir>/secret.key")
     vma: VmaConfig = spec(factory=VmaConfig, description="the VMA")
     vcenter: VCenterConfig = spec(factory=VCenterConfig, description="direct vCenter calls")
+    cloudstack: CloudStackConfig = spec(factory=CloudStackConfig, description="CloudStack API calls")
     backup: BackupConfig = spec(factory=BackupConfig, description="VM backups")
     policies: PolicyConfig = spec(factory=PolicyConfig, description="backup policies, copies, retention, verification")
     scheduler: SchedulerConfig = spec(factory=SchedulerConfig, description="the scheduler")

@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import json
 import sys
+import unicodedata
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,8 +23,18 @@ from .config import Config
 from .store.db import Database
 
 
+# Columns of each listing in the table people read (--json prints every field).
+USER_COLUMNS = ("username", "role", "disabled", "created_at")
+TOKEN_COLUMNS = ("name", "role", "appliance_id", "created_by", "created_at", "expires_at", "revoked_at",
+                 "last_used_at")
+AUDIT_COLUMNS = ("at", "actor", "action", "resource", "outcome", "source", "details")
+_WIDEST = 60  # a longer cell is cut with "…" (--json has it whole)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omactl", description="manage the OMA appliance")
+    fmt = argparse.ArgumentParser(add_help=False)
+    fmt.add_argument("--json", action="store_true", help="print JSON (one object per line) instead of a table")
     p.add_argument("--config", action="append", type=Path, metavar="DIR", help="omad's config drop-in directory")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -35,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     pw = user.add_parser("passwd", help="change a user's password (ends the user's sessions)")
     pw.add_argument("username")
     pw.add_argument("--password-stdin", action="store_true")
-    user.add_parser("list", help="list users")
+    user.add_parser("list", help="list users", parents=[fmt])
 
     tok = sub.add_parser("token", help="API tokens for machines and scripts").add_subparsers(dest="action",
                                                                                            required=True)
@@ -46,13 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--expires-days", type=int)
     revoke = tok.add_parser("revoke", help="revoke a token and end its sessions")
     revoke.add_argument("name")
-    tok.add_parser("list", help="list tokens")
+    tok.add_parser("list", help="list tokens", parents=[fmt])
 
-    audit = sub.add_parser("audit", help="recent audit events")
+    audit = sub.add_parser("audit", help="recent audit events", parents=[fmt])
     audit.add_argument("--limit", type=int, default=50)
     audit.add_argument("--action")
 
-    sub.add_parser("status", help="ask the running omad for its health")
+    sub.add_parser("status", help="ask the running omad for its health", parents=[fmt])
     return p
 
 
@@ -65,12 +76,36 @@ def _password(from_stdin: bool) -> str:
     return first
 
 
-def _print(rows: list[dict[str, Any]]) -> None:
-    for r in rows:
-        print(json.dumps(r, default=str))
+def printable(value: Any) -> str:
+    """A cell for a terminal: control characters (ESC, CR, ...) and invalid Unicode shown escaped, never raw."""
+    text = value if isinstance(value, str) else "" if value is None else \
+        json.dumps(value, default=str, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
+    out = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        out.append(ch.encode("unicode_escape").decode("ascii") if cat in ("Cc", "Cs", "Cf", "Zl", "Zp") else ch)
+    cell = "".join(out)
+    return cell if len(cell) <= _WIDEST else cell[:_WIDEST - 1] + "…"
 
 
-def _status(cfg: Config) -> int:
+def table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    """Rows as aligned columns under a header."""
+    cells = [[printable(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _print(rows: list[dict[str, Any]], columns: tuple[str, ...], as_json: bool) -> None:
+    if as_json:
+        for r in rows:
+            print(json.dumps(r, default=str))
+    else:
+        print(table(rows, columns))
+
+
+def _status(cfg: Config, as_json: bool = False) -> int:
     url_file = Path(cfg.state_dir) / "omad.url"
     if url_file.exists():
         base = url_file.read_text().strip()
@@ -84,9 +119,13 @@ def _status(cfg: Config) -> int:
     except (urllib.error.URLError, OSError, ValueError) as e:
         print(f"omad is not answering at {url}: {e}", file=sys.stderr)
         return 1
+    if as_json:
+        print(json.dumps(body))
+        return 0 if body["status"] == "healthy" else 2
     print(f"{body['service']}: {body['status']} (version {body['version']}, database {body['database']})")
     for name, comp in body.get("components", {}).items():
-        print(f"  {name}: {comp.get('status')}{' - ' + comp['details'] if comp.get('details') else ''}")
+        details = printable(comp["details"]) if comp.get("details") else ""
+        print(f"  {printable(name)}: {printable(comp.get('status'))}{' - ' + details if details else ''}")
     return 0 if body["status"] == "healthy" else 2
 
 
@@ -96,7 +135,8 @@ async def _run(args: argparse.Namespace, cfg: Config) -> int:
     try:
         await db.migrate()
         auth = AuthService(db, Audit(db), session_ttl=cfg.auth.session_ttl_seconds,
-                           limiter=FailureLimiter(cfg.auth.login_failure_limit, cfg.auth.login_failure_window_seconds))
+                           limiter=FailureLimiter(cfg.auth.login_failure_limit, cfg.auth.login_failure_window_seconds),
+                           bootstrap_file=Path(cfg.state_dir) / "admin-password")
         if args.cmd == "user":
             if args.action == "add":
                 await auth.add_user(args.username, _password(args.password_stdin), args.role)
@@ -105,7 +145,7 @@ async def _run(args: argparse.Namespace, cfg: Config) -> int:
                 await auth.set_password(args.username, _password(args.password_stdin))
                 print(f"password of {args.username} changed")
             else:
-                _print(await auth.list_users())
+                _print(await auth.list_users(), USER_COLUMNS, args.json)
         elif args.cmd == "token":
             if args.action == "create":
                 token = await auth.create_token(args.name, args.role, appliance_id=args.appliance_id,
@@ -115,9 +155,9 @@ async def _run(args: argparse.Namespace, cfg: Config) -> int:
                 await auth.revoke_token(args.name)
                 print(f"token {args.name} revoked")
             else:
-                _print(await auth.list_tokens())
+                _print(await auth.list_tokens(), TOKEN_COLUMNS, args.json)
         elif args.cmd == "audit":
-            _print(await Audit(db).recent(args.limit, args.action))
+            _print(await Audit(db).recent(args.limit, args.action), AUDIT_COLUMNS, args.json)
         return 0
     finally:
         await db.close()
@@ -128,7 +168,7 @@ def main() -> None:
     try:
         cfg = config.load(Config, args.config or config.default_dirs("omad"))
         if args.cmd == "status":
-            sys.exit(_status(cfg))
+            sys.exit(_status(cfg, args.json))
         sys.exit(asyncio.run(_run(args, cfg)))
     except OmaError as e:
         print(f"omactl: {e.message}: {e.details}", file=sys.stderr)

@@ -13,23 +13,27 @@ from aiohttp import web
 from oma_common import config, daemon, logs
 from oma_common.daemon import StopSignal
 from oma_common.notify import Notifier
+from oma_common.web import REQUEST_LIMITS
 
 from .adapters.localfs import LocalFs
 from .adapters.qemu_img import QemuImg
 from .api import app as api_app
 from .api.auth import AuthApi
 from .api.backups import BackupsApi
+from .api.cloudstack import CloudStackApi
 from .api.contexts import ContextsApi, VmsApi
 from .api.credentials import CredentialsApi
 from .api.discovery import DiscoveryApi
 from .api.groups import GroupsApi
 from .api.health import HealthApi
 from .api.nbd import NbdApi
+from .api.network_mappings import NetworkMappingsApi
 from .api.policies import PoliciesApi
 from .api.repositories import RepositoriesApi
 from .api.restore import RestoreApi
 from .api.schedules import SchedulesApi
 from .api.telemetry import TelemetryApi, receiver
+from .adapters.netlinks import local_nics
 from .audit import Audit
 from .auth.ratelimit import FailureLimiter
 from .auth.service import AuthService
@@ -47,6 +51,11 @@ from .backup.watchdog import Watchdog
 from .restore.images import RepositoryImages
 from .restore.service import RestoreService
 from .clients.agents import Agents
+from .clients.cloudstack import CloudStack, Limits
+from .cloudstack.config import Configs
+from .cloudstack.mappings import Mappings
+from .cloudstack.networks import Networks
+from .cloudstack.settings import Settings
 from .clients.nbdpool import NbdPool
 from .clients.restore_mounter import RestoreMounter
 from .clients.vcenter import VCenter
@@ -99,7 +108,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     audit = Audit(db)
     jobs = JobEngine(db)
     auth = AuthService(db, audit, session_ttl=cfg.auth.session_ttl_seconds,
-                       limiter=FailureLimiter(cfg.auth.login_failure_limit, cfg.auth.login_failure_window_seconds))
+                       limiter=FailureLimiter(cfg.auth.login_failure_limit, cfg.auth.login_failure_window_seconds),
+                       bootstrap_file=Path(cfg.state_dir) / "admin-password")
     box = SecretBox.from_key_file(cfg.secret_key_path)
     vma = VmaClient(cfg.vma)
     vcenter = VCenter(timeout=cfg.vcenter.test_timeout_seconds, verify_tls=cfg.vcenter.verify_tls,
@@ -109,6 +119,15 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     vms = Vms(db)
     discovery = Discovery(db, audit, credentials, vma, contexts, vms)
     pool = NbdPool(agents.nbd_pool)
+
+    # CloudStack: saved configs, the setup flows, networks and the VMs' network mappings.
+    cs_cfg = cfg.cloudstack
+    cloudstack = CloudStack(Limits(timeout=cs_cfg.timeout_seconds, job_timeout=cs_cfg.job_timeout_seconds,
+                                   poll_interval=cs_cfg.poll_interval_seconds, verify_tls=cs_cfg.verify_tls))
+    ossea_configs = Configs(db, audit, box)
+    networks = Networks(ossea_configs, cloudstack)
+    cloudstack_api = CloudStackApi(ossea_configs, Settings(ossea_configs, cloudstack, local_nics), networks)
+    mappings_api = NetworkMappingsApi(Mappings(db, audit, networks), networks)
 
     # Backups: repositories, VM-level backups, their completion and chains, the idle watchdog.
     locks = KeyedLocks()
@@ -150,7 +169,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
             BackupsApi(backups, completion, Chains(db, contexts)),
             TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)}), RestoreApi(restore),
             SchedulesApi(schedules, scheduler), GroupsApi(groups),
-            PoliciesApi(policies, retention, copies, verifier, immutability)]
+            PoliciesApi(policies, retention, copies, verifier, immutability), cloudstack_api, mappings_api]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
 
     async def close_clients(app: web.Application) -> None:
@@ -201,7 +220,8 @@ async def amain() -> int:
             await service.start()
             started.append(service)
         grace: dict[str, Any] = {"shutdown_timeout": cfg.api.shutdown_grace_seconds}
-        runner = web.AppRunner(omad.app, handle_signals=False, access_log=None, **(grace if _GRACE_ON_RUNNER else {}))
+        runner = web.AppRunner(omad.app, handle_signals=False, access_log=None, **REQUEST_LIMITS,
+                               **(grace if _GRACE_ON_RUNNER else {}))
         await runner.setup()
         site = web.TCPSite(runner, cfg.api.listen_address, cfg.api.port, reuse_address=True,
                            **({} if _GRACE_ON_RUNNER else grace))

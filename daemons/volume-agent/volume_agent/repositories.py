@@ -1,8 +1,11 @@
 """Network shares for backup repositories (NFS, CIFS/SMB), mounted for omad under one root it cannot write.
 
 omad is unprivileged, so it asks for the mount; this agent decides what is safe to do as root:
-- mount points live strictly below `mount_root` (root-owned; omad cannot plant a symlink there), and are
-  created here; a path with a symlink component is refused;
+- mount points live strictly below `mount_root` (root-owned; omad cannot plant a symlink there), never
+  inside a share mounted there (the share's server controls what is below it), and are created here;
+- the mount point is created and opened component by component with openat2(2) (no symlink, no other
+  mount), and mount(8) is handed that descriptor (/proc/self/fd/N, --no-canonicalize), so what is mounted
+  on is the directory that was checked, whatever happens to the path meanwhile;
 - every mount is nosuid,nodev,noexec, and caller options may not loosen that or choose the owner;
 - a CIFS share is owned by the caller (SO_PEERCRED uid/gid), its password travels in mount.cifs's
   environment (PASSWD), never in an argv that `ps` shows;
@@ -19,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from oma_common import beneath
 from oma_common.errors import Conflict, Invalid, Unavailable
 
 from .adapters import mount as m
@@ -70,28 +74,30 @@ class RepositoryMounts:
         options = self._options(kind, share, owner_uid, owner_gid)
         env = {"USER": share.username, "PASSWD": share.password} if kind == "cifs" else None
         async with self._lock(point):
-            current = await asyncio.to_thread(m.mounted_at, point)
+            current = await asyncio.to_thread(self._outside_shares, point)
             if current is not None:
                 if current.source == source and current.fstype.startswith(kind):
                     log.info("%s: %s already mounted", point, source, extra={"resource": str(point)})
                     return self._answer(point, source, kind, already=True)
                 raise Conflict("mount point busy", f"{point} already has {current.source} ({current.fstype}) "
                                                    "mounted on it")
-            created = await asyncio.to_thread(self._make_point, point)
-            argv = m.mount_argv(kind, source, point, options, program=self.mount_program)
+            created, fd = await asyncio.to_thread(self._make_point, point)
             try:
-                await m.mount(argv, env=env, timeout=self.timeout)
+                argv = m.mount_argv(kind, source, beneath.fd_path(fd), options, program=self.mount_program)
+                await m.mount(argv, env=env, timeout=self.timeout, pass_fds=(fd,))
             except m.CommandFailed as e:
                 for directory in reversed(created):  # leave no mount point behind a failed mount
                     await asyncio.to_thread(_rmdir_quietly, directory)
                 raise self._explain(kind, source, point, e) from e
+            finally:
+                os.close(fd)
         log.info("%s: mounted %s (%s)", point, source, kind, extra={"resource": str(point)})
         return self._answer(point, source, kind, already=False)
 
     async def unmount(self, mount_point: str) -> dict[str, Any]:
         point = self.mount_point(mount_point)
         async with self._lock(point):
-            current = await asyncio.to_thread(m.mounted_at, point)
+            current = await asyncio.to_thread(self._outside_shares, point)
             if current is None:
                 return {"mount_point": str(point), "unmounted": False, "message": "nothing was mounted there"}
             try:
@@ -131,6 +137,19 @@ class RepositoryMounts:
             if here.is_symlink():
                 raise Invalid("bad mount point", f"{here} is a symbolic link; refusing to mount through it")
         return point
+
+    def _outside_shares(self, point: Path) -> m.MountEntry | None:
+        """Refuse a point inside a share mounted below the root (its server decides what is there: a
+        directory now may be a symlink to /etc at the mount); returns what is mounted at the point itself."""
+        at = None
+        for e in m.read_mounts():
+            if e.mount_point == point:
+                at = e
+            elif e.mount_point != self.root and e.mount_point.is_relative_to(self.root) \
+                    and point.is_relative_to(e.mount_point):
+                raise Invalid("mount point inside a share", f"{point} is inside {e.mount_point}, where "
+                                                            f"{e.source} is mounted; choose a point beside it")
+        return at
 
     def _source(self, kind: str, share: Share) -> str:
         if not _SERVER.fullmatch(share.server or ""):
@@ -189,21 +208,36 @@ class RepositoryMounts:
     def _lock(self, point: Path) -> asyncio.Lock:
         return self._locks.setdefault(point, asyncio.Lock())
 
-    def _make_point(self, point: Path) -> list[Path]:
-        """Create the mount point (and directories on the way); returns those created here."""
+    def _make_point(self, point: Path) -> tuple[list[Path], int]:
+        """Create the mount point (and directories on the way) and open it; returns the directories created
+        here and an O_PATH descriptor of the point. Each step is openat2 beneath the previous directory with
+        no symlink and no mount crossing, so the descriptor is of a directory on the root's own filesystem."""
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
         self._check_root()
         here = self.root
         created = []
-        for part in point.relative_to(self.root).parts:
-            here = here / part
-            try:
-                here.mkdir(mode=0o755)
-                created.append(here)
-            except FileExistsError:
-                if here.is_symlink() or not here.is_dir():
-                    raise Invalid("bad mount point", f"{here} exists and is not a directory") from None
-        return created
+        fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in point.relative_to(self.root).parts:
+                here = here / part
+                try:
+                    os.mkdir(part, mode=0o755, dir_fd=fd)
+                    created.append(here)
+                except FileExistsError:
+                    pass
+                try:
+                    nxt = beneath.openat2(fd, part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, beneath.STRICT)
+                except OSError as e:
+                    raise Invalid("bad mount point", f"{here} is not a directory on the mount root's own "
+                                                     f"filesystem (a symlink or another mount?): {e.strerror}") from None
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            for directory in reversed(created):
+                _rmdir_quietly(directory)
+            raise
+        return created, fd
 
     def _check_root(self) -> None:
         """The root must be reached without symlinks and be writable by root alone: otherwise whoever can

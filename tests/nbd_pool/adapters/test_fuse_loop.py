@@ -16,7 +16,8 @@ import pytest_asyncio
 from nbd_pool.adapters.attach import AttachError, AttachRecord, DetachBusy
 from nbd_pool.adapters.fuse_loop import FuseLoopAttachment, FuseLoopBackend, build_qsd_argv
 from oma_common import blockdev, mountinfo
-from oma_common.process import ChildFailed, run
+from oma_common.command import run
+from oma_common.process import ChildFailed
 
 pytestmark = [pytest.mark.timeout(60)]
 

@@ -15,7 +15,8 @@ from nbd_pool.adapters.fuse_loop import FuseLoopBackend
 from nbd_pool.adapters.orphans import _port_of, list_orphans, references_root, release_orphans
 from nbd_pool.adapters.qemu_nbd import QemuNbdExport
 from oma_common import blockdev
-from oma_common.process import AdoptedChild, run
+from oma_common.command import run
+from oma_common.process import AdoptedChild
 
 pytestmark = [pytest.mark.timeout(60)]
 

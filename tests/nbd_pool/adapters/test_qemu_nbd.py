@@ -16,7 +16,8 @@ import pytest_asyncio
 from nbd_pool.adapters import nbd_probe as nbd
 from nbd_pool.adapters.nbd_probe import ExportNotFound, probe_export
 from nbd_pool.adapters.qemu_nbd import ExportOptions, ExportRecord, QemuNbdExport, build_argv
-from oma_common.process import ChildFailed, PidMismatch, run
+from oma_common.command import run
+from oma_common.process import ChildFailed, PidMismatch
 
 from ...lib.filetree import path_sha256
 

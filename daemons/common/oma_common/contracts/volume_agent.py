@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..schema import spec
+from ..schema import any_case, spec
 
 # --- requests ---------------------------------------------------------------------------------------
 
@@ -13,7 +13,7 @@ from ..schema import spec
 class MountIn:
     """A share to mount: NFS `server:export_path`, or CIFS `//server/share_name` with a login."""
 
-    kind: str = spec(pattern=r"(?i)nfs|cifs|smb", description="nfs, or cifs (smb)")
+    kind: str = spec(pattern=any_case("nfs", "cifs", "smb"), description="nfs, or cifs (smb), any letter case")
     server: str = spec(min_length=1, max_length=255)
     mount_point: str = spec(min_length=2, max_length=4096, description="absolute path below the agent's mount root")
     export_path: str = spec("", max_length=4096, description="NFS: the exported path")

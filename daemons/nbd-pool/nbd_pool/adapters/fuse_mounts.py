@@ -7,7 +7,7 @@ from pathlib import Path
 
 from oma_common import mountinfo
 from oma_common.mountinfo import MountEntry
-from oma_common.process import CommandFailed, run
+from oma_common.command import CommandFailed, run
 
 log = logging.getLogger("nbd_pool.mountinfo")
 

@@ -18,7 +18,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from oma_common.process import AdoptedChild, ChildFailed, ChildNotReady, PidMismatch, SupervisedChild, run
+from oma_common.command import run
+from oma_common.process import AdoptedChild, ChildFailed, ChildNotReady, PidMismatch, SupervisedChild
 
 from . import partx
 from .attach import (AttachError, AttachRecord, DetachBusy, HeldAttachment, block_device_busy, check_format,

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from oma_common.blockdev import DELETED, LOSETUP, LoopDevice, LoopError, backing_file, list_loops
-from oma_common.process import run
+from oma_common.command import run
 
 log = logging.getLogger("nbd_pool.loopdev")
 

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from oma_common.blockdev import SYS_CLASS_BLOCK, KernelPartition, kernel_partitions
-from oma_common.process import run
+from oma_common.command import run
 
 from .partitions import PartitionTable
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from oma_common.process import CommandFailed, run
+from oma_common.command import CommandFailed, run
 
 QEMU_IMG = "qemu-img"
 

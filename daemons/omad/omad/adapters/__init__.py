@@ -1,1 +1,9 @@
-"""omad's adapters: one module per external program or kernel interface it uses itself."""
+"""omad's adapters: the local programs omad runs itself, unprivileged."""
+
+from oma_common.privileges import Needs, needs
+
+#: omad.service grants no capability and no device: an adapter that needs one belongs in an agent.
+NEEDS: dict[str, Needs] = {
+    "localfs": needs("its own repository directories and images, as user oma"),
+    "qemu_img": needs("qemu-img on its own images, as user oma"),
+}

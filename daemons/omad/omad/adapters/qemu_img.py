@@ -1,6 +1,6 @@
 """qemu-img as omad uses it: create backup images, read their size and chain, check and compare them.
 
-Every call is an argv list run with `oma_common.process.run` (never a shell). Images are always opened with
+Every call is an argv list run with `oma_common.command.run` (never a shell). Images are always opened with
 an explicit format: a format is never probed, because a raw image could then pose as a qcow2 naming any
 backing file it likes (qemu-img(1), "Notes"). An image that qemu-nbd is serving read-write is locked; `info`
 and `check` open it with -U (force-share, read-only), which reads metadata that may be changing under it:
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from oma_common.errors import Invalid, NotFound, Unavailable
-from oma_common.process import CommandFailed, CommandResult, run
+from oma_common.command import CommandFailed, CommandResult, run
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from aiohttp import web
 
-from oma_common.errors import Invalid, Unauthorized
-from oma_common.schema import spec
-from oma_common.web import Auth, Call, json_response, route
+from oma_common.errors import Invalid, RateLimited, Unauthorized
+from oma_common.schema import name_spec, spec
+from oma_common.web import Auth, Call, json_response, now_rfc3339, route
 
 from ..auth.service import AuthService
 from .guard import bearer
@@ -19,11 +19,11 @@ from .guard import bearer
 class LoginIn:
     """Either a username and password, or an appliance id and its API token."""
 
-    username: str | None = spec(None, max_length=64)
+    username: str | None = name_spec(None, max_length=64)
     password: str | None = spec(None, max_length=1024)
-    appliance_id: str | None = spec(None, max_length=256)
+    appliance_id: str | None = name_spec(None, max_length=256)
     token: str | None = spec(None, max_length=1024)
-    version: str | None = spec(None, max_length=64)
+    version: str | None = name_spec(None, max_length=64)
 
 
 @dataclasses.dataclass
@@ -38,7 +38,8 @@ class AuthApi:
     def __init__(self, auth: AuthService) -> None:
         self.auth = auth
 
-    @route("POST", "/auth/login", body=LoginIn, response=LoginOut, auth=Auth.PUBLIC, tags=("auth",))
+    @route("POST", "/auth/login", errors=(Unauthorized, RateLimited),
+           body=LoginIn, response=LoginOut, auth=Auth.PUBLIC, tags=("auth",))
     async def login(self, call: Call) -> Any:
         """Open a session; 401 `{success: false, error_message}` when the credentials are refused."""
         b: LoginIn = call.body
@@ -53,7 +54,8 @@ class AuthApi:
         except Unauthorized as e:
             # The clients in the field read success/error_message; the common error fields ride along.
             return json_response({"success": False, "error_message": e.message, "error": e.message,
-                                  "details": e.details, "code": e.code}, status=401)
+                                  "details": e.details, "code": e.code, "timestamp": now_rfc3339()},
+                                 status=401)
         return {"success": True, "session_token": session.session_token, "expires_at": session.expires_at,
                 "role": session.principal.role}
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from oma_common.errors import Invalid
-from oma_common.schema import spec
+from oma_common.errors import Invalid, NotFound
+from oma_common.schema import name_spec, spec
 from oma_common.web import Call, now_rfc3339, route
 
 from ..inventory.contexts import Contexts
@@ -23,14 +23,14 @@ _VM_NAME = "{vm_name:(?!ungrouped$)[^/]+}"
 @dataclasses.dataclass
 class Page:
     limit: int | None = spec(None, min=1, max=100000, description="at most this many items (default: all)")
-    offset: int = spec(0, min=0)
+    offset: int = spec(0, min=0, max=1_000_000_000)
 
 
 @dataclasses.dataclass
 class VmsQuery:
     limit: int = spec(1000, min=1, max=100000)
-    offset: int = spec(0, min=0)
-    vcenter_host: str | None = spec(None, max_length=255)
+    offset: int = spec(0, min=0, max=1_000_000_000)
+    vcenter_host: str | None = name_spec(None, max_length=255)
 
 
 @dataclasses.dataclass
@@ -40,8 +40,8 @@ class RecentQuery:
 
 @dataclasses.dataclass
 class VcenterRef:
-    host: str = spec(min_length=1, max_length=255)
-    datacenter: str = spec("", max_length=255)
+    host: str = name_spec(min_length=1, max_length=255)
+    datacenter: str = name_spec("", max_length=255)
 
 
 @dataclasses.dataclass
@@ -92,12 +92,12 @@ class ContextsApi:
         vms = await self.contexts.ungrouped()
         return {"vms": vms, "count": len(vms), "retrieved_at": now_rfc3339()}
 
-    @route("GET", f"/vm-contexts/{_VM_NAME}", tags=("vm-contexts",))
+    @route("GET", f"/vm-contexts/{_VM_NAME}", errors=(NotFound,), tags=("vm-contexts",))
     async def get(self, call: Call) -> dict[str, Any]:
         """One VM's context by VM name (URL-encode it): current job, job history, disks, NICs, CBT history."""
         return await self.contexts.detail(call.params["vm_name"])
 
-    @route("GET", "/vm-contexts/{context_id}/recent-jobs", query=RecentQuery, tags=("vm-contexts",))
+    @route("GET", "/vm-contexts/{context_id}/recent-jobs", errors=(NotFound,), query=RecentQuery, tags=("vm-contexts",))
     async def recent_jobs(self, call: Call) -> dict[str, Any]:
         """The context's latest jobs of every type, newest first."""
         return await self.contexts.recent_jobs(call.params["context_id"], call.query.limit)
@@ -119,7 +119,7 @@ class VmsApi:
         b: InventoryIn = call.body
         return await self.vms.receive(b.vcenter.host, b.vcenter.datacenter, b.vms)
 
-    @route("GET", "/vms/{vm_id}", tags=("vms",))
+    @route("GET", "/vms/{vm_id:(?!inventory$)[^/]+}", errors=(NotFound,), tags=("vms",))
     async def get(self, call: Call) -> dict[str, Any]:
         """One VM by its VMware instance UUID."""
         vm_id = call.params["vm_id"]

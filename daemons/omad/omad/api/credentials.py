@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from oma_common.errors import Invalid
-from oma_common.schema import spec
+from oma_common.errors import Conflict, Invalid, NotFound
+from oma_common.schema import name_spec, spec
 from oma_common.web import Auth, Call, route
 
 from ..inventory.credentials import Credentials
@@ -27,11 +27,11 @@ def _id(call: Call) -> int:
 class CredentialIn:
     """A new saved vCenter login."""
 
-    credential_name: str = spec(min_length=1, max_length=255)
-    vcenter_host: str = spec(min_length=1, max_length=255, description="host, host:port or https://host/sdk")
-    username: str = spec(min_length=1, max_length=255)
+    credential_name: str = name_spec(min_length=1, max_length=255)
+    vcenter_host: str = name_spec(min_length=1, max_length=255, description="host, host:port or https://host/sdk")
+    username: str = name_spec(min_length=1, max_length=255)
     password: str = spec(min_length=1, max_length=1024)
-    datacenter: str = spec("", max_length=255)
+    datacenter: str = name_spec("", max_length=255)
     is_active: bool = spec(True)
     is_default: bool = spec(False, description="make this the default (the previous default stops being one)")
 
@@ -40,11 +40,11 @@ class CredentialIn:
 class CredentialUpdate:
     """Fields to change; an absent or empty password keeps the stored one."""
 
-    credential_name: str | None = spec(None, min_length=1, max_length=255)
-    vcenter_host: str | None = spec(None, min_length=1, max_length=255)
-    username: str | None = spec(None, min_length=1, max_length=255)
+    credential_name: str | None = name_spec(None, min_length=1, max_length=255)
+    vcenter_host: str | None = name_spec(None, min_length=1, max_length=255)
+    username: str | None = name_spec(None, min_length=1, max_length=255)
     password: str | None = spec(None, max_length=1024)
-    datacenter: str | None = spec(None, max_length=255)
+    datacenter: str | None = name_spec(None, max_length=255)
     is_active: bool | None = spec(None)
     is_default: bool | None = spec(None)
 
@@ -102,29 +102,34 @@ class CredentialsApi:
         items = await self.credentials.list()
         return {"credentials": items, "count": len(items)}
 
-    @route("POST", "/vmware-credentials", body=CredentialIn, response=CredentialOut, status=201, auth=Auth.ADMIN,
+    @route("POST", "/vmware-credentials", errors=(Conflict,),
+           body=CredentialIn, response=CredentialOut, status=201, auth=Auth.ADMIN,
            tags=("vmware-credentials",))
     async def create(self, call: Call) -> dict[str, Any]:
         """Save a vCenter login; the password is sealed at rest and never returned."""
         return await self.credentials.create(_set(call.body), actor=call.actor)
 
-    @route("GET", "/vmware-credentials/default", response=CredentialOut, tags=("vmware-credentials",))
+    @route("GET", "/vmware-credentials/default", errors=(NotFound,),
+           response=CredentialOut, tags=("vmware-credentials",))
     async def default(self, call: Call) -> dict[str, Any]:
         """The default vCenter login; 404 when none is set."""
         return await self.credentials.default()
 
-    @route("GET", f"/vmware-credentials/{_ID}", response=CredentialOut, tags=("vmware-credentials",))
+    @route("GET", f"/vmware-credentials/{_ID}", errors=(NotFound,),
+           response=CredentialOut, tags=("vmware-credentials",))
     async def get(self, call: Call) -> dict[str, Any]:
         """One saved vCenter login."""
         return await self.credentials.get(_id(call))
 
-    @route("PUT", f"/vmware-credentials/{_ID}", body=CredentialUpdate, response=CredentialOut, auth=Auth.ADMIN,
+    @route("PUT", f"/vmware-credentials/{_ID}", errors=(NotFound, Conflict),
+           body=CredentialUpdate, response=CredentialOut, auth=Auth.ADMIN,
            tags=("vmware-credentials",))
     async def update(self, call: Call) -> dict[str, Any]:
         """Change a saved vCenter login."""
         return await self.credentials.update(_id(call), _set(call.body), actor=call.actor)
 
-    @route("DELETE", f"/vmware-credentials/{_ID}", auth=Auth.ADMIN, tags=("vmware-credentials",))
+    @route("DELETE", f"/vmware-credentials/{_ID}", errors=(NotFound, Conflict),
+           auth=Auth.ADMIN, tags=("vmware-credentials",))
     async def delete(self, call: Call) -> dict[str, Any]:
         """Delete a saved vCenter login; 409 while VM contexts use it."""
         credential_id = _id(call)
@@ -132,15 +137,18 @@ class CredentialsApi:
         return {"success": True, "message": f"credential {credential_id} deleted"}
 
     # PUT is the spec's; the GUI's first proxy posted. Both are served.
-    @route("PUT", f"/vmware-credentials/{_ID}/set-default", response=CredentialOut, auth=Auth.ADMIN,
+    @route("PUT", f"/vmware-credentials/{_ID}/set-default", errors=(NotFound, Conflict),
+           response=CredentialOut, auth=Auth.ADMIN,
            tags=("vmware-credentials",))
-    @route("POST", f"/vmware-credentials/{_ID}/set-default", response=CredentialOut, auth=Auth.ADMIN,
+    @route("POST", f"/vmware-credentials/{_ID}/set-default", errors=(NotFound, Conflict),
+           response=CredentialOut, auth=Auth.ADMIN,
            tags=("vmware-credentials",))
     async def set_default(self, call: Call) -> dict[str, Any]:
         """Make this login the default (the previous default stops being one)."""
         return await self.credentials.set_default(_id(call), actor=call.actor)
 
-    @route("POST", f"/vmware-credentials/{_ID}/test", response=CredentialTest, tags=("vmware-credentials",))
+    @route("POST", f"/vmware-credentials/{_ID}/test", errors=(NotFound,),
+           response=CredentialTest, tags=("vmware-credentials",))
     async def test(self, call: Call) -> dict[str, Any]:
         """Log in to the vCenter with the stored login, within a bounded time; 200 with success false and a
         reason when it fails."""

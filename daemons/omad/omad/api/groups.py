@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from oma_common.errors import Invalid
-from oma_common.schema import spec
+from oma_common.errors import Conflict, Invalid, NotFound
+from oma_common.schema import name_item, name_spec, spec, text_spec
 from oma_common.web import Auth, Call, route
 
 from ..schedule.groups import Groups
@@ -16,21 +16,21 @@ from ..schedule.groups import Groups
 class GroupIn:
     """A new machine group."""
 
-    name: str = spec(min_length=1, max_length=255)
-    description: str = spec("", max_length=2000)
-    schedule_id: str | None = spec(None, max_length=64, description="the schedule that protects the group")
+    name: str = name_spec(min_length=1, max_length=255)
+    description: str = text_spec("", max_length=2000)
+    schedule_id: str | None = name_spec(None, max_length=64, description="the schedule that protects the group")
     max_concurrent_vms: int = spec(10, min=1, max=100, description="VMs of this group in jobs at once")
     priority: int = spec(50, min=0, max=100, description="order among the schedule's groups: lower runs first")
-    created_by: str | None = spec(None, max_length=255, description="ignored: the authenticated user is recorded")
+    created_by: str | None = name_spec(None, max_length=255, description="ignored: the authenticated user is recorded")
 
 
 @dataclasses.dataclass
 class GroupUpdate:
     """Fields to change; schedule_id "" takes the group off its schedule."""
 
-    name: str | None = spec(None, min_length=1, max_length=255)
-    description: str | None = spec(None, max_length=2000)
-    schedule_id: str | None = spec(None, max_length=64)
+    name: str | None = name_spec(None, min_length=1, max_length=255)
+    description: str | None = text_spec(None, max_length=2000)
+    schedule_id: str | None = name_spec(None, max_length=64)
     max_concurrent_vms: int | None = spec(None, min=1, max=100)
     priority: int | None = spec(None, min=0, max=100)
 
@@ -61,8 +61,8 @@ class GroupList:
 class MembersIn:
     """One VM (`vm_context_id`) or many (`vm_context_ids`) to add; members already in the group are updated."""
 
-    vm_context_id: str | None = spec(None, min_length=1, max_length=255)
-    vm_context_ids: list[str] | None = spec(None, max_length=10000)
+    vm_context_id: str | None = name_spec(None, min_length=1, max_length=255)
+    vm_context_ids: list[str] | None = spec(None, max_length=10000, item=name_item(255))
     priority: int = spec(50, min=0, max=100, description="order within the group: lower runs first")
     enabled: bool = spec(True, description="false keeps the VM in the group but out of its runs")
 
@@ -71,8 +71,8 @@ class MembersIn:
 class VmGroupsIn:
     """The groups a VM belongs to from now on: `group_id` (one, or null for none) or `group_ids`."""
 
-    group_id: str | None = spec(None, max_length=64)
-    group_ids: list[str] | None = spec(None, max_length=1000)
+    group_id: str | None = name_spec(None, max_length=64)
+    group_ids: list[str] | None = spec(None, max_length=1000, item=name_item(64))
     priority: int = spec(50, min=0, max=100)
     enabled: bool = spec(True)
 
@@ -91,7 +91,8 @@ class GroupsApi:
         items = await self.groups.list()
         return {"groups": items, "count": len(items)}
 
-    @route("POST", "/machine-groups", body=GroupIn, response=GroupOut, status=201, auth=Auth.ADMIN,
+    @route("POST", "/machine-groups", errors=(NotFound, Conflict),
+           body=GroupIn, response=GroupOut, status=201, auth=Auth.ADMIN,
            tags=("machine-groups",))
     async def create(self, call: Call) -> dict[str, Any]:
         """Create a machine group, optionally on a schedule."""
@@ -99,29 +100,32 @@ class GroupsApi:
         fields.pop("created_by")
         return await self.groups.create(fields, actor=call.actor)
 
-    @route("GET", "/machine-groups/{group_id}", response=GroupOut, tags=("machine-groups",))
+    @route("GET", "/machine-groups/{group_id}", errors=(NotFound,), response=GroupOut, tags=("machine-groups",))
     async def get(self, call: Call) -> dict[str, Any]:
         """One machine group."""
         return await self.groups.get(call.params["group_id"])
 
-    @route("PUT", "/machine-groups/{group_id}", body=GroupUpdate, response=GroupOut, auth=Auth.ADMIN,
+    @route("PUT", "/machine-groups/{group_id}", errors=(NotFound, Conflict),
+           body=GroupUpdate, response=GroupOut, auth=Auth.ADMIN,
            tags=("machine-groups",))
     async def update(self, call: Call) -> dict[str, Any]:
         """Change a machine group."""
         return await self.groups.update(call.params["group_id"], _set(call.body), actor=call.actor)
 
-    @route("DELETE", "/machine-groups/{group_id}", auth=Auth.ADMIN, tags=("machine-groups",))
+    @route("DELETE", "/machine-groups/{group_id}", errors=(NotFound, Conflict),
+           auth=Auth.ADMIN, tags=("machine-groups",))
     async def delete(self, call: Call) -> dict[str, Any]:
         """Delete a machine group; its VMs stay managed."""
         await self.groups.delete(call.params["group_id"], actor=call.actor)
         return {"success": True, "message": f"machine group {call.params['group_id']} deleted"}
 
-    @route("GET", "/machine-groups/{group_id}/vms", tags=("machine-groups",))
+    @route("GET", "/machine-groups/{group_id}/vms", errors=(NotFound,), tags=("machine-groups",))
     async def members(self, call: Call) -> dict[str, Any]:
         """The group's VMs in start order, with their next scheduled time and last scheduled job."""
         return await self.groups.members(call.params["group_id"])
 
-    @route("POST", "/machine-groups/{group_id}/vms", body=MembersIn, auth=Auth.ADMIN, tags=("machine-groups",))
+    @route("POST", "/machine-groups/{group_id}/vms", errors=(NotFound, Conflict),
+           body=MembersIn, auth=Auth.ADMIN, tags=("machine-groups",))
     async def add(self, call: Call) -> dict[str, Any]:
         """Add one VM or many to the group (a VM may be in several groups)."""
         b: MembersIn = call.body
@@ -133,13 +137,15 @@ class GroupsApi:
         return await self.groups.add_vms(call.params["group_id"], ids, priority=b.priority, enabled=b.enabled,
                                          field=field, actor=call.actor)
 
-    @route("DELETE", "/machine-groups/{group_id}/vms/{vm_context_id}", auth=Auth.ADMIN, tags=("machine-groups",))
+    @route("DELETE", "/machine-groups/{group_id}/vms/{vm_context_id}", errors=(NotFound,),
+           auth=Auth.ADMIN, tags=("machine-groups",))
     async def remove(self, call: Call) -> dict[str, Any]:
         """Take a VM out of the group (the VM stays managed)."""
         await self.groups.remove_vm(call.params["group_id"], call.params["vm_context_id"], actor=call.actor)
         return {"success": True, "message": f"VM context {call.params['vm_context_id']} removed from the group"}
 
-    @route("PUT", "/vm-contexts/{context_id}/group", body=VmGroupsIn, auth=Auth.ADMIN, tags=("vm-contexts",))
+    @route("PUT", "/vm-contexts/{context_id}/group", errors=(NotFound, Conflict),
+           body=VmGroupsIn, auth=Auth.ADMIN, tags=("vm-contexts",))
     async def set_vm_groups(self, call: Call) -> dict[str, Any]:
         """Set the groups of one VM: exactly `group_id` (null: none) or exactly `group_ids`."""
         b: VmGroupsIn = call.body

@@ -46,7 +46,14 @@ def middleware(auth: AuthService) -> Callable[[web.Request, Handler], Awaitable[
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         policy = policy_of(request)
-        if policy is None or policy is Auth.PUBLIC:
+        if policy is None:
+            return await handler(request)
+        if policy is Auth.PUBLIC:
+            # A public route may say more to a caller who sends a valid token (e.g. /health's details);
+            # a missing or bad token is not an error here.
+            token = bearer(request)
+            if token:
+                request["principal"] = await auth.authenticate(token)
             return await handler(request)
         token = bearer(request)
         principal = await auth.authenticate(token) if token else None

@@ -15,5 +15,8 @@ class HealthApi:
 
     @route("GET", "/health", auth=Auth.PUBLIC, tags=("health",))
     async def get(self, call: Call) -> dict[str, Any]:
-        """The appliance's health: `degraded` when the database or an agent is not well."""
-        return await self.health.report()
+        """The appliance's health: `degraded` when the database or an agent is not well.
+
+        Without a token each component says only its status; each agent's details (pids, paths, errors) are
+        for a caller with a valid token."""
+        return await self.health.report(detailed=call.principal is not None)

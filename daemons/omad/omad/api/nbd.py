@@ -6,8 +6,8 @@ import dataclasses
 from typing import Any
 
 from oma_common.contracts.nbd_pool import EXPORT_NAME
-from oma_common.errors import Invalid
-from oma_common.schema import spec
+from oma_common.errors import CALLS_OUT, Conflict, Exhausted, Forbidden, Invalid, NotFound
+from oma_common.schema import name_spec, spec
 from oma_common.web import Auth, Call, route
 
 from ..clients.nbdpool import NbdPool
@@ -15,20 +15,21 @@ from ..clients.nbdpool import NbdPool
 
 @dataclasses.dataclass
 class AllocateIn:
-    job_id: str = spec(min_length=1, max_length=128)
-    export_name: str = spec(pattern=EXPORT_NAME, description="single disk: the export name; several: its prefix")
+    job_id: str = name_spec(min_length=1, max_length=128)
+    export_name: str = spec(pattern=EXPORT_NAME, max_length=128,
+                            description="single disk: the export name; several: its prefix")
     disk_count: int = spec(1, min=1, max=64)
 
 
 @dataclasses.dataclass
 class ReleaseIn:
-    job_id: str | None = spec(None, max_length=128)
+    job_id: str | None = name_spec(None, max_length=128)
     ports: list[int] | None = None
 
 
 @dataclasses.dataclass
 class StartIn:
-    export_name: str = spec(pattern=EXPORT_NAME)
+    export_name: str = spec(pattern=EXPORT_NAME, max_length=128)
     port: int = spec(min=1, max=65535)
     qcow2_path: str = spec(min_length=1, max_length=4096, description="image or block device to export")
     read_only: bool = False
@@ -38,7 +39,7 @@ class StartIn:
 @dataclasses.dataclass
 class StopIn:
     pid: int | None = spec(None, min=1)
-    export_name: str | None = spec(None, pattern=EXPORT_NAME)
+    export_name: str | None = spec(None, pattern=EXPORT_NAME, max_length=128)
 
 
 def export_names(prefix: str, count: int) -> list[str]:
@@ -50,13 +51,15 @@ class NbdApi:
     def __init__(self, pool: NbdPool) -> None:
         self.pool = pool
 
-    @route("POST", "/nbd/ports/allocate", body=AllocateIn, auth=Auth.ADMIN, tags=("nbd",))
+    @route("POST", "/nbd/ports/allocate", errors=(Conflict, Exhausted, *CALLS_OUT),
+           body=AllocateIn, auth=Auth.ADMIN, tags=("nbd",))
     async def allocate(self, call: Call) -> dict[str, Any]:
         """Allocate one port per disk for a job, all or none."""
         b: AllocateIn = call.body
         return await self.pool.allocate(b.job_id, b.disk_count, export_names(b.export_name, b.disk_count))
 
-    @route("POST", "/nbd/ports/release", body=ReleaseIn, auth=Auth.ADMIN, tags=("nbd",))
+    @route("POST", "/nbd/ports/release", errors=(NotFound, Conflict, *CALLS_OUT),
+           body=ReleaseIn, auth=Auth.ADMIN, tags=("nbd",))
     async def release(self, call: Call) -> dict[str, Any]:
         """Release a job's ports, or the listed ones."""
         b: ReleaseIn = call.body
@@ -64,12 +67,13 @@ class NbdApi:
             raise Invalid("nothing to release", "send job_id, ports, or both")
         return await self.pool.release(b.job_id, b.ports)
 
-    @route("GET", "/nbd/ports/status", auth=Auth.ADMIN, tags=("nbd",))
+    @route("GET", "/nbd/ports/status", errors=CALLS_OUT, auth=Auth.ADMIN, tags=("nbd",))
     async def status(self, call: Call) -> dict[str, Any]:
         """The pool: total, allocated, available, and every allocation."""
         return await self.pool.status()
 
-    @route("POST", "/nbd/qemu-nbd/start", body=StartIn, auth=Auth.ADMIN, tags=("nbd",))
+    @route("POST", "/nbd/qemu-nbd/start", errors=(NotFound, Conflict, Forbidden, *CALLS_OUT),
+           body=StartIn, auth=Auth.ADMIN, tags=("nbd",))
     async def start(self, call: Call) -> dict[str, Any]:
         """Export an image on an allocated port; answers once the export completes an NBD handshake."""
         b: StartIn = call.body
@@ -77,7 +81,8 @@ class NbdApi:
                                            read_only=b.read_only, shared_connections=b.shared_connections)
         return {"pid": out["pid"], "port": out["port"], "export_name": out["export_name"], "status": out["status"]}
 
-    @route("POST", "/nbd/qemu-nbd/stop", body=StopIn, auth=Auth.ADMIN, tags=("nbd",))
+    @route("POST", "/nbd/qemu-nbd/stop", errors=(NotFound, Conflict, *CALLS_OUT),
+           body=StopIn, auth=Auth.ADMIN, tags=("nbd",))
     async def stop(self, call: Call) -> dict[str, Any]:
         """Stop an export by pid or export name."""
         b: StopIn = call.body
@@ -85,7 +90,7 @@ class NbdApi:
             raise Invalid("say which export", "send exactly one of pid or export_name")
         return await self.pool.stop_export(pid=b.pid, export_name=b.export_name)
 
-    @route("GET", "/nbd/qemu-nbd/list", auth=Auth.ADMIN, tags=("nbd",))
+    @route("GET", "/nbd/qemu-nbd/list", errors=CALLS_OUT, auth=Auth.ADMIN, tags=("nbd",))
     async def list(self, call: Call) -> dict[str, Any]:
         """Running exports with their clients and limits."""
         return {"processes": await self.pool.exports()}

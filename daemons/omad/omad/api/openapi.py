@@ -39,7 +39,7 @@ class SwaggerUi:
     def __init__(self) -> None:
         self.directory = Path(str(resources.files("omad") / "static" / "swagger"))
 
-    @route("GET", "/swagger", auth=Auth.PUBLIC, tags=("docs",), stream="text/html")
+    @route("GET", "/swagger", auth=Auth.PUBLIC, tags=("docs",), status=302)
     async def redirect(self, call: Call) -> web.StreamResponse:
         """Redirect to the Swagger UI."""
         raise web.HTTPFound(call.request.path + "/")

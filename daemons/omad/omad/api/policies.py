@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from oma_common.schema import spec
+from oma_common.errors import CALLS_OUT, Conflict, NotFound
+from oma_common.schema import name_spec, spec, text_spec
 from oma_common.web import Auth, Call, route
 
 from ..backup.copies import Copies
@@ -15,11 +16,14 @@ from ..backup.retention import Retention
 from ..backup.verify import Verifier
 
 _ID = "{backup_id:(?!chain$|changeid$)[^/]+}"
+# OMA-API.md lists both as arrays and names the GUI as a caller (CONTRACTS.md knows no client of the object).
+_Items = list[dict[str, Any]]  # (the class's own `list` method hides the builtin inside its body)
+_ARRAY = "A JSON array, as the specification has it (not an object with a count)."
 
 
 @dataclasses.dataclass
 class RuleIn:
-    destination_repository_id: str = spec(min_length=1, max_length=128)
+    destination_repository_id: str = name_spec(min_length=1, max_length=128)
     copy_mode: Literal["immediate", "scheduled"] = "immediate"
     priority: int = spec(0, min=0, max=1000)
     enabled: bool = True
@@ -30,11 +34,11 @@ class RuleIn:
 class PolicyIn:
     """A policy: backups go to the primary repository, are copied by the rules, and kept retention_days."""
 
-    name: str = spec(min_length=1, max_length=255)
-    primary_repository_id: str = spec(min_length=1, max_length=128)
+    name: str = name_spec(min_length=1, max_length=255)
+    primary_repository_id: str = name_spec(min_length=1, max_length=128)
     retention_days: int = spec(30, min=0, max=36500, description="0 keeps backups forever")
     enabled: bool = True
-    description: str = spec("", max_length=4096)
+    description: str = text_spec("", max_length=4096)
     copy_rules: list[RuleIn] = spec(factory=list)
 
 
@@ -50,7 +54,7 @@ class RunsQuery:
 
 @dataclasses.dataclass
 class CopyIn:
-    repository_id: str = spec(min_length=1, max_length=128)
+    repository_id: str = name_spec(min_length=1, max_length=128)
     verify_after_copy: bool = True
 
 
@@ -73,7 +77,7 @@ class PoliciesApi:
         self.verifier = verifier
         self.immutability = immutability
 
-    @route("POST", "/policies", body=PolicyIn, status=201, tags=("policies",))
+    @route("POST", "/policies", errors=(NotFound, Conflict), body=PolicyIn, status=201, tags=("policies",))
     async def create(self, call: Call) -> dict[str, Any]:
         """Create a policy with its copy rules (repositories must exist; a copy never targets the primary)."""
         b: PolicyIn = call.body
@@ -82,64 +86,67 @@ class PoliciesApi:
         return await self.policies.create(PolicySpec(b.name, b.primary_repository_id, b.retention_days, b.enabled,
                                                      b.description, rules), actor=call.actor)
 
-    @route("GET", "/policies", tags=("policies",))
-    async def list(self, call: Call) -> dict[str, Any]:
+    @route("GET", "/policies", tags=("policies",), response=_Items, description=_ARRAY)
+    async def list(self, call: Call) -> _Items:
         """Every policy with its copy rules."""
-        return await self.policies.list()
+        return (await self.policies.list())["policies"]  # type: ignore[no-any-return]
 
-    @route("GET", "/policies/{policy_id}", tags=("policies",))
+    @route("GET", "/policies/{policy_id}", errors=(NotFound,), tags=("policies",))
     async def get(self, call: Call) -> dict[str, Any]:
         """One policy with its copy rules."""
         return await self.policies.get(call.params["policy_id"])
 
-    @route("DELETE", "/policies/{policy_id}", auth=Auth.ADMIN, tags=("policies",))
+    @route("DELETE", "/policies/{policy_id}", errors=(NotFound, Conflict), auth=Auth.ADMIN, tags=("policies",))
     async def delete(self, call: Call) -> dict[str, Any]:
         """Delete a policy and its copy rules (its backups stay)."""
         return await self.policies.delete(call.params["policy_id"], actor=call.actor)
 
-    @route("POST", "/policies/{policy_id}/prune", query=PruneQuery, auth=Auth.ADMIN, tags=("policies",))
+    @route("POST", "/policies/{policy_id}/prune", errors=(NotFound, Conflict, *CALLS_OUT),
+           query=PruneQuery, auth=Auth.ADMIN, tags=("policies",))
     async def prune(self, call: Call) -> dict[str, Any]:
         """Apply the policy's retention now (dry_run: what would go); never a locked or needed backup."""
         return await self.retention.prune(call.params["policy_id"], dry_run=call.query.dry_run, actor=call.actor)
 
-    @route("GET", "/policies/{policy_id}/prune-runs", query=RunsQuery, tags=("policies",))
+    @route("GET", "/policies/{policy_id}/prune-runs", errors=(NotFound,), query=RunsQuery, tags=("policies",))
     async def prune_runs(self, call: Call) -> dict[str, Any]:
         """The policy's retention runs, newest first: what was removed, kept (and why), refused."""
         return await self.retention.runs(call.params["policy_id"], call.query.limit)
 
-    @route("GET", f"/backups/{_ID}/copies", tags=("backups",))
-    async def backup_copies(self, call: Call) -> dict[str, Any]:
+    @route("GET", f"/backups/{_ID}/copies", errors=(NotFound,), tags=("backups",), response=_Items,
+           description=_ARRAY)
+    async def backup_copies(self, call: Call) -> _Items:
         """The backup's copies in other repositories, with their state."""
-        return await self.copies.of_backup(call.params["backup_id"])
+        return (await self.copies.of_backup(call.params["backup_id"]))["copies"]  # type: ignore[no-any-return]
 
-    @route("POST", f"/backups/{_ID}/copy", body=CopyIn, tags=("backups",))
+    @route("POST", f"/backups/{_ID}/copy", errors=(NotFound, Conflict), body=CopyIn, tags=("backups",))
     async def copy(self, call: Call) -> dict[str, Any]:
         """Copy the backup (and what its chain needs) into another repository, as a job."""
         b: CopyIn = call.body
         return await self.copies.request(call.params["backup_id"], b.repository_id, actor=call.actor,
                                          verify_after_copy=b.verify_after_copy)
 
-    @route("GET", "/copies/{copy_id}", tags=("backups",))
+    @route("GET", "/copies/{copy_id}", errors=(NotFound,), tags=("backups",))
     async def get_copy(self, call: Call) -> dict[str, Any]:
         """One copy: status, attempts, progress, the failure's reason."""
         return await self.copies.get(call.params["copy_id"])
 
-    @route("POST", f"/backups/{_ID}/verify", query=VerifyQuery, tags=("backups",))
+    @route("POST", f"/backups/{_ID}/verify", errors=(NotFound, Conflict, *CALLS_OUT),
+           query=VerifyQuery, tags=("backups",))
     async def verify(self, call: Call) -> dict[str, Any]:
         """Verify the backup's images and chain (qemu-img check, checksums, backing links), as a job."""
         return await self.verifier.request(call.params["backup_id"], wait=call.query.wait)
 
-    @route("GET", f"/backups/{_ID}/verification", tags=("backups",))
+    @route("GET", f"/backups/{_ID}/verification", errors=(NotFound,), tags=("backups",))
     async def verification(self, call: Call) -> dict[str, Any]:
         """The last verification's result and time."""
         return await self.verifier.result(call.params["backup_id"])
 
-    @route("GET", f"/backups/{_ID}/lock", tags=("backups",))
+    @route("GET", f"/backups/{_ID}/lock", errors=(NotFound,), tags=("backups",))
     async def lock_state(self, call: Call) -> dict[str, Any]:
         """Whether the backup is immutable, until when, and whether its files are locked on disk."""
         return await self.immutability.state(call.params["backup_id"])
 
-    @route("POST", f"/backups/{_ID}/lock", body=LockIn, auth=Auth.ADMIN, tags=("backups",))
+    @route("POST", f"/backups/{_ID}/lock", errors=(NotFound, Conflict), body=LockIn, auth=Auth.ADMIN, tags=("backups",))
     async def extend_lock(self, call: Call) -> dict[str, Any]:
         """Extend the backup's lock (and its chain's); shortening is refused (409 with unlock_at)."""
         return await self.immutability.extend(call.params["backup_id"], call.body.until, actor=call.actor)

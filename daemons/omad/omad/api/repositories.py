@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from oma_common.schema import spec
+from oma_common.errors import CALLS_OUT, Conflict, NotFound
+from oma_common.schema import any_case, name_spec, spec, text_spec
 from oma_common.web import Auth, Call, route
 
 from ..backup.repositories import Repositories
 
-_TYPE = r"(?i)local|nfs|cifs|smb"
+_TYPE = any_case("local", "nfs", "cifs", "smb")  # any letter case, as before
 # Any segment but "test", so POST /repositories/test is never read as an id whatever the route order.
 _ID = "{repository_id:(?!test$)[^/]+}"
 
@@ -20,24 +21,24 @@ class RepositoryIn:
     """A new repository. `config` by type — local: {disk_path}; nfs: {server, export_path, mount_point?,
     options?}; cifs: {server, share_name, username, password, domain?, mount_point?, options?}."""
 
-    name: str = spec(min_length=1, max_length=255)
-    type: str = spec(pattern=_TYPE, description="local, nfs or cifs (smb)")
+    name: str = name_spec(min_length=1, max_length=255)
+    type: str = spec(pattern=_TYPE, max_length=5, description="local, nfs or cifs (smb)")
     config: dict[str, Any] = spec(description="the type's settings")
     enabled: bool = True
     is_immutable: bool = spec(False, description="stored with the repository; enforced by retention policies")
     min_retention_days: int = spec(0, min=0, max=36500)
-    description: str = spec("", max_length=4096)
+    description: str = text_spec("", max_length=4096)
 
 
 @dataclasses.dataclass
 class RepositoryTestIn:
-    type: str = spec(pattern=_TYPE)
+    type: str = spec(pattern=_TYPE, max_length=5)
     config: dict[str, Any] = spec(description="the type's settings, as for creation")
 
 
 @dataclasses.dataclass
 class RepositoryQuery:
-    type: str | None = spec(None, pattern=_TYPE)
+    type: str | None = spec(None, pattern=_TYPE, max_length=5)
     enabled: bool | None = None
 
 
@@ -45,34 +46,37 @@ class RepositoriesApi:
     def __init__(self, repositories: Repositories) -> None:
         self.repositories = repositories
 
-    @route("POST", "/repositories", body=RepositoryIn, status=201, auth=Auth.ADMIN, tags=("repositories",))
+    @route("POST", "/repositories", errors=(Conflict, *CALLS_OUT),
+           body=RepositoryIn, status=201, auth=Auth.ADMIN, tags=("repositories",))
     async def create(self, call: Call) -> dict[str, Any]:
         """Create a repository: the directory must be writable, a share is mounted and checked first."""
         return await self.repositories.create(dataclasses.asdict(call.body), actor=call.actor)
 
-    @route("GET", "/repositories", query=RepositoryQuery, tags=("repositories",))
+    @route("GET", "/repositories", query=RepositoryQuery, response=list[dict[str, Any]], tags=("repositories",))
     async def list(self, call: Call) -> list[dict[str, Any]]:
         """Every repository with its last storage check; filter by `type` and `enabled`."""
         q: RepositoryQuery = call.query
         return await self.repositories.list(type=q.type, enabled=q.enabled)
 
-    @route("GET", f"/repositories/{_ID}", tags=("repositories",))
+    @route("GET", f"/repositories/{_ID}", errors=(NotFound,), tags=("repositories",))
     async def get(self, call: Call) -> dict[str, Any]:
         """One repository."""
         return await self.repositories.get(call.params["repository_id"])
 
-    @route("GET", f"/repositories/{_ID}/storage", tags=("repositories",))
+    @route("GET", f"/repositories/{_ID}/storage", errors=(NotFound, *CALLS_OUT), tags=("repositories",))
     async def storage(self, call: Call) -> dict[str, Any]:
         """Check the capacity now: total, used and available bytes, and the mount point."""
         return await self.repositories.storage(call.params["repository_id"])
 
-    @route("POST", "/repositories/test", body=RepositoryTestIn, auth=Auth.ADMIN, tags=("repositories",))
+    @route("POST", "/repositories/test", errors=CALLS_OUT,
+           body=RepositoryTestIn, auth=Auth.ADMIN, tags=("repositories",))
     async def test(self, call: Call) -> dict[str, Any]:
         """Test a configuration without saving it; `success` false carries the reason."""
         b: RepositoryTestIn = call.body
         return await self.repositories.test(b.type, b.config)
 
-    @route("DELETE", f"/repositories/{_ID}", auth=Auth.ADMIN, tags=("repositories",))
+    @route("DELETE", f"/repositories/{_ID}", errors=(NotFound, Conflict, *CALLS_OUT),
+           auth=Auth.ADMIN, tags=("repositories",))
     async def delete(self, call: Call) -> dict[str, Any]:
         """Delete a repository's configuration (409 with the count while it holds backups)."""
         return await self.repositories.delete(call.params["repository_id"], actor=call.actor)

@@ -23,25 +23,29 @@ from oma_common.contracts.restore_mounter import (  # the user's browsing is res
     Resources,
     UnmountQuery,
 )
-from oma_common.schema import spec
+from oma_common.errors import CALLS_OUT, Conflict, Exhausted, Forbidden, NotFound
+from oma_common.schema import name_spec, spec
 from oma_common.web import Call, route
 
 from ..restore.service import RestoreService
 
 log = logging.getLogger(__name__)
 TAGS = ("restore",)
+# Any segment but the fixed names beside it: DELETE /restore/mounts is not an unmount of a mount "mounts"
+# (and a 405 for it lists only the methods /restore/mounts serves).
+_MOUNT = "{mount_id:(?!mount$|mounts$|resources$|cleanup-status$)[^/]+}"
 RELAYED = ("Content-Type", "Content-Length", "Content-Disposition")
 
 
 @dataclasses.dataclass
 class MountIn:
-    backup_id: str = spec(min_length=1, max_length=256)
+    backup_id: str = name_spec(min_length=1, max_length=256)
     disk_index: int = spec(0, min=0, max=63, description="which disk of the backup (0 = the first)")
 
 
 @dataclasses.dataclass
 class ArchiveQuery:
-    path: str = spec(min_length=1, max_length=8192, description="directory inside the backup")
+    path: str = spec(min_length=1, max_length=4096, description="directory inside the backup")
     format: Literal["zip", "tar.gz"] = "zip"
 
 
@@ -49,48 +53,54 @@ class RestoreApi:
     def __init__(self, restore: RestoreService) -> None:
         self.restore = restore
 
-    @route("POST", "/restore/mount", body=MountIn, status=201, tags=TAGS)
+    @route("POST", "/restore/mount", errors=(NotFound, Conflict, Exhausted, *CALLS_OUT),
+           body=MountIn, status=201, tags=TAGS)
     async def mount(self, call: Call) -> dict[str, Any]:
         """Mount one disk of a completed backup read-only (every filesystem on it)."""
         return await self.restore.mount(call.body.backup_id, call.body.disk_index, call.actor)
 
-    @route("GET", "/restore/mounts", tags=TAGS)
+    @route("GET", "/restore/mounts", errors=CALLS_OUT, tags=TAGS)
     async def mounts(self, call: Call) -> dict[str, Any]:
         """Active restore mounts."""
         return await self.restore.mounts()
 
-    @route("GET", "/restore/resources", response=Resources, tags=TAGS)
+    @route("GET", "/restore/resources", errors=CALLS_OUT, response=Resources, tags=TAGS)
     async def resources(self, call: Call) -> Resources:
         """Mount slots and devices in use."""
         return await self.restore.resources()
 
-    @route("GET", "/restore/cleanup-status", response=CleanupStatus, tags=TAGS)
+    @route("GET", "/restore/cleanup-status", errors=CALLS_OUT, response=CleanupStatus, tags=TAGS)
     async def cleanup_status(self, call: Call) -> CleanupStatus:
         """The idle-expiry sweeper's state."""
         return await self.restore.cleanup_status()
 
-    @route("DELETE", "/restore/{mount_id}", query=UnmountQuery, tags=TAGS)
+    @route("DELETE", f"/restore/{_MOUNT}", errors=(NotFound, Conflict, *CALLS_OUT), query=UnmountQuery, tags=TAGS)
     async def unmount(self, call: Call) -> dict[str, Any]:
         """Unmount and release the device."""
         return await self.restore.unmount(call.params["mount_id"], call.actor, call.query.force)
 
-    @route("GET", "/restore/{mount_id}/files", query=ListQuery, response=Listing, tags=TAGS)
+    @route("GET", f"/restore/{_MOUNT}/files", errors=(NotFound, Forbidden, *CALLS_OUT), query=ListQuery,
+           response=Listing, tags=TAGS)
     async def files(self, call: Call) -> Listing:
         """List a directory (optionally recursive, paginated)."""
         return await self.restore.files(call.params["mount_id"], call.query)
 
-    @route("GET", "/restore/{mount_id}/file-info", query=PathQuery, response=Entry, tags=TAGS)
+    @route("GET", f"/restore/{_MOUNT}/file-info", errors=(NotFound, Forbidden, *CALLS_OUT), query=PathQuery,
+           response=Entry, tags=TAGS)
     async def file_info(self, call: Call) -> Entry:
         """Metadata of one entry (a symlink is described, not followed)."""
         return await self.restore.file_info(call.params["mount_id"], call.query.path)
 
-    @route("GET", "/restore/{mount_id}/download", query=PathQuery, tags=TAGS, stream="application/octet-stream")
+    @route("GET", f"/restore/{_MOUNT}/download", errors=(NotFound, Forbidden, *CALLS_OUT),
+           query=PathQuery, tags=TAGS, stream="application/octet-stream",
+           responses={206: "the requested byte range (Range)", 416: "the byte range is not satisfiable"})
     async def download(self, call: Call) -> web.StreamResponse:
         """Download one file (HTTP Range supported)."""
         async with self.restore.open_file(call.params["mount_id"], call.query.path) as f:
             return await filestream.send_file(call.request, f.fd, f.meta, stop=f.released)
 
-    @route("GET", "/restore/{mount_id}/download-directory", query=ArchiveQuery, tags=TAGS,
+    @route("GET", f"/restore/{_MOUNT}/download-directory", errors=(NotFound, Forbidden, *CALLS_OUT),
+           query=ArchiveQuery, tags=TAGS,
            stream="application/zip")
     async def download_directory(self, call: Call) -> web.StreamResponse:
         """Download a directory as a zip or tar.gz stream."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from oma_common.errors import Invalid
-from oma_common.schema import spec
+from oma_common.errors import Conflict, Invalid, NotFound
+from oma_common.schema import name_spec, spec, text_spec
 from oma_common.web import Auth, Call, route
 
 from ..schedule.scheduler import Scheduler
@@ -22,10 +22,10 @@ ExecutionStatus = Literal["scheduled", "running", "completed", "failed", "skippe
 class ScheduleIn:
     """A new schedule; what each run does is a backup of every enabled VM of the groups that use it."""
 
-    name: str = spec(min_length=1, max_length=255)
-    cron_expression: str = spec(min_length=1, max_length=255, description=_CRON, example="0 30 2 * * *")
-    description: str = spec("", max_length=2000)
-    timezone: str = spec("UTC", min_length=1, max_length=64, description="IANA time zone the expression is read "
+    name: str = name_spec(min_length=1, max_length=255)
+    cron_expression: str = name_spec(min_length=1, max_length=255, description=_CRON, example="0 30 2 * * *")
+    description: str = text_spec("", max_length=2000)
+    timezone: str = name_spec("UTC", min_length=1, max_length=64, description="IANA time zone the expression is read "
                                                                          "in, e.g. Europe/Berlin")
     enabled: bool = spec(True)
     skip_if_running: bool = spec(True, description="a run that comes due while the previous one still runs is "
@@ -35,21 +35,21 @@ class ScheduleIn:
     retry_delay_minutes: int = spec(10, min=0, max=1440, description="wait before each retry")
     action: Literal["backup"] = spec("backup", description="what each run starts per VM")
     backup_type: BackupType = spec("auto", description="auto: incremental when a previous backup allows it")
-    repository_id: str | int | None = spec(None, description="repository the backups go to")
-    policy_id: str | int | None = spec(None, description="backup policy to follow (instead of, or with, a "
-                                                         "repository)")
+    repository_id: str | int | None = spec(None, max_length=128, description="repository the backups go to")
+    policy_id: str | int | None = spec(None, max_length=128,
+                                       description="backup policy to follow (instead of, or with, a repository)")
     replication_type: BackupType | None = spec(None, description="kept for replication schedules (not yet run)")
-    created_by: str | None = spec(None, max_length=255, description="ignored: the authenticated user is recorded")
+    created_by: str | None = name_spec(None, max_length=255, description="ignored: the authenticated user is recorded")
 
 
 @dataclasses.dataclass
 class ScheduleUpdate:
     """Fields to change; "" clears repository_id or policy_id."""
 
-    name: str | None = spec(None, min_length=1, max_length=255)
-    cron_expression: str | None = spec(None, min_length=1, max_length=255, description=_CRON)
-    description: str | None = spec(None, max_length=2000)
-    timezone: str | None = spec(None, min_length=1, max_length=64)
+    name: str | None = name_spec(None, min_length=1, max_length=255)
+    cron_expression: str | None = name_spec(None, min_length=1, max_length=255, description=_CRON)
+    description: str | None = text_spec(None, max_length=2000)
+    timezone: str | None = name_spec(None, min_length=1, max_length=64)
     enabled: bool | None = spec(None)
     skip_if_running: bool | None = spec(None)
     max_concurrent_jobs: int | None = spec(None, min=1, max=1000)
@@ -57,8 +57,8 @@ class ScheduleUpdate:
     retry_delay_minutes: int | None = spec(None, min=0, max=1440)
     action: Literal["backup"] | None = spec(None)
     backup_type: BackupType | None = spec(None)
-    repository_id: str | int | None = spec(None)
-    policy_id: str | int | None = spec(None)
+    repository_id: str | int | None = spec(None, max_length=128)
+    policy_id: str | int | None = spec(None, max_length=128)
     replication_type: BackupType | None = spec(None)
 
 
@@ -70,7 +70,7 @@ class EnableIn:
 @dataclasses.dataclass
 class ExecutionsQuery:
     limit: int = spec(50, min=1, max=1000)
-    offset: int = spec(0, min=0)
+    offset: int = spec(0, min=0, max=1_000_000_000)
     status: ExecutionStatus | None = spec(None)
 
 
@@ -169,7 +169,8 @@ class SchedulesApi:
         items = await self.schedules.list()
         return {"schedules": items, "count": len(items)}
 
-    @route("POST", "/schedules", body=ScheduleIn, response=ScheduleOut, status=201, auth=Auth.ADMIN,
+    @route("POST", "/schedules", errors=(NotFound, Conflict),
+           body=ScheduleIn, response=ScheduleOut, status=201, auth=Auth.ADMIN,
            tags=("schedules",))
     async def create(self, call: Call) -> dict[str, Any]:
         """Create a schedule; a bad expression or time zone is a 400 naming the field."""
@@ -177,35 +178,39 @@ class SchedulesApi:
         fields.pop("created_by")
         return await self.schedules.create(fields, actor=call.actor)
 
-    @route("GET", "/schedules/{schedule_id}", response=ScheduleOut, tags=("schedules",))
+    @route("GET", "/schedules/{schedule_id}", errors=(NotFound,), response=ScheduleOut, tags=("schedules",))
     async def get(self, call: Call) -> dict[str, Any]:
         """One schedule, with its next few run times (`upcoming_runs`)."""
         return await self.schedules.get(call.params["schedule_id"])
 
-    @route("PUT", "/schedules/{schedule_id}", body=ScheduleUpdate, response=ScheduleOut, auth=Auth.ADMIN,
+    @route("PUT", "/schedules/{schedule_id}", errors=(NotFound, Conflict),
+           body=ScheduleUpdate, response=ScheduleOut, auth=Auth.ADMIN,
            tags=("schedules",))
     async def update(self, call: Call) -> dict[str, Any]:
         """Change a schedule; a new expression, time zone or enabling recomputes the next run."""
         return await self.schedules.update(call.params["schedule_id"], _set(call.body), actor=call.actor)
 
-    @route("DELETE", "/schedules/{schedule_id}", auth=Auth.ADMIN, tags=("schedules",))
+    @route("DELETE", "/schedules/{schedule_id}", errors=(NotFound, Conflict), auth=Auth.ADMIN, tags=("schedules",))
     async def delete(self, call: Call) -> dict[str, Any]:
         """Delete a schedule and its executions; its groups stay, without a schedule. 409 while it runs."""
         await self.schedules.delete(call.params["schedule_id"], actor=call.actor)
         return {"success": True, "message": f"schedule {call.params['schedule_id']} deleted"}
 
-    @route("POST", "/schedules/{schedule_id}/enable", body=EnableIn, response=ScheduleOut, auth=Auth.ADMIN,
+    @route("POST", "/schedules/{schedule_id}/enable", errors=(NotFound,),
+           body=EnableIn, body_required=False, response=ScheduleOut, auth=Auth.ADMIN,
            tags=("schedules",))
     async def enable(self, call: Call) -> dict[str, Any]:
         """Enable (`{"enabled": true}`, the default) or disable a schedule."""
         return await self.schedules.set_enabled(call.params["schedule_id"], call.body.enabled, actor=call.actor)
 
-    @route("POST", "/schedules/{schedule_id}/trigger", response=ExecutionOut, status=202, tags=("schedules",))
+    @route("POST", "/schedules/{schedule_id}/trigger", errors=(NotFound, Conflict),
+           response=ExecutionOut, status=202, tags=("schedules",))
     async def trigger(self, call: Call) -> dict[str, Any]:
         """Run a schedule now; 409 while its previous run still runs and skip_if_running is on."""
         return await self.scheduler.trigger(call.params["schedule_id"], actor=call.actor)
 
-    @route("GET", "/schedules/{schedule_id}/executions", query=ExecutionsQuery, response=ExecutionList,
+    @route("GET", "/schedules/{schedule_id}/executions", errors=(NotFound,),
+           query=ExecutionsQuery, response=ExecutionList,
            tags=("schedules",))
     async def executions(self, call: Call) -> dict[str, Any]:
         """A schedule's executions, newest first."""
@@ -213,7 +218,7 @@ class SchedulesApi:
         return await self.schedules.executions(call.params["schedule_id"], limit=q.limit, offset=q.offset,
                                                status=q.status)
 
-    @route("GET", "/schedules/{schedule_id}/executions/{execution_id}", tags=("schedules",))
+    @route("GET", "/schedules/{schedule_id}/executions/{execution_id}", errors=(NotFound,), tags=("schedules",))
     async def execution(self, call: Call) -> dict[str, Any]:
         """One execution with its VMs (status, attempts, reason) and every job it created."""
         return await self.schedules.execution(call.params["schedule_id"], _execution_id(call))

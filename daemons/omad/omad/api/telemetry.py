@@ -6,8 +6,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from oma_common import schema
-from oma_common.errors import NotFound
-from oma_common.web import Auth, Call, read_json, route
+from oma_common.errors import Conflict, NotFound
+from oma_common.web import Auth, Call, route
 
 # A receiver validates the body against its own declared shape and records it.
 Receiver = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -26,7 +26,8 @@ class TelemetryApi:
     def __init__(self, receivers: dict[str, Receiver]) -> None:
         self.receivers = receivers
 
-    @route("POST", "/telemetry/{job_type}/{job_id}", auth=Auth.MACHINE, tags=("telemetry",))
+    @route("POST", "/telemetry/{job_type}/{job_id}", body=dict, errors=(NotFound, Conflict),
+           auth=Auth.MACHINE, tags=("telemetry",))
     async def post(self, call: Call) -> dict[str, Any]:
         """A job's progress from the VMA (phase, bytes, rate, ETA, per disk); `failed` ends the job."""
         job_type = call.params["job_type"]
@@ -34,4 +35,4 @@ class TelemetryApi:
         if receive is None:
             raise NotFound("unknown job type", f"no telemetry is taken for job type {job_type!r} "
                                                f"(known: {', '.join(sorted(self.receivers)) or 'none'})")
-        return await receive(call.params["job_id"], await read_json(call.request))
+        return await receive(call.params["job_id"], call.body)

@@ -6,18 +6,45 @@ import asyncio
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import argon2
 
+from oma_common.errors import RateLimited
+
 _hasher = argon2.PasswordHasher()
+
+#: argon2 checks run on their own two threads: each takes ~64 MiB and a CPU for ~100 ms, and a login flood
+#: must neither take the memory nor the default executor's threads that backups and copies use.
+HASH_WORKERS = 2
+#: Logins waiting for a hashing thread beyond this are turned away (429) instead of queueing without bound.
+MAX_WAITING = 16
+_pool = ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="argon2")
+_waiting = 0
+T = TypeVar("T")
 
 SESSION_PREFIX = "omas_"
 TOKEN_PREFIX = "omat_"
 
 
+async def _hashing(fn: Callable[[], T]) -> T:
+    """Run one argon2 operation on the hashing threads; RateLimited when too many are already waiting."""
+    global _waiting
+    if _waiting >= MAX_WAITING:
+        raise RateLimited("too many logins at once", f"{_waiting} logins are being checked; try again shortly",
+                          retry_after=1)
+    _waiting += 1
+    try:
+        return await asyncio.get_running_loop().run_in_executor(_pool, fn)
+    finally:
+        _waiting -= 1
+
+
 async def hash_password(password: str) -> str:
     """argon2 is deliberately slow: keep it off the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(None, _hasher.hash, password)
+    return await _hashing(lambda: _hasher.hash(password))
 
 
 async def verify_password(stored: str, password: str) -> bool:
@@ -27,7 +54,7 @@ async def verify_password(stored: str, password: str) -> bool:
         except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHash):
             return False
 
-    return await asyncio.get_running_loop().run_in_executor(None, check)
+    return await _hashing(check)
 
 
 # A fixed hash to verify against when the user does not exist, so timing does not reveal usernames.

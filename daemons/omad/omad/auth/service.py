@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from oma_common.errors import Conflict, Invalid, NotFound, Unauthorized
+from oma_common.errors import Conflict, Invalid, NotFound, RateLimited, Unauthorized
 
 from ..audit import Audit
 from ..store.db import Database, utcnow
@@ -50,11 +50,14 @@ def _iso(dt: datetime) -> str:
 
 
 class AuthService:
-    def __init__(self, db: Database, audit: Audit, *, session_ttl: float, limiter: FailureLimiter) -> None:
+    def __init__(self, db: Database, audit: Audit, *, session_ttl: float, limiter: FailureLimiter,
+                 bootstrap_file: Path | None = None) -> None:
         self.db = db
         self.audit = audit
         self.session_ttl = session_ttl
         self.limiter = limiter
+        #: Where the bootstrap administrator's first password was written; removed once it is changed.
+        self.bootstrap_file = bootstrap_file
 
     # -- users -------------------------------------------------------------------------------------
 
@@ -88,6 +91,14 @@ class AuthService:
             # A changed password ends the user's sessions.
             await tx.execute("DELETE FROM sessions WHERE user_id = ?", (row["id"],))
             await self.audit.record(actor, "user.password", f"user:{username}", tx=tx)
+        if username == "admin":
+            self.forget_bootstrap_password()
+
+    def forget_bootstrap_password(self) -> None:
+        """The first password is no longer the admin's: the file that holds it must not outlive that."""
+        if self.bootstrap_file is not None and self.bootstrap_file.exists():
+            self.bootstrap_file.unlink(missing_ok=True)
+            log.info("removed %s: the bootstrap password was changed", self.bootstrap_file)
 
     async def list_users(self) -> list[dict[str, Any]]:
         return await self.db.fetchall("SELECT id, username, role, disabled, created_at, updated_at FROM users "
@@ -147,27 +158,30 @@ class AuthService:
     # -- login and sessions ------------------------------------------------------------------------
 
     async def login_password(self, username: str, password: str, source: str) -> Session:
-        self.limiter.check(source)
+        attempt = self.limiter.attempt(source)  # counted before the slow check (see ratelimit)
         row = await self.db.fetchone("SELECT id, password_hash, role, disabled FROM users WHERE username = ?",
                                      (username,))
-        ok = await secrets.verify_password(row["password_hash"] if row else secrets.DUMMY_HASH, password)
+        try:
+            ok = await secrets.verify_password(row["password_hash"] if row else secrets.DUMMY_HASH, password)
+        except RateLimited:  # too many logins being checked at once: this one was not judged
+            self.limiter.withdraw(source, attempt)
+            raise
         if row is None or not ok or row["disabled"]:
             await self._failed(source, f"user:{username}")
-        self.limiter.succeeded(source)
+        self.limiter.withdraw(source, attempt)
         principal = Principal(username, row["role"], "user")  # type: ignore[index]
         return await self._open_session(principal, source, user_id=row["id"])  # type: ignore[index]
 
     async def login_token(self, appliance_id: str, token: str, version: str, source: str) -> Session:
-        self.limiter.check(source)
+        attempt = self.limiter.attempt(source)
         row = await self._token_row(token)
         if row is None or (row["appliance_id"] and row["appliance_id"] != appliance_id):
             await self._failed(source, f"appliance:{appliance_id}")
-        self.limiter.succeeded(source)
+        self.limiter.withdraw(source, attempt)
         principal = Principal(row["name"], row["role"], "token")  # type: ignore[index]
         return await self._open_session(principal, source, api_token_id=row["id"], version=version)  # type: ignore[index]
 
     async def _failed(self, source: str, who: str) -> None:
-        self.limiter.failed(source)
         await self.audit.record(who, "auth.login", who, outcome="denied", source=source)
         raise Unauthorized("invalid credentials", "the credentials were not accepted")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import re
 import time
@@ -25,7 +24,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from oma_common.errors import Conflict, Internal, Invalid, NotFound, OmaError, Unavailable
+from oma_common.errors import Conflict, Internal, Invalid, OmaError, Unavailable
 
 from ..adapters.localfs import LocalFs
 from ..adapters.qemu_img import QemuImg
@@ -37,19 +36,26 @@ from ..inventory.contexts import Contexts
 from ..inventory.credentials import Credentials, VCenterLogin
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
+from ..store import backups as store
+from ..store import policies as policy_store
 from ..store.db import Database, Tx, utcnow
-from . import chains
+from ..store.repositories import Repository
 from .immutability import Immutability
 from .repositories import Repositories
-from .teardown import ACTIVE, Teardown, lock_key
+from .teardown import Teardown, lock_key
 
 log = logging.getLogger(__name__)
 
 FIRST_DISK_KEY = 2000  # the VMA's target key of disk index 0 (CONTRACTS.md "Backups")
 GIB = 1024**3
-_DISK_FIELDS = ("disk_index, disk_id, capacity_bytes, qcow2_path, backing_file, nbd_port, nbd_export_name, "
-                "qemu_nbd_pid, status, change_id, previous_change_id, bytes_transferred, total_bytes, "
-                "progress_percent, size_bytes, completed_at")
+# The wire fields of a backup (the spec's BackupResponse) and of each of its disks, in their order.
+_WIRE_FIELDS = ("backup_id", "vm_context_id", "vm_name", "backup_type", "repository_id", "policy_id", "status",
+                "parent_backup_id", "chain_id", "bytes_transferred", "total_bytes", "size_bytes", "current_phase",
+                "progress_percent", "transfer_speed_bps", "eta_seconds", "error_message", "created_by", "created_at",
+                "started_at", "completed_at", "updated_at", "last_activity_at")
+_DISK_WIRE_FIELDS = ("capacity_bytes", "qcow2_path", "backing_file", "nbd_port", "nbd_export_name", "qemu_nbd_pid",
+                     "status", "change_id", "previous_change_id", "bytes_transferred", "total_bytes",
+                     "progress_percent", "size_bytes", "completed_at")
 
 
 def safe_name(vm_name: str, limit: int = 40) -> str:
@@ -62,9 +68,8 @@ def export_name(backup_id: str, index: int) -> str:
     return f"{backup_id}-disk-{FIRST_DISK_KEY + index}"
 
 
-def targets_string(host: str, disks: list[dict[str, Any]]) -> str:
-    return ",".join(f"{FIRST_DISK_KEY + d['disk_index']}:nbd://{host}:{d['nbd_port']}/{d['nbd_export_name']}"
-                    for d in disks)
+def targets_string(host: str, disks: list[store.BackupDisk]) -> str:
+    return ",".join(f"{FIRST_DISK_KEY + d.disk_index}:nbd://{host}:{d.nbd_port}/{d.nbd_export_name}" for d in disks)
 
 
 def _disk_key(disk_id: str) -> int:
@@ -149,87 +154,77 @@ class Backups:
             d["status"] = "qemu_started"
         return out
 
-    async def _vm_disks(self, context_id: str, vm_name: str) -> list[dict[str, Any]]:
-        rows = await self.db.fetchall("SELECT disk_id, capacity_bytes, size_gb FROM vm_disks WHERE vm_context_id = ?",
-                                      (context_id,))
-        if not rows:
+    async def _vm_disks(self, context_id: str, vm_name: str) -> list[tuple[str, int]]:
+        """(disk id, capacity rounded up to 512 bytes) of each disk, index i being the VM's i-th by VMware key."""
+        found = await store.vm_disks(self.db, context_id)
+        if not found:
             raise Invalid("VM has no disks", f"no disks are recorded for VM {vm_name!r}; discover it again")
-        rows.sort(key=lambda r: _disk_key(r["disk_id"]))  # index i is the VM's i-th disk by VMware key
-        for r in rows:
-            capacity = int(r["capacity_bytes"] or 0) or int(r["size_gb"] or 0) * GIB
+        out = []
+        for d in sorted(found, key=lambda d: _disk_key(d.disk_id)):
+            capacity = d.capacity_bytes or d.size_gb * GIB
             if capacity <= 0:
-                raise Invalid("disk size unknown", f"{r['disk_id']} of VM {vm_name!r} has no recorded capacity")
-            r["capacity_bytes"] = -(-capacity // 512) * 512
-        return rows
+                raise Invalid("disk size unknown", f"{d.disk_id} of VM {vm_name!r} has no recorded capacity")
+            out.append((d.disk_id, -(-capacity // 512) * 512))
+        return out
 
-    async def _record(self, req: StartRequest, context: dict[str, Any], repo: dict[str, Any],
-                      disks: list[dict[str, Any]], actor: str) -> str:
+    async def _record(self, req: StartRequest, context: dict[str, Any], repo: Repository,
+                      disks: list[tuple[str, int]], actor: str) -> str:
         """Step 1: the rows, checked and written in one transaction."""
         cid = context["context_id"]
         now = utcnow()
         async with self.db.transaction() as tx:
-            active = await tx.scalar("SELECT backup_id FROM backup_jobs WHERE vm_context_id = ? AND status IN "
-                                     "('pending', 'running')", (cid,))
-            if active:
-                raise Conflict("backup running", f"VM {req.vm_name!r} has a backup running ({active}); "
-                                                 "wait for it to end", backup_id=active)
+            active = await store.active_for_vm(tx, cid)
+            if active is not None:
+                raise Conflict("backup running", f"VM {req.vm_name!r} has a backup running ({active.backup_id}); "
+                                                 "wait for it to end", backup_id=active.backup_id)
             parent = None
-            parent_disks: dict[int, dict[str, Any]] = {}
+            parent_disks: dict[int, store.BackupDisk] = {}
             if req.backup_type == "incremental":
-                parent = await chains.latest_completed(tx, cid, repo["id"])
+                parent = await store.latest_completed(tx, cid, repo.id)
                 if parent is None:
                     raise Invalid("no previous backup", f"an incremental backup continues a completed backup of "
-                                  f"VM {req.vm_name!r} in repository {repo['name']!r}, and there is none: "
+                                  f"VM {req.vm_name!r} in repository {repo.name!r}, and there is none: "
                                   "take a full backup first")
-                parent_disks = {d["disk_index"]: d for d in await tx.fetchall(
-                    "SELECT disk_index, disk_id, qcow2_path, change_id FROM backup_disks WHERE backup_id = ?",
-                    (parent["backup_id"],))}
+                parent_disks = {d.disk_index: d for d in await store.disks(tx, parent.backup_id)}
             backup_id = await self._new_id(tx, context["vm_name"])
-            chain_id = parent["chain_id"] if parent else backup_id
-            await tx.execute(
-                "INSERT INTO backup_jobs (backup_id, vm_context_id, vm_name, repository_id, backup_type, "
-                "parent_backup_id, chain_id, status, policy_id, tags, created_by, created_at, updated_at, "
-                "current_phase) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, 'starting')",
-                (backup_id, cid, context["vm_name"], repo["id"], req.backup_type,
-                 parent["backup_id"] if parent else None, chain_id, req.policy_id, json.dumps(req.tags), actor,
-                 now, now))
-            for index, disk in enumerate(disks):
+            new_disks = []
+            for index, (disk_id, capacity) in enumerate(disks):
                 name = export_name(backup_id, index)
                 before = parent_disks.get(index)
                 # A disk continues its chain only when the parent has the same disk at this index.
-                backing = before if before is not None and before["disk_id"] == disk["disk_id"] else None
-                await tx.execute(
-                    "INSERT INTO backup_disks (backup_id, disk_index, disk_id, capacity_bytes, qcow2_path, "
-                    "backing_file, nbd_export_name, status, previous_change_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
-                    (backup_id, index, disk["disk_id"], disk["capacity_bytes"], f"{cid}/{name}.qcow2",
-                     Path(backing["qcow2_path"]).name if backing else None, name,
-                     backing["change_id"] if backing else None))
+                backing = before if before is not None and before.disk_id == disk_id else None
+                new_disks.append(store.NewDisk(index, disk_id, capacity, f"{cid}/{name}.qcow2",
+                                               Path(backing.qcow2_path).name if backing else None, name,
+                                               backing.change_id if backing else None))
+            await store.create(tx, backup_id=backup_id, vm_context_id=cid, vm_name=context["vm_name"],
+                               repository_id=repo.id, backup_type=req.backup_type,
+                               parent_backup_id=parent.backup_id if parent else None,
+                               chain_id=parent.chain_id if parent else backup_id, policy_id=req.policy_id,
+                               tags=req.tags, created_by=actor, now=now, new_disks=new_disks)
             await self.jobs.create("backup", job_id=backup_id, context_id=cid, tx=tx,
                                    display_name=f"{req.backup_type} backup of {context['vm_name']}",
-                                   details={"repository_id": repo["id"], "disks": len(disks)})
-        log.info("%s backup of %s into %s: %d disk(s)%s", req.backup_type, context["vm_name"], repo["name"],
-                 len(disks), f", continuing {parent['backup_id']}" if parent else "", extra={"resource": backup_id})
+                                   details={"repository_id": repo.id, "disks": len(disks)})
+        log.info("%s backup of %s into %s: %d disk(s)%s", req.backup_type, context["vm_name"], repo.name,
+                 len(disks), f", continuing {parent.backup_id}" if parent else "", extra={"resource": backup_id})
         return backup_id
 
     async def _follows_policy(self, req: StartRequest) -> None:
         """A backup under a policy goes to the policy's primary repository (its rules copy it elsewhere)."""
-        policy = await self.db.fetchone("SELECT name, enabled, primary_repository_id FROM backup_policies "
-                                        "WHERE id = ?", (req.policy_id,))
+        assert req.policy_id is not None
+        policy = await policy_store.find_one(self.db, req.policy_id)
         if policy is None:
             raise Invalid("policy not found", f"backup policy {req.policy_id!r} does not exist")
-        if not policy["enabled"]:
-            raise Invalid("policy disabled", f"backup policy {policy['name']!r} is disabled")
-        if policy["primary_repository_id"] != req.repository_id:
-            raise Invalid("not the policy's repository", f"policy {policy['name']!r} backs up into repository "
-                          f"{policy['primary_repository_id']}, not {req.repository_id}")
+        if not policy.enabled:
+            raise Invalid("policy disabled", f"backup policy {policy.name!r} is disabled")
+        if policy.primary_repository_id != req.repository_id:
+            raise Invalid("not the policy's repository", f"policy {policy.name!r} backs up into repository "
+                          f"{policy.primary_repository_id}, not {req.repository_id}")
 
     @staticmethod
     async def _new_id(tx: Tx, vm_name: str) -> str:
         base = f"backup-{safe_name(vm_name)}-{int(time.time())}"
         candidate, n = base, 1
-        while await tx.scalar("SELECT 1 FROM backup_jobs WHERE backup_id = ? UNION ALL "
-                              "SELECT 1 FROM jobs WHERE id = ?", (candidate, candidate)):
+        while await store.id_taken(tx, candidate):
             n += 1
             candidate = f"{base}-{n}"
         return candidate
@@ -237,35 +232,31 @@ class Backups:
     async def _launch(self, backup_id: str, context: dict[str, Any], root: Path, login: VCenterLogin,
                       backup_type: str) -> None:
         """Steps 2-5."""
-        disks = await self._disks(backup_id)
+        disks = await store.disks(self.db, backup_id)
         async with self.jobs.step(backup_id, "create images"):
             await self.fs.make_dir(root / context["context_id"])
             for d in disks:
-                path = root / d["qcow2_path"]
-                await self.qemu_img.create(path, d["capacity_bytes"], backing_file=d["backing_file"])
+                await self.qemu_img.create(root / d.qcow2_path, d.capacity_bytes, backing_file=d.backing_file)
         await self.jobs.progress(backup_id, 1)
+        names = {str(d.nbd_export_name): d.disk_index for d in disks}  # create() named every disk's export
         async with self.jobs.step(backup_id, "allocate ports"):
-            out = await self.pool.allocate(backup_id, len(disks), [d["nbd_export_name"] for d in disks],
-                                           lease_seconds=self.cfg.lease_seconds)
+            out = await self.pool.allocate(backup_id, len(disks), list(names), lease_seconds=self.cfg.lease_seconds)
             ports = {a["export_name"]: int(a["port"]) for a in out["allocated_ports"]}
-            if set(ports) != {d["nbd_export_name"] for d in disks}:
+            if set(ports) != set(names):
                 raise Unavailable("nbd-pool answered unexpectedly", f"ports were allocated for {sorted(ports)}")
             async with self.db.transaction() as tx:
-                for d in disks:
-                    d["nbd_port"] = ports[d["nbd_export_name"]]
-                    await tx.execute("UPDATE backup_disks SET nbd_port = ? WHERE backup_id = ? AND disk_index = ?",
-                                     (d["nbd_port"], backup_id, d["disk_index"]))
+                await store.set_ports(tx, backup_id, {names[name]: port for name, port in ports.items()})
+        disks = await store.disks(self.db, backup_id)
         async with self.jobs.step(backup_id, "start exports"):
             for d in disks:
+                assert d.nbd_export_name is not None and d.nbd_port is not None
                 started = await self.pool.start_export(
-                    export_name=d["nbd_export_name"], port=d["nbd_port"], path=str(root / d["qcow2_path"]),
+                    export_name=d.nbd_export_name, port=d.nbd_port, path=str(root / d.qcow2_path),
                     read_only=False, shared_connections=self.cfg.shared_connections, fmt="qcow2", job_id=backup_id)
-                await self.db.execute("UPDATE backup_disks SET qemu_nbd_pid = ?, status = 'exporting' "
-                                      "WHERE backup_id = ? AND disk_index = ?",
-                                      (started.get("pid"), backup_id, d["disk_index"]))
+                await store.mark_exporting(self.db, backup_id, d.disk_index, started.get("pid"))
         await self.jobs.progress(backup_id, 2)
         async with self.jobs.step(backup_id, "start VMA backup"):
-            previous = disks[0]["previous_change_id"] if disks else None
+            previous = disks[0].previous_change_id if disks else None
             body: dict[str, Any] = {
                 "job_id": backup_id, "vm_name": context["vm_name"], "vm_path": context["vm_path"],
                 "vcenter_host": login.vcenter, "vcenter_user": login.username, "vcenter_password": login.password,
@@ -279,29 +270,16 @@ class Backups:
             if str(answer.get("status", "")).lower() == "failed":
                 raise Unavailable("the VMA refused the backup",
                                   f"the VMA answered status 'failed': {answer.get('message') or '(no message)'}")
-        now = utcnow()
-        async with self.db.transaction() as tx:
-            # Completions may already have come in (a small VM): only a backup still pending becomes running.
-            await tx.execute("UPDATE backup_jobs SET status = 'running', started_at = ?, last_activity_at = ?, "
-                             "updated_at = ?, current_phase = 'started' WHERE backup_id = ? AND status = 'pending'",
-                             (now, now, now, backup_id))
+        # Completions may already have come in (a small VM): only a backup still pending becomes running.
+        await store.mark_running(self.db, backup_id, utcnow())
         log.info("VMA started the backup", extra={"resource": backup_id})
 
     # -- reading -------------------------------------------------------------------------------------
 
-    async def _disks(self, backup_id: str) -> list[dict[str, Any]]:
-        return await self.db.fetchall(f"SELECT {_DISK_FIELDS} FROM backup_disks WHERE backup_id = ? "
-                                      "ORDER BY disk_index", (backup_id,))
-
     async def get(self, backup_id: str, *, sizes: bool = True) -> dict[str, Any]:
         """One backup with its disks; `sizes` reads each image's current figures with qemu-img info -U."""
-        row = await self.db.fetchone(
-            "SELECT b.*, r.root_path FROM backup_jobs b JOIN backup_repositories r ON r.id = b.repository_id "
-            "WHERE b.backup_id = ?", (backup_id,))
-        if row is None:
-            raise NotFound("backup not found", f"backup {backup_id} does not exist")
-        disks = await self._disks(backup_id)
-        out = self._public(row, disks)
+        backup = await store.get(self.db, backup_id)
+        out = self._public(backup, await store.disks(self.db, backup_id))
         if sizes:
             for d in out["disk_results"]:
                 await self._live_size(d)
@@ -321,36 +299,25 @@ class Backups:
 
     async def find(self, *, vm_name: str | None, vm_context_id: str | None, repository_id: str | None,
                    backup_type: str | None, status: str | None, limit: int, offset: int) -> dict[str, Any]:
-        where = ("(? IS NULL OR b.vm_name = ?) AND (? IS NULL OR b.vm_context_id = ?) AND "
-                 "(? IS NULL OR b.repository_id = ?) AND (? IS NULL OR b.backup_type = ?) AND (? IS NULL OR b.status = ?)")
-        params = (vm_name, vm_name, vm_context_id, vm_context_id, repository_id, repository_id, backup_type,
-                  backup_type, status, status)
-        total = await self.db.scalar(f"SELECT COUNT(*) FROM backup_jobs b WHERE {where}", params)
-        rows = await self.db.fetchall(
-            f"SELECT b.*, r.root_path FROM backup_jobs b JOIN backup_repositories r ON r.id = b.repository_id "
-            f"WHERE {where} ORDER BY b.created_at DESC, b.backup_id DESC LIMIT ? OFFSET ?", (*params, limit, offset))
-        items = []
-        for row in rows:
-            items.append(self._public(row, await self._disks(row["backup_id"])))
-        return {"backups": items, "total": int(total), "count": len(items), "limit": limit, "offset": offset}
+        total, found = await store.find(self.db, vm_name=vm_name, vm_context_id=vm_context_id,
+                                        repository_id=repository_id, backup_type=backup_type, status=status,
+                                        limit=limit, offset=offset)
+        items = [self._public(b, await store.disks(self.db, b.backup_id)) for b in found]
+        return {"backups": items, "total": total, "count": len(items), "limit": limit, "offset": offset}
 
-    def _public(self, row: dict[str, Any], disks: list[dict[str, Any]]) -> dict[str, Any]:
+    def _public(self, backup: store.Backup, disks: list[store.BackupDisk]) -> dict[str, Any]:
         """The spec's BackupResponse, with the disks' details."""
-        root = Path(row["root_path"])
+        root = Path(backup.root_path)
         results = []
         for d in disks:
-            item = dict(d)
-            item["vmware_disk_id"] = item.pop("disk_id")
-            item["disk_id"] = item.pop("disk_index")  # the VMA's disk_id is the index
-            item["qcow2_path"] = str(root / d["qcow2_path"])
+            item: dict[str, Any] = {k: getattr(d, k) for k in _DISK_WIRE_FIELDS}
+            item["qcow2_path"] = str(root / d.qcow2_path)
+            item["vmware_disk_id"] = d.disk_id
+            item["disk_id"] = d.disk_index  # the VMA's disk_id is the index
             results.append(item)
-        exported = [d for d in disks if d["nbd_port"]]
-        out = {k: row[k] for k in (
-            "backup_id", "vm_context_id", "vm_name", "backup_type", "repository_id", "policy_id", "status",
-            "parent_backup_id", "chain_id", "bytes_transferred", "total_bytes", "size_bytes", "current_phase",
-            "progress_percent", "transfer_speed_bps", "eta_seconds", "error_message", "created_by", "created_at",
-            "started_at", "completed_at", "updated_at", "last_activity_at")}
-        out["tags"] = json.loads(row["tags"] or "{}")
+        exported = [d for d in disks if d.nbd_port]
+        out: dict[str, Any] = {k: getattr(backup, k) for k in _WIRE_FIELDS}
+        out["tags"] = backup.tag_map()
         out["disk_results"] = results
         out["nbd_targets_string"] = targets_string(self.cfg.nbd_host, exported) if len(exported) == len(disks) else ""
         return out
@@ -359,15 +326,12 @@ class Backups:
 
     async def delete(self, backup_id: str, *, actor: str) -> dict[str, Any]:
         """Remove a backup's images and rows together; refused while it runs or others build on it."""
-        row = await self.db.fetchone("SELECT b.*, r.root_path FROM backup_jobs b JOIN backup_repositories r "
-                                     "ON r.id = b.repository_id WHERE b.backup_id = ?", (backup_id,))
-        if row is None:
-            raise NotFound("backup not found", f"backup {backup_id} does not exist")
+        backup = await store.get(self.db, backup_id)
         # The VM's start lock: no incremental can pick this backup as its parent meanwhile.
-        async with self.locks.hold(f"vm-backup:{row['vm_context_id']}", what=f"VM {row['vm_name']!r}"):
+        async with self.locks.hold(f"vm-backup:{backup.vm_context_id}", what=f"VM {backup.vm_name!r}"):
             async with self.locks.hold(lock_key(backup_id), what=f"backup {backup_id}"):
                 await self._deletable(self.db, backup_id)
-                files = [Path(row["root_path"]) / d["qcow2_path"] for d in await self._disks(backup_id)]
+                files = await store.image_paths(self.db, backup_id)
                 await self.immutability.refuse_if_locked(self.db, backup_id)
                 await self.immutability.release(backup_id, files)  # the lock has ended: chattr -i
                 await self.fs.remove(files)  # images first: a failure leaves the rows that name them
@@ -375,22 +339,20 @@ class Backups:
                     await self.fs.remove_dir_if_empty(directory)
                 async with self.db.transaction() as tx:
                     await self._deletable(tx, backup_id)
-                    await tx.execute("DELETE FROM backup_copies WHERE copy_backup_id = ?", (backup_id,))
-                    await tx.execute("DELETE FROM backup_jobs WHERE backup_id = ?", (backup_id,))
+                    await policy_store.forget_copies_into(tx, backup_id)
+                    await store.delete(tx, backup_id)
                     await self.audit.record(actor, "backup.delete", f"backup:{backup_id}", tx=tx,
-                                            vm_name=row["vm_name"], repository_id=row["repository_id"],
-                                            backup_type=row["backup_type"], status=row["status"])
+                                            vm_name=backup.vm_name, repository_id=backup.repository_id,
+                                            backup_type=backup.backup_type, status=backup.status)
         log.info("deleted (%d image(s))", len(files), extra={"resource": backup_id})
         return {"message": f"backup {backup_id} deleted", "backup_id": backup_id, "images_removed": len(files)}
 
     @staticmethod
     async def _deletable(db: Database | Tx, backup_id: str) -> None:
-        status = await db.scalar("SELECT status FROM backup_jobs WHERE backup_id = ?", (backup_id,))
-        if status is None:
-            raise NotFound("backup not found", f"backup {backup_id} does not exist")
-        if status in ACTIVE:
+        status = await store.get_status(db, backup_id)
+        if status in store.ACTIVE:
             raise Conflict("backup running", f"backup {backup_id} is {status}; it can be deleted once it ends")
-        deps = await chains.dependents(db, backup_id)
+        deps = await store.dependents(db, backup_id)
         if deps:
             raise Conflict("backup has dependents",
                            f"backup {backup_id} is the base of {', '.join(deps)}; delete those first "
@@ -405,12 +367,11 @@ class Backups:
         for it are released (they survive omad), the partial images removed.
         """
         backup_id = job["id"]
-        exists = await self.db.scalar("SELECT 1 FROM backup_jobs WHERE backup_id = ?", (backup_id,))
-        if not exists:
+        if not await store.exists(self.db, backup_id):
             await self.jobs.finish(backup_id, "failed", "interrupted: omad restarted (no backup row)")
             return
         if not await self.teardown.fail(backup_id, "interrupted: omad restarted while the backup ran; "
                                                    "its exports were stopped and its images removed"):
             # Ended already (the job row lagged behind): make the job agree with the backup.
-            status = await self.db.scalar("SELECT status FROM backup_jobs WHERE backup_id = ?", (backup_id,))
-            await self.jobs.finish(backup_id, status)
+            status = await store.status_of(self.db, backup_id)
+            await self.jobs.finish(backup_id, str(status))

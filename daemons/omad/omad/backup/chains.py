@@ -8,46 +8,24 @@ end always works.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from oma_common.errors import Invalid
 
 from ..inventory.contexts import Contexts
-from ..store.db import Database, Tx
-
-# What a chain lists of each backup.
-_COLUMNS = ("backup_id, backup_type, parent_backup_id, chain_id, repository_id, status, created_at, completed_at, "
-            "size_bytes, bytes_transferred, total_bytes, tags, policy_id")
+from ..store import backups as store
+from ..store.db import Database
 
 
-async def latest_completed(db: Database | Tx, context_id: str, repository_id: str) -> dict[str, Any] | None:
-    """The backup an incremental of this VM in this repository continues."""
-    return await db.fetchone(
-        "SELECT * FROM backup_jobs WHERE vm_context_id = ? AND repository_id = ? AND status = 'completed' "
-        "ORDER BY completed_at DESC, created_at DESC LIMIT 1", (context_id, repository_id))
-
-
-async def dependents(db: Database | Tx, backup_id: str) -> list[str]:
-    """Backups whose images are (or are about to be) backed by this one's."""
-    rows = await db.fetchall("SELECT backup_id FROM backup_jobs WHERE parent_backup_id = ? AND status != 'failed' "
-                             "ORDER BY created_at", (backup_id,))
-    return [r["backup_id"] for r in rows]
-
-
-async def lineage(db: Database | Tx, backup_id: str) -> list[dict[str, Any]]:
-    """The backup and every backup it is built on, oldest (the full) first."""
-    out: list[dict[str, Any]] = []
-    current: str | None = backup_id
-    while current is not None and len(out) < 10000:
-        row = await db.fetchone("SELECT b.*, r.root_path FROM backup_jobs b JOIN backup_repositories r "
-                                "ON r.id = b.repository_id WHERE b.backup_id = ?", (current,))
-        if row is None:
-            break
-        out.append(row)
-        current = row["parent_backup_id"]
-    out.reverse()
-    return out
+def _member(b: store.Backup, disks: list[store.BackupDisk]) -> dict[str, Any]:
+    """What a chain lists of each backup."""
+    return {"backup_id": b.backup_id, "backup_type": b.backup_type, "parent_backup_id": b.parent_backup_id,
+            "chain_id": b.chain_id, "repository_id": b.repository_id, "status": b.status, "created_at": b.created_at,
+            "completed_at": b.completed_at, "size_bytes": b.size_bytes, "bytes_transferred": b.bytes_transferred,
+            "total_bytes": b.total_bytes, "tags": b.tag_map(), "policy_id": b.policy_id,
+            "disks": [{"disk_index": d.disk_index, "disk_id": d.disk_id, "capacity_bytes": d.capacity_bytes,
+                       "qcow2_path": d.qcow2_path, "backing_file": d.backing_file, "change_id": d.change_id,
+                       "size_bytes": d.size_bytes} for d in disks]}
 
 
 class Chains:
@@ -69,34 +47,16 @@ class Chains:
     async def of_vm(self, context: dict[str, Any], repository_id: str | None = None) -> dict[str, Any]:
         """Every chain of the VM's completed backups (oldest first inside a chain); the newest chain's
         figures at the top level, as the spec's single-chain answer has them."""
-        rows = await self.db.fetchall(
-            f"SELECT {_COLUMNS} FROM backup_jobs WHERE vm_context_id = ? AND status = 'completed' "
-            "AND (? IS NULL OR repository_id = ?) ORDER BY completed_at, created_at",
-            (context["context_id"], repository_id, repository_id))
-        disks = await self._disks([r["backup_id"] for r in rows])
+        backups = await store.completed_of_vm(self.db, context["context_id"], repository_id)
+        disks = await store.disks_of_completed(self.db, context["context_id"]) if backups else {}
         chains: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            row["tags"] = json.loads(row["tags"] or "{}")
-            row["disks"] = disks.get(row["backup_id"], [])
-            chains.setdefault(row["chain_id"], []).append(row)
+        for b in backups:
+            chains.setdefault(b.chain_id, []).append(_member(b, disks.get(b.backup_id, [])))
         summaries = [self._summary(chain_id, items) for chain_id, items in chains.items()]
         summaries.sort(key=lambda c: c["backups"][-1]["completed_at"] or "")
         latest = summaries[-1] if summaries else self._summary(None, [])
         return {"vm_name": context["vm_name"], "vm_context_id": context["context_id"], **latest,
                 "chains": summaries, "chain_count": len(summaries)}
-
-    async def _disks(self, backup_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {}
-        if not backup_ids:
-            return out
-        rows = await self.db.fetchall(
-            "SELECT d.backup_id, d.disk_index, d.disk_id, d.capacity_bytes, d.qcow2_path, d.backing_file, "
-            "d.change_id, d.size_bytes FROM backup_disks d JOIN backup_jobs b USING (backup_id) "
-            "WHERE b.vm_context_id = (SELECT vm_context_id FROM backup_jobs WHERE backup_id = ?) "
-            "AND b.status = 'completed' ORDER BY d.backup_id, d.disk_index", (backup_ids[0],))
-        for r in rows:
-            out.setdefault(r.pop("backup_id"), []).append(r)
-        return out
 
     @staticmethod
     def _summary(chain_id: str | None, items: list[dict[str, Any]]) -> dict[str, Any]:

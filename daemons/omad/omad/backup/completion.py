@@ -26,8 +26,9 @@ from ..config import BackupConfig
 from ..inventory.contexts import Contexts
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
+from ..store import backups as store
 from ..store.db import Database, utcnow
-from .teardown import ACTIVE, Teardown, lock_key
+from .teardown import Teardown, lock_key
 
 log = logging.getLogger(__name__)
 
@@ -79,33 +80,22 @@ class Completion:
     async def complete_disk(self, backup_id: str, disk_index: int, change_id: str,
                             bytes_transferred: int) -> dict[str, Any]:
         async with self.locks.hold(lock_key(backup_id), wait=True):  # disks completing at once queue here
-            row = await self.db.fetchone("SELECT status, error_message FROM backup_jobs WHERE backup_id = ?",
-                                         (backup_id,))
-            if row is None:
-                raise NotFound("backup not found", f"backup {backup_id} does not exist")
-            if row["status"] == "failed":
-                raise Conflict("backup failed", f"backup {backup_id} failed ({row['error_message']}); its images "
+            backup = await store.get(self.db, backup_id)
+            if backup.status == store.BackupStatus.FAILED:
+                raise Conflict("backup failed", f"backup {backup_id} failed ({backup.error_message}); its images "
                                                 "were removed")
-            disk = await self.db.fetchone("SELECT status, change_id FROM backup_disks WHERE backup_id = ? AND "
-                                          "disk_index = ?", (backup_id, disk_index))
+            disk = await store.disk(self.db, backup_id, disk_index)
             if disk is None:
-                count = await self.db.scalar("SELECT COUNT(*) FROM backup_disks WHERE backup_id = ?", (backup_id,))
-                raise Invalid("no such disk", f"backup {backup_id} has disks 0..{int(count) - 1}, not {disk_index}")
-            if disk["status"] == "completed":
-                if disk["change_id"] != change_id:
+                _, count = await store.disk_counts(self.db, backup_id)
+                raise Invalid("no such disk", f"backup {backup_id} has disks 0..{count - 1}, not {disk_index}")
+            if disk.status == store.DiskStatus.COMPLETED:
+                if disk.change_id != change_id:
                     raise Conflict("disk already completed", f"disk {disk_index} of {backup_id} was completed with "
-                                                             f"change id {disk['change_id']!r}")
+                                                             f"change id {disk.change_id!r}")
                 return await self._answer(backup_id, disk_index, change_id, "already recorded")
-            now = utcnow()
             async with self.db.transaction() as tx:
-                await tx.execute(
-                    "UPDATE backup_disks SET status = 'completed', change_id = ?, bytes_transferred = ?, "
-                    "progress_percent = 100, completed_at = ? WHERE backup_id = ? AND disk_index = ?",
-                    (change_id, bytes_transferred, now, backup_id, disk_index))
-                await tx.execute("UPDATE backup_jobs SET last_activity_at = ?, updated_at = ? WHERE backup_id = ?",
-                                 (now, now, backup_id))
-                left = await tx.scalar("SELECT COUNT(*) FROM backup_disks WHERE backup_id = ? AND "
-                                       "status != 'completed'", (backup_id,))
+                left = await store.complete_disk(tx, backup_id, disk_index, change_id=change_id,
+                                                 bytes_transferred=bytes_transferred, now=utcnow())
             log.info("disk %d completed (change id %s, %d bytes)", disk_index, change_id, bytes_transferred,
                      extra={"resource": backup_id})
             if left == 0:
@@ -115,14 +105,12 @@ class Completion:
     async def _finish(self, backup_id: str) -> None:
         """The last disk is in: close the exports, measure and check the images, record the backup."""
         await self.teardown.release(backup_id)
-        rows = await self.db.fetchall(
-            "SELECT d.disk_index, d.qcow2_path, d.bytes_transferred, r.root_path FROM backup_disks d "
-            "JOIN backup_jobs b USING (backup_id) JOIN backup_repositories r ON r.id = b.repository_id "
-            "WHERE d.backup_id = ? ORDER BY d.disk_index", (backup_id,))
+        root = Path((await store.get(self.db, backup_id)).root_path)
+        disks = await store.disks(self.db, backup_id)
         sizes: dict[int, int] = {}
         paths: dict[int, Path] = {}
-        for r in rows:
-            path = Path(r["root_path"]) / r["qcow2_path"]
+        for d in disks:
+            path = root / d.qcow2_path
             try:
                 info = await self.qemu_img.info(path, force_share=True)
                 if self.cfg.check_images:
@@ -131,24 +119,17 @@ class Completion:
                         raise Invalid("image corrupt", f"qemu-img check found {check.corruptions} corruption(s) "
                                                        f"in {path}")
             except OmaError as e:
-                await self.teardown.fail_locked(backup_id, f"the written image of disk {r['disk_index']} is "
+                await self.teardown.fail_locked(backup_id, f"the written image of disk {d.disk_index} is "
                                                            f"unusable: {e}")
                 return
-            sizes[r["disk_index"]] = info.actual_size
-            paths[r["disk_index"]] = path
+            sizes[d.disk_index] = info.actual_size
+            paths[d.disk_index] = path
             if await self.fs.owner(path) != os.geteuid():
                 # qemu-nbd (root) writes into the file omad created; it must stay omad's to be removed later.
                 log.warning("%s is not owned by omad's user any more", path, extra={"resource": backup_id})
-        now = utcnow()
         async with self.db.transaction() as tx:
-            for index, size in sizes.items():
-                await tx.execute("UPDATE backup_disks SET size_bytes = ? WHERE backup_id = ? AND disk_index = ?",
-                                 (size, backup_id, index))
-            await tx.execute(
-                "UPDATE backup_jobs SET status = 'completed', completed_at = ?, updated_at = ?, progress_percent = 100,"
-                " current_phase = 'completed', eta_seconds = 0, size_bytes = ?, bytes_transferred = ? "
-                "WHERE backup_id = ? AND status IN ('pending', 'running')",
-                (now, now, sum(sizes.values()), sum(int(r["bytes_transferred"]) for r in rows), backup_id))
+            await store.complete(tx, backup_id, sizes=sizes, bytes_transferred=sum(d.bytes_transferred for d in disks),
+                                 now=utcnow())
             await self.jobs.finish(backup_id, "completed", tx=tx)
         log.info("backup completed: %d image(s), %d bytes stored", len(sizes), sum(sizes.values()),
                  extra={"resource": backup_id})
@@ -171,8 +152,7 @@ class Completion:
             except OmaError as e:
                 log.warning("no checksum for disk %d yet: %s", index, e, extra={"resource": backup_id})
                 continue
-            await self.db.execute("UPDATE backup_disks SET sha256 = ? WHERE backup_id = ? AND disk_index = ? "
-                                  "AND sha256 IS NULL", (digest, backup_id, index))
+            await store.record_checksum(self.db, backup_id, index, digest)
 
     async def settle(self) -> None:
         """Wait for the checksums being recorded (tests, and a clean shutdown)."""
@@ -180,15 +160,11 @@ class Completion:
             await asyncio.gather(*list(self._checksums), return_exceptions=True)
 
     async def _answer(self, backup_id: str, disk_index: int, change_id: str, note: str) -> dict[str, Any]:
-        status = await self.db.scalar("SELECT status FROM backup_jobs WHERE backup_id = ?", (backup_id,))
-        counts = await self.db.fetchone(
-            "SELECT COUNT(*) AS total, SUM(status = 'completed') AS done FROM backup_disks WHERE backup_id = ?",
-            (backup_id,))
-        assert counts is not None
-        done, total = int(counts["done"] or 0), int(counts["total"])
-        if status == "completed":
+        status = await store.status_of(self.db, backup_id)
+        done, total = await store.disk_counts(self.db, backup_id)
+        if status == store.BackupStatus.COMPLETED:
             message = f"disk {disk_index} recorded; backup completed ({total} disk(s))"
-        elif status == "failed":
+        elif status == store.BackupStatus.FAILED:
             message = f"disk {disk_index} recorded, but the backup failed while it was being closed"
         else:
             message = f"disk {disk_index} recorded; {total - done} of {total} disk(s) still to complete"
@@ -207,56 +183,41 @@ class Completion:
         """
         context = await self.contexts.by_name(vm_name)
         cid = context["context_id"]
-        active = await self.db.fetchone("SELECT backup_id, parent_backup_id FROM backup_jobs WHERE "
-                                        "vm_context_id = ? AND status IN ('pending', 'running')", (cid,))
+        active = await store.active_for_vm(self.db, cid)
         if active is not None:
-            disk = await self.db.fetchone("SELECT previous_change_id, backing_file FROM backup_disks WHERE "
-                                          "backup_id = ? AND disk_index = ?", (active["backup_id"], disk_index))
-            if disk is None or not disk["backing_file"] or not disk["previous_change_id"]:
-                raise NotFound("no change id", f"the running backup {active['backup_id']} of VM {vm_name!r} "
+            disk = await store.disk(self.db, active.backup_id, disk_index)
+            if disk is None or not disk.backing_file or not disk.previous_change_id or not active.parent_backup_id:
+                raise NotFound("no change id", f"the running backup {active.backup_id} of VM {vm_name!r} "
                                                f"copies disk {disk_index} in full")
-            parent = await self.db.fetchone("SELECT backup_id, backup_type, completed_at FROM backup_jobs WHERE "
-                                            "backup_id = ?", (active["parent_backup_id"],))
-            assert parent is not None
-            return self._change_id(vm_name, disk_index, disk["previous_change_id"], parent)
-        row = await self.db.fetchone(
-            "SELECT b.backup_id, b.backup_type, b.completed_at, d.change_id FROM backup_jobs b "
-            "JOIN backup_disks d USING (backup_id) WHERE b.vm_context_id = ? AND b.status = 'completed' AND "
-            "d.disk_index = ? AND d.change_id IS NOT NULL ORDER BY b.completed_at DESC LIMIT 1", (cid, disk_index))
-        if row is None:
+            parent = await store.get(self.db, active.parent_backup_id)
+            return self._change_id(vm_name, disk_index, disk.previous_change_id, parent)
+        found = await store.latest_change_id(self.db, cid, disk_index)
+        if found is None:
             raise NotFound("no change id", f"no completed backup of disk {disk_index} of VM {vm_name!r}")
-        return self._change_id(vm_name, disk_index, row["change_id"], row)
+        return self._change_id(vm_name, disk_index, found[1], found[0])
 
     @staticmethod
-    def _change_id(vm_name: str, disk_index: int, change_id: str, backup: dict[str, Any]) -> dict[str, Any]:
+    def _change_id(vm_name: str, disk_index: int, change_id: str, backup: store.Backup) -> dict[str, Any]:
         # disk_id as text: the spec's example answer, which the client in the field decodes, has it so.
         return {"vm_name": vm_name, "disk_id": str(disk_index), "change_id": change_id,
-                "backup_id": backup["backup_id"], "backup_job_id": backup["backup_id"],
-                "backup_type": backup["backup_type"], "completed_at": backup["completed_at"]}
+                "backup_id": backup.backup_id, "backup_job_id": backup.backup_id,
+                "backup_type": backup.backup_type, "completed_at": backup.completed_at}
 
     # -- telemetry -----------------------------------------------------------------------------------
 
     async def telemetry(self, job_id: str, report: Telemetry) -> dict[str, Any]:
-        row = await self.db.fetchone("SELECT status, total_bytes FROM backup_jobs WHERE backup_id = ?", (job_id,))
-        if row is None:
-            raise NotFound("backup not found", f"backup {job_id} does not exist")
-        if row["status"] not in ACTIVE:
-            return {"status": "ignored", "job_id": job_id, "message": f"backup {job_id} is {row['status']}"}
-        now = utcnow()
+        status = await store.get_status(self.db, job_id)
+        if status not in store.ACTIVE:
+            return {"status": "ignored", "job_id": job_id, "message": f"backup {job_id} is {status}"}
         phase = report.current_phase or report.status
         async with self.db.transaction() as tx:
-            await tx.execute(
-                "UPDATE backup_jobs SET current_phase = ?, bytes_transferred = ?, total_bytes = ?, "
-                "transfer_speed_bps = ?, eta_seconds = ?, progress_percent = ?, last_activity_at = ?, updated_at = ? "
-                "WHERE backup_id = ?",
-                (phase, report.bytes_transferred, report.total_bytes, report.transfer_speed_bps, report.eta_seconds,
-                 max(0.0, min(100.0, report.progress_percent)), now, now, job_id))
+            await store.record_progress(tx, job_id, phase=phase, bytes_transferred=report.bytes_transferred,
+                                        total_bytes=report.total_bytes, transfer_speed_bps=report.transfer_speed_bps,
+                                        eta_seconds=report.eta_seconds, progress_percent=report.progress_percent,
+                                        now=utcnow())
             for d in report.disks:
-                await tx.execute(
-                    "UPDATE backup_disks SET bytes_transferred = ?, total_bytes = ?, progress_percent = ? "
-                    "WHERE backup_id = ? AND disk_index = ? AND status != 'completed'",
-                    (d.bytes_transferred, d.total_bytes, max(0.0, min(100.0, d.progress_percent)), job_id,
-                     d.disk_index))
+                await store.record_disk_progress(tx, job_id, d.disk_index, bytes_transferred=d.bytes_transferred,
+                                                 total_bytes=d.total_bytes, progress_percent=d.progress_percent)
         await self.jobs.progress(job_id, report.progress_percent, current_step=f"VMA: {phase}")
         if report.status.lower() == "failed":
             said = (report.error or {}).get("message") or "no reason given"

@@ -21,7 +21,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from oma_common.errors import Conflict, Invalid, NotFound, OmaError
+from oma_common.errors import Conflict, Invalid, OmaError
+from oma_common.periodic import Periodic
 
 from ..adapters.localfs import LocalFs
 from ..adapters.qemu_img import QemuImg
@@ -30,10 +31,11 @@ from ..config import PolicyConfig
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
 from ..schedule.clock import Clock
-from ..jobs.periodic import Periodic
+from ..store import backups as backup_store
+from ..store import policies as store
+from ..store import repositories as repository_store
 from ..store.db import Database, utcnow
 from .backups import FIRST_DISK_KEY
-from .chains import lineage
 from .immutability import Immutability
 from .repositories import Repositories
 from .verify import Verifier
@@ -50,14 +52,13 @@ def copy_id_of(backup_id: str, repository_id: str) -> str:
     return f"{backup_id}@{repository_id}"
 
 
-def public(row: dict[str, Any]) -> dict[str, Any]:
-    return {"copy_id": row["id"], "source_backup_id": row["source_backup_id"],
-            "repository_id": row["destination_repository_id"], "copy_backup_id": row["copy_backup_id"],
-            "rule_id": row["rule_id"], "status": row["status"], "verify_after_copy": bool(row["verify_after_copy"]),
-            "verified": bool(row["verified"]), "attempts": row["attempts"], "bytes_copied": row["bytes_copied"],
-            "progress_percent": row["progress_percent"], "error_message": row["error_message"],
-            "created_by": row["created_by"], "created_at": row["created_at"], "started_at": row["started_at"],
-            "completed_at": row["completed_at"]}
+def public(c: store.Copy) -> dict[str, Any]:
+    return {"copy_id": c.id, "source_backup_id": c.source_backup_id, "repository_id": c.destination_repository_id,
+            "copy_backup_id": c.copy_backup_id, "rule_id": c.rule_id, "status": c.status,
+            "verify_after_copy": c.verify_after_copy, "verified": c.verified, "attempts": c.attempts,
+            "bytes_copied": c.bytes_copied, "progress_percent": c.progress_percent, "error_message": c.error_message,
+            "created_by": c.created_by, "created_at": c.created_at, "started_at": c.started_at,
+            "completed_at": c.completed_at}
 
 
 class Copies:
@@ -81,40 +82,33 @@ class Copies:
     async def request(self, backup_id: str, repository_id: str, *, actor: str, rule_id: str | None = None,
                       verify_after_copy: bool = True) -> dict[str, Any]:
         """Copy a completed backup into a repository (a live copy there already: that one is answered)."""
-        src = await self.db.fetchone("SELECT * FROM backup_jobs WHERE backup_id = ?", (backup_id,))
-        if src is None:
-            raise NotFound("backup not found", f"backup {backup_id} does not exist")
-        if src["status"] != "completed":
-            raise Conflict("backup not completed", f"backup {backup_id} is {src['status']}; only a completed "
+        src = await backup_store.get(self.db, backup_id)
+        if src.status != backup_store.BackupStatus.COMPLETED:
+            raise Conflict("backup not completed", f"backup {backup_id} is {src.status}; only a completed "
                                                    "backup is copied")
-        repo = await self.repositories.row(repository_id)
-        if not repo["enabled"]:
-            raise Invalid("repository disabled", f"backup repository {repo['name']!r} is disabled")
-        if repository_id == src["repository_id"]:
-            raise Invalid("same repository", f"backup {backup_id} is already in repository {repo['name']!r}")
-        if src["copied_from"] and await self.db.scalar(
-                "SELECT 1 FROM backup_jobs WHERE backup_id = ? AND repository_id = ?",
-                (src["copied_from"], repository_id)):
-            raise Invalid("already there", f"backup {backup_id} is a copy of {src['copied_from']}, which is in "
-                                           f"repository {repo['name']!r}")
-        now = utcnow()
+        repo = await self.repositories.record(repository_id)
+        if not repo.enabled:
+            raise Invalid("repository disabled", f"backup repository {repo.name!r} is disabled")
+        if repository_id == src.repository_id:
+            raise Invalid("same repository", f"backup {backup_id} is already in repository {repo.name!r}")
+        if src.copied_from and await backup_store.in_repository(self.db, src.copied_from, repository_id):
+            raise Invalid("already there", f"backup {backup_id} is a copy of {src.copied_from}, which is in "
+                                           f"repository {repo.name!r}")
         async with self.db.transaction() as tx:
-            live = await tx.fetchone("SELECT * FROM backup_copies WHERE source_backup_id = ? AND "
-                                     "destination_repository_id = ? AND status != 'failed'", (backup_id, repository_id))
+            live = await store.live_copy(tx, backup_id, repository_id)
             if live is not None:
-                return {"copy_id": live["id"], "status": live["status"], "existing": True}
+                return {"copy_id": live.id, "status": live.status, "existing": True}
             cid = f"copy-{secrets.token_hex(6)}"
-            await tx.execute(
-                "INSERT INTO backup_copies (id, source_backup_id, destination_repository_id, rule_id, status, "
-                "verify_after_copy, created_by, created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
-                (cid, backup_id, repository_id, rule_id, int(verify_after_copy), actor, now, now))
-            await self.jobs.create("backup_copy", job_id=cid, context_id=src["vm_context_id"], tx=tx,
-                                   status="pending", display_name=f"copy {backup_id} to {repo['name']}",
+            await store.create_copy(tx, copy_id=cid, source_backup_id=backup_id, repository_id=repository_id,
+                                    rule_id=rule_id, verify_after_copy=verify_after_copy, created_by=actor,
+                                    now=utcnow())
+            await self.jobs.create("backup_copy", job_id=cid, context_id=src.vm_context_id, tx=tx,
+                                   status="pending", display_name=f"copy {backup_id} to {repo.name}",
                                    details={"backup_id": backup_id, "repository_id": repository_id})
             await self.audit.record(actor, "backup.copy", f"backup:{backup_id}", tx=tx, copy_id=cid,
                                     repository_id=repository_id, rule_id=rule_id)
         self.jobs.spawn(cid, self._run(cid))
-        log.info("copy to %s requested", repo["name"], extra={"resource": backup_id})
+        log.info("copy to %s requested", repo.name, extra={"resource": backup_id})
         return {"copy_id": cid, "status": "pending"}
 
     async def after_backup(self, backup_id: str) -> None:
@@ -122,72 +116,55 @@ class Copies:
 
     async def run_rules(self, backup_id: str) -> list[str]:
         """A backup completed: its policy's enabled immediate copy rules run, highest priority first."""
-        rules = await self.db.fetchall(
-            "SELECT r.* FROM backup_jobs b JOIN backup_policies p ON p.id = b.policy_id "
-            "JOIN backup_copy_rules r ON r.policy_id = p.id WHERE b.backup_id = ? AND b.copied_from IS NULL "
-            "AND p.enabled = 1 AND r.enabled = 1 AND r.copy_mode = 'immediate' ORDER BY r.priority DESC, r.id",
-            (backup_id,))
         started = []
-        for rule in rules:
+        for rule in await store.immediate_rules(self.db, backup_id):
             try:
-                out = await self.request(backup_id, rule["destination_repository_id"], actor="policy",
-                                         rule_id=rule["id"], verify_after_copy=bool(rule["verify_after_copy"]))
+                out = await self.request(backup_id, rule.destination_repository_id, actor="policy", rule_id=rule.id,
+                                         verify_after_copy=rule.verify_after_copy)
                 started.append(out["copy_id"])
             except OmaError as e:
-                log.error("copy rule %s not started: %s", rule["id"], e, extra={"resource": backup_id})
+                log.error("copy rule %s not started: %s", rule.id, e, extra={"resource": backup_id})
         return started
 
     async def of_backup(self, backup_id: str) -> dict[str, Any]:
-        if not await self.db.scalar("SELECT 1 FROM backup_jobs WHERE backup_id = ?", (backup_id,)):
-            raise NotFound("backup not found", f"backup {backup_id} does not exist")
-        rows = await self.db.fetchall("SELECT * FROM backup_copies WHERE source_backup_id = ? ORDER BY created_at",
-                                      (backup_id,))
-        return {"backup_id": backup_id, "copies": [public(r) for r in rows], "count": len(rows)}
+        await backup_store.get_status(self.db, backup_id)  # NotFound when there is no such backup
+        found = await store.copies_of(self.db, backup_id)
+        return {"backup_id": backup_id, "copies": [public(c) for c in found], "count": len(found)}
 
     async def get(self, copy_id: str) -> dict[str, Any]:
-        row = await self.db.fetchone("SELECT * FROM backup_copies WHERE id = ?", (copy_id,))
-        if row is None:
-            raise NotFound("copy not found", f"copy {copy_id} does not exist")
-        return public(row)
+        return public(await store.get_copy(self.db, copy_id))
 
     async def recover(self, job: dict[str, Any]) -> None:
         """A copy a previous omad left running: its partial files are removed and it is failed (ask again)."""
-        row = await self.db.fetchone("SELECT * FROM backup_copies WHERE id = ?", (job["id"],))
-        if row is not None:
-            await self._cleanup(row)
-            await self._set(job["id"], status="failed", error_message="interrupted: omad restarted during the copy",
-                            completed_at=utcnow())
-        await self.jobs.finish(job["id"], "failed", "interrupted: omad restarted during the copy")
+        reason = "interrupted: omad restarted during the copy"
+        copy = await store.find_copy(self.db, job["id"])
+        if copy is not None:
+            await self._cleanup(copy)
+            await store.fail_copy(self.db, copy.id, reason, utcnow())
+        await self.jobs.finish(job["id"], "failed", reason)
 
     # -- the job -------------------------------------------------------------------------------------
 
-    async def _set(self, copy_id: str, **values: Any) -> None:
-        cols = ", ".join(f"{k} = ?" for k in values)  # keys are this module's own literals
-        await self.db.execute(f"UPDATE backup_copies SET {cols}, updated_at = ? WHERE id = ?",
-                              (*values.values(), utcnow(), copy_id))
-
     async def _run(self, copy_id: str) -> None:
-        row = await self.db.fetchone("SELECT c.*, b.chain_id FROM backup_copies c JOIN backup_jobs b "
-                                     "ON b.backup_id = c.source_backup_id WHERE c.id = ?", (copy_id,))
-        assert row is not None
-        key = f"copy-into:{row['destination_repository_id']}:{row['chain_id']}"
+        copy = await store.get_copy(self.db, copy_id)
+        chain_id = (await backup_store.get(self.db, copy.source_backup_id)).chain_id
+        key = f"copy-into:{copy.destination_repository_id}:{chain_id}"
         async with self.locks.hold(key, wait=True):
-            await self.db.execute("UPDATE jobs SET status = 'running', started_at = ? WHERE id = ?",
-                                  (utcnow(), copy_id))
-            await self._set(copy_id, status="running", started_at=utcnow())
+            await store.mark_job_running(self.db, copy_id, utcnow())
+            await store.start_copy(self.db, copy_id, utcnow())
             error: OmaError | None = None
             for attempt in range(1, self.cfg.copy_attempts + 1):
-                await self._set(copy_id, attempts=attempt)
+                await store.set_attempt(self.db, copy_id, attempt, utcnow())
                 try:
-                    await self._copy(copy_id, row)
+                    await self._copy(copy_id, copy)
                     return
                 except SourceBad as e:
                     error = e
-                    await self._cleanup(row)
+                    await self._cleanup(copy)
                     break
                 except OmaError as e:
                     error = e
-                    await self._cleanup(row)
+                    await self._cleanup(copy)
                     if attempt < self.cfg.copy_attempts:
                         pause = self.cfg.copy_backoff_seconds * 2 ** (attempt - 1)
                         log.warning("copy try %d failed (%s); again in %g s", attempt, e, pause,
@@ -195,85 +172,73 @@ class Copies:
                         await self.clock.sleep(pause)
             assert error is not None
             reason = f"{error.message}: {error.details}" if error.details != error.message else error.message
-            await self._set(copy_id, status="failed", error_message=reason, completed_at=utcnow())
+            await store.fail_copy(self.db, copy_id, reason, utcnow())
             await self.jobs.finish(copy_id, "failed", reason)
             log.error("copy failed: %s", reason, extra={"resource": copy_id})
 
-    async def _copy(self, copy_id: str, copy: dict[str, Any]) -> None:
-        dest_id = copy["destination_repository_id"]
-        members = await lineage(self.db, copy["source_backup_id"])
-        held = {m["backup_id"]: await self._held(m["backup_id"], dest_id) for m in members}
-        todo = [m for m in members if held[m["backup_id"]] is None]
+    async def _copy(self, copy_id: str, copy: store.Copy) -> None:
+        dest_id = copy.destination_repository_id
+        members = await backup_store.lineage(self.db, copy.source_backup_id)
+        held = {m.backup_id: await store.held_copy(self.db, m.backup_id, dest_id) for m in members}
+        todo = [m for m in members if held[m.backup_id] is None]
         async with self.jobs.step(copy_id, "verify source"):
             if todo:
                 # Stored with the source like any verification: a scheduled copy skips a source known bad.
-                found = (await self.verifier.verify(copy["source_backup_id"]))["errors"]
+                found = (await self.verifier.verify(copy.source_backup_id))["errors"]
                 if found:
                     raise SourceBad("source verification failed", "; ".join(f"{p['file']}: {p['problem']}"
                                                                             for p in found))
         _, dest_root = await self.repositories.ready_root(dest_id)
         total = 0
         for m in todo:
-            for d in await self._disks(m["backup_id"]):
-                total += await self.fs.size(Path(m["root_path"]) / d["qcow2_path"])
+            for d in await backup_store.disks(self.db, m.backup_id):
+                total += await self.fs.size(Path(m.root_path) / d.qcow2_path)
         done = 0
         parent_copy: str | None = None
         for m in members:
-            if held[m["backup_id"]] is not None:
-                parent_copy = held[m["backup_id"]]
+            if held[m.backup_id] is not None:
+                parent_copy = held[m.backup_id]
                 continue
-            async with self.jobs.step(copy_id, f"copy {m['backup_id']}"):
-                parent_copy, size = await self._copy_backup(copy_id, copy, m, dest_id, dest_root, parent_copy,
-                                                            done, total)
+            async with self.jobs.step(copy_id, f"copy {m.backup_id}"):
+                parent_copy, size = await self._copy_backup(copy_id, copy, m, dest_root, parent_copy, done, total)
                 done += size
         assert parent_copy is not None
-        now = utcnow()
         async with self.db.transaction() as tx:
-            await tx.execute("UPDATE backup_copies SET status = 'completed', copy_backup_id = ?, completed_at = ?, "
-                             "progress_percent = 100, updated_at = ?, error_message = NULL, verified = ? "
-                             "WHERE id = ?", (parent_copy, now, now, copy["verify_after_copy"], copy_id))
+            await store.complete_copy(tx, copy_id, copy_backup_id=parent_copy, verified=copy.verify_after_copy,
+                                      now=utcnow())
             await self.jobs.finish(copy_id, "completed", tx=tx)
         log.info("copy completed as %s (%d byte(s) copied)", parent_copy, done, extra={"resource": copy_id})
 
-    async def _held(self, backup_id: str, dest_id: str) -> str | None:
-        """The destination's copy of the backup, if it holds one."""
-        return await self.db.scalar(  # type: ignore[no-any-return]
-            "SELECT c.copy_backup_id FROM backup_copies c JOIN backup_jobs b ON b.backup_id = c.copy_backup_id "
-            "WHERE c.source_backup_id = ? AND c.destination_repository_id = ? AND c.status = 'completed' "
-            "AND b.status = 'completed'", (backup_id, dest_id))
-
-    async def _disks(self, backup_id: str) -> list[dict[str, Any]]:
-        return await self.db.fetchall("SELECT * FROM backup_disks WHERE backup_id = ? ORDER BY disk_index",
-                                      (backup_id,))
-
-    async def _copy_backup(self, copy_id: str, copy: dict[str, Any], src: dict[str, Any], dest_id: str,
-                           dest_root: Path, parent_copy: str | None, done: int, total: int) -> tuple[str, int]:
+    async def _copy_backup(self, copy_id: str, copy: store.Copy, src: backup_store.Backup, dest_root: Path,
+                           parent_copy: str | None, done: int, total: int) -> tuple[str, int]:
         """Copy one backup's images; returns the id of its copy in the destination and the bytes copied."""
-        new_id = copy_id_of(src["backup_id"], dest_id)
-        src_root = Path(src["root_path"])
-        parent_disks = {d["disk_index"]: d for d in await self._disks(parent_copy)} if parent_copy else {}
-        disks = []
+        dest_id = copy.destination_repository_id
+        new_id = copy_id_of(src.backup_id, dest_id)
+        src_root = Path(src.root_path)
+        parent_disks = ({d.disk_index: d for d in await backup_store.disks(self.db, parent_copy)}
+                        if parent_copy else {})
+        disks: list[backup_store.CopiedDisk] = []
         copied = 0
-        await self.fs.make_dir(dest_root / src["vm_context_id"])
-        for d in await self._disks(src["backup_id"]):
-            source = src_root / d["qcow2_path"]
-            rel = f"{src['vm_context_id']}/{new_id}-disk-{FIRST_DISK_KEY + d['disk_index']}.qcow2"
+        await self.fs.make_dir(dest_root / src.vm_context_id)
+        for d in await backup_store.disks(self.db, src.backup_id):
+            source = src_root / d.qcow2_path
+            rel = f"{src.vm_context_id}/{new_id}-disk-{FIRST_DISK_KEY + d.disk_index}.qcow2"
             final = dest_root / rel
             partial = final.with_name(final.name + ".partial")
             await self.fs.remove([partial])
             digest = await self.fs.copy_file(source, partial, timeout=self.cfg.file_timeout_seconds)
-            if d["sha256"] and digest != d["sha256"]:
-                raise SourceBad("source changed", f"{source} read with sha256 {digest}, recorded {d['sha256']}")
+            if d.sha256 and digest != d.sha256:
+                raise SourceBad("source changed", f"{source} read with sha256 {digest}, recorded {d.sha256}")
             backing = None
-            if d["backing_file"]:
-                below = parent_disks.get(d["disk_index"])
+            if d.backing_file:
+                below = parent_disks.get(d.disk_index)
                 if below is None:
                     raise SourceBad("chain broken", f"{source} has a backing file but the parent's copy has no "
-                                                    f"disk {d['disk_index']}")
-                backing = Path(below["qcow2_path"]).name
+                                                    f"disk {d.disk_index}")
+                backing = Path(below.qcow2_path).name
                 await self.qemu_img.rebase_unsafe(partial, backing)
                 digest = await self.fs.sha256(partial, timeout=self.cfg.file_timeout_seconds)
-            if copy["verify_after_copy"]:
+            if copy.verify_after_copy:
                 again = await self.fs.sha256(partial, timeout=self.cfg.file_timeout_seconds)
                 if again != digest:
                     raise Invalid("copy unreadable", f"{partial} re-read with sha256 {again}, written {digest}")
@@ -283,63 +248,38 @@ class Copies:
             info = await self.qemu_img.info(final)
             size = await self.fs.size(final)
             copied += size
-            disks.append((d, rel, backing, digest, info.actual_size))
+            disks.append(backup_store.CopiedDisk(d, rel, backing, digest, info.actual_size))
             await self.jobs.progress(copy_id, 100.0 * (done + copied) / max(total, 1))
-            await self._set(copy_id, bytes_copied=done + copied,
-                            progress_percent=round(100.0 * (done + copied) / max(total, 1), 1))
+            await store.record_copy_progress(self.db, copy_id, bytes_copied=done + copied,
+                                             progress_percent=round(100.0 * (done + copied) / max(total, 1), 1),
+                                             now=utcnow())
         now = utcnow()
-        chain_id = await self.db.scalar("SELECT chain_id FROM backup_jobs WHERE backup_id = ?",
-                                        (parent_copy,)) if parent_copy else new_id
+        chain_id = (await backup_store.get(self.db, parent_copy)).chain_id if parent_copy else new_id
         async with self.db.transaction() as tx:
-            await tx.execute(
-                "INSERT INTO backup_jobs (backup_id, vm_context_id, vm_name, repository_id, backup_type, "
-                "parent_backup_id, chain_id, status, policy_id, tags, bytes_transferred, total_bytes, size_bytes, "
-                "current_phase, progress_percent, created_by, created_at, started_at, completed_at, updated_at, "
-                "copied_from) VALUES (?, ?, ?, ?, ?, ?, ?, 'completed', ?, ?, ?, ?, ?, 'completed', 100, ?, ?, ?, ?, "
-                "?, ?)",
-                (new_id, src["vm_context_id"], src["vm_name"], dest_id, src["backup_type"], parent_copy, chain_id,
-                 src["policy_id"], src["tags"], copied, src["total_bytes"], sum(x[4] for x in disks),
-                 f"copy:{copy_id}", src["created_at"], now, src["completed_at"], now, src["backup_id"]))
-            for d, rel, backing, digest, actual in disks:
-                await tx.execute(
-                    "INSERT INTO backup_disks (backup_id, disk_index, disk_id, capacity_bytes, qcow2_path, "
-                    "backing_file, status, change_id, previous_change_id, bytes_transferred, total_bytes, "
-                    "progress_percent, size_bytes, completed_at, sha256) "
-                    "VALUES (?, ?, ?, ?, ?, ?, 'completed', ?, ?, ?, ?, 100, ?, ?, ?)",
-                    (new_id, d["disk_index"], d["disk_id"], d["capacity_bytes"], rel, backing, d["change_id"],
-                     d["previous_change_id"], d["bytes_transferred"], d["total_bytes"], actual, now, digest))
-            if src["backup_id"] != copy["source_backup_id"]:
+            await backup_store.create_copy(tx, source=src, backup_id=new_id, repository_id=dest_id,
+                                           parent_backup_id=parent_copy, chain_id=chain_id, copied_bytes=copied,
+                                           created_by=f"copy:{copy_id}", now=now, copied=disks)
+            if src.backup_id != copy.source_backup_id:
                 # A backup below the one asked for, copied because its chain needs it: record its copy too
                 # (taking over a copy of it that is still waiting, which then finds it done).
-                waiting = await tx.scalar("SELECT id FROM backup_copies WHERE source_backup_id = ? AND "
-                                          "destination_repository_id = ? AND status IN ('pending', 'running')",
-                                          (src["backup_id"], dest_id))
-                if waiting:
-                    await tx.execute("UPDATE backup_copies SET status = 'completed', copy_backup_id = ?, "
-                                     "completed_at = ?, progress_percent = 100, updated_at = ? WHERE id = ?",
-                                     (new_id, now, now, waiting))
-                else:
-                    await tx.execute(
-                        "INSERT INTO backup_copies (id, source_backup_id, destination_repository_id, copy_backup_id, "
-                        "status, verify_after_copy, verified, attempts, created_by, created_at, completed_at, "
-                        "updated_at, progress_percent) VALUES (?, ?, ?, ?, 'completed', ?, ?, 1, ?, ?, ?, ?, 100)",
-                        (f"copy-{secrets.token_hex(6)}", src["backup_id"], dest_id, new_id, copy["verify_after_copy"],
-                         copy["verify_after_copy"], f"chain of {copy_id}", now, now, now))
+                await store.complete_copy_by_chain(tx, src.backup_id, dest_id, copy_backup_id=new_id,
+                                                   verify_after_copy=copy.verify_after_copy,
+                                                   created_by=f"chain of {copy_id}",
+                                                   new_id=f"copy-{secrets.token_hex(6)}", now=now)
         await self.immutability.lock_new(new_id)
-        log.info("copied %s as %s (%d image(s))", src["backup_id"], new_id, len(disks), extra={"resource": copy_id})
+        log.info("copied %s as %s (%d image(s))", src.backup_id, new_id, len(disks), extra={"resource": copy_id})
         return new_id, copied
 
-    async def _cleanup(self, copy: dict[str, Any]) -> None:
+    async def _cleanup(self, copy: store.Copy) -> None:
         """Remove what a failed try of this copy left: images of copies that were not recorded."""
-        root = await self.db.scalar("SELECT root_path FROM backup_repositories WHERE id = ?",
-                                    (copy["destination_repository_id"],))
-        if root is None:
+        repo = await repository_store.find_one(self.db, copy.destination_repository_id)
+        if repo is None:
             return
-        for m in await lineage(self.db, copy["source_backup_id"]):
-            new_id = copy_id_of(m["backup_id"], copy["destination_repository_id"])
-            if await self.db.scalar("SELECT 1 FROM backup_jobs WHERE backup_id = ?", (new_id,)):
+        for m in await backup_store.lineage(self.db, copy.source_backup_id):
+            new_id = copy_id_of(m.backup_id, copy.destination_repository_id)
+            if await backup_store.exists(self.db, new_id):
                 continue
-            await self.fs.remove(await self.fs.glob(Path(root), f"{m['vm_context_id']}/{new_id}-disk-*.qcow2*"))
+            await self.fs.remove(await self.fs.glob(Path(repo.root_path), f"{m.vm_context_id}/{new_id}-disk-*.qcow2*"))
 
 
 class ScheduledCopies:
@@ -354,31 +294,22 @@ class ScheduledCopies:
         self.copies = copies
         self.clock = clock
         self.interval = interval_seconds
-        self._periodic = Periodic("scheduled copies", clock, lambda: self.interval, self.run_once)
+        self._periodic = Periodic("scheduled copies", self.run_once, lambda: self.interval, clock=clock, logger=log)
 
-    async def due(self) -> list[dict[str, Any]]:
+    async def due(self) -> list[store.DueCopy]:
         """(rule, backup) pairs to copy now, in the order they are asked for."""
-        return await self.db.fetchall(
-            "SELECT r.id AS rule_id, r.destination_repository_id, r.verify_after_copy, b.backup_id "
-            "FROM backup_copy_rules r JOIN backup_policies p ON p.id = r.policy_id "
-            "JOIN backup_jobs b ON b.policy_id = p.id "
-            "WHERE p.enabled = 1 AND r.enabled = 1 AND r.copy_mode = 'scheduled' AND b.status = 'completed' "
-            "AND b.copied_from IS NULL AND b.repository_id != r.destination_repository_id "
-            "AND COALESCE(b.verify_status, '') != 'failed' "
-            "AND NOT EXISTS (SELECT 1 FROM backup_copies c WHERE c.source_backup_id = b.backup_id "
-            "AND c.destination_repository_id = r.destination_repository_id AND c.status != 'failed') "
-            "ORDER BY r.priority DESC, r.id, b.completed_at, b.created_at, b.backup_id")
+        return await store.due_scheduled(self.db)
 
     async def run_once(self) -> list[str]:
         """One pass; returns the ids of the copies it started."""
         started = []
         for d in await self.due():
             try:
-                out = await self.copies.request(d["backup_id"], d["destination_repository_id"], actor="schedule",
-                                                rule_id=d["rule_id"], verify_after_copy=bool(d["verify_after_copy"]))
+                out = await self.copies.request(d.backup_id, d.destination_repository_id, actor="schedule",
+                                                rule_id=d.rule_id, verify_after_copy=d.verify_after_copy)
             except OmaError as e:  # a destination disabled, a backup deleted meanwhile: the next pass tries again
-                log.warning("scheduled copy by rule %s not started: %s", d["rule_id"], e,
-                            extra={"resource": d["backup_id"]})
+                log.warning("scheduled copy by rule %s not started: %s", d.rule_id, e,
+                            extra={"resource": d.backup_id})
                 continue
             if not out.get("existing"):
                 started.append(out["copy_id"])

@@ -15,14 +15,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from oma_common.errors import Conflict, Invalid, NotFound, OmaError
+from oma_common.errors import Conflict, Invalid, OmaError
 
 from ..adapters.localfs import LocalFs
 from ..audit import Audit
 from ..clients.volume_agent import VolumeAgent
 from ..schedule.clock import Clock, iso, parse_iso
+from ..store import backups as store
+from ..store import repositories as repository_store
 from ..store.db import Database, Tx
-from .chains import lineage
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,13 @@ class Immutability:
     def now(self) -> str:
         return iso(self.clock.now())
 
+    def _holds(self, locked_until: str | None) -> str | None:
+        return locked_until if locked_until and locked_until > self.now() else None
+
     async def unlock_at(self, db: Database | Tx, backup_id: str) -> str | None:
         """The date the backup's lock ends, while it holds."""
-        until = await db.scalar("SELECT locked_until FROM backup_jobs WHERE backup_id = ?", (backup_id,))
-        return until if until and until > self.now() else None
+        backup = await store.find_one(db, backup_id)
+        return self._holds(backup.locked_until) if backup is not None else None
 
     async def refuse_if_locked(self, db: Database | Tx, backup_id: str) -> None:
         until = await self.unlock_at(db, backup_id)
@@ -50,12 +54,11 @@ class Immutability:
 
     async def lock_new(self, backup_id: str) -> None:
         """A backup just completed or copied: lock it (and its chain) when its repository is immutable."""
-        row = await self.db.fetchone(
-            "SELECT r.is_immutable, r.min_retention_days FROM backup_jobs b JOIN backup_repositories r "
-            "ON r.id = b.repository_id WHERE b.backup_id = ?", (backup_id,))
-        if row is None or not row["is_immutable"]:
+        backup = await store.find_one(self.db, backup_id)
+        repo = await repository_store.find_one(self.db, backup.repository_id) if backup is not None else None
+        if repo is None or not repo.is_immutable:
             return
-        until = iso(self.clock.now() + timedelta(days=int(row["min_retention_days"])))
+        until = iso(self.clock.now() + timedelta(days=repo.min_retention_days))
         await self._lock(backup_id, until)
 
     async def extend(self, backup_id: str, until: str, *, actor: str) -> dict[str, Any]:
@@ -64,10 +67,8 @@ class Immutability:
             wanted = iso(parse_iso(until))
         except ValueError as e:
             raise Invalid("bad date", f"until must be an RFC 3339 date with a zone, not {until!r}") from e
-        status = await self.db.scalar("SELECT status FROM backup_jobs WHERE backup_id = ?", (backup_id,))
-        if status is None:
-            raise NotFound("backup not found", f"backup {backup_id} does not exist")
-        if status != "completed":
+        status = await store.get_status(self.db, backup_id)
+        if status != store.BackupStatus.COMPLETED:
             raise Conflict("backup not completed", f"backup {backup_id} is {status}; only a completed one is locked")
         current = await self.unlock_at(self.db, backup_id)
         if current and wanted < current:
@@ -80,23 +81,22 @@ class Immutability:
         return await self.state(backup_id)
 
     async def state(self, backup_id: str) -> dict[str, Any]:
-        row = await self.db.fetchone("SELECT locked_until, files_locked FROM backup_jobs WHERE backup_id = ?",
-                                     (backup_id,))
-        if row is None:
-            raise NotFound("backup not found", f"backup {backup_id} does not exist")
-        until = await self.unlock_at(self.db, backup_id)
+        backup = await store.get(self.db, backup_id)
+        until = self._holds(backup.locked_until)
         return {"backup_id": backup_id, "locked": until is not None, "unlock_at": until,
-                "locked_until": row["locked_until"], "files_locked": bool(row["files_locked"])}
+                "locked_until": backup.locked_until, "files_locked": backup.files_locked}
 
     async def _lock(self, backup_id: str, until: str) -> None:
-        members = await lineage(self.db, backup_id)
+        members = await store.lineage(self.db, backup_id)
         async with self.db.transaction() as tx:
             for m in members:  # the chain below it: at least as long
-                await tx.execute("UPDATE backup_jobs SET locked_until = ? WHERE backup_id = ? AND "
-                                 "(locked_until IS NULL OR locked_until < ?)", (until, m["backup_id"], until))
-        immutable = [m for m in members if await self.db.scalar(
-            "SELECT is_immutable FROM backup_repositories WHERE id = ?", (m["repository_id"],))]
-        files = await self._files([m["backup_id"] for m in immutable])
+                await store.extend_lock(tx, m.backup_id, until)
+        immutable = []
+        for m in members:
+            repo = await repository_store.find_one(self.db, m.repository_id)
+            if repo is not None and repo.is_immutable:
+                immutable.append(m)
+        files = [f for m in immutable for f in await store.image_paths(self.db, m.backup_id)]
         if not files:
             return
         try:
@@ -108,24 +108,15 @@ class Immutability:
             return
         async with self.db.transaction() as tx:
             for m in immutable:
-                await tx.execute("UPDATE backup_jobs SET files_locked = 1 WHERE backup_id = ?", (m["backup_id"],))
+                await store.set_files_locked(tx, m.backup_id, True)
         log.info("locked until %s (%d file(s), chain of %d)", until, len(files), len(members),
                  extra={"resource": backup_id})
 
-    async def _files(self, backup_ids: list[str]) -> list[Path]:
-        out = []
-        for bid in backup_ids:
-            rows = await self.db.fetchall(
-                "SELECT r.root_path, d.qcow2_path FROM backup_disks d JOIN backup_jobs b USING (backup_id) "
-                "JOIN backup_repositories r ON r.id = b.repository_id WHERE d.backup_id = ?", (bid,))
-            out += [Path(r["root_path"]) / r["qcow2_path"] for r in rows]
-        return out
-
     async def release(self, backup_id: str, files: list[Path]) -> None:
         """Before removal of a backup whose lock has ended: clear the files' immutable attribute."""
-        locked = await self.db.scalar("SELECT files_locked FROM backup_jobs WHERE backup_id = ?", (backup_id,))
+        backup = await store.find_one(self.db, backup_id)
         present = [f for f in files if await self.fs.exists(f)]
-        if not locked or not present:
+        if backup is None or not backup.files_locked or not present:
             return
         await self.agent.unlock_files([str(f) for f in present])
-        await self.db.execute("UPDATE backup_jobs SET files_locked = 0 WHERE backup_id = ?", (backup_id,))
+        await store.set_files_locked(self.db, backup_id, False)

@@ -11,9 +11,12 @@ import logging
 import secrets
 from typing import Any
 
-from oma_common.errors import Conflict, Invalid, NotFound
+from oma_common.errors import Invalid
 
 from ..audit import Audit
+from ..store import backups as backup_store
+from ..store import policies as store
+from ..store import repositories as repository_store
 from ..store.db import Database, Tx, utcnow
 
 log = logging.getLogger(__name__)
@@ -38,10 +41,10 @@ class PolicySpec:
     copy_rules: list[Rule] = dataclasses.field(default_factory=list)
 
 
-def _rule(r: dict[str, Any]) -> dict[str, Any]:
-    return {"id": r["id"], "destination_repository_id": r["destination_repository_id"], "copy_mode": r["copy_mode"],
-            "priority": r["priority"], "enabled": bool(r["enabled"]), "verify_after_copy": bool(r["verify_after_copy"]),
-            "created_at": r["created_at"]}
+def _rule(r: store.CopyRule) -> dict[str, Any]:
+    return {"id": r.id, "destination_repository_id": r.destination_repository_id, "copy_mode": r.copy_mode,
+            "priority": r.priority, "enabled": r.enabled, "verify_after_copy": r.verify_after_copy,
+            "created_at": r.created_at}
 
 
 class Policies:
@@ -51,28 +54,20 @@ class Policies:
 
     async def create(self, spec: PolicySpec, *, actor: str) -> dict[str, Any]:
         pid = f"pol-{secrets.token_hex(6)}"
-        now = utcnow()
+        rules = [store.NewRule(f"rule-{secrets.token_hex(6)}", r.destination_repository_id, r.copy_mode, r.priority,
+                               r.enabled, r.verify_after_copy) for r in spec.copy_rules]
         async with self.db.transaction() as tx:
             await self._validate(tx, spec)
-            await tx.execute(
-                "INSERT INTO backup_policies (id, name, enabled, primary_repository_id, retention_days, description, "
-                "created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (pid, spec.name, int(spec.enabled), spec.primary_repository_id, spec.retention_days, spec.description,
-                 actor, now, now))
-            for r in spec.copy_rules:
-                await tx.execute(
-                    "INSERT INTO backup_copy_rules (id, policy_id, destination_repository_id, copy_mode, priority, "
-                    "enabled, verify_after_copy, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (f"rule-{secrets.token_hex(6)}", pid, r.destination_repository_id, r.copy_mode, r.priority,
-                     int(r.enabled), int(r.verify_after_copy), now))
+            await store.create(tx, policy_id=pid, name=spec.name, enabled=spec.enabled,
+                               primary_repository_id=spec.primary_repository_id, retention_days=spec.retention_days,
+                               description=spec.description, created_by=actor, now=utcnow(), new_rules=rules)
             await self.audit.record(actor, "policy.create", f"policy:{pid}", tx=tx, name=spec.name,
                                     rules=len(spec.copy_rules))
         log.info("policy %s created with %d copy rule(s)", spec.name, len(spec.copy_rules), extra={"resource": pid})
         return await self.get(pid)
 
     async def _validate(self, tx: Tx, spec: PolicySpec) -> None:
-        if await tx.scalar("SELECT 1 FROM backup_policies WHERE name = ?", (spec.name,)):
-            raise Conflict("policy exists", f"a backup policy named {spec.name!r} already exists")
+        await store.check_name_free(tx, spec.name)
         await self._repository(tx, spec.primary_repository_id, "primary_repository_id")
         seen: set[str] = set()
         for i, r in enumerate(spec.copy_rules):
@@ -87,34 +82,27 @@ class Policies:
 
     @staticmethod
     async def _repository(tx: Tx, repo_id: str, where: str) -> None:
-        if not await tx.scalar("SELECT 1 FROM backup_repositories WHERE id = ?", (repo_id,)):
+        if not await repository_store.exists(tx, repo_id):
             raise Invalid("repository not found", f"{where}: backup repository {repo_id!r} does not exist")
 
     async def list(self) -> dict[str, Any]:
-        rows = await self.db.fetchall("SELECT id FROM backup_policies ORDER BY name")
-        items = [await self.get(r["id"]) for r in rows]
+        items = [await self.get(pid) for pid in await store.ids(self.db)]
         return {"policies": items, "count": len(items)}
 
     async def get(self, policy_id: str) -> dict[str, Any]:
-        row = await self.db.fetchone("SELECT * FROM backup_policies WHERE id = ?", (policy_id,))
-        if row is None:
-            raise NotFound("policy not found", f"backup policy {policy_id!r} does not exist")
-        rules = await self.db.fetchall("SELECT * FROM backup_copy_rules WHERE policy_id = ? "
-                                       "ORDER BY priority DESC, created_at, id", (policy_id,))
-        count = await self.db.scalar("SELECT COUNT(*) FROM backup_jobs WHERE policy_id = ?", (policy_id,))
-        return {"id": row["id"], "name": row["name"], "enabled": bool(row["enabled"]),
-                "primary_repository_id": row["primary_repository_id"], "retention_days": row["retention_days"],
-                "description": row["description"], "copy_rules": [_rule(r) for r in rules],
-                "backup_count": int(count), "created_by": row["created_by"], "created_at": row["created_at"],
-                "updated_at": row["updated_at"]}
+        p = await store.get(self.db, policy_id)
+        rules = await store.rules(self.db, policy_id)
+        count = await backup_store.count_of_policy(self.db, policy_id)
+        return {"id": p.id, "name": p.name, "enabled": p.enabled, "primary_repository_id": p.primary_repository_id,
+                "retention_days": p.retention_days, "description": p.description,
+                "copy_rules": [_rule(r) for r in rules], "backup_count": count, "created_by": p.created_by,
+                "created_at": p.created_at, "updated_at": p.updated_at}
 
     async def delete(self, policy_id: str, *, actor: str) -> dict[str, Any]:
         """Delete a policy and its rules; its backups stay (no longer pruned or copied by it)."""
         async with self.db.transaction() as tx:
-            row = await tx.fetchone("SELECT name FROM backup_policies WHERE id = ?", (policy_id,))
-            if row is None:
-                raise NotFound("policy not found", f"backup policy {policy_id!r} does not exist")
-            await tx.execute("UPDATE backup_jobs SET policy_id = NULL WHERE policy_id = ?", (policy_id,))
-            await tx.execute("DELETE FROM backup_policies WHERE id = ?", (policy_id,))
-            await self.audit.record(actor, "policy.delete", f"policy:{policy_id}", tx=tx, name=row["name"])
-        return {"message": f"policy {row['name']!r} deleted", "policy_id": policy_id}
+            p = await store.get(tx, policy_id)
+            await backup_store.detach_policy(tx, policy_id)
+            await store.delete(tx, policy_id)
+            await self.audit.record(actor, "policy.delete", f"policy:{policy_id}", tx=tx, name=p.name)
+        return {"message": f"policy {p.name!r} deleted", "policy_id": policy_id}

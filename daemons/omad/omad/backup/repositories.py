@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from oma_common import schema
-from oma_common.errors import Conflict, Invalid, NotFound, OmaError
+from oma_common.errors import Conflict, Invalid, OmaError
 from oma_common.schema import spec
 
 from ..adapters.localfs import LocalFs
 from ..audit import Audit
 from ..clients.volume_agent import VolumeAgent
 from ..crypto import SecretBox
+from ..store import backups as backup_store
+from ..store import repositories as store
 from ..store.db import Database, Tx, utcnow
+from ..store.repositories import Repository
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +69,19 @@ def _options(value: list[str] | str) -> list[str]:
     return [o.strip() for o in items if o.strip()]
 
 
-def public(row: dict[str, Any], backup_count: int | None = None) -> dict[str, Any]:
+def public(repo: Repository, backup_count: int | None = None) -> dict[str, Any]:
     """A repository as clients see it: settings without the password, the last storage check."""
-    config = json.loads(row["config"])
-    if row["type"] == "cifs":
-        config["password_set"] = bool(row.get("secret_sealed"))
+    config = json.loads(repo.config)
+    if repo.type == "cifs":
+        config["password_set"] = bool(repo.secret_sealed)
     out = {
-        "id": row["id"], "name": row["name"], "type": row["type"], "enabled": bool(row["enabled"]),
-        "config": config, "is_immutable": bool(row["is_immutable"]),
-        "min_retention_days": row["min_retention_days"], "description": row["description"],
-        "created_by": row["created_by"], "created_at": row["created_at"], "updated_at": row["updated_at"],
-        "storage_info": {"total_bytes": row["total_bytes"], "used_bytes": row["used_bytes"],
-                         "available_bytes": row["available_bytes"], "mount_point": row["root_path"],
-                         "last_check_at": row["last_check_at"], "error": row["last_check_error"]},
+        "id": repo.id, "name": repo.name, "type": repo.type, "enabled": repo.enabled,
+        "config": config, "is_immutable": repo.is_immutable,
+        "min_retention_days": repo.min_retention_days, "description": repo.description,
+        "created_by": repo.created_by, "created_at": repo.created_at, "updated_at": repo.updated_at,
+        "storage_info": {"total_bytes": repo.total_bytes, "used_bytes": repo.used_bytes,
+                         "available_bytes": repo.available_bytes, "mount_point": repo.root_path,
+                         "last_check_at": repo.last_check_at, "error": repo.last_check_error},
     }
     if backup_count is not None:
         out["backup_count"] = backup_count
@@ -109,49 +112,44 @@ class Repositories:
     # -- reading -------------------------------------------------------------------------------------
 
     async def list(self, *, type: str | None = None, enabled: bool | None = None) -> list[dict[str, Any]]:
-        sql = ("SELECT r.*, (SELECT COUNT(*) FROM backup_jobs b WHERE b.repository_id = r.id) AS backup_count "
-               "FROM backup_repositories r WHERE (? IS NULL OR r.type = ?) AND (? IS NULL OR r.enabled = ?) "
-               "ORDER BY r.name")
         t = TYPES.get(type.lower(), type.lower()) if type else None
-        e = None if enabled is None else int(enabled)
-        rows = await self.db.fetchall(sql, (t, t, e, e))
-        return [public(r, r["backup_count"]) for r in rows]
+        return [public(r, n) for r, n in await store.listing(self.db, type=t, enabled=enabled)]
 
     async def get(self, repo_id: str) -> dict[str, Any]:
-        row = await self.row(repo_id)
-        count = await self.db.scalar("SELECT COUNT(*) FROM backup_jobs WHERE repository_id = ?", (repo_id,))
-        return public(row, int(count))
+        repo = await store.get(self.db, repo_id)
+        return public(repo, await backup_store.count_in_repository(self.db, repo_id))
 
-    async def row(self, repo_id: str, db: Database | Tx | None = None) -> dict[str, Any]:
-        row = await (db or self.db).fetchone("SELECT * FROM backup_repositories WHERE id = ?", (repo_id,))
-        if row is None:
-            raise NotFound("repository not found", f"backup repository {repo_id!r} does not exist")
-        return row
+    async def record(self, repo_id: str) -> Repository:
+        """The repository, or NotFound."""
+        return await store.get(self.db, repo_id)
+
+    async def row(self, repo_id: str) -> dict[str, Any]:
+        """The repository as a mapping, or NotFound (what schedule/launcher's RepositoryLookup asks for)."""
+        return dataclasses.asdict(await store.get(self.db, repo_id))
 
     # -- the calls -----------------------------------------------------------------------------------
 
     async def create(self, fields: dict[str, Any], *, actor: str) -> dict[str, Any]:
         target = self.validate(fields["type"], fields["config"])
         repo_id = f"repo-{secrets.token_hex(6)}"
-        async with self.db.transaction() as tx:  # refuse a taken name before mounting anything
-            await self._name_free(tx, fields["name"])
+        await store.check_name_free(self.db, fields["name"])  # refuse a taken name before mounting anything
         root = await self._prepare(target, repo_id)
         try:
             capacity = await self.fs.capacity(root)
             now = utcnow()
             sealed = self.box.seal(target.password, purpose=PURPOSE) if target.type == "cifs" else None
+            repo = Repository(
+                id=repo_id, name=fields["name"], type=target.type, enabled=bool(fields.get("enabled", True)),
+                config=json.dumps(target.config), secret_sealed=sealed, root_path=str(root),
+                is_immutable=bool(fields.get("is_immutable", False)),
+                min_retention_days=int(fields.get("min_retention_days", 0)),
+                description=fields.get("description", ""), created_by=actor, created_at=now, updated_at=now,
+                total_bytes=capacity.total_bytes, used_bytes=capacity.used_bytes,
+                available_bytes=capacity.available_bytes, last_check_at=now, last_check_error=None)
             async with self.db.transaction() as tx:
-                await self._name_free(tx, fields["name"])
+                await store.check_name_free(tx, fields["name"])
                 await self._root_free(tx, root)
-                await tx.execute(
-                    "INSERT INTO backup_repositories (id, name, type, enabled, config, secret_sealed, root_path, "
-                    "is_immutable, min_retention_days, description, created_by, created_at, updated_at, "
-                    "total_bytes, used_bytes, available_bytes, last_check_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (repo_id, fields["name"], target.type, int(fields.get("enabled", True)), json.dumps(target.config),
-                     sealed, str(root), int(fields.get("is_immutable", False)),
-                     int(fields.get("min_retention_days", 0)), fields.get("description", ""), actor, now, now,
-                     capacity.total_bytes, capacity.used_bytes, capacity.available_bytes, now))
+                await store.create(tx, repo)
                 await self.audit.record(actor, "repository.create", f"repository:{repo_id}", tx=tx,
                                         name=fields["name"], type=target.type, root=str(root))
         except BaseException:
@@ -182,48 +180,40 @@ class Repositories:
 
     async def storage(self, repo_id: str) -> dict[str, Any]:
         """A fresh capacity check (statvfs of the root), remembered with the repository."""
-        row = await self.row(repo_id)
+        repo = await store.get(self.db, repo_id)
         now = utcnow()
         try:
-            root = await self._ready(row)
+            root = await self._ready(repo)
             capacity = await self.fs.capacity(root)
         except OmaError as e:
-            await self.db.execute("UPDATE backup_repositories SET last_check_at = ?, last_check_error = ? "
-                                  "WHERE id = ?", (now, str(e), repo_id))
+            await store.record_check_error(self.db, repo_id, str(e), now)
             raise
-        await self.db.execute(
-            "UPDATE backup_repositories SET total_bytes = ?, used_bytes = ?, available_bytes = ?, last_check_at = ?, "
-            "last_check_error = NULL WHERE id = ?",
-            (capacity.total_bytes, capacity.used_bytes, capacity.available_bytes, now, repo_id))
+        await store.record_check(self.db, repo_id, total_bytes=capacity.total_bytes, used_bytes=capacity.used_bytes,
+                                 available_bytes=capacity.available_bytes, now=now)
         return {"repository_id": repo_id, "total_bytes": capacity.total_bytes, "used_bytes": capacity.used_bytes,
                 "available_bytes": capacity.available_bytes, "mount_point": str(root), "last_check_at": now}
 
     async def delete(self, repo_id: str, *, actor: str) -> dict[str, Any]:
         async with self.db.transaction() as tx:
-            row = await self.row(repo_id, tx)
-            count = int(await tx.scalar("SELECT COUNT(*) FROM backup_jobs WHERE repository_id = ?", (repo_id,)))
+            repo = await store.get(tx, repo_id)
+            count = await backup_store.count_in_repository(tx, repo_id)
             if count:
                 raise Conflict("repository has backups",
-                               f"repository {row['name']!r} holds {count} backup(s); delete them first",
+                               f"repository {repo.name!r} holds {count} backup(s); delete them first",
                                backup_count=count)
-            await tx.execute("DELETE FROM backup_repositories WHERE id = ?", (repo_id,))
-            await self.audit.record(actor, "repository.delete", f"repository:{repo_id}", tx=tx, name=row["name"],
-                                    type=row["type"])
-        if row["type"] != "local":
-            await self._unmount_quietly(Path(row["root_path"]))
-        return {"message": f"repository {row['name']!r} deleted", "repository_id": repo_id}
+            await store.delete(tx, repo_id)
+            await self.audit.record(actor, "repository.delete", f"repository:{repo_id}", tx=tx, name=repo.name,
+                                    type=repo.type)
+        if repo.type != "local":
+            await self._unmount_quietly(Path(repo.root_path))
+        return {"message": f"repository {repo.name!r} deleted", "repository_id": repo_id}
 
-    async def ready_root(self, repo_id: str, db: Database | Tx | None = None) -> tuple[dict[str, Any], Path]:
+    async def ready_root(self, repo_id: str) -> tuple[Repository, Path]:
         """The repository (which must be enabled) and its root, mounted and writable, for a backup."""
-        row = await self.row(repo_id, db)
-        if not row["enabled"]:
-            raise Invalid("repository disabled", f"backup repository {row['name']!r} is disabled")
-        return row, await self._ready(row)
-
-    @staticmethod
-    def root_of(row: dict[str, Any]) -> Path:
-        """Where a repository's images are (no check: for reading and removing known files)."""
-        return Path(row["root_path"])
+        repo = await store.get(self.db, repo_id)
+        if not repo.enabled:
+            raise Invalid("repository disabled", f"backup repository {repo.name!r} is disabled")
+        return repo, await self._ready(repo)
 
     # -- validation and preparation ------------------------------------------------------------------
 
@@ -266,11 +256,11 @@ class Repositories:
             raise
         return Path(point)
 
-    async def _ready(self, row: dict[str, Any]) -> Path:
-        root = Path(row["root_path"])
-        if row["type"] != "local":
-            password = self.box.open(row["secret_sealed"], purpose=PURPOSE) if row["secret_sealed"] else ""
-            await self._mount(row["type"], json.loads(row["config"]), password, str(root))
+    async def _ready(self, repo: Repository) -> Path:
+        root = Path(repo.root_path)
+        if repo.type != "local":
+            password = self.box.open(repo.secret_sealed, purpose=PURPOSE) if repo.secret_sealed else ""
+            await self._mount(repo.type, json.loads(repo.config), password, str(root))
         await self.fs.probe_writable(root)
         return root
 
@@ -291,14 +281,9 @@ class Repositories:
             log.warning("could not unmount %s: %s", point, e, extra={"resource": str(point)})
 
     @staticmethod
-    async def _name_free(tx: Tx, name: str) -> None:
-        if await tx.scalar("SELECT 1 FROM backup_repositories WHERE name = ?", (name,)):
-            raise Conflict("repository exists", f"a backup repository named {name!r} already exists")
-
-    @staticmethod
     async def _root_free(tx: Tx, root: Path) -> None:
-        for row in await tx.fetchall("SELECT name, root_path FROM backup_repositories"):
-            other = Path(row["root_path"])
+        for name, path in await store.roots(tx):
+            other = Path(path)
             if other == root or other.is_relative_to(root) or root.is_relative_to(other):
-                raise Conflict("path in use", f"{root} overlaps repository {row['name']!r} at {other}; "
+                raise Conflict("path in use", f"{root} overlaps repository {name!r} at {other}; "
                                               "repositories may not share or nest directories")

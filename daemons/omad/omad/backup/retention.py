@@ -14,10 +14,12 @@ import secrets
 from datetime import timedelta
 from typing import Any, Protocol
 
-from oma_common.errors import NotFound, OmaError
+from oma_common.errors import OmaError
+from oma_common.periodic import Periodic
 
 from ..schedule.clock import Clock, iso
-from ..jobs.periodic import Periodic
+from ..store import backups as backup_store
+from ..store import policies as store
 from ..store.db import Database
 
 log = logging.getLogger(__name__)
@@ -27,13 +29,11 @@ class Deleter(Protocol):
     async def delete(self, backup_id: str, *, actor: str) -> dict[str, Any]: ...
 
 
-def _public(row: dict[str, Any]) -> dict[str, Any]:
-    out = dict(row)
-    out["dry_run"] = bool(row["dry_run"])
-    for k in ("removed", "kept", "errors"):
-        out[k] = json.loads(row[k])
-    out["run_id"] = out.pop("id")
-    return out
+def _public(run: store.PruneRun) -> dict[str, Any]:
+    return {"policy_id": run.policy_id, "dry_run": run.dry_run, "triggered_by": run.triggered_by,
+            "as_of": run.as_of, "status": run.status, "removed": json.loads(run.removed),
+            "kept": json.loads(run.kept), "errors": json.loads(run.errors), "started_at": run.started_at,
+            "finished_at": run.finished_at, "run_id": run.id}
 
 
 class Retention:
@@ -42,34 +42,29 @@ class Retention:
         self.backups = backups
         self.clock = clock
         self.interval = interval_seconds
-        self._periodic = Periodic("retention pass", clock, lambda: self.interval, self.prune_all)
+        self._periodic = Periodic("retention pass", self.prune_all, lambda: self.interval, clock=clock, logger=log)
 
     async def plan(self, policy_id: str) -> tuple[list[str], list[dict[str, str]], str]:
         """(what would go, newest first; what stays with why; the time measured from)."""
-        policy = await self.db.fetchone("SELECT * FROM backup_policies WHERE id = ?", (policy_id,))
-        if policy is None:
-            raise NotFound("policy not found", f"backup policy {policy_id!r} does not exist")
+        policy = await store.get(self.db, policy_id)
         now = self.clock.now()
         as_of = iso(now)
-        rows = await self.db.fetchall("SELECT backup_id, parent_backup_id, completed_at, locked_until FROM "
-                                      "backup_jobs WHERE policy_id = ? AND status = 'completed' "
-                                      "ORDER BY completed_at DESC, created_at DESC", (policy_id,))
+        rows = await backup_store.completed_of_policy(self.db, policy_id)
         if not rows:
             return [], [], as_of
-        days = int(policy["retention_days"])
+        days = policy.retention_days
         cutoff = iso(now - timedelta(days=days))
         reasons: dict[str, str] = {}
         for r in rows:
             if days == 0:
-                reasons[r["backup_id"]] = "the policy keeps backups forever (retention_days 0)"
-            elif r["completed_at"] >= cutoff:
-                reasons[r["backup_id"]] = f"within {days} day(s) of retention"
-            elif r["locked_until"] and r["locked_until"] > as_of:
-                reasons[r["backup_id"]] = f"locked until {r['locked_until']}"
+                reasons[r.backup_id] = "the policy keeps backups forever (retention_days 0)"
+            elif (r.completed_at or "") >= cutoff:
+                reasons[r.backup_id] = f"within {days} day(s) of retention"
+            elif r.locked_until and r.locked_until > as_of:
+                reasons[r.backup_id] = f"locked until {r.locked_until}"
         # Whatever any backup that stays is built on stays too (also backups outside the policy).
-        all_rows = await self.db.fetchall("SELECT backup_id, parent_backup_id FROM backup_jobs WHERE status != 'failed'")
-        parent = {r["backup_id"]: r["parent_backup_id"] for r in all_rows}
-        ours = {r["backup_id"] for r in rows}
+        parent = await backup_store.parents(self.db)
+        ours = {r.backup_id for r in rows}
         keepers = [b for b in parent if b not in ours or b in reasons]
         for b in keepers:
             child, up = b, parent.get(b)
@@ -77,25 +72,23 @@ class Retention:
                 if up in ours and up not in reasons:
                     reasons[up] = f"{child} is built on it"
                 child, up = up, parent.get(up)
-        removable = [r["backup_id"] for r in rows if r["backup_id"] not in reasons]
+        removable = [r.backup_id for r in rows if r.backup_id not in reasons]
         # Newest first, children always before their parents.
-        depth = {}
+        depth: dict[str, int] = {}
         for b in removable:
             n, up = 0, parent.get(b)
             while up is not None:
                 n, up = n + 1, parent.get(up)
             depth[b] = n
         removable.sort(key=lambda b: -depth[b])
-        kept = [{"backup_id": r["backup_id"], "reason": reasons[r["backup_id"]]} for r in rows
-                if r["backup_id"] in reasons]
+        kept = [{"backup_id": r.backup_id, "reason": reasons[r.backup_id]} for r in rows if r.backup_id in reasons]
         return removable, kept, as_of
 
     async def prune(self, policy_id: str, *, dry_run: bool, actor: str) -> dict[str, Any]:
         run_id = f"prune-{secrets.token_hex(6)}"
         removable, kept, as_of = await self.plan(policy_id)
-        await self.db.execute("INSERT INTO prune_runs (id, policy_id, dry_run, triggered_by, as_of, status, "
-                              "started_at) VALUES (?, ?, ?, ?, ?, 'running', ?)",
-                              (run_id, policy_id, int(dry_run), actor, as_of, iso(self.clock.now())))
+        await store.start_run(self.db, run_id=run_id, policy_id=policy_id, dry_run=dry_run, triggered_by=actor,
+                              as_of=as_of, now=iso(self.clock.now()))
         removed: list[str] = []
         errors: list[dict[str, Any]] = []
         if dry_run:
@@ -108,36 +101,27 @@ class Retention:
                 except OmaError as e:
                     errors.append({"backup_id": backup_id, "error": str(e), **e.extra})
                     log.warning("prune of %s refused: %s", backup_id, e, extra={"resource": policy_id})
-        status = "failed" if errors else "completed"
-        await self.db.execute("UPDATE prune_runs SET status = ?, removed = ?, kept = ?, errors = ?, finished_at = ? "
-                              "WHERE id = ?", (status, json.dumps(removed), json.dumps(kept),
-                                               json.dumps(errors, default=str), iso(self.clock.now()), run_id))
+        await store.finish_run(self.db, run_id, removed=removed, kept=kept, errors=errors, now=iso(self.clock.now()))
         log.info("%s: %d backup(s) %s, %d kept, %d error(s)", "dry run" if dry_run else "pruned", len(removed),
                  "would go" if dry_run else "removed", len(kept), len(errors), extra={"resource": policy_id})
         return await self.run(run_id)
 
     async def run(self, run_id: str) -> dict[str, Any]:
-        row = await self.db.fetchone("SELECT * FROM prune_runs WHERE id = ?", (run_id,))
-        if row is None:
-            raise NotFound("prune run not found", f"prune run {run_id} does not exist")
-        return _public(row)
+        return _public(await store.get_run(self.db, run_id))
 
     async def runs(self, policy_id: str, limit: int = 50) -> dict[str, Any]:
-        if not await self.db.scalar("SELECT 1 FROM backup_policies WHERE id = ?", (policy_id,)):
-            raise NotFound("policy not found", f"backup policy {policy_id!r} does not exist")
-        rows = await self.db.fetchall("SELECT * FROM prune_runs WHERE policy_id = ? ORDER BY started_at DESC, "
-                                      "rowid DESC LIMIT ?", (policy_id, limit))
-        return {"policy_id": policy_id, "runs": [_public(r) for r in rows], "count": len(rows)}
+        await store.get(self.db, policy_id)  # NotFound
+        found = await store.runs_of(self.db, policy_id, limit)
+        return {"policy_id": policy_id, "runs": [_public(r) for r in found], "count": len(found)}
 
     async def prune_all(self) -> list[dict[str, Any]]:
         """The scheduled pass: every enabled policy with a retention."""
         out = []
-        for p in await self.db.fetchall("SELECT id FROM backup_policies WHERE enabled = 1 AND retention_days > 0 "
-                                        "ORDER BY name"):
+        for policy_id in await store.with_retention(self.db):
             try:
-                out.append(await self.prune(p["id"], dry_run=False, actor="retention"))
+                out.append(await self.prune(policy_id, dry_run=False, actor="retention"))
             except OmaError as e:
-                log.error("retention failed: %s", e, extra={"resource": p["id"]})
+                log.error("retention failed: %s", e, extra={"resource": policy_id})
         return out
 
     async def start(self) -> None:

@@ -10,7 +10,6 @@ backing files of its parent.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from oma_common.errors import NotFound, OmaError
 
@@ -18,11 +17,10 @@ from ..adapters.localfs import LocalFs
 from ..clients.nbdpool import NbdPool
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
+from ..store import backups as store
 from ..store.db import Database, utcnow
 
 log = logging.getLogger(__name__)
-
-ACTIVE = ("pending", "running")
 
 
 def lock_key(backup_id: str) -> str:
@@ -49,18 +47,15 @@ class Teardown:
         left; completions wait on the lock meanwhile. A crash in between leaves it active, and the recovery
         at the next start undoes it again (every step may be repeated).
         """
-        status = await self.db.scalar("SELECT status FROM backup_jobs WHERE backup_id = ?", (backup_id,))
-        if status not in ACTIVE:
+        status = await store.status_of(self.db, backup_id)
+        if status not in store.ACTIVE:
             return False
         log.warning("failing the backup: %s", reason, extra={"resource": backup_id})
         await self.release(backup_id)
         await self.remove_images(backup_id)
         now = utcnow()
         async with self.db.transaction() as tx:
-            await tx.execute("UPDATE backup_jobs SET status = 'failed', error_message = ?, completed_at = ?, "
-                             "updated_at = ?, current_phase = 'failed' WHERE backup_id = ?",
-                             (reason, now, now, backup_id))
-            await tx.execute("UPDATE backup_disks SET status = 'failed' WHERE backup_id = ?", (backup_id,))
+            await store.fail(tx, backup_id, reason, now)
             await self.jobs.finish(backup_id, "failed", reason, tx=tx)
         return True
 
@@ -80,10 +75,7 @@ class Teardown:
 
     async def remove_images(self, backup_id: str) -> None:
         """Remove the backup's own images (missing ones are fine) and its VM directory once empty."""
-        rows = await self.db.fetchall(
-            "SELECT r.root_path, d.qcow2_path FROM backup_disks d JOIN backup_jobs b USING (backup_id) "
-            "JOIN backup_repositories r ON r.id = b.repository_id WHERE d.backup_id = ?", (backup_id,))
-        files = [Path(r["root_path"]) / r["qcow2_path"] for r in rows]
+        files = await store.image_paths(self.db, backup_id)
         try:
             removed = await self.fs.remove(files)
         except OmaError as e:

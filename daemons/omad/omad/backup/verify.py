@@ -14,16 +14,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from oma_common.errors import NotFound, OmaError, Unavailable
+from oma_common.errors import OmaError, Unavailable
+from oma_common.periodic import Periodic
 
 from ..adapters.localfs import LocalFs
 from ..adapters.qemu_img import QemuImg
 from ..config import PolicyConfig
 from ..jobs.engine import JobEngine
 from ..schedule.clock import Clock, iso
-from ..jobs.periodic import Periodic
+from ..store import backups as store
 from ..store.db import Database
-from .chains import lineage
 
 log = logging.getLogger(__name__)
 
@@ -37,31 +37,27 @@ class Verifier:
         self.fs = fs
         self.clock = clock
         self.cfg = cfg
-        self._periodic = Periodic("scheduled verification", clock, lambda: self.cfg.verify_interval_seconds,
-                                  self.verify_stale)
+        self._periodic = Periodic("scheduled verification", self.verify_stale,
+                                  lambda: self.cfg.verify_interval_seconds, clock=clock, logger=log)
 
     async def problems(self, backup_id: str) -> tuple[list[dict[str, str]], int]:
         """What is wrong with the images the backup needs ([] when nothing), and how many were checked."""
-        members = await lineage(self.db, backup_id)
-        if not members or members[-1]["backup_id"] != backup_id:
-            raise NotFound("backup not found", f"backup {backup_id} does not exist")
+        await store.get_status(self.db, backup_id)  # NotFound
+        members = await store.lineage(self.db, backup_id)
         found: list[dict[str, str]] = []
         checked = 0
         below: dict[int, Path] = {}  # disk index → the parent backup's image
         for m in members:
-            disks = await self.db.fetchall("SELECT backup_id, disk_index, qcow2_path, backing_file, sha256 "
-                                           "FROM backup_disks "
-                                           "WHERE backup_id = ? ORDER BY disk_index", (m["backup_id"],))
             current: dict[int, Path] = {}
-            for d in disks:
-                path = Path(m["root_path"]) / d["qcow2_path"]
-                current[d["disk_index"]] = path
+            for d in await store.disks(self.db, m.backup_id):
+                path = Path(m.root_path) / d.qcow2_path
+                current[d.disk_index] = path
                 checked += 1
-                found += await self._file(path, d, below.get(d["disk_index"]))
+                found += await self._file(path, d, below.get(d.disk_index))
             below = current
         return found, checked
 
-    async def _file(self, path: Path, disk: dict[str, Any], parent: Path | None) -> list[dict[str, str]]:
+    async def _file(self, path: Path, disk: store.BackupDisk, parent: Path | None) -> list[dict[str, str]]:
         def bad(problem: str) -> list[dict[str, str]]:
             return [{"file": str(path), "problem": problem}]
 
@@ -75,21 +71,20 @@ class Verifier:
         except OmaError as e:
             return bad(f"qemu-img: {e.details}")
         out: list[dict[str, str]] = []
-        if disk["sha256"]:
+        if disk.sha256:
             digest = await self.fs.sha256(path, timeout=self.cfg.file_timeout_seconds)
-            if digest != disk["sha256"]:
-                out += bad(f"checksum mismatch: sha256 {digest}, recorded {disk['sha256']}")
+            if digest != disk.sha256:
+                out += bad(f"checksum mismatch: sha256 {digest}, recorded {disk.sha256}")
         else:
             # Completed before checksums were recorded (migration 0007): the image has just passed
             # qemu-img check, so its digest now becomes the reference later verifications compare with.
             digest = await self.fs.sha256(path, timeout=self.cfg.file_timeout_seconds)
-            await self.db.execute("UPDATE backup_disks SET sha256 = ? WHERE backup_id = ? AND disk_index = ? "
-                                  "AND sha256 IS NULL", (digest, disk["backup_id"], disk["disk_index"]))
-            log.info("recorded the first checksum of %s", path, extra={"resource": disk["backup_id"]})
-        if disk["backing_file"]:
+            await store.record_checksum(self.db, disk.backup_id, disk.disk_index, digest)
+            log.info("recorded the first checksum of %s", path, extra={"resource": disk.backup_id})
+        if disk.backing_file:
             target = Path(os.path.normpath(path.parent / (info.backing_file or "")))
-            if info.backing_file != disk["backing_file"]:
-                out += bad(f"backing file is {info.backing_file!r}, recorded {disk['backing_file']!r}")
+            if info.backing_file != disk.backing_file:
+                out += bad(f"backing file is {info.backing_file!r}, recorded {disk.backing_file!r}")
             elif parent is None or target != parent:
                 out += bad(f"backing file {target} is not the parent backup's image {parent}")
             elif not await self.fs.exists(target):
@@ -101,10 +96,9 @@ class Verifier:
     async def verify(self, backup_id: str) -> dict[str, Any]:
         """Verify now; the result is stored with the backup."""
         found, checked = await self.problems(backup_id)
-        status = "failed" if found else "ok"
+        status = store.VerifyStatus.FAILED if found else store.VerifyStatus.OK
         now = iso(self.clock.now())
-        await self.db.execute("UPDATE backup_jobs SET verify_status = ?, verified_at = ?, verify_errors = ? "
-                              "WHERE backup_id = ?", (status, now, json.dumps(found), backup_id))
+        await store.record_verification(self.db, backup_id, status, now, found)
         (log.warning if found else log.info)("verification %s: %d image(s), %d problem(s)%s", status, checked,
                                              len(found), f": {found[0]['file']}: {found[0]['problem']}"
                                              if found else "", extra={"resource": backup_id})
@@ -113,9 +107,7 @@ class Verifier:
 
     async def request(self, backup_id: str, *, wait: bool) -> dict[str, Any]:
         """Verify as a job; `wait` answers with the result, else with the job to follow."""
-        status = await self.db.scalar("SELECT status FROM backup_jobs WHERE backup_id = ?", (backup_id,))
-        if status is None:
-            raise NotFound("backup not found", f"backup {backup_id} does not exist")
+        await store.get_status(self.db, backup_id)  # NotFound
         job_id = await self.jobs.create("backup_verify", display_name=f"verify {backup_id}",
                                         details={"backup_id": backup_id})
         result: dict[str, Any] = {}
@@ -138,27 +130,22 @@ class Verifier:
         return {"job_id": job_id, **result}
 
     async def result(self, backup_id: str) -> dict[str, Any]:
-        row = await self.db.fetchone("SELECT verify_status, verified_at, verify_errors FROM backup_jobs "
-                                     "WHERE backup_id = ?", (backup_id,))
-        if row is None:
-            raise NotFound("backup not found", f"backup {backup_id} does not exist")
-        return {"backup_id": backup_id, "verify_status": row["verify_status"], "verified_at": row["verified_at"],
-                "errors": json.loads(row["verify_errors"] or "[]")}
+        backup = await store.get(self.db, backup_id)
+        return {"backup_id": backup_id, "verify_status": backup.verify_status, "verified_at": backup.verified_at,
+                "errors": json.loads(backup.verify_errors or "[]")}
 
     # -- the scheduled pass --------------------------------------------------------------------------
 
     async def verify_stale(self) -> list[str]:
         """Verify each completed backup never verified or verified longer ago than configured."""
         before = iso(self.clock.now() - timedelta(hours=self.cfg.reverify_after_hours))
-        rows = await self.db.fetchall("SELECT backup_id FROM backup_jobs WHERE status = 'completed' AND "
-                                      "(verified_at IS NULL OR verified_at < ?) ORDER BY completed_at", (before,))
         done = []
-        for r in rows:
+        for backup_id in await store.stale_completed(self.db, before):
             try:
-                await self.verify(r["backup_id"])
-                done.append(r["backup_id"])
+                await self.verify(backup_id)
+                done.append(backup_id)
             except OmaError as e:  # deleted meanwhile, storage away: the next pass tries again
-                log.warning("scheduled verification skipped: %s", e, extra={"resource": r["backup_id"]})
+                log.warning("scheduled verification skipped: %s", e, extra={"resource": backup_id})
         return done
 
     async def start(self) -> None:

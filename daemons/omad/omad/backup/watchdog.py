@@ -11,17 +11,18 @@ an unreachable agent says nothing about the VMA.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 from oma_common.errors import OmaError
+from oma_common.periodic import Periodic
+from oma_common.timefmt import parse_rfc3339, rfc3339
 
 from ..clients.nbdpool import NbdPool
 from ..config import BackupConfig
+from ..store import backups as store
 from ..store.db import Database
 from .teardown import Teardown
 
@@ -35,13 +36,7 @@ def _utc_now() -> datetime:
 
 
 def _parse(stamp: str | None) -> datetime | None:
-    if not stamp:
-        return None
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
-
-def _iso(when: datetime) -> str:
-    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return parse_rfc3339(stamp) if stamp else None
 
 
 def client_count(export: dict[str, Any]) -> int:
@@ -63,66 +58,50 @@ class Watchdog:
         self.lease_seconds = cfg.lease_seconds
         self.clock = clock
         self._renewed: dict[str, datetime] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("backup watchdog pass", self.check, self.interval, immediately=True, logger=log)
 
     async def start(self) -> None:
-        self._task = asyncio.ensure_future(self._loop())
+        await self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.check()
-            except Exception:  # one bad pass must not end the watch
-                log.exception("backup watchdog pass failed")
-            await asyncio.sleep(self.interval)
+        await self._periodic.stop()
 
     async def check(self) -> list[str]:
         """One pass; returns the backups it failed."""
         now = self.clock()
-        running = await self.db.fetchall(
-            "SELECT b.backup_id, b.status, b.created_at, b.started_at, b.last_activity_at, "
-            "(SELECT group_concat(d.nbd_export_name, char(10)) FROM backup_disks d WHERE d.backup_id = b.backup_id) "
-            "AS exports FROM backup_jobs b WHERE b.status = 'running'")
+        running = await store.running(self.db)
         try:
             exports = await self.pool.exports()
         except OmaError as e:
             log.warning("cannot list nbd-pool's exports (%s); idle backups are not judged in this pass", e)
             exports = None
         failed = []
-        for row in running:
-            backup_id = row["backup_id"]
-            if exports is not None and self._has_clients(row, exports):
-                row["last_activity_at"] = _iso(now)
-                await self.db.execute("UPDATE backup_jobs SET last_activity_at = ? WHERE backup_id = ? AND "
-                                      "status = 'running'", (row["last_activity_at"], backup_id))
-            last = _parse(row["last_activity_at"]) or _parse(row["started_at"]) or _parse(row["created_at"])
+        for b in running:
+            last_activity = b.last_activity_at
+            if exports is not None and self._has_clients(b, exports):
+                last_activity = rfc3339(now)
+                await store.touch_running(self.db, b.backup_id, last_activity)
+            last = _parse(last_activity) or _parse(b.started_at) or _parse(b.created_at)
             assert last is not None
             idle = (now - last).total_seconds()
             if exports is not None and idle > self.idle_timeout:
-                if await self.teardown.fail(backup_id, f"idle: no NBD client on its exports and no telemetry or "
-                                                       f"completion from the VMA for {idle:.0f} s (limit "
-                                                       f"{self.idle_timeout:g} s)"):
-                    failed.append(backup_id)
+                if await self.teardown.fail(b.backup_id, f"idle: no NBD client on its exports and no telemetry or "
+                                                         f"completion from the VMA for {idle:.0f} s (limit "
+                                                         f"{self.idle_timeout:g} s)"):
+                    failed.append(b.backup_id)
                 continue
-            await self._renew(backup_id, now)
-        active = {r["backup_id"] for r in running}
+            await self._renew(b.backup_id, now)
+        active = {b.backup_id for b in running}
         for gone in [k for k in self._renewed if k not in active]:
             del self._renewed[gone]
         await self._sweep(exports)
         return failed
 
     @staticmethod
-    def _has_clients(row: dict[str, Any], exports: list[dict[str, Any]]) -> bool:
-        names = set((row["exports"] or "").split("\n"))
+    def _has_clients(backup: store.RunningBackup, exports: list[dict[str, Any]]) -> bool:
+        names = set(backup.export_names)
         return any(client_count(e) > 0 for e in exports
-                   if e.get("job_id") == row["backup_id"] or e.get("export_name") in names)
+                   if e.get("job_id") == backup.backup_id or e.get("export_name") in names)
 
     async def _renew(self, backup_id: str, now: datetime) -> None:
         last = self._renewed.get(backup_id)
@@ -144,10 +123,7 @@ class Watchdog:
         holders.discard(None)
         if not holders:
             return
-        marks = ",".join("?" * len(holders))
-        ended = await self.db.fetchall(f"SELECT backup_id FROM backup_jobs WHERE backup_id IN ({marks}) AND "
-                                       "status IN ('completed', 'failed')", tuple(holders))
-        for row in ended:
+        for backup_id in await store.ended_among(self.db, (str(h) for h in holders)):
             log.warning("nbd-pool still holds exports or ports of the ended backup; releasing them",
-                        extra={"resource": row["backup_id"]})
-            await self.teardown.release(row["backup_id"])
+                        extra={"resource": backup_id})
+            await self.teardown.release(backup_id)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import hashlib
+import hmac
 import http.client
 import ipaddress
 import logging
@@ -77,6 +79,39 @@ class LoginTest:
     message: str
     elapsed_ms: int
     server: str = ""  # vCenter's product name and version when the login worked
+    thumbprint: str = ""  # SHA-256 of the certificate the server presented, to pin a self-signed vCenter
+
+
+def thumbprint_of(der: bytes) -> str:
+    """A certificate's SHA-256 fingerprint as vSphere shows it: upper-case hex pairs joined by colons."""
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def normalise_thumbprint(text: str) -> str:
+    hexits = "".join(c for c in text.upper() if c in "0123456789ABCDEF")
+    if len(hexits) != 64:
+        raise Invalid("invalid thumbprint", "a certificate thumbprint is the 64 hex digits of its SHA-256")
+    return ":".join(hexits[i:i + 2] for i in range(0, 64, 2))
+
+
+class PinnedContext(ssl.SSLContext):
+    """TLS that trusts exactly one certificate, named by its SHA-256: checked on the very connection that
+    carries the login, right after the handshake (a self-signed vCenter, pinned on first test)."""
+
+    pin: str = ""
+    seen: str = ""
+
+    def wrap_socket(self, *args: object, **kwargs: object) -> ssl.SSLSocket:  # type: ignore[override]
+        sock = super().wrap_socket(*args, **kwargs)  # type: ignore[arg-type]
+        der = sock.getpeercert(binary_form=True) or b""
+        self.seen = thumbprint_of(der)
+        if not hmac.compare_digest(self.seen, self.pin):
+            sock.close()
+            err = ssl.SSLCertVerificationError(f"thumbprint {self.seen} is not the pinned {self.pin}")
+            err.verify_message = f"its thumbprint {self.seen} is not the pinned one ({self.pin})"
+            raise err
+        return sock
 
 
 class VCenter:
@@ -91,11 +126,14 @@ class VCenter:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def test_login(self, host: str, username: str, password: str) -> LoginTest:
+    async def test_login(self, host: str, username: str, password: str, *, thumbprint: str = "") -> LoginTest:
+        """Log in and out. With `thumbprint` the server must present exactly that certificate; without, it
+        must be trusted (unless verification is off); an untrusted one's thumbprint is in the answer."""
         address = parse_address(host)
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, self._login, address, username, password)
+        future = loop.run_in_executor(self._pool, self._login, address, username, password, thumbprint)
+        untrusted = False
         try:
             # A little over the socket timeout: the socket should give up first, with the better reason.
             server = await asyncio.wait_for(future, self.timeout + 2)
@@ -106,20 +144,44 @@ class VCenter:
         except Exception as e:  # every failure becomes a reason; the log keeps the exception
             reason, message = explain(e, address)
             server = ""
+            untrusted = isinstance(e, ssl.SSLCertVerificationError)
             log.info("vCenter login test on %s as %s failed: %s (%r)", address, username, reason, e)
+        seen = ""
+        if untrusted:
+            seen = await loop.run_in_executor(self._pool, self._presented, address)
+            if seen and not thumbprint:
+                message += f"; to trust this vCenter, pin its certificate: thumbprint {seen}"
         elapsed = int((time.monotonic() - started) * 1000)
-        return LoginTest(reason == OK, reason, message, elapsed, server)
+        return LoginTest(reason == OK, reason, message, elapsed, server, seen)
 
-    def _context(self) -> ssl.SSLContext:
+    def _context(self, thumbprint: str = "") -> ssl.SSLContext:
+        if thumbprint:
+            pinned = PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
+            pinned.check_hostname = False
+            pinned.verify_mode = ssl.CERT_NONE  # the pin is the check (wrap_socket)
+            pinned.pin = normalise_thumbprint(thumbprint)
+            return pinned
         context = ssl.create_default_context(cafile=self.ca_file or None)
         if not self.verify_tls:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
 
-    def _login(self, address: Address, username: str, password: str) -> str:
+    def _presented(self, address: Address) -> str:
+        """The thumbprint of the certificate the server presents (read without trusting it, to show)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        try:
+            with socket.create_connection((address.host, address.port), timeout=self.timeout) as raw:
+                with context.wrap_socket(raw, server_hostname=address.host) as tls:
+                    return thumbprint_of(tls.getpeercert(binary_form=True) or b"")
+        except OSError:
+            return ""
+
+    def _login(self, address: Address, username: str, password: str, thumbprint: str = "") -> str:
         stub = SoapStubAdapter(host=address.host, port=address.port, version=_API_VERSION,
-                               sslContext=self._context(), connectionPoolTimeout=-1)
+                               sslContext=self._context(thumbprint), connectionPoolTimeout=-1)
         stub.schemeArgs["timeout"] = self.timeout  # http.client's per-operation socket timeout
         try:
             content = vim.ServiceInstance("ServiceInstance", stub).RetrieveContent()

@@ -272,7 +272,8 @@ class Contexts:
             "INSERT INTO vm_replication_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, datacenter,"
             " cpu_count, memory_mb, os_type, power_state, vm_tools_version, guest_os, display_name, folder_path,"
             " vmx_version, annotation, vmware_tools_status, created_at, updated_at, auto_added, scheduler_enabled,"
-            " credential_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+            " credential_id, ossea_config_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?,"
+            " (SELECT id FROM ossea_configs WHERE is_default = 1))",  # a new VM replicates with the default config
             (context_id, vm.name, vm.id, vm.path, vcenter_host, vm.datacenter or datacenter, vm.cpu_count,
              vm.memory_mb, vm.os_type, vm.power_state, vm.vmware_tools_version, vm.guest_os,
              vm.display_name or vm.name, vm.folder_path, vm.vmx_version, vm.annotation, vm.vmware_tools_status,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from oma_common.errors import NotFound
 
+from ..store import backups
 from ..store.db import Database
 from .service import DiskImage
 
@@ -17,13 +16,7 @@ class RepositoryImages:
         self.db = db
 
     async def image_for(self, backup_id: str, disk_index: int) -> DiskImage:
-        row = await self.db.fetchone(
-            "SELECT j.status, r.root_path, d.qcow2_path FROM backup_jobs j "
-            "JOIN backup_repositories r ON r.id = j.repository_id "
-            "LEFT JOIN backup_disks d ON d.backup_id = j.backup_id AND d.disk_index = ? "
-            "WHERE j.backup_id = ?", (disk_index, backup_id))
-        if row is None:
-            raise NotFound("backup not found", f"backup {backup_id} does not exist")
-        if row["qcow2_path"] is None:
+        status, path = await backups.image_for_restore(self.db, backup_id, disk_index)
+        if path is None:
             raise NotFound("disk not found", f"backup {backup_id} has no disk {disk_index}")
-        return DiskImage(str(Path(row["root_path"]) / row["qcow2_path"]), row["status"])
+        return DiskImage(str(path), status)

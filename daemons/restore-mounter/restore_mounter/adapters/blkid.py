@@ -6,7 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from oma_common.process import CommandFailed, run
+from oma_common.command import CommandFailed, run
 
 BLKID = "blkid"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 
 from oma_common import mountinfo
-from oma_common.process import CommandFailed, run
+from oma_common.command import CommandFailed, run
 
 log = logging.getLogger(__name__)
 

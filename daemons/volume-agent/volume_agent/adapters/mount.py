@@ -15,7 +15,7 @@ from oma_common.mountinfo import MountEntry
 from oma_common.mountinfo import find as mounted_at
 from oma_common.mountinfo import parse as parse_mountinfo
 from oma_common.mountinfo import read as read_mounts
-from oma_common.process import CommandFailed, CommandResult, run
+from oma_common.command import CommandFailed, CommandResult, run
 
 log = logging.getLogger("volume_agent.mount")
 
@@ -47,20 +47,24 @@ def helper_missing(fstype: str) -> str | None:
     return None if found else package
 
 
-def mount_argv(fstype: str, source: str, mount_point: Path, options: Sequence[str], *,
+def mount_argv(fstype: str, source: str, mount_point: Path | str, options: Sequence[str], *,
                program: str = "mount") -> list[str]:
-    """`mount -t TYPE -o OPTS -- SOURCE MOUNTPOINT`; -i is never given, so the helper (mount.nfs,
-    mount.cifs) runs and does the name resolution and protocol negotiation the kernel cannot."""
-    argv = [program, "-t", fstype]
+    """`mount --no-canonicalize -t TYPE -o OPTS -- SOURCE MOUNTPOINT`; -i is never given, so the helper
+    (mount.nfs, mount.cifs) runs and does the name resolution and protocol negotiation the kernel cannot.
+    The mount point is usually /proc/self/fd/N of a checked descriptor: --no-canonicalize keeps mount(8) from
+    resolving it to a name again."""
+    argv = [program, "--no-canonicalize", "-t", fstype]
     if options:
         argv += ["-o", ",".join(options)]
     return argv + ["--", source, str(mount_point)]
 
 
-async def mount(argv: list[str], *, env: Mapping[str, str] | None, timeout: float) -> CommandResult:
-    """Run mount; CommandFailed carries its exit code and message. `env` adds to a minimal environment."""
+async def mount(argv: list[str], *, env: Mapping[str, str] | None, timeout: float,
+                pass_fds: Sequence[int] = ()) -> CommandResult:
+    """Run mount; CommandFailed carries its exit code and message. `env` adds to a minimal environment;
+    `pass_fds` are inherited by mount and its helper (the mount point's descriptor)."""
     base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-    return await run(argv, env={**base, **(env or {})}, timeout=timeout, logger=log)
+    return await run(argv, env={**base, **(env or {})}, timeout=timeout, logger=log, pass_fds=pass_fds)
 
 
 async def umount(mount_point: Path, *, timeout: float, program: str = "umount") -> None:

@@ -1,0 +1,1 @@
+"""CloudStack (OSSEA): saved connections, settings flows, this appliance's VM, networks and mappings."""

@@ -1,0 +1,133 @@
+"""The OpenAPI document, built from every route declared in omad/api/ (no daemon needed): bounded inputs,
+ECMA-262 patterns, declared security and the statuses each route's declaration implies."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import omad.api
+from oma_common import errors
+from oma_common.schema import ecma_pattern
+from oma_common.web import Auth, BoundRoute, collect
+from omad.api.openapi import document
+
+PREFIX = "/api/v1"
+
+
+def declared_routes() -> list[BoundRoute]:
+    """Every route of every API class in omad/api/, as omad mounts them (instances built without collaborators)."""
+    apis = []
+    for info in pkgutil.iter_modules(omad.api.__path__):
+        module = importlib.import_module(f"omad.api.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__ and any(hasattr(f, "__oma_routes__") for f in vars(cls).values()):
+                apis.append(object.__new__(cls))
+    return collect(*apis)
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict[str, Any]:
+    return document(declared_routes(), PREFIX)
+
+
+def operations(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            yield path, method, op
+
+
+def request_schemas(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every schema a client sends (bodies and parameters), references followed, each with where it is."""
+    seen: set[str] = set()
+
+    def walk(where: str, schema: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+        if not isinstance(schema, dict):
+            return
+        ref = schema.get("$ref")
+        if ref:
+            name = ref.rsplit("/", 1)[1]
+            if name not in seen:
+                seen.add(name)
+                yield from walk(name, doc["components"]["schemas"][name])
+            return
+        yield where, schema
+        for key, sub in schema.get("properties", {}).items():
+            yield from walk(f"{where}.{key}", sub)
+        for key in ("items", "additionalProperties"):
+            yield from walk(f"{where}[]", schema.get(key))
+        for key in ("oneOf", "anyOf", "allOf"):
+            for sub in schema.get(key, []):
+                yield from walk(where, sub)
+
+    for path, method, op in operations(doc):
+        for p in op.get("parameters", []):
+            yield from walk(f"{method} {path} {p['name']}", p["schema"])
+        body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+        yield from walk(f"{method} {path} body", body)
+
+
+def test_every_input_is_bounded(doc: dict[str, Any]) -> None:
+    unbounded = []
+    for where, schema in request_schemas(doc):
+        kind = schema.get("type")
+        if kind == "string" and "enum" not in schema and "maxLength" not in schema:
+            unbounded.append(f"{where}: string without maxLength")
+        if kind == "integer" and ("minimum" not in schema or "maximum" not in schema):
+            unbounded.append(f"{where}: integer without minimum and maximum")
+    assert not unbounded, "\n".join(unbounded)
+
+
+def test_patterns_are_ecma_262_and_anchored(doc: dict[str, Any]) -> None:
+    for where, schema in request_schemas(doc):
+        if "pattern" in schema:
+            assert ecma_pattern(schema["pattern"]), where
+            assert schema["pattern"].startswith("^") and schema["pattern"].endswith("$"), where
+    repository_type = doc["components"]["schemas"]["RepositoryIn"]["properties"]["type"]
+    assert re.fullmatch(repository_type["pattern"], "NFS") and not re.fullmatch(repository_type["pattern"], "nfsx")
+
+
+def test_security_is_declared_per_route(doc: dict[str, Any]) -> None:
+    bearer = doc["components"]["securitySchemes"]["bearer"]
+    assert (bearer["type"], bearer["scheme"]) == ("http", "bearer")
+    public = {(m, p) for p, m, op in operations(doc) if op["security"] == []}
+    assert ("post", f"{PREFIX}/auth/login") in public and ("get", f"{PREFIX}/health") in public
+    assert ("get", f"{PREFIX}/openapi.json") in public
+    for path, method, op in operations(doc):
+        assert "security" in op, (method, path)
+        if op["security"]:
+            assert "401" in op["responses"], (method, path)
+    changeid = doc["paths"][f"{PREFIX}/backups/changeid"]["get"]
+    assert changeid["security"] == [{"bearer": []}, {}]  # the VMA's tunnel: no token from loopback
+
+
+def test_statuses_come_from_the_declaration(doc: dict[str, Any]) -> None:
+    for bound in declared_routes():
+        spec = bound.spec
+        op = doc["paths"][PREFIX + re.sub(r"\{([^}:]+)(?::[^}]*)?\}", r"{\1}", spec.path)][spec.method.lower()]
+        for cls in spec.errors:
+            assert str(cls.status) in op["responses"], (spec.method, spec.path, cls)
+        if spec.path_params or spec.body or spec.query:
+            assert "400" in op["responses"], (spec.method, spec.path)
+        if spec.auth is Auth.ADMIN:
+            assert "403" in op["responses"], (spec.method, spec.path)
+        for status, response in op["responses"].items():
+            if int(status) >= 400:
+                assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    group = doc["paths"][f"{PREFIX}/machine-groups/{{group_id}}"]["put"]
+    assert set(group["responses"]) == {"200", "400", "401", "403", "404", "409", "413"}
+    assert group["requestBody"]["required"] is True
+    assert errors.NotFound.status == 404 and errors.Exhausted.status == 409 and errors.Unavailable.status == 503
+
+
+def test_list_shapes_follow_the_specification(doc: dict[str, Any]) -> None:
+    for path in (f"{PREFIX}/policies", f"{PREFIX}/backups/{{backup_id}}/copies"):
+        op = doc["paths"][path]["get"]
+        assert op["responses"]["200"]["content"]["application/json"]["schema"]["type"] == "array", path
+        assert "array" in op["description"]

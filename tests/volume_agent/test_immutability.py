@@ -1,0 +1,97 @@
+"""volume-agent's locks as a compromised omad would try them: omad owns the repository directories, so it
+can swap any of them for a symlink or another directory; the attribute must only ever reach a regular file
+below the root that volume-agent saw at start-up."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from oma_common.errors import Invalid, Unavailable
+from volume_agent.immutability import Immutability
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> tuple[Path, Path, Immutability]:
+    root = tmp_path / "repositories"
+    (root / "ctx").mkdir(parents=True)
+    (root / "ctx" / "b1.qcow2").write_bytes(b"image")
+    victim = tmp_path / "etc"
+    victim.mkdir()
+    (victim / "shadow").write_text("root:x:")
+    return root, victim, Immutability([root])
+
+
+async def test_a_directory_swapped_for_a_symlink_is_not_followed(repo: tuple[Path, Path, Immutability]) -> None:
+    root, victim, imm = repo
+    os.rename(root / "ctx", root / "ctx.real")
+    (root / "ctx").symlink_to(victim)
+    with pytest.raises(Invalid, match="symbolic link"):
+        await imm.set([str(root / "ctx" / "shadow")], True)
+    (root / "ctx").unlink()
+    (root / "ctx").symlink_to(victim / "shadow")
+    with pytest.raises(Invalid):
+        await imm.set([str(root / "ctx")], True)
+
+
+async def test_a_replaced_root_is_refused(repo: tuple[Path, Path, Immutability]) -> None:
+    root, victim, imm = repo
+    os.rename(root, root.with_name("old"))
+    root.symlink_to(victim)
+    with pytest.raises((Unavailable, Invalid)):
+        await imm.set([str(root / "shadow")], True)
+    root.unlink()
+    root.mkdir()  # a new directory of the same name: another inode
+    (root / "f").write_text("x")
+    with pytest.raises(Unavailable, match="replaced"):
+        await imm.status([str(root / "f")])
+
+
+async def test_only_regular_files_and_paths_below_a_root(repo: tuple[Path, Path, Immutability]) -> None:
+    root, victim, imm = repo
+    os.mkfifo(root / "ctx" / "fifo")  # must not block the agent either
+    with pytest.raises(Invalid, match="not a regular file"):
+        await imm.set([str(root / "ctx" / "fifo")], True)
+    for bad in (str(victim / "shadow"), f"{root}/ctx/../../etc/shadow", "ctx/b1.qcow2", str(root)):
+        with pytest.raises(Invalid):
+            await imm.set([bad], True)
+
+
+async def test_a_racing_swap_never_reaches_outside(repo: tuple[Path, Path, Immutability]) -> None:
+    """While a thread exchanges ctx with a symlink to the victim directory, every request either reaches the
+    real image (here: a filesystem without the attribute says so) or is refused — never the victim."""
+    import ctypes
+
+    root, victim, imm = repo
+    os.mkfifo(victim / "b1.qcow2")  # reaching it would answer "not a file": distinguishable from the image
+    (root / "ctx.link").symlink_to(victim)
+    libc = ctypes.CDLL(None, use_errno=True)
+    stop = threading.Event()
+    flips = [0]
+
+    def flip() -> None:
+        while not stop.is_set():
+            assert libc.renameat2(-100, bytes(root / "ctx"), -100, bytes(root / "ctx.link"), 2) == 0
+            flips[0] += 1
+
+    t = threading.Thread(target=flip)
+    t.start()
+    outcomes: dict[str, int] = {}
+    try:
+        for _ in range(300):
+            try:
+                await imm.status([str(root / "ctx" / "b1.qcow2")])
+                outcomes["read"] = outcomes.get("read", 0) + 1
+            except (Invalid, Unavailable) as e:
+                outcomes[e.message] = outcomes.get(e.message, 0) + 1
+    finally:
+        stop.set()
+        t.join()
+    assert flips[0] > 100
+    # Through the symlink it is always refused; the real directory is reached by name only when it is "ctx".
+    assert "not a file" not in outcomes, "the victim was reached through the symlink"
+    assert set(outcomes) <= {"read", "bad path", "no immutable attribute", "no such file"}, outcomes
+    assert outcomes.get("bad path", 0) > 0, outcomes
