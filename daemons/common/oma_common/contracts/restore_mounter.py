@@ -30,7 +30,7 @@ class UnmountQuery:
 
 @dataclasses.dataclass
 class ListQuery:
-    path: str = spec("/", max_length=4096, description="directory inside the backup")
+    path: str = spec("/", max_length=8192, description="directory inside the backup")
     recursive: bool = spec(False, description="descend into subdirectories")
     depth: int | None = spec(None, min=1, max=1024, description="levels when recursive")
     offset: int = spec(0, min=0, max=1_000_000_000, description="first entry of the page")
@@ -39,12 +39,12 @@ class ListQuery:
 
 @dataclasses.dataclass
 class PathQuery:
-    path: str = spec(min_length=1, max_length=4096, description="path inside the backup")
+    path: str = spec(min_length=1, max_length=8192, description="path inside the backup")
 
 
 @dataclasses.dataclass
 class ArchiveQuery:
-    path: str = spec("/", max_length=4096, description="directory inside the backup")
+    path: str = spec("/", max_length=8192, description="directory inside the backup")
     format: Literal["zip", "tar.gz"] = spec("zip", description="archive format")
 
 
