@@ -184,6 +184,7 @@ async def _exchange(sock: socket.socket, path: Path, target: str, agent: str, fd
             if end >= 0:
                 status, length = _head(bytes(buf[:end]), agent)
                 start, need = end + 4, end + 4 + length
+    assert need is not None
     if len(buf) > need:
         raise errors.Unavailable(f"{agent} answered unexpectedly", "bytes after the answer")
     return status, bytes(buf[start:])
@@ -220,8 +221,13 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
     the socket must first let this return (an entry left behind would be matched to the next socket that
     gets the same number)."""
     fd = sock.fileno()
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
     try:
         await ready
     finally:

@@ -141,7 +141,7 @@ class CleanupStatus:
     cleanup_interval: float
     sweeps: int
     expired_total: int
-    last_sweep_at: float | None = spec(description="epoch seconds of the last sweep")
+    last_sweep_at: float | None  # epoch seconds of the last sweep
     last_error: str | None
     idle_timeout: float
     active_mount_count: int
