@@ -21,7 +21,9 @@ SUBSET = [
     "tests/omad/test_jobs.py", "tests/omad/test_health.py",
     "tests/omad/backup/test_backups.py", "tests/omad/backup/test_failures.py",
     "tests/omad/backup/test_immutability.py", "tests/omad/backup/test_restore.py",
-    "tests/omad/test_cloudstack_client.py",  # cs 2.7 (Debian 12) has an older asyncio client than PyPI's
+    # Debian's cs is 2.7.1 (its own aiohttp session per call, another signing path): the clients of omad and
+    # volume-agent, and the simulator.
+    "tests/omad/test_cloudstack_client.py", "tests/sim/test_cloudstack_sim.py", "tests/volume_agent/test_volumes.py",
 ]
 MODULES = ["aiohttp", "aiosqlite", "psutil", "sdnotify", "pyVmomi", "cs", "cryptography", "argon2", "pytest",
            "pytest_asyncio", "pytest_timeout"]

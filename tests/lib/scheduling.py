@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import heapq
 import itertools
+from collections.abc import AsyncGenerator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,9 +17,10 @@ from omad.audit import Audit
 from omad.jobs.engine import JobEngine
 from omad.schedule.clock import iso
 from omad.schedule.groups import Groups
-from omad.schedule.launcher import Target, VmRef
+from omad.schedule.launcher import Outcome, Start, Target, VmRef, one_by_one
 from omad.schedule.scheduler import Scheduler
 from omad.schedule.schedules import Schedules
+from omad.store import jobs as job_store
 from omad.store.db import Database
 
 
@@ -52,8 +54,9 @@ class FakeClock:
 
 class EngineLauncher:
     """A real launcher: each start creates a running "backup" job row through the JobEngine, as the backup
-    domain does; the test finishes jobs when it wants. Like the backup domain it refuses (Conflict) a VM
-    that already has an active job, and it can be told to refuse a VM's start."""
+    domain does, all of a batch in one transaction; the test finishes jobs when it wants. Like the backup
+    domain it refuses (Conflict) a VM that already has an active job, and it can be told to refuse a VM's start,
+    or to start slowly: with a gate, it starts one VM at a time and each start waits for the gate."""
 
     def __init__(self, engine: JobEngine) -> None:
         self.engine = engine
@@ -67,20 +70,47 @@ class EngineLauncher:
             raise Invalid("invalid schedule", "repository_id: a backup schedule needs a repository_id or a "
                                               "policy_id", field="repository_id")
 
+    async def start_many(self, starts: Sequence[Start]) -> AsyncGenerator[tuple[Start, Outcome], None]:
+        if self.gate is not None:
+            async for item in one_by_one(self.start, starts):
+                yield item
+            return
+        self.entered.set()
+        busy = await job_store.busy_contexts(self.engine.db, [s.vm.context_id for s in starts])
+        outcomes: list[Outcome] = []
+        new: list[tuple[Start, job_store.NewJob]] = []
+        for s in starts:
+            if s.vm.vm_name in self.refuse:
+                outcomes.append(self.refuse[s.vm.vm_name])
+            elif s.vm.context_id in busy:
+                outcomes.append(Conflict("backup in progress", f"{s.vm.vm_name} has a running backup "
+                                                               f"({busy[s.vm.context_id]})"))
+            else:
+                job = self._job(s.vm, s.target)
+                new.append((s, job))
+                outcomes.append(job.id)
+        await self.engine.create_many([job for _, job in new])
+        self.started.extend((s.vm.vm_name, job.id, s.target.schedule_id) for s, job in new)
+        for s, outcome in zip(starts, outcomes):
+            yield s, outcome
+
     async def start(self, vm: VmRef, target: Target) -> str:
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
         if vm.vm_name in self.refuse:
             raise self.refuse[vm.vm_name]
-        active = await self.engine.db.scalar("SELECT id FROM jobs WHERE context_id = ? AND status IN "
-                                             "('pending', 'running')", (vm.context_id,))
+        active = await job_store.active_for_context(self.engine.db, vm.context_id)
         if active:
             raise Conflict("backup in progress", f"{vm.vm_name} has a running backup ({active})")
-        job_id = await self.engine.create("backup", display_name=f"backup of {vm.vm_name}", context_id=vm.context_id,
-                                          details={"schedule_id": target.schedule_id, "type": target.backup_type})
-        self.started.append((vm.vm_name, job_id, target.schedule_id))
-        return job_id
+        job = self._job(vm, target)
+        await self.engine.create_many([job])
+        self.started.append((vm.vm_name, job.id, target.schedule_id))
+        return job.id
+
+    def _job(self, vm: VmRef, target: Target) -> job_store.NewJob:
+        return self.engine.new("backup", display_name=f"backup of {vm.vm_name}", context_id=vm.context_id,
+                               details={"schedule_id": target.schedule_id, "type": target.backup_type})
 
     async def running(self) -> list[dict[str, Any]]:
         """Active backup jobs with their VM name, oldest first."""

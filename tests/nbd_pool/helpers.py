@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from nbd_pool.adapters.orphans import list_orphans, release_orphans
+from oma_common.statefile import write_atomically
 
 from ..lib.filetree import path_sha256
 from ..rig import Stack
@@ -196,3 +198,15 @@ def leftovers(root: Path, ports: range) -> list[str]:
 def pool_config(ports: range, repo: Path, extra: str = "") -> str:
     return (f"port_min = {ports.start}\nport_max = {ports.stop - 1}\n"
             f'export_roots = ["{repo}"]\n' + extra)
+
+
+def vouch(registry: Path, *devices: tuple[str, Path]) -> None:
+    """Write volume-agent's registry as it does: these (device, link) pairs attached here for CloudStack volumes."""
+    items = []
+    for i, (device, link) in enumerate(devices):
+        rdev = os.stat(device).st_rdev
+        items.append({"volume_id": f"00000000-0000-0000-0000-{i:012d}", "serial": f"{i:020d}",
+                      "link_path": str(link), "device_path": device,
+                      "rdev": f"{os.major(rdev)}:{os.minor(rdev)}"})
+    registry.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    write_atomically(registry, json.dumps({"kind": "vouched-devices", "version": 1, "items": items}))

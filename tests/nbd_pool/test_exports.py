@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from ..lib.filetree import path_sha256
-from .helpers import MIB, Pool, ash, make_source, sha256_of_image, sh, url
+from .helpers import MIB, Pool, ash, make_source, sha256_of_image, sh, url, vouch
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -100,6 +100,13 @@ async def test_block_device_behind_a_root_only_link_is_exported_raw(pool: Pool) 
         links = pool.repo / "by-id"
         links.mkdir(mode=0o755)
         (links / "virtio-vol1").symlink_to(device)
+        # A hand-made link to a device volume-agent did not attach is refused...
+        alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-rep0", "count": 1})
+        status, body = await pool.agent.post("/exports", {"export_name": "vol0", "port": alloc["allocated_ports"][0]["port"],
+                                                          "path": str(links / "virtio-vol1")})
+        assert status == 400 and body["error"] == "block device not vouched for", body
+        # ...and accepted once volume-agent's registry lists it.
+        vouch(pool.stack.state / "volume-agent" / "vouched.json", (device, links / "virtio-vol1"))
         e = await pool.export("job-rep", links / "virtio-vol1", "vol1")
         assert e["format"] == "raw" and e["resolved_path"] == device and e["path"] == str(links / "virtio-vol1")
         src = make_source(pool.stack.state / "vol-src.raw", 16 * MIB, seed=7)

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from nbd_pool.roots import BLOCK, FILE, Roots
+from nbd_pool.vouched import DeviceGuard
 from oma_common.errors import Invalid, NotFound
+
+from .helpers import vouch
 
 
 def qemu_img(*args: str | Path) -> None:
@@ -63,7 +66,8 @@ def test_a_device_link_is_followed_only_from_a_root_only_directory(tree: Path) -
         byid = tree / "by-id"
         byid.mkdir(mode=0o755)
         (byid / "virtio-1").symlink_to(device)
-        roots = Roots([str(byid)])
+        vouch(tree / "va" / "vouched.json", (device, byid / "virtio-1"))
+        roots = Roots([str(byid)], DeviceGuard(tree / "va" / "vouched.json"))
         r = roots.resolve(str(byid / "virtio-1"))
         assert (str(r.path), r.kind, r.requested) == (device, BLOCK, str(byid / "virtio-1"))
         with pytest.raises(Invalid):

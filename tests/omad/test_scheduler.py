@@ -10,6 +10,7 @@ import asyncio
 import random
 from collections import Counter
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 
@@ -390,3 +391,33 @@ async def test_stop_lets_the_start_in_progress_finish_and_starts_nothing_more(do
     assert [(v["vm_name"], v["status"]) for v in detail["vms"]] == [("a", "running"), ("b", "pending"),
                                                                    ("c", "pending")]
     assert [j["job_id"] for j in detail["jobs"]] == [d.launcher.started[0][1]]  # the started job is recorded
+
+
+async def test_a_tick_starting_a_thousand_vms_writes_in_a_few_batched_transactions(
+        domain: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = domain
+    ids = list((await add_contexts(d.db, [f"vm{i:04d}" for i in range(1000)])).values())
+    schedules = [await d.schedule(f"s{i}", f"{i} 0 9 * * *", max_concurrent_jobs=1000) for i in range(4)]
+    for g in range(10):
+        await d.group(f"g{g}", schedules[g % 4]["id"], ids[g * 100:(g + 1) * 100], max_concurrent_vms=100)
+    transactions = 0
+    begin = d.db.transaction
+
+    def counted() -> Any:
+        nonlocal transactions
+        transactions += 1
+        return begin()
+
+    monkeypatch.setattr(d.db, "transaction", counted)
+    d.clock.set(datetime(2025, 3, 29, 9, 0, 30, tzinfo=UTC))
+    report = await d.scheduler.tick()
+    assert (report.fired, report.started) == (4, 1000)
+    # Firing, collecting, the jobs (one batch: one launcher), the round's record, the counts: not one per VM.
+    assert transactions <= 6, transactions
+    assert await d.db.scalar("SELECT COUNT(*) FROM jobs WHERE status = 'running'") == 1000
+    rows = await d.db.fetchall("SELECT v.status, v.job_id, x.status AS attempt, j.context_id FROM "
+                               "schedule_execution_vms v JOIN schedule_execution_jobs x ON x.job_id = v.job_id "
+                               "JOIN jobs j ON j.id = v.job_id AND j.context_id = v.vm_context_id")
+    assert len(rows) == 1000 and {(r["status"], r["attempt"]) for r in rows} == {("running", "running")}
+    runs = [(await d.executions(s["id"]))[0] for s in schedules]
+    assert sum(r["jobs_created"] for r in runs) == 1000

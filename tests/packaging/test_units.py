@@ -227,6 +227,8 @@ def test_state_paths_agree_with_units_and_tmpfiles() -> None:
     assert dirs[omad["state_dir"] + "/repositories"] == ("0750", "oma", "oma")
     pool = effective_config("nbd-pool", uc.UNIT_DIR / "oma/nbd-pool.d")
     assert {omad["state_dir"] + "/repositories", vagent["repository_mount_root"]} <= set(pool["export_roots"])
+    # nbd-pool exports only the block devices volume-agent lists in its registry, in its root-only state dir.
+    assert pool["vouched_registry"] == (vagent["vouched_registry"] or vagent["state_dir"] + "/vouched.json")
     assert omad["run_dir"] == "/run/oma"
     for agent in AGENTS:
         cfg = effective_config(agent, uc.UNIT_DIR / "oma" / f"{agent}.d")

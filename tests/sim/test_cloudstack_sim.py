@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from cs import AIOCloudStack, CloudStack, CloudStackApiException
 
@@ -203,3 +204,40 @@ def test_the_threaded_fixture_answers_while_the_test_blocks(cloudstack_sim: Clou
     offering = next(o["id"] for o in cs.listDiskOfferings()["diskoffering"] if o["iscustomized"])
     vol = cs.createVolume(name="t", zoneid=zone, diskofferingid=offering, size=1, fetch_result=True)["volume"]
     assert cloudstack_sim.volume(vol["id"])["name"] == "t"
+
+
+async def test_a_vm_is_deployed_stopped_given_a_root_volume_and_started(sim: CloudStackSim) -> None:
+    cs = client(sim)
+    zone = (await cs.listZones())["zone"][0]["id"]
+    offering = (await cs.listServiceOfferings(name="Small Instance"))["serviceoffering"][0]["id"]
+    template = (await cs.listTemplates(templatefilter="executable"))["template"][0]["id"]
+    net = (await cs.listNetworks(name="test-net"))["network"][0]["id"]
+    vm = (await cs.deployVirtualMachine(serviceofferingid=offering, templateid=template, zoneid=zone, networkids=net,
+                                        name="web-01-test", startvm=False, fetch_result=True))["virtualmachine"]
+    assert vm["state"] == "Stopped" and vm["nic"][0]["networkname"] == "test-net"
+    root = (await cs.listVolumes(virtualmachineid=vm["id"], type="ROOT"))["volume"][0]
+    await cs.detachVolume(id=root["id"], fetch_result=True)
+    replacement = (await new_volume(cs, "migration-web-01-disk-0"))["volume"]
+    attached = (await cs.attachVolume(id=replacement["id"], virtualmachineid=vm["id"], deviceid=0,
+                                      fetch_result=True))["volume"]
+    assert (attached["type"], attached["deviceid"]) == ("ROOT", 0)
+    assert (await cs.startVirtualMachine(id=vm["id"], fetch_result=True))["virtualmachine"]["state"] == "Running"
+    with pytest.raises(CloudStackApiException, match="stopped"):
+        await cs.detachVolume(id=replacement["id"], fetch_result=True)
+    await cs.stopVirtualMachine(id=vm["id"], fetch_result=True)
+    await cs.destroyVirtualMachine(id=vm["id"], expunge=True, fetch_result=True)
+    assert await cs.listVirtualMachines(id=vm["id"]) == {}
+
+
+async def test_faults_are_set_and_state_read_over_the_admin_endpoint(sim: CloudStackSim) -> None:
+    base = sim.endpoint.removesuffix("/client/api")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/admin/faults", json={"job_seconds": 0.2, "fail": {"createSnapshot": "no"},
+                                                           "device_never": True}) as r:
+            assert r.status == 200 and (await r.json())["fail"] == {"createsnapshot": "no"}
+        assert sim.faults.job_seconds == 0.2 and sim.faults.device_never
+        await new_volume(client(sim), "v-admin")
+        async with http.get(f"{base}/admin/state") as r:
+            state = await r.json()
+    assert state["appliance_vm_id"] == sim.appliance_vm_id
+    assert "v-admin" in [v["name"] for v in state["volumes"]] and "createVolume" in state["calls"]

@@ -70,5 +70,16 @@ def load_from_args(cls: type[T], daemon: str, args: argparse.Namespace) -> T:
     return load(cls, args.config or default_dirs(daemon))
 
 
+SECRET_KEYS = ("secret_key", "secret", "password", "token")
+
+
+def _masked(data: Any) -> Any:
+    """Secrets in the configuration (a CloudStack secret key) are shown as set or not, never in clear."""
+    if isinstance(data, dict):
+        return {k: ("(set)" if v else "") if isinstance(v, str) and k.lower().endswith(SECRET_KEYS)
+                else _masked(v) for k, v in data.items()}
+    return data
+
+
 def dump(cfg: Any) -> str:
-    return json.dumps(schema.to_dict(cfg), indent=2, default=str)
+    return json.dumps(_masked(schema.to_dict(cfg)), indent=2, default=str)

@@ -165,7 +165,8 @@ def write_local_configs(state: Path, port: int, listen: str = "127.0.0.1") -> di
                 text = f'repository_mount_root = "{state / "mounts"}"\n' + text
             if name == "nbd-pool":
                 # Local repositories of a `make run` appliance live under <state>/repositories.
-                text = f'export_roots = ["{state / "repositories"}", "{state / "mounts"}", "/dev/disk/by-id"]\n' + text
+                text = (f'export_roots = ["{state / "repositories"}", "{state / "mounts"}", "/dev/disk/by-id"]\n'
+                        f'vouched_registry = "{state / "volume-agent" / "vouched.json"}"\n' + text)
         (d / "10-local.toml").write_text(text)
         dirs[name] = d
     return dirs

@@ -26,6 +26,7 @@ from .jobs import Jobs
 from .pool import Pool
 from .reconcile import Reconciler
 from .roots import Roots
+from .vouched import DeviceGuard
 
 DAEMON = "nbd-pool"
 log = logging.getLogger("nbd_pool")
@@ -61,6 +62,10 @@ class Config(agent.AgentConfig):
         factory=lambda: ["/var/lib/oma/repositories", "/dev/disk/by-id"],
         description="the only places images and devices are exported or attached from: the backup "
                     "repositories and the volume device directory")
+    vouched_registry: str = schema.spec(
+        "/var/lib/oma-agents/volume-agent/vouched.json",
+        description="volume-agent's registry of the devices it attached here for CloudStack volumes: the only "
+                    "block devices exported (root-owned; omad cannot write it)")
     work_root: str = schema.spec("", description="attachments' work directories; empty = <state_dir>/work")
     max_attachments: int = schema.spec(8, min=1, max=64, description="read-only attachments at once")
     attach_backend: Literal["auto", "kernel-nbd", "fuse-loop"] = schema.spec(
@@ -118,7 +123,7 @@ async def amain() -> int:
     work_root = Path(cfg.work_root) if cfg.work_root else state / "work"
     clock = time.time
 
-    roots = Roots(cfg.export_roots)
+    roots = Roots(cfg.export_roots, DeviceGuard(Path(cfg.vouched_registry)))
     pool = Pool(StateFile(state / "leases.json", "leases", damaged=DAMAGED), port_min=cfg.port_min, port_max=cfg.port_max,
                 host=cfg.bind_address, lease_seconds=cfg.lease_seconds, max_lease_seconds=cfg.max_lease_seconds,
                 clock=clock)

@@ -4,8 +4,10 @@ omad (an unprivileged user) names the paths; nbd-pool (root) opens them. So a pa
 symlink followed and must then lie inside a root; `..` and links cannot lead out. One exception serves the
 volume device directory: a udev link such as /dev/disk/by-id/virtio-<serial> points at /dev/vdX, outside
 its root, and is followed when it leads to a block device and the directory holding it is writable by
-root alone, so a link that omad plants in a repository it writes to is never followed to a disk. A QCOW2
-opens more files than its own (backing files, an external data file): each of them must pass too.
+root alone, so a link that omad plants in a repository it writes to is never followed to a disk. And a
+block device is exported only when volume-agent vouches for it (vouched.py): attached here for a CloudStack
+volume, and not in use by this system. A QCOW2 opens more files than its own (backing files, an external
+data file): each of them must pass too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from oma_common.errors import Invalid, NotFound
 
 from .adapters.qemu_img import ImageError, Layer, backing_chain
+from .vouched import DeviceGuard, root_only
 
 log = logging.getLogger("nbd_pool.roots")
 
@@ -38,16 +41,10 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or path.is_relative_to(root)
 
 
-def _root_only_dir(directory: Path) -> bool:
-    try:
-        st = os.stat(directory)
-    except OSError:
-        return False
-    return st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-
-
 class Roots:
-    def __init__(self, roots: Sequence[str]) -> None:
+    def __init__(self, roots: Sequence[str], devices: DeviceGuard | None = None) -> None:
+        """`devices` vouches for block devices; without one, no block device is accepted."""
+        self.devices = devices
         # Compared both as configured and resolved: a root may itself be reached through a link.
         self.configured = [Path(os.path.normpath(r)) for r in roots]
         self.resolved = [Path(os.path.realpath(r)) for r in roots]
@@ -78,12 +75,19 @@ class Roots:
             what = "a regular file or a block device" if allow_block else "a regular file"
             raise Invalid("not an image", f"{requested} is not {what}")
         if any(_inside(real, root) for root in self.resolved):
-            return Resolved(requested, real, kind)
+            return self._vouched(Resolved(requested, real, kind))
         in_root = any(_inside(lexical, root) for root in self.configured + self.resolved)
-        if kind == BLOCK and in_root and lexical != real and _root_only_dir(lexical.parent):
-            return Resolved(requested, real, kind)
+        if kind == BLOCK and in_root and lexical != real and root_only(lexical.parent):
+            return self._vouched(Resolved(requested, real, kind))
         raise Invalid("path outside the export roots",
                       f"{requested} (resolved {real}) is not inside an export root ({self.describe()})")
+
+    def _vouched(self, resolved: Resolved) -> Resolved:
+        if resolved.kind == BLOCK:
+            if self.devices is None:
+                raise Invalid("block devices not exported", "nbd-pool has no registry of vouched devices configured")
+            self.devices.check(resolved.requested, resolved.path)
+        return resolved
 
     async def check_image(self, resolved: Resolved, fmt: str) -> list[Layer]:
         """For a QCOW2, read its chain and check that every file it opens is inside the roots too."""

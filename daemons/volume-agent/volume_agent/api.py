@@ -1,4 +1,5 @@
-"""volume-agent's socket API: network shares for omad's backup repositories (CloudStack volumes come later)."""
+"""volume-agent's socket API: CloudStack volumes and their devices, network shares for omad's backup
+repositories, and immutable backup files."""
 
 from __future__ import annotations
 
@@ -14,11 +15,22 @@ from oma_common.contracts.volume_agent import (
     Unmounted,
     UnmountIn,
 )
+from oma_common.contracts.volume_agent_volumes import (
+    Deleted,
+    DevicesListing,
+    RevertIn,
+    SnapshotIn,
+    SnapshotView,
+    VolumeCreateIn,
+    VolumesListing,
+    VolumeView,
+)
 from oma_common.rpc import peer_credentials
 from oma_common.web import Auth, Call, route
 
 from .immutability import Immutability
 from .repositories import RepositoryMounts, Share
+from .volumes import Volumes
 
 
 class RepositoriesApi:
@@ -66,3 +78,63 @@ class ImmutabilityApi:
     async def status(self, call: Call) -> dict[str, Any]:
         """Whether each file is immutable (lsattr)."""
         return await self.immutability.status(call.body.paths)
+
+
+class VolumesApi:
+    """CloudStack volumes for replication; each call on one volume waits for the one before it."""
+
+    def __init__(self, volumes: Volumes) -> None:
+        self.volumes = volumes
+
+    @route("POST", "/volumes", body=VolumeCreateIn, response=VolumeView, status=201, auth=Auth.PEER)
+    async def create(self, call: Call) -> VolumeView:
+        """Create `migration-<vm>-disk-<unit>` in CloudStack (size rounded up to whole GiB); not attached yet."""
+        b: VolumeCreateIn = call.body
+        return await self.volumes.create(b.vm_name, b.disk_unit, b.size_bytes, b.disk_offering_id, b.zone_id)
+
+    @route("GET", "/volumes", response=VolumesListing, auth=Auth.PEER)
+    async def list(self, call: Call) -> VolumesListing:
+        """The volumes this agent manages, and those CloudStack says are attached here that it does not."""
+        return await self.volumes.listing()
+
+    @route("GET", "/volumes/{volume_id}", response=VolumeView, auth=Auth.PEER)
+    async def get(self, call: Call) -> VolumeView:
+        """One managed volume, with its device when it is attached here."""
+        return self.volumes.view(call.params["volume_id"])
+
+    @route("POST", "/volumes/{volume_id}/attach", response=VolumeView, auth=Auth.PEER)
+    async def attach(self, call: Call) -> VolumeView:
+        """Attach to this appliance and answer once its device is present (504 if it never appears)."""
+        return await self.volumes.attach(call.params["volume_id"])
+
+    @route("POST", "/volumes/{volume_id}/detach", response=VolumeView, auth=Auth.PEER)
+    async def detach(self, call: Call) -> VolumeView:
+        """Detach from this appliance (stop its exports first); no longer vouched for from the start."""
+        return await self.volumes.detach(call.params["volume_id"])
+
+    @route("DELETE", "/volumes/{volume_id}", response=Deleted, auth=Auth.PEER)
+    async def delete(self, call: Call) -> Deleted:
+        """Delete a detached volume in CloudStack (409 while it is attached)."""
+        return await self.volumes.delete(call.params["volume_id"])
+
+    @route("POST", "/volumes/{volume_id}/snapshots", body=SnapshotIn, response=SnapshotView, status=201,
+           auth=Auth.PEER)
+    async def snapshot(self, call: Call) -> SnapshotView:
+        """Take a CloudStack snapshot of the volume."""
+        return await self.volumes.snapshot(call.params["volume_id"], call.body.name)
+
+    @route("POST", "/volumes/{volume_id}/revert", body=RevertIn, response=VolumeView, auth=Auth.PEER)
+    async def revert(self, call: Call) -> VolumeView:
+        """Revert to a snapshot (attached here: detached, reverted, attached again; the device may change)."""
+        return await self.volumes.revert(call.params["volume_id"], call.body.snapshot_id)
+
+    @route("DELETE", "/volumes/{volume_id}/snapshots/{snapshot_id}", auth=Auth.PEER)
+    async def delete_snapshot(self, call: Call) -> dict[str, Any]:
+        """Delete one of the volume's snapshots."""
+        return await self.volumes.delete_snapshot(call.params["volume_id"], call.params["snapshot_id"])
+
+    @route("GET", "/devices", response=DevicesListing, auth=Auth.PEER)
+    async def devices(self, call: Call) -> DevicesListing:
+        """Which device belongs to which volume: the devices attached here for CloudStack volumes (those
+        nbd-pool may export)."""
+        return self.volumes.vouched()

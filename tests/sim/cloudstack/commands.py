@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -139,16 +140,16 @@ class Commands:
             async with self._lock:
                 result = await body()
         except CloudStackError as e:
-            job.status, job.resultcode = 2, e.code
+            job.status, job.resultcode, job.finished = 2, e.code, time.monotonic()
             job.result = {"errorcode": e.code, "errortext": e.text}
             log.info("job %s (%s) failed: %s", job.id, command, e.text)
             return
         except Exception as e:  # a bug or a host failure: what CloudStack reports as an internal error
             log.exception("job %s (%s) crashed", job.id, command)
-            job.status, job.resultcode = 2, INTERNAL_ERROR
+            job.status, job.resultcode, job.finished = 2, INTERNAL_ERROR, time.monotonic()
             job.result = {"errorcode": INTERNAL_ERROR, "errortext": f"{type(e).__name__}: {e}"}
             return
-        job.status, job.resultcode, job.result = 1, 0, result
+        job.status, job.resultcode, job.result, job.finished = 1, 0, result, time.monotonic()
 
     async def queryAsyncJobResult(self, p: Params) -> dict[str, Any]:
         job = self.inv.jobs.get(_need(p, "jobid", "queryAsyncJobResult"))
@@ -406,8 +407,8 @@ class Commands:
                 for i, n in enumerate(network_ids)]
         vm = Inventory.add(self.inv.vms, VirtualMachine(new_id(), name, p.get("displayname") or name, zone.id,
                                                         so.id, template.id, "Starting" if start else "Stopped", nics))
-        self.inv.volumes[(root := Volume(new_id(), f"ROOT-{name}", zone.id, template.size, "ROOT", None,
-                                         state="Ready", virtualmachineid=vm.id, deviceid=0, attached=now())).id] = root
+        Inventory.add(self.inv.volumes, Volume(new_id(), f"ROOT-{name}", zone.id, template.size, "ROOT", None,
+                                               state="Ready", virtualmachineid=vm.id, deviceid=0, attached=now()))
 
         async def body() -> dict[str, Any]:
             if start:

@@ -4,6 +4,7 @@ with NICs, volumes, snapshots, async jobs; and the API's error, `CloudStackError
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -194,6 +195,8 @@ class Job:
     resultcode: int = 0
     result: dict[str, Any] | None = None
     created: str = dataclasses.field(default_factory=now)
+    started: float = dataclasses.field(default_factory=time.monotonic)  # for tests: did two jobs overlap?
+    finished: float | None = None
 
 
 @dataclasses.dataclass
@@ -243,8 +246,8 @@ class Inventory:
 
     def add_vm(self, name: str, zoneid: str, offeringid: str, templateid: str, networkid: str, mac: str,
                ip: str, *, state: str = "Running", with_root: bool = True) -> VirtualMachine:
-        vm = self.add(self.vms, VirtualMachine(new_id(), name, name, zoneid, offeringid, templateid, state,
-                                               [Nic(new_id(), networkid, mac.lower(), ip)]))
+        vm: VirtualMachine = self.add(self.vms, VirtualMachine(new_id(), name, name, zoneid, offeringid, templateid,
+                                                               state, [Nic(new_id(), networkid, mac.lower(), ip)]))
         if with_root:
             template = self.templates[templateid]
             self.add(self.volumes, Volume(new_id(), f"ROOT-{name}", zoneid, template.size, "ROOT", None,

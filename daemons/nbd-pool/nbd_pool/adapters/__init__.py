@@ -22,4 +22,5 @@ NEEDS: dict[str, Needs] = {
     "orphans": needs("finds and ends leftovers: its own children run as root, so no CAP_KILL"),
     "nbd_probe": needs("an NBD handshake to a loopback port"),
     "ports": needs("a bind test of a pool port above 1024"),
+    "blockinfo": needs("sysfs and /proc (mountinfo, swaps) about a block device before it is exported"),
 }

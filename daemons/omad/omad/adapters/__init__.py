@@ -6,4 +6,5 @@ from oma_common.privileges import Needs, needs
 NEEDS: dict[str, Needs] = {
     "localfs": needs("its own repository directories and images, as user oma"),
     "qemu_img": needs("qemu-img on its own images, as user oma"),
+    "netlinks": needs("this appliance's MAC addresses over rtnetlink (pyroute2), read only: AF_NETLINK"),
 }

@@ -1,6 +1,8 @@
 """The job engine: job rows with named steps and progress, background tasks, and recovery at start-up.
 
-A job is a row in `jobs`; its steps are rows in `job_steps`. Work either runs as a task the engine tracks
+A job is a row in `jobs`; its steps are rows in `job_steps` (both owned by store/jobs.py, whose transitions end
+a job once: a job that completed is not failed afterwards). Many jobs are created in one transaction with
+`create_many` (a scheduler tick starting a thousand VMs). Work either runs as a task the engine tracks
 (`spawn`), or advances on events (a backup completes when the VMA reports every disk). At start-up every job
 left `running` by a previous omad is handed to its type's recovery function, which compensates (undo) or
 resumes; a job type without one is marked failed with the reason.
@@ -10,19 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
-from oma_common.errors import NotFound, OmaError
+from oma_common.errors import OmaError
 
-from ..store.db import Database, Tx, utcnow
+from ..store import jobs as store
+from ..store.db import Database, Tx
+from ..store.jobs import JobStatus, NewJob
 from . import ids
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("pending", "running")
+__all__ = ["JobEngine", "JobStatus", "NewJob"]
+
 Recovery = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -36,76 +41,79 @@ class JobEngine:
         """Register how jobs of `job_type` left running by a previous omad are compensated or resumed."""
         self._recovery[job_type] = fn
 
+    @staticmethod
+    def new(job_type: str, *, display_name: str, context_id: str | None = None, job_id: str | None = None,
+            status: str = "running", details: dict[str, Any] | None = None) -> NewJob:
+        """A job to create (with a fresh id unless given), for `create_many`."""
+        return NewJob(job_id or ids.job_id(), job_type, display_name, context_id, JobStatus(status), details or {})
+
     async def create(self, job_type: str, *, display_name: str, context_id: str | None = None,
                      job_id: str | None = None, status: str = "running", details: dict[str, Any] | None = None,
                      tx: Tx | None = None) -> str:
-        jid = job_id or ids.job_id()
-        now = utcnow()
-        sql = ("INSERT INTO jobs (id, job_type, status, progress, context_id, display_name, current_step, "
-               "error_message, started_at, completed_at, created_at, updated_at, details) "
-               "VALUES (?, ?, ?, 0, ?, ?, NULL, NULL, ?, NULL, ?, ?, ?)")
-        params = (jid, job_type, status, context_id, display_name, now if status == "running" else None, now, now,
-                  json.dumps(details or {}))
+        job = self.new(job_type, display_name=display_name, context_id=context_id, job_id=job_id, status=status,
+                       details=details)
+        await store.create(tx or self.db, job)
+        log.info("%s job created: %s", job_type, display_name, extra={"resource": job.id})
+        return job.id
+
+    async def create_many(self, jobs: Sequence[NewJob], *, tx: Tx | None = None) -> list[str]:
+        """Create every job in one transaction (the caller's, or one of its own): all of them or none."""
         if tx is not None:
-            await tx.execute(sql, params)
+            await store.create_many(tx, jobs)
         else:
-            await self.db.execute(sql, params)
-        log.info("%s job created: %s", job_type, display_name, extra={"resource": jid})
-        return jid
+            async with self.db.transaction() as own:
+                await store.create_many(own, jobs)
+        for job in jobs:
+            log.info("%s job created: %s", job.job_type, job.display_name, extra={"resource": job.id})
+        return [job.id for job in jobs]
 
     async def get(self, job_id: str) -> dict[str, Any]:
-        row = await self.db.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        if row is None:
-            raise NotFound("job not found", f"job {job_id} does not exist")
-        row["details"] = json.loads(row.get("details") or "{}")
-        row["steps"] = await self.db.fetchall(
-            "SELECT name, status, started_at, completed_at, error_message FROM job_steps WHERE job_id = ? "
-            "ORDER BY seq", (job_id,))
-        return row
+        """The job as the API shows it: its columns, its details document and its steps in order."""
+        out = dataclasses.asdict(await store.get(self.db, job_id))
+        out["steps"] = [dataclasses.asdict(s) for s in await store.steps(self.db, job_id)]
+        return out
 
     async def progress(self, job_id: str, percent: float, current_step: str | None = None) -> None:
-        await self.db.execute("UPDATE jobs SET progress = ?, current_step = COALESCE(?, current_step), "
-                              "updated_at = ? WHERE id = ?", (max(0.0, min(100.0, percent)), current_step,
-                                                              utcnow(), job_id))
+        await store.set_progress(self.db, job_id, percent, current_step)
 
     async def merge_details(self, job_id: str, **values: Any) -> None:
         async with self.db.transaction() as tx:
-            raw = await tx.scalar("SELECT details FROM jobs WHERE id = ?", (job_id,))
-            details = json.loads(raw or "{}")
-            details.update(values)
-            await tx.execute("UPDATE jobs SET details = ?, updated_at = ? WHERE id = ?",
-                             (json.dumps(details, default=str), utcnow(), job_id))
+            await store.merge_details(tx, job_id, values)
+
+    async def start(self, job_id: str) -> bool:
+        """A pending job begins running; False when it was not pending."""
+        return await store.start(self.db, job_id)
 
     async def finish(self, job_id: str, status: str = "completed", error: str | None = None,
-                     tx: Tx | None = None) -> None:
-        now = utcnow()
-        sql = ("UPDATE jobs SET status = ?, error_message = ?, completed_at = ?, updated_at = ?, "
-               "progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END WHERE id = ?")
-        params = (status, error, now, now, status, job_id)
-        if tx is not None:
-            await tx.execute(sql, params)
+                     tx: Tx | None = None) -> bool:
+        """End an active job, completed or failed (with the reason); False when it had ended already: the
+        first outcome stays."""
+        ending = JobStatus(status)
+        if ending == JobStatus.COMPLETED:
+            changed = await store.complete(tx or self.db, job_id)
+        elif ending == JobStatus.FAILED:
+            changed = await store.fail(tx or self.db, job_id, error)
         else:
-            await self.db.execute(sql, params)
-        log.info("job %s%s", status, f": {error}" if error else "", extra={"resource": job_id})
+            raise ValueError(f"a job ends completed or failed, not {status}")
+        if changed:
+            log.info("job %s%s", status, f": {error}" if error else "", extra={"resource": job_id})
+        else:
+            log.info("job already ended; not %s%s", status, f": {error}" if error else "",
+                     extra={"resource": job_id})
+        return changed
 
     @contextlib.asynccontextmanager
     async def step(self, job_id: str, name: str) -> AsyncIterator[None]:
         """Record a named step: started, then completed or failed with the reason."""
         async with self.db.transaction() as tx:
-            seq = await tx.scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM job_steps WHERE job_id = ?", (job_id,))
-            await tx.execute("INSERT INTO job_steps (job_id, seq, name, status, started_at) "
-                             "VALUES (?, ?, ?, 'running', ?)", (job_id, seq, name, utcnow()))
-            await tx.execute("UPDATE jobs SET current_step = ?, updated_at = ? WHERE id = ?",
-                             (name, utcnow(), job_id))
+            seq = await store.begin_step(tx, job_id, name)
         try:
             yield
         except BaseException as e:
             reason = str(e) if isinstance(e, OmaError) else type(e).__name__ + (f": {e}" if str(e) else "")
-            await self.db.execute("UPDATE job_steps SET status = 'failed', completed_at = ?, error_message = ? "
-                                  "WHERE job_id = ? AND seq = ?", (utcnow(), reason, job_id, seq))
+            await store.fail_step(self.db, job_id, seq, reason)
             raise
-        await self.db.execute("UPDATE job_steps SET status = 'completed', completed_at = ? WHERE job_id = ? "
-                              "AND seq = ?", (utcnow(), job_id, seq))
+        await store.complete_step(self.db, job_id, seq)
 
     def spawn(self, job_id: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run `work` in the background; an exception that escapes it fails the job."""
@@ -129,18 +137,18 @@ class JobEngine:
 
     async def recover(self) -> int:
         """Hand every job a previous omad left active to its type's recovery; returns how many."""
-        rows = await self.db.fetchall("SELECT * FROM jobs WHERE status IN ('pending', 'running') ORDER BY created_at")
-        for row in rows:
-            fn = self._recovery.get(row["job_type"])
+        jobs = await store.active(self.db)
+        for job in jobs:
+            fn = self._recovery.get(job.job_type)
             try:
                 if fn is None:
-                    await self.finish(row["id"], "failed", "interrupted: omad restarted while the job ran")
+                    await self.finish(job.id, "failed", "interrupted: omad restarted while the job ran")
                 else:
-                    await fn(row)
+                    await fn(dataclasses.asdict(job))
             except Exception:
-                log.exception("recovery failed", extra={"resource": row["id"]})
-                await self.finish(row["id"], "failed", "interrupted: recovery after an omad restart failed")
-        return len(rows)
+                log.exception("recovery failed", extra={"resource": job.id})
+                await self.finish(job.id, "failed", "interrupted: recovery after an omad restart failed")
+        return len(jobs)
 
     async def drain(self, timeout: float) -> None:
         """On shutdown: give running tasks `timeout` seconds, then cancel them (their jobs are marked)."""

@@ -232,7 +232,10 @@ class Cron:
             twin = start.replace(tzinfo=tz, fold=1).astimezone(UTC) - start.replace(tzinfo=tz).astimezone(UTC)
             if twin > timedelta(0):
                 reading = start - twin - SECOND
-                while (reading := self._next_naive(reading, last_year)) is not None and reading <= start:
+                while reading is not None:
+                    reading = self._next_naive(reading, last_year)
+                    if reading is None or reading > start:
+                        break
                     instants = self._instants(reading, tz)
                     if len(instants) == 2 and instants[1] > after and (best is None or instants[1] < best):
                         best = instants[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from oma_common.errors import Conflict, Internal, Invalid, NotFound, OmaError
@@ -32,22 +33,51 @@ class VmRef:
     vm_name: str
 
 
-class JobLauncher(Protocol):
-    """Starts one job for one VM on behalf of a schedule.
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """One job to start: a VM, and what its schedule asks for."""
 
-    The job is a row in `jobs` whose context_id is the VM's context. The scheduler learns that it finished by
+    vm: VmRef
+    target: Target
+
+
+Outcome = str | OmaError  # the started job's id, or why the start was refused
+
+
+class JobLauncher(Protocol):
+    """Starts one job per VM on behalf of a schedule.
+
+    Each job is a row in `jobs` whose context_id is the VM's context. The scheduler learns that it finished by
     reading that row — the shared truth every job type keeps — so a launcher reports nothing afterwards.
     """
 
     async def check(self, target: Target) -> None:
         """Raise Invalid, naming the field, when a schedule with this target could never start a job."""
 
-    async def start(self, vm: VmRef, target: Target) -> str:
-        """Start the job; return its id in `jobs`.
+    def start_many(self, starts: Sequence[Start]) -> AsyncGenerator[tuple[Start, Outcome], None]:
+        """Start a job for each VM, in order, and yield each start with its job's id in `jobs` or the OmaError
+        that refused it: Conflict when the VM is busy (the scheduler waits and asks again, without counting an
+        attempt); any other OmaError is a failed start, counted and retried as the schedule says.
 
-        Raise Conflict when the VM is busy: the scheduler waits and asks again, without counting an attempt.
-        Any other OmaError is a failed start: counted, and retried as the schedule says.
+        A launcher that can create all the jobs at once does so in one transaction; one that starts them one
+        by one yields after each start, and the scheduler stops asking (closes the generator) when omad stops.
         """
+
+
+async def one_by_one(start: Callable[[VmRef, Target], Awaitable[str]], starts: Sequence[Start]
+                     ) -> AsyncGenerator[tuple[Start, Outcome], None]:
+    """`start_many` for a launcher that starts one VM at a time: a bug in one start fails that start, visibly,
+    and the next VM is still started."""
+    for one in starts:
+        outcome: Outcome
+        try:
+            outcome = await start(one.vm, one.target)
+        except OmaError as e:
+            outcome = e
+        except Exception as e:  # noqa: BLE001 - a launcher bug must not stop the scheduler
+            log.exception("launcher failed", extra={"resource": one.vm.context_id})
+            outcome = OmaError("internal error", f"starting the {one.target.action} failed unexpectedly: {e}")
+        yield one, outcome
 
 
 class BackupStarter(Protocol):
@@ -96,7 +126,12 @@ class BackupLauncher:
                 raise Invalid("unknown repository", f"repository_id: backup repository {target.repository_id!r} "
                                                      "does not exist", field="repository_id") from e
 
+    def start_many(self, starts: Sequence[Start]) -> AsyncGenerator[tuple[Start, Outcome], None]:
+        """One by one: each start runs the backup domain's own steps (its rows, nbd-pool, the VMA)."""
+        return one_by_one(self.start, starts)
+
     async def start(self, vm: VmRef, target: Target) -> str:
+        """Start one VM's backup; return its job id (raises as `start_many` reports)."""
         assert target.repository_id is not None  # check() made sure
         kinds = ["incremental", "full"] if target.backup_type == "auto" else [target.backup_type]
         tags = {"schedule_id": target.schedule_id, "schedule_name": target.schedule_name}

@@ -15,26 +15,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from oma_common.errors import Conflict, Invalid, NotFound, OmaError
+from oma_common.errors import Conflict, Invalid, OmaError
 
 from ..audit import Audit
+from ..store import groups as group_store
+from ..store import jobs as job_store
+from ..store import schedules as store
 from ..store.db import Database, Tx
+from ..store.schedules import (AttemptStatus, ExecutionStatus, NewExecution, OpenVm, Schedule, Started, VmKey,
+                               VmStatus)
 from . import cron
 from .clock import Clock, iso, parse_iso
-from .launcher import JobLauncher, Target, VmRef
-from .schedules import load_execution, refresh_next_scheduled, target_of
+from .launcher import JobLauncher, Outcome, Start, Target, VmRef
+from .schedules import load_execution, target_of
 
 log = logging.getLogger(__name__)
 
-ACTIVE_JOB = ("pending", "running")
-SUCCEEDED = ("completed", "succeeded")
+# What counts as a job that succeeded: "succeeded" is no status omad writes, but rows from other writers use it.
+SUCCEEDED = (job_store.JobStatus.COMPLETED, "succeeded")
 MISSED_COUNT_LIMIT = 1000  # how many missed due times a late run bothers to count
 
 
@@ -50,18 +54,32 @@ class TickReport:
 
 @dataclasses.dataclass
 class _Open:
-    """One VM of a running execution that is not done yet."""
+    """One VM of a running execution that is not done yet: its row as read, and its state as this tick changes
+    it."""
 
-    execution_id: int
-    schedule_id: str
-    context_id: str
-    vm_name: str | None
-    group_id: str
+    row: OpenVm
     status: str
     attempts: int
     job_id: str | None
     retry_at: str | None
     reason: str | None
+
+    @classmethod
+    def of(cls, row: OpenVm) -> _Open:
+        return cls(row, row.status, row.attempts, row.job_id, row.retry_at, row.reason)
+
+    @property
+    def key(self) -> VmKey:
+        return self.row.execution_id, self.row.context_id
+
+
+@dataclasses.dataclass
+class _Round:
+    """What one round of starts did, written in one transaction when it ends."""
+
+    started: list[Started] = dataclasses.field(default_factory=list)
+    refused: list[tuple[_Open, OmaError]] = dataclasses.field(default_factory=list)
+    waits: list[tuple[_Open, str]] = dataclasses.field(default_factory=list)
 
 
 class Scheduler:
@@ -142,9 +160,9 @@ class Scheduler:
     async def _delay(self) -> float:
         """Seconds until the next due time, or the poll interval while executions run."""
         delay = self.idle_seconds
-        if await self.db.scalar("SELECT 1 FROM schedule_executions WHERE status = 'running' LIMIT 1"):
+        if await store.any_running(self.db):
             delay = min(delay, self.poll_seconds)
-        due = await self.db.scalar("SELECT MIN(next_run_at) FROM schedules WHERE enabled = 1")
+        due = await store.next_due(self.db)
         if due:
             delay = min(delay, max(0.0, (parse_iso(due) - self.clock.now()).total_seconds()))
         return delay
@@ -152,18 +170,19 @@ class Scheduler:
     async def _schedule_unscheduled(self) -> None:
         """Enabled schedules without a next run (written by hand, or unusable before) get one from now."""
         now = self.clock.now()
-        for row in await self.db.fetchall("SELECT * FROM schedules WHERE enabled = 1 AND next_run_at IS NULL"):
-            at = self._next(row, now)
-            if at is not None:
-                await self.db.execute("UPDATE schedules SET next_run_at = ? WHERE id = ?", (iso(at), row["id"]))
-        await refresh_next_scheduled(self.db)
+        async with self.db.transaction() as tx:
+            for s in await store.unscheduled(tx):
+                at = self._next(s, now)
+                if at is not None:
+                    await store.set_next_run(tx, s.id, iso(at))
+            await store.refresh_next_scheduled(tx)
 
     @staticmethod
-    def _next(row: Mapping[str, Any], after: datetime) -> datetime | None:
+    def _next(s: Schedule, after: datetime) -> datetime | None:
         try:
-            return cron.parse(row["cron_expression"]).next_after(after, cron.zone(row["timezone"]))
+            return cron.parse(s.cron_expression).next_after(after, cron.zone(s.timezone))
         except Invalid as e:  # e.g. a time zone that a tzdata upgrade removed
-            log.error("schedule %r cannot be computed: %s", row["name"], e.details, extra={"resource": row["id"]})
+            log.error("schedule %r cannot be computed: %s", s.name, e.details, extra={"resource": s.id})
             return None
 
     # -- one tick ------------------------------------------------------------------------------------
@@ -186,319 +205,302 @@ class Scheduler:
         async with self._lock:
             now = self.clock.now()
             async with self.db.transaction() as tx:
-                row = await tx.fetchone("SELECT * FROM schedules WHERE id = ?", (schedule_id,))
-                if row is None:
-                    raise NotFound("schedule not found", f"schedule {schedule_id} does not exist")
-                running = await self._running(tx, schedule_id)
-                if running and row["skip_if_running"]:
-                    raise Conflict("schedule is running", f"schedule {row['name']!r} is still running (execution "
+                s = await store.get(tx, schedule_id)
+                running = await store.running_execution(tx, schedule_id)
+                if running and s.skip_if_running:
+                    raise Conflict("schedule is running", f"schedule {s.name!r} is still running (execution "
                                                           f"{running}) and skips runs meanwhile (skip_if_running)",
                                    execution_id=running)
-                execution_id = await self._open(tx, row, scheduled_at=now, now=now,
-                                                triggered_by=f"manual:{actor}", late=False, missed=0)
+                vms = (await group_store.eligible(tx, [schedule_id]))[schedule_id]
+                [execution_id] = await self._open(tx, [(s, self._execution(
+                    s, vms, running, scheduled_at=now, now=now, triggered_by=f"manual:{actor}", late=False,
+                    missed=0))])
                 await self.audit.record(actor, "schedule.trigger", f"schedule:{schedule_id}", tx=tx,
                                         execution_id=execution_id)
         self.wake()
         return await load_execution(self.db, execution_id)
 
     async def _fire_due(self, now: datetime, report: TickReport) -> None:
-        due_rows = await self.db.fetchall("SELECT * FROM schedules WHERE enabled = 1 AND next_run_at IS NOT NULL "
-                                          "AND next_run_at <= ? ORDER BY next_run_at, name", (iso(now),))
-        for row in due_rows:
-            due = parse_iso(row["next_run_at"])
-            following = self._next(row, now)
-            late = (now - due).total_seconds() > self.late_after_seconds
-            missed = 0
-            if late and following is not None:  # one run stands for every due time missed meanwhile
-                missed = len(cron.parse(row["cron_expression"]).runs_between(
-                    due, now, cron.zone(row["timezone"]), MISSED_COUNT_LIMIT))
-            async with self.db.transaction() as tx:
-                await self._open(tx, row, scheduled_at=due, now=now, triggered_by="scheduler", late=late,
-                                 missed=missed)
-                await tx.execute("UPDATE schedules SET next_run_at = ?, last_run_at = ? WHERE id = ?",
-                                 (iso(following) if following else None, iso(now), row["id"]))
-                await refresh_next_scheduled(tx)
-            report.fired += 1
+        """Open an execution for every due schedule, all in one transaction."""
+        due = await store.due(self.db, iso(now))
+        if not due:
+            return
+        async with self.db.transaction() as tx:
+            eligible = await group_store.eligible(tx, [s.id for s in due])
+            running = await store.running_execution_of(tx, [s.id for s in due])
+            fired: list[tuple[str, str | None]] = []  # (schedule, its next run)
+            opening: list[tuple[Schedule, NewExecution]] = []
+            for s in due:
+                assert s.next_run_at is not None
+                at = parse_iso(s.next_run_at)
+                following = self._next(s, now)
+                late = (now - at).total_seconds() > self.late_after_seconds
+                missed = 0
+                if late and following is not None:  # one run stands for every due time missed meanwhile
+                    missed = len(cron.parse(s.cron_expression).runs_between(at, now, cron.zone(s.timezone),
+                                                                            MISSED_COUNT_LIMIT))
+                opening.append((s, self._execution(s, eligible[s.id], running.get(s.id), scheduled_at=at, now=now,
+                                                   triggered_by="scheduler", late=late, missed=missed)))
+                fired.append((s.id, iso(following) if following else None))
+            report.fired += len(await self._open(tx, opening))
+            await store.fired(tx, fired, at=iso(now))
+            await store.refresh_next_scheduled(tx)
 
     @staticmethod
-    async def _running(tx: Tx, schedule_id: str) -> int | None:
-        return await tx.scalar("SELECT id FROM schedule_executions WHERE schedule_id = ? AND status = 'running' "
-                               "ORDER BY id LIMIT 1", (schedule_id,))
-
-    async def _open(self, tx: Tx, row: Mapping[str, Any], *, scheduled_at: datetime, now: datetime,
-                    triggered_by: str, late: bool, missed: int) -> int:
-        """Record an execution: running with its VMs in order, or skipped with the reason."""
-        vms = await self._eligible(tx, row["id"])
-        running = await self._running(tx, row["id"])
-        status, message, completed = "running", None, None
-        if running and row["skip_if_running"]:
-            status, completed = "skipped", iso(now)
+    def _execution(s: Schedule, vms: list[tuple[str, str]], running: int | None, *, scheduled_at: datetime,
+                   now: datetime, triggered_by: str, late: bool, missed: int) -> NewExecution:
+        """An execution of `vms` (the eligible ones, in order): running, or skipped with the reason (the
+        schedule's `running` execution goes on and skip_if_running is set, or no VM is eligible)."""
+        message = None
+        if running and s.skip_if_running:
             message = f"skipped: the previous run (execution {running}) is still running"
         elif not vms:
-            status, completed = "skipped", iso(now)
             message = "skipped: no enabled VM is in a group that uses this schedule"
-        execution_id = await tx.execute(
-            "INSERT INTO schedule_executions (schedule_id, scheduled_at, started_at, completed_at, status, "
-            "triggered_by, late, missed_runs, vms_eligible, jobs_skipped, message) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (row["id"], iso(scheduled_at), iso(now), completed, status, triggered_by, int(late), missed, len(vms),
-             len(vms) if status == "skipped" else 0, message))
-        if status == "running":
-            await tx.executemany(
-                "INSERT INTO schedule_execution_vms (execution_id, vm_context_id, group_id, position, status) "
-                "VALUES (?, ?, ?, ?, 'pending')", [(execution_id, cid, gid, i) for i, (cid, gid) in enumerate(vms)])
-        lateness = f", {(now - scheduled_at).total_seconds():.0f} s late ({missed} more missed)" if late else ""
-        log.info("schedule %r: execution %d %s, %d VM(s)%s%s", row["name"], execution_id, status, len(vms),
-                 lateness, f" — {message}" if message else "", extra={"resource": row["id"]})
-        return execution_id
+        return NewExecution(s.id, iso(scheduled_at), iso(now), triggered_by, late, missed, vms,
+                            skipped_because=message)
 
     @staticmethod
-    async def _eligible(tx: Tx, schedule_id: str) -> list[tuple[str, str]]:
-        """(context, group) of every VM the schedule protects, once each, in start order: groups by priority
-        (lower first), then VMs by their priority in the group (lower first), then by name."""
-        rows = await tx.fetchall(
-            "SELECT m.vm_context_id, m.group_id FROM vm_machine_groups g "
-            "JOIN vm_group_memberships m ON m.group_id = g.id "
-            "JOIN vm_replication_contexts c ON c.context_id = m.vm_context_id "
-            "WHERE g.schedule_id = ? AND m.enabled = 1 AND c.scheduler_enabled = 1 "
-            "ORDER BY g.priority, g.name, g.id, m.priority, c.vm_name", (schedule_id,))
-        seen: dict[str, str] = {}
-        for r in rows:
-            seen.setdefault(r["vm_context_id"], r["group_id"])  # a VM in two of its groups runs once
-        return list(seen.items())
+    async def _open(tx: Tx, opening: list[tuple[Schedule, NewExecution]]) -> list[int]:
+        """Record the executions (in one batch); returns their ids in order."""
+        ids = await store.open_executions(tx, [new for _, new in opening])
+        for (s, new), execution_id in zip(opening, ids):
+            status = ExecutionStatus.SKIPPED if new.skipped_because else ExecutionStatus.RUNNING
+            lateness = ""
+            if new.late:
+                seconds = (parse_iso(new.started_at) - parse_iso(new.scheduled_at)).total_seconds()
+                lateness = f", {seconds:.0f} s late ({new.missed_runs} more missed)"
+            log.info("schedule %r: execution %d %s, %d VM(s)%s%s", s.name, execution_id, status, len(new.vms),
+                     lateness, f" — {new.skipped_because}" if new.skipped_because else "", extra={"resource": s.id})
+        return ids
 
     # -- running executions --------------------------------------------------------------------------
 
     async def _advance(self, now: datetime, report: TickReport) -> None:
-        executions = await self.db.fetchall("SELECT id, schedule_id FROM schedule_executions "
-                                            "WHERE status = 'running' ORDER BY id")
+        executions = await store.running_executions(self.db)
         if not executions:
             return
-        open_vms = [_Open(**r) for r in await self.db.fetchall(
-            "SELECT v.execution_id, e.schedule_id, v.vm_context_id AS context_id, c.vm_name, v.group_id, v.status,"
-            " v.attempts, v.job_id, v.retry_at, v.reason FROM schedule_executions e"
-            " JOIN schedule_execution_vms v ON v.execution_id = e.id"
-            " LEFT JOIN vm_replication_contexts c ON c.context_id = v.vm_context_id"
-            " WHERE e.status = 'running' AND v.status IN ('pending', 'running', 'retry_wait')"
-            " ORDER BY e.id, v.position")]
-        schedules = {r["id"]: r for r in await self.db.fetchall(
-            "SELECT * FROM schedules WHERE id IN (SELECT DISTINCT schedule_id FROM schedule_executions "
-            "WHERE status = 'running')")}
+        open_vms = [_Open.of(r) for r in await store.open_vms(self.db)]
+        schedules = await store.with_running_execution(self.db)
         touched: set[int] = set()
         async with self.db.transaction() as tx:
             await self._collect_finished(tx, open_vms, schedules, now, report, touched)
             await self._release_retries(tx, open_vms, now, touched)
             await self._drop_ineligible(tx, open_vms, now, touched)
         await self._dispatch(open_vms, schedules, now, report, touched)
+        listed = {v.row.execution_id for v in open_vms}  # executions with VMs left when the tick began
+        still_open = {v.row.execution_id for v in open_vms if v.status in store.OPEN}
         async with self.db.transaction() as tx:
-            for e in executions:
-                if e["id"] in touched or not any(v.execution_id == e["id"] for v in open_vms):
-                    await self._recount(tx, e["id"])
-                if not any(v.execution_id == e["id"] and v.status in ("pending", "running", "retry_wait")
-                           for v in open_vms):
-                    await self._close(tx, e["id"], now)
-                    report.closed += 1
+            await store.recount(tx, [e.id for e in executions if e.id in touched or e.id not in listed])
+            for i in [e.id for e in executions if e.id not in still_open]:
+                await self._close(tx, i, now)
+                report.closed += 1
 
-    async def _collect_finished(self, tx: Tx, open_vms: list[_Open], schedules: dict[str, dict[str, Any]],
+    async def _collect_finished(self, tx: Tx, open_vms: list[_Open], schedules: Mapping[str, Schedule],
                                 now: datetime, report: TickReport, touched: set[int]) -> None:
         """Jobs that ended since the last look: the VM is done, or waits for a retry."""
-        running = [v for v in open_vms if v.status == "running"]
+        running = [v for v in open_vms if v.status == VmStatus.RUNNING]
         if not running:
             return
-        jobs = {r["id"]: r for r in await tx.fetchall(
-            "SELECT id, status, error_message FROM jobs WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps([v.job_id for v in running]),))}
-        ended: list[tuple[str, str, str | None]] = []
+        jobs = await job_store.outcomes(tx, [v.job_id or "" for v in running])
+        ended: list[tuple[str, AttemptStatus]] = []
         completed: list[_Open] = []
         for v in running:
             job = jobs.get(v.job_id or "")
-            if job is not None and job["status"] in ACTIVE_JOB:
+            if job is not None and job.status in job_store.ACTIVE:
                 continue
-            ok = job is not None and job["status"] in SUCCEEDED
-            ended.append(("completed" if ok else "failed", iso(now), v.job_id))
+            ok = job is not None and job.status in SUCCEEDED
+            ended.append((v.job_id or "", AttemptStatus.COMPLETED if ok else AttemptStatus.FAILED))
             report.finished += 1
-            touched.add(v.execution_id)
+            touched.add(v.row.execution_id)
             if ok:
                 completed.append(v)
             else:
                 why = "its job row disappeared" if job is None else \
-                    f"{job['status']}{': ' + job['error_message'] if job['error_message'] else ''}"
-                await self._failed_attempt(tx, v, schedules[v.schedule_id], now, f"job {v.job_id} {why}")
+                    f"{job.status}{': ' + job.error_message if job.error_message else ''}"
+                await self._failed_attempt(tx, v, schedules[v.row.schedule_id], now, f"job {v.job_id} {why}")
         # The common case in bulk: every VM of a large execution may end between two polls.
-        await tx.executemany("UPDATE schedule_execution_jobs SET status = ?, finished_at = ? WHERE job_id = ?", ended)
-        await tx.executemany("UPDATE schedule_execution_vms SET status = 'completed', completed_at = ?, reason = NULL "
-                             "WHERE execution_id = ? AND vm_context_id = ?",
-                             [(iso(now), v.execution_id, v.context_id) for v in completed])
+        await store.attempts_ended(tx, ended, at=iso(now))
+        await store.vms_completed(tx, [v.key for v in completed], at=iso(now))
         for v in completed:
-            v.status, v.reason = "completed", None
+            v.status, v.reason = VmStatus.COMPLETED, None
 
-    async def _failed_attempt(self, tx: Tx, v: _Open, schedule: Mapping[str, Any], now: datetime, why: str) -> None:
+    @staticmethod
+    async def _failed_attempt(tx: Tx, v: _Open, schedule: Schedule, now: datetime, why: str) -> None:
         """A failed job or a refused start: retry after the schedule's delay while attempts remain."""
-        if v.attempts <= schedule["retry_attempts"]:
-            at = now + timedelta(minutes=schedule["retry_delay_minutes"])
-            await self._set(tx, v, "retry_wait", retry_at=iso(at),
-                            reason=f"{why}; retry {v.attempts} of {schedule['retry_attempts']} at {iso(at)}")
-            log.info("%s: %s; retrying at %s", v.vm_name, why, iso(at), extra={"resource": v.context_id})
+        if v.attempts <= schedule.retry_attempts:
+            at = iso(now + timedelta(minutes=schedule.retry_delay_minutes))
+            v.status, v.retry_at = VmStatus.RETRY_WAIT, at
+            v.reason = f"{why}; retry {v.attempts} of {schedule.retry_attempts} at {at}"
+            await store.vm_retry_wait(tx, v.key, retry_at=at, reason=v.reason)
+            log.info("%s: %s; retrying at %s", v.row.vm_name, why, at, extra={"resource": v.row.context_id})
         else:
-            await self._set(tx, v, "failed", completed_at=iso(now),
-                            reason=f"{why} (after {v.attempts} attempt{'s' if v.attempts > 1 else ''})")
-            log.warning("%s: %s; no retries left", v.vm_name, why, extra={"resource": v.context_id})
+            v.status = VmStatus.FAILED
+            v.reason = f"{why} (after {v.attempts} attempt{'s' if v.attempts > 1 else ''})"
+            await store.vm_failed(tx, v.key, reason=v.reason, at=iso(now))
+            log.warning("%s: %s; no retries left", v.row.vm_name, why, extra={"resource": v.row.context_id})
 
-    async def _release_retries(self, tx: Tx, open_vms: list[_Open], now: datetime, touched: set[int]) -> None:
+    @staticmethod
+    async def _release_retries(tx: Tx, open_vms: list[_Open], now: datetime, touched: set[int]) -> None:
         for v in open_vms:
-            if v.status == "retry_wait" and v.retry_at is not None and v.retry_at <= iso(now):
-                await self._set(tx, v, "pending", retry_at=None)
-                touched.add(v.execution_id)
+            if v.status == VmStatus.RETRY_WAIT and v.retry_at is not None and v.retry_at <= iso(now):
+                v.status, v.retry_at = VmStatus.PENDING, None
+                await store.vm_released(tx, v.key)
+                touched.add(v.row.execution_id)
 
-    async def _drop_ineligible(self, tx: Tx, open_vms: list[_Open], now: datetime, touched: set[int]) -> None:
+    @staticmethod
+    async def _drop_ineligible(tx: Tx, open_vms: list[_Open], now: datetime, touched: set[int]) -> None:
         """A VM that left the schedule's groups, was switched off or deleted since the run began is skipped."""
-        waiting = [v for v in open_vms if v.status == "pending"]
+        waiting = [v for v in open_vms if v.status == VmStatus.PENDING]
         if not waiting:
             return
-        still = {(r["vm_context_id"], r["schedule_id"]) for r in await tx.fetchall(
-            "SELECT DISTINCT m.vm_context_id, g.schedule_id FROM vm_group_memberships m "
-            "JOIN vm_machine_groups g ON g.id = m.group_id "
-            "JOIN vm_replication_contexts c ON c.context_id = m.vm_context_id "
-            "WHERE m.enabled = 1 AND c.scheduler_enabled = 1 AND m.vm_context_id IN "
-            "(SELECT value FROM json_each(?))", (json.dumps(sorted({v.context_id for v in waiting})),))}
+        still = await group_store.protected(tx, [v.row.context_id for v in waiting])
         for v in waiting:
-            if (v.context_id, v.schedule_id) not in still:
-                await self._set(tx, v, "skipped", completed_at=iso(now),
-                                reason="skipped: no longer protected by this schedule (left its groups, "
-                                       "disabled, or deleted)")
-                touched.add(v.execution_id)
+            if (v.row.context_id, v.row.schedule_id) not in still:
+                v.status = VmStatus.SKIPPED
+                v.reason = "skipped: no longer protected by this schedule (left its groups, disabled, or deleted)"
+                await store.vm_skipped(tx, v.key, reason=v.reason, at=iso(now))
+                touched.add(v.row.execution_id)
 
-    async def _dispatch(self, open_vms: list[_Open], schedules: dict[str, dict[str, Any]], now: datetime,
+    # -- starting jobs -------------------------------------------------------------------------------
+
+    async def _dispatch(self, open_vms: list[_Open], schedules: Mapping[str, Schedule], now: datetime,
                         report: TickReport, touched: set[int]) -> None:
-        """Start the waiting VMs in order while the schedule's and each group's limits allow."""
-        waiting = [v for v in open_vms if v.status == "pending"]
+        """Start the waiting VMs in order while the schedule's and each group's limits allow.
+
+        In rounds: each round picks every VM the limits allow (assuming each start succeeds), starts them all
+        through their launcher's `start_many` (one call per action) and records the round in one transaction.
+        A refused start frees its slot, so another round looks again at the VMs the limits held back; every VM
+        is tried at most once per tick.
+        """
+        waiting = [v for v in open_vms if v.status == VmStatus.PENDING]
         if not waiting:
             return
-        per_schedule = Counter(v.schedule_id for v in open_vms if v.status == "running")
-        per_group = Counter(v.group_id for v in open_vms if v.status == "running")
-        limits = {r["id"]: r["max_concurrent_vms"] for r in await self.db.fetchall(
-            "SELECT id, max_concurrent_vms FROM vm_machine_groups WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps(sorted({v.group_id for v in waiting})),))}
-        busy = {r["context_id"]: r["id"] for r in await self.db.fetchall(
-            "SELECT context_id, id FROM jobs WHERE status IN ('pending', 'running') AND context_id IS NOT NULL")}
-        started: list[tuple[str, str]] = []
-        try:
-            await self._start_waiting(waiting, schedules, limits, busy, per_schedule, per_group, started, now,
-                                      report, touched)
-        finally:
-            if started:  # informational, so written once per tick rather than once per job
-                async with self.db.transaction() as tx:
-                    await tx.executemany("UPDATE vm_replication_contexts SET last_scheduled_job_id = ? "
-                                         "WHERE context_id = ?", started)
-
-    async def _start_waiting(self, waiting: list[_Open], schedules: dict[str, dict[str, Any]],
-                             limits: dict[str, int], busy: dict[str, str], per_schedule: Counter[str],
-                             per_group: Counter[str], started: list[tuple[str, str]], now: datetime,
-                             report: TickReport, touched: set[int]) -> None:
-        for v in waiting:
-            if self._stopping:
-                break  # omad stops: the VMs left wait for the next start
-            schedule = schedules[v.schedule_id]
-            if per_schedule[v.schedule_id] >= schedule["max_concurrent_jobs"]:
-                continue
-            if per_group[v.group_id] >= limits.get(v.group_id, schedule["max_concurrent_jobs"]):
-                continue
-            if v.context_id in busy:
-                await self._note_wait(v, f"waiting: the VM is busy with job {busy[v.context_id]}")
-                continue
-            if v.schedule_id in self._halted:
-                continue  # disabled while this tick ran: its waiting VMs were skipped meanwhile
-            target = target_of(schedule)
+        per_schedule = Counter(v.row.schedule_id for v in open_vms if v.status == VmStatus.RUNNING)
+        per_group = Counter(v.row.group_id for v in open_vms if v.status == VmStatus.RUNNING)
+        limits = await group_store.limits(self.db, [v.row.group_id for v in waiting])
+        busy = await job_store.busy_contexts(self.db)
+        tried: set[VmKey] = set()
+        while not self._stopping:
+            done = _Round()
+            chosen = self._choose(waiting, schedules, limits, busy, per_schedule, per_group, tried, done)
             try:
-                job_id = await self._launch(v, target)
-            except Conflict as e:
-                busy[v.context_id] = "?"
-                await self._note_wait(v, f"waiting: {e.details}")
-                continue
-            except OmaError as e:
-                async with self.db.transaction() as tx:
-                    v.attempts += 1
-                    await tx.execute("UPDATE schedule_execution_vms SET start_failures = start_failures + 1 "
-                                     "WHERE execution_id = ? AND vm_context_id = ?", (v.execution_id, v.context_id))
-                    await self._set(tx, v, v.status, attempts=v.attempts)
-                    await self._failed_attempt(tx, v, schedule, now, f"start refused: {e}")
-                touched.add(v.execution_id)
-                continue
-            async with self.db.transaction() as tx:
-                v.attempts += 1
-                v.job_id = job_id
-                await self._set(tx, v, "running", attempts=v.attempts, job_id=job_id, retry_at=None, reason=None,
-                                started_at=iso(now))
-                await tx.execute("INSERT INTO schedule_execution_jobs (job_id, execution_id, vm_context_id, attempt, "
-                                 "status, created_at) VALUES (?, ?, ?, ?, 'running', ?)",
-                                 (job_id, v.execution_id, v.context_id, v.attempts, iso(now)))
-            started.append((job_id, v.context_id))
-            busy[v.context_id] = job_id
-            per_schedule[v.schedule_id] += 1
-            per_group[v.group_id] += 1
-            report.started += 1
-            touched.add(v.execution_id)
+                for action, batch in _by_action(chosen, schedules).items():
+                    if self._stopping:
+                        break  # omad stops: the VMs left wait for the next start
+                    await self._start(action, batch, schedules, done)
+            finally:
+                await self._record(done, schedules, now, touched)
+            report.started += len(done.started)
+            started = {(s.execution_id, s.context_id) for s in done.started}
+            for v in chosen:  # a slot stays taken only by a start that happened
+                if v.key not in started:
+                    per_schedule[v.row.schedule_id] -= 1
+                    per_group[v.row.group_id] -= 1
+            busy.update({s.context_id: s.job_id for s in done.started})
+            busy.update({v.row.context_id: "?" for v, e in done.refused if isinstance(e, Conflict)})
+            if not chosen:
+                break
 
-    async def _launch(self, v: _Open, target: Target) -> str:
-        launcher = self.launchers.get(target.action)
+    def _choose(self, waiting: list[_Open], schedules: Mapping[str, Schedule], limits: Mapping[str, int],
+                busy: dict[str, str], per_schedule: Counter[str], per_group: Counter[str], tried: set[VmKey],
+                done: _Round) -> list[_Open]:
+        """The VMs this round starts, in order, with their slots taken."""
+        chosen: list[_Open] = []
+        claimed: set[str] = set()  # VMs chosen this round (a VM may wait in two schedules' executions)
+        for v in waiting:
+            if v.key in tried or v.status != VmStatus.PENDING:
+                continue
+            schedule = schedules[v.row.schedule_id]
+            if per_schedule[v.row.schedule_id] >= schedule.max_concurrent_jobs:
+                continue
+            if per_group[v.row.group_id] >= limits.get(v.row.group_id, schedule.max_concurrent_jobs):
+                continue
+            if v.row.context_id in claimed:
+                continue  # looked at again next round, once its other start is known
+            if v.row.context_id in busy:
+                tried.add(v.key)
+                done.waits.append((v, f"waiting: the VM is busy with job {busy[v.row.context_id]}"))
+                continue
+            if v.row.schedule_id in self._halted:
+                continue  # disabled while this tick ran: its waiting VMs were skipped meanwhile
+            tried.add(v.key)
+            claimed.add(v.row.context_id)
+            per_schedule[v.row.schedule_id] += 1
+            per_group[v.row.group_id] += 1
+            chosen.append(v)
+        return chosen
+
+    async def _start(self, action: str, batch: list[_Open], schedules: Mapping[str, Schedule], done: _Round
+                     ) -> None:
+        """Start the batch through the action's launcher; each VM ends started or refused in `done`."""
+        launcher = self.launchers.get(action)
         if launcher is None:
-            raise Invalid("action not available", f"this omad cannot start a {target.action}")
+            refusal: OmaError = Invalid("action not available", f"this omad cannot start a {action}")
+            done.refused.extend((v, refusal) for v in batch)
+            return
+        starts = {Start(VmRef(v.row.context_id, v.row.vm_name or ""), target_of(schedules[v.row.schedule_id])): v
+                  for v in batch}
+        reported: set[Start] = set()
         try:
-            job_id = await launcher.start(VmRef(v.context_id, v.vm_name or ""), target)
-        except OmaError:
-            raise
-        except Exception as e:  # a launcher bug must not stop the scheduler: the attempt fails, visibly
-            log.exception("launcher failed", extra={"resource": v.context_id})
-            raise OmaError("internal error", f"starting the {target.action} failed unexpectedly: {e}") from e
-        log.info("%s: %s job %s started (schedule %r, attempt %d)", v.vm_name, target.action, job_id,
-                 target.schedule_name, v.attempts + 1, extra={"resource": v.context_id})
-        return job_id
-
-    async def _note_wait(self, v: _Open, reason: str) -> None:
-        if v.reason != reason:  # written once per change, not every tick
-            async with self.db.transaction() as tx:
-                await self._set(tx, v, v.status, reason=reason)
+            async with contextlib.aclosing(launcher.start_many(list(starts))) as outcomes:
+                async for start, outcome in outcomes:
+                    reported.add(start)
+                    self._started_or_refused(starts[start], outcome, start.target, done)
+                    if self._stopping:
+                        break  # omad stops: the start in progress was recorded; the VMs left wait
+        except Exception as e:  # a launcher bug must not stop the scheduler: the attempts fail, visibly
+            log.exception("launcher failed", extra={"resource": action})
+            refusal = OmaError("internal error", f"starting the {action} failed unexpectedly: {e}")
+            done.refused.extend((v, refusal) for start, v in starts.items() if start not in reported)
 
     @staticmethod
-    async def _set(tx: Tx, v: _Open, status: str, **columns: Any) -> None:
-        """Change one execution VM, in memory and in the database."""
-        v.status = status
-        for key in ("retry_at", "reason", "job_id", "attempts"):
-            if key in columns:
-                setattr(v, key, columns[key])
-        sets = ["status = ?"] + [f"{k} = ?" for k in columns if k != "started_at"]
-        params: list[Any] = [status] + [columns[k] for k in columns if k != "started_at"]
-        if "started_at" in columns:
-            sets.append("started_at = COALESCE(started_at, ?)")
-            params.append(columns["started_at"])
-        # The column names come from this module's own keyword arguments, never from input.
-        await tx.execute(f"UPDATE schedule_execution_vms SET {', '.join(sets)} "
-                         "WHERE execution_id = ? AND vm_context_id = ?", (*params, v.execution_id, v.context_id))
+    def _started_or_refused(v: _Open, outcome: Outcome, target: Target, done: _Round) -> None:
+        if isinstance(outcome, Conflict):
+            done.waits.append((v, f"waiting: {outcome.details}"))
+            done.refused.append((v, outcome))
+        elif isinstance(outcome, OmaError):
+            done.refused.append((v, outcome))
+        else:
+            v.attempts += 1
+            v.status, v.job_id, v.retry_at, v.reason = VmStatus.RUNNING, outcome, None, None
+            done.started.append(Started(v.row.execution_id, v.row.context_id, v.attempts, outcome))
+            log.info("%s: %s job %s started (schedule %r, attempt %d)", v.row.vm_name, target.action, outcome,
+                     target.schedule_name, v.attempts, extra={"resource": v.row.context_id})
 
-    @staticmethod
-    async def _recount(tx: Tx, execution_id: int) -> None:
-        """The counts, from the rows they count: they always match the jobs the execution created."""
-        await tx.execute(
-            "UPDATE schedule_executions SET "
-            "jobs_created = (SELECT COUNT(*) FROM schedule_execution_jobs WHERE execution_id = :id), "
-            "jobs_completed = (SELECT COUNT(*) FROM schedule_execution_jobs WHERE execution_id = :id "
-            "AND status = 'completed'), "
-            "jobs_failed = (SELECT COUNT(*) FROM schedule_execution_jobs WHERE execution_id = :id "
-            "AND status = 'failed'), "
-            "jobs_skipped = (SELECT COUNT(*) FROM schedule_execution_vms WHERE execution_id = :id "
-            "AND status = 'skipped'), "
-            "start_failures = (SELECT COALESCE(SUM(start_failures), 0) FROM schedule_execution_vms "
-            "WHERE execution_id = :id) WHERE id = :id", {"id": execution_id})
+    async def _record(self, done: _Round, schedules: Mapping[str, Schedule], now: datetime, touched: set[int]
+                      ) -> None:
+        """One transaction for the round: the started VMs and their jobs, refused starts, new reasons to wait."""
+        waits = [(v, why) for v, why in done.waits if v.reason != why]  # written once per change, not every tick
+        if not (done.started or done.refused or waits):
+            return
+        async with self.db.transaction() as tx:
+            await store.vms_started(tx, done.started, at=iso(now))
+            await store.note_scheduled_jobs(tx, done.started)  # informational: shown with the VM
+            for v, e in done.refused:
+                if isinstance(e, Conflict):
+                    continue  # the VM is busy: it waits, without counting an attempt
+                v.attempts += 1
+                await store.vm_start_refused(tx, v.key, attempts=v.attempts)
+                await self._failed_attempt(tx, v, schedules[v.row.schedule_id], now, f"start refused: {e}")
+                touched.add(v.row.execution_id)
+            await store.vm_waiting(tx, [(v.key, why) for v, why in waits])
+        for v, why in waits:
+            v.reason = why
+        touched.update(s.execution_id for s in done.started)
 
     async def _close(self, tx: Tx, execution_id: int, now: datetime) -> None:
-        counts = {r["status"]: r["n"] for r in await tx.fetchall(
-            "SELECT status, COUNT(*) AS n FROM schedule_execution_vms WHERE execution_id = ? GROUP BY status",
-            (execution_id,))}
-        cancelled = await tx.scalar("SELECT 1 FROM schedule_execution_vms WHERE execution_id = ? AND "
-                                    "reason LIKE 'cancelled:%' LIMIT 1", (execution_id,))
+        counts, cancelled = await store.vm_outcomes(tx, execution_id)
         done, failed, skipped = counts.get("completed", 0), counts.get("failed", 0), counts.get("skipped", 0)
-        status = "failed" if failed else "completed" if done else "cancelled" if cancelled else "skipped"
+        status = ExecutionStatus.FAILED if failed else ExecutionStatus.COMPLETED if done else \
+            ExecutionStatus.CANCELLED if cancelled else ExecutionStatus.SKIPPED
         message = f"{done} of {done + failed + skipped} VM(s) protected, {failed} failed, {skipped} skipped"
-        await tx.execute("UPDATE schedule_executions SET status = ?, completed_at = ?, message = ? WHERE id = ?",
-                         (status, iso(now), message, execution_id))
+        await store.close_execution(tx, execution_id, status, message=message, at=iso(now))
         log.info("execution %d %s: %s", execution_id, status, message, extra={"resource": str(execution_id)})
+
+
+def _by_action(vms: Sequence[_Open], schedules: Mapping[str, Schedule]) -> dict[str, list[_Open]]:
+    """The VMs per action (one launcher each), in order."""
+    out: dict[str, list[_Open]] = {}
+    for v in vms:
+        out.setdefault(schedules[v.row.schedule_id].action, []).append(v)
+    return out

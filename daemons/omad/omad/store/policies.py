@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from . import jobs
 from .backups import ACTIVE, ACTIVE_PLACEHOLDERS, BackupStatus, VerifyStatus
 from .base import Reader, get_or_404, name_free, record
 from .db import Tx
@@ -276,11 +277,8 @@ async def start_copy(db: Tx, copy_id: str, now: str) -> None:
 
 
 async def mark_job_running(db: Tx, job_id: str, now: str) -> None:
-    """The copy's row in `jobs` runs too.
-
-    Written here until the jobs table's owner offers a transition from pending to running.
-    """
-    await db.execute("UPDATE jobs SET status = 'running', started_at = ? WHERE id = ?", (now, job_id))
+    """The copy's row in `jobs` runs too (through the jobs table's own transition)."""
+    await jobs.start(db, job_id, now=now)
 
 
 async def set_attempt(db: Tx, copy_id: str, attempt: int, now: str) -> None:

@@ -12,4 +12,11 @@ NEEDS: dict[str, Needs] = {
                     caps=("CAP_LINUX_IMMUTABLE",  # set or clear the immutable attribute
                           "CAP_FOWNER",  # FS_IOC_SETFLAGS on a file the caller does not own
                           "CAP_DAC_READ_SEARCH")),  # open and reach another user's 0600 files and 0700 dirs
+    "cloudstack": needs("the CloudStack management server's API over HTTP(S), through cs's asyncio client"),
+    "devdir": needs("looks up virtio-<serial> links in the device directory and stat()s the devices they lead to",
+                    devices=("block devices of attached CloudStack volumes (stat only)",)),
+    "netif": needs("this machine's MAC addresses from /sys/class/net (which CloudStack VM this appliance is)"),
+    "openers": needs("reads /proc/locks (QEMU's locks on a device) and the /proc/<pid>/fd links it may read, to "
+                     "see whether a volume's device is in use before a detach; no CAP_SYS_PTRACE: QEMU's locks "
+                     "answer for qemu-nbd, whose fd links a process with fewer capabilities cannot read"),
 }
