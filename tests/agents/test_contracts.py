@@ -19,22 +19,24 @@ import volume_agent.api
 from oma_common.contracts import nbd_pool as nbd_pool_contract
 from oma_common.contracts import restore_mounter as restore_mounter_contract
 from oma_common.contracts import volume_agent as volume_agent_contract
+from oma_common.contracts import volume_agent_volumes
 from oma_common.devrun import AGENTS
 from oma_common.web import collect
 
 from ..rig import Stack
 from .test_lifecycle import unix_get
 
-# agent → (its contract, its API module, omad's client module)
-SIDES: dict[str, tuple[ModuleType, ModuleType, ModuleType]] = {
-    "nbd-pool": (nbd_pool_contract, nbd_pool.api, omad.clients.nbdpool),
-    "restore-mounter": (restore_mounter_contract, restore_mounter.api, omad.clients.restore_mounter),
-    "volume-agent": (volume_agent_contract, volume_agent.api, omad.clients.volume_agent),
+# agent → (its contract modules, its API module, omad's client module)
+SIDES: dict[str, tuple[tuple[ModuleType, ...], ModuleType, ModuleType]] = {
+    "nbd-pool": ((nbd_pool_contract,), nbd_pool.api, omad.clients.nbdpool),
+    "restore-mounter": ((restore_mounter_contract,), restore_mounter.api, omad.clients.restore_mounter),
+    "volume-agent": ((volume_agent_contract, volume_agent_volumes), volume_agent.api, omad.clients.volume_agent),
 }
 
 
-def shapes(module: ModuleType) -> dict[str, type]:
-    return {name: obj for name, obj in vars(module).items() if dataclasses.is_dataclass(obj) and isinstance(obj, type)}
+def shapes(*modules: ModuleType) -> dict[str, type]:
+    return {name: obj for module in modules for name, obj in vars(module).items()
+            if dataclasses.is_dataclass(obj) and isinstance(obj, type)}
 
 
 def declared(api_module: ModuleType) -> set[type]:
@@ -51,16 +53,17 @@ def declared(api_module: ModuleType) -> set[type]:
 
 @pytest.mark.parametrize("agent", AGENTS)
 def test_handlers_and_omads_client_import_the_same_contract_classes(agent: str) -> None:
-    contract, api, client = SIDES[agent]
+    contracts, api, client = SIDES[agent]
     on_routes = declared(api)
     assert on_routes, f"{api.__name__} declares no shapes"
-    contract_classes = set(shapes(contract).values())
+    contract = shapes(*contracts)
+    contract_classes = set(contract.values())
     assert on_routes <= contract_classes, f"shapes declared outside the contract: {on_routes - contract_classes}"
     # No module keeps a copy: a class of the same name on either side is the contract's own object.
     for side in (api, client):
         for name, cls in shapes(side).items():
-            if name in shapes(contract):
-                assert cls is shapes(contract)[name], f"{side.__name__}.{name} is a copy"
+            if name in contract:
+                assert cls is contract[name], f"{side.__name__}.{name} is a copy"
     used_by_client = {cls for cls in shapes(client).values() if cls in contract_classes}
     assert used_by_client, f"{client.__name__} does not use the contract"
     assert used_by_client & on_routes, "the client and the handlers share no class"
@@ -78,7 +81,7 @@ def test_each_agent_serves_its_openapi_document_on_its_socket(stack_config: Stac
     status, doc = unix_get(stack_config.run_dir / f"{agent}.sock", "/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.")
     assert doc["info"]["title"] == f"{agent} agent API"
-    contract, api, _ = SIDES[agent]
+    api = SIDES[agent][1]
     apis = [cls.__new__(cls) for cls in vars(api).values() if isinstance(cls, type)
             and cls.__module__ == api.__name__ and any(hasattr(f, "__oma_routes__") for f in vars(cls).values())]
     routes = {(b.spec.method.lower(), b.spec.path) for b in collect(*apis)}

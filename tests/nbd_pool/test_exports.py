@@ -165,7 +165,15 @@ async def test_invalid_requests_are_400_json(pool: Pool) -> None:
     (pool.repo / "escape.qcow2").symlink_to(outside)
     (pool.repo / "sub").mkdir()
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", outside, "-F", "qcow2", pool.repo / "sub" / "child.qcow2")
+    # Headers rewritten as a compromised omad could (it owns the repositories): the backing names a host
+    # file, or the image keeps its data in an external file.
+    sh("qemu-img", "create", "-q", "-f", "qcow2", pool.repo / "shadow.qcow2", "4M")
+    sh("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw", pool.repo / "shadow.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={pool.repo / 'data.raw'}",
+       pool.repo / "datafile.qcow2", "4M")
     cases: dict[str, dict[str, Any]] = {
+        "a backing file naming /etc/shadow": {"path": str(pool.repo / "shadow.qcow2")},
+        "an external data file": {"path": str(pool.repo / "datafile.qcow2")},
         "outside the roots": {"path": str(outside)},
         "dot-dot out of a root": {"path": f"{pool.repo}/../outside.qcow2"},
         "a link out of a root": {"path": str(pool.repo / "escape.qcow2")},
@@ -203,3 +211,51 @@ async def test_export_that_dies_is_dropped_by_the_periodic_check(make_pool: obje
     assert (await pool.agent.ok("GET", "/exports"))["processes"] == []
     leases = (await pool.agent.ok("GET", "/ports/status"))["allocations"]
     assert [x["port"] for x in leases] == [e["port"]]  # the port stays with the job until it is released
+
+
+async def test_a_racing_directory_swap_exports_nothing_outside_the_roots(pool: Pool) -> None:
+    """A compromised omad exchanges a repository directory with a symlink to a directory outside the roots
+    (renameat2 RENAME_EXCHANGE, in a loop) while export requests run for 10 s: every export serves the image
+    inside the root (4 MiB) and never the one outside (8 MiB)."""
+    import ctypes
+    import threading
+    import time
+
+    ctx = pool.repo / "ctx"
+    ctx.mkdir()
+    sh("qemu-img", "create", "-q", "-f", "qcow2", ctx / "d.qcow2", "4M")
+    outside = pool.stack.state / "outside"
+    outside.mkdir()
+    sh("qemu-img", "create", "-q", "-f", "qcow2", outside / "d.qcow2", "8M")
+    (pool.repo / "ctx.link").symlink_to(outside)
+    libc = ctypes.CDLL(None, use_errno=True)
+    stop = threading.Event()
+    flips = [0]
+
+    def flip() -> None:
+        while not stop.is_set():
+            assert libc.renameat2(-100, bytes(ctx), -100, bytes(pool.repo / "ctx.link"), 2) == 0
+            flips[0] += 1
+            time.sleep(0.0005)
+
+    alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-race", "count": 1})
+    port = alloc["allocated_ports"][0]["port"]
+    t = threading.Thread(target=flip)
+    t.start()
+    served = refused = 0
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            status, out = await pool.agent.post("/exports", {"export_name": "race", "port": port, "job_id": "job-race",
+                                                             "path": str(ctx / "d.qcow2")})
+            if status == 200:
+                served += 1
+                assert out["size"] == 4 * MIB, out
+                await pool.agent.ok("POST", "/exports/stop", {"export_name": "race"})
+            else:
+                assert status in (400, 404, 409), (status, out)
+                refused += 1
+    finally:
+        stop.set()
+        t.join()
+    assert flips[0] > 100 and served > 0 and refused > 0, (flips, served, refused)

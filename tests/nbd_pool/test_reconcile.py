@@ -171,7 +171,14 @@ async def test_the_periodic_check_releases_leftovers_under_the_work_root(make_po
     raw = gpt_two_ext4(pool.stack.state / "p.raw", {"a.txt": b"A\n"}, {"b.txt": b"B\n"}, size=128 * MIB)
     image = to_qcow2(raw.path, pool.repo / "p.qcow2")
     ours = await pool.agent.ok("POST", "/attachments", {"image": str(image), "owner": "o"})
-    stray = (await FuseLoopBackend().attach(image, pool.work_root / "att-late", resource_id="late")).forget()
+    # Frozen while the stray is made, so that a pass cannot catch it half-attached (under load an attach
+    # takes longer than the interval); thawed, its next pass must find it.
+    daemon_pid = pool.stack.daemons["nbd-pool"].pid
+    os.kill(daemon_pid, signal.SIGSTOP)
+    try:
+        stray = (await FuseLoopBackend().attach(image, pool.work_root / "att-late", resource_id="late")).forget()
+    finally:
+        os.kill(daemon_pid, signal.SIGCONT)
     for _ in range(100):
         if not alive(stray.process.pid) and not (pool.work_root / "att-late").exists():
             break

@@ -87,6 +87,7 @@ async def test_no_plaintext_password_at_rest_or_on_the_wire(stack: Stack, admin:
 
 async def test_validation_and_conflicts(stack: Stack, admin: Api) -> None:
     for bad in ({"vcenter_host": "not a host"}, {"vcenter_host": "ftp://vc"}, {"vcenter_host": "vc:99999"},
+                {"vcenter_host": "vc]"}, {"vcenter_host": "[fd00::5"},
                 {"password": ""}, {"credential_name": ""}):
         status, err = await admin.post("/vmware-credentials", body(**bad))
         assert status == 400 and err["code"] == "invalid_request", (bad, err)

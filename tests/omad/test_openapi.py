@@ -120,6 +120,8 @@ def test_statuses_come_from_the_declaration(doc: dict[str, Any]) -> None:
         for status, response in op["responses"].items():
             if int(status) >= 400:
                 assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    credential = doc["paths"][f"{PREFIX}/vmware-credentials/{{credential_id}}"]["get"]["parameters"][0]["schema"]
+    assert credential["pattern"] == "^(?:[0-9]{1,18})$" and credential["maxLength"] == 1024
     group = doc["paths"][f"{PREFIX}/machine-groups/{{group_id}}"]["put"]
     assert set(group["responses"]) == {"200", "400", "401", "403", "404", "409", "413"}
     assert group["requestBody"]["required"] is True

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from . import __version__
-from .schema import SchemaRegistry
+from .schema import SchemaRegistry, anchored
 from .web import PATH_PARAM_MAX, Auth, BoundRoute, Call, RouteSpec, declared_statuses, route
 
 _PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
@@ -38,7 +38,8 @@ def _operation(reg: SchemaRegistry, spec: RouteSpec, operation_id: str) -> dict[
     notes = [spec.description] if spec.description else []
     params: list[dict[str, Any]] = [
         {"name": name, "in": "path", "required": True,
-         "schema": {"type": "string", "minLength": 1, "maxLength": PATH_PARAM_MAX}}
+         "schema": {"type": "string", "minLength": 1, "maxLength": PATH_PARAM_MAX,
+                    **({"pattern": anchored(spec.params[name])} if name in spec.params else {})}}
         for name in spec.path_params]
     if spec.query is not None:
         obj = reg._object(spec.query)

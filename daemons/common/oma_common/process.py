@@ -212,9 +212,12 @@ class SupervisedChild:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         stderr_lines: int = 200,
+        pass_fds: Sequence[int] = (),
     ) -> None:
+        """`pass_fds`: descriptors the child inherits (e.g. images it is given as /proc/self/fd/N)."""
         if not argv:
             raise ValueError("empty argv")
+        self._pass_fds = tuple(pass_fds)
         self.argv: tuple[str, ...] = tuple(os.fspath(a) for a in argv)
         self.resource_id = resource_id
         self._log = logger or log
@@ -277,6 +280,7 @@ class SupervisedChild:
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # own session and process group: no terminal signal or group kill reaches it
                 close_fds=True,
+                pass_fds=self._pass_fds,
                 env=self._env,
                 cwd=self._cwd,
             )

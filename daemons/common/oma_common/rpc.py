@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from . import errors, schema
-from .web import error_response
+from .web import REQUEST_LIMITS, error_response
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class UnixServer:
                 raise AlreadyRunning(f"another instance is serving {self.path}")
             log.warning("removing stale socket %s left by a previous run", self.path)
             self.path.unlink()
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None, **REQUEST_LIMITS)
         await self._runner.setup()
         site = web.UnixSite(self._runner, str(self.path))
         old = os.umask(0o777 & ~self.mode)  # the socket never exists with wider permissions

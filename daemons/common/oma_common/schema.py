@@ -301,7 +301,7 @@ _KEYWORDS = {"string": ("minLength", "maxLength", "pattern"), "integer": ("minim
              "number": ("minimum", "maximum")}
 
 
-def _anchored(pattern: str) -> str:
+def anchored(pattern: str) -> str:
     """JSON Schema's `pattern` matches anywhere in the value; ours match the whole of it."""
     if pattern.startswith("^") and pattern.endswith("$"):
         return pattern
@@ -329,13 +329,13 @@ class SchemaRegistry:
             prop = self.of(hints[f.name])
             meta = {k: v for k, v in f.metadata.items() if v is not None}
             if "pattern" in meta:
-                meta["pattern"] = _anchored(meta["pattern"])
+                meta["pattern"] = anchored(meta["pattern"])
             item = meta.pop("item", None)
             if prop.get("type") == "array":  # lengths of a list are counts of items
                 meta.update({new: meta.pop(old) for old, new in (("minLength", "minItems"), ("maxLength", "maxItems"))
                              if old in meta})
                 if item:
-                    prop["items"] = {**prop["items"], **item, "pattern": _anchored(item["pattern"])} \
+                    prop["items"] = {**prop["items"], **item, "pattern": anchored(item["pattern"])} \
                         if "pattern" in item else {**prop["items"], **item}
             if "oneOf" in prop:  # each constraint goes to the alternatives it is about
                 for alt in prop["oneOf"]:

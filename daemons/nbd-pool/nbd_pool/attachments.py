@@ -24,6 +24,7 @@ from oma_common.timefmt import rfc3339
 from .adapters.attach import AttachBackend, AttachError, Attachment, AttachRecord, DetachBusy
 from .adapters.loopdev import LoopError
 from .adapters.partx import PartxError
+from .images import ImageRoots, OpenedImage
 from .roots import Roots
 
 log = logging.getLogger("nbd_pool.attachments")
@@ -70,11 +71,12 @@ def _domain_error(exc: Exception, image: str) -> Exception:
 class Attachments:
     def __init__(self, backend: AttachBackend, roots: Roots, store: StateFile, *, work_root: Path,
                  max_attachments: int, clock: Callable[[], float] = time.time,
-                 other_backends: Mapping[str, AttachBackend] | None = None) -> None:
+                 other_backends: Mapping[str, AttachBackend] | None = None, images: ImageRoots | None = None) -> None:
         self.backend = backend
         # Records made by another backend (the configuration changed between runs) are torn down by it.
         self._backends = {**(other_backends or {}), backend.name: backend}
         self.roots = roots
+        self.images = images or ImageRoots([str(r) for r in roots.configured])
         self.store = store
         self.work_root = work_root
         self.max_attachments = max_attachments
@@ -119,8 +121,14 @@ class Attachments:
         """Attach `image` (with its backing chain) read-only; Exhausted with `available_slots` when full."""
         if not owner.strip():
             raise Invalid("owner required", "say who owns the attachment (e.g. restore-mounter:<mount id>)")
-        resolved = self.roots.resolve(image, allow_block=False)
-        await self.roots.check_image(resolved, fmt)
+        # Opened by descriptor, each layer beneath its root, and handed to qemu that way (images.py).
+        opened = await asyncio.to_thread(self.images.open_file, image, fmt, writable=False)
+        try:
+            return await self._attach(opened, image, owner, fmt)
+        finally:
+            opened.close()
+
+    async def _attach(self, opened: OpenedImage, image: str, owner: str, fmt: str) -> dict[str, Any]:
         async with self.lock:
             if self.available_slots == 0:
                 raise Exhausted("no attach slot free",
@@ -128,7 +136,8 @@ class Attachments:
                                 available_slots=0, max_attachments=self.max_attachments)
             aid = f"att-{secrets.token_hex(6)}"
             try:
-                att = await self.backend.attach(resolved.path, self.work_root / aid, fmt=fmt, resource_id=aid)
+                att = await self.backend.attach(opened.path, self.work_root / aid, fmt=fmt, resource_id=aid,
+                                                source=opened)
             except (AttachError, ProcessError, PartxError, LoopError, OSError) as exc:
                 log.warning("%s: attaching %s failed: %s", aid, image, exc)
                 raise _domain_error(exc, image) from exc

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 from oma_common.errors import Conflict, Invalid, NotFound, TimedOut, Unavailable
 from oma_common.process import AdoptedChild, ChildFailed, ChildNotReady, ChildUnkillable, PidMismatch, ProcessError
+from oma_common.beneath import fd_path
 from oma_common.statefile import StateFile
 from oma_common.timefmt import rfc3339
 
@@ -32,6 +34,7 @@ from .adapters.qemu_nbd import (
     fallback_options,
     io_uring_allowed,
 )
+from .images import ImageRoots, OpenedImage
 from .pool import Lease, Pool, check_export_name, check_job_id
 from .roots import BLOCK, Roots
 
@@ -95,9 +98,10 @@ class Exports:
     def __init__(self, pool: Pool, roots: Roots, store: StateFile, *, bind_address: str, options: ExportOptions,
                  ready_timeout: float = 10.0, stop_timeout: float = 10.0, program: str = "qemu-nbd",
                  clock: Callable[[], float] = time.time,
-                 port_free: Callable[[str, int], bool] = port_is_free) -> None:
+                 port_free: Callable[[str, int], bool] = port_is_free, images: ImageRoots | None = None) -> None:
         self.pool = pool
         self.roots = roots
+        self.images = images or ImageRoots([str(r) for r in roots.configured])
         self.store = store
         self.bind_address = bind_address
         self.options = options
@@ -178,19 +182,37 @@ class Exports:
             raise Invalid("too few connections", f"shared_connections must be at least {MIN_SHARED}")
         self.pool.check_in_range(req.port)
         self._leased_to(req.port, req.job_id)
-        resolved = self.roots.resolve(req.path)
-        fmt = req.fmt or ("raw" if resolved.kind == BLOCK else "qcow2")
-        await self.roots.check_image(resolved, fmt)
-        direct = await asyncio.to_thread(direct_io_supported, resolved.path)
+        image = await asyncio.to_thread(self._open, req)
+        try:
+            return await self._start(req, image)
+        finally:
+            image.close()  # qemu-nbd holds its own copies of the descriptors now
+
+    def _open(self, req: StartRequest) -> OpenedImage:
+        """The image (and its backing chain) or the vouched device, opened by descriptor (images.py).
+        Blocking: run in a thread."""
+        resolved = self.roots.resolve(req.path)  # classifies, and vouches for block devices
+        if resolved.kind == BLOCK:
+            image = self.images.open_block(resolved.path, writable=not req.read_only)
+            if os.fstat(image.fds[0]).st_rdev != os.stat(resolved.path).st_rdev:
+                image.close()
+                raise Conflict("device changed", f"{req.path} changed while it was opened; try again")
+            return image
+        return self.images.open_file(req.path, req.fmt or "qcow2", writable=not req.read_only)
+
+    async def _start(self, req: StartRequest, image: OpenedImage) -> dict[str, Any]:
+        fmt = image.layers[0].fmt
+        direct = await asyncio.to_thread(direct_io_supported, Path(fd_path(image.fds[0])))
         options = fallback_options(
             dataclasses.replace(self.options, fmt=fmt, read_only=req.read_only, shared=req.shared),
             direct_io=direct, io_uring=self._io_uring)
         rid = f"export {req.export_name}@{req.port}"
         async with self.locked([req.port]):
             lease = self._leased_to(req.port, req.job_id)  # again: it may have been released while we waited
-            self._check_free(req, resolved.path)
-            export = QemuNbdExport(resolved.path, req.export_name, self.bind_address, req.port, options,
-                                   resource_id=rid, program=self.program, logger=log)
+            self._check_free(req, image.path)
+            export = QemuNbdExport(image.path, req.export_name, self.bind_address, req.port, options,
+                                   resource_id=rid, program=self.program, logger=log, source=image.image_opts(),
+                                   pass_fds=image.fds)
             self._reserved.add(req.export_name)
             try:
                 info = await export.start(timeout=self.ready_timeout)
@@ -214,7 +236,7 @@ class Exports:
             await self.pool.name_export(req.port, req.export_name)
         if options != dataclasses.replace(self.options, fmt=fmt, read_only=req.read_only, shared=req.shared):
             log.info("%s: cache=%s aio=%s (the configured flags do not work for %s on this host)", rid,
-                     options.cache, options.aio, resolved.path)
+                     options.cache, options.aio, image.path)
         out = self._describe(live)
         out["size"] = info.size
         return out

@@ -113,13 +113,15 @@ class OpenedImage:
     def fds(self) -> tuple[int, ...]:
         return tuple(layer.fd for layer in self.layers)
 
-    def blockdev(self, **top: Any) -> dict[str, Any]:
-        """qemu's options for the whole chain: each layer's file is /proc/self/fd/N, backing explicit."""
+    def blockdev(self, each: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+        """qemu's options for the whole chain: each layer's file is /proc/self/fd/N, backing explicit.
+        `each` is set on every node (e.g. read-only, force-share), `top` on the top one."""
         node: dict[str, Any] | None = None
         for layer in reversed(self.layers):
             driver = "host_device" if self.block else "file"
             current: dict[str, Any] = {"driver": layer.fmt,
-                                       "file": {"driver": driver, "filename": beneath.fd_path(layer.fd)}}
+                                       "file": {"driver": driver, "filename": beneath.fd_path(layer.fd), **(each or {})},
+                                       **(each or {})}
             if layer.fmt == "qcow2":
                 current["backing"] = node  # None (JSON null) at the base: qemu opens no name of its own
             node = current

@@ -22,6 +22,7 @@ from .adapters.qemu_nbd import ExportOptions
 from .api import AttachmentsApi, ExportsApi, Gate, PortsApi
 from .attachments import Attachments
 from .exports import Exports
+from .images import ImageRoots
 from .jobs import Jobs
 from .pool import Pool
 from .reconcile import Reconciler
@@ -124,16 +125,18 @@ async def amain() -> int:
     clock = time.time
 
     roots = Roots(cfg.export_roots, DeviceGuard(Path(cfg.vouched_registry)))
+    # Every image is opened by descriptor beneath its root; the roots' identities are taken now.
+    images = ImageRoots(cfg.export_roots)
     pool = Pool(StateFile(state / "leases.json", "leases", damaged=DAMAGED), port_min=cfg.port_min, port_max=cfg.port_max,
                 host=cfg.bind_address, lease_seconds=cfg.lease_seconds, max_lease_seconds=cfg.max_lease_seconds,
                 clock=clock)
     exports = Exports(pool, roots, StateFile(state / "exports.json", "exports", damaged=DAMAGED), bind_address=cfg.bind_address,
                       options=options, ready_timeout=cfg.ready_timeout_seconds, stop_timeout=cfg.stop_timeout_seconds,
-                      clock=clock)
+                      clock=clock, images=images)
     backend, backends = choose_backend(cfg)
     attachments = Attachments(backend, roots, StateFile(state / "attachments.json", "attachments", damaged=DAMAGED),
                               work_root=work_root, max_attachments=cfg.max_attachments, clock=clock,
-                              other_backends=backends)
+                              other_backends=backends, images=images)
     jobs = Jobs(pool, exports, idle_grace_seconds=cfg.idle_grace_seconds, clock=clock)
     reconciler = Reconciler(pool, exports, attachments, jobs, work_root=work_root,
                             nbd_devices=cfg.nbd_devices)

@@ -1,4 +1,7 @@
-"""Which files nbd-pool may hand to qemu: regular files and block devices inside the configured roots.
+"""Which paths nbd-pool accepts: regular files and block devices inside the configured roots (classification).
+
+What is accepted is then opened by descriptor, each layer of an image beneath its root (images.py); this
+module decides the kind of a request and vouches for block devices.
 
 omad (an unprivileged user) names the paths; nbd-pool (root) opens them. So a path is resolved with every
 symlink followed and must then lie inside a root; `..` and links cannot lead out. One exception serves the
@@ -6,8 +9,7 @@ volume device directory: a udev link such as /dev/disk/by-id/virtio-<serial> poi
 its root, and is followed when it leads to a block device and the directory holding it is writable by
 root alone, so a link that omad plants in a repository it writes to is never followed to a disk. And a
 block device is exported only when volume-agent vouches for it (vouched.py): attached here for a CloudStack
-volume, and not in use by this system. A QCOW2 opens more files than its own (backing files, an external
-data file): each of them must pass too.
+volume, and not in use by this system.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from pathlib import Path
 
 from oma_common.errors import Invalid, NotFound
 
-from .adapters.qemu_img import ImageError, Layer, backing_chain
 from .vouched import DeviceGuard, root_only
 
 log = logging.getLogger("nbd_pool.roots")
@@ -88,26 +89,3 @@ class Roots:
                 raise Invalid("block devices not exported", "nbd-pool has no registry of vouched devices configured")
             self.devices.check(resolved.requested, resolved.path)
         return resolved
-
-    async def check_image(self, resolved: Resolved, fmt: str) -> list[Layer]:
-        """For a QCOW2, read its chain and check that every file it opens is inside the roots too."""
-        if fmt != "qcow2":
-            return []
-        try:
-            chain = await backing_chain(resolved.path, fmt)
-        except ImageError as exc:
-            raise Invalid("cannot read the image", f"{resolved.requested}: {exc}") from exc
-        for depth, layer in enumerate(chain):
-            if layer.data_file:
-                raise Invalid("image refused", f"{layer.filename} has an external data file ({layer.data_file}); "
-                                               f"images with data files are not exported")
-            if depth == 0:
-                continue  # the top is `resolved` itself, checked already
-            if layer.format not in ("qcow2", "raw"):
-                raise Invalid("image refused", f"backing file {layer.filename} has format {layer.format!r}")
-            try:
-                self.resolve(layer.filename, allow_block=False)
-            except (Invalid, NotFound) as exc:
-                raise Invalid("backing file outside the export roots",
-                              f"{resolved.requested} depends on {layer.filename}: {exc.details}") from exc
-        return chain

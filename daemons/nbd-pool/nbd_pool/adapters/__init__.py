@@ -7,8 +7,8 @@ NEEDS: dict[str, Needs] = {
     "qemu_nbd": needs("qemu-nbd exports of images in repositories and of vouched volume devices",
                       caps=("CAP_DAC_OVERRIDE",),  # images on NFS shares may belong to other users
                       devices=("block devices of attached CloudStack volumes",)),
-    "qemu_img": needs("qemu-img info of an image before it is exported or attached",
-                      caps=("CAP_DAC_OVERRIDE",)),
+    "images": needs("images.py opens each layer by descriptor for qemu: omad's 0600 images, read-write for "
+                    "backup exports", caps=("CAP_DAC_OVERRIDE",)),
     "kernel_nbd": needs("qemu-nbd --connect: NBD_SET_SOCK, NBD_DO_IT", caps=("CAP_SYS_ADMIN",),
                         devices=("/dev/nbd*",)),
     "fuse_loop": needs("qemu-storage-daemon mounts its FUSE export itself; a read-only loop device on it",

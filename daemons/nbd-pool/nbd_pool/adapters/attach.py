@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from oma_common.blockdev import KernelPartition
 from oma_common.process import AdoptedChild, ProcessIdentity, SupervisedChild
 
+from ..images import OpenedImage
 from .partitions import PartitionTable
 
 FORMATS = ("qcow2", "raw")
@@ -137,7 +138,8 @@ class HeldAttachment:
 class AttachBackend(Protocol):
     name: str
 
-    async def attach(self, image: Path, workdir: Path, *, fmt: str = "qcow2", resource_id: str | None = None) -> Attachment:
+    async def attach(self, image: Path, workdir: Path, *, fmt: str = "qcow2", resource_id: str | None = None,
+                     source: OpenedImage | None = None) -> Attachment:
         """Attach `image` (its backing chain included) read-only; `workdir` is the backend's own scratch dir."""
 
     async def resume(self, record: AttachRecord) -> Attachment:

@@ -17,6 +17,7 @@ from pathlib import Path
 from oma_common import blockdev, mountinfo
 from oma_common.process import AdoptedChild, PidMismatch, ProcessIdentity, SupervisedChild
 
+from ..images import OpenedImage
 from . import fuse_mounts, loopdev, partx
 from .attach import (AttachError, AttachRecord, DetachBusy, HeldAttachment, block_device_busy, check_format,
                      partitions_from)
@@ -29,17 +30,23 @@ QSD = "qemu-storage-daemon"
 FUSE_FILE = "disk.raw"
 
 
-def build_qsd_argv(image: Path, fuse_file: Path, fmt: str, *, force_share: bool = False, program: str = QSD) -> list[str]:
+def build_qsd_argv(image: Path, fuse_file: Path, fmt: str, *, force_share: bool = False, program: str = QSD,
+                   chain: dict[str, object] | None = None) -> list[str]:
     """qemu-storage-daemon argv exporting `image` read-only over FUSE at `fuse_file` (JSON option syntax,
-    so that commas in paths need no escaping)."""
+    so that commas in paths need no escaping).
+
+    `chain` is the image as qemu block options over inherited descriptors (images.OpenedImage.blockdev): then
+    qemu opens no name of its own. Without it, `image` is opened by name."""
     if not image.is_absolute() or not fuse_file.is_absolute():
         raise ValueError("image and FUSE file paths must be absolute")
     check_format(fmt)
-    proto = {"driver": "file", "node-name": "file0", "filename": str(image), "read-only": True}
-    disk = {"driver": fmt, "node-name": "disk0", "file": "file0", "read-only": True}
-    if force_share:
-        # Reading an image that a qemu-nbd serves read-write: skip the image lock (read-only only).
-        proto["force-share"] = disk["force-share"] = True
+    # Reading an image that a qemu-nbd serves read-write: skip the image lock (read-only only).
+    share = {"force-share": True} if force_share else {}
+    if chain is not None:
+        nodes = [{**chain, "node-name": "disk0"}]
+    else:
+        proto = {"driver": "file", "node-name": "file0", "filename": str(image), "read-only": True, **share}
+        nodes = [proto, {"driver": fmt, "node-name": "disk0", "file": "file0", "read-only": True, **share}]
     export = {
         "type": "fuse",
         "id": "export0",
@@ -52,7 +59,10 @@ def build_qsd_argv(image: Path, fuse_file: Path, fmt: str, *, force_share: bool 
     def js(obj: object) -> str:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
-    return [program, "--blockdev", js(proto), "--blockdev", js(disk), "--export", js(export)]
+    argv = [program]
+    for node in nodes:
+        argv += ["--blockdev", js(node)]
+    return argv + ["--export", js(export)]
 
 
 def _prepare_workdir(workdir: Path) -> Path:
@@ -131,7 +141,9 @@ class FuseLoopBackend:
         self.force_share = force_share
         self._log = logger or log
 
-    async def attach(self, image: Path, workdir: Path, *, fmt: str = "qcow2", resource_id: str | None = None) -> FuseLoopAttachment:
+    async def attach(self, image: Path, workdir: Path, *, fmt: str = "qcow2", resource_id: str | None = None,
+                     source: OpenedImage | None = None) -> FuseLoopAttachment:
+        """Attach read-only; with `source` (the image opened by descriptor) qemu is handed its descriptors."""
         rid = resource_id or f"attach {image.name}"
         image = image.absolute()
         check_format(fmt)
@@ -140,11 +152,16 @@ class FuseLoopBackend:
         fuse_file = (await asyncio.to_thread(_prepare_workdir, workdir)).resolve()
         workdir = fuse_file.parent
         try:
-            argv = build_qsd_argv(image, fuse_file, fmt, force_share=self.force_share, program=self.program)
+            chain = None
+            if source is not None:
+                each: dict[str, object] = {"read-only": True, **({"force-share": True} if self.force_share else {})}
+                chain = source.blockdev(each)
+            argv = build_qsd_argv(image, fuse_file, fmt, force_share=self.force_share, program=self.program,
+                                  chain=chain)
         except ValueError:
             await asyncio.to_thread(_remove_workdir, workdir, fuse_file)
             raise
-        child = SupervisedChild(argv, resource_id=rid, logger=self._log)
+        child = SupervisedChild(argv, resource_id=rid, logger=self._log, pass_fds=source.fds if source else ())
         device = ""
         try:
 

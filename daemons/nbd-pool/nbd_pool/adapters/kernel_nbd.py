@@ -22,6 +22,7 @@ from oma_common.command import run
 from oma_common.process import AdoptedChild, ChildFailed, ChildNotReady, PidMismatch, SupervisedChild
 
 from . import partx
+from ..images import OpenedImage
 from .attach import (AttachError, AttachRecord, DetachBusy, HeldAttachment, block_device_busy, check_format,
                      partitions_from)
 from .partitions import PartitionTableError, read_partition_table
@@ -41,12 +42,16 @@ def available(dev: Path = DEV) -> bool:
     return (dev / "nbd0").exists()
 
 
-def build_connect_argv(image: Path, device: str, fmt: str, *, program: str = QEMU_NBD) -> list[str]:
+def build_connect_argv(image: Path, device: str, fmt: str, *, program: str = QEMU_NBD, source: str = "") -> list[str]:
+    """`source`: the image as json: options over inherited descriptors (images.OpenedImage.image_opts), so
+    that qemu-nbd opens no name of its own; without it `image` is opened by name."""
     if not image.is_absolute():
         raise ValueError(f"image path must be absolute: {image}")
     check_format(fmt)
     if not _NBD_NAME.match(Path(device).name):
         raise ValueError(f"not an nbd device: {device}")
+    if source:
+        return [program, f"--connect={device}", "--read-only", "--verbose", "--", source]
     return [program, f"--connect={device}", "--read-only", f"--format={fmt}", "--verbose", "--", str(image)]
 
 
@@ -158,7 +163,8 @@ class KernelNbdBackend:
         except (FileNotFoundError, ValueError):
             return False
 
-    async def _connect(self, image: Path, fmt: str, rid: str) -> tuple[str, SupervisedChild]:
+    async def _connect(self, image: Path, fmt: str, rid: str,
+                       source: OpenedImage | None = None) -> tuple[str, SupervisedChild]:
         tried = []
         for name in free_devices(self.sys_block, self.devices):
             lock = _DeviceLock(self.lock_dir, name)
@@ -168,7 +174,10 @@ class KernelNbdBackend:
                 if device_in_use(name, self.sys_block):
                     continue
                 device = str(self.dev / name)
-                child = SupervisedChild(build_connect_argv(image, device, fmt, program=self.program), resource_id=rid, logger=self._log)
+                argv = build_connect_argv(image, device, fmt, program=self.program,
+                                          source=source.image_opts() if source else "")
+                child = SupervisedChild(argv, resource_id=rid, logger=self._log,
+                                        pass_fds=source.fds if source else ())
 
                 async def connected(name: str = name) -> bool:
                     return self._connected(name)
@@ -187,12 +196,14 @@ class KernelNbdBackend:
                 lock.release()
         raise AttachError(f"{rid}: no free nbd device" + (f" (lost races for {', '.join(tried)})" if tried else ""))
 
-    async def attach(self, image: Path, workdir: Path, *, fmt: str = "qcow2", resource_id: str | None = None) -> KernelNbdAttachment:
-        """`workdir` is unused: this backend needs no scratch files."""
+    async def attach(self, image: Path, workdir: Path, *, fmt: str = "qcow2", resource_id: str | None = None,
+                     source: OpenedImage | None = None) -> KernelNbdAttachment:
+        """`workdir` is unused: this backend needs no scratch files. With `source` (the image opened by
+        descriptor) qemu-nbd is handed its descriptors."""
         rid = resource_id or f"attach {image.name}"
         image = image.absolute()
         check_format(fmt)
-        device, child = await self._connect(image, fmt, rid)
+        device, child = await self._connect(image, fmt, rid, source)
         record = AttachRecord(BACKEND, rid, str(image), fmt, str(workdir.absolute()), device, child.identity)
         try:
             try:

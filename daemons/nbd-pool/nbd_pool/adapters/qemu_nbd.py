@@ -95,18 +95,25 @@ class ExportOptions:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
-def build_argv(path: Path, name: str, host: str, port: int, options: ExportOptions, *, program: str = "qemu-nbd") -> list[str]:
-    """The qemu-nbd command line of a persistent export; no --fork: the daemon supervises it."""
+def build_argv(path: Path, name: str, host: str, port: int, options: ExportOptions, *, program: str = "qemu-nbd",
+               source: str = "") -> list[str]:
+    """The qemu-nbd command line of a persistent export; no --fork: the daemon supervises it.
+
+    `source` is the image as qemu options (`json:{...}` over inherited descriptors, images.OpenedImage): then
+    qemu opens no name of its own; the format is in those options. Without it, `path` is opened by name.
+    """
     if not path.is_absolute():
         # A relative name could start with '-' or look like a "protocol:" filename to qemu.
         raise ValueError(f"export path must be absolute: {path}")
+    if source and not source.startswith("json:"):
+        raise ValueError("an export's source must be json: options")
     encode_name(name)
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range")
     argv = [
         program,
         "--persistent",  # without it qemu-nbd exits when its first client disconnects
-        f"--format={options.fmt}",
+        *([] if source else [f"--format={options.fmt}"]),
         f"--export-name={name}",
         f"--bind={host}",
         f"--port={port}",
@@ -124,7 +131,7 @@ def build_argv(path: Path, name: str, host: str, port: int, options: ExportOptio
         argv.append(f"--discard={options.discard}")
     if options.detect_zeroes is not None:
         argv.append(f"--detect-zeroes={options.detect_zeroes}")
-    argv += ["--", str(path)]
+    argv += ["--", source or str(path)]
     return argv
 
 
@@ -182,6 +189,7 @@ class ExportRecord:
     port: int
     options: ExportOptions
     process: ProcessIdentity
+    source: str = ""  # the json: options qemu-nbd was given ("": it opened `path` by name)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -199,6 +207,7 @@ class ExportRecord:
             port=int(data["port"]),
             options=ExportOptions.from_dict(data["options"]),
             process=ProcessIdentity.from_dict(data["process"]),
+            source=str(data.get("source", "")),
         )
 
 
@@ -231,14 +240,18 @@ class QemuNbdExport:
         resource_id: str | None = None,
         program: str = "qemu-nbd",
         logger: logging.Logger | None = None,
+        source: str = "",
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.path = path
         self.name = name
         self.host = host
         self.port = port
         self.options = options
+        self.source = source
+        self.pass_fds = pass_fds
         self.resource_id = resource_id or f"export {name}@{port}"
-        self.argv = build_argv(path, name, host, port, options, program=program)
+        self.argv = build_argv(path, name, host, port, options, program=program, source=source)
         self._log = logger or log
         self._child: Union[SupervisedChild, AdoptedChild, None] = None
         self.info: ExportInfo | None = None
@@ -255,6 +268,7 @@ class QemuNbdExport:
             resource_id=record.resource_id,
             program=record.process.argv[0],
             logger=logger,
+            source=record.source,
         )
         if tuple(export.argv) != record.process.argv:
             raise ValueError(f"{record.resource_id}: record argv does not match its fields")
@@ -274,7 +288,8 @@ class QemuNbdExport:
         if self._child is None:
             raise RuntimeError(f"{self.resource_id}: not started")
         ident = self._child.identity
-        return ExportRecord(self.resource_id, self.name, str(self.path), self.host, self.port, self.options, ident)
+        return ExportRecord(self.resource_id, self.name, str(self.path), self.host, self.port, self.options, ident,
+                            self.source)
 
     def stderr_tail(self, lines: int = 10) -> str:
         return self._child.stderr_tail(lines) if isinstance(self._child, SupervisedChild) else ""
@@ -286,7 +301,7 @@ class QemuNbdExport:
         """Start qemu-nbd and return once the export answers an NBD handshake (ChildFailed/ChildNotReady)."""
         if self._child is not None:
             raise RuntimeError(f"{self.resource_id}: already started")
-        child = SupervisedChild(self.argv, resource_id=self.resource_id, logger=self._log)
+        child = SupervisedChild(self.argv, resource_id=self.resource_id, logger=self._log, pass_fds=self.pass_fds)
         self._child = child
 
         async def ready() -> ExportInfo:

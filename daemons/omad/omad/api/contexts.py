@@ -119,7 +119,8 @@ class VmsApi:
         b: InventoryIn = call.body
         return await self.vms.receive(b.vcenter.host, b.vcenter.datacenter, b.vms)
 
-    @route("GET", "/vms/{vm_id:(?!inventory$)[^/]+}", errors=(NotFound,), tags=("vms",))
+    @route("GET", "/vms/{vm_id:(?!inventory$)[^/]+}", errors=(NotFound,), tags=("vms",),
+           params={"vm_id": "[^/]{1,128}"})
     async def get(self, call: Call) -> dict[str, Any]:
         """One VM by its VMware instance UUID."""
         vm_id = call.params["vm_id"]

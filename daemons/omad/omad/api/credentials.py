@@ -14,6 +14,7 @@ from ..inventory.credentials import Credentials
 # Any segment but "default", so /vmware-credentials/default is never read as an id whatever the route order;
 # the id itself is checked by _id() (a 400, not an unmatched route).
 _ID = "{credential_id:(?!default$)[^/]+}"
+_DIGITS = {"credential_id": "[0-9]{1,18}"}
 
 
 def _id(call: Call) -> int:
@@ -115,20 +116,20 @@ class CredentialsApi:
         """The default vCenter login; 404 when none is set."""
         return await self.credentials.default()
 
-    @route("GET", f"/vmware-credentials/{_ID}", errors=(NotFound,),
+    @route("GET", f"/vmware-credentials/{_ID}", params=_DIGITS, errors=(NotFound,),
            response=CredentialOut, tags=("vmware-credentials",))
     async def get(self, call: Call) -> dict[str, Any]:
         """One saved vCenter login."""
         return await self.credentials.get(_id(call))
 
-    @route("PUT", f"/vmware-credentials/{_ID}", errors=(NotFound, Conflict),
+    @route("PUT", f"/vmware-credentials/{_ID}", params=_DIGITS, errors=(NotFound, Conflict),
            body=CredentialUpdate, response=CredentialOut, auth=Auth.ADMIN,
            tags=("vmware-credentials",))
     async def update(self, call: Call) -> dict[str, Any]:
         """Change a saved vCenter login."""
         return await self.credentials.update(_id(call), _set(call.body), actor=call.actor)
 
-    @route("DELETE", f"/vmware-credentials/{_ID}", errors=(NotFound, Conflict),
+    @route("DELETE", f"/vmware-credentials/{_ID}", params=_DIGITS, errors=(NotFound, Conflict),
            auth=Auth.ADMIN, tags=("vmware-credentials",))
     async def delete(self, call: Call) -> dict[str, Any]:
         """Delete a saved vCenter login; 409 while VM contexts use it."""
@@ -137,17 +138,17 @@ class CredentialsApi:
         return {"success": True, "message": f"credential {credential_id} deleted"}
 
     # PUT is the spec's; the GUI's first proxy posted. Both are served.
-    @route("PUT", f"/vmware-credentials/{_ID}/set-default", errors=(NotFound, Conflict),
+    @route("PUT", f"/vmware-credentials/{_ID}/set-default", params=_DIGITS, errors=(NotFound, Conflict),
            response=CredentialOut, auth=Auth.ADMIN,
            tags=("vmware-credentials",))
-    @route("POST", f"/vmware-credentials/{_ID}/set-default", errors=(NotFound, Conflict),
+    @route("POST", f"/vmware-credentials/{_ID}/set-default", params=_DIGITS, errors=(NotFound, Conflict),
            response=CredentialOut, auth=Auth.ADMIN,
            tags=("vmware-credentials",))
     async def set_default(self, call: Call) -> dict[str, Any]:
         """Make this login the default (the previous default stops being one)."""
         return await self.credentials.set_default(_id(call), actor=call.actor)
 
-    @route("POST", f"/vmware-credentials/{_ID}/test", errors=(NotFound,),
+    @route("POST", f"/vmware-credentials/{_ID}/test", params=_DIGITS, errors=(NotFound,),
            response=CredentialTest, tags=("vmware-credentials",))
     async def test(self, call: Call) -> dict[str, Any]:
         """Log in to the vCenter with the stored login, within a bounded time; 200 with success false and a

@@ -218,7 +218,8 @@ class SchedulesApi:
         return await self.schedules.executions(call.params["schedule_id"], limit=q.limit, offset=q.offset,
                                                status=q.status)
 
-    @route("GET", "/schedules/{schedule_id}/executions/{execution_id}", errors=(NotFound,), tags=("schedules",))
+    @route("GET", "/schedules/{schedule_id}/executions/{execution_id}", errors=(NotFound,), tags=("schedules",),
+           params={"execution_id": "[0-9]{1,18}"})
     async def execution(self, call: Call) -> dict[str, Any]:
         """One execution with its VMs (status, attempts, reason) and every job it created."""
         return await self.schedules.execution(call.params["schedule_id"], _execution_id(call))

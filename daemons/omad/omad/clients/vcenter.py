@@ -52,7 +52,10 @@ def parse_address(text: str) -> Address:
     raw = text.strip()
     if not raw or any(c.isspace() for c in raw):
         raise Invalid("invalid vCenter host", f"{text!r} is not a host name or address")
-    parts = urlsplit(raw if "://" in raw else "https://" + raw)
+    try:
+        parts = urlsplit(raw if "://" in raw else "https://" + raw)
+    except ValueError as e:  # e.g. an unmatched "[" or "]": "Invalid IPv6 URL"
+        raise Invalid("invalid vCenter host", f"{text!r} is not a host name or address: {e}") from e
     if parts.scheme not in ("https", "http") or parts.path not in ("", "/", "/sdk", "/sdk/") or parts.query:
         raise Invalid("invalid vCenter host", f"{text!r}: give a host name or address, optionally with :port")
     try:
