@@ -1,4 +1,6 @@
-"""The real restore-mounter over its real socket, with local-loop attach on raw images built by the tests."""
+"""The real restore-mounter over its real socket, attaching through a real nbd-pool (fuse-loop here, kernel-nbd
+on the appliance), as the appliance does. The tests build raw images; the agent is handed QCOW2 copies of
+them, as backups are."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from urllib.parse import urlencode
 import psutil
 import pytest
 
-from ..lib.diskimages import run
+from ..lib.diskimages import run, to_qcow2
 from ..lib.filetree import Tree, materialize
 from ..rig import Stack, make_stack
 
@@ -53,7 +55,15 @@ class Agent:
 
     socket_path: Path
     stack: Stack
-    images: dict[str, Path] = field(default_factory=dict)
+    images: dict[Path, Path] = field(default_factory=dict)  # raw image → its QCOW2 copy
+
+    def image(self, raw: Path) -> Path:
+        """The QCOW2 copy of a raw image the test built (what a backup is), made once."""
+        if raw.suffix == ".qcow2":
+            return raw
+        if raw not in self.images:
+            self.images[raw] = to_qcow2(raw, raw.with_suffix(".qcow2"))
+        return self.images[raw]
 
     def open(self, method: str, path: str, params: dict[str, Any] | None = None, body: Any = None,
              headers: dict[str, str] | None = None) -> tuple[UnixHTTPConnection, http.client.HTTPResponse]:
@@ -83,7 +93,7 @@ class Agent:
             conn.close()
 
     def mount(self, image: Path, mount_id: str | None = None, expect: int = 201) -> dict[str, Any]:
-        body: dict[str, Any] = {"image": str(image)}
+        body: dict[str, Any] = {"image": str(self.image(image))}
         if mount_id:
             body["mount_id"] = mount_id
         r = self.request("POST", "/mounts", body=body)
@@ -112,9 +122,23 @@ class Agent:
 
 
 def start_agent(stack: Stack, extra: str = "") -> Agent:
-    stack.add_config(DAEMON, "50-test.toml", 'attach = "local-loop"\n' + extra)
+    """nbd-pool (exporting the test's images) and restore-mounter, both real daemons on their sockets."""
+    if "nbd-pool" not in stack.daemons or not stack.daemons["nbd-pool"].running():
+        stack.add_config("nbd-pool", "50-test.toml", f'export_roots = ["{stack.state}"]\n')
+        stack.start("nbd-pool")
+    stack.add_config(DAEMON, "50-test.toml", extra)
     stack.start(DAEMON)
     return Agent(stack.run_dir / f"{DAEMON}.sock", stack)
+
+
+def attachments(stack: Stack) -> list[dict[str, Any]]:
+    """nbd-pool's attachments, asked on its own socket."""
+    conn = UnixHTTPConnection(str(stack.run_dir / "nbd-pool.sock"))
+    try:
+        conn.request("GET", "/attachments")
+        return json.loads(conn.getresponse().read())["attachments"]  # type: ignore[no-any-return]
+    finally:
+        conn.close()
 
 
 @pytest.fixture
@@ -134,29 +158,45 @@ def cleanup(stack: Stack) -> None:
         agent = Agent(stack.run_dir / f"{DAEMON}.sock", stack)
         for m in agent.request("GET", "/mounts").json["mounts"]:
             agent.unmount(m["mount_id"], force=True)
+    pool = stack.daemons.get("nbd-pool")
+    if pool is not None and pool.running():  # nbd-pool keeps attachments across its own stop, by design
+        for a in attachments(stack):
+            conn = UnixHTTPConnection(str(stack.run_dir / "nbd-pool.sock"))
+            try:
+                conn.request("DELETE", f"/attachments/{a['attachment_id']}")
+                conn.getresponse().read()
+            finally:
+                conn.close()
     stack.stop()
     leftovers = leaks(stack.state / "restore", [])
     assert not leftovers, leftovers
 
 
 def leaks(mount_root: Path, images: list[Path]) -> list[str]:
-    """Mounts under the root, loop devices on the images, live FUSE daemons serving the root."""
+    """Mounts under the root; loop devices on the images or on nbd-pool's FUSE files beside the root (the
+    test's state directory); qemu-storage-daemons serving the images; live FUSE daemons serving the root."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             point = line.split(" ")[4]
             if point.startswith(str(mount_root) + "/"):
                 out.append(f"mount {point}")
-    wanted = {str(p) for p in images}
+    wanted = {str(p) for p in images} | {str(p.with_suffix(".qcow2")) for p in images}
+    state = str(mount_root.parent) + "/"
     res = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"]).stdout
     for d in json.loads(res).get("loopdevices", []) if res.strip() else []:
-        if (d.get("back-file") or "").removesuffix(" (deleted)") in wanted:
+        back = (d.get("back-file") or "").removesuffix(" (deleted)")
+        if back in wanted or back.startswith(state):
             out.append(f"loop {d['name']} {d['back-file']}")
     for p in psutil.process_iter(["cmdline", "status"]):
         cmd = p.info["cmdline"] or []
-        if (cmd and os.path.basename(cmd[0]) in ("ntfs-3g", "fusefat") and p.info["status"] != psutil.STATUS_ZOMBIE
-                and any(str(mount_root) in a for a in cmd)):
+        if not cmd or p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        name = os.path.basename(cmd[0])
+        if name in ("ntfs-3g", "fusefat") and any(str(mount_root) in a for a in cmd):
             out.append(f"fuse pid {p.pid} {cmd}")
+        if name == "qemu-storage-daemon" and any(w in a for a in cmd for w in wanted):
+            out.append(f"qemu-storage-daemon pid {p.pid}")
     return out
 
 

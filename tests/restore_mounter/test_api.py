@@ -170,7 +170,7 @@ def check_contents(agent: Agent, mount_id: str, tree: Tree, prefix: str = "") ->
 
 def test_mount_shape_and_mount_options(mod: Module) -> None:
     m = mod.mounts["gpt2"]
-    assert m["status"] == "mounted" and m["backend"] == "local-loop" and m["filesystem_type"] == "ext4"
+    assert m["status"] == "mounted" and m["backend"] == "fuse-loop" and m["filesystem_type"] == "ext4"
     assert m["device"].startswith("/dev/loop") and m["mount_path"] == str(mod.agent.mount_root / "gpt2")
     fss = [(f["partition"], f["type"], f["label"], f["mounted"], f["path"]) for f in m["filesystems"]]
     assert fss == [(1, "ext4", "root", True, "/part1"), (2, "ext4", "data", True, "/part2")]
@@ -437,9 +437,9 @@ def test_slots_resources_and_idempotent_mount(mod: Module) -> None:
     assert len(res["allocated_devices"]) == 8
     again = mod.agent.mount(mod.images["mbr"], "mbr", expect=200)
     assert again["mount_id"] == "mbr"
-    r = mod.agent.request("POST", "/mounts", body={"image": str(mod.images["fat"]), "mount_id": "mbr"})
+    r = mod.agent.request("POST", "/mounts", body={"image": str(mod.agent.image(mod.images["fat"])), "mount_id": "mbr"})
     assert (r.status, r.json["code"]) == (409, "conflict")
-    r = mod.agent.request("POST", "/mounts", body={"image": str(mod.images["mbr"])})
+    r = mod.agent.request("POST", "/mounts", body={"image": str(mod.agent.image(mod.images["mbr"]))})
     assert (r.status, r.json["code"], r.json["available_slots"]) == (409, "exhausted", 0)
     status = mod.agent.request("GET", "/cleanup-status").json
     assert status["running"] and status["active_mount_count"] == 8 and status["expired_mount_count"] == 0

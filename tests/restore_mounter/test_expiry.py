@@ -1,4 +1,5 @@
-"""Idle expiry in-process with an injected clock: the rule, the inhibitors, the sweep, on real mounts."""
+"""Idle expiry in-process with an injected clock: the rule, the inhibitors, the sweep, on real mounts of images
+attached by a real nbd-pool."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ from pathlib import Path
 import pytest
 
 from oma_common import errors
-from restore_mounter.attach import LocalLoopAttacher
+from oma_common.rpc import AgentClient
+from restore_mounter.attach import NbdPoolAttacher
 from restore_mounter.confine import default_resolver
 from restore_mounter.expiry import IdlePolicy, Sweeper
 from restore_mounter.files import Browser
 from restore_mounter.mounts import MountManager
 from restore_mounter.state import StateFile
 
-from ..lib.diskimages import mbr_ext4
-from .conftest import leaks
+from ..lib.diskimages import mbr_ext4, to_qcow2
+from ..rig import make_stack
+from .conftest import cleanup, leaks
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -67,21 +70,31 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+async def rig(short_tmp: Path) -> AsyncIterator[Rig]:
     import os
     if os.geteuid() != 0:
         pytest.skip("needs root (loop devices, mounts)")
     clock = FakeClock()
-    root = tmp_path / "restore"
+    stack = make_stack(short_tmp)
+    stack.add_config("nbd-pool", "50-test.toml", f'export_roots = ["{short_tmp}"]\n')
+    root = short_tmp / "restore"
     root.mkdir(mode=0o700)
-    manager = MountManager(attacher=LocalLoopAttacher(), state=StateFile(tmp_path / "mounts.json"), mount_root=root,
-                           max_mounts=4, policy=IdlePolicy(clock, 3600), clock=clock, resolver=default_resolver())
-    image = mbr_ext4(tmp_path / "disk.raw", {"etc/hostname": b"guest\n"}).path
+    client = AgentClient("nbd-pool", stack.run_dir / "nbd-pool.sock", timeout=60)
+    manager = MountManager(attacher=NbdPoolAttacher(client), state=StateFile(short_tmp / "mounts.json"),
+                           mount_root=root, max_mounts=4, policy=IdlePolicy(clock, 3600), clock=clock,
+                           resolver=default_resolver())
+    raw = mbr_ext4(short_tmp / "disk.raw", {"etc/hostname": b"guest\n"}).path
+    image = to_qcow2(raw, short_tmp / "disk.qcow2")
     try:
+        stack.start("nbd-pool")
         yield Rig(manager, clock, Sweeper(manager.sweep, 60, clock), image, root)
     finally:
-        for m in manager.all():
-            await manager.unmount(m.mount_id, force=True)
+        try:
+            for m in manager.all():
+                await manager.unmount(m.mount_id, force=True)
+            await client.close()
+        finally:
+            cleanup(stack)
         assert leaks(root, [image]) == []
 
 

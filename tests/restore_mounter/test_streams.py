@@ -1,4 +1,4 @@
-"""Byte ranges, Content-Disposition and the bounded pipe from a writer thread, in-process."""
+"""Byte ranges, Content-Disposition (oma_common.filestream) and the bounded pipe from a writer thread, in-process."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from restore_mounter.streams import ByteRange, Cancelled, ChunkPipe, Unsatisfiable, content_disposition, parse_range
+from oma_common.filestream import ByteRange, Unsatisfiable, content_disposition, parse_range
+from restore_mounter.streams import Cancelled, ChunkPipe
 
 pytestmark = pytest.mark.timeout(10)
 

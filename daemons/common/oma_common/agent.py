@@ -15,6 +15,7 @@ from aiohttp import web
 from . import __version__, config, logs, rpc, schema
 from .daemon import SocketConfig, StopSignal
 from .notify import Notifier
+from .openapi import AgentDocs
 from .web import Auth, BoundRoute, Call, collect, error_middleware, mount, route
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,10 @@ async def serve(daemon: str, cfg: AgentConfig, apis: list[Any], *,
     """Bind → reconcile → READY → wait for a stop signal → drain → close. Returns the exit code."""
     notifier = Notifier()
     stop = StopSignal()
-    app = make_app(collect(HealthApi(daemon, report), *apis), cfg.socket.allowed_users)
+    docs = AgentDocs(daemon, f"{daemon}'s API on its unix socket, for omad (oma_common.contracts.*)")
+    routes = collect(HealthApi(daemon, report), docs, *apis)
+    docs.build(routes)
+    app = make_app(routes, cfg.socket.allowed_users)
     server = rpc.UnixServer(app, cfg.socket.socket_path(cfg.run_dir, daemon), mode=cfg.socket.mode,
                             group=cfg.socket.group)
     try:

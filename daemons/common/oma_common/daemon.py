@@ -69,8 +69,3 @@ class SocketConfig:
     def socket_path(self, run_dir: str, daemon: str) -> Path:
         return Path(self.path) if self.path else Path(run_dir) / f"{daemon}.sock"
 
-
-def state_path(path: str) -> Path:
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    return p

@@ -10,7 +10,7 @@ from typing import Any
 
 from . import __version__
 from .schema import SchemaRegistry, anchored
-from .web import PATH_PARAM_MAX, Auth, BoundRoute, RouteSpec, declared_statuses
+from .web import PATH_PARAM_MAX, Auth, BoundRoute, Call, RouteSpec, declared_statuses, route
 
 _PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
 
@@ -105,3 +105,20 @@ def document(routes: list[BoundRoute], prefix: str = "", *, title: str, descript
             "description": "a session token from POST /auth/login, or an API token (omactl token create)"}}
         doc["security"] = BEARER
     return doc
+
+
+class AgentDocs:
+    """GET /openapi.json on an agent's socket: the document of every route the agent serves."""
+
+    def __init__(self, daemon: str, description: str) -> None:
+        self.daemon = daemon
+        self.description = description
+        self.doc: dict[str, Any] = {}
+
+    def build(self, routes: list[BoundRoute]) -> None:
+        self.doc = document(routes, title=f"{self.daemon} agent API", description=self.description)
+
+    @route("GET", "/openapi.json", auth=Auth.PEER, tags=("docs",))
+    async def openapi(self, call: Call) -> dict[str, Any]:
+        """This agent's OpenAPI 3 document."""
+        return self.doc

@@ -13,17 +13,18 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 
-from . import errors
+from . import errors, schema
 from .web import REQUEST_LIMITS, error_response
 
 log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")
+T = TypeVar("T")
 
 
 class AlreadyRunning(Exception):
@@ -164,23 +165,36 @@ class AgentClient:
         async with self.open(method, path, json=json, params=params, timeout=timeout) as resp:
             return await resp.json(content_type=None)
 
+    async def typed(self, answer: type[T], method: str, path: str, *, body: Any = None,
+                    params: Any = None, timeout: float | None = None) -> T:
+        """A call whose request body and query are contract dataclasses (oma_common.contracts) and whose
+        answer is parsed into `answer`; an answer that does not fit is the agent failing (Unavailable)."""
+        query = None
+        if params is not None:
+            query = {k: str(v).lower() if isinstance(v, bool) else str(v)
+                     for k, v in schema.to_dict(params).items() if v is not None}
+        data = await self.call(method, path, json=schema.to_dict(body) if body is not None else None, params=query,
+                               timeout=timeout)
+        try:
+            return schema.parse(answer, data, what=f"{self.name}'s answer")
+        except errors.Invalid as e:
+            raise errors.Unavailable(f"{self.name} answered unexpectedly", e.details) from e
+
     @contextlib.asynccontextmanager
     async def open(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
-                   timeout: float | None = None, headers: dict[str, str] | None = None,
-                   stream: bool = False, pass_status: tuple[int, ...] = ()) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A response whose status is 2xx or in `pass_status` (other errors raised), e.g. to relay a stream.
+                   timeout: float | None = None, stream: bool = False) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A response whose status is 2xx (errors raised), e.g. to relay a stream.
 
-        With `stream`, `timeout` bounds each read instead of the whole exchange: a download may take hours,
+        With `stream`, `timeout` bounds each read instead of the whole exchange: an archive may take hours,
         and the response is read in larger gulps (aiohttp's default buffer of 64 KiB pauses the socket every
-        64-128 KiB, which made omad's relay of a restore download a fraction of restore-mounter's own rate).
+        64-128 KiB, which made omad's relay a fraction of restore-mounter's own rate).
         """
         limit = timeout or self.timeout
         t = aiohttp.ClientTimeout(total=None, sock_read=limit) if stream else aiohttp.ClientTimeout(total=limit)
         try:
             async with self._client().request(method, f"http://{self.name}{path}", json=json, params=params,
-                                              headers=headers, timeout=t,
-                                              read_bufsize=STREAM_BUFSIZE if stream else None) as resp:
-                if resp.status >= 400 and resp.status not in pass_status:
+                                              timeout=t, read_bufsize=STREAM_BUFSIZE if stream else None) as resp:
+                if resp.status >= 400:
                     try:
                         body = await resp.json(content_type=None)
                     except (ValueError, aiohttp.ContentTypeError):

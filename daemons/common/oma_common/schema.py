@@ -348,7 +348,7 @@ class SchemaRegistry:
             if f.default is _MISSING and f.default_factory is _MISSING:
                 required.append(f.name)
         out: dict[str, Any] = {"type": "object", "properties": props}
-        if cls.__doc__:
+        if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):  # not dataclass's made-up signature
             out["description"] = cls.__doc__.strip().splitlines()[0]
         if required:
             out["required"] = required

@@ -7,19 +7,35 @@ is done a request waits for it (the socket is bound first, so that a second inst
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
+from oma_common.contracts.nbd_pool import (
+    Allocated,
+    AllocateIn,
+    AttachIn,
+    Attachment,
+    AttachmentList,
+    Export,
+    ExportIn,
+    ExportList,
+    PortStatus,
+    Released,
+    ReleaseIn,
+    Renewed,
+    RenewIn,
+    Stopped,
+    StopIn,
+    Success,
+)
 from oma_common.errors import Unavailable
-from oma_common.schema import spec
 from oma_common.web import Auth, Call, route
 
 from .attachments import Attachments
 from .exports import Exports, StartRequest
 from .jobs import Jobs, lease_view
-from .pool import EXPORT_NAME, JOB_ID, Pool
+from .pool import Pool
 
 Handler = Callable[[Any, Call], Awaitable[Any]]
 
@@ -50,53 +66,6 @@ def gated(fn: Handler) -> Handler:
     return wrapper
 
 
-# --- shapes ------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class AllocateIn:
-    job_id: str = spec(pattern=JOB_ID)
-    count: int = spec(1, min=1, max=65535, description="ports to lease, all or none")
-    export_names: list[str] | None = spec(None, description="one per port, in order (each matching the "
-                                                             "export name rule)")
-    lease_seconds: int | None = spec(None, min=1, description="lease length; default from the configuration")
-
-
-@dataclasses.dataclass
-class ReleaseIn:
-    job_id: str | None = spec(None, pattern=JOB_ID)
-    ports: list[int] | None = spec(None, description="these ports (of that job, when job_id is given too)")
-
-
-@dataclasses.dataclass
-class RenewIn:
-    job_id: str = spec(pattern=JOB_ID)
-    lease_seconds: int | None = spec(None, min=1)
-
-
-@dataclasses.dataclass
-class ExportIn:
-    export_name: str = spec(pattern=EXPORT_NAME)
-    port: int = spec(min=1, max=65535, description="a leased port of the pool")
-    path: str = spec(min_length=1, max_length=4096, description="an image or block device inside an export root")
-    format: Literal["qcow2", "raw"] | None = spec(None, description="default: raw for a block device, else qcow2")
-    read_only: bool = False
-    shared_connections: int = spec(10, min=5, max=1024, description="clients at once (the VMA opens 2 per export)")
-    job_id: str | None = spec(None, pattern=JOB_ID, description="when given, the port must be leased to this job")
-
-
-@dataclasses.dataclass
-class StopIn:
-    pid: int | None = spec(None, min=1)
-    export_name: str | None = spec(None, pattern=EXPORT_NAME)
-
-
-@dataclasses.dataclass
-class AttachIn:
-    image: str = spec(min_length=1, max_length=4096, description="a QCOW2 (or raw) file inside an export root")
-    owner: str = spec(min_length=1, max_length=256, description="who holds it, e.g. restore-mounter:<mount id>")
-    format: Literal["qcow2", "raw"] = "qcow2"
-
-
 # --- handlers ----------------------------------------------------------------------------------------------
 
 class PortsApi:
@@ -105,28 +74,28 @@ class PortsApi:
         self.jobs = jobs
         self.gate = gate
 
-    @route("POST", "/ports/allocate", body=AllocateIn, auth=Auth.PEER)
+    @route("POST", "/ports/allocate", body=AllocateIn, response=Allocated, auth=Auth.PEER)
     @gated
     async def allocate(self, call: Call) -> dict[str, Any]:
         """Lease ports to a job, all or none (409 exhausted when the pool cannot)."""
         b: AllocateIn = call.body
         return await self.jobs.allocate(b.job_id, b.count, b.export_names, b.lease_seconds)
 
-    @route("POST", "/ports/release", body=ReleaseIn, auth=Auth.PEER)
+    @route("POST", "/ports/release", body=ReleaseIn, response=Released, auth=Auth.PEER)
     @gated
     async def release(self, call: Call) -> dict[str, Any]:
         """Free a job's ports or the listed ones; exports running on them are stopped first."""
         b: ReleaseIn = call.body
         return await self.jobs.release(b.job_id, b.ports)
 
-    @route("POST", "/ports/renew", body=RenewIn, auth=Auth.PEER)
+    @route("POST", "/ports/renew", body=RenewIn, response=Renewed, auth=Auth.PEER)
     @gated
     async def renew(self, call: Call) -> dict[str, Any]:
         """Extend every lease of a job."""
         b: RenewIn = call.body
         return await self.jobs.renew(b.job_id, b.lease_seconds)
 
-    @route("GET", "/ports/status", auth=Auth.PEER)
+    @route("GET", "/ports/status", response=PortStatus, auth=Auth.PEER)
     @gated
     async def status(self, call: Call) -> dict[str, Any]:
         """Total, allocated, available, every lease, and the ports other processes hold."""
@@ -141,7 +110,7 @@ class ExportsApi:
         self.jobs = jobs
         self.gate = gate
 
-    @route("POST", "/exports", body=ExportIn, auth=Auth.PEER)
+    @route("POST", "/exports", body=ExportIn, response=Export, auth=Auth.PEER)
     @gated
     async def start(self, call: Call) -> dict[str, Any]:
         """Export an image or device on a leased port; answers once the export completes an NBD handshake."""
@@ -149,20 +118,20 @@ class ExportsApi:
         return await self.exports.start(StartRequest(b.export_name, b.port, b.path, b.format, b.read_only,
                                                      b.shared_connections, b.job_id))
 
-    @route("POST", "/exports/stop", body=StopIn, auth=Auth.PEER)
+    @route("POST", "/exports/stop", body=StopIn, response=Stopped, auth=Auth.PEER)
     @gated
     async def stop(self, call: Call) -> dict[str, Any]:
         """Stop an export by pid or name; its port stays leased."""
         b: StopIn = call.body
         return {"success": True, "stopped_pid": await self.exports.stop(pid=b.pid, name=b.export_name)}
 
-    @route("GET", "/exports", auth=Auth.PEER)
+    @route("GET", "/exports", response=ExportList, auth=Auth.PEER)
     @gated
     async def list_exports(self, call: Call) -> dict[str, Any]:
         """Running exports with their clients and limits."""
         return {"processes": await self.exports.listing()}
 
-    @route("POST", "/jobs/{job_id}/release", auth=Auth.PEER)
+    @route("POST", "/jobs/{job_id}/release", response=Released, auth=Auth.PEER)
     @gated
     async def release_job(self, call: Call) -> dict[str, Any]:
         """Stop every export of the job and free its ports."""
@@ -174,21 +143,21 @@ class AttachmentsApi:
         self.attachments = attachments
         self.gate = gate
 
-    @route("POST", "/attachments", body=AttachIn, status=201, auth=Auth.PEER)
+    @route("POST", "/attachments", body=AttachIn, response=Attachment, status=201, auth=Auth.PEER)
     @gated
     async def attach(self, call: Call) -> dict[str, Any]:
         """Attach an image read-only as a block device with its partitions (409 exhausted when full)."""
         b: AttachIn = call.body
         return await self.attachments.attach(b.image, b.owner, b.format)
 
-    @route("DELETE", "/attachments/{attachment_id}", auth=Auth.PEER)
+    @route("DELETE", "/attachments/{attachment_id}", response=Success, auth=Auth.PEER)
     @gated
     async def detach(self, call: Call) -> dict[str, Any]:
         """Detach (409 while a partition is still mounted)."""
         await self.attachments.detach(call.params["attachment_id"])
         return {"success": True}
 
-    @route("GET", "/attachments", auth=Auth.PEER)
+    @route("GET", "/attachments", response=AttachmentList, auth=Auth.PEER)
     @gated
     async def list_attachments(self, call: Call) -> dict[str, Any]:
         """Attachments, slots and the backend in use."""

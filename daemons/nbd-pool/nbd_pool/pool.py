@@ -19,14 +19,14 @@ from typing import Any
 from oma_common.errors import Conflict, Exhausted, Invalid, NotFound, Unavailable
 from oma_common.statefile import StateFile
 
+from oma_common.contracts.nbd_pool import EXPORT_NAME, JOB_ID
+
 from .adapters.ports import PortProbeError, port_is_free
 
 log = logging.getLogger("nbd_pool.pool")
 
-#: Names an NBD client asks for; the same rule as omad's /nbd API (no '/', no spaces, no leading dot).
-EXPORT_NAME = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
-#: Job ids as omad makes them (job-YYYYMMDD-HHMMSS.mmm-xxxxxx, backup ids); they appear in URLs and logs.
-JOB_ID = r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}"
+# EXPORT_NAME: names an NBD client asks for (no '/', no spaces, no leading dot); JOB_ID: job ids as omad makes
+# them (job-YYYYMMDD-HHMMSS.mmm-xxxxxx, backup ids), which appear in URLs and logs. Both are wire contract.
 
 _EXPORT_NAME = re.compile(EXPORT_NAME)
 _JOB_ID = re.compile(JOB_ID)

@@ -63,6 +63,7 @@ from .cloudstack.mappings import Mappings
 from .cloudstack.networks import Networks
 from .cloudstack.settings import Settings
 from .clients.nbdpool import NbdPool
+from .clients.restore_mounter import RestoreMounter
 from .clients.vcenter import VCenter
 from .clients.vma import VmaClient
 from .clients.volume_agent import VolumeAgent
@@ -170,7 +171,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     completion.on_completed += [immutability.lock_new, copies.after_backup]
     jobs.on_recover("backup_copy", copies.recover)
     watchdog = Watchdog(db, pool, teardown, cfg.backup)
-    restore = RestoreService(db, audit, agents.restore_mounter, RepositoryImages(db))
+    restore = RestoreService(db, audit, RestoreMounter(agents.restore_mounter), RepositoryImages(db))
 
     # Schedules: each run starts, per VM, a job through the same domain function the API uses.
     launchers: dict[str, JobLauncher] = {"backup": BackupLauncher(backups, jobs, repositories)}

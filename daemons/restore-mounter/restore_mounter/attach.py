@@ -1,27 +1,23 @@
-"""Read-only block devices for images: the `Attacher` interface, nbd-pool's client and the local loop backend.
+"""Read-only block devices for images: the `Attacher` interface and its one implementation, nbd-pool's client.
 
-`NbdPoolAttacher` is the product path: nbd-pool owns qemu-nbd, qemu-storage-daemon and the devices, and
-attaches the top of a QCOW2 chain read-only (kernel-nbd on the appliance, fuse-loop where the nbd module is
-missing). `LocalLoopAttacher` (config `attach = "local-loop"`) binds a RAW image straight to a read-only
-loop device with losetup and exposes its partitions with partx; it serves raw images and the tests until
-nbd-pool's attach API is there. Both answer with the same `Attachment`.
+nbd-pool owns qemu-nbd, qemu-storage-daemon and the devices, and attaches the top of a QCOW2 chain read-only
+(kernel-nbd on the appliance, fuse-loop where the nbd module is missing); it reads the partition table too.
+The wire shapes are nbd-pool's contract (oma_common.contracts.nbd_pool). `Attachment` is what a mount
+record remembers of an attachment.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from oma_common import errors
-from oma_common.command import CommandFailed
+from oma_common.contracts.nbd_pool import Attachment as AttachmentAnswer
+from oma_common.contracts.nbd_pool import AttachIn, AttachmentList
 from oma_common.rpc import AgentClient
-
-from .adapters import loop
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +47,7 @@ class Partition:
 class Attachment:
     attachment_id: str
     device: str  # the whole disk: /dev/loopN or /dev/nbdN
-    backend: str  # "fuse-loop", "kernel-nbd" (nbd-pool) or "local-loop"
+    backend: str  # "fuse-loop" or "kernel-nbd" (nbd-pool)
     image: str
     partitions: tuple[Partition, ...] = ()
 
@@ -77,9 +73,9 @@ class Attacher(Protocol):
         """Whether a recorded attachment still exists as recorded (for re-adoption after a restart)."""
 
     async def release_orphans(self, keep: set[str], images: set[str], devices: set[str]) -> list[str]:
-        """Detach our attachments not in `keep` (attachment ids). A backend that cannot tag its devices
-        with an owner also gets the images of the dropped records and the devices found mounted under the
-        mount root by nobody. Returns what was released."""
+        """Detach our attachments not in `keep` (attachment ids); `images` and `devices` (of dropped records,
+        and found mounted under the mount root by nobody) are for a backend that cannot tag its devices with
+        an owner. Returns what was released."""
 
 
 class NbdPoolAttacher:
@@ -92,17 +88,14 @@ class NbdPoolAttacher:
         self.timeout = timeout
 
     async def attach(self, image: str, owner: str) -> Attachment:
-        body = await self.client.call("POST", "/attachments", json={"image": image, "owner": owner},
-                                      timeout=self.timeout)
-        return self._parse(body, image)
+        body = await self.client.typed(AttachmentAnswer, "POST", "/attachments", body=AttachIn(image, owner),
+                                       timeout=self.timeout)
+        return self._attachment(body)
 
-    def _parse(self, body: Mapping[str, Any], image: str) -> Attachment:
-        try:
-            return Attachment(str(body["attachment_id"]), str(body["device"]), str(body.get("backend", "")),
-                              str(body.get("image") or image),
-                              tuple(Partition.from_dict(p) for p in body.get("partitions") or []))
-        except (KeyError, TypeError, ValueError) as e:
-            raise errors.Unavailable("nbd-pool answered unexpectedly", f"attachment without {e}") from e
+    @staticmethod
+    def _attachment(a: AttachmentAnswer) -> Attachment:
+        return Attachment(a.attachment_id, a.device, a.backend, a.image,
+                          tuple(Partition(p.number, p.device, p.start, p.size, p.type, p.name) for p in a.partitions))
 
     async def detach(self, att: Attachment) -> None:
         try:
@@ -110,74 +103,20 @@ class NbdPoolAttacher:
         except errors.NotFound:
             pass
 
-    async def _list(self) -> list[Mapping[str, Any]]:
-        body = await self.client.call("GET", "/attachments", timeout=self.timeout)
-        return list(body.get("attachments") or [])
+    async def _list(self) -> list[AttachmentAnswer]:
+        return (await self.client.typed(AttachmentList, "GET", "/attachments", timeout=self.timeout)).attachments
 
     async def intact(self, att: Attachment) -> bool:
         for a in await self._list():
-            if str(a.get("attachment_id")) == att.attachment_id:
-                return str(a.get("device")) == att.device and Path(att.device).exists()
+            if a.attachment_id == att.attachment_id:
+                return a.device == att.device and Path(att.device).exists()
         return False
 
     async def release_orphans(self, keep: set[str], images: set[str], devices: set[str]) -> list[str]:
         released = []
         for a in await self._list():
-            aid, owner = str(a.get("attachment_id")), str(a.get("owner", ""))
-            if owner.startswith(OWNER_PREFIX) and aid not in keep:
-                log.warning("releasing attachment %s (owner %s) that no mount tracks", aid, owner)
-                await self.detach(self._parse(a, str(a.get("image", ""))))
-                released.append(aid)
-        return released
-
-
-QCOW2_MAGIC = b"QFI\xfb"
-
-
-class LocalLoopAttacher:
-    """A raw image bound to a read-only loop device; partitions added with partx (see the module doc)."""
-
-    name = "local-loop"
-
-    async def attach(self, image: str, owner: str) -> Attachment:
-        with open(image, "rb") as f:
-            if f.read(4) == QCOW2_MAGIC:
-                raise errors.Invalid("raw images only", f"{image} is QCOW2; the local-loop attacher takes raw "
-                                                        "images (configure attach = \"nbd-pool\" for QCOW2)")
-        try:
-            device = await loop.attach(Path(image), resource_id=owner)
-        except (CommandFailed, loop.LoopError) as e:
-            raise errors.Unavailable("cannot attach the image", str(e)) from e
-        try:
-            table = await loop.read_table(device, resource_id=owner)
-            parts: tuple[Partition, ...] = ()
-            if table:
-                devices = await loop.add_partitions(device, [e.number for e in table], resource_id=owner)
-                parts = tuple(Partition(e.number, devices[e.number], e.start, e.size, e.type, e.name)
-                              for e in table)
-        except BaseException as e:
-            await loop.detach(device, image, resource_id=owner)
-            if isinstance(e, (CommandFailed, loop.LoopError)):
-                raise errors.Unavailable("cannot read the image's partitions", str(e)) from e
-            raise
-        return Attachment(Path(device).name, device, self.name, image, parts)
-
-    async def detach(self, att: Attachment) -> None:
-        try:
-            await loop.detach(att.device, att.image)
-        except (CommandFailed, loop.LoopError) as e:
-            raise errors.Conflict("device busy", str(e)) from e
-
-    async def intact(self, att: Attachment) -> bool:
-        return loop.backing_file(att.device) == att.image and all(os.path.exists(p.device)
-                                                                   for p in att.partitions)
-
-    async def release_orphans(self, keep: set[str], images: set[str], devices: set[str]) -> list[str]:
-        released = []
-        disks = {m.group(1) for d in devices if (m := re.fullmatch(r"(/dev/loop\d+)(p\d+)?", d))}
-        for device, back in (await loop.list_loops()).items():
-            if (back in images or device in disks) and Path(device).name not in keep:
-                log.warning("detaching %s (%s): no mount tracks it", device, back)
-                await loop.detach(device, back)
-                released.append(Path(device).name)
+            if a.owner.startswith(OWNER_PREFIX) and a.attachment_id not in keep:
+                log.warning("releasing attachment %s (owner %s) that no mount tracks", a.attachment_id, a.owner)
+                await self.detach(self._attachment(a))
+                released.append(a.attachment_id)
         return released

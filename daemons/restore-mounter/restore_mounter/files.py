@@ -48,6 +48,10 @@ def _join(shown: str, name: str) -> str:
     return shown.rstrip("/") + "/" + name
 
 
+def mime_type(name: str) -> str:
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
 def entry(name: str, shown: str, st: os.stat_result, target: str | None = None) -> dict[str, Any]:
     kind = kind_of(st.st_mode)
     out: dict[str, Any] = {
@@ -56,7 +60,7 @@ def entry(name: str, shown: str, st: os.stat_result, target: str | None = None) 
         "mtime": st.st_mtime, "modified_at": rfc3339(st.st_mtime), "symlink_target": target,
     }
     if kind == "file":
-        out["mime_type"] = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        out["mime_type"] = mime_type(name)
     return out
 
 

@@ -12,7 +12,7 @@ from oma_common import agent, daemon, schema
 from oma_common.rpc import AgentClient
 
 from .api import RestoreApi
-from .attach import Attacher, LocalLoopAttacher, NbdPoolAttacher
+from .attach import NbdPoolAttacher
 from .confine import default_resolver
 from .expiry import IdlePolicy, Sweeper, SystemClock
 from .files import Browser
@@ -31,9 +31,6 @@ class Config(agent.AgentConfig):
     idle_timeout_seconds: float = schema.spec(3600.0, min=0.05, description="a mount idle this long is removed")
     cleanup_interval_seconds: float = schema.spec(60.0, min=0.05, description="how often expired mounts are swept")
     max_mounts: int = schema.spec(8, min=1, max=64, description="mounts at once (each holds an attach slot)")
-    attach: Literal["nbd-pool", "local-loop"] = schema.spec(
-        "nbd-pool", description="nbd-pool: ask nbd-pool for a read-only device (QCOW2 chains); "
-                                "local-loop: losetup a RAW image directly (raw images, tests)")
     nbd_pool_socket: str = schema.spec("", description="nbd-pool's socket; empty = <run_dir>/nbd-pool.sock")
     image_roots: list[str] = schema.spec(factory=list, description="if set, only images under these "
                                                                    "directories are mounted")
@@ -45,9 +42,8 @@ class Config(agent.AgentConfig):
     compress_level: int = schema.spec(6, min=0, max=9, description="deflate level of zip and tar.gz")
 
 
-def make_attacher(cfg: Config) -> tuple[Attacher, AgentClient | None]:
-    if cfg.attach == "local-loop":
-        return LocalLoopAttacher(), None
+def make_attacher(cfg: Config) -> tuple[NbdPoolAttacher, AgentClient]:
+    """Images are attached by nbd-pool, the one owner of qemu-nbd, qemu-storage-daemon and the devices."""
     path = Path(cfg.nbd_pool_socket) if cfg.nbd_pool_socket else Path(cfg.run_dir) / "nbd-pool.sock"
     client = AgentClient("nbd-pool", path, timeout=120)
     return NbdPoolAttacher(client), client
@@ -86,8 +82,7 @@ async def amain() -> int:
         # Mounts stay: they outlive a restart of the daemon and are re-adopted at the next start.
         await sweeper.stop()
         archives.shutdown(wait=True, cancel_futures=True)
-        if client is not None:
-            await client.close()
+        await client.close()
 
     return await agent.serve(DAEMON, cfg, [api], report=report, reconcile=start, close=close)
 

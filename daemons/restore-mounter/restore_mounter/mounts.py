@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import stat
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from oma_common import errors, logs
+from oma_common.contracts.restore_mounter import MOUNT_ID
 
 from . import filesystems
 from .adapters import blkid, mounter
@@ -34,7 +34,6 @@ from .state import StateFile
 
 log = logging.getLogger(__name__)
 
-MOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class NoFilesystem(errors.Invalid):
@@ -327,14 +326,17 @@ class MountManager:
                 if m.record.status == MOUNTING:
                     raise errors.Conflict("mount in progress", f"mount {mount_id} is still being mounted")
                 if m.in_use and not force:
+                    await self._settle(m)
+                if m.in_use and not force:
                     raise Busy("mount in use", f"{len(m.holders)} download(s) or archive(s) are running on "
                                                f"{mount_id}; retry later or force", active_operations=len(m.holders))
                 m.record.status, m.record.error = UNMOUNTING, ""
                 await self.save()
-                if m.in_use:
+                forced = m.in_use
+                if forced:
                     await self._cancel_holders(m)
                 try:
-                    await self.tear_down(m)
+                    await self._tear_down(m, patience=2.0 if forced else 0.0)
                 except Exception as e:
                     m.record.status, m.record.error = ERROR, str(getattr(e, "details", e))
                     await self.save()
@@ -343,6 +345,28 @@ class MountManager:
                 del self.mounts[mount_id]
                 await self.save()
                 log.info("unmounted and detached (%s)", why)
+
+    async def _tear_down(self, m: Mount, patience: float) -> None:
+        """tear_down, retried while busy for `patience` seconds: a caller handed a file by a holder we just
+        cancelled closes that descriptor on its own time (it notices the holder's connection ending)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        while True:
+            try:
+                await self.tear_down(m)
+                return
+            except Busy:
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
+    async def _settle(self, m: Mount, grace: float = 1.0) -> None:
+        """Give holders that are ending a moment: a caller that was handed a file closes its connection
+        after its own client has the last byte, so an unmount right after a download may arrive first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while m.holders and loop.time() < deadline:
+            await asyncio.sleep(0.02)
 
     async def _cancel_holders(self, m: Mount, timeout: float = 10.0) -> None:
         tasks = [t for t in m.holders.values() if t is not None and t is not asyncio.current_task()]

@@ -1,64 +1,20 @@
-"""Streaming to HTTP: byte ranges (RFC 9110 §14), Content-Disposition (RFC 6266), and a bounded pipe from a
+"""Streaming to HTTP: one file (sendfile from its descriptor, oma_common.filestream) and a bounded pipe from a
 writer thread (zipfile, tarfile) to the event loop."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import io
-import re
+import logging
 import threading
 from collections.abc import AsyncIterator
-from urllib.parse import quote
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+from aiohttp import web
 
+from oma_common.filestream import abort, content_disposition
 
-class Unsatisfiable(Exception):
-    """The requested range lies outside the file (416)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ByteRange:
-    start: int
-    end: int  # inclusive
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start + 1
-
-    def content_range(self, size: int) -> str:
-        return f"bytes {self.start}-{self.end}/{size}"
-
-
-def parse_range(header: str | None, size: int) -> ByteRange | None:
-    """The one range a `Range` header asks for; None means "send it all" (no header, a syntax we ignore,
-    or several ranges, which a server may answer in full: RFC 9110 §14.2)."""
-    if not header:
-        return None
-    m = _RANGE.fullmatch(header.strip())
-    if not m or (not m.group(1) and not m.group(2)):
-        return None
-    first, last = m.group(1), m.group(2)
-    if not first:  # suffix: the last N bytes
-        n = int(last)
-        if n == 0 or size == 0:
-            raise Unsatisfiable()
-        return ByteRange(max(0, size - n), size - 1)
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if last and int(last) < start:
-        return None  # invalid: ignore the header
-    if start >= size:
-        raise Unsatisfiable()
-    return ByteRange(start, end)
-
-
-def content_disposition(name: str, kind: str = "attachment") -> str:
-    """A header that names the file safely: an ASCII fallback and the exact UTF-8 name (RFC 6266 §4.3)."""
-    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\;' else "_" for c in name) or "download"
-    exact = quote(name.encode("utf-8", "surrogateescape"), safe="")
-    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{exact}"
+log = logging.getLogger(__name__)
 
 
 class Cancelled(Exception):
@@ -135,3 +91,30 @@ class ChunkPipe(io.RawIOBase):
             assert isinstance(item, bytes)
             yield item
             self._slots.release()  # only once the consumer has taken it on: this bounds memory
+
+
+async def send_archive(request: web.Request, pipe: ChunkPipe, producer: asyncio.Future[list[dict[str, str]]],
+                       name: str, content_type: str, what: str) -> web.StreamResponse:
+    """Relay what the writer thread `producer` writes into `pipe` as a chunked answer; a failure after the
+    first byte aborts the connection (the archive is then visibly incomplete), it never ends it cleanly."""
+    resp = web.StreamResponse(headers={"Content-Type": content_type, "Content-Disposition": content_disposition(name)})
+    resp.enable_chunked_encoding()
+    try:
+        await resp.prepare(request)
+        async for chunk in pipe.chunks():
+            await resp.write(chunk)
+        await resp.write_eof()
+        skipped = await producer
+        log.info("archive of %s: %d bytes, %d entries skipped", what, pipe.bytes_written, len(skipped))
+    except ConnectionError:
+        log.info("archive of %s stopped: the client went away", what)
+    except Exception as e:
+        log.warning("archive of %s failed after its first byte (%s); aborting the response", what, e)
+        abort(request)
+    finally:
+        pipe.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait([producer])  # the thread holds descriptors inside the mount
+        if producer.done() and not producer.cancelled():
+            producer.exception()  # retrieved: its failure is already logged above
+    return resp

@@ -3,9 +3,18 @@ repositories, immutable backup files, and ending a revoked VMA's tunnel sessions
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
+from oma_common.contracts.volume_agent import (
+    Locked,
+    LockStatus,
+    Mounted,
+    MountIn,
+    PathsIn,
+    ShareMounts,
+    Unmounted,
+    UnmountIn,
+)
 from oma_common.contracts.volume_agent_volumes import (
     Deleted,
     DevicesListing,
@@ -17,7 +26,6 @@ from oma_common.contracts.volume_agent_volumes import (
     VolumeView,
 )
 from oma_common.rpc import peer_credentials
-from oma_common.schema import any_case, spec
 from oma_common.web import Auth, Call, route
 
 from .immutability import Immutability
@@ -26,38 +34,11 @@ from .tunnels import Session, TunnelSessions
 from .volumes import Volumes
 
 
-@dataclasses.dataclass
-class MountIn:
-    """A share to mount: NFS `server:export_path`, or CIFS `//server/share_name` with a login."""
-
-    kind: str = spec(pattern=any_case("nfs", "cifs", "smb"), description="nfs, or cifs (smb), any letter case")
-    server: str = spec(min_length=1, max_length=255)
-    mount_point: str = spec(min_length=2, max_length=4096, description="absolute path below the agent's mount root")
-    export_path: str = spec("", max_length=4096, description="NFS: the exported path")
-    share_name: str = spec("", max_length=255, description="CIFS: the share")
-    options: list[str] | str = spec(factory=list, description="extra mount options (a list, or comma-separated)")
-    username: str = spec("", max_length=255)
-    password: str = spec("", max_length=1024)
-    domain: str = spec("", max_length=255)
-
-
-@dataclasses.dataclass
-class UnmountIn:
-    mount_point: str = spec(min_length=2, max_length=4096)
-
-
-@dataclasses.dataclass
-class PathsIn:
-    """Files of backup repositories (absolute, below a configured repository root)."""
-
-    paths: list[str] = spec(description="absolute paths of regular files")
-
-
 class RepositoriesApi:
     def __init__(self, mounts: RepositoryMounts) -> None:
         self.mounts = mounts
 
-    @route("POST", "/repositories/mount", body=MountIn, auth=Auth.PEER)
+    @route("POST", "/repositories/mount", body=MountIn, response=Mounted, auth=Auth.PEER)
     async def mount(self, call: Call) -> dict[str, Any]:
         """Mount a share (idempotent); a CIFS share's files belong to the caller."""
         b: MountIn = call.body
@@ -69,12 +50,12 @@ class RepositoriesApi:
         _, uid, gid = peer_credentials(call.request)
         return await self.mounts.mount(share, owner_uid=uid, owner_gid=gid)
 
-    @route("POST", "/repositories/unmount", body=UnmountIn, auth=Auth.PEER)
+    @route("POST", "/repositories/unmount", body=UnmountIn, response=Unmounted, auth=Auth.PEER)
     async def unmount(self, call: Call) -> dict[str, Any]:
         """Unmount a share mounted here (nothing mounted: success, `unmounted` false)."""
         return await self.mounts.unmount(call.body.mount_point)
 
-    @route("GET", "/repositories/mounts", auth=Auth.PEER)
+    @route("GET", "/repositories/mounts", response=ShareMounts, auth=Auth.PEER)
     async def list(self, call: Call) -> dict[str, Any]:
         """The mount root and the shares mounted below it."""
         return await self.mounts.listing()
@@ -84,17 +65,17 @@ class ImmutabilityApi:
     def __init__(self, immutability: Immutability) -> None:
         self.immutability = immutability
 
-    @route("POST", "/immutability/lock", body=PathsIn, auth=Auth.PEER)
+    @route("POST", "/immutability/lock", body=PathsIn, response=Locked, auth=Auth.PEER)
     async def lock(self, call: Call) -> dict[str, Any]:
         """Set the immutable attribute (chattr +i): nobody, root included, can change or remove the files."""
         return await self.immutability.set(call.body.paths, True)
 
-    @route("POST", "/immutability/unlock", body=PathsIn, auth=Auth.PEER)
+    @route("POST", "/immutability/unlock", body=PathsIn, response=Locked, auth=Auth.PEER)
     async def unlock(self, call: Call) -> dict[str, Any]:
         """Clear the immutable attribute (chattr -i)."""
         return await self.immutability.set(call.body.paths, False)
 
-    @route("POST", "/immutability/status", body=PathsIn, auth=Auth.PEER)
+    @route("POST", "/immutability/status", body=PathsIn, response=LockStatus, auth=Auth.PEER)
     async def status(self, call: Call) -> dict[str, Any]:
         """Whether each file is immutable (lsattr)."""
         return await self.immutability.status(call.body.paths)

@@ -6,12 +6,18 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
-from ...lib.diskimages import Pattern, ext4_modify
-from .conftest import TWO_DISK_VM, Rig
+from tests.sim.vma import Inventory
+
+from ...lib.diskimages import File, Pattern, ext4_modify, whole_disk_ext4
+from ...rig import Stack
+from ..conftest import PASSWORD, USER, VCENTER
+from .conftest import TWO_DISK_VM, Rig, open_rig
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow, pytest.mark.root]
 
@@ -102,3 +108,67 @@ async def test_mounting_a_backup_still_being_written_is_409(rig: Rig) -> None:
     assert status == 409 and "only a completed backup" in body["details"]
     assert (await rig.api.post("/restore/mount", {"backup_id": "backup-nope"}))[0] == 404
     assert (await rig.api.post("/restore/mount", {"backup_id": started["backup_id"], "disk_index": -1}))[0] == 400
+
+
+def proc_io(pid: int) -> dict[str, int]:
+    return {k: int(v) for k, v in (line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())}
+
+
+async def test_a_big_download_is_sent_from_the_handed_over_descriptor(stack_config: Stack, tmp_path: Path) -> None:
+    """256 MiB through omad, whole and ranged: the bytes are right, and neither daemon copies them.
+
+    restore-mounter hands omad the open file (SCM_RIGHTS) and omad sendfile(2)s it to the client. So
+    restore-mounter reads and writes next to nothing however big the file, and omad causes no reads of
+    its own (read_bytes, with the file in the page cache). omad's rchar is no witness: the kernel counts
+    sendfile(2) there too (fs/read_write.c, do_sendfile: add_rchar).
+    """
+    size = 256 * MiB
+    big = File(Pattern(size, seed=5))
+    image = whole_disk_ext4(tmp_path / "big.raw", {"big.bin": big}, size=size + 64 * MiB)
+    inv = Inventory(host=VCENTER, datacenter="DC1", username=USER, password=PASSWORD)
+    inv.add_vm("big file", disks=[image.size])
+    async with open_rig(stack_config, tmp_path, inv, {"big file": [image.path]}, {"big file": image},
+                        change_tracking=False) as rig:
+        backup = await rig.backup("big file")
+        m = await mount(rig, backup["backup_id"])
+        (fs_root,) = Path(m["mount_path"]).iterdir()
+        want = hashlib.sha256()
+        with open(fs_root / "big.bin", "rb") as f:  # also puts the file in the page cache
+            while chunk := f.read(4 * MiB):
+                want.update(chunk)
+        omad, agent = (rig.stack.daemons[d].pid for d in ("omad", "restore-mounter"))
+
+        async def measured(headers: dict[str, str] | None = None) -> tuple[int, bytes, Any, dict[str, int]]:
+            before = {"omad": proc_io(omad), "agent": proc_io(agent)}
+            status, body, h = await read(rig, m["mount_id"], "/big.bin", headers)
+            after = {"omad": proc_io(omad), "agent": proc_io(agent)}
+            used = {"omad_read_bytes": after["omad"]["read_bytes"] - before["omad"]["read_bytes"],
+                    "agent_rchar": after["agent"]["rchar"] - before["agent"]["rchar"],
+                    "agent_wchar": after["agent"]["wchar"] - before["agent"]["wchar"]}
+            return status, body, h, used
+
+        status, body, headers, used = await measured()
+        assert status == 200 and headers["Content-Length"] == str(size) and len(body) == size
+        assert hashlib.sha256(body).hexdigest() == want.hexdigest()
+        assert max(used.values()) < 8 * MiB, used
+
+        first, last = 100 * MiB + 7, 200 * MiB - 3
+        status, part, headers, used = await measured({"Range": f"bytes={first}-{last}"})
+        assert status == 206 and headers["Content-Range"] == f"bytes {first}-{last}/{size}"
+        assert part == body[first:last + 1]
+        assert max(used.values()) < 8 * MiB, used
+
+        status, err, headers, _ = await measured({"Range": f"bytes={size}-"})
+        assert status == 416 and headers["Content-Range"] == f"bytes */{size}" and b"not satisfiable" in err
+
+        # A forced unmount takes the file back from a running download: the download is cut off (never
+        # complete-looking) and the mount goes, although omad held the descriptor.
+        url = f"{rig.api.base}/api/v1/restore/{m['mount_id']}/download"
+        async with rig.api.session.get(url, params={"path": "/big.bin"}, headers=rig.api._headers(None)) as r:
+            assert r.status == 200 and len(await r.content.readexactly(MiB)) == MiB
+            status, body = await rig.api.delete(f"/restore/{m['mount_id']}", params={"force": "true"})
+            assert status == 200, body
+            with pytest.raises(aiohttp.ClientError):
+                while await r.content.read(4 * MiB):
+                    pass
+        assert (await rig.api.get("/restore/mounts"))[1]["count"] == 0

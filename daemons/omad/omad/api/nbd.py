@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from oma_common.contracts.nbd_pool import EXPORT_NAME
 from oma_common.errors import CALLS_OUT, Conflict, Exhausted, Forbidden, Invalid, NotFound
 from oma_common.schema import name_spec, spec
 from oma_common.web import Auth, Call, route
 
 from ..clients.nbdpool import NbdPool
-
-EXPORT_NAME = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 
 
 @dataclasses.dataclass

@@ -1,4 +1,7 @@
-"""/restore: mount a backup's disk read-only, browse it, download files and directories, unmount."""
+"""/restore: mount a backup's disk read-only, browse it, download files and directories, unmount.
+
+A file is sent from the descriptor restore-mounter hands over (sendfile: its bytes never enter omad); a
+directory's archive is relayed from restore-mounter's stream."""
 
 from __future__ import annotations
 
@@ -9,6 +12,17 @@ from typing import Any, Literal
 import aiohttp
 from aiohttp import web
 
+from oma_common import filestream
+from oma_common.contracts.restore_mounter import ArchiveQuery as AgentArchiveQuery
+from oma_common.contracts.restore_mounter import (  # the user's browsing is restore-mounter's, passed on
+    CleanupStatus,
+    Entry,
+    Listing,
+    ListQuery,
+    PathQuery,
+    Resources,
+    UnmountQuery,
+)
 from oma_common.errors import CALLS_OUT, Conflict, Exhausted, Forbidden, NotFound
 from oma_common.schema import name_spec, spec
 from oma_common.web import Call, route
@@ -20,33 +34,13 @@ TAGS = ("restore",)
 # Any segment but the fixed names beside it: DELETE /restore/mounts is not an unmount of a mount "mounts"
 # (and a 405 for it lists only the methods /restore/mounts serves).
 _MOUNT = "{mount_id:(?!mount$|mounts$|resources$|cleanup-status$)[^/]+}"
-RELAYED = ("Content-Type", "Content-Length", "Content-Disposition", "Content-Range", "Accept-Ranges", "ETag",
-           "Last-Modified")
+RELAYED = ("Content-Type", "Content-Length", "Content-Disposition")
 
 
 @dataclasses.dataclass
 class MountIn:
     backup_id: str = name_spec(min_length=1, max_length=256)
     disk_index: int = spec(0, min=0, max=63, description="which disk of the backup (0 = the first)")
-
-
-@dataclasses.dataclass
-class UnmountQuery:
-    force: bool = spec(False, description="cancel running downloads and archives first")
-
-
-@dataclasses.dataclass
-class FilesQuery:
-    path: str = spec("/", max_length=4096, description="directory inside the backup")
-    recursive: bool = False
-    depth: int | None = spec(None, min=1, max=1024)
-    offset: int = spec(0, min=0, max=1_000_000_000)
-    limit: int = spec(1000, min=1, max=10000)
-
-
-@dataclasses.dataclass
-class PathQuery:
-    path: str = spec(min_length=1, max_length=4096, description="path inside the backup")
 
 
 @dataclasses.dataclass
@@ -70,13 +64,13 @@ class RestoreApi:
         """Active restore mounts."""
         return await self.restore.mounts()
 
-    @route("GET", "/restore/resources", errors=CALLS_OUT, tags=TAGS)
-    async def resources(self, call: Call) -> dict[str, Any]:
+    @route("GET", "/restore/resources", errors=CALLS_OUT, response=Resources, tags=TAGS)
+    async def resources(self, call: Call) -> Resources:
         """Mount slots and devices in use."""
         return await self.restore.resources()
 
-    @route("GET", "/restore/cleanup-status", errors=CALLS_OUT, tags=TAGS)
-    async def cleanup_status(self, call: Call) -> dict[str, Any]:
+    @route("GET", "/restore/cleanup-status", errors=CALLS_OUT, response=CleanupStatus, tags=TAGS)
+    async def cleanup_status(self, call: Call) -> CleanupStatus:
         """The idle-expiry sweeper's state."""
         return await self.restore.cleanup_status()
 
@@ -85,15 +79,15 @@ class RestoreApi:
         """Unmount and release the device."""
         return await self.restore.unmount(call.params["mount_id"], call.actor, call.query.force)
 
-    @route("GET", f"/restore/{_MOUNT}/files", errors=(NotFound, Forbidden, *CALLS_OUT), query=FilesQuery, tags=TAGS)
-    async def files(self, call: Call) -> dict[str, Any]:
+    @route("GET", f"/restore/{_MOUNT}/files", errors=(NotFound, Forbidden, *CALLS_OUT), query=ListQuery,
+           response=Listing, tags=TAGS)
+    async def files(self, call: Call) -> Listing:
         """List a directory (optionally recursive, paginated)."""
-        q: FilesQuery = call.query
-        return await self.restore.files(call.params["mount_id"], path=q.path, recursive=q.recursive, depth=q.depth,
-                                        offset=q.offset, limit=q.limit)
+        return await self.restore.files(call.params["mount_id"], call.query)
 
-    @route("GET", f"/restore/{_MOUNT}/file-info", errors=(NotFound, Forbidden, *CALLS_OUT), query=PathQuery, tags=TAGS)
-    async def file_info(self, call: Call) -> dict[str, Any]:
+    @route("GET", f"/restore/{_MOUNT}/file-info", errors=(NotFound, Forbidden, *CALLS_OUT), query=PathQuery,
+           response=Entry, tags=TAGS)
+    async def file_info(self, call: Call) -> Entry:
         """Metadata of one entry (a symlink is described, not followed)."""
         return await self.restore.file_info(call.params["mount_id"], call.query.path)
 
@@ -102,19 +96,16 @@ class RestoreApi:
            responses={206: "the requested byte range (Range)", 416: "the byte range is not satisfiable"})
     async def download(self, call: Call) -> web.StreamResponse:
         """Download one file (HTTP Range supported)."""
-        return await self._relay(call, "download", {"path": call.query.path})
+        async with self.restore.open_file(call.params["mount_id"], call.query.path) as f:
+            return await filestream.send_file(call.request, f.fd, f.meta, stop=f.released)
 
     @route("GET", f"/restore/{_MOUNT}/download-directory", errors=(NotFound, Forbidden, *CALLS_OUT),
            query=ArchiveQuery, tags=TAGS,
            stream="application/zip")
     async def download_directory(self, call: Call) -> web.StreamResponse:
         """Download a directory as a zip or tar.gz stream."""
-        return await self._relay(call, "download-directory", {"path": call.query.path, "format": call.query.format})
-
-    async def _relay(self, call: Call, what: str, params: dict[str, str]) -> web.StreamResponse:
-        """Copy restore-mounter's response to the user as it arrives; omad never opens the file itself."""
-        wanted = {h: call.request.headers[h] for h in ("Range", "If-Range") if h in call.request.headers}
-        async with self.restore.stream(call.params["mount_id"], what, params, wanted) as upstream:
+        query = AgentArchiveQuery(call.query.path, call.query.format)
+        async with self.restore.archive(call.params["mount_id"], query) as upstream:
             resp = web.StreamResponse(status=upstream.status)
             for h in RELAYED:
                 if h in upstream.headers:
@@ -126,8 +117,8 @@ class RestoreApi:
                 await resp.write_eof()
             except (aiohttp.ClientError, ConnectionError) as e:
                 # Headers are gone: the only honest signal left is to cut the connection, so a truncated
-                # file or archive never looks complete.
-                log.warning("restore stream %s of %s broke off: %s", what, call.params["mount_id"], e)
+                # archive never looks complete.
+                log.warning("restore archive of %s broke off: %s", call.params["mount_id"], e)
                 if call.request.transport is not None:
                     call.request.transport.close()
             return resp

@@ -1,28 +1,11 @@
-"""nbd-pool's socket API as typed calls: ports, qemu-nbd exports, read-only attachments.
+"""nbd-pool's socket API as calls: ports and qemu-nbd exports (read-only attachments are
+restore-mounter's business).
 
-The agent's routes (nbd-pool/nbd_pool/api.py is the other side; job ids match
-[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}, export names omad's api/nbd.py EXPORT_NAME; times are RFC 3339):
-  POST /ports/allocate {job_id, count, export_names?, lease_seconds?}
-       → {job_id, allocated_ports: [{port, export_name}], expires_at, lease_seconds}; 409 exhausted (+available)
-  POST /ports/release  {job_id?, ports?}   exports on those ports are stopped first
-       → {success, released_count, released_ports, stopped_exports, stopped_pids}; 409 if a port is another job's
-  POST /ports/renew    {job_id, lease_seconds?}                       → {job_id, expires_at, ports}; 404 no leases
-  GET  /ports/status   → {total_ports, allocated, available, port_range: {min, max}, foreign_ports,
-                          allocations: [{port, job_id, export_name, allocated_at, expires_at}]}
-  POST /exports        {export_name, port, path, format?, read_only, shared_connections, job_id?}
-       → the export as listed below, plus size; answers once the export completes an NBD handshake
-  POST /exports/stop   {pid? | export_name?}                          → {success, stopped_pid}; the port stays leased
-  GET  /exports        → {processes: [{pid, port, export_name, path, qcow2_path, resolved_path, format, read_only,
-                          job_id, bind_address, started_at, uptime_seconds, connection_count, clients,
-                          shared_limit, status}]}
-  POST /jobs/{job_id}/release                                         → as /ports/release
-  POST /attachments    {image, owner, format?}                        → 201 {attachment_id, owner, image,
-                          resolved_image, format, backend, device, partitions: [{number, device, start, size,
-                          type, name}], attached_at, status, pid}; 409 exhausted (+available_slots)
-  DELETE /attachments/{attachment_id}                                 → {success}; 409 while a partition is mounted
-  GET  /attachments    → {attachments: [...], max_attachments, available_slots, backend}
-  GET  /health         → {..., total_ports, allocated, available, foreign_ports, exports, attachments,
-                          max_attachments, backend}
+The shapes are nbd-pool's contract, declared once in oma_common.contracts.nbd_pool (nbd-pool's handlers use
+the same classes; its OpenAPI document is at GET /openapi.json on its socket). Requests are built from the
+contract's dataclasses and every answer is parsed against it (a misfit is nbd-pool failing: Unavailable).
+The answers are handed on as plain data (the backup code reads them as such); 409 exhausted carries
+`available` / `available_slots`, 404 answers renewing a job without leases.
 """
 
 from __future__ import annotations
@@ -31,6 +14,21 @@ from typing import Any
 from urllib.parse import quote
 
 from oma_common.errors import Unavailable
+from oma_common import schema
+from oma_common.contracts.nbd_pool import (
+    Allocated,
+    AllocateIn,
+    Export,
+    ExportIn,
+    ExportList,
+    PortStatus,
+    Released,
+    ReleaseIn,
+    Renewed,
+    RenewIn,
+    Stopped,
+    StopIn,
+)
 from oma_common.rpc import AgentClient
 
 
@@ -40,12 +38,8 @@ class NbdPool:
 
     async def allocate(self, job_id: str, count: int, export_names: list[str] | None = None,
                        lease_seconds: int | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"job_id": job_id, "count": count}
-        if export_names is not None:
-            body["export_names"] = export_names
-        if lease_seconds is not None:
-            body["lease_seconds"] = lease_seconds
-        return await self.client.call("POST", "/ports/allocate", json=body)  # type: ignore[no-any-return]
+        body = AllocateIn(job_id, count, export_names, lease_seconds)
+        return schema.to_dict(await self.client.typed(Allocated, "POST", "/ports/allocate", body=body))  # type: ignore[no-any-return]
 
     async def allocate_named(self, job_id: str, export_names: list[str], lease_seconds: int) -> dict[str, int]:
         """One port per export name, leased to the job: {export name: port}."""
@@ -56,48 +50,30 @@ class NbdPool:
         return ports
 
     async def release(self, job_id: str | None = None, ports: list[int] | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {}
-        if job_id is not None:
-            body["job_id"] = job_id
-        if ports is not None:
-            body["ports"] = ports
-        return await self.client.call("POST", "/ports/release", json=body)  # type: ignore[no-any-return]
+        body = ReleaseIn(job_id, ports)
+        return schema.to_dict(await self.client.typed(Released, "POST", "/ports/release", body=body))  # type: ignore[no-any-return]
 
     async def renew(self, job_id: str, lease_seconds: int | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"job_id": job_id}
-        if lease_seconds is not None:
-            body["lease_seconds"] = lease_seconds
-        return await self.client.call("POST", "/ports/renew", json=body)  # type: ignore[no-any-return]
+        body = RenewIn(job_id, lease_seconds)
+        return schema.to_dict(await self.client.typed(Renewed, "POST", "/ports/renew", body=body))  # type: ignore[no-any-return]
 
     async def status(self) -> dict[str, Any]:
-        return await self.client.call("GET", "/ports/status")  # type: ignore[no-any-return]
+        return schema.to_dict(await self.client.typed(PortStatus, "GET", "/ports/status"))  # type: ignore[no-any-return]
 
     async def start_export(self, *, export_name: str, port: int, path: str, read_only: bool = False,
                            shared_connections: int = 10, fmt: str | None = None,
                            job_id: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"export_name": export_name, "port": port, "path": path, "read_only": read_only,
-                                "shared_connections": shared_connections}
-        if fmt is not None:
-            body["format"] = fmt
-        if job_id is not None:
-            body["job_id"] = job_id
-        return await self.client.call("POST", "/exports", json=body, timeout=60)  # type: ignore[no-any-return]
+        body = ExportIn(export_name, port, path, fmt, read_only, shared_connections, job_id)  # type: ignore[arg-type]
+        return schema.to_dict(await self.client.typed(Export, "POST", "/exports", body=body, timeout=60))  # type: ignore[no-any-return]
 
     async def stop_export(self, *, pid: int | None = None, export_name: str | None = None) -> dict[str, Any]:
-        body = {"pid": pid} if pid is not None else {"export_name": export_name}
-        return await self.client.call("POST", "/exports/stop", json=body, timeout=60)  # type: ignore[no-any-return]
+        body = StopIn(pid, None) if pid is not None else StopIn(None, export_name)
+        return schema.to_dict(await self.client.typed(Stopped, "POST", "/exports/stop", body=body, timeout=60))  # type: ignore[no-any-return]
 
     async def exports(self) -> list[dict[str, Any]]:
-        return (await self.client.call("GET", "/exports"))["processes"]  # type: ignore[no-any-return]
+        return schema.to_dict((await self.client.typed(ExportList, "GET", "/exports")).processes)  # type: ignore[no-any-return]
 
     async def release_job(self, job_id: str) -> dict[str, Any]:
         """Stop every export of the job and free its ports (cleanup after success or failure)."""
-        return await self.client.call("POST", f"/jobs/{quote(job_id, safe='')}/release",  # type: ignore[no-any-return]
-                                      timeout=60)
-
-    async def attach(self, image: str, owner: str) -> dict[str, Any]:
-        return await self.client.call("POST", "/attachments", json={"image": image, "owner": owner},  # type: ignore[no-any-return]
-                                      timeout=60)
-
-    async def detach(self, attachment_id: str) -> None:
-        await self.client.call("DELETE", f"/attachments/{quote(attachment_id, safe='')}", timeout=60)
+        answer = await self.client.typed(Released, "POST", f"/jobs/{quote(job_id, safe='')}/release", timeout=60)
+        return schema.to_dict(answer)  # type: ignore[no-any-return]

@@ -1,18 +1,10 @@
-"""volume-agent's socket API as typed calls (volume_agent/api.py is the other side).
+"""volume-agent's socket API as calls: repository shares and immutability.
 
-  POST /repositories/mount   {kind, server, mount_point, export_path?, share_name?, options?, username?,
-                              password?, domain?}          → {mount_point, source, type, mounted, already_mounted}
-  POST /repositories/unmount {mount_point}                 → {mount_point, unmounted, message}
-  GET  /repositories/mounts                                → {mount_root, mounts: [{mount_point, source, type}]}
-  POST /immutability/lock    {paths}                       → {paths, immutable: true}   (chattr +i)
-  POST /immutability/unlock  {paths}                       → {paths, immutable: false}  (chattr -i)
-  POST /tunnels/terminate    {sessions: [{pid, start_time}]} → {terminated: [pid], skipped: [{pid, reason}]}
-  POST /volumes              {vm_name, disk_unit, size_bytes} → 201 VolumeView (oma_common.contracts.
-                              volume_agent_volumes): {volume_id, name, size_bytes, serial, attached_here,
-                              device_path, link_path, snapshots, operation}; 409 when the name exists
-  GET  /volumes/{id}                                        → VolumeView; 404 unknown
-  POST /volumes/{id}/attach                                 → VolumeView once its device is present (vouched)
-  POST /volumes/{id}/detach                                 → VolumeView
+The shapes are volume-agent's contract, declared once in oma_common.contracts.volume_agent (its handlers
+use the same classes; its OpenAPI document is at GET /openapi.json on its socket). Requests are built from
+the contract's dataclasses and every answer is parsed against it (a misfit is the agent failing).
+The tunnel and volume calls (POST /tunnels/terminate, /volumes…) still pass plain dicts: their shapes are in
+oma_common.contracts.volume_agent_volumes and volume-agent's /openapi.json.
 """
 
 from __future__ import annotations
@@ -20,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
+from oma_common import schema
+from oma_common.contracts.volume_agent import Locked, Mounted, MountIn, PathsIn, ShareMounts, Unmounted, UnmountIn
 from oma_common.rpc import AgentClient
 
 
@@ -29,23 +23,27 @@ class VolumeAgent:
         self.mount_timeout = mount_timeout
 
     async def mount_share(self, share: dict[str, Any]) -> dict[str, Any]:
-        return await self.client.call("POST", "/repositories/mount", json=share,  # type: ignore[no-any-return]
-                                      timeout=self.mount_timeout)
+        body = schema.parse(MountIn, share, what="share")
+        answer = await self.client.typed(Mounted, "POST", "/repositories/mount", body=body, timeout=self.mount_timeout)
+        return schema.to_dict(answer)  # type: ignore[no-any-return]
 
     async def unmount_share(self, mount_point: str) -> dict[str, Any]:
-        return await self.client.call("POST", "/repositories/unmount",  # type: ignore[no-any-return]
-                                      json={"mount_point": mount_point}, timeout=self.mount_timeout)
+        answer = await self.client.typed(Unmounted, "POST", "/repositories/unmount", body=UnmountIn(mount_point),
+                                         timeout=self.mount_timeout)
+        return schema.to_dict(answer)  # type: ignore[no-any-return]
 
     async def share_mounts(self) -> dict[str, Any]:
-        return await self.client.call("GET", "/repositories/mounts")  # type: ignore[no-any-return]
+        return schema.to_dict(await self.client.typed(ShareMounts, "GET", "/repositories/mounts"))  # type: ignore[no-any-return]
 
     async def lock_files(self, paths: list[str]) -> dict[str, Any]:
-        return await self.client.call("POST", "/immutability/lock",  # type: ignore[no-any-return]
-                                      json={"paths": paths}, timeout=self.mount_timeout)
+        answer = await self.client.typed(Locked, "POST", "/immutability/lock", body=PathsIn(paths),
+                                         timeout=self.mount_timeout)
+        return schema.to_dict(answer)  # type: ignore[no-any-return]
 
     async def unlock_files(self, paths: list[str]) -> dict[str, Any]:
-        return await self.client.call("POST", "/immutability/unlock",  # type: ignore[no-any-return]
-                                      json={"paths": paths}, timeout=self.mount_timeout)
+        answer = await self.client.typed(Locked, "POST", "/immutability/unlock", body=PathsIn(paths),
+                                         timeout=self.mount_timeout)
+        return schema.to_dict(answer)  # type: ignore[no-any-return]
 
     async def end_tunnel_sessions(self, sessions: list[dict[str, Any]]) -> dict[str, Any]:
         """Stop the sshd sessions of the VMA tunnel user started by these per-connection sshd processes."""

@@ -8,15 +8,16 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote
 
 import aiohttp
 
+from oma_common import schema
+from oma_common.contracts.restore_mounter import ArchiveQuery, CleanupStatus, Entry, Listing, ListQuery, Resources
 from oma_common.errors import Conflict, NotFound, OmaError
-from oma_common.rpc import AgentClient
 
 from ..audit import Audit
 from ..store import restore_mounts as store
+from ..clients.restore_mounter import OpenFile, RestoreMounter
 from ..store.db import Database, utcnow
 from ..store.restore_mounts import Mount, MountStatus, Mounted
 
@@ -52,7 +53,7 @@ def _public(m: Mount, agent: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 class RestoreService:
-    def __init__(self, db: Database, audit: Audit, mounter: AgentClient, images: BackupImages) -> None:
+    def __init__(self, db: Database, audit: Audit, mounter: RestoreMounter, images: BackupImages) -> None:
         self.db = db
         self.audit = audit
         self.mounter = mounter
@@ -68,8 +69,7 @@ class RestoreService:
             await store.start(tx, mount_id, backup_id=backup_id, disk_index=disk_index, image_path=image.path,
                               actor=actor, now=utcnow())
         try:
-            m = await self.mounter.call("POST", "/mounts", json={"image": image.path, "mount_id": mount_id},
-                                        timeout=120)
+            m = schema.to_dict(await self.mounter.mount(image.path, mount_id))
         except OmaError as e:
             async with self.db.transaction() as tx:
                 await store.fail(tx, mount_id, str(e), utcnow())
@@ -93,8 +93,7 @@ class RestoreService:
     async def unmount(self, mount_id: str, actor: str, force: bool = False) -> dict[str, Any]:
         await self._active(mount_id)
         try:
-            await self.mounter.call("DELETE", f"/mounts/{quote(mount_id, safe='')}",
-                                    params={"force": "true" if force else "false"}, timeout=120)
+            await self.mounter.unmount(mount_id, force=force)
         except NotFound:
             pass  # already gone (expired between our reads): the row catches up below
         async with self.db.transaction() as tx:
@@ -104,7 +103,7 @@ class RestoreService:
 
     async def sync(self) -> dict[str, dict[str, Any]]:
         """Bring the rows in line with restore-mounter; returns its mounts by id."""
-        agent = {m["mount_id"]: m for m in (await self.mounter.call("GET", "/mounts"))["mounts"]}
+        agent = {m.mount_id: schema.to_dict(m) for m in await self.mounter.mounts()}
         for m in await store.active(self.db):
             if m.id not in agent:
                 async with self.db.transaction() as tx:
@@ -129,7 +128,7 @@ class RestoreService:
         known = {m.id for m in await store.active(self.db) if m.status == MountStatus.MOUNTED}
         for mount_id in {m for m in agent if m.startswith("rm-")} - known:
             with contextlib.suppress(OmaError):
-                await self.mounter.call("DELETE", f"/mounts/{quote(mount_id, safe='')}", params={"force": "true"})
+                await self.mounter.unmount(mount_id, force=True)
                 log.warning("removed a restore mount omad has no record of", extra={"resource": mount_id})
 
     async def mounts(self) -> dict[str, Any]:
@@ -137,28 +136,30 @@ class RestoreService:
         items = [_public(m, agent.get(m.id)) for m in await store.active(self.db)]
         return {"mounts": items, "count": len(items)}
 
-    async def files(self, mount_id: str, **query: Any) -> dict[str, Any]:
+    async def files(self, mount_id: str, query: ListQuery) -> Listing:
         await self._active(mount_id)
-        params = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in query.items() if v is not None}
-        out = await self.mounter.call("GET", f"/mounts/{quote(mount_id, safe='')}/files", params=params)
-        return out  # type: ignore[no-any-return]
+        return await self.mounter.files(mount_id, query)
 
-    async def file_info(self, mount_id: str, path: str) -> dict[str, Any]:
+    async def file_info(self, mount_id: str, path: str) -> Entry:
         await self._active(mount_id)
-        return await self.mounter.call("GET", f"/mounts/{quote(mount_id, safe='')}/file-info",  # type: ignore[no-any-return]
-                                       params={"path": path})
+        return await self.mounter.file_info(mount_id, path)
 
     @contextlib.asynccontextmanager
-    async def stream(self, mount_id: str, what: str, params: dict[str, str],
-                     headers: dict[str, str]) -> AsyncIterator[aiohttp.ClientResponse]:
-        """restore-mounter's download or archive response, to be relayed as it arrives."""
+    async def open_file(self, mount_id: str, path: str) -> AsyncIterator[OpenFile]:
+        """The file's read-only descriptor from restore-mounter, for omad to send (never read) itself."""
         await self._active(mount_id)
-        async with self.mounter.open("GET", f"/mounts/{quote(mount_id, safe='')}/{what}", params=params,
-                                     headers=headers, stream=True, timeout=300, pass_status=(416,)) as resp:
+        async with self.mounter.open_file(mount_id, path) as f:
+            yield f
+
+    @contextlib.asynccontextmanager
+    async def archive(self, mount_id: str, query: ArchiveQuery) -> AsyncIterator[aiohttp.ClientResponse]:
+        """restore-mounter's archive of a directory, to be relayed as it arrives."""
+        await self._active(mount_id)
+        async with self.mounter.archive(mount_id, query) as resp:
             yield resp
 
-    async def resources(self) -> dict[str, Any]:
-        return await self.mounter.call("GET", "/resources")  # type: ignore[no-any-return]
+    async def resources(self) -> Resources:
+        return await self.mounter.resources()
 
-    async def cleanup_status(self) -> dict[str, Any]:
-        return await self.mounter.call("GET", "/cleanup-status")  # type: ignore[no-any-return]
+    async def cleanup_status(self) -> CleanupStatus:
+        return await self.mounter.cleanup_status()

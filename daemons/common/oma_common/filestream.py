@@ -1,0 +1,184 @@
+"""Sending an open file as an HTTP response: one byte range (RFC 9110 §14), Content-Disposition (RFC 6266),
+and the bytes by sendfile(2) from the descriptor to the socket, never through our memory.
+
+restore-mounter serves its own downloads with it, and omad serves the descriptors restore-mounter hands it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import socket
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from urllib.parse import quote
+
+from aiohttp import web
+
+from . import errors
+from .web import error_body, json_response
+
+log = logging.getLogger(__name__)
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+READ_CHUNK = 1024 * 1024  # the fallback's read size, where sendfile(2) cannot be used
+SEND_BUFFER = 4 * 1024 * 1024  # a deeper unix socket buffer: bigger bites per wake-up
+
+
+class Unsatisfiable(Exception):
+    """The requested range lies outside the file (416)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteRange:
+    start: int
+    end: int  # inclusive
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+    def content_range(self, size: int) -> str:
+        return f"bytes {self.start}-{self.end}/{size}"
+
+
+def parse_range(header: str | None, size: int) -> ByteRange | None:
+    """The one range a `Range` header asks for; None means "send it all" (no header, a syntax we ignore,
+    or several ranges, which a server may answer in full: RFC 9110 §14.2)."""
+    if not header:
+        return None
+    m = _RANGE.fullmatch(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:  # suffix: the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise Unsatisfiable()
+        return ByteRange(max(0, size - n), size - 1)
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if last and int(last) < start:
+        return None  # invalid: ignore the header
+    if start >= size:
+        raise Unsatisfiable()
+    return ByteRange(start, end)
+
+
+def content_disposition(name: str, kind: str = "attachment") -> str:
+    """A header that names the file safely: an ASCII fallback and the exact UTF-8 name (RFC 6266 §4.3)."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\;' else "_" for c in name) or "download"
+    exact = quote(name.encode("utf-8", "surrogateescape"), safe="")
+    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{exact}"
+
+
+@dataclasses.dataclass(frozen=True)
+class FileMeta:
+    """What a download's headers say about the file."""
+
+    name: str  # the file's own name (Content-Disposition)
+    size: int
+    mtime: float  # epoch seconds (Last-Modified)
+    etag: str  # quoted, e.g. "\"2a-400-17b\"" (If-Range compares it)
+    mime_type: str
+
+    @classmethod
+    def of(cls, name: str, st: os.stat_result, mime_type: str) -> FileMeta:
+        return cls(name, st.st_size, st.st_mtime, f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"', mime_type)
+
+
+def abort(request: web.Request) -> None:
+    """End the connection without finishing the body: a truncated stream must never look complete."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def send_file(request: web.Request, fd: int, meta: FileMeta,
+                    stop: Callable[[], Awaitable[object]] | None = None) -> web.StreamResponse:
+    """Answer `request` with the file open as `fd` (200, or 206 for one satisfiable range, 416 outside it).
+    `stop()`, when it completes first, cuts the response off (the file's owner wants it back)."""
+    size = meta.size
+    if_range = request.headers.get("If-Range")
+    try:
+        rng = parse_range(request.headers.get("Range"), size) if if_range in (None, meta.etag) else None
+    except Unsatisfiable:
+        err = errors.Invalid("range not satisfiable", f"the file has {size} bytes")
+        return json_response(error_body(err), status=416, headers={"Content-Range": f"bytes */{size}"})
+    resp = web.StreamResponse(status=206 if rng else 200)
+    resp.headers.update({
+        "Accept-Ranges": "bytes", "ETag": meta.etag, "Content-Disposition": content_disposition(meta.name),
+        "Content-Type": meta.mime_type, "Last-Modified": formatdate(meta.mtime, usegmt=True),
+    })
+    start, length = (rng.start, rng.length) if rng else (0, size)
+    if rng:
+        resp.headers["Content-Range"] = rng.content_range(size)
+    resp.content_length = length
+    await resp.prepare(request)
+    copy = asyncio.ensure_future(_copy(request, resp, fd, start, length, meta.name))
+    watch = asyncio.ensure_future(stop()) if stop is not None else None
+    try:
+        if watch is not None:
+            await asyncio.wait([copy, watch], return_when=asyncio.FIRST_COMPLETED)
+            if not copy.done():
+                log.warning("download of %s cut off: its file was taken back", meta.name)
+                copy.cancel()
+                abort(request)
+        await copy
+        await resp.write_eof()
+    except asyncio.CancelledError:
+        copy.cancel()
+        with contextlib.suppress(BaseException):
+            await copy  # the descriptor must be out of use before the caller closes it
+        if watch is not None and watch.done():
+            return resp
+        raise
+    except ConnectionError:
+        log.info("download of %s stopped: the client went away", meta.name)
+    except Exception:
+        log.exception("download of %s failed after its first byte; aborting the response", meta.name)
+        abort(request)
+    finally:
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(BaseException):
+                await watch  # done with what it watches before the caller closes that
+    return resp
+
+
+async def _copy(request: web.Request, resp: web.StreamResponse, fd: int, start: int, length: int,
+                name: str) -> None:
+    """sendfile(2) from the file to the socket (zero-copy), or pread-and-write where it is unavailable."""
+    if request.transport is None:
+        raise ConnectionResetError("connection lost")
+    sock = request.transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        # A unix socket's buffer is fixed (208 KiB by default): deepen it. Not TCP's: setting SO_SNDBUF turns
+        # off its autotuning (tcp(7)), which grows further, and measured slower on loopback.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_SEQUENTIAL)  # the kernel's readahead doubled
+    loop = asyncio.get_running_loop()
+    with open(fd, "rb", buffering=0, closefd=False) as f:
+        try:
+            await loop.sendfile(request.transport, f, start, length, fallback=False)
+            return
+        except asyncio.SendfileNotAvailableError:
+            pass  # e.g. TLS in front: fall back to reading, below
+    pos, end = start, start + length
+    while pos < end:
+        read = loop.run_in_executor(None, os.pread, fd, min(READ_CHUNK, end - pos), pos)
+        try:
+            data = await asyncio.shield(read)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await read  # the thread uses the descriptor: it must be done before anyone closes it
+            raise
+        if not data:
+            raise OSError(f"{name} ended at {pos - start} of {length} bytes")
+        await resp.write(data)
+        pos += len(data)
