@@ -12,6 +12,7 @@ from oma_common.contracts.volume_agent import (
     MountIn,
     PathsIn,
     ShareMounts,
+    TerminateIn,
     Unmounted,
     UnmountIn,
 )
@@ -139,17 +140,6 @@ class VolumesApi:
         """Which device belongs to which volume: the devices attached here for CloudStack volumes (those
         nbd-pool may export)."""
         return self.volumes.vouched()
-
-
-@dataclasses.dataclass
-class SessionIn:
-    pid: int = spec(min=2, description="sshd's per-connection monitor process")
-    start_time: float = spec(min=0, description="its start time (psutil create_time), against pid reuse")
-
-
-@dataclasses.dataclass
-class TerminateIn:
-    sessions: list[SessionIn] = spec(description="the sessions that logged in with a revoked key")
 
 
 class TunnelsApi:

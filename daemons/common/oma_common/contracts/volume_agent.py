@@ -81,3 +81,17 @@ class Locked:
 @dataclasses.dataclass
 class LockStatus:
     immutable: dict[str, bool] = spec(description="path → whether it is immutable")
+
+
+# -- POST /tunnels/terminate: end a revoked VMA's sshd sessions --------------------------------------------
+
+
+@dataclasses.dataclass
+class SessionIn:
+    pid: int = spec(min=2, description="sshd's per-connection monitor process")
+    start_time: float = spec(min=0, description="its start time (psutil create_time), against pid reuse")
+
+
+@dataclasses.dataclass
+class TerminateIn:
+    sessions: list[SessionIn] = spec(description="the sessions that logged in with a revoked key")
