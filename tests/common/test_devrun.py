@@ -95,7 +95,11 @@ def test_a_crashed_daemon_is_restarted_alone(short_tmp: Path) -> None:
         before = _daemons(proc.pid)
         assert set(before) == {"omad", "nbd_pool", "restore_mounter", "volume_agent"}
         before["nbd_pool"].kill()
-        _wait_for(lambda: "nbd_pool" in _daemons(proc.pid) and _daemons(proc.pid)["nbd_pool"].pid != before["nbd_pool"].pid)
+        def restarted() -> bool:
+            now = _daemons(proc.pid).get("nbd_pool")
+            return now is not None and now.pid != before["nbd_pool"].pid
+
+        _wait_for(restarted)
         _wait_for(lambda: _healthy(url))
         after = _daemons(proc.pid)
         assert {n: p.pid for n, p in after.items() if n != "nbd_pool"} == \
