@@ -179,6 +179,8 @@ async def test_the_kept_list_renders_only_what_changed(db: Database, monkeypatch
         ("INSERT INTO vm_group_memberships (group_id, vm_context_id, added_at) VALUES ('g1', ?, ?)", (ids[6], t)),
         ("UPDATE vm_machine_groups SET name = 'Platinum' WHERE id = 'g1'", ()),
         ("UPDATE vm_group_memberships SET enabled = 0 WHERE vm_context_id = ?", (ids[6],)),
+        ("INSERT INTO vm_group_memberships (group_id, vm_context_id, priority, added_at) VALUES ('g1', ?, 9, ?) "
+         "ON CONFLICT (group_id, vm_context_id) DO UPDATE SET priority = excluded.priority", (ids[5], t)),
         ("DELETE FROM vm_machine_groups WHERE id = 'g1'", ()),
     ]
     try:

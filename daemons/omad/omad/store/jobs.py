@@ -16,6 +16,9 @@ from typing import Any
 from .base import Reader, get_or_404, record
 from .db import Tx, utcnow
 
+# The only writers of jobs.status and job_steps.status (tests/omad/test_store_rules.py holds us to it).
+TRANSITIONS = ("start", "complete", "fail", "begin_step", "complete_step", "fail_step")
+
 
 class JobStatus(enum.StrEnum):
     PENDING = "pending"

@@ -92,14 +92,19 @@ async def mark_mounted(tx: Tx, mount_id: str, m: Mounted) -> None:
                       json.dumps(m.filesystems), m.expires_at, mount_id))
 
 
-async def fail(tx: Tx, mount_id: str, reason: str, now: str) -> None:
-    await tx.execute("UPDATE restore_mounts SET status = ?, error_message = ?, ended_at = ? WHERE id = ?",
-                     (MountStatus.FAILED.value, reason, now, mount_id))
+async def fail(tx: Tx, mount_id: str, reason: str, now: str) -> bool:
+    """restore-mounter refused the mount; False when the row had left `mounting` meanwhile."""
+    changed = await tx.execute("UPDATE restore_mounts SET status = ?, error_message = ?, ended_at = ? "
+                               "WHERE id = ? AND status = ?",
+                               (MountStatus.FAILED.value, reason, now, mount_id, MountStatus.MOUNTING.value))
+    return changed > 0
 
 
-async def mark_unmounted(tx: Tx, mount_id: str, now: str) -> None:
-    await tx.execute("UPDATE restore_mounts SET status = ?, ended_at = ? WHERE id = ?",
-                     (MountStatus.UNMOUNTED.value, now, mount_id))
+async def mark_unmounted(tx: Tx, mount_id: str, now: str) -> bool:
+    """False when the mount had ended already (expired meanwhile)."""
+    changed = await tx.execute("UPDATE restore_mounts SET status = ?, ended_at = ? WHERE id = ? AND status IN (?, ?)",
+                               (MountStatus.UNMOUNTED.value, now, mount_id, *ACTIVE))
+    return changed > 0
 
 
 async def expire(tx: Tx, mount_id: str, now: str) -> bool:

@@ -16,6 +16,10 @@ from typing import Any
 from .base import Reader, get_or_404, name_free, record
 from .db import Tx
 
+# The only writers of the executions' and their VMs' and jobs' status columns (tests/omad/test_store_rules.py).
+TRANSITIONS = ("open_executions", "close_execution", "vms_started", "vms_completed", "vm_retry_wait", "vm_failed",
+               "vm_released", "vm_skipped", "cancel_waiting", "attempts_ended")
+
 
 class ExecutionStatus(enum.StrEnum):
     SCHEDULED = "scheduled"

@@ -10,6 +10,10 @@ from oma_common.errors import Conflict
 from .base import Reader, get_or_404, record
 from .db import Tx
 
+# The only writer of vma_enrollments.status (tests/omad/test_store_rules.py holds us to it): the transitions
+# mark_verified, approve, reject, revoke and expire_stale all move the status through it.
+TRANSITIONS = ("_move",)
+
 
 class EnrollmentStatus(enum.StrEnum):
     PENDING_VERIFICATION = "pending_verification"
