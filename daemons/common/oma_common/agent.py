@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -90,10 +90,13 @@ async def serve(daemon: str, cfg: AgentConfig, apis: list[Any], *,
     return 0
 
 
-def load(cls: type, daemon: str, description: str) -> tuple[Any, bool]:
-    """Parse the common arguments and the config; returns (config, exit_now)."""
+C = TypeVar("C", bound=AgentConfig)
+
+
+def load(cls: type[C], daemon: str, description: str) -> tuple[C, bool]:
+    """Parse the common arguments and the config; returns (the typed config, exit_now)."""
     args = config.arg_parser(daemon, description).parse_args()
-    cfg = config.load_from_args(cls, daemon, args)
+    cfg: C = config.load_from_args(cls, daemon, args)
     if args.show_config:
         print(config.dump(cfg))
         return cfg, True

@@ -7,7 +7,8 @@ import dataclasses
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 from pathlib import Path
 
 from . import schema
@@ -39,10 +40,10 @@ class StopSignal:
         return self.signame
 
 
-def run(main: Callable[[], Awaitable[int]]) -> None:
+def run(main: Callable[[], Coroutine[Any, Any, int]]) -> None:
     """Run a daemon's async main; a configuration or start-up error exits 1 with one clear line."""
     try:
-        code = asyncio.run(main())
+        code: int = asyncio.run(main())
     except OmaError as e:
         print(f"error: {e.message}: {e.details}", file=sys.stderr)
         code = 1

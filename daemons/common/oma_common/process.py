@@ -112,7 +112,7 @@ def read_cmdline(pid: int) -> list[str] | None:
 def process_start_time(pid: int) -> float | None:
     """psutil's create_time() of `pid`, or None if it is gone."""
     try:
-        return psutil.Process(pid).create_time()
+        return float(psutil.Process(pid).create_time())
     except psutil.Error:
         return None
 

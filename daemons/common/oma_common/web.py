@@ -212,7 +212,7 @@ def _segments(path: str) -> list[str]:
 # aiohttp's HTTP parser answers a request line or header longer than 8190 bytes itself, in text/plain, before
 # any middleware runs. Every request the document allows fits in this much (a 4096-character path in the
 # query is 48 KiB percent-encoded); pass these to web.AppRunner.
-REQUEST_LIMITS = {"max_line_size": 128 * 1024, "max_field_size": 16 * 1024}
+REQUEST_LIMITS: dict[str, Any] = {"max_line_size": 128 * 1024, "max_field_size": 16 * 1024}
 
 # Path parameters: at most this many characters, no NUL, valid Unicode (checked before the handler runs).
 PATH_PARAM_MAX = 1024

@@ -21,7 +21,8 @@ def build(apis: list[Any], auth: AuthService, *, tunnel: TunnelPeers, cors_origi
     """`apis` are the handler objects, each built with its own collaborators; `tunnel` recognises the VMA's
     tunnel, the only peer whose machine calls need no token."""
     cors = guard.Cors(cors_origins)
-    app = web.Application(middlewares=[cors.preflight, error_middleware, guard.middleware(auth, tunnel)],
+    middlewares: list[Any] = [cors.preflight, error_middleware, guard.middleware(auth, tunnel)]
+    app = web.Application(middlewares=middlewares,
                           client_max_size=max_body)
     app.on_response_prepare.append(cors.on_prepare)
     openapi = OpenApi()

@@ -50,7 +50,7 @@ async def hash_password(password: str) -> str:
 async def verify_password(stored: str, password: str) -> bool:
     def check() -> bool:
         try:
-            return _hasher.verify(stored, password)
+            return bool(_hasher.verify(stored, password))
         except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHash):
             return False
 

@@ -18,6 +18,7 @@ import logging
 import socket
 import ssl
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 from pyVmomi import SoapStubAdapter, vim, vmodl
@@ -105,8 +106,8 @@ class PinnedContext(ssl.SSLContext):
     pin: str = ""
     seen: str = ""
 
-    def wrap_socket(self, *args: object, **kwargs: object) -> ssl.SSLSocket:  # type: ignore[override]
-        sock = super().wrap_socket(*args, **kwargs)  # type: ignore[arg-type]
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        sock = super().wrap_socket(*args, **kwargs)
         der = sock.getpeercert(binary_form=True) or b""
         self.seen = thumbprint_of(der)
         if not hmac.compare_digest(self.seen, self.pin):
@@ -188,7 +189,7 @@ class VCenter:
         stub.schemeArgs["timeout"] = self.timeout  # http.client's per-operation socket timeout
         try:
             content = vim.ServiceInstance("ServiceInstance", stub).RetrieveContent()
-            sessions = content.sessionManager
+            sessions: Any = content.sessionManager  # pyVmomi's stubs: Optional, and Login's locale is optional
             sessions.Login(username, password)
             try:
                 return str(content.about.fullName)

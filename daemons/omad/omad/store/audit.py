@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from .base import Reader, record
-from .db import Tx
+from .db import Writer
 
 TRANSITIONS: tuple[str, ...] = ()  # no status column (`outcome` is written once, with the row)
 
@@ -24,7 +24,7 @@ class Entry:
     source: str
 
 
-async def append(tx: Tx, *, at: str, actor: str, action: str, resource: str, outcome: str, details: str,
+async def append(tx: Writer, *, at: str, actor: str, action: str, resource: str, outcome: str, details: str,
                  source: str) -> None:
     """`details` is the JSON object text."""
     await tx.execute("INSERT INTO audit_log (at, actor, action, resource, outcome, details, source) "

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Reader, get_or_404, record
-from .db import Tx
+from .db import Writer
 
 # The only writers of backup_jobs.status and backup_disks.status (tests/omad/test_store_rules.py holds us to it).
 TRANSITIONS = ("create", "create_copy", "mark_running", "complete", "fail", "mark_exporting", "complete_disk")
@@ -398,7 +398,7 @@ async def vm_disks(db: Reader, context_id: str) -> list[VmDisk]:
 # -- the transitions of backup_jobs.status --------------------------------------------------------------
 
 
-async def create(tx: Tx, *, backup_id: str, vm_context_id: str, vm_name: str, repository_id: str, backup_type: str,
+async def create(tx: Writer, *, backup_id: str, vm_context_id: str, vm_name: str, repository_id: str, backup_type: str,
                  parent_backup_id: str | None, chain_id: str, policy_id: str | None, tags: dict[str, Any],
                  created_by: str, now: str, new_disks: Sequence[NewDisk]) -> None:
     """A new backup, pending ("starting"), with its disks pending."""
@@ -416,7 +416,7 @@ async def create(tx: Tx, *, backup_id: str, vm_context_id: str, vm_name: str, re
              DiskStatus.PENDING, d.previous_change_id))
 
 
-async def create_copy(tx: Tx, *, source: Backup, backup_id: str, repository_id: str, parent_backup_id: str | None,
+async def create_copy(tx: Writer, *, source: Backup, backup_id: str, repository_id: str, parent_backup_id: str | None,
                       chain_id: str, copied_bytes: int, created_by: str, now: str,
                       copied: Sequence[CopiedDisk]) -> None:
     """The copy of `source` in another repository: a backup there, completed, with its disks."""
@@ -440,7 +440,7 @@ async def create_copy(tx: Tx, *, source: Backup, backup_id: str, repository_id: 
              c.size_bytes, now, c.sha256))
 
 
-async def mark_running(db: Tx, backup_id: str, now: str) -> bool:
+async def mark_running(db: Writer, backup_id: str, now: str) -> bool:
     """The VMA accepted the backup; False when it is not pending any more (completions may come first)."""
     return bool(await db.execute(
         "UPDATE backup_jobs SET status = ?, started_at = ?, last_activity_at = ?, updated_at = ?, "
@@ -448,7 +448,7 @@ async def mark_running(db: Tx, backup_id: str, now: str) -> bool:
         (BackupStatus.RUNNING, now, now, now, backup_id, BackupStatus.PENDING)))
 
 
-async def complete(tx: Tx, backup_id: str, *, sizes: dict[int, int], bytes_transferred: int, now: str) -> bool:
+async def complete(tx: Writer, backup_id: str, *, sizes: dict[int, int], bytes_transferred: int, now: str) -> bool:
     """Every disk is in: record each image's size and the backup completed; False when it had ended."""
     for index, size in sizes.items():
         await tx.execute("UPDATE backup_disks SET size_bytes = ? WHERE backup_id = ? AND disk_index = ?",
@@ -460,7 +460,7 @@ async def complete(tx: Tx, backup_id: str, *, sizes: dict[int, int], bytes_trans
         (BackupStatus.COMPLETED, now, now, sum(sizes.values()), bytes_transferred, backup_id, *ACTIVE)))
 
 
-async def fail(tx: Tx, backup_id: str, reason: str, now: str) -> bool:
+async def fail(tx: Writer, backup_id: str, reason: str, now: str) -> bool:
     """The backup failed for `reason` (its disks with it); False when it had ended already (nothing changes)."""
     changed = await tx.execute(
         "UPDATE backup_jobs SET status = ?, error_message = ?, completed_at = ?, updated_at = ?, "
@@ -471,7 +471,7 @@ async def fail(tx: Tx, backup_id: str, reason: str, now: str) -> bool:
     return bool(changed)
 
 
-async def delete(tx: Tx, backup_id: str) -> None:
+async def delete(tx: Writer, backup_id: str) -> None:
     """Forget an ended backup (its disks go with it)."""
     await tx.execute("DELETE FROM backup_jobs WHERE backup_id = ?", (backup_id,))
 
@@ -479,20 +479,20 @@ async def delete(tx: Tx, backup_id: str) -> None:
 # -- the transitions of backup_disks.status -------------------------------------------------------------
 
 
-async def set_ports(tx: Tx, backup_id: str, ports: dict[int, int]) -> None:
+async def set_ports(tx: Writer, backup_id: str, ports: dict[int, int]) -> None:
     """The NBD port of each disk (by index)."""
     for index, port in ports.items():
         await tx.execute("UPDATE backup_disks SET nbd_port = ? WHERE backup_id = ? AND disk_index = ?",
                          (port, backup_id, index))
 
 
-async def mark_exporting(db: Tx, backup_id: str, disk_index: int, pid: int | None) -> None:
+async def mark_exporting(db: Writer, backup_id: str, disk_index: int, pid: int | None) -> None:
     """The disk's image is exported (qemu-nbd `pid`)."""
     await db.execute("UPDATE backup_disks SET qemu_nbd_pid = ?, status = ? WHERE backup_id = ? AND disk_index = ?",
                      (pid, DiskStatus.EXPORTING, backup_id, disk_index))
 
 
-async def complete_disk(tx: Tx, backup_id: str, disk_index: int, *, change_id: str, bytes_transferred: int,
+async def complete_disk(tx: Writer, backup_id: str, disk_index: int, *, change_id: str, bytes_transferred: int,
                         now: str) -> int:
     """The VMA wrote the disk; returns how many disks of the backup are still to complete."""
     await tx.execute("UPDATE backup_disks SET status = ?, change_id = ?, bytes_transferred = ?, progress_percent = 100, "
@@ -506,19 +506,19 @@ async def complete_disk(tx: Tx, backup_id: str, disk_index: int, *, change_id: s
 # -- other columns --------------------------------------------------------------------------------------
 
 
-async def touch(db: Tx, backup_id: str, now: str) -> None:
+async def touch(db: Writer, backup_id: str, now: str) -> None:
     """Something happened to the backup (a completion): it is not idle."""
     await db.execute("UPDATE backup_jobs SET last_activity_at = ?, updated_at = ? WHERE backup_id = ?",
                      (now, now, backup_id))
 
 
-async def touch_running(db: Tx, backup_id: str, now: str) -> None:
+async def touch_running(db: Writer, backup_id: str, now: str) -> None:
     """A client is connected to one of its exports: a running backup is not idle."""
     await db.execute("UPDATE backup_jobs SET last_activity_at = ? WHERE backup_id = ? AND status = ?",
                      (now, backup_id, BackupStatus.RUNNING))
 
 
-async def record_progress(tx: Tx, backup_id: str, *, phase: str, bytes_transferred: int, total_bytes: int,
+async def record_progress(tx: Writer, backup_id: str, *, phase: str, bytes_transferred: int, total_bytes: int,
                           transfer_speed_bps: int, eta_seconds: int | None, progress_percent: float,
                           now: str) -> None:
     await tx.execute(
@@ -528,7 +528,7 @@ async def record_progress(tx: Tx, backup_id: str, *, phase: str, bytes_transferr
          max(0.0, min(100.0, progress_percent)), now, now, backup_id))
 
 
-async def record_disk_progress(tx: Tx, backup_id: str, disk_index: int, *, bytes_transferred: int,
+async def record_disk_progress(tx: Writer, backup_id: str, disk_index: int, *, bytes_transferred: int,
                                total_bytes: int, progress_percent: float) -> None:
     """A disk's progress, unless it completed already."""
     await tx.execute("UPDATE backup_disks SET bytes_transferred = ?, total_bytes = ?, progress_percent = ? "
@@ -537,30 +537,30 @@ async def record_disk_progress(tx: Tx, backup_id: str, disk_index: int, *, bytes
                       DiskStatus.COMPLETED))
 
 
-async def record_checksum(db: Tx, backup_id: str, disk_index: int, sha256: str) -> None:
+async def record_checksum(db: Writer, backup_id: str, disk_index: int, sha256: str) -> None:
     """The image's reference checksum, unless one is recorded already."""
     await db.execute("UPDATE backup_disks SET sha256 = ? WHERE backup_id = ? AND disk_index = ? AND sha256 IS NULL",
                      (sha256, backup_id, disk_index))
 
 
-async def record_verification(db: Tx, backup_id: str, status: VerifyStatus, at: str,
+async def record_verification(db: Writer, backup_id: str, status: VerifyStatus, at: str,
                               errors: list[dict[str, str]]) -> None:
     """The result of a verification: the only writer of verify_status."""
     await db.execute("UPDATE backup_jobs SET verify_status = ?, verified_at = ?, verify_errors = ? WHERE backup_id = ?",
                      (status, at, json.dumps(errors), backup_id))
 
 
-async def extend_lock(tx: Tx, backup_id: str, until: str) -> None:
+async def extend_lock(tx: Writer, backup_id: str, until: str) -> None:
     """Hold the backup at least until `until` (a lock never gets shorter)."""
     await tx.execute("UPDATE backup_jobs SET locked_until = ? WHERE backup_id = ? AND "
                      "(locked_until IS NULL OR locked_until < ?)", (until, backup_id, until))
 
 
-async def set_files_locked(db: Tx, backup_id: str, locked: bool) -> None:
+async def set_files_locked(db: Writer, backup_id: str, locked: bool) -> None:
     """Whether the filesystem holds the backup's images immutable too."""
     await db.execute("UPDATE backup_jobs SET files_locked = ? WHERE backup_id = ?", (int(locked), backup_id))
 
 
-async def detach_policy(tx: Tx, policy_id: str) -> None:
+async def detach_policy(tx: Writer, policy_id: str) -> None:
     """The policy is going: its backups stay, under no policy."""
     await tx.execute("UPDATE backup_jobs SET policy_id = NULL WHERE policy_id = ?", (policy_id,))

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .base import Reader, get_or_404, record
-from .db import Tx
+from .db import Writer
 
 # Named writers of vm_replication_contexts.current_status (tests/omad/test_store_rules.py holds us to it).
 TRANSITIONS = ("create", "job_started", "job_ended")
@@ -406,19 +406,19 @@ _UPDATE_SPECS_SQL = (
     f"UPDATE vm_replication_contexts SET {', '.join(f'{c} = ?' for c in _SPEC_COLUMNS)},"
     " updated_at = CASE WHEN ? THEN ? ELSE updated_at END WHERE context_id = ?")
 
-async def create(tx: Tx, context_id: str, new: NewContext, now: str) -> None:
+async def create(tx: Writer, context_id: str, new: NewContext, now: str) -> None:
     """A new context starts as discovered; the scheduler may pick it up (scheduler_enabled)."""
     await tx.execute(_CREATE_SQL, (context_id, new.vmware_vm_id, new.vcenter_host, new.datacenter,
                                    ContextStatus.DISCOVERED.value, int(new.auto_added), new.credential_id, now, now,
                                    *(getattr(new.specs, c) for c in _SPEC_COLUMNS)))
 
 
-async def update_specs(tx: Tx, context_id: str, specs: Specs, *, changed: bool, now: str) -> None:
+async def update_specs(tx: Writer, context_id: str, specs: Specs, *, changed: bool, now: str) -> None:
     """Write what vCenter says now; updated_at moves only when the specs changed (not for power state)."""
     await tx.execute(_UPDATE_SPECS_SQL, (*(getattr(specs, c) for c in _SPEC_COLUMNS), changed, now, context_id))
 
 
-async def add_disk(tx: Tx, context_id: str, disk: DiskSpecs, now: str) -> None:
+async def add_disk(tx: Writer, context_id: str, disk: DiskSpecs, now: str) -> None:
     await tx.execute(
         "INSERT INTO vm_disks (vm_context_id, disk_id, label, path, vmdk_path, size_gb, capacity_bytes, datastore,"
         " unit_number, provisioning_type, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -426,7 +426,7 @@ async def add_disk(tx: Tx, context_id: str, disk: DiskSpecs, now: str) -> None:
          disk.datastore, disk.unit_number, disk.provisioning_type, now, now))
 
 
-async def update_disk(tx: Tx, context_id: str, disk: DiskSpecs, now: str) -> None:
+async def update_disk(tx: Writer, context_id: str, disk: DiskSpecs, now: str) -> None:
     """The change id stays: a resized disk still continues its CBT chain."""
     await tx.execute(
         "UPDATE vm_disks SET label = ?, path = ?, vmdk_path = ?, size_gb = ?, capacity_bytes = ?,"
@@ -436,11 +436,11 @@ async def update_disk(tx: Tx, context_id: str, disk: DiskSpecs, now: str) -> Non
          disk.unit_number, disk.provisioning_type, now, context_id, disk.disk_id))
 
 
-async def remove_disk(tx: Tx, context_id: str, disk_id: str) -> None:
+async def remove_disk(tx: Writer, context_id: str, disk_id: str) -> None:
     await tx.execute("DELETE FROM vm_disks WHERE vm_context_id = ? AND disk_id = ?", (context_id, disk_id))
 
 
-async def replace_nics(tx: Tx, context_id: str, nics: Sequence[Nic]) -> None:
+async def replace_nics(tx: Writer, context_id: str, nics: Sequence[Nic]) -> None:
     await tx.execute("DELETE FROM vm_networks WHERE vm_context_id = ?", (context_id,))
     await tx.executemany(
         "INSERT INTO vm_networks (vm_context_id, position, label, network_name, adapter_type, mac_address,"
@@ -452,7 +452,7 @@ async def replace_nics(tx: Tx, context_id: str, nics: Sequence[Nic]) -> None:
 # -- the jobs a context has run (replications and backups alike) ---------------------------------------------
 
 
-async def job_started(tx: Tx, context_id: str, job_id: str, now: str, *,
+async def job_started(tx: Writer, context_id: str, job_id: str, now: str, *,
                       status: ContextStatus | None = None) -> None:
     """A job of this VM began: it is the current one, counted in total_jobs_run; `status` (a replication:
     replicating) moves the context, a backup leaves it where it is."""
@@ -463,7 +463,7 @@ async def job_started(tx: Tx, context_id: str, job_id: str, now: str, *,
         (job_id, now, now, status.value if status is not None else None, context_id))
 
 
-async def job_ended(tx: Tx, context_id: str, job_id: str, *, succeeded: bool, summary: dict[str, Any], now: str,
+async def job_ended(tx: Writer, context_id: str, job_id: str, *, succeeded: bool, summary: dict[str, Any], now: str,
                     status: ContextStatus | None = None) -> None:
     """A job of this VM ended: counted as successful or failed, its summary kept as the last operation; it is
     no longer the current job (unless another one took its place meanwhile); `status` moves the context."""
@@ -477,7 +477,7 @@ async def job_ended(tx: Tx, context_id: str, job_id: str, *, succeeded: bool, su
          status.value if status is not None else None, context_id))
 
 
-async def add_cbt(tx: Tx, context_id: str, *, job_id: str, disk_id: str, change_id: str,
+async def add_cbt(tx: Writer, context_id: str, *, job_id: str, disk_id: str, change_id: str,
                   previous_change_id: str | None, sync_type: str, bytes_transferred: int | None,
                   success: bool, now: str) -> None:
     """Append one row to the context's CBT history."""
@@ -488,7 +488,7 @@ async def add_cbt(tx: Tx, context_id: str, *, job_id: str, disk_id: str, change_
          now))
 
 
-async def mark_cbt(tx: Tx, job_id: str, *, success: bool, bytes_by_disk: Mapping[str, int]) -> None:
+async def mark_cbt(tx: Writer, job_id: str, *, success: bool, bytes_by_disk: Mapping[str, int]) -> None:
     """The sync behind a job's CBT rows ended: they say whether it succeeded (and what each disk sent)."""
     await tx.execute("UPDATE cbt_history SET sync_success = ? WHERE job_id = ?", (int(success), job_id))
     for disk_id, sent in bytes_by_disk.items():
@@ -496,7 +496,7 @@ async def mark_cbt(tx: Tx, job_id: str, *, success: bool, bytes_by_disk: Mapping
                          (sent, job_id, disk_id))
 
 
-async def set_change_id(tx: Tx, context_id: str, disk_id: str, change_id: str | None, now: str) -> None:
+async def set_change_id(tx: Writer, context_id: str, disk_id: str, change_id: str | None, now: str) -> None:
     """The change id the next sync of this disk continues from (None: it copies in full)."""
     await tx.execute("UPDATE vm_disks SET disk_change_id = ?, updated_at = ? WHERE vm_context_id = ? AND disk_id = ?",
                      (change_id, now, context_id, disk_id))

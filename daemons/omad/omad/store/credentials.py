@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import Reader, get_or_404, name_free, record
-from .db import Tx
+from .db import Writer
 
 TRANSITIONS: tuple[str, ...] = ()  # no status column
 
@@ -79,7 +79,7 @@ async def ensure_name_free(db: Reader, name: str) -> None:
                     name=name)
 
 
-async def insert(tx: Tx, new: NewCredential, now: str) -> int:
+async def insert(tx: Writer, new: NewCredential, now: str) -> int:
     return await tx.execute(
         "INSERT INTO vmware_credentials (credential_name, vcenter_host, username, password_sealed, datacenter,"
         " is_active, is_default, created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -87,13 +87,13 @@ async def insert(tx: Tx, new: NewCredential, now: str) -> int:
          int(new.is_active), int(new.is_default), new.created_by, now, now))
 
 
-async def clear_default(tx: Tx, now: str, *, keep: int | None = None) -> None:
+async def clear_default(tx: Writer, now: str, *, keep: int | None = None) -> None:
     """No credential is the default any more (but `keep`, if given)."""
     await tx.execute("UPDATE vmware_credentials SET is_default = 0, updated_at = ? WHERE is_default = 1 AND id IS NOT ?",
                      (now, keep))
 
 
-async def update(tx: Tx, credential_id: int, changes: CredentialChanges, now: str) -> None:
+async def update(tx: Writer, credential_id: int, changes: CredentialChanges, now: str) -> None:
     c = changes
     await tx.execute(
         "UPDATE vmware_credentials SET credential_name = COALESCE(?, credential_name), "
@@ -105,15 +105,15 @@ async def update(tx: Tx, credential_id: int, changes: CredentialChanges, now: st
          now, credential_id))
 
 
-async def make_default(tx: Tx, credential_id: int, now: str) -> None:
+async def make_default(tx: Writer, credential_id: int, now: str) -> None:
     await clear_default(tx, now, keep=credential_id)
     await tx.execute("UPDATE vmware_credentials SET is_default = 1, updated_at = ? WHERE id = ?", (now, credential_id))
 
 
-async def delete(tx: Tx, credential_id: int) -> None:
+async def delete(tx: Writer, credential_id: int) -> None:
     await tx.execute("DELETE FROM vmware_credentials WHERE id = ?", (credential_id,))
 
 
-async def count_use(tx: Tx, credential_id: int, now: str) -> None:
+async def count_use(tx: Writer, credential_id: int, now: str) -> None:
     await tx.execute("UPDATE vmware_credentials SET usage_count = usage_count + 1, last_used = ? WHERE id = ?",
                      (now, credential_id))

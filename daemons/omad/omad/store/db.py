@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import aiosqlite
 
@@ -73,6 +73,11 @@ class Tx:
         async with self._conn.execute(sql, params) as cur:
             row = await cur.fetchone()
         return row[0] if row is not None else None
+
+
+#: What a store function writes through: a transaction, or the database itself for a single statement (its own
+#: transaction).
+Writer = Union["Tx", "Database"]
 
 
 class Database:

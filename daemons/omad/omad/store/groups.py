@@ -7,7 +7,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from .base import Reader, get_or_404, name_free, record
-from .db import Tx
+from .db import Writer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +109,7 @@ async def known(db: Reader, group_ids: Sequence[str]) -> set[str]:
         "SELECT id FROM vm_machine_groups WHERE id IN (SELECT value FROM json_each(?))", (_json(group_ids),))}
 
 
-async def insert(tx: Tx, group: NewGroup, *, actor: str, now: str) -> None:
+async def insert(tx: Writer, group: NewGroup, *, actor: str, now: str) -> None:
     await tx.execute(
         "INSERT INTO vm_machine_groups (id, name, description, schedule_id, max_concurrent_vms, priority, "
         "created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -117,7 +117,7 @@ async def insert(tx: Tx, group: NewGroup, *, actor: str, now: str) -> None:
          actor, now, now))
 
 
-async def update(tx: Tx, group: NewGroup, *, now: str) -> None:
+async def update(tx: Writer, group: NewGroup, *, now: str) -> None:
     await tx.execute(
         "UPDATE vm_machine_groups SET name = ?, description = ?, schedule_id = ?, max_concurrent_vms = ?, "
         "priority = ?, updated_at = ? WHERE id = ?",
@@ -125,7 +125,7 @@ async def update(tx: Tx, group: NewGroup, *, now: str) -> None:
          group.id))
 
 
-async def delete(tx: Tx, group_id: str) -> None:
+async def delete(tx: Writer, group_id: str) -> None:
     await tx.execute("DELETE FROM vm_machine_groups WHERE id = ?", (group_id,))  # memberships cascade
 
 
@@ -176,19 +176,19 @@ async def member_ids(db: Reader, group_id: str, context_ids: Sequence[str]) -> s
         "(SELECT value FROM json_each(?))", (group_id, _json(context_ids)))}
 
 
-async def add_members(tx: Tx, group_id: str, context_ids: Sequence[str], *, priority: int, enabled: bool,
+async def add_members(tx: Writer, group_id: str, context_ids: Sequence[str], *, priority: int, enabled: bool,
                       actor: str, now: str) -> None:
     """Add VMs to a group; members already there take the new priority and switch."""
     await tx.executemany(_UPSERT_MEMBER, [(group_id, cid, priority, int(enabled), actor, now) for cid in context_ids])
 
 
-async def remove_member(tx: Tx, group_id: str, context_id: str) -> bool:
+async def remove_member(tx: Writer, group_id: str, context_id: str) -> bool:
     """False when the VM was not a member."""
     return bool(await tx.execute("DELETE FROM vm_group_memberships WHERE group_id = ? AND vm_context_id = ?",
                                  (group_id, context_id)))
 
 
-async def set_groups_of(tx: Tx, context_id: str, group_ids: Sequence[str], *, priority: int, enabled: bool,
+async def set_groups_of(tx: Writer, context_id: str, group_ids: Sequence[str], *, priority: int, enabled: bool,
                         actor: str, now: str) -> None:
     """Make the VM a member of exactly these groups (kept ones take the new priority and switch)."""
     await tx.execute("DELETE FROM vm_group_memberships WHERE vm_context_id = ? AND group_id NOT IN "

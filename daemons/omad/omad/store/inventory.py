@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .base import Reader, record
-from .db import Tx
+from .db import Writer
 
 TRANSITIONS: tuple[str, ...] = ()  # no status column
 
@@ -45,7 +45,7 @@ def _item(row: Mapping[str, Any]) -> InventoryItem:
     return record(InventoryItem, {**row, "vm": json.loads(row["vm"]), "source": Source(row["source"])})
 
 
-async def record_seen(tx: Tx, vcenter_host: str, vms: Sequence[Seen], source: Source, now: str) -> None:
+async def record_seen(tx: Writer, vcenter_host: str, vms: Sequence[Seen], source: Source, now: str) -> None:
     """Insert new VMs, update known ones (first_seen_at stays)."""
     await tx.executemany(
         "INSERT INTO vm_inventory (vmware_vm_id, vcenter_host, datacenter, name, path, power_state, vm, source,"

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .base import Reader, get_or_404, record
-from .db import Tx, utcnow
+from .db import utcnow, Writer
 
 # The only writers of jobs.status and job_steps.status (tests/omad/test_store_rules.py holds us to it).
 TRANSITIONS = ("start", "complete", "fail", "begin_step", "complete_step", "fail_step")
@@ -160,11 +160,11 @@ def _insert_params(job: NewJob, now: str) -> tuple[Any, ...]:
             now if job.status == JobStatus.RUNNING else None, now, now, json.dumps(job.details))
 
 
-async def create(tx: Tx, job: NewJob) -> None:
+async def create(tx: Writer, job: NewJob) -> None:
     await tx.execute(_INSERT, _insert_params(job, utcnow()))
 
 
-async def create_many(tx: Tx, jobs: Sequence[NewJob]) -> None:
+async def create_many(tx: Writer, jobs: Sequence[NewJob]) -> None:
     """Insert every job with one prepared statement, inside the caller's transaction (all or none)."""
     now = utcnow()
     await tx.executemany(_INSERT, [_insert_params(j, now) for j in jobs])
@@ -172,7 +172,7 @@ async def create_many(tx: Tx, jobs: Sequence[NewJob]) -> None:
 
 # -- the transitions: the only code that writes jobs.status and job_steps.status -------------------------
 
-async def start(tx: Tx, job_id: str, *, now: str | None = None) -> bool:
+async def start(tx: Writer, job_id: str, *, now: str | None = None) -> bool:
     """pending → running; False when the job was not pending."""
     now = now or utcnow()
     return bool(await tx.execute(
@@ -180,7 +180,7 @@ async def start(tx: Tx, job_id: str, *, now: str | None = None) -> bool:
         (JobStatus.RUNNING, now, now, job_id, JobStatus.PENDING)))
 
 
-async def complete(tx: Tx, job_id: str) -> bool:
+async def complete(tx: Writer, job_id: str) -> bool:
     """An active job completes (progress 100); False when it had ended already (nothing changes)."""
     now = utcnow()
     return bool(await tx.execute(
@@ -188,7 +188,7 @@ async def complete(tx: Tx, job_id: str) -> bool:
         f"WHERE id = ? AND status IN {_ACTIVE_SQL}", (JobStatus.COMPLETED, now, now, job_id)))
 
 
-async def fail(tx: Tx, job_id: str, reason: str | None) -> bool:
+async def fail(tx: Writer, job_id: str, reason: str | None) -> bool:
     """An active job fails with the reason; False when it had ended already (the first outcome stays)."""
     now = utcnow()
     return bool(await tx.execute(
@@ -196,12 +196,12 @@ async def fail(tx: Tx, job_id: str, reason: str | None) -> bool:
         f"WHERE id = ? AND status IN {_ACTIVE_SQL}", (JobStatus.FAILED, reason, now, now, job_id)))
 
 
-async def set_progress(tx: Tx, job_id: str, percent: float, current_step: str | None) -> None:
+async def set_progress(tx: Writer, job_id: str, percent: float, current_step: str | None) -> None:
     await tx.execute("UPDATE jobs SET progress = ?, current_step = COALESCE(?, current_step), updated_at = ? "
                      "WHERE id = ?", (max(0.0, min(100.0, percent)), current_step, utcnow(), job_id))
 
 
-async def merge_details(tx: Tx, job_id: str, values: dict[str, Any]) -> None:
+async def merge_details(tx: Writer, job_id: str, values: dict[str, Any]) -> None:
     raw = await tx.scalar("SELECT details FROM jobs WHERE id = ?", (job_id,))
     details = json.loads(raw or "{}")
     details.update(values)
@@ -209,7 +209,7 @@ async def merge_details(tx: Tx, job_id: str, values: dict[str, Any]) -> None:
                      (json.dumps(details, default=str), utcnow(), job_id))
 
 
-async def begin_step(tx: Tx, job_id: str, name: str) -> int:
+async def begin_step(tx: Writer, job_id: str, name: str) -> int:
     """A new step, running, numbered after the job's last one; it becomes the job's current step."""
     seq = int(await tx.scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM job_steps WHERE job_id = ?", (job_id,)))
     now = utcnow()
@@ -219,12 +219,12 @@ async def begin_step(tx: Tx, job_id: str, name: str) -> int:
     return seq
 
 
-async def complete_step(db: Tx, job_id: str, seq: int) -> None:
+async def complete_step(db: Writer, job_id: str, seq: int) -> None:
     await db.execute("UPDATE job_steps SET status = ?, completed_at = ? WHERE job_id = ? AND seq = ? AND status = ?",
                      (StepStatus.COMPLETED, utcnow(), job_id, seq, StepStatus.RUNNING))
 
 
-async def fail_step(db: Tx, job_id: str, seq: int, reason: str) -> None:
+async def fail_step(db: Writer, job_id: str, seq: int, reason: str) -> None:
     await db.execute("UPDATE job_steps SET status = ?, completed_at = ?, error_message = ? "
                      "WHERE job_id = ? AND seq = ? AND status = ?",
                      (StepStatus.FAILED, utcnow(), reason, job_id, seq, StepStatus.RUNNING))

@@ -11,7 +11,7 @@ import dataclasses
 from oma_common.errors import NotFound
 
 from .base import Reader, record
-from .db import Tx, utcnow
+from .db import utcnow, Writer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ async def of_vm(db: Reader, context_id: str) -> list[NetworkMapping]:
     return [_mapping(r) for r in rows]
 
 
-async def put(tx: Tx, ref: VmRef, *, source: str, destination_id: str, destination_name: str, is_test: bool,
+async def put(tx: Writer, ref: VmRef, *, source: str, destination_id: str, destination_name: str, is_test: bool,
               actor: str) -> tuple[NetworkMapping, bool]:
     """Create or replace the mapping of one source network (live or test); returns it and whether it is new."""
     now = utcnow()
@@ -91,7 +91,7 @@ async def put(tx: Tx, ref: VmRef, *, source: str, destination_id: str, destinati
     return _mapping(row), existing is None
 
 
-async def delete(tx: Tx, context_id: str, source: str, is_test: bool | None) -> int:
+async def delete(tx: Writer, context_id: str, source: str, is_test: bool | None) -> int:
     """Remove the mappings of one source network (both kinds when `is_test` is None); how many went."""
     if is_test is None:
         return await tx.execute("DELETE FROM network_mappings WHERE vm_context_id = ? AND source_network_name = ?",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from .base import Reader, get_or_404, name_free, record
-from .db import Tx, utcnow
+from .db import utcnow, Writer
 
 # Columns a caller may change; the secret travels sealed.
 FIELDS = ("name", "api_url", "api_key", "secret_key_sealed", "domain", "zone", "oma_vm_id", "template_id",
@@ -55,7 +55,7 @@ async def default(db: Reader) -> OsseaConfig | None:
     return _config(row) if row is not None else None
 
 
-async def create(tx: Tx, values: dict[str, str], *, make_default: bool, actor: str) -> int:
+async def create(tx: Writer, values: dict[str, str], *, make_default: bool, actor: str) -> int:
     """Insert a config (`values` holds FIELDS); the first one, or one asked to be, becomes the default."""
     await name_free(tx, "SELECT 1 FROM ossea_configs WHERE name = ?", (values["name"],), what="CloudStack config",
                     name=values["name"])
@@ -70,7 +70,7 @@ async def create(tx: Tx, values: dict[str, str], *, make_default: bool, actor: s
         (*(values.get(f, "") for f in FIELDS), int(make_default), actor, now, now))
 
 
-async def update(tx: Tx, config_id: int, changes: dict[str, str]) -> OsseaConfig:
+async def update(tx: Writer, config_id: int, changes: dict[str, str]) -> OsseaConfig:
     """Change the given FIELDS of a config; returns it as it was before."""
     old = await get(tx, config_id)
     if "name" in changes and changes["name"] != old.name:
@@ -82,7 +82,7 @@ async def update(tx: Tx, config_id: int, changes: dict[str, str]) -> OsseaConfig
     return old
 
 
-async def set_default(tx: Tx, config_id: int) -> None:
+async def set_default(tx: Writer, config_id: int) -> None:
     await get(tx, config_id)
     now = utcnow()
     await tx.execute("UPDATE ossea_configs SET is_default = 0, updated_at = ? WHERE is_default = 1 AND id != ?",
@@ -96,7 +96,7 @@ async def contexts_using(db: Reader, config_id: int) -> int:
                                (config_id,)) or 0)
 
 
-async def delete(tx: Tx, config_id: int) -> OsseaConfig:
+async def delete(tx: Writer, config_id: int) -> OsseaConfig:
     old = await get(tx, config_id)
     await tx.execute("DELETE FROM ossea_configs WHERE id = ?", (config_id,))
     return old

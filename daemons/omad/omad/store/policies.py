@@ -16,7 +16,7 @@ from typing import Any
 from . import jobs
 from .backups import ACTIVE, ACTIVE_PLACEHOLDERS, BackupStatus, VerifyStatus
 from .base import Reader, get_or_404, name_free, record
-from .db import Tx
+from .db import Writer
 
 # The only writers of backup_copies.status and prune_runs.status (tests/omad/test_store_rules.py holds us to it);
 # mark_job_running writes jobs.status until the jobs table's owner offers that transition.
@@ -188,7 +188,7 @@ async def immediate_rules(db: Reader, backup_id: str) -> list[CopyRule]:
     return [record(CopyRule, r) for r in rows]
 
 
-async def create(tx: Tx, *, policy_id: str, name: str, enabled: bool, primary_repository_id: str, retention_days: int,
+async def create(tx: Writer, *, policy_id: str, name: str, enabled: bool, primary_repository_id: str, retention_days: int,
                  description: str, created_by: str, now: str, new_rules: Sequence[NewRule]) -> None:
     await tx.execute(
         "INSERT INTO backup_policies (id, name, enabled, primary_repository_id, retention_days, description, "
@@ -202,7 +202,7 @@ async def create(tx: Tx, *, policy_id: str, name: str, enabled: bool, primary_re
              int(r.verify_after_copy), now))
 
 
-async def delete(tx: Tx, policy_id: str) -> None:
+async def delete(tx: Writer, policy_id: str) -> None:
     """The policy and its rules (its backups must be detached first)."""
     await tx.execute("DELETE FROM backup_policies WHERE id = ?", (policy_id,))
 
@@ -265,7 +265,7 @@ async def due_scheduled(db: Reader) -> list[DueCopy]:
             for r in rows]
 
 
-async def create_copy(tx: Tx, *, copy_id: str, source_backup_id: str, repository_id: str, rule_id: str | None,
+async def create_copy(tx: Writer, *, copy_id: str, source_backup_id: str, repository_id: str, rule_id: str | None,
                       verify_after_copy: bool, created_by: str, now: str) -> None:
     """A copy asked for: pending."""
     await tx.execute(
@@ -275,34 +275,34 @@ async def create_copy(tx: Tx, *, copy_id: str, source_backup_id: str, repository
          now, now))
 
 
-async def start_copy(db: Tx, copy_id: str, now: str) -> None:
+async def start_copy(db: Writer, copy_id: str, now: str) -> None:
     """The copy's job got its lock and runs."""
     await db.execute("UPDATE backup_copies SET status = ?, started_at = ?, updated_at = ? WHERE id = ?",
                      (CopyStatus.RUNNING, now, now, copy_id))
 
 
-async def mark_job_running(db: Tx, job_id: str, now: str) -> None:
+async def mark_job_running(db: Writer, job_id: str, now: str) -> None:
     """The copy's row in `jobs` runs too (through the jobs table's own transition)."""
     await jobs.start(db, job_id, now=now)
 
 
-async def set_attempt(db: Tx, copy_id: str, attempt: int, now: str) -> None:
+async def set_attempt(db: Writer, copy_id: str, attempt: int, now: str) -> None:
     await db.execute("UPDATE backup_copies SET attempts = ?, updated_at = ? WHERE id = ?", (attempt, now, copy_id))
 
 
-async def record_copy_progress(db: Tx, copy_id: str, *, bytes_copied: int, progress_percent: float, now: str) -> None:
+async def record_copy_progress(db: Writer, copy_id: str, *, bytes_copied: int, progress_percent: float, now: str) -> None:
     await db.execute("UPDATE backup_copies SET bytes_copied = ?, progress_percent = ?, updated_at = ? WHERE id = ?",
                      (bytes_copied, progress_percent, now, copy_id))
 
 
-async def complete_copy(tx: Tx, copy_id: str, *, copy_backup_id: str, verified: bool, now: str) -> None:
+async def complete_copy(tx: Writer, copy_id: str, *, copy_backup_id: str, verified: bool, now: str) -> None:
     """The copy is in place as `copy_backup_id`."""
     await tx.execute("UPDATE backup_copies SET status = ?, copy_backup_id = ?, completed_at = ?, progress_percent = 100, "
                      "updated_at = ?, error_message = NULL, verified = ? WHERE id = ?",
                      (CopyStatus.COMPLETED, copy_backup_id, now, now, int(verified), copy_id))
 
 
-async def complete_copy_by_chain(tx: Tx, source_backup_id: str, repository_id: str, *, copy_backup_id: str,
+async def complete_copy_by_chain(tx: Writer, source_backup_id: str, repository_id: str, *, copy_backup_id: str,
                                  verify_after_copy: bool, created_by: str, new_id: str, now: str) -> None:
     """A backup copied because a chain above it needed it: a copy of it still waiting becomes completed (it then
     finds itself done), else the copy is recorded as `new_id`."""
@@ -322,13 +322,13 @@ async def complete_copy_by_chain(tx: Tx, source_backup_id: str, repository_id: s
          int(verify_after_copy), created_by, now, now, now))
 
 
-async def fail_copy(db: Tx, copy_id: str, reason: str, now: str) -> None:
+async def fail_copy(db: Writer, copy_id: str, reason: str, now: str) -> None:
     """The copy failed for `reason` (asked for again, it is a new copy)."""
     await db.execute("UPDATE backup_copies SET status = ?, error_message = ?, completed_at = ?, updated_at = ? "
                      "WHERE id = ?", (CopyStatus.FAILED, reason, now, now, copy_id))
 
 
-async def forget_copies_into(tx: Tx, copy_backup_id: str) -> None:
+async def forget_copies_into(tx: Writer, copy_backup_id: str) -> None:
     """The copy-backup is deleted: the links that name it go too."""
     await tx.execute("DELETE FROM backup_copies WHERE copy_backup_id = ?", (copy_backup_id,))
 
@@ -349,14 +349,14 @@ async def runs_of(db: Reader, policy_id: str, limit: int) -> list[PruneRun]:
     return [record(PruneRun, r) for r in rows]
 
 
-async def start_run(db: Tx, *, run_id: str, policy_id: str, dry_run: bool, triggered_by: str, as_of: str,
+async def start_run(db: Writer, *, run_id: str, policy_id: str, dry_run: bool, triggered_by: str, as_of: str,
                     now: str) -> None:
     await db.execute("INSERT INTO prune_runs (id, policy_id, dry_run, triggered_by, as_of, status, started_at) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
                      (run_id, policy_id, int(dry_run), triggered_by, as_of, RunStatus.RUNNING, now))
 
 
-async def finish_run(db: Tx, run_id: str, *, removed: list[str], kept: list[dict[str, str]],
+async def finish_run(db: Writer, run_id: str, *, removed: list[str], kept: list[dict[str, str]],
                      errors: list[dict[str, Any]], now: str) -> RunStatus:
     """The run is over: failed when any removal was refused, else completed."""
     status = RunStatus.FAILED if errors else RunStatus.COMPLETED

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .base import Reader, get_or_404, record
-from .db import Database, Tx
+from .db import Database, Tx, Writer
 
 # Named writers of replication_jobs.status (tests/omad/test_store_rules.py holds us to it).
 TRANSITIONS = ("create", "complete", "fail")
@@ -177,7 +177,7 @@ async def cbt_of_job(db: Reader, job_id: str) -> list[dict[str, Any]]:
 # -- writing -------------------------------------------------------------------------------------------------
 
 
-async def create(tx: Tx, new: NewReplication, new_disks: Sequence[NewDisk], now: str) -> None:
+async def create(tx: Writer, new: NewReplication, new_disks: Sequence[NewDisk], now: str) -> None:
     await tx.execute(
         "INSERT INTO replication_jobs (job_id, vm_context_id, vm_name, vm_path, replication_type, status,"
         " ossea_config_id, target_network, schedule_execution_id, vm_group_id, scheduled_by, created_by,"
@@ -192,21 +192,21 @@ async def create(tx: Tx, new: NewReplication, new_disks: Sequence[NewDisk], now:
             (new.job_id, d.disk_id, d.disk_key, d.unit_number, d.capacity_bytes, d.export_name, d.base_change_id))
 
 
-async def set_disk_volume(tx: Tx, job_id: str, disk_id: str, volume_id: str, *, reset_base: bool) -> None:
+async def set_disk_volume(tx: Writer, job_id: str, disk_id: str, volume_id: str, *, reset_base: bool) -> None:
     """The disk's volume; `reset_base`: it is new, so this sync offers no change id for it."""
     await tx.execute("UPDATE replication_disks SET volume_id = ?,"
                      " base_change_id = CASE WHEN ? THEN '' ELSE base_change_id END WHERE job_id = ? AND disk_id = ?",
                      (volume_id, int(reset_base), job_id, disk_id))
 
 
-async def set_ports(tx: Tx, job_id: str, ports: Mapping[str, int]) -> None:
+async def set_ports(tx: Writer, job_id: str, ports: Mapping[str, int]) -> None:
     """Each disk's NBD port, by export name."""
     for export, port in ports.items():
         await tx.execute("UPDATE replication_disks SET nbd_port = ? WHERE job_id = ? AND export_name = ?",
                          (port, job_id, export))
 
 
-async def record_change_id(tx: Tx, job_id: str, disk_id: str, *, change_id: str, previous_change_id: str | None,
+async def record_change_id(tx: Writer, job_id: str, disk_id: str, *, change_id: str, previous_change_id: str | None,
                            mismatch: bool, now: str) -> bool:
     """The VMA reported a disk's new change id; False when the job has no such disk."""
     changed = await tx.execute(
@@ -230,12 +230,12 @@ async def update_progress(db: Database | Tx, job_id: str, *, percent: float, byt
          json.dumps(dict(body), default=str), now, int(moved), now, job_id, ReplicationStatus.REPLICATING.value))
 
 
-async def update_settings(tx: Tx, job_id: str, *, target_network: str | None) -> None:
+async def update_settings(tx: Writer, job_id: str, *, target_network: str | None) -> None:
     if target_network is not None:
         await tx.execute("UPDATE replication_jobs SET target_network = ? WHERE job_id = ?", (target_network, job_id))
 
 
-async def complete(tx: Tx, job_id: str, now: str) -> bool:
+async def complete(tx: Writer, job_id: str, now: str) -> bool:
     changed = await tx.execute(
         "UPDATE replication_jobs SET status = ?, progress_percent = 100, completed_at = ?, updated_at = ?"
         " WHERE job_id = ? AND status = ?",
@@ -243,7 +243,7 @@ async def complete(tx: Tx, job_id: str, now: str) -> bool:
     return bool(changed)
 
 
-async def fail(tx: Tx, job_id: str, reason: str, now: str, *, cancelled: bool = False) -> bool:
+async def fail(tx: Writer, job_id: str, reason: str, now: str, *, cancelled: bool = False) -> bool:
     status = ReplicationStatus.CANCELLED if cancelled else ReplicationStatus.FAILED
     changed = await tx.execute(
         "UPDATE replication_jobs SET status = ?, error_message = ?, completed_at = ?, updated_at = ?"
@@ -252,12 +252,12 @@ async def fail(tx: Tx, job_id: str, reason: str, now: str, *, cancelled: bool = 
     return bool(changed)
 
 
-async def delete(tx: Tx, job_id: str) -> None:
+async def delete(tx: Writer, job_id: str) -> None:
     await tx.execute("DELETE FROM cbt_history WHERE job_id = ?", (job_id,))
     await tx.execute("DELETE FROM jobs WHERE id = ?", (job_id,))  # cascades to the replication rows
 
 
-async def save_volume(tx: Tx, vol: Volume) -> None:
+async def save_volume(tx: Writer, vol: Volume) -> None:
     await tx.execute(
         "INSERT INTO replication_volumes (vm_context_id, disk_id, volume_id, volume_name, size_bytes, device_path,"
         " link_path, created_by_job, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -268,7 +268,7 @@ async def save_volume(tx: Tx, vol: Volume) -> None:
          vol.link_path, vol.created_by_job, vol.created_at, vol.updated_at))
 
 
-async def set_volume_device(tx: Tx, context_id: str, disk_id: str, *, device_path: str | None,
+async def set_volume_device(tx: Writer, context_id: str, disk_id: str, *, device_path: str | None,
                             link_path: str | None, now: str) -> None:
     await tx.execute("UPDATE replication_volumes SET device_path = ?, link_path = ?, updated_at = ?"
                      " WHERE vm_context_id = ? AND disk_id = ?", (device_path, link_path, now, context_id, disk_id))

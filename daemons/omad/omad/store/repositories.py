@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from .base import Reader, get_or_404, name_free, record
-from .db import Tx
+from .db import Writer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +76,14 @@ async def check_name_free(db: Reader, name: str) -> None:
     await name_free(db, "SELECT 1 FROM backup_repositories WHERE name = ?", (name,), what="repository", name=name)
 
 
-async def create(tx: Tx, repo: Repository) -> None:
+async def create(tx: Writer, repo: Repository) -> None:
     """A new repository, as `repo` says (its first storage check included)."""
     values = dataclasses.astuple(repo)
     columns = ", ".join(f.name for f in dataclasses.fields(Repository))
     await tx.execute(f"INSERT INTO backup_repositories ({columns}) VALUES ({', '.join('?' * len(values))})", values)
 
 
-async def record_check(db: Tx, repo_id: str, *, total_bytes: int, used_bytes: int, available_bytes: int,
+async def record_check(db: Writer, repo_id: str, *, total_bytes: int, used_bytes: int, available_bytes: int,
                        now: str) -> None:
     """A storage check that worked."""
     await db.execute("UPDATE backup_repositories SET total_bytes = ?, used_bytes = ?, available_bytes = ?, "
@@ -91,11 +91,11 @@ async def record_check(db: Tx, repo_id: str, *, total_bytes: int, used_bytes: in
                      (total_bytes, used_bytes, available_bytes, now, repo_id))
 
 
-async def record_check_error(db: Tx, repo_id: str, error: str, now: str) -> None:
+async def record_check_error(db: Writer, repo_id: str, error: str, now: str) -> None:
     """A storage check that failed (the figures of the last good one stay)."""
     await db.execute("UPDATE backup_repositories SET last_check_at = ?, last_check_error = ? WHERE id = ?",
                      (now, error, repo_id))
 
 
-async def delete(tx: Tx, repo_id: str) -> None:
+async def delete(tx: Writer, repo_id: str) -> None:
     await tx.execute("DELETE FROM backup_repositories WHERE id = ?", (repo_id,))

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import Reader, get_or_404, record
-from .db import Tx
+from .db import Writer
 
 # The only writers of restore_mounts.status (tests/omad/test_store_rules.py holds us to it).
 TRANSITIONS = ("start", "mark_mounted", "fail", "mark_unmounted", "expire")
@@ -77,7 +77,7 @@ async def active(db: Reader) -> list[Mount]:
 
 # -- transitions ---------------------------------------------------------------------------------------------
 
-async def start(tx: Tx, mount_id: str, *, backup_id: str, disk_index: int, image_path: str, actor: str,
+async def start(tx: Writer, mount_id: str, *, backup_id: str, disk_index: int, image_path: str, actor: str,
                 now: str) -> None:
     """Recorded before restore-mounter is asked, so a mount it makes is never unknown to omad."""
     await tx.execute("INSERT INTO restore_mounts (id, backup_id, disk_index, image_path, status, created_by,"
@@ -85,14 +85,14 @@ async def start(tx: Tx, mount_id: str, *, backup_id: str, disk_index: int, image
                      (mount_id, backup_id, disk_index, image_path, MountStatus.MOUNTING.value, actor, now))
 
 
-async def mark_mounted(tx: Tx, mount_id: str, m: Mounted) -> None:
+async def mark_mounted(tx: Writer, mount_id: str, m: Mounted) -> None:
     await tx.execute("UPDATE restore_mounts SET status = ?, mount_path = ?, device = ?, filesystem_type = ?, "
                      "filesystems = ?, expires_at = ? WHERE id = ?",
                      (MountStatus.MOUNTED.value, m.mount_path, m.device, m.filesystem_type,
                       json.dumps(m.filesystems), m.expires_at, mount_id))
 
 
-async def fail(tx: Tx, mount_id: str, reason: str, now: str) -> bool:
+async def fail(tx: Writer, mount_id: str, reason: str, now: str) -> bool:
     """restore-mounter refused the mount; False when the row had left `mounting` meanwhile."""
     changed = await tx.execute("UPDATE restore_mounts SET status = ?, error_message = ?, ended_at = ? "
                                "WHERE id = ? AND status = ?",
@@ -100,14 +100,14 @@ async def fail(tx: Tx, mount_id: str, reason: str, now: str) -> bool:
     return changed > 0
 
 
-async def mark_unmounted(tx: Tx, mount_id: str, now: str) -> bool:
+async def mark_unmounted(tx: Writer, mount_id: str, now: str) -> bool:
     """False when the mount had ended already (expired meanwhile)."""
     changed = await tx.execute("UPDATE restore_mounts SET status = ?, ended_at = ? WHERE id = ? AND status IN (?, ?)",
                                (MountStatus.UNMOUNTED.value, now, mount_id, *ACTIVE))
     return changed > 0
 
 
-async def expire(tx: Tx, mount_id: str, now: str) -> bool:
+async def expire(tx: Writer, mount_id: str, now: str) -> bool:
     """restore-mounter no longer holds an active mount (idle expiry); False when it had ended already."""
     changed = await tx.execute("UPDATE restore_mounts SET status = ?, ended_at = ? WHERE id = ? AND status IN (?, ?)",
                                (MountStatus.EXPIRED.value, now, mount_id, *ACTIVE))

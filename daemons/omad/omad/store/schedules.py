@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .base import Reader, get_or_404, name_free, record
-from .db import Tx
+from .db import Writer
 
 # The only writers of the executions' and their VMs' and jobs' status columns (tests/omad/test_store_rules.py).
 TRANSITIONS = ("open_executions", "close_execution", "vms_started", "vms_completed", "vm_retry_wait", "vm_failed",
@@ -216,7 +216,7 @@ async def with_running_execution(db: Reader) -> dict[str, Schedule]:
         "WHERE status = 'running')")}
 
 
-async def insert(tx: Tx, s: Schedule) -> None:
+async def insert(tx: Writer, s: Schedule) -> None:
     await tx.execute(
         "INSERT INTO schedules (id, name, description, cron_expression, timezone, enabled, skip_if_running,"
         " max_concurrent_jobs, retry_attempts, retry_delay_minutes, action, backup_type, replication_type,"
@@ -228,7 +228,7 @@ async def insert(tx: Tx, s: Schedule) -> None:
          s.created_at, s.updated_at))
 
 
-async def update(tx: Tx, s: Schedule) -> None:
+async def update(tx: Writer, s: Schedule) -> None:
     """Write the schedule's settings and next run (not its creation nor its last run)."""
     await tx.execute(
         "UPDATE schedules SET name = ?, description = ?, cron_expression = ?, timezone = ?, enabled = ?,"
@@ -240,17 +240,17 @@ async def update(tx: Tx, s: Schedule) -> None:
          s.replication_type, s.repository_id, s.policy_id, s.next_run_at, s.updated_at, s.id))
 
 
-async def set_next_run(tx: Tx, schedule_id: str, next_run_at: str | None) -> None:
+async def set_next_run(tx: Writer, schedule_id: str, next_run_at: str | None) -> None:
     await tx.execute("UPDATE schedules SET next_run_at = ? WHERE id = ?", (next_run_at, schedule_id))
 
 
-async def fired(tx: Tx, schedules: Sequence[tuple[str, str | None]], *, at: str) -> None:
+async def fired(tx: Writer, schedules: Sequence[tuple[str, str | None]], *, at: str) -> None:
     """These schedules (id, next run) ran at `at`; each runs next at its next run."""
     await tx.executemany("UPDATE schedules SET next_run_at = ?, last_run_at = ? WHERE id = ?",
                          [(next_run_at, at, schedule_id) for schedule_id, next_run_at in schedules])
 
 
-async def delete(tx: Tx, schedule_id: str) -> None:
+async def delete(tx: Writer, schedule_id: str) -> None:
     await tx.execute("DELETE FROM schedules WHERE id = ?", (schedule_id,))  # executions cascade; groups unlink
 
 
@@ -272,12 +272,12 @@ WHERE n.id = c.context_id AND c.next_scheduled_at IS NOT n.at
 """
 
 
-async def refresh_next_scheduled(tx: Tx) -> None:
+async def refresh_next_scheduled(tx: Writer) -> None:
     """Bring every VM context's next_scheduled_at up to date (after any change of schedules or groups)."""
     await tx.execute(_REFRESH_NEXT)
 
 
-async def note_scheduled_jobs(tx: Tx, started: Sequence[Started]) -> None:
+async def note_scheduled_jobs(tx: Writer, started: Sequence[Started]) -> None:
     """Each VM context remembers the last job the scheduler made for it (shown with the VM)."""
     await tx.executemany("UPDATE vm_replication_contexts SET last_scheduled_job_id = ? WHERE context_id = ?",
                          [(s.job_id, s.context_id) for s in started])
@@ -355,7 +355,7 @@ async def open_vms(db: Reader) -> list[OpenVm]:
         " ORDER BY e.id, v.position")]
 
 
-async def open_executions(tx: Tx, news: Sequence[NewExecution]) -> list[int]:
+async def open_executions(tx: Writer, news: Sequence[NewExecution]) -> list[int]:
     """Record executions (of different schedules), each running with its VMs pending in order, or skipped with
     the reason; returns their ids in order. One statement for the executions, one batch for their VMs."""
     if len({n.schedule_id for n in news}) != len(news):
@@ -378,7 +378,7 @@ async def open_executions(tx: Tx, news: Sequence[NewExecution]) -> list[int]:
     return [ids[n.schedule_id] for n in news]
 
 
-async def recount(tx: Tx, execution_ids: Sequence[int]) -> None:
+async def recount(tx: Writer, execution_ids: Sequence[int]) -> None:
     """The counts, from the rows they count: they always match the jobs the executions created."""
     await tx.execute(
         "UPDATE schedule_executions AS e SET "
@@ -404,7 +404,7 @@ async def vm_outcomes(db: Reader, execution_id: int) -> tuple[dict[str, int], bo
     return counts, bool(cancelled)
 
 
-async def close_execution(tx: Tx, execution_id: int, status: ExecutionStatus, *, message: str, at: str) -> None:
+async def close_execution(tx: Writer, execution_id: int, status: ExecutionStatus, *, message: str, at: str) -> None:
     """A running execution ends."""
     await tx.execute("UPDATE schedule_executions SET status = ?, completed_at = ?, message = ? WHERE id = ? "
                      "AND status = 'running'", (status, at, message, execution_id))
@@ -415,7 +415,7 @@ async def close_execution(tx: Tx, execution_id: int, status: ExecutionStatus, *,
 _VM = "WHERE execution_id = ? AND vm_context_id = ?"
 
 
-async def vms_started(tx: Tx, started: Sequence[Started], *, at: str) -> None:
+async def vms_started(tx: Writer, started: Sequence[Started], *, at: str) -> None:
     """Waiting VMs whose jobs were created: running, and each attempt's job recorded (one batch)."""
     await tx.executemany(
         f"UPDATE schedule_execution_vms SET status = 'running', attempts = ?, job_id = ?, retry_at = NULL, "
@@ -426,44 +426,44 @@ async def vms_started(tx: Tx, started: Sequence[Started], *, at: str) -> None:
         "VALUES (?, ?, ?, ?, 'running', ?)", [(s.job_id, s.execution_id, s.context_id, s.attempt, at) for s in started])
 
 
-async def vms_completed(tx: Tx, keys: Sequence[VmKey], *, at: str) -> None:
+async def vms_completed(tx: Writer, keys: Sequence[VmKey], *, at: str) -> None:
     await tx.executemany(f"UPDATE schedule_execution_vms SET status = 'completed', completed_at = ?, reason = NULL "
                          f"{_VM} AND status = 'running'", [(at, e, c) for e, c in keys])
 
 
-async def vm_start_refused(tx: Tx, key: VmKey, *, attempts: int) -> None:
+async def vm_start_refused(tx: Writer, key: VmKey, *, attempts: int) -> None:
     """A start was refused (no job was created): one more attempt and start failure; the status stays."""
     await tx.execute(f"UPDATE schedule_execution_vms SET attempts = ?, start_failures = start_failures + 1 {_VM}",
                      (attempts, *key))
 
 
-async def vm_retry_wait(tx: Tx, key: VmKey, *, retry_at: str, reason: str) -> None:
+async def vm_retry_wait(tx: Writer, key: VmKey, *, retry_at: str, reason: str) -> None:
     await tx.execute(f"UPDATE schedule_execution_vms SET status = 'retry_wait', retry_at = ?, reason = ? {_VM} "
                      "AND status IN ('pending', 'running')", (retry_at, reason, *key))
 
 
-async def vm_failed(tx: Tx, key: VmKey, *, reason: str, at: str) -> None:
+async def vm_failed(tx: Writer, key: VmKey, *, reason: str, at: str) -> None:
     await tx.execute(f"UPDATE schedule_execution_vms SET status = 'failed', completed_at = ?, reason = ? {_VM} "
                      "AND status IN ('pending', 'running')", (at, reason, *key))
 
 
-async def vm_released(tx: Tx, key: VmKey) -> None:
+async def vm_released(tx: Writer, key: VmKey) -> None:
     """A VM's retry is due: it waits for a slot again."""
     await tx.execute(f"UPDATE schedule_execution_vms SET status = 'pending', retry_at = NULL {_VM} "
                      "AND status = 'retry_wait'", key)
 
 
-async def vm_skipped(tx: Tx, key: VmKey, *, reason: str, at: str) -> None:
+async def vm_skipped(tx: Writer, key: VmKey, *, reason: str, at: str) -> None:
     await tx.execute(f"UPDATE schedule_execution_vms SET status = 'skipped', completed_at = ?, reason = ? {_VM} "
                      "AND status = 'pending'", (at, reason, *key))
 
 
-async def vm_waiting(tx: Tx, keys: Sequence[tuple[VmKey, str]]) -> None:
+async def vm_waiting(tx: Writer, keys: Sequence[tuple[VmKey, str]]) -> None:
     """Why waiting VMs still wait (the status stays)."""
     await tx.executemany(f"UPDATE schedule_execution_vms SET reason = ? {_VM}", [(why, *k) for k, why in keys])
 
 
-async def cancel_waiting(tx: Tx, schedule_id: str, *, reason: str, at: str) -> None:
+async def cancel_waiting(tx: Writer, schedule_id: str, *, reason: str, at: str) -> None:
     """The schedule was disabled: the VMs of its running executions not started yet are skipped."""
     await tx.execute(
         "UPDATE schedule_execution_vms SET status = 'skipped', retry_at = NULL, reason = ?, completed_at = ? "
@@ -471,7 +471,7 @@ async def cancel_waiting(tx: Tx, schedule_id: str, *, reason: str, at: str) -> N
         "(SELECT id FROM schedule_executions WHERE schedule_id = ? AND status = 'running')", (reason, at, schedule_id))
 
 
-async def attempts_ended(tx: Tx, ended: Sequence[tuple[str, AttemptStatus]], *, at: str) -> None:
+async def attempts_ended(tx: Writer, ended: Sequence[tuple[str, AttemptStatus]], *, at: str) -> None:
     """The jobs (id, outcome) that ended since the last look."""
     await tx.executemany("UPDATE schedule_execution_jobs SET status = ?, finished_at = ? WHERE job_id = ? "
                          "AND status = 'running'", [(str(status), at, job_id) for job_id, status in ended])

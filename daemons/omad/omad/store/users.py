@@ -10,7 +10,7 @@ from typing import Any
 from oma_common.errors import Conflict
 
 from .base import Reader, name_free, record
-from .db import Tx
+from .db import Writer
 
 TRANSITIONS: tuple[str, ...] = ()  # no status column (a token's revocation is its revoked_at)
 
@@ -77,13 +77,13 @@ async def users(db: Reader) -> list[User]:
     return [_user(r) for r in await db.fetchall("SELECT * FROM users ORDER BY username")]
 
 
-async def add_user(tx: Tx, username: str, password_hash: str, role: Role, now: str) -> int:
+async def add_user(tx: Writer, username: str, password_hash: str, role: Role, now: str) -> int:
     await name_free(tx, "SELECT 1 FROM users WHERE username = ?", (username,), what="user", name=username)
     return await tx.execute("INSERT INTO users (username, password_hash, role, created_at, updated_at) "
                             "VALUES (?, ?, ?, ?, ?)", (username, password_hash, role.value, now, now))
 
 
-async def set_password(tx: Tx, user_id: int, password_hash: str, now: str) -> None:
+async def set_password(tx: Writer, user_id: int, password_hash: str, now: str) -> None:
     """A changed password ends the user's sessions."""
     await tx.execute("UPDATE users SET password_hash = ?, updated_at = ? WHERE id = ?", (password_hash, now, user_id))
     await tx.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
@@ -95,7 +95,7 @@ async def tokens(db: Reader) -> list[ApiToken]:
     return [_token(r) for r in await db.fetchall("SELECT * FROM api_tokens ORDER BY name")]
 
 
-async def add_token(tx: Tx, name: str, token_hash: str, role: Role, *, appliance_id: str | None, created_by: str,
+async def add_token(tx: Writer, name: str, token_hash: str, role: Role, *, appliance_id: str | None, created_by: str,
                     now: str, expires_at: str | None) -> int:
     if await tx.scalar("SELECT 1 FROM api_tokens WHERE name = ?", (name,)):
         raise Conflict("token exists", f"an API token named {name!r} already exists")
@@ -116,19 +116,19 @@ async def active_token_by_hash(db: Reader, token_hash: str) -> ApiToken | None:
     return _token(row) if row is not None else None
 
 
-async def revoke_token(tx: Tx, token_id: int, now: str) -> None:
+async def revoke_token(tx: Writer, token_id: int, now: str) -> None:
     """Revoking ends the token's sessions."""
     await tx.execute("UPDATE api_tokens SET revoked_at = ? WHERE id = ?", (now, token_id))
     await tx.execute("DELETE FROM sessions WHERE api_token_id = ?", (token_id,))
 
 
-async def token_used(tx: Tx, token_id: int, now: str) -> None:
+async def token_used(tx: Writer, token_id: int, now: str) -> None:
     await tx.execute("UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (now, token_id))
 
 
 # -- sessions ------------------------------------------------------------------------------------------------
 
-async def open_session(tx: Tx, token_hash: str, *, user_id: int | None, api_token_id: int | None, source: str,
+async def open_session(tx: Writer, token_hash: str, *, user_id: int | None, api_token_id: int | None, source: str,
                        client_version: str | None, now: str, expires_at: str) -> None:
     """Expired sessions go first, so the table holds only live ones and those of the last hours."""
     await tx.execute("DELETE FROM sessions WHERE expires_at < ?", (now,))
@@ -137,7 +137,7 @@ async def open_session(tx: Tx, token_hash: str, *, user_id: int | None, api_toke
                      (token_hash, user_id, api_token_id, source, client_version, now, expires_at))
 
 
-async def close_session(tx: Tx, token_hash: str) -> None:
+async def close_session(tx: Writer, token_hash: str) -> None:
     await tx.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
 
 
@@ -162,6 +162,6 @@ async def setting(db: Reader, key: str) -> str | None:
     return str(value) if value is not None else None
 
 
-async def put_setting(tx: Tx, key: str, value: str) -> None:
+async def put_setting(tx: Writer, key: str, value: str) -> None:
     await tx.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
                      "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))

@@ -8,7 +8,7 @@ import enum
 from oma_common.errors import Conflict
 
 from .base import Reader, get_or_404, record
-from .db import Tx
+from .db import Writer
 
 # The only writer of vma_enrollments.status (tests/omad/test_store_rules.py holds us to it): the transitions
 # mark_verified, approve, reject, revoke and expire_stale all move the status through it.
@@ -74,7 +74,7 @@ class TunnelLogin:
 
 # -- pairing codes -------------------------------------------------------------------------------------------
 
-async def add_pairing_code(tx: Tx, code_id: str, digest: str, *, created_by: str, now: str, expires_at: str) -> None:
+async def add_pairing_code(tx: Writer, code_id: str, digest: str, *, created_by: str, now: str, expires_at: str) -> None:
     await tx.execute("INSERT INTO vma_pairing_codes (id, code_digest, created_by, created_at, expires_at) "
                      "VALUES (?, ?, ?, ?, ?)", (code_id, digest, created_by, now, expires_at))
 
@@ -91,7 +91,7 @@ async def find_pairing_code(db: Reader, digest: str) -> PairingCode | None:
     return record(PairingCode, row) if row else None
 
 
-async def use_pairing_code(tx: Tx, code_id: str, enrollment_id: str, now: str) -> None:
+async def use_pairing_code(tx: Writer, code_id: str, enrollment_id: str, now: str) -> None:
     """Single use: only an unused code can be taken, by one enrollment."""
     if not await tx.execute("UPDATE vma_pairing_codes SET used_at = ?, enrollment_id = ? "
                             "WHERE id = ? AND used_at IS NULL", (now, enrollment_id, code_id)):
@@ -100,7 +100,7 @@ async def use_pairing_code(tx: Tx, code_id: str, enrollment_id: str, now: str) -
 
 # -- enrollments ---------------------------------------------------------------------------------------------
 
-async def add_enrollment(tx: Tx, e: Enrollment) -> None:
+async def add_enrollment(tx: Writer, e: Enrollment) -> None:
     row = dataclasses.asdict(e)
     row["status"] = str(e.status)
     cols = ", ".join(row)
@@ -127,7 +127,7 @@ async def approved_by_fingerprint(db: Reader, fingerprint: str) -> Enrollment | 
     return record(Enrollment, row) if row else None
 
 
-async def _move(tx: Tx, enrollment_id: str, frm: tuple[EnrollmentStatus, ...], to: EnrollmentStatus,
+async def _move(tx: Writer, enrollment_id: str, frm: tuple[EnrollmentStatus, ...], to: EnrollmentStatus,
                 sets: dict[str, object]) -> None:
     assignments = ", ".join(f"{k} = ?" for k in sets)
     marks = ", ".join("?" * len(frm))
@@ -140,7 +140,7 @@ async def _move(tx: Tx, enrollment_id: str, frm: tuple[EnrollmentStatus, ...], t
         raise Conflict(f"enrollment is {current}", f"enrollment {enrollment_id} is {current}; it cannot become {to}")
 
 
-async def consume_challenge(tx: Tx, enrollment_id: str, now: str) -> None:
+async def consume_challenge(tx: Writer, enrollment_id: str, now: str) -> None:
     """A challenge answers one verification attempt, right or wrong."""
     if not await tx.execute("UPDATE vma_enrollments SET challenge_used_at = ? WHERE id = ? AND challenge_used_at IS NULL",
                             (now, enrollment_id)):
@@ -148,28 +148,28 @@ async def consume_challenge(tx: Tx, enrollment_id: str, now: str) -> None:
                                                  "enroll again with a new pairing code")
 
 
-async def mark_verified(tx: Tx, enrollment_id: str, now: str) -> None:
+async def mark_verified(tx: Writer, enrollment_id: str, now: str) -> None:
     await _move(tx, enrollment_id, (EnrollmentStatus.PENDING_VERIFICATION,), EnrollmentStatus.AWAITING_APPROVAL,
                 {"verified_at": now})
 
 
-async def approve(tx: Tx, enrollment_id: str, *, by: str, notes: str, now: str) -> None:
+async def approve(tx: Writer, enrollment_id: str, *, by: str, notes: str, now: str) -> None:
     await _move(tx, enrollment_id, (EnrollmentStatus.AWAITING_APPROVAL,), EnrollmentStatus.APPROVED,
                 {"decided_by": by, "decided_at": now, "notes": notes})
 
 
-async def reject(tx: Tx, enrollment_id: str, *, by: str, reason: str, now: str) -> None:
+async def reject(tx: Writer, enrollment_id: str, *, by: str, reason: str, now: str) -> None:
     """The administrator's refusal, or a failed proof of possession (by the enrollment's own attempt)."""
     await _move(tx, enrollment_id, (EnrollmentStatus.PENDING_VERIFICATION, EnrollmentStatus.AWAITING_APPROVAL),
                 EnrollmentStatus.REJECTED, {"decided_by": by, "decided_at": now, "reason": reason})
 
 
-async def revoke(tx: Tx, enrollment_id: str, *, by: str, now: str) -> None:
+async def revoke(tx: Writer, enrollment_id: str, *, by: str, now: str) -> None:
     await _move(tx, enrollment_id, (EnrollmentStatus.APPROVED,), EnrollmentStatus.REVOKED,
                 {"revoked_by": by, "revoked_at": now})
 
 
-async def expire_stale(tx: Tx, now: str) -> list[str]:
+async def expire_stale(tx: Writer, now: str) -> list[str]:
     """Enrollments whose challenge (not yet answered) or approval window ran out become expired."""
     rows = await tx.fetchall(
         "SELECT id FROM vma_enrollments WHERE (status = 'pending_verification' AND challenge_expires_at <= ?) "
@@ -183,7 +183,7 @@ async def expire_stale(tx: Tx, now: str) -> list[str]:
 
 # -- tunnel logins -------------------------------------------------------------------------------------------
 
-async def record_login(tx: Tx, login: TunnelLogin) -> None:
+async def record_login(tx: Writer, login: TunnelLogin) -> None:
     await tx.execute("INSERT OR REPLACE INTO vma_tunnel_logins (monitor_pid, monitor_start, enrollment_id, "
                      "key_fingerprint, at) VALUES (?, ?, ?, ?, ?)", dataclasses.astuple(login))
 
@@ -197,6 +197,6 @@ async def logins(db: Reader, enrollment_id: str | None = None) -> list[TunnelLog
     return [record(TunnelLogin, r) for r in rows]
 
 
-async def forget_login(tx: Tx, login: TunnelLogin) -> None:
+async def forget_login(tx: Writer, login: TunnelLogin) -> None:
     await tx.execute("DELETE FROM vma_tunnel_logins WHERE monitor_pid = ? AND monitor_start = ? "
                      "AND enrollment_id = ?", (login.monitor_pid, login.monitor_start, login.enrollment_id))
