@@ -25,11 +25,11 @@ from oma_common.contracts.nbd_pool import (
     ReleaseIn,
     Renewed,
     RenewIn,
-    Stopped,
     StopIn,
+    Stopped,
     Success,
 )
-from oma_common.errors import Unavailable
+from oma_common.errors import Conflict, Exhausted, NotFound, TimedOut, Unavailable
 from oma_common.web import Auth, Call, route
 
 from .attachments import Attachments
@@ -74,21 +74,21 @@ class PortsApi:
         self.jobs = jobs
         self.gate = gate
 
-    @route("POST", "/ports/allocate", body=AllocateIn, response=Allocated, auth=Auth.PEER)
+    @route("POST", "/ports/allocate", errors=(Exhausted, Conflict), body=AllocateIn, response=Allocated, auth=Auth.PEER)
     @gated
     async def allocate(self, call: Call) -> dict[str, Any]:
         """Lease ports to a job, all or none (409 exhausted when the pool cannot)."""
         b: AllocateIn = call.body
         return await self.jobs.allocate(b.job_id, b.count, b.export_names, b.lease_seconds)
 
-    @route("POST", "/ports/release", body=ReleaseIn, response=Released, auth=Auth.PEER)
+    @route("POST", "/ports/release", errors=(NotFound,), body=ReleaseIn, response=Released, auth=Auth.PEER)
     @gated
     async def release(self, call: Call) -> dict[str, Any]:
         """Free a job's ports or the listed ones; exports running on them are stopped first."""
         b: ReleaseIn = call.body
         return await self.jobs.release(b.job_id, b.ports)
 
-    @route("POST", "/ports/renew", body=RenewIn, response=Renewed, auth=Auth.PEER)
+    @route("POST", "/ports/renew", errors=(NotFound,), body=RenewIn, response=Renewed, auth=Auth.PEER)
     @gated
     async def renew(self, call: Call) -> dict[str, Any]:
         """Extend every lease of a job."""
@@ -110,7 +110,8 @@ class ExportsApi:
         self.jobs = jobs
         self.gate = gate
 
-    @route("POST", "/exports", body=ExportIn, response=Export, auth=Auth.PEER)
+    @route("POST", "/exports", errors=(NotFound, Conflict, TimedOut),
+           body=ExportIn, response=Export, auth=Auth.PEER)
     @gated
     async def start(self, call: Call) -> dict[str, Any]:
         """Export an image or device on a leased port; answers once the export completes an NBD handshake."""
@@ -118,7 +119,7 @@ class ExportsApi:
         return await self.exports.start(StartRequest(b.export_name, b.port, b.path, b.format, b.read_only,
                                                      b.shared_connections, b.job_id))
 
-    @route("POST", "/exports/stop", body=StopIn, response=Stopped, auth=Auth.PEER)
+    @route("POST", "/exports/stop", errors=(NotFound,), body=StopIn, response=Stopped, auth=Auth.PEER)
     @gated
     async def stop(self, call: Call) -> dict[str, Any]:
         """Stop an export by pid or name; its port stays leased."""
@@ -131,7 +132,7 @@ class ExportsApi:
         """Running exports with their clients and limits."""
         return {"processes": await self.exports.listing()}
 
-    @route("POST", "/jobs/{job_id}/release", response=Released, auth=Auth.PEER)
+    @route("POST", "/jobs/{job_id}/release", errors=(NotFound,), response=Released, auth=Auth.PEER)
     @gated
     async def release_job(self, call: Call) -> dict[str, Any]:
         """Stop every export of the job and free its ports."""
@@ -143,14 +144,15 @@ class AttachmentsApi:
         self.attachments = attachments
         self.gate = gate
 
-    @route("POST", "/attachments", body=AttachIn, response=Attachment, status=201, auth=Auth.PEER)
+    @route("POST", "/attachments", errors=(NotFound, Conflict, Exhausted, TimedOut, Unavailable),
+           body=AttachIn, response=Attachment, status=201, auth=Auth.PEER)
     @gated
     async def attach(self, call: Call) -> dict[str, Any]:
         """Attach an image read-only as a block device with its partitions (409 exhausted when full)."""
         b: AttachIn = call.body
         return await self.attachments.attach(b.image, b.owner, b.format)
 
-    @route("DELETE", "/attachments/{attachment_id}", response=Success, auth=Auth.PEER)
+    @route("DELETE", "/attachments/{attachment_id}", errors=(NotFound, Conflict), response=Success, auth=Auth.PEER)
     @gated
     async def detach(self, call: Call) -> dict[str, Any]:
         """Detach (409 while a partition is still mounted)."""

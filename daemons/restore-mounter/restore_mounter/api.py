@@ -77,7 +77,6 @@ from concurrent.futures import Executor
 from typing import IO, Any, TypeVar, cast
 
 from aiohttp import web
-
 from oma_common import fdpass, filestream
 from oma_common.contracts.restore_mounter import (
     ArchiveQuery,
@@ -94,6 +93,7 @@ from oma_common.contracts.restore_mounter import (
     Unmounted,
     UnmountQuery,
 )
+from oma_common.errors import CALLS_OUT, Conflict, Exhausted, NotFound
 from oma_common.web import Auth, Call, dumps, json_response, route
 
 from . import archive, files
@@ -135,7 +135,8 @@ class RestoreApi:
 
     # --- mounts ---
 
-    @route("POST", "/mounts", body=MountIn, response=Mount, status=201, auth=Auth.PEER, tags=TAGS)
+    @route("POST", "/mounts", errors=(NotFound, Conflict, Exhausted, *CALLS_OUT),
+           body=MountIn, response=Mount, status=201, auth=Auth.PEER, tags=TAGS)
     async def create(self, call: Call) -> web.StreamResponse:
         """Attach an image read-only and mount its filesystems."""
         m, created = await self.manager.mount(call.body.image, call.body.mount_id)
@@ -147,12 +148,14 @@ class RestoreApi:
         mounts = [self.manager.describe(m) for m in self.manager.all()]
         return {"mounts": mounts, "count": len(mounts)}
 
-    @route("GET", "/mounts/{mount_id}", response=Mount, auth=Auth.PEER, tags=TAGS)
+    @route("GET", "/mounts/{mount_id}", errors=(NotFound, Conflict),
+           response=Mount, auth=Auth.PEER, tags=TAGS)
     async def get_mount(self, call: Call) -> dict[str, Any]:
         """One mount's status (not activity)."""
         return self.manager.describe(self.manager.get(call.params["mount_id"]))
 
-    @route("DELETE", "/mounts/{mount_id}", query=UnmountQuery, response=Unmounted, auth=Auth.PEER, tags=TAGS)
+    @route("DELETE", "/mounts/{mount_id}", errors=(NotFound, Conflict),
+           query=UnmountQuery, response=Unmounted, auth=Auth.PEER, tags=TAGS)
     async def delete_mount(self, call: Call) -> dict[str, Any]:
         """Unmount, detach and remove a mount."""
         mount_id = call.params["mount_id"]
@@ -161,7 +164,7 @@ class RestoreApi:
 
     # --- files ---
 
-    @route("GET", "/mounts/{mount_id}/files", query=ListQuery, response=Listing, auth=Auth.PEER, tags=TAGS)
+    @route("GET", "/mounts/{mount_id}/files", errors=(NotFound, Conflict), query=ListQuery, response=Listing, auth=Auth.PEER, tags=TAGS)
     async def list_files(self, call: Call) -> dict[str, Any]:
         """List a directory of the backup (a page; optionally recursive)."""
         q = call.query
@@ -170,7 +173,7 @@ class RestoreApi:
                                         offset=q.offset, limit=q.limit)
         return {"mount_id": m.mount_id, **page}
 
-    @route("GET", "/mounts/{mount_id}/file-info", query=PathQuery, response=Entry, auth=Auth.PEER, tags=TAGS)
+    @route("GET", "/mounts/{mount_id}/file-info", errors=(NotFound, Conflict), query=PathQuery, response=Entry, auth=Auth.PEER, tags=TAGS)
     async def file_info(self, call: Call) -> dict[str, Any]:
         """Metadata of one entry (a symlink is described, not followed)."""
         async with self.manager.use(call.params["mount_id"]) as m:
@@ -180,7 +183,7 @@ class RestoreApi:
         fd, st, name = await self._blocking(self.browser.open, m, path, undo=lambda opened: os.close(opened[0]))
         return fd, OpenedFile.of(name, st, files.mime_type(name))
 
-    @route("GET", "/mounts/{mount_id}/open", query=PathQuery, response=OpenedFile, auth=Auth.PEER, tags=TAGS)
+    @route("GET", "/mounts/{mount_id}/open", errors=(NotFound, Conflict), query=PathQuery, response=OpenedFile, auth=Auth.PEER, tags=TAGS)
     async def open_file(self, call: Call) -> web.StreamResponse:
         """Hand over a read-only descriptor of one regular file (SCM_RIGHTS on the answer's bytes); the mount
         is held until the caller closes the connection."""
@@ -194,7 +197,7 @@ class RestoreApi:
             await fdpass.hold_until_closed(call.request)
             return resp
 
-    @route("GET", "/mounts/{mount_id}/download", query=PathQuery, auth=Auth.PEER, tags=TAGS,
+    @route("GET", "/mounts/{mount_id}/download", errors=(NotFound, Conflict), query=PathQuery, auth=Auth.PEER, tags=TAGS,
            stream="application/octet-stream")
     async def download(self, call: Call) -> web.StreamResponse:
         """Stream one regular file, honouring a single byte range."""
@@ -205,7 +208,7 @@ class RestoreApi:
             finally:
                 os.close(fd)
 
-    @route("GET", "/mounts/{mount_id}/download-directory", query=ArchiveQuery, auth=Auth.PEER, tags=TAGS,
+    @route("GET", "/mounts/{mount_id}/download-directory", errors=(NotFound, Conflict, Exhausted), query=ArchiveQuery, auth=Auth.PEER, tags=TAGS,
            stream="application/zip")
     async def download_directory(self, call: Call) -> web.StreamResponse:
         """Stream a directory as zip or tar.gz."""

@@ -26,6 +26,7 @@ from oma_common.contracts.volume_agent_volumes import (
     VolumesListing,
     VolumeView,
 )
+from oma_common.errors import CALLS_OUT, Conflict, NotFound, Unavailable
 from oma_common.rpc import peer_credentials
 from oma_common.web import Auth, Call, route
 
@@ -39,7 +40,7 @@ class RepositoriesApi:
     def __init__(self, mounts: RepositoryMounts) -> None:
         self.mounts = mounts
 
-    @route("POST", "/repositories/mount", body=MountIn, response=Mounted, auth=Auth.PEER)
+    @route("POST", "/repositories/mount", errors=(Conflict, *CALLS_OUT), body=MountIn, response=Mounted, auth=Auth.PEER)
     async def mount(self, call: Call) -> dict[str, Any]:
         """Mount a share (idempotent); a CIFS share's files belong to the caller."""
         b: MountIn = call.body
@@ -51,7 +52,7 @@ class RepositoriesApi:
         _, uid, gid = peer_credentials(call.request)
         return await self.mounts.mount(share, owner_uid=uid, owner_gid=gid)
 
-    @route("POST", "/repositories/unmount", body=UnmountIn, response=Unmounted, auth=Auth.PEER)
+    @route("POST", "/repositories/unmount", errors=(Conflict, *CALLS_OUT), body=UnmountIn, response=Unmounted, auth=Auth.PEER)
     async def unmount(self, call: Call) -> dict[str, Any]:
         """Unmount a share mounted here (nothing mounted: success, `unmounted` false)."""
         return await self.mounts.unmount(call.body.mount_point)
@@ -66,17 +67,17 @@ class ImmutabilityApi:
     def __init__(self, immutability: Immutability) -> None:
         self.immutability = immutability
 
-    @route("POST", "/immutability/lock", body=PathsIn, response=Locked, auth=Auth.PEER)
+    @route("POST", "/immutability/lock", errors=(NotFound, Unavailable), body=PathsIn, response=Locked, auth=Auth.PEER)
     async def lock(self, call: Call) -> dict[str, Any]:
         """Set the immutable attribute (chattr +i): nobody, root included, can change or remove the files."""
         return await self.immutability.set(call.body.paths, True)
 
-    @route("POST", "/immutability/unlock", body=PathsIn, response=Locked, auth=Auth.PEER)
+    @route("POST", "/immutability/unlock", errors=(NotFound, Unavailable), body=PathsIn, response=Locked, auth=Auth.PEER)
     async def unlock(self, call: Call) -> dict[str, Any]:
         """Clear the immutable attribute (chattr -i)."""
         return await self.immutability.set(call.body.paths, False)
 
-    @route("POST", "/immutability/status", body=PathsIn, response=LockStatus, auth=Auth.PEER)
+    @route("POST", "/immutability/status", errors=(NotFound, Unavailable), body=PathsIn, response=LockStatus, auth=Auth.PEER)
     async def status(self, call: Call) -> dict[str, Any]:
         """Whether each file is immutable (lsattr)."""
         return await self.immutability.status(call.body.paths)
@@ -88,49 +89,53 @@ class VolumesApi:
     def __init__(self, volumes: Volumes) -> None:
         self.volumes = volumes
 
-    @route("POST", "/volumes", body=VolumeCreateIn, response=VolumeView, status=201, auth=Auth.PEER)
+    @route("POST", "/volumes", errors=(NotFound, Conflict, *CALLS_OUT),
+           body=VolumeCreateIn, response=VolumeView, status=201, auth=Auth.PEER)
     async def create(self, call: Call) -> VolumeView:
         """Create `migration-<vm>-disk-<unit>` in CloudStack (size rounded up to whole GiB); not attached yet."""
         b: VolumeCreateIn = call.body
         return await self.volumes.create(b.vm_name, b.disk_unit, b.size_bytes, b.disk_offering_id, b.zone_id)
 
-    @route("GET", "/volumes", response=VolumesListing, auth=Auth.PEER)
+    @route("GET", "/volumes", errors=CALLS_OUT, response=VolumesListing, auth=Auth.PEER)
     async def list(self, call: Call) -> VolumesListing:
         """The volumes this agent manages, and those CloudStack says are attached here that it does not."""
         return await self.volumes.listing()
 
-    @route("GET", "/volumes/{volume_id}", response=VolumeView, auth=Auth.PEER)
+    @route("GET", "/volumes/{volume_id}", errors=(NotFound, Conflict, *CALLS_OUT),
+           response=VolumeView, auth=Auth.PEER)
     async def get(self, call: Call) -> VolumeView:
         """One managed volume, with its device when it is attached here."""
         return self.volumes.view(call.params["volume_id"])
 
-    @route("POST", "/volumes/{volume_id}/attach", response=VolumeView, auth=Auth.PEER)
+    @route("POST", "/volumes/{volume_id}/attach", errors=(NotFound, Conflict, *CALLS_OUT), response=VolumeView, auth=Auth.PEER)
     async def attach(self, call: Call) -> VolumeView:
         """Attach to this appliance and answer once its device is present (504 if it never appears)."""
         return await self.volumes.attach(call.params["volume_id"])
 
-    @route("POST", "/volumes/{volume_id}/detach", response=VolumeView, auth=Auth.PEER)
+    @route("POST", "/volumes/{volume_id}/detach", errors=(NotFound, Conflict, *CALLS_OUT), response=VolumeView, auth=Auth.PEER)
     async def detach(self, call: Call) -> VolumeView:
         """Detach from this appliance (stop its exports first); no longer vouched for from the start."""
         return await self.volumes.detach(call.params["volume_id"])
 
-    @route("DELETE", "/volumes/{volume_id}", response=Deleted, auth=Auth.PEER)
+    @route("DELETE", "/volumes/{volume_id}", errors=(NotFound, Conflict, *CALLS_OUT),
+           response=Deleted, auth=Auth.PEER)
     async def delete(self, call: Call) -> Deleted:
         """Delete a detached volume in CloudStack (409 while it is attached)."""
         return await self.volumes.delete(call.params["volume_id"])
 
-    @route("POST", "/volumes/{volume_id}/snapshots", body=SnapshotIn, response=SnapshotView, status=201,
+    @route("POST", "/volumes/{volume_id}/snapshots", errors=(NotFound, Conflict, *CALLS_OUT),
+           body=SnapshotIn, response=SnapshotView, status=201,
            auth=Auth.PEER)
     async def snapshot(self, call: Call) -> SnapshotView:
         """Take a CloudStack snapshot of the volume."""
         return await self.volumes.snapshot(call.params["volume_id"], call.body.name)
 
-    @route("POST", "/volumes/{volume_id}/revert", body=RevertIn, response=VolumeView, auth=Auth.PEER)
+    @route("POST", "/volumes/{volume_id}/revert", errors=(NotFound, Conflict, *CALLS_OUT), body=RevertIn, response=VolumeView, auth=Auth.PEER)
     async def revert(self, call: Call) -> VolumeView:
         """Revert to a snapshot (attached here: detached, reverted, attached again; the device may change)."""
         return await self.volumes.revert(call.params["volume_id"], call.body.snapshot_id)
 
-    @route("DELETE", "/volumes/{volume_id}/snapshots/{snapshot_id}", auth=Auth.PEER)
+    @route("DELETE", "/volumes/{volume_id}/snapshots/{snapshot_id}", errors=(NotFound, Conflict, *CALLS_OUT), auth=Auth.PEER)
     async def delete_snapshot(self, call: Call) -> dict[str, Any]:
         """Delete one of the volume's snapshots."""
         return await self.volumes.delete_snapshot(call.params["volume_id"], call.params["snapshot_id"])
@@ -146,7 +151,7 @@ class TunnelsApi:
     def __init__(self, sessions: TunnelSessions) -> None:
         self.sessions = sessions
 
-    @route("POST", "/tunnels/terminate", body=TerminateIn, auth=Auth.PEER)
+    @route("POST", "/tunnels/terminate", errors=(Unavailable,), body=TerminateIn, auth=Auth.PEER)
     async def terminate(self, call: Call) -> dict[str, Any]:
         """End these sshd sessions of the VMA tunnel user (anything else named is skipped, with the reason)."""
         b: TerminateIn = call.body
