@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
+from typing import Any
 from urllib.parse import quote
 
 import pytest
+
+from omad.inventory.contexts import Contexts
+from omad.inventory.vmspec import DiskSpec, NicSpec, VmSpec
+from omad.store import contexts as store_contexts
+from omad.store.db import Database
 
 from ..rig import Api, Stack
 from .conftest import ODD_NAMES, manual
@@ -137,3 +145,54 @@ async def test_the_rendered_list_follows_every_change(vstack: Stack, api: Api) -
     vstack.sql("DELETE FROM vm_replication_contexts WHERE context_id = ?", (ids[ODD_NAMES[1]],))
     assert sorted(await listed()) == sorted([ODD_NAMES[0], ODD_NAMES[2]])
     assert (await api.get("/vm-contexts", params={"limit": "5"}))[1]["total"] == 2
+
+
+async def test_the_kept_list_renders_only_what_changed(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the first render, changes from any connection re-render only their contexts, in name order."""
+    contexts = Contexts(db)
+    async with db.transaction() as tx:
+        ids = [await contexts.create(tx, VmSpec(id=f"uuid-{i}", name=f"vm-{i:02d}", disks=[DiskSpec(id="disk-2000")],
+                                                networks=[NicSpec(label="nic")]),
+                                     vcenter_host="vc", datacenter="DC1", credential_id=None, auto_added=True)
+               for i in range(40)]
+
+    async def listing(c: Contexts, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        pieces, count, total = await c.list_json(limit, offset)
+        items: list[dict[str, Any]] = json.loads(b"".join(pieces))
+        assert count == len(items) and total == await db.scalar("SELECT COUNT(*) FROM vm_replication_contexts")
+        return items
+
+    assert [i["vm_name"] for i in await listing(contexts)] == [f"vm-{i:02d}" for i in range(40)]
+    full_renders = []
+    render_all = store_contexts.render_all
+    monkeypatch.setattr(store_contexts, "render_all", lambda d: full_renders.append(1) or render_all(d))
+    other = sqlite3.connect(db.path, isolation_level=None)  # as an operator's sqlite3 or a job would
+    other.execute("PRAGMA foreign_keys=ON")
+    t = "2025-01-01T00:00:00Z"
+    changes = [
+        ("UPDATE vm_replication_contexts SET power_state = 'poweredOff' WHERE context_id = ?", (ids[3],)),
+        ("UPDATE vm_replication_contexts SET vm_name = 'aaa first now' WHERE context_id = ?", (ids[30],)),
+        ("UPDATE vm_replication_contexts SET vm_name = 'zzz last now' WHERE context_id = ?", (ids[0],)),
+        ("DELETE FROM vm_replication_contexts WHERE context_id = ?", (ids[7],)),
+        ("INSERT INTO vm_machine_groups (id, name, created_at, updated_at) VALUES ('g1', 'Gold', ?, ?)", (t, t)),
+        ("INSERT INTO vm_group_memberships (group_id, vm_context_id, added_at) VALUES ('g1', ?, ?)", (ids[5], t)),
+        ("INSERT INTO vm_group_memberships (group_id, vm_context_id, added_at) VALUES ('g1', ?, ?)", (ids[6], t)),
+        ("UPDATE vm_machine_groups SET name = 'Platinum' WHERE id = 'g1'", ()),
+        ("UPDATE vm_group_memberships SET enabled = 0 WHERE vm_context_id = ?", (ids[6],)),
+        ("DELETE FROM vm_machine_groups WHERE id = 'g1'", ()),
+    ]
+    try:
+        for sql, params in changes:
+            other.execute(sql, params)
+            kept, fresh = await listing(contexts), await listing(Contexts(db))
+            assert kept == fresh, sql
+            assert await listing(contexts, 5, 2) == fresh[2:7]
+            if "Platinum" in sql:
+                assert [g["group_name"] for i in kept for g in i["groups"]] == ["Platinum", "Platinum"]
+        async with db.transaction() as tx:  # and omad's own writes
+            await contexts.create(tx, VmSpec(id="uuid-new", name="vm-05½"), vcenter_host="vc", datacenter="",
+                                  credential_id=None, auto_added=False)
+        assert await listing(contexts) == await listing(Contexts(db))
+    finally:
+        other.close()
+    assert len(full_renders) == len(changes) + 1  # the fresh instances' only: the kept list never rendered all

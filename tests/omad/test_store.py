@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import stat
 from pathlib import Path
@@ -72,3 +73,33 @@ def test_split_statements_keeps_triggers_whole() -> None:
     script = ("-- c\nCREATE TABLE a (x);\nCREATE TRIGGER t AFTER INSERT ON a BEGIN\n"
               "  UPDATE a SET x = 1; DELETE FROM a WHERE x = 2;\nEND;\n")
     assert len(split_statements(script)) == 2
+
+
+async def test_reads_outside_a_transaction_use_read_only_connections(db: Database) -> None:
+    """Pooled readers see what is committed; the transaction's own task reads its writes; readers cannot write."""
+    async with db.transaction() as tx:
+        await tx.execute("INSERT INTO settings (key, value) VALUES ('k', 'uncommitted')")
+        # Another task (one started here, too) neither waits for the transaction nor sees its writes.
+        other = asyncio.create_task(db.scalar("SELECT COUNT(*) FROM settings WHERE key = 'k'"))
+        assert await asyncio.wait_for(other, 5) == 0
+        assert await db.scalar("SELECT value FROM settings WHERE key = 'k'") == "uncommitted"
+    assert await db.scalar("SELECT value FROM settings WHERE key = 'k'") == "uncommitted"
+    with pytest.raises(sqlite3.OperationalError, match="readonly|read-only|query_only"):
+        await db.fetchall("DELETE FROM settings")
+    assert await db.scalar("SELECT COUNT(*) FROM settings WHERE key = 'k'") == 1
+
+
+async def test_reads_run_side_by_side_and_close_with_the_database(tmp_path: Path) -> None:
+    db = Database(tmp_path / "z.db", readers=3)
+    await db.open()
+    await db.migrate()
+    # A slow read (a recursive count to 5 million, seconds) holds one reader; quick reads pass it on the others.
+    slow = asyncio.create_task(db.scalar("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+                                         "WHERE i < 5000000) SELECT COUNT(*) FROM n"))
+    quick = [await db.scalar("SELECT COUNT(*) FROM users") for _ in range(10)]
+    assert not slow.done() and quick == [0] * 10
+    assert await slow == 5000000
+    await db.close()
+    with pytest.raises(RuntimeError):
+        await db.scalar("SELECT 1")
+    assert not await db.ping()

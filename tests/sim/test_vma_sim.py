@@ -455,6 +455,10 @@ async def test_replication_full_then_incremental(sim: VMASim, oma: FakeOma, clie
         assert_identical(volume, "raw", src)
     assert second["sync_type"] == "incremental"
     assert second["bytes_transferred"] == 256 * 1024
+    # The simulator counts 64 KiB blocks: the full sent every allocated one, the incremental only the changed.
+    assert first["disk_progresses"][0]["blocks_written"] == 5 * MiB // (64 * 1024)
+    assert second["disk_progresses"][0]["blocks_written"] == 4
+    assert second["disk_progresses"][0]["zero_blocks_written"] == 1
     stored = [c for c in sim.state.calls_to("/changeid", "POST")]
     assert [c.json["disk_id"] for c in stored] == ["disk-2000", "disk-2000"]
     assert stored[1].json["previous_change_id"] == stored[0].json["change_id"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any
 
 from oma_common.logs import caller_address
 
+from .store import audit as store
 from .store.db import Database, Tx, utcnow
 
 log = logging.getLogger("omad.audit")
@@ -24,21 +26,14 @@ class Audit:
         `source` defaults to the address of the caller whose request this is (empty for omactl and timers).
         """
         source = source or caller_address.get()
-        params = (utcnow(), actor, action, resource, outcome, json.dumps(details, default=str), source)
-        sql = ("INSERT INTO audit_log (at, actor, action, resource, outcome, details, source) "
-               "VALUES (?, ?, ?, ?, ?, ?, ?)")
+        entry = dict(at=utcnow(), actor=actor, action=action, resource=resource, outcome=outcome,
+                     details=json.dumps(details, default=str), source=source)
         if tx is not None:
-            await tx.execute(sql, params)
+            await store.append(tx, **entry)
         else:
-            await self.db.execute(sql, params)
+            async with self.db.transaction() as own:
+                await store.append(own, **entry)
         log.info("%s %s %s: %s", actor, action, resource or "-", outcome, extra={"resource": resource or "-"})
 
     async def recent(self, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
-        if action:
-            rows = await self.db.fetchall("SELECT * FROM audit_log WHERE action = ? ORDER BY id DESC LIMIT ?",
-                                          (action, limit))
-        else:
-            rows = await self.db.fetchall("SELECT * FROM audit_log ORDER BY id DESC LIMIT ?", (limit,))
-        for r in rows:
-            r["details"] = json.loads(r["details"])
-        return rows
+        return [dataclasses.asdict(e) for e in await store.recent(self.db, limit, action)]

@@ -98,6 +98,25 @@ class BackupConfig:
 
 
 @dataclasses.dataclass
+class ReplicationConfig:
+    """Replication of VMware disks into CloudStack volumes, written by the VMA over NBD."""
+
+    nbd_host: str = spec("127.0.0.1", description="host the VMA reaches the exports at (its SSH tunnel's far end)")
+    shared_connections: int = spec(10, min=5, max=100, description="NBD clients each export accepts at once; "
+                                                                   "the VMA opens 2 per disk")
+    lease_seconds: int = spec(3600, min=10, description="lease asked for on a replication's NBD ports; renewed "
+                                                        "while it runs")
+    poll_interval_seconds: float = spec(5.0, min=0.05, description="how often a running replication asks the VMA "
+                                                                   "for its progress")
+    idle_timeout_seconds: float = spec(900.0, min=1, description="a running replication fails when the VMA's "
+                                                                 "progress has not moved, no change id came and no "
+                                                                 "NBD client is connected for this long")
+    volume_headroom_bytes: int = spec(5 * 1024**3, min=0, description="a disk's volume is its capacity plus this")
+    oma_url: str = spec("", description="the URL the VMA calls back (change ids); empty = http://127.0.0.1:<the "
+                                        "API's port>, where the VMA's tunnel lands")
+
+
+@dataclasses.dataclass
 class PolicyConfig:
     """Backup policies: copies, retention and verification."""
 
@@ -138,6 +157,7 @@ class Config:
     vcenter: VCenterConfig = spec(factory=VCenterConfig, description="direct vCenter calls")
     cloudstack: CloudStackConfig = spec(factory=CloudStackConfig, description="CloudStack API calls")
     backup: BackupConfig = spec(factory=BackupConfig, description="VM backups")
+    replication: ReplicationConfig = spec(factory=ReplicationConfig, description="replication into CloudStack")
     policies: PolicyConfig = spec(factory=PolicyConfig, description="backup policies, copies, retention, verification")
     scheduler: SchedulerConfig = spec(factory=SchedulerConfig, description="the scheduler")
 

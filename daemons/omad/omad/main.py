@@ -29,6 +29,7 @@ from .api.health import HealthApi
 from .api.nbd import NbdApi
 from .api.network_mappings import NetworkMappingsApi
 from .api.policies import PoliciesApi
+from .api.replications import ReplicationsApi
 from .api.repositories import RepositoriesApi
 from .api.restore import RestoreApi
 from .api.schedules import SchedulesApi
@@ -48,6 +49,10 @@ from .backup.verify import Verifier
 from .backup.repositories import Repositories
 from .backup.teardown import Teardown
 from .backup.watchdog import Watchdog
+from .replication.changeids import ChangeIds
+from .replication.ending import Ending
+from .replication.monitor import Monitor
+from .replication.replications import Replications
 from .restore.images import RepositoryImages
 from .restore.service import RestoreService
 from .clients.agents import Agents
@@ -100,6 +105,7 @@ class Omad:
     auth: AuthService
     jobs: JobEngine
     background: list[Background] = dataclasses.field(default_factory=list)
+    replications: Replications | None = None
 
 
 async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
@@ -142,6 +148,15 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     completion = Completion(db, jobs, locks, contexts, qemu_img, fs, teardown, cfg.backup)
     jobs.on_recover("backup", backups.recover)
 
+    # Replication: each disk into a CloudStack volume through volume-agent, exported by nbd-pool, written by the
+    # VMA; followed by the monitor, which adopts running ones again after a restart.
+    ending = Ending(db, jobs, pool, locks)
+    replications = Replications(db, audit, jobs, locks, contexts, credentials, volume_agent, pool, vma, ending,
+                                cfg.replication)
+    monitor = Monitor(db, jobs, vma, pool, ending, cfg.replication)
+    replications.on_started.append(monitor.follow)
+    jobs.on_recover("replication", monitor.recover)
+
     # Policies: copies of completed backups (immediate rules run on completion), locks, retention, verification.
     policies = Policies(db, audit)
     verifier = Verifier(db, jobs, qemu_img, fs, clock, cfg.policies)
@@ -168,7 +183,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
             BackupsApi(backups, completion, Chains(db, contexts)),
             TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)}), RestoreApi(restore),
             SchedulesApi(schedules, scheduler), GroupsApi(groups),
-            PoliciesApi(policies, retention, copies, verifier, immutability), cloudstack_api, mappings_api]
+            PoliciesApi(policies, retention, copies, verifier, immutability), cloudstack_api, mappings_api,
+            ReplicationsApi(replications, ChangeIds(db, locks))]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
 
     async def close_clients(app: web.Application) -> None:
@@ -177,7 +193,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
 
     app.on_cleanup.append(close_clients)
     return Omad(app, auth, jobs, background=[watchdog, restore, scheduler, retention, verifier,
-                                            scheduled_copies])
+                                            scheduled_copies, monitor], replications=replications)
 
 
 def write_url(path: Path, url: str) -> None:
@@ -229,6 +245,8 @@ async def amain() -> int:
         url = f"http://{host}:{port}"
         log.info("listening on %s", url)
         write_url(Path(cfg.state_dir) / "omad.url", url)
+        if omad.replications is not None and not cfg.replication.oma_url:
+            omad.replications.oma_url = f"http://127.0.0.1:{port}"  # where the VMA's tunnel lands
         notifier.ready(f"listening on {url}")
         await stop.wait()
         notifier.stopping()

@@ -77,6 +77,27 @@ def allocated_bytes(path: str, start: int = 0, end: Optional[int] = None) -> int
         return sum(max(0, min(e, end) - max(s, start)) for s, e in data_ranges(f.fileno(), size))
 
 
+def blocks_in(ranges: "Iterator[tuple[int, int]] | list[tuple[int, int]]", block_size: int = BLOCK_SIZE) -> int:
+    """How many `block_size` blocks the [start, end) ranges touch (a block touched twice counts once)."""
+    count, last = 0, -1
+    for start, end in ranges:
+        if end <= start:
+            continue
+        first, final = start // block_size, (end - 1) // block_size
+        first = max(first, last + 1)
+        if final >= first:
+            count += final - first + 1
+            last = final
+    return count
+
+
+def allocated_blocks(path: str, block_size: int = BLOCK_SIZE) -> int:
+    """Blocks of `path` holding any allocated byte (what a full copy sends as data)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return blocks_in(list(data_ranges(f.fileno(), size)), block_size)
+
+
 def offset_after_data(path: str, budget: int) -> int:
     """The smallest offset such that [0, offset) holds `budget` allocated bytes (or the file size)."""
     with open(path, "rb") as f:

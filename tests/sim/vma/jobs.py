@@ -53,6 +53,10 @@ class DiskJob:
     bytes_transferred: int = 0
     status: str = "pending"  # pending | snapshotting | streaming | completed | failed
     change_id: Optional[str] = None
+    # 64 KiB blocks (cbt.BLOCK_SIZE) sent with data, and sent as write-zeroes: what tests check an
+    # incremental against (only the changed blocks). A full copy counts every allocated block as data.
+    blocks_written: int = 0
+    zero_blocks_written: int = 0
 
     @property
     def disk_id(self) -> str:
@@ -212,6 +216,8 @@ class Job:
                     "bytes_transferred": d.bytes_transferred,
                     "total_bytes": d.total_bytes,
                     "change_id": d.change_id,
+                    "blocks_written": d.blocks_written,
+                    "zero_blocks_written": d.zero_blocks_written,
                 }
                 for d in self.disks
             ],

@@ -49,6 +49,17 @@ class OmaClient:
         log.debug("OMA %s %s -> %s", method, url, status)
         return status, response
 
+    async def _patient(self, method: str, base_url: str, path: str, body: Any = None,
+                       params: Optional[dict[str, str]] = None) -> tuple[Optional[int], Any]:
+        """Like the real replication engine behind its SSH tunnel: an OMA that does not answer (restarting)
+        is asked again for `callback_retry_seconds`; an answer, even an error, is final."""
+        deadline = time.monotonic() + self._state.callback_retry_seconds
+        while True:
+            status, response = await self.call(method, base_url, path, body, params)
+            if status is not None or time.monotonic() >= deadline:
+                return status, response
+            await asyncio.sleep(0.25)
+
     async def telemetry(self, base_url: str, job_type: str, job_id: str, body: dict[str, Any]) -> None:
         status, response = await self.call("POST", base_url, f"/api/v1/telemetry/{job_type}/{quote(job_id, safe='')}", body)
         if status is None or status >= 300:
@@ -72,8 +83,8 @@ class OmaClient:
 
     async def replication_change_id(self, base_url: str, vm_path: str, disk_id: str) -> Optional[str]:
         """The stored change id for a replicated disk; None when empty (→ full copy)."""
-        status, response = await self.call("GET", base_url, "/api/v1/replications/changeid",
-                                           params={"vm_path": vm_path, "disk_id": disk_id})
+        status, response = await self._patient("GET", base_url, "/api/v1/replications/changeid",
+                                               params={"vm_path": vm_path, "disk_id": disk_id})
         if status == 200 and isinstance(response, dict):
             return response.get("change_id") or None
         if status is None or status >= 500:
@@ -85,6 +96,7 @@ class OmaClient:
         body: dict[str, Any] = {"change_id": change_id, "disk_id": disk_id}
         if previous_change_id:
             body["previous_change_id"] = previous_change_id
-        status, response = await self.call("POST", base_url, f"/api/v1/replications/{quote(job_id, safe='')}/changeid", body)
+        path = f"/api/v1/replications/{quote(job_id, safe='')}/changeid"
+        status, response = await self._patient("POST", base_url, path, body)
         if status is None or status >= 300:
             raise OmaCallError(f"storing the change id of {job_id} {disk_id} failed: {status} {response}")

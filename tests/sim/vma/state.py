@@ -66,6 +66,7 @@ class SimState:
         telemetry_interval: float = 1.0,
         outbound_timeout: float = 30.0,
         change_tracking: bool = True,
+        callback_retry_seconds: float = 30.0,
     ) -> None:
         self.inventory = inventory if inventory is not None else Inventory()
         self._own_workdir = workdir is None
@@ -78,6 +79,8 @@ class SimState:
         # Least seconds between two progress telemetry posts of one job (phase changes always post).
         self.telemetry_interval = telemetry_interval
         self.outbound_timeout = outbound_timeout
+        # How long a replication keeps retrying a change-id call the OMA does not answer (it restarts).
+        self.callback_retry_seconds = callback_retry_seconds
         # Map what each copy sent so later incrementals can be computed. Off: no mapping cost
         # (benchmarks of full copies); every copy is then full, whatever was asked.
         self.change_tracking = change_tracking

@@ -64,18 +64,20 @@ async def stream(job: Job, disk: DiskJob, budget: Budget, scratch_dir: str) -> b
 
 async def _stream_full(job: Job, disk: DiskJob, budget: Budget) -> bool:
     size = os.path.getsize(disk.source)
+    loop = asyncio.get_running_loop()
     if budget.remaining is None or budget.remaining >= disk.total_bytes:
         total = disk.total_bytes
         await copy_whole(disk.source, disk.target, progress=lambda f: job.set_disk_bytes(disk, int(f * total)))
+        disk.blocks_written += await loop.run_in_executor(None, cbt.allocated_blocks, disk.source)
         job.set_disk_bytes(disk, total)
         budget.spend(total)
         return True
-    loop = asyncio.get_running_loop()
     cut = await loop.run_in_executor(None, cbt.offset_after_data, disk.source, budget.remaining)
     cut = min(size, max(_ALIGN, cut - cut % _ALIGN)) if budget.remaining > 0 else 0
     if cut > 0:
         await convert_range(disk.source, disk.target, 0, cut)
         sent = await loop.run_in_executor(None, cbt.allocated_bytes, disk.source, 0, cut)
+        disk.blocks_written += -(-cut // cbt.BLOCK_SIZE)
         job.set_disk_bytes(disk, sent)
     budget.spend(budget.remaining)
     return False
@@ -104,4 +106,7 @@ async def _stream_extents(job: Job, disk: DiskJob, budget: Budget, scratch_dir: 
         budget.spend(data_bytes)
 
     await write_extents(disk.source, disk.target, extents, scratch_dir=scratch_dir, on_batch=on_batch)
+    disk.blocks_written += cbt.blocks_in([(e.offset, e.end) for e in extents if not e.zero])
+    disk.zero_blocks_written += cbt.blocks_in([(e.offset, e.end) for e in extents if e.zero])
+    job.set()
     return complete

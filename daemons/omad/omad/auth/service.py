@@ -9,17 +9,18 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from oma_common.errors import Conflict, Invalid, NotFound, RateLimited, Unauthorized
+from oma_common.errors import Invalid, NotFound, RateLimited, Unauthorized
 
 from ..audit import Audit
+from ..store import users as store
 from ..store.db import Database, utcnow
+from ..store.users import ApiToken, Role
 from . import secrets
 from .ratelimit import FailureLimiter
 
 log = logging.getLogger(__name__)
 
-Role = Literal["admin", "operator"]
-ROLES = ("admin", "operator")
+ROLES = tuple(r.value for r in Role)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +71,7 @@ class AuthService:
             raise Invalid("password too short", "a password has at least 8 characters")
         hashed = await secrets.hash_password(password)
         async with self.db.transaction() as tx:
-            if await tx.scalar("SELECT 1 FROM users WHERE username = ?", (username,)):
-                raise Conflict("user exists", f"a user named {username!r} already exists")
-            now = utcnow()
-            uid = await tx.execute("INSERT INTO users (username, password_hash, role, created_at, updated_at) "
-                                   "VALUES (?, ?, ?, ?, ?)", (username, hashed, role, now, now))
+            uid = await store.add_user(tx, username, hashed, Role(role), utcnow())
             await self.audit.record(actor, "user.create", f"user:{username}", tx=tx, role=role)
         return uid
 
@@ -83,13 +80,10 @@ class AuthService:
             raise Invalid("password too short", "a password has at least 8 characters")
         hashed = await secrets.hash_password(password)
         async with self.db.transaction() as tx:
-            row = await tx.fetchone("SELECT id FROM users WHERE username = ?", (username,))
-            if row is None:
+            user = await store.user_by_name(tx, username)
+            if user is None:
                 raise NotFound("user not found", f"no user named {username!r}")
-            await tx.execute("UPDATE users SET password_hash = ?, updated_at = ? WHERE id = ?",
-                             (hashed, utcnow(), row["id"]))
-            # A changed password ends the user's sessions.
-            await tx.execute("DELETE FROM sessions WHERE user_id = ?", (row["id"],))
+            await store.set_password(tx, user.id, hashed, utcnow())
             await self.audit.record(actor, "user.password", f"user:{username}", tx=tx)
         if username == "admin":
             self.forget_bootstrap_password()
@@ -101,20 +95,19 @@ class AuthService:
             log.info("removed %s: the bootstrap password was changed", self.bootstrap_file)
 
     async def list_users(self) -> list[dict[str, Any]]:
-        return await self.db.fetchall("SELECT id, username, role, disabled, created_at, updated_at FROM users "
-                                      "ORDER BY username")
+        return [{"id": u.id, "username": u.username, "role": u.role, "disabled": int(u.disabled),
+                 "created_at": u.created_at, "updated_at": u.updated_at} for u in await store.users(self.db)]
 
     async def bootstrap(self, password_file: Path) -> str | None:
         """Create `admin` with a random password the first time omad starts; never again."""
         async with self.db.transaction() as tx:
-            if await tx.scalar("SELECT value FROM settings WHERE key = 'bootstrap_admin_created'"):
+            if await store.setting(tx, _BOOTSTRAPPED):
                 return None
             password = secrets.random_password()
             now = utcnow()
             hashed = await secrets.hash_password(password)
-            await tx.execute("INSERT INTO users (username, password_hash, role, created_at, updated_at) "
-                             "VALUES ('admin', ?, 'admin', ?, ?)", (hashed, now, now))
-            await tx.execute("INSERT INTO settings (key, value) VALUES ('bootstrap_admin_created', ?)", (now,))
+            await store.add_user(tx, "admin", hashed, Role.ADMIN, now)
+            await store.put_setting(tx, _BOOTSTRAPPED, now)
             await self.audit.record("omad", "user.bootstrap", "user:admin", tx=tx)
             password_file.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -133,99 +126,94 @@ class AuthService:
         token = secrets.new_secret(secrets.TOKEN_PREFIX)
         expires = _iso(datetime.now(timezone.utc) + timedelta(days=expires_days)) if expires_days else None
         async with self.db.transaction() as tx:
-            if await tx.scalar("SELECT 1 FROM api_tokens WHERE name = ?", (name,)):
-                raise Conflict("token exists", f"an API token named {name!r} already exists")
-            await tx.execute("INSERT INTO api_tokens (name, token_hash, role, appliance_id, created_by, created_at,"
-                             " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (name, secrets.digest(token), role, appliance_id, actor, utcnow(), expires))
+            await store.add_token(tx, name, secrets.digest(token), Role(role), appliance_id=appliance_id,
+                                  created_by=actor, now=utcnow(), expires_at=expires)
             await self.audit.record(actor, "token.create", f"token:{name}", tx=tx, role=role,
                                     appliance_id=appliance_id)
         return token
 
     async def revoke_token(self, name: str, *, actor: str = "omactl") -> None:
         async with self.db.transaction() as tx:
-            row = await tx.fetchone("SELECT id FROM api_tokens WHERE name = ? AND revoked_at IS NULL", (name,))
-            if row is None:
+            found = await store.active_token_named(tx, name)
+            if found is None:
                 raise NotFound("token not found", f"no active API token named {name!r}")
-            await tx.execute("UPDATE api_tokens SET revoked_at = ? WHERE id = ?", (utcnow(), row["id"]))
-            await tx.execute("DELETE FROM sessions WHERE api_token_id = ?", (row["id"],))
+            await store.revoke_token(tx, found.id, utcnow())
             await self.audit.record(actor, "token.revoke", f"token:{name}", tx=tx)
 
     async def list_tokens(self) -> list[dict[str, Any]]:
-        return await self.db.fetchall("SELECT id, name, role, appliance_id, created_by, created_at, expires_at, "
-                                      "revoked_at, last_used_at FROM api_tokens ORDER BY name")
+        return [{f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name != "token_hash"}
+                for t in await store.tokens(self.db)]
 
     # -- login and sessions ------------------------------------------------------------------------
 
     async def login_password(self, username: str, password: str, source: str) -> Session:
         attempt = self.limiter.attempt(source)  # counted before the slow check (see ratelimit)
-        row = await self.db.fetchone("SELECT id, password_hash, role, disabled FROM users WHERE username = ?",
-                                     (username,))
+        user = await store.user_by_name(self.db, username)
         try:
-            ok = await secrets.verify_password(row["password_hash"] if row else secrets.DUMMY_HASH, password)
+            ok = await secrets.verify_password(user.password_hash if user else secrets.DUMMY_HASH, password)
         except RateLimited:  # too many logins being checked at once: this one was not judged
             self.limiter.withdraw(source, attempt)
             raise
-        if row is None or not ok or row["disabled"]:
-            await self._failed(source, f"user:{username}")
+        if user is None or not ok or user.disabled:
+            raise await self._failed(source, f"user:{username}")
         self.limiter.withdraw(source, attempt)
-        principal = Principal(username, row["role"], "user")  # type: ignore[index]
-        return await self._open_session(principal, source, user_id=row["id"])  # type: ignore[index]
+        return await self._open_session(Principal(username, user.role, "user"), source, user_id=user.id)
 
     async def login_token(self, appliance_id: str, token: str, version: str, source: str) -> Session:
         attempt = self.limiter.attempt(source)
-        row = await self._token_row(token)
-        if row is None or (row["appliance_id"] and row["appliance_id"] != appliance_id):
-            await self._failed(source, f"appliance:{appliance_id}")
+        found = await self._token(token)
+        if found is None or (found.appliance_id and found.appliance_id != appliance_id):
+            raise await self._failed(source, f"appliance:{appliance_id}")
         self.limiter.withdraw(source, attempt)
-        principal = Principal(row["name"], row["role"], "token")  # type: ignore[index]
-        return await self._open_session(principal, source, api_token_id=row["id"], version=version)  # type: ignore[index]
+        return await self._open_session(Principal(found.name, found.role, "token"), source, api_token_id=found.id,
+                                        version=version)
 
-    async def _failed(self, source: str, who: str) -> None:
+    async def _failed(self, source: str, who: str) -> Unauthorized:
+        """Audit a refused login (the limiter counted it already); returns the error to raise."""
         await self.audit.record(who, "auth.login", who, outcome="denied", source=source)
-        raise Unauthorized("invalid credentials", "the credentials were not accepted")
+        return Unauthorized("invalid credentials", "the credentials were not accepted")
 
     async def _open_session(self, principal: Principal, source: str, *, user_id: int | None = None,
                             api_token_id: int | None = None, version: str | None = None) -> Session:
         token = secrets.new_secret(secrets.SESSION_PREFIX)
         expires = _iso(datetime.now(timezone.utc) + timedelta(seconds=self.session_ttl))
         async with self.db.transaction() as tx:
-            await tx.execute("DELETE FROM sessions WHERE expires_at < ?", (utcnow(),))
-            await tx.execute("INSERT INTO sessions (token_hash, user_id, api_token_id, source, client_version, "
-                             "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (secrets.digest(token), user_id, api_token_id, source, version, utcnow(), expires))
+            await store.open_session(tx, secrets.digest(token), user_id=user_id, api_token_id=api_token_id,
+                                     source=source, client_version=version, now=utcnow(), expires_at=expires)
             await self.audit.record(principal.name, "auth.login", f"{principal.kind}:{principal.name}", tx=tx,
                                     source=source)
         return Session(token, expires, principal)
 
     async def logout(self, bearer: str, actor: str) -> None:
-        await self.db.execute("DELETE FROM sessions WHERE token_hash = ?", (secrets.digest(bearer),))
+        async with self.db.transaction() as tx:
+            await store.close_session(tx, secrets.digest(bearer))
         await self.audit.record(actor, "auth.logout", f"user:{actor}")
 
-    async def _token_row(self, token: str) -> dict[str, Any] | None:
+    async def _token(self, token: str) -> ApiToken | None:
         if not token.startswith(secrets.TOKEN_PREFIX):
             return None
-        row = await self.db.fetchone("SELECT * FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL",
-                                     (secrets.digest(token),))
-        if row is None or (row["expires_at"] and row["expires_at"] < utcnow()):
+        found = await store.active_token_by_hash(self.db, secrets.digest(token))
+        if found is None or (found.expires_at and found.expires_at < utcnow()):
             return None
-        return row
+        return found
 
     async def authenticate(self, bearer: str) -> Principal | None:
         """A session token or an API token → who it is; None when unknown, expired or revoked."""
         if bearer.startswith(secrets.SESSION_PREFIX):
-            row = await self.db.fetchone(
-                "SELECT s.expires_at, u.username, u.role AS urole, u.disabled, t.name, t.role AS trole, "
-                "t.revoked_at FROM sessions s LEFT JOIN users u ON u.id = s.user_id "
-                "LEFT JOIN api_tokens t ON t.id = s.api_token_id WHERE s.token_hash = ?",
-                (secrets.digest(bearer),))
-            if row is None or row["expires_at"] < utcnow():
+            owner = await store.session_owner(self.db, secrets.digest(bearer))
+            if owner is None or owner.expires_at < utcnow():
                 return None
-            if row["username"] is not None:
-                return None if row["disabled"] else Principal(row["username"], row["urole"], "user")
-            return None if row["revoked_at"] else Principal(row["name"], row["trole"], "token")
-        row = await self._token_row(bearer)
-        if row is None:
+            if owner.username is not None and owner.user_role is not None:
+                return None if owner.user_disabled else Principal(owner.username, owner.user_role, "user")
+            if owner.token_name is None or owner.token_role is None:
+                return None
+            return None if owner.token_revoked_at else Principal(owner.token_name, owner.token_role, "token")
+        found = await self._token(bearer)
+        if found is None:
             return None
-        await self.db.execute("UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (utcnow(), row["id"]))
-        return Principal(row["name"], row["role"], "token")
+        async with self.db.transaction() as tx:
+            await store.token_used(tx, found.id, utcnow())
+        return Principal(found.name, found.role, "token")
+
+
+_BOOTSTRAPPED = "bootstrap_admin_created"  # settings key: the first start's administrator was made

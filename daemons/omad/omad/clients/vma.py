@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -76,6 +77,23 @@ class VmaClient:
         if not isinstance(result, dict) or not isinstance(result.get("status"), str):
             raise errors.Unavailable("VMA answered an unexpected backup start body",
                                      "the VMA's answer to /backup/start has no 'status'")
+        return result
+
+    async def replicate(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`POST /replicate` (CONTRACTS.md "Replication"): `{job_id, status, vm_count, started_at}`. Never
+        repeated: a second start would take a second snapshot."""
+        result = await self.call("POST", "/replicate", json=body, idempotent=False)
+        if not isinstance(result, dict) or not isinstance(result.get("status"), str):
+            raise errors.Unavailable("VMA answered an unexpected replication start body",
+                                     "the VMA's answer to /replicate has no 'status'")
+        return result
+
+    async def progress(self, job_id: str) -> dict[str, Any]:
+        """`GET /progress/{job_id}`: the VMA's progress body (NotFound when it does not know the job)."""
+        result = await self.call("GET", f"/progress/{quote(job_id, safe='')}", idempotent=True)
+        if not isinstance(result, dict):
+            raise errors.Unavailable("VMA answered an unexpected progress body",
+                                     f"the VMA's progress of {job_id} is not a JSON object")
         return result
 
     # -- the one way to call the VMA -----------------------------------------------------------------

@@ -6,11 +6,18 @@
   GET  /repositories/mounts                                → {mount_root, mounts: [{mount_point, source, type}]}
   POST /immutability/lock    {paths}                       → {paths, immutable: true}   (chattr +i)
   POST /immutability/unlock  {paths}                       → {paths, immutable: false}  (chattr -i)
+  POST /volumes              {vm_name, disk_unit, size_bytes} → 201 VolumeView (oma_common.contracts.
+                              volume_agent_volumes): {volume_id, name, size_bytes, serial, attached_here,
+                              device_path, link_path, snapshots, operation}; 409 when the name exists
+  GET  /volumes/{id}                                        → VolumeView; 404 unknown
+  POST /volumes/{id}/attach                                 → VolumeView once its device is present (vouched)
+  POST /volumes/{id}/detach                                 → VolumeView
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from oma_common.rpc import AgentClient
 
@@ -38,3 +45,17 @@ class VolumeAgent:
     async def unlock_files(self, paths: list[str]) -> dict[str, Any]:
         return await self.client.call("POST", "/immutability/unlock",  # type: ignore[no-any-return]
                                       json={"paths": paths}, timeout=self.mount_timeout)
+
+    # -- CloudStack volumes (replication) --------------------------------------------------------------
+
+    async def create_volume(self, vm_name: str, disk_unit: int, size_bytes: int) -> dict[str, Any]:
+        body = {"vm_name": vm_name, "disk_unit": disk_unit, "size_bytes": size_bytes}
+        return await self.client.call("POST", "/volumes", json=body,  # type: ignore[no-any-return]
+                                      timeout=self.mount_timeout)
+
+    async def volume(self, volume_id: str) -> dict[str, Any]:
+        return await self.client.call("GET", f"/volumes/{quote(volume_id, safe='')}")  # type: ignore[no-any-return]
+
+    async def attach_volume(self, volume_id: str) -> dict[str, Any]:
+        return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/attach",  # type: ignore[no-any-return]
+                                      timeout=self.mount_timeout)

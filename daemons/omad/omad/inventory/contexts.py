@@ -3,78 +3,55 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import bisect
+import dataclasses
+import logging
 import re
 import unicodedata
 from datetime import datetime, timezone
 from typing import Any
 
-from oma_common.errors import NotFound
-
+from ..store import contexts as store
+from ..store.contexts import Context, ContextKey, ContextJob, DiskSpecs, Nic, NewContext, Rendered, Specs
 from ..store.db import Database, Tx, utcnow
-from .vmspec import DiskSpec, NicSpec, VmSpec, disk_changes, nic_changes
+from .vmspec import DiskSpec, VmSpec, disk_changes, nic_changes
 
-# The context row's columns as clients read them (CONTRACTS.md, "VM contexts"), plus a few more of the VM's.
-COLUMNS = (
-    "context_id", "vm_name", "vmware_vm_id", "vm_path", "vcenter_host", "datacenter", "current_status",
-    "current_job_id", "total_jobs_run", "successful_jobs", "failed_jobs", "last_successful_job_id", "cpu_count",
-    "memory_mb", "os_type", "power_state", "vm_tools_version", "created_at", "updated_at", "first_job_at",
-    "last_job_at", "auto_added", "scheduler_enabled", "credential_id", "ossea_config_id", "last_operation_summary",
-    "guest_os", "display_name", "folder_path", "vmx_version", "annotation", "vmware_tools_status",
-    "next_scheduled_at", "last_scheduled_job_id",  # kept by the scheduler (migration 0005)
-)
-BOOLEAN = ("auto_added", "scheduler_enabled")
-JSON_TEXT = ("last_operation_summary",)
+log = logging.getLogger(__name__)
 
-# The list is the GUI's main table and may hold 10,000 VMs: SQLite renders each item as JSON itself, so
-# Python only joins strings, and the whole list is kept rendered until a row it shows changes. The SQL is
-# assembled once, at import, from the constant column names above.
-def _json_value(column: str) -> str:
-    if column in BOOLEAN:
-        return f"json(CASE c.{column} WHEN 1 THEN 'true' ELSE 'false' END)"
-    if column in JSON_TEXT:
-        return f"json(c.{column})"
-    return f"c.{column}"
+TERMINAL = ("completed", "succeeded", "failed", "cancelled", "canceled", "skipped", "rolled_back")
+# More changed contexts than this since the last render: render the whole list again instead.
+_FULL_RENDER_AFTER = 1000
 
 
-_GROUPS_JSON = (
-    "(SELECT json_group_array(json_object('group_id', g.id, 'group_name', g.name, 'priority', m.priority, "
-    "'enabled', json(CASE m.enabled WHEN 1 THEN 'true' ELSE 'false' END))) "
-    "FROM vm_group_memberships m JOIN vm_machine_groups g ON g.id = m.group_id "
-    "WHERE m.vm_context_id = c.context_id)"
-)
-_ROW_JSON = "json_object(" + ", ".join(f"'{col}', {_json_value(col)}" for col in COLUMNS) + ")"
-# One page: groups by correlated subqueries (an index lookup per row).
-_PAGE_SQL = (
-    "SELECT json_object(" + ", ".join(f"'{col}', {_json_value(col)}" for col in COLUMNS)
-    + f", 'groups', json({_GROUPS_JSON}), "
-    "'group_count', (SELECT COUNT(*) FROM vm_group_memberships m JOIN vm_machine_groups g ON g.id = m.group_id "
-    "WHERE m.vm_context_id = c.context_id)) AS item "
-    "FROM vm_replication_contexts c ORDER BY c.vm_name LIMIT ? OFFSET ?"
-)
-# The whole list: rows and groups in two passes, joined in Python (half the cost of 10,000 subqueries).
-_ALL_SQL = f"SELECT c.context_id AS id, {_ROW_JSON} AS item FROM vm_replication_contexts c ORDER BY c.vm_name"
-_ALL_GROUPS_SQL = (
-    "SELECT m.vm_context_id AS id, json_group_array(json_object('group_id', g.id, 'group_name', g.name, "
-    "'priority', m.priority, 'enabled', json(CASE m.enabled WHEN 1 THEN 'true' ELSE 'false' END))) AS groups, "
-    "COUNT(*) AS n FROM vm_group_memberships m JOIN vm_machine_groups g ON g.id = m.group_id "
-    "GROUP BY m.vm_context_id"
-)
+def _key(r: Rendered) -> tuple[str, str]:
+    return (r.vm_name, r.context_id)  # SQLite's BINARY order of vm_name is Python's order of str
 
 
 class _Rendered:
-    """The whole list, rendered once per generation of the contexts and their groups (see change_counters).
+    """The whole list, kept rendered: at each change generation only the changed contexts are rendered again.
 
-    Requests that arrive while a render runs share it, even when a change came in meanwhile: the answer is
-    then at most one render (~0.1 s for 10,000 VMs) old, and under a stream of changes at most one render
-    runs at a time instead of one per request.
+    The items are ordered by VM name; triggers record which contexts each change touched (migration 0010).
+    Requests that arrive while a refresh runs share it, even when a change came in meanwhile: the answer is
+    then at most one refresh old, and under a stream of changes at most one refresh runs at a time.
     """
 
     def __init__(self) -> None:
         self.generation = -1
-        self.items: list[str] = []
-        self.body = b"[]"  # the items as one JSON array, encoded once
+        self.entries: list[Rendered] = []  # by _key
+        self.items: list[bytes] = []  # entries' JSON, in the same order
+        self._by_id: dict[str, Rendered] = {}
+        self._joined: bytes | None = b""  # the items joined by commas, once per generation (10 MB: one copy)
         self._pending: asyncio.Future[None] | None = None
+
+    @property
+    def built(self) -> bool:
+        return self.generation >= 0
+
+    @property
+    def joined(self) -> bytes:
+        if self._joined is None:
+            self._joined = b",".join(self.items)
+        return self._joined
 
     async def refresh(self, db: Database, generation: int) -> None:
         if generation == self.generation:
@@ -85,10 +62,7 @@ class _Rendered:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending = future
         try:
-            items = await _render_all(db)
-            if generation > self.generation:
-                self.generation, self.items = generation, items
-                self.body = ("[" + ",".join(items) + "]").encode()
+            await self._catch_up(db, generation)
             future.set_result(None)
         except BaseException as e:
             future.set_exception(e)
@@ -97,31 +71,51 @@ class _Rendered:
         finally:
             self._pending = None
 
+    async def _catch_up(self, db: Database, generation: int) -> None:
+        # `generation` was read before the queries below, so they see at least every change up to it.
+        if self.built:
+            newest, changed = await store.changed_since(db, self.generation)
+            if len(changed) <= _FULL_RENDER_AFTER:
+                self._apply(changed, await store.render_some(db, changed) if changed else [])
+                self.generation = max(generation, newest, self.generation)
+                return
+        entries = await store.render_all(db)
+        if generation > self.generation:
+            self.entries = entries
+            self.items = [e.item.encode() for e in entries]
+            self._by_id = {e.context_id: e for e in entries}
+            self._joined = None
+            self.generation = generation
 
-async def _render_all(db: Database) -> list[str]:
-    groups = {r["id"]: (r["groups"], r["n"]) for r in await db.fetchall(_ALL_GROUPS_SQL)}
-    out = []
-    for row in await db.fetchall(_ALL_SQL):
-        g, n = groups.get(row["id"], ("[]", 0))
-        out.append(f'{row["item"][:-1]},"groups":{g},"group_count":{n}}}')
-    return out
+    def _apply(self, changed: list[str], fresh: list[Rendered]) -> None:
+        for context_id in changed:
+            old = self._by_id.pop(context_id, None)
+            if old is not None:
+                i = bisect.bisect_left(self.entries, _key(old), key=_key)
+                del self.entries[i], self.items[i]
+        for entry in fresh:
+            i = bisect.bisect_left(self.entries, _key(entry), key=_key)
+            self.entries.insert(i, entry)
+            self.items.insert(i, entry.item.encode())
+            self._by_id[entry.context_id] = entry
+        if changed:
+            self._joined = None
+
+    def page(self, limit: int | None, offset: int) -> tuple[list[bytes], int, int]:
+        if limit is None and offset == 0:
+            return [b"[", self.joined, b"]"], len(self.items), len(self.items)
+        page = self.items[offset:] if limit is None else self.items[offset:offset + limit]
+        return [b"[", b",".join(page), b"]"], len(page), len(self.items)
 
 
-JOB_COLUMNS = ("j.id AS job_id, j.job_type, j.status, j.progress, j.started_at, j.completed_at, j.created_at, "
-               "j.display_name, j.current_step, j.error_message")
-TERMINAL = ("completed", "succeeded", "failed", "cancelled", "canceled", "skipped", "rolled_back")
-DISK_FIELDS = ("disk_id", "label", "path", "vmdk_path", "size_gb", "capacity_bytes", "datastore", "unit_number",
-               "provisioning_type", "disk_change_id", "created_at", "updated_at")
-NIC_COLUMNS = "label, network_name, adapter_type, mac_address, connected, type"
+def plain(rec: Any) -> dict[str, Any]:
+    """A record's fields as a dict, shallow (dataclasses.asdict deep-copies: a third of a VM page's time)."""
+    return {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec)}
 
 
-def context_dict(row: dict[str, Any]) -> dict[str, Any]:
-    out = {col: row.get(col) for col in COLUMNS}
-    for col in BOOLEAN:
-        out[col] = bool(out[col])
-    for col in JSON_TEXT:
-        out[col] = json.loads(out[col]) if out[col] else None
-    return out
+def context_dict(ctx: Context) -> dict[str, Any]:
+    """The context as clients read it (CONTRACTS.md, "VM contexts")."""
+    return plain(ctx)
 
 
 def _seconds_between(start: str | None, end: str | None) -> float | None:
@@ -135,10 +129,9 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
     return round((b - a).total_seconds(), 3)
 
 
-def job_dict(row: dict[str, Any]) -> dict[str, Any]:
-    out = dict(row)
-    out["progress"] = out["progress"] or 0
-    out["duration_seconds"] = _seconds_between(out["started_at"], out["completed_at"])
+def job_dict(job: ContextJob) -> dict[str, Any]:
+    out = plain(job)
+    out["duration_seconds"] = _seconds_between(job.started_at, job.completed_at)
     return out
 
 
@@ -157,106 +150,61 @@ class Contexts:
 
     # -- reading -------------------------------------------------------------------------------------
 
-    async def list_json(self, limit: int | None, offset: int) -> tuple[bytes, int, int]:
-        """The items of one page (limit None: all) as a JSON array, how many it holds, how many exist."""
-        generation = int(await self.db.scalar("SELECT generation FROM change_counters WHERE name = 'vm_contexts'"))
-        if limit is not None and generation != self._rendered.generation:
-            # A page after a change: cheaper to render the page alone than the whole list.
-            rows = await self.db.fetchall(_PAGE_SQL, (limit, offset))
-            total = await self.db.scalar("SELECT COUNT(*) FROM vm_replication_contexts")
-            return ("[" + ",".join(r["item"] for r in rows) + "]").encode(), len(rows), int(total)
+    async def list_json(self, limit: int | None, offset: int) -> tuple[list[bytes], int, int]:
+        """The items of one page (limit None: all) as a JSON array in pieces (to be sent without joining them:
+        the whole list is 10 MB), how many it holds, how many exist."""
+        generation = await store.generation(self.db)
         rendered = self._rendered
+        if limit is not None and not rendered.built:
+            # A page before the first whole render: cheaper to render the page alone.
+            items, total = await store.render_page(self.db, limit, offset)
+            return [("[" + ",".join(items) + "]").encode()], len(items), total
         await rendered.refresh(self.db, generation)
-        if limit is None and offset == 0:
-            return rendered.body, len(rendered.items), len(rendered.items)
-        page = rendered.items[offset:] if limit is None else rendered.items[offset:offset + limit]
-        return ("[" + ",".join(page) + "]").encode(), len(page), len(rendered.items)
+        return rendered.page(limit, offset)
 
     async def by_name(self, vm_name: str) -> dict[str, Any]:
-        row = await self.db.fetchone("SELECT * FROM vm_replication_contexts WHERE vm_name = ?", (vm_name,))
-        if row is None:
-            raise NotFound("VM context not found", f"no VM context for a VM named {vm_name!r}")
-        return row
+        """The context's columns as a dict (backup/ reads it so; new code uses store.contexts.by_name)."""
+        return plain(await store.by_name(self.db, vm_name))
 
     async def by_id(self, context_id: str) -> dict[str, Any]:
-        row = await self.db.fetchone("SELECT * FROM vm_replication_contexts WHERE context_id = ?", (context_id,))
-        if row is None:
-            raise NotFound("VM context not found", f"VM context {context_id!r} does not exist")
-        return row
+        """As by_name, by context id."""
+        return plain(await store.by_id(self.db, context_id))
 
     async def detail(self, vm_name: str, history: int = 50) -> dict[str, Any]:
         """`{context, current_job, job_history, disks, networks, cbt_history, last_operation, groups}`."""
-        row = await self.by_name(vm_name)
-        cid = row["context_id"]
-        context = context_dict(row)
-        groups = await self.groups_of(cid)
+        ctx = await store.by_name(self.db, vm_name)
+        cid = ctx.context_id
+        context = context_dict(ctx)
+        groups = [plain(g) for g in await store.groups_of(self.db, cid)]
         context["groups"], context["group_count"] = groups, len(groups)
-        jobs = [job_dict(j) for j in await self.db.fetchall(
-            f"SELECT {JOB_COLUMNS} FROM jobs j WHERE j.context_id = ? ORDER BY j.created_at DESC, j.id DESC LIMIT ?",
-            (cid, history))]
-        current = None
-        if row["current_job_id"]:
-            current = next((j for j in jobs if j["job_id"] == row["current_job_id"]), None)
+        jobs = await store.jobs_of(self.db, cid, history)
+        current: ContextJob | None = None
+        if ctx.current_job_id:
+            current = next((j for j in jobs if j.job_id == ctx.current_job_id), None)
             if current is None:
-                found = await self.db.fetchone(f"SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = ?",
-                                               (row["current_job_id"],))
-                current = job_dict(found) if found else None
+                current = await store.job(self.db, ctx.current_job_id)
         if current is None:
-            current = next((j for j in jobs if str(j["status"]).lower() not in TERMINAL), None)
-        disks = await self.db.fetchall(
-            "SELECT disk_id, label, path, vmdk_path, size_gb, capacity_bytes, datastore, unit_number, "
-            "provisioning_type, disk_change_id, created_at, updated_at FROM vm_disks WHERE vm_context_id = ? "
-            "ORDER BY disk_id", (cid,))
-        networks = await self.networks_of(cid)
-        cbt = await self.db.fetchall(
-            "SELECT job_id, disk_id, change_id, previous_change_id, sync_type, bytes_transferred, sync_success, "
-            "created_at FROM cbt_history WHERE vm_context_id = ? ORDER BY created_at DESC, id DESC LIMIT ?",
-            (cid, history))
-        for entry in cbt:
-            entry["sync_success"] = bool(entry["sync_success"])
-        return {"context": context, "current_job": current, "job_history": jobs, "disks": disks,
-                "networks": networks, "cbt_history": cbt, "last_operation": context["last_operation_summary"]}
+            current = next((j for j in jobs if str(j.status).lower() not in TERMINAL), None)
+        disks = [plain(d) for d in await store.disks_of(self.db, cid)]
+        networks = [plain(n) for n in await store.networks_of(self.db, cid)]
+        cbt = [plain(e) for e in await store.cbt_of(self.db, cid, history)]
+        return {"context": context, "current_job": job_dict(current) if current else None,
+                "job_history": [job_dict(j) for j in jobs], "disks": disks, "networks": networks,
+                "cbt_history": cbt, "last_operation": context["last_operation_summary"]}
 
     async def recent_jobs(self, context_id: str, limit: int) -> dict[str, Any]:
-        row = await self.by_id(context_id)
-        jobs = [job_dict(j) for j in await self.db.fetchall(
-            f"SELECT {JOB_COLUMNS} FROM jobs j WHERE j.context_id = ? ORDER BY j.created_at DESC, j.id DESC LIMIT ?",
-            (context_id, limit))]
-        return {"context_id": context_id, "vm_name": row["vm_name"], "jobs": jobs, "count": len(jobs)}
-
-    async def groups_of(self, context_id: str) -> list[dict[str, Any]]:
-        rows = await self.db.fetchall(
-            "SELECT g.id AS group_id, g.name AS group_name, m.priority, m.enabled FROM vm_group_memberships m "
-            "JOIN vm_machine_groups g ON g.id = m.group_id WHERE m.vm_context_id = ? ORDER BY g.name", (context_id,))
-        for r in rows:
-            r["enabled"] = bool(r["enabled"])
-        return rows
-
-    async def networks_of(self, context_id: str) -> list[dict[str, Any]]:
-        rows = await self.db.fetchall(f"SELECT {NIC_COLUMNS} FROM vm_networks WHERE vm_context_id = ? "
-                                      "ORDER BY position", (context_id,))
-        for r in rows:
-            r["connected"] = bool(r["connected"])
-        return rows
+        ctx = await store.by_id(self.db, context_id)
+        jobs = [job_dict(j) for j in await store.jobs_of(self.db, context_id, limit)]
+        return {"context_id": context_id, "vm_name": ctx.vm_name, "jobs": jobs, "count": len(jobs)}
 
     async def ungrouped(self) -> list[dict[str, Any]]:
-        rows = await self.db.fetchall(
-            "SELECT context_id, vm_name, vm_path, vcenter_host, datacenter, current_status, auto_added, "
-            "scheduler_enabled, cpu_count, memory_mb, os_type, power_state, created_at, last_job_at "
-            "FROM vm_replication_contexts c WHERE NOT EXISTS "
-            "(SELECT 1 FROM vm_group_memberships m WHERE m.vm_context_id = c.context_id) ORDER BY vm_name")
-        for r in rows:
-            r["auto_added"], r["scheduler_enabled"] = bool(r["auto_added"]), bool(r["scheduler_enabled"])
-        return rows
+        return [plain(u) for u in await store.ungrouped(self.db)]
 
     @staticmethod
-    async def known(db: Database | Tx, vcenter_host: str
-                    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    async def known(db: Database | Tx, vcenter_host: str) -> tuple[dict[str, ContextKey], dict[str, ContextKey]]:
         """Existing contexts of one vCenter by VMware id, and all contexts by name (names are unique)."""
-        rows = await db.fetchall("SELECT context_id, vm_name, vmware_vm_id, vcenter_host "
-                                      "FROM vm_replication_contexts")
-        return ({r["vmware_vm_id"]: r for r in rows if r["vcenter_host"] == vcenter_host},
-                {r["vm_name"]: r for r in rows})
+        keys = await store.keys(db)
+        return ({k.vmware_vm_id: k for k in keys if k.vcenter_host == vcenter_host}, {k.vm_name: k for k in keys})
 
     # -- writing (inside the caller's transaction) ---------------------------------------------------
 
@@ -265,22 +213,15 @@ class Contexts:
         now = utcnow()
         base = new_context_id(vm.name)
         context_id, n = base, 1
-        while await tx.scalar("SELECT 1 FROM vm_replication_contexts WHERE context_id = ?", (context_id,)):
+        while await store.exists(tx, context_id):
             n += 1
             context_id = f"{base}-{n}"
-        await tx.execute(
-            "INSERT INTO vm_replication_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, datacenter,"
-            " cpu_count, memory_mb, os_type, power_state, vm_tools_version, guest_os, display_name, folder_path,"
-            " vmx_version, annotation, vmware_tools_status, created_at, updated_at, auto_added, scheduler_enabled,"
-            " credential_id, ossea_config_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?,"
-            " (SELECT id FROM ossea_configs WHERE is_default = 1))",  # a new VM replicates with the default config
-            (context_id, vm.name, vm.id, vm.path, vcenter_host, vm.datacenter or datacenter, vm.cpu_count,
-             vm.memory_mb, vm.os_type, vm.power_state, vm.vmware_tools_version, vm.guest_os,
-             vm.display_name or vm.name, vm.folder_path, vm.vmx_version, vm.annotation, vm.vmware_tools_status,
-             now, now, int(auto_added), credential_id))
+        await store.create(tx, context_id, NewContext(
+            vmware_vm_id=vm.id, vcenter_host=vcenter_host, datacenter=vm.datacenter or datacenter,
+            auto_added=auto_added, credential_id=credential_id, specs=_specs(vm, vm.name)), now)
         for disk in vm.disks:
-            await self._insert_disk(tx, context_id, disk, now)
-        await self._replace_nics(tx, context_id, vm.networks)
+            await store.add_disk(tx, context_id, _disk(disk), now)
+        await store.replace_nics(tx, context_id, _nics(vm))
         return context_id
 
     async def refresh(self, tx: Tx, context_id: str, vm: VmSpec) -> list[str]:
@@ -288,65 +229,47 @@ class Contexts:
 
         The power state and tools status change all the time: they are updated, not reported.
         """
-        row = await tx.fetchone("SELECT * FROM vm_replication_contexts WHERE context_id = ?", (context_id,))
-        assert row is not None
+        ctx = await store.by_id(tx, context_id)
         changes = []
         name = vm.name
-        if name != row["vm_name"] and await tx.scalar(
-                "SELECT 1 FROM vm_replication_contexts WHERE vm_name = ? AND context_id != ?", (name, context_id)):
-            changes.append(f"renamed to {name!r} in vCenter, but another context has that name: kept {row['vm_name']!r}")
-            name = row["vm_name"]
+        if name != ctx.vm_name and await store.name_taken(tx, name, other_than=context_id):
+            changes.append(f"renamed to {name!r} in vCenter, but another context has that name: kept {ctx.vm_name!r}")
+            name = ctx.vm_name
         for label, column, value in (("name", "vm_name", name), ("path", "vm_path", vm.path),
                                      ("CPUs", "cpu_count", vm.cpu_count), ("memory (MB)", "memory_mb", vm.memory_mb),
                                      ("guest OS", "guest_os", vm.guest_os), ("OS type", "os_type", vm.os_type),
                                      ("hardware version", "vmx_version", vm.vmx_version)):
-            if row[column] != value:
-                changes.append(f"{label} changed from {row[column]!r} to {value!r}")
-        old_disks = {d["disk_id"]: d for d in await tx.fetchall(
-            "SELECT * FROM vm_disks WHERE vm_context_id = ?", (context_id,))}
+            if getattr(ctx, column) != value:
+                changes.append(f"{label} changed from {getattr(ctx, column)!r} to {value!r}")
+        old_disks = {d.disk_id: d for d in await store.disks_of(tx, context_id)}
         changes += disk_changes(old_disks, vm.disks)
-        old_nics = await tx.fetchall(f"SELECT {NIC_COLUMNS} FROM vm_networks WHERE vm_context_id = ? "
-                                     "ORDER BY position", (context_id,))
-        changes += nic_changes(old_nics, vm.networks)
+        changes += nic_changes(await store.networks_of(tx, context_id), vm.networks)
         now = utcnow()
-        await tx.execute(
-            "UPDATE vm_replication_contexts SET vm_name = ?, vm_path = ?, cpu_count = ?, memory_mb = ?, os_type = ?,"
-            " power_state = ?, vm_tools_version = ?, guest_os = ?, display_name = ?, folder_path = ?, vmx_version = ?,"
-            " annotation = ?, vmware_tools_status = ?, updated_at = CASE WHEN ? THEN ? ELSE updated_at END"
-            " WHERE context_id = ?",
-            (name, vm.path, vm.cpu_count, vm.memory_mb, vm.os_type, vm.power_state, vm.vmware_tools_version,
-             vm.guest_os, vm.display_name or vm.name, vm.folder_path, vm.vmx_version, vm.annotation,
-             vm.vmware_tools_status, bool(changes), now, context_id))
+        await store.update_specs(tx, context_id, _specs(vm, name), changed=bool(changes), now=now)
         for disk in vm.disks:
             if disk.id not in old_disks:
-                await self._insert_disk(tx, context_id, disk, now)
+                await store.add_disk(tx, context_id, _disk(disk), now)
             else:
-                # The change id stays: a resized disk still continues its CBT chain.
-                await tx.execute(
-                    "UPDATE vm_disks SET label = ?, path = ?, vmdk_path = ?, size_gb = ?, capacity_bytes = ?,"
-                    " datastore = ?, unit_number = ?, provisioning_type = ?, updated_at = ?"
-                    " WHERE vm_context_id = ? AND disk_id = ?",
-                    (disk.label, disk.path, disk.vmdk_path, disk.size_gb, disk.capacity_bytes, disk.datastore,
-                     disk.unit_number, disk.provisioning_type, now, context_id, disk.id))
-        gone = [d for d in old_disks if d not in {disk.id for disk in vm.disks}]
-        for disk_id in gone:
-            await tx.execute("DELETE FROM vm_disks WHERE vm_context_id = ? AND disk_id = ?", (context_id, disk_id))
-        await self._replace_nics(tx, context_id, vm.networks)
+                await store.update_disk(tx, context_id, _disk(disk), now)
+        for disk_id in old_disks.keys() - {disk.id for disk in vm.disks}:
+            await store.remove_disk(tx, context_id, disk_id)
+        await store.replace_nics(tx, context_id, _nics(vm))
         return changes
 
-    @staticmethod
-    async def _insert_disk(tx: Tx, context_id: str, disk: DiskSpec, now: str) -> None:
-        await tx.execute(
-            "INSERT INTO vm_disks (vm_context_id, disk_id, label, path, vmdk_path, size_gb, capacity_bytes, datastore,"
-            " unit_number, provisioning_type, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (context_id, disk.id, disk.label, disk.path, disk.vmdk_path, disk.size_gb, disk.capacity_bytes,
-             disk.datastore, disk.unit_number, disk.provisioning_type, now, now))
 
-    @staticmethod
-    async def _replace_nics(tx: Tx, context_id: str, nics: list[NicSpec]) -> None:
-        await tx.execute("DELETE FROM vm_networks WHERE vm_context_id = ?", (context_id,))
-        await tx.executemany(
-            "INSERT INTO vm_networks (vm_context_id, position, label, network_name, adapter_type, mac_address,"
-            " connected, type) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(context_id, i, n.label, n.network_name, n.adapter_type, n.mac_address, int(n.connected), n.type)
-             for i, n in enumerate(nics)])
+def _specs(vm: VmSpec, name: str) -> Specs:
+    return Specs(vm_name=name, vm_path=vm.path, cpu_count=vm.cpu_count, memory_mb=vm.memory_mb, os_type=vm.os_type,
+                 power_state=vm.power_state, vm_tools_version=vm.vmware_tools_version, guest_os=vm.guest_os,
+                 display_name=vm.display_name or vm.name, folder_path=vm.folder_path, vmx_version=vm.vmx_version,
+                 annotation=vm.annotation, vmware_tools_status=vm.vmware_tools_status)
+
+
+def _disk(d: DiskSpec) -> DiskSpecs:
+    return DiskSpecs(disk_id=d.id, label=d.label, path=d.path, vmdk_path=d.vmdk_path, size_gb=d.size_gb,
+                     capacity_bytes=d.capacity_bytes, datastore=d.datastore, unit_number=d.unit_number,
+                     provisioning_type=d.provisioning_type)
+
+
+def _nics(vm: VmSpec) -> list[Nic]:
+    return [Nic(label=n.label, network_name=n.network_name, adapter_type=n.adapter_type, mac_address=n.mac_address,
+                connected=n.connected, type=n.type) for n in vm.networks]

@@ -17,7 +17,9 @@ from oma_common.errors import Invalid, Unavailable
 
 from ..audit import Audit
 from ..clients.vma import VmaClient
+from ..store.contexts import ContextKey
 from ..store.db import Database, Tx, utcnow
+from ..store.inventory import Source
 from .contexts import Contexts
 from .credentials import Credentials, VCenterLogin
 from .vmspec import VmSpec, parse_vms
@@ -65,7 +67,7 @@ class Discovery:
         found = await self._ask_vma(target, filter)
         started = time.monotonic()
         async with self.db.transaction() as tx:
-            await self.vms.record(tx, found.login.vcenter, found.login.datacenter, found.vms, "discovery")
+            await self.vms.record(tx, found.login.vcenter, found.login.datacenter, found.vms, Source.DISCOVERY)
             # selected None with create_context: every new VM found.
             outcome = await self._apply(tx, found, add=selected if create_context else [], actor=actor)
         items = [self._item(vm, outcome) for vm in found.vms]
@@ -88,9 +90,9 @@ class Discovery:
         for vm in found.vms:
             match = by_id.get(vm.id)
             item = vm.to_dict()
-            item.update(existing=match is not None, context_id=match["context_id"] if match else None)
+            item.update(existing=match is not None, context_id=match.context_id if match else None)
             if match is None and vm.name in by_name:
-                item["name_taken_by"] = by_name[vm.name]["context_id"]  # adding it would fail
+                item["name_taken_by"] = by_name[vm.name].context_id  # adding it would fail
             items.append(item)
         existing = sum(1 for i in items if i["existing"])
         body = {"vms": items, "total_discovered": len(items), "new_vms": len(items) - existing,
@@ -105,7 +107,7 @@ class Discovery:
         """Add VMs by name: per-VM results; a VM already managed is reported (and refreshed), not duplicated."""
         found = await self._ask_vma(target, None)
         async with self.db.transaction() as tx:
-            await self.vms.record(tx, found.login.vcenter, found.login.datacenter, found.vms, "discovery")
+            await self.vms.record(tx, found.login.vcenter, found.login.datacenter, found.vms, Source.DISCOVERY)
             outcome = await self._apply(tx, found, add=names, actor=actor)
         processed = []
         for name in names:
@@ -131,7 +133,7 @@ class Discovery:
         found = await self._ask_vma(target, filter)
         started = time.monotonic()
         async with self.db.transaction() as tx:
-            await self.vms.record(tx, found.login.vcenter, found.login.datacenter, found.vms, "discovery")
+            await self.vms.record(tx, found.login.vcenter, found.login.datacenter, found.vms, Source.DISCOVERY)
             outcome = await self._apply(tx, found, add=selected, actor=actor)
         return self._bulk_result(outcome, found.seconds, time.monotonic() - started)
 
@@ -180,10 +182,10 @@ class Discovery:
         for vm in found.vms:
             match = by_id.get(vm.id)
             if match is not None:
-                changes = await self.contexts.refresh(tx, match["context_id"], vm)
-                existing[vm.id] = (match["context_id"], changes)
+                changes = await self.contexts.refresh(tx, match.context_id, vm)
+                existing[vm.id] = (match.context_id, changes)
                 if changes:
-                    log.info("context %s (%s): %s", match["context_id"], vm.name, "; ".join(changes))
+                    log.info("context %s (%s): %s", match.context_id, vm.name, "; ".join(changes))
         wanted = [vm.name for vm in found.vms] if add is None else add
         by_vm_name: dict[str, list[VmSpec]] = {}
         for vm in found.vms:
@@ -204,15 +206,14 @@ class Discovery:
             vm = candidates[0]
             taken = by_name.get(name)
             if taken is not None:
-                failed[name] = (f"another VM (VMware id {taken['vmware_vm_id']} on {taken['vcenter_host']}) is "
-                                f"already managed under this name as {taken['context_id']}")
+                failed[name] = (f"another VM (VMware id {taken.vmware_vm_id} on {taken.vcenter_host}) is "
+                                f"already managed under this name as {taken.context_id}")
                 continue
             context_id = await self.contexts.create(tx, vm, vcenter_host=login.vcenter, datacenter=login.datacenter,
                                                     credential_id=login.credential_id, auto_added=True)
             added[name] = context_id
             added_ids[vm.id] = context_id
-            by_name[name] = {"context_id": context_id, "vm_name": name, "vmware_vm_id": vm.id,
-                             "vcenter_host": login.vcenter}
+            by_name[name] = ContextKey(context_id, name, vm.id, login.vcenter)
             await self.audit.record(actor, "vm_context.create", f"vm_context:{context_id}", tx=tx, vm_name=name,
                                     vmware_vm_id=vm.id, vcenter_host=login.vcenter, disks=len(vm.disks))
         return {"added": added, "added_ids": added_ids, "existing": existing, "skipped": skipped, "failed": failed,

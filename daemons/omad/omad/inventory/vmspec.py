@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from oma_common import schema
 from oma_common.errors import Invalid
@@ -110,7 +111,29 @@ def _gib(n: int) -> str:
     return f"{n / GIB:g} GiB"
 
 
-def disk_changes(old: dict[str, dict[str, Any]], new: list[DiskSpec]) -> list[str]:
+class StoredDisk(Protocol):
+    """A disk as stored (store.contexts.Disk): what a re-discovery compares."""
+
+    @property
+    def capacity_bytes(self) -> int: ...
+
+    @property
+    def vmdk_path(self) -> str: ...
+
+    @property
+    def datastore(self) -> str: ...
+
+    @property
+    def unit_number(self) -> int | None: ...
+
+    @property
+    def provisioning_type(self) -> str: ...
+
+    @property
+    def label(self) -> str: ...
+
+
+def disk_changes(old: Mapping[str, StoredDisk], new: list[DiskSpec]) -> list[str]:
     """Sentences naming what differs between stored disks (by disk_id) and discovered ones."""
     out = []
     new_by_id = {d.id: d for d in new}
@@ -119,11 +142,12 @@ def disk_changes(old: dict[str, dict[str, Any]], new: list[DiskSpec]) -> list[st
         if before is None:
             out.append(f"disk {disk.id} added ({_gib(disk.capacity_bytes)})")
             continue
-        if before["capacity_bytes"] != disk.capacity_bytes:
-            out.append(f"disk {disk.id} resized from {_gib(before['capacity_bytes'])} to {_gib(disk.capacity_bytes)}")
+        if before.capacity_bytes != disk.capacity_bytes:
+            out.append(f"disk {disk.id} resized from {_gib(before.capacity_bytes)} to {_gib(disk.capacity_bytes)}")
         for field in ("vmdk_path", "datastore", "unit_number", "provisioning_type", "label"):
-            if before[field] != getattr(disk, field):
-                out.append(f"disk {disk.id} {field} changed from {before[field]!r} to {getattr(disk, field)!r}")
+            if getattr(before, field) != getattr(disk, field):
+                out.append(f"disk {disk.id} {field} changed from {getattr(before, field)!r} to "
+                           f"{getattr(disk, field)!r}")
     out.extend(f"disk {disk_id} removed" for disk_id in old if disk_id not in new_by_id)
     return out
 
@@ -131,8 +155,9 @@ def disk_changes(old: dict[str, dict[str, Any]], new: list[DiskSpec]) -> list[st
 NIC_FIELDS = ("label", "network_name", "adapter_type", "mac_address", "connected", "type")
 
 
-def nic_changes(old: list[dict[str, Any]], new: list[NicSpec]) -> list[str]:
-    before = [tuple(n[f] for f in NIC_FIELDS) for n in old]
+def nic_changes(old: Sequence[object], new: list[NicSpec]) -> list[str]:
+    """A sentence when the stored NICs (records with NIC_FIELDS) differ from the discovered ones."""
+    before = [tuple(getattr(n, f) for f in NIC_FIELDS) for n in old]
     after = [tuple(getattr(n, f) for f in NIC_FIELDS) for n in new]
     if before == after:
         return []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -17,12 +16,11 @@ from oma_common.errors import Conflict, NotFound, OmaError
 from oma_common.rpc import AgentClient
 
 from ..audit import Audit
+from ..store import restore_mounts as store
 from ..store.db import Database, utcnow
+from ..store.restore_mounts import Mount, MountStatus, Mounted
 
 log = logging.getLogger(__name__)
-
-ACTIVE = ("mounting", "mounted")
-
 
 @dataclass(frozen=True)
 class DiskImage:
@@ -38,16 +36,15 @@ class BackupImages(Protocol):
     async def image_for(self, backup_id: str, disk_index: int) -> DiskImage: ...
 
 
-def _public(row: dict[str, Any], agent: dict[str, Any] | None = None) -> dict[str, Any]:
+def _public(m: Mount, agent: dict[str, Any] | None = None) -> dict[str, Any]:
     """The spec's mount shape, plus what restore-mounter knows now."""
     out = {
-        "mount_id": row["id"], "backup_id": row["backup_id"], "disk_index": row["disk_index"],
-        "mount_path": row["mount_path"], "nbd_device": row["device"], "filesystem_type": row["filesystem_type"],
-        "status": row["status"], "created_at": row["created_at"], "expires_at": row["expires_at"],
-        "filesystems": json.loads(row["filesystems"] or "[]"),
+        "mount_id": m.id, "backup_id": m.backup_id, "disk_index": m.disk_index, "mount_path": m.mount_path,
+        "nbd_device": m.device, "filesystem_type": m.filesystem_type, "status": m.status, "created_at": m.created_at,
+        "expires_at": m.expires_at, "filesystems": m.filesystems,
     }
-    if row.get("error_message"):
-        out["error"] = row["error_message"]
+    if m.error_message:
+        out["error"] = m.error_message
     if agent:
         out.update(expires_at=agent.get("expires_at"), last_activity_at=agent.get("last_activity_at"),
                    in_use=agent.get("in_use"), active_operations=agent.get("active_operations"))
@@ -67,38 +64,31 @@ class RestoreService:
             raise Conflict("backup not restorable yet",
                            f"backup {backup_id} is {image.backup_status}; only a completed backup can be mounted")
         mount_id = f"rm-{secrets.token_hex(8)}"
-        await self.db.execute("INSERT INTO restore_mounts (id, backup_id, disk_index, image_path, status, created_by,"
-                              " created_at) VALUES (?, ?, ?, ?, 'mounting', ?, ?)",
-                              (mount_id, backup_id, disk_index, image.path, actor, utcnow()))
+        async with self.db.transaction() as tx:
+            await store.start(tx, mount_id, backup_id=backup_id, disk_index=disk_index, image_path=image.path,
+                              actor=actor, now=utcnow())
         try:
             m = await self.mounter.call("POST", "/mounts", json={"image": image.path, "mount_id": mount_id},
                                         timeout=120)
         except OmaError as e:
-            await self.db.execute("UPDATE restore_mounts SET status = 'failed', error_message = ?, ended_at = ? "
-                                  "WHERE id = ?", (str(e), utcnow(), mount_id))
+            async with self.db.transaction() as tx:
+                await store.fail(tx, mount_id, str(e), utcnow())
             await self.audit.record(actor, "restore.mount", f"backup:{backup_id}", outcome="failed",
                                     disk_index=disk_index, error=str(e))
             raise
-        await self.db.execute(
-            "UPDATE restore_mounts SET status = 'mounted', mount_path = ?, device = ?, filesystem_type = ?, "
-            "filesystems = ?, expires_at = ? WHERE id = ?",
-            (m.get("mount_path"), m.get("device"), m.get("filesystem_type"), json.dumps(m.get("filesystems", [])),
-             m.get("expires_at"), mount_id))
+        async with self.db.transaction() as tx:
+            await store.mark_mounted(tx, mount_id, Mounted(m.get("mount_path"), m.get("device"),
+                                                           m.get("filesystem_type"), m.get("filesystems", []),
+                                                           m.get("expires_at")))
         await self.audit.record(actor, "restore.mount", f"backup:{backup_id}", mount_id=mount_id,
                                 disk_index=disk_index)
-        return _public(await self._row(mount_id), m)
+        return _public(await store.get(self.db, mount_id), m)
 
-    async def _row(self, mount_id: str) -> dict[str, Any]:
-        row = await self.db.fetchone("SELECT * FROM restore_mounts WHERE id = ?", (mount_id,))
-        if row is None:
-            raise NotFound("mount not found", f"restore mount {mount_id} does not exist")
-        return row
-
-    async def _active(self, mount_id: str) -> dict[str, Any]:
-        row = await self._row(mount_id)
-        if row["status"] not in ACTIVE:
-            raise NotFound("mount not active", f"restore mount {mount_id} is {row['status']}")
-        return row
+    async def _active(self, mount_id: str) -> Mount:
+        m = await store.get(self.db, mount_id)
+        if not m.active:
+            raise NotFound("mount not active", f"restore mount {mount_id} is {m.status}")
+        return m
 
     async def unmount(self, mount_id: str, actor: str, force: bool = False) -> dict[str, Any]:
         await self._active(mount_id)
@@ -107,20 +97,19 @@ class RestoreService:
                                     params={"force": "true" if force else "false"}, timeout=120)
         except NotFound:
             pass  # already gone (expired between our reads): the row catches up below
-        await self.db.execute("UPDATE restore_mounts SET status = 'unmounted', ended_at = ? WHERE id = ?",
-                              (utcnow(), mount_id))
+        async with self.db.transaction() as tx:
+            await store.mark_unmounted(tx, mount_id, utcnow())
         await self.audit.record(actor, "restore.unmount", f"mount:{mount_id}", force=force)
         return {"message": "backup unmounted successfully", "mount_id": mount_id}
 
     async def sync(self) -> dict[str, dict[str, Any]]:
         """Bring the rows in line with restore-mounter; returns its mounts by id."""
         agent = {m["mount_id"]: m for m in (await self.mounter.call("GET", "/mounts"))["mounts"]}
-        rows = await self.db.fetchall("SELECT id FROM restore_mounts WHERE status IN ('mounting', 'mounted')")
-        for r in rows:
-            if r["id"] not in agent:
-                await self.db.execute("UPDATE restore_mounts SET status = 'expired', ended_at = ? WHERE id = ? "
-                                      "AND status IN ('mounting', 'mounted')", (utcnow(), r["id"]))
-                log.info("restore mount ended by restore-mounter (idle expiry)", extra={"resource": r["id"]})
+        for m in await store.active(self.db):
+            if m.id not in agent:
+                async with self.db.transaction() as tx:
+                    await store.expire(tx, m.id, utcnow())
+                log.info("restore mount ended by restore-mounter (idle expiry)", extra={"resource": m.id})
         return agent
 
     async def start(self) -> None:
@@ -137,7 +126,7 @@ class RestoreService:
         except OmaError as e:
             log.warning("restore mounts not reconciled: %s", e)
             return
-        known = {r["id"] for r in await self.db.fetchall("SELECT id FROM restore_mounts WHERE status = 'mounted'")}
+        known = {m.id for m in await store.active(self.db) if m.status == MountStatus.MOUNTED}
         for mount_id in {m for m in agent if m.startswith("rm-")} - known:
             with contextlib.suppress(OmaError):
                 await self.mounter.call("DELETE", f"/mounts/{quote(mount_id, safe='')}", params={"force": "true"})
@@ -145,9 +134,7 @@ class RestoreService:
 
     async def mounts(self) -> dict[str, Any]:
         agent = await self.sync()
-        rows = await self.db.fetchall("SELECT * FROM restore_mounts WHERE status IN ('mounting', 'mounted') "
-                                      "ORDER BY created_at")
-        items = [_public(r, agent.get(r["id"])) for r in rows]
+        items = [_public(m, agent.get(m.id)) for m in await store.active(self.db)]
         return {"mounts": items, "count": len(items)}
 
     async def files(self, mount_id: str, **query: Any) -> dict[str, Any]:

@@ -17,6 +17,9 @@ from typing import Any
 from .base import Reader, get_or_404, record
 from .db import Tx
 
+# The only writers of backup_jobs.status and backup_disks.status (tests/omad/test_store_rules.py holds us to it).
+TRANSITIONS = ("create", "create_copy", "mark_running", "complete", "fail", "mark_exporting", "complete_disk")
+
 
 class BackupStatus(enum.StrEnum):
     PENDING = "pending"

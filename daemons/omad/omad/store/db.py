@@ -1,9 +1,10 @@
-"""The database: aiosqlite in WAL mode with foreign keys on, serialised writes, and migrations at start-up."""
+"""The database: aiosqlite in WAL mode, one writer (serialised transactions), pooled readers, migrations."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import re
 import sqlite3
@@ -51,7 +52,7 @@ class Tx:
         """Run one statement; returns the last inserted rowid (for INSERT) or the changed row count."""
         cur = await self._conn.execute(sql, params)
         try:
-            return cur.lastrowid if sql.lstrip().upper().startswith("INSERT") else cur.rowcount
+            return (cur.lastrowid or 0) if sql.lstrip().upper().startswith("INSERT") else cur.rowcount
         finally:
             await cur.close()
 
@@ -64,8 +65,8 @@ class Tx:
         return dict(row) if row is not None else None
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
-        async with self._conn.execute(sql, params) as cur:
-            rows = await cur.fetchall()
+        # One trip to the connection's thread (execute, fetch and close there), not three.
+        rows = await self._conn.execute_fetchall(sql, params)
         return [dict(r) for r in rows]
 
     async def scalar(self, sql: str, params: Params = ()) -> Any:
@@ -74,54 +75,126 @@ class Tx:
         return row[0] if row is not None else None
 
 
-class Database(Tx):
-    """One connection; reads run freely, writes are serialised so a transaction is never interleaved."""
+class Database:
+    """One writer connection for transactions (serialised) and a small pool of read-only connections.
 
-    def __init__(self, path: Path) -> None:
+    WAL lets readers run beside the writer and beside each other, so a long read (the whole VM list) delays
+    neither writes nor other reads. `fetchone/fetchall/scalar` outside a transaction take a pooled reader
+    and see the last committed state; inside `transaction()` (in the same task) they read on the writer,
+    so they see the transaction's own uncommitted writes, as `tx.fetch*` do.
+    """
+
+    def __init__(self, path: Path, readers: int = 4) -> None:
         self.path = path
         self._write = asyncio.Lock()
-        self._conn_: aiosqlite.Connection | None = None
+        self._writer: aiosqlite.Connection | None = None
+        self._readers: list[aiosqlite.Connection] = []  # every reader opened, idle or not
+        self._idle: list[aiosqlite.Connection] = []
+        self._reader_slots = asyncio.Semaphore(readers)
+        # The task holding the writer and its Tx, while it does (see transaction()). Tasks created inside a
+        # transaction inherit the variable; _current_tx() ignores it there, since they do not hold the lock.
+        self._in_tx: contextvars.ContextVar[tuple[asyncio.Task[Any] | None, Tx] | None] = \
+            contextvars.ContextVar(f"tx:{path}", default=None)
 
     @property
-    def _conn(self) -> aiosqlite.Connection:  # type: ignore[override]
-        if self._conn_ is None:
+    def _conn(self) -> aiosqlite.Connection:
+        if self._writer is None:
             raise RuntimeError("database is not open")
-        return self._conn_
+        return self._writer
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn_ = await aiosqlite.connect(str(self.path), isolation_level=None)
-        self._conn_.row_factory = aiosqlite.Row
-        for pragma in ("PRAGMA journal_mode=WAL", "PRAGMA foreign_keys=ON", "PRAGMA busy_timeout=5000",
-                       "PRAGMA synchronous=NORMAL"):
-            await (await self._conn_.execute(pragma)).close()
+        self._writer = await self._connect("PRAGMA journal_mode=WAL", "PRAGMA foreign_keys=ON",
+                                           "PRAGMA synchronous=NORMAL")
         self.path.chmod(0o600)
 
+    async def _connect(self, *pragmas: str) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(str(self.path), isolation_level=None)
+        conn.row_factory = aiosqlite.Row
+        for pragma in ("PRAGMA busy_timeout=5000", *pragmas):
+            await (await conn.execute(pragma)).close()
+        return conn
+
     async def close(self) -> None:
-        if self._conn_ is not None:
-            await self._conn_.close()
-            self._conn_ = None
+        readers, self._readers, self._idle = self._readers, [], []
+        for conn in readers:
+            await conn.close()
+        if self._writer is not None:
+            await self._writer.close()
+            self._writer = None
+
+    def _current_tx(self) -> Tx | None:
+        held = self._in_tx.get()
+        return held[1] if held is not None and held[0] is asyncio.current_task() else None
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[Tx]:
+        """The current task's transaction, else a pooled read-only connection (opened on first need)."""
+        tx = self._current_tx()
+        if tx is not None:
+            yield tx
+            return
+        self._conn  # noqa: B018 - raises when the database is closed
+        async with self._reader_slots:
+            if self._idle:
+                conn = self._idle.pop()
+            else:
+                conn = await self._connect("PRAGMA query_only=ON")
+                self._readers.append(conn)
+            try:
+                yield Tx(conn)
+            finally:
+                if conn in self._readers:  # not closed meanwhile
+                    self._idle.append(conn)
+
+    async def fetchone(self, sql: str, params: Params = ()) -> dict[str, Any] | None:
+        async with self._reading() as r:
+            return await r.fetchone(sql, params)
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
+        async with self._reading() as r:
+            return await r.fetchall(sql, params)
+
+    async def scalar(self, sql: str, params: Params = ()) -> Any:
+        async with self._reading() as r:
+            return await r.scalar(sql, params)
 
     async def ping(self) -> bool:
         try:
-            return await self.scalar("SELECT 1") == 1
+            return bool(await self.scalar("SELECT 1") == 1)
         except (sqlite3.Error, RuntimeError, ValueError):
             return False
 
     async def execute(self, sql: str, params: Params = ()) -> int:
+        """One statement in its own transaction, or in the current task's transaction when it holds one."""
+        tx = self._current_tx()
+        if tx is not None:
+            return await tx.execute(sql, params)
         async with self.transaction() as tx:
             return await tx.execute(sql, params)
+
+    async def executemany(self, sql: str, rows: Iterable[Params]) -> None:
+        tx = self._current_tx()
+        if tx is not None:
+            return await tx.executemany(sql, rows)
+        async with self.transaction() as tx:
+            await tx.executemany(sql, rows)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
         async with self._write:
-            await (await self._conn.execute("BEGIN IMMEDIATE")).close()
+            conn = self._conn
+            await (await conn.execute("BEGIN IMMEDIATE")).close()
+            tx = Tx(conn)
+            token = self._in_tx.set((asyncio.current_task(), tx))
             try:
-                yield Tx(self._conn)
+                yield tx
             except BaseException:
-                await (await self._conn.execute("ROLLBACK")).close()
+                await (await conn.execute("ROLLBACK")).close()
                 raise
-            await (await self._conn.execute("COMMIT")).close()
+            finally:
+                self._in_tx.reset(token)
+            await (await conn.execute("COMMIT")).close()
 
     async def migrate(self, package: str = "omad.store.migrations") -> list[int]:
         """Apply every numbered migration not yet applied, each in its own transaction."""

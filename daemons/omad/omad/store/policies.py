@@ -18,6 +18,11 @@ from .backups import ACTIVE, ACTIVE_PLACEHOLDERS, BackupStatus, VerifyStatus
 from .base import Reader, get_or_404, name_free, record
 from .db import Tx
 
+# The only writers of backup_copies.status and prune_runs.status (tests/omad/test_store_rules.py holds us to it);
+# mark_job_running writes jobs.status until the jobs table's owner offers that transition.
+TRANSITIONS = ("create_copy", "start_copy", "mark_job_running", "complete_copy", "complete_copy_by_chain",
+               "fail_copy", "start_run", "finish_run")
+
 
 class CopyMode(enum.StrEnum):
     IMMEDIATE = "immediate"

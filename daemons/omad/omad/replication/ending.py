@@ -1,0 +1,98 @@
+"""Ending a replication: completing it (change ids become the next sync's base) or failing it; either way its
+exports stop and its ports are released, while its volumes stay attached for the next sync.
+
+Both run under the job's lock, so a change id arriving meanwhile waits and then finds the job ended.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from oma_common.errors import OmaError
+
+from ..clients.nbdpool import NbdPool
+from ..jobs.engine import JobEngine
+from ..jobs.locks import KeyedLocks
+from ..store import contexts as contexts_store
+from ..store import replications as store
+from ..store.contexts import ContextStatus
+from ..store.db import Database, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def lock_key(job_id: str) -> str:
+    return f"replication:{job_id}"
+
+
+def _summary(rep: store.Replication, status: str, reason: str | None, now: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"job_id": rep.job_id, "job_type": "replication", "operation": rep.replication_type,
+                           "status": status, "bytes_transferred": rep.bytes_transferred, "started_at": rep.started_at,
+                           "completed_at": now}
+    if reason:
+        out["error_message"] = reason
+    return out
+
+
+class Ending:
+    def __init__(self, db: Database, jobs: JobEngine, pool: NbdPool, locks: KeyedLocks) -> None:
+        self.db = db
+        self.jobs = jobs
+        self.pool = pool
+        self.locks = locks
+
+    async def release(self, job_id: str) -> None:
+        """Stop the job's exports and free its ports (best effort: nbd-pool's leases expire anyway)."""
+        try:
+            await self.pool.release_job(job_id)
+        except OmaError as e:
+            log.warning("could not release the exports: %s", e, extra={"resource": job_id})
+
+    async def complete(self, job_id: str) -> bool:
+        """The VMA succeeded and every disk's change id is in: offer those ids to the next sync (a disk whose
+        reported base was not the one offered starts over instead), move the context to ready_for_failover."""
+        async with self.locks.hold(lock_key(job_id), wait=True):
+            rep = await store.find_one(self.db, job_id)
+            if rep is None or not rep.active:
+                return False
+            disks = await store.disks(self.db, job_id)
+            await self.release(job_id)
+            now = utcnow()
+            sent = {d.get("disk_id", ""): int(d.get("bytes_transferred") or 0)
+                    for d in rep.vma_progress.get("disk_progresses") or [] if isinstance(d, dict)}
+            async with self.db.transaction() as tx:
+                if not await store.complete(tx, job_id, now):
+                    return False
+                await self.jobs.finish(job_id, "completed", tx=tx)
+                for d in disks:
+                    keep = d.change_id if d.change_id and not d.change_id_mismatch else None
+                    await contexts_store.set_change_id(tx, rep.vm_context_id, d.disk_id, keep, now)
+                await contexts_store.mark_cbt(tx, job_id, success=True,
+                                              bytes_by_disk={k: v for k, v in sent.items() if k})
+                await contexts_store.job_ended(tx, rep.vm_context_id, job_id, succeeded=True,
+                                               summary=_summary(rep, "completed", None, now), now=now,
+                                               status=ContextStatus.READY_FOR_FAILOVER)
+        log.info("replication completed", extra={"resource": job_id})
+        return True
+
+    async def fail(self, job_id: str, reason: str, *, cancelled: bool = False) -> bool:
+        """Fail (or cancel) an active replication; False when it had already ended."""
+        async with self.locks.hold(lock_key(job_id), wait=True):
+            rep = await store.find_one(self.db, job_id)
+            if rep is None or not rep.active:
+                return False
+            log.warning("replication %s: %s", "cancelled" if cancelled else "failed", reason,
+                        extra={"resource": job_id})
+            await self.release(job_id)
+            now = utcnow()
+            status = "cancelled" if cancelled else "failed"
+            async with self.db.transaction() as tx:
+                if not await store.fail(tx, job_id, reason, now, cancelled=cancelled):
+                    return False
+                await self.jobs.finish(job_id, status, reason, tx=tx)
+                await contexts_store.mark_cbt(tx, job_id, success=False, bytes_by_disk={})
+                await contexts_store.job_ended(tx, rep.vm_context_id, job_id, succeeded=False,
+                                               summary=_summary(rep, status, reason, now), now=now,
+                                               status=ContextStatus.FAILED)
+        return True

@@ -1,0 +1,157 @@
+"""Following running replications: the VMA's progress is polled into the job until it succeeds (every disk's
+change id in: complete), fails, or goes silent (no progress, no change id and no NBD client for the idle
+timeout: fail). The exports belong to nbd-pool and the VMA keeps writing while omad is away, so at start-up
+every replication still running is adopted again, whatever omad did before (a restart, an upgrade, kill -9).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+from oma_common.errors import NotFound, OmaError
+
+from ..clients.nbdpool import NbdPool
+from ..clients.vma import VmaClient
+from ..config import ReplicationConfig
+from ..jobs.engine import JobEngine
+from ..store import replications as store
+from ..store.db import Database, utcnow
+from .ending import Ending
+
+log = logging.getLogger(__name__)
+
+SUCCEEDED = ("succeeded", "completed")
+FAILED = ("failed", "error", "cancelled")
+# How many polls a VMA that says it succeeded may take to have every change id stored.
+_MISSING_IDS_POLLS = 5
+
+
+def _seconds_since(stamp: str) -> float:
+    try:
+        then = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return max(0.0, time.time() - then.timestamp())
+
+
+class Monitor:
+    def __init__(self, db: Database, jobs: JobEngine, vma: VmaClient, pool: NbdPool, ending: Ending,
+                 cfg: ReplicationConfig) -> None:
+        self.db = db
+        self.jobs = jobs
+        self.vma = vma
+        self.pool = pool
+        self.ending = ending
+        self.cfg = cfg
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running = False
+
+    async def recover(self, job: dict[str, Any]) -> None:
+        """The job engine's recovery for replications: nothing to undo, start() adopts them."""
+        rep = await store.find_one(self.db, job["id"])
+        if rep is None:
+            await self.jobs.finish(job["id"], "failed", "interrupted: omad restarted (no replication row)")
+
+    async def start(self) -> None:
+        self._running = True
+        for rep in await store.running(self.db):
+            log.info("adopting the running replication", extra={"resource": rep.job_id})
+            self.follow(rep.job_id)
+
+    async def stop(self) -> None:
+        """Stop following (the jobs stay running: the next omad adopts them)."""
+        self._running = False
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def follow(self, job_id: str) -> None:
+        if job_id in self._tasks or not self._running:
+            return
+        task = asyncio.ensure_future(self._follow(job_id))
+        self._tasks[job_id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(job_id, None))
+
+    async def _follow(self, job_id: str) -> None:
+        missing_ids = 0
+        last_renew = time.monotonic()
+        while True:
+            await asyncio.sleep(self.cfg.poll_interval_seconds)
+            try:
+                rep = await store.find_one(self.db, job_id)
+                if rep is None or not rep.active:
+                    return
+                if time.monotonic() - last_renew > self.cfg.lease_seconds / 3:
+                    with contextlib.suppress(OmaError):
+                        await self.pool.renew(job_id, self.cfg.lease_seconds)
+                    last_renew = time.monotonic()
+                outcome = await self._poll(rep)
+                if outcome == "succeeded":
+                    disks = await store.disks(self.db, job_id)
+                    lacking = [d.disk_id for d in disks if not d.change_id]
+                    if not lacking:
+                        await self.ending.complete(job_id)
+                        return
+                    missing_ids += 1
+                    if missing_ids >= _MISSING_IDS_POLLS:
+                        await self.ending.fail(job_id, "the VMA reported success without storing the change id of "
+                                                       + ", ".join(lacking))
+                        return
+                elif outcome is not None:
+                    await self.ending.fail(job_id, outcome)
+                    return
+                elif await self._idle(await store.get(self.db, job_id)):
+                    await self.ending.fail(job_id, f"the VMA went silent: no progress, no change id and no NBD "
+                                                   f"client for {self.cfg.idle_timeout_seconds:g} s")
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("following the replication failed; trying again", extra={"resource": job_id})
+
+    async def _poll(self, rep: store.Replication) -> str | None:
+        """Record the VMA's progress; "succeeded", a failure reason, or None (running, or no answer)."""
+        try:
+            body = await self.vma.progress(rep.job_id)
+        except NotFound:
+            return "the VMA does not know the job (it restarted, or the job was lost)"
+        except OmaError as e:
+            log.info("no progress from the VMA: %s", e, extra={"resource": rep.job_id})
+            return None
+        status = str(body.get("status") or "")
+        timing = body.get("timing") if isinstance(body.get("timing"), dict) else {}
+        done = int(body.get("bytes_transferred") or 0)
+        moved = done != rep.bytes_transferred or status != rep.vma_status
+        try:
+            percent = float(body.get("percentage") or 0)
+        except (TypeError, ValueError):
+            percent = 0.0
+        eta = timing.get("eta_seconds") if isinstance(timing, dict) else None
+        await store.update_progress(
+            self.db, rep.job_id, percent=min(100.0, max(0.0, percent)), bytes_transferred=done,
+            total_bytes=int(body.get("total_bytes") or 0), operation=str(body.get("current_operation") or ""),
+            vma_status=status, vma_sync_type=str(body.get("sync_type") or ""),
+            vma_eta_seconds=int(eta) if isinstance(eta, (int, float)) else None, body=body, moved=moved,
+            now=utcnow())
+        await self.jobs.progress(rep.job_id, min(99.0, max(2.0, percent)), str(body.get("current_operation") or ""))
+        lowered = status.lower()
+        if lowered in SUCCEEDED:
+            return "succeeded"
+        if lowered in FAILED:
+            return f"the VMA reported failure: {body.get('last_error') or body.get('current_operation') or status}"
+        return None
+
+    async def _idle(self, rep: store.Replication) -> bool:
+        if _seconds_since(rep.last_activity_at) < self.cfg.idle_timeout_seconds:
+            return False
+        try:
+            exports = [e for e in await self.pool.exports() if e.get("job_id") == rep.job_id]
+        except OmaError:
+            return False  # cannot tell: not silent
+        return not any(int(e.get("connection_count") or 0) > 0 for e in exports)

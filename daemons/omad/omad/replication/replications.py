@@ -1,0 +1,384 @@
+"""Replications: start one (volumes, exports, the VMA's start), read, change and remove them.
+
+Starting a sync (every step recorded on its job):
+  1. rows first, in one transaction: the replication, one row per disk, the job; the context becomes
+     `replicating` and counts the job. A second active replication of the VM is refused (409).
+  2. volumes: each disk's CloudStack volume (`migration-<vm>-disk-<unit>`, capacity + headroom) is created and
+     attached here through volume-agent the first time, reused afterwards. A disk whose volume is gone or was
+     changed behind our back is given a new one and starts over with no change id (a full copy).
+  3. ports: one per disk from nbd-pool, leased to the job;
+  4. exports: a writable export of each volume's device (`--shared`, the VMA opens 2 connections per disk);
+  5. the VMA's `POST /replicate` with the `nbd_targets`.
+Any failure fails the job and undoes what it started (exports, ports); volumes stay. The running job is then
+followed by the Monitor (monitor.py) until the VMA reports success or failure, or goes silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+from typing import Any
+
+from oma_common.errors import Conflict, Internal, Invalid, NotFound, OmaError, TimedOut, Unavailable
+
+from ..audit import Audit
+from ..backup.backups import safe_name
+from ..clients.nbdpool import NbdPool
+from ..clients.vma import VmaClient
+from ..clients.volume_agent import VolumeAgent
+from ..config import ReplicationConfig
+from ..inventory.contexts import Contexts
+from ..inventory.credentials import Credentials
+from ..inventory.vmspec import VmSpec
+from ..jobs import ids
+from ..jobs.engine import JobEngine
+from ..jobs.locks import KeyedLocks
+from ..store import contexts as contexts_store
+from ..store import replications as store
+from ..store.contexts import ContextStatus
+from ..store.db import Database, utcnow
+from .ending import Ending
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+def volume_vm_name(vm_name: str) -> str:
+    """The VM name as volume-agent's volume names take it (letters, digits, . _ -, starting alphanumeric)."""
+    name = safe_name(vm_name, 100)
+    return name if re.match(r"[A-Za-z0-9]", name) else "vm" + name
+
+
+def disk_key(disk_id: str) -> int:
+    digits = disk_id.removeprefix("disk-")
+    if not digits.isdigit():
+        raise Invalid("bad disk id", f"disk id {disk_id!r} is not disk-<VMware key>")
+    return int(digits)
+
+
+@dataclasses.dataclass
+class StartRequest:
+    source_vm: VmSpec
+    ossea_config_id: int
+    replication_type: str | None = None
+    vcenter_host: str | None = None
+    datacenter: str | None = None
+    start_replication: bool = True
+    schedule_execution_id: str | None = None
+    vm_group_id: str | None = None
+    scheduled_by: str | None = None
+    target_network: str = ""
+
+
+class Replications:
+    def __init__(self, db: Database, audit: Audit, jobs: JobEngine, locks: KeyedLocks, contexts: Contexts,
+                 credentials: Credentials, volumes: VolumeAgent, pool: NbdPool, vma: VmaClient, ending: Ending,
+                 cfg: ReplicationConfig) -> None:
+        self.db = db
+        self.audit = audit
+        self.jobs = jobs
+        self.locks = locks
+        self.contexts = contexts
+        self.credentials = credentials
+        self.volumes = volumes
+        self.pool = pool
+        self.vma = vma
+        self.ending = ending
+        self.cfg = cfg
+        self.oma_url = cfg.oma_url  # main() sets the API's own URL when the config leaves it empty
+        self.on_started: list[Any] = []  # callbacks(job_id): the monitor follows each started job
+
+    # -- starting ------------------------------------------------------------------------------------
+
+    async def start(self, req: StartRequest, *, actor: str) -> dict[str, Any]:
+        """Create the context (start_replication=false) or start a sync; a client that hangs up does not
+        interrupt it half way."""
+        task = asyncio.ensure_future(self._start(req, actor))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
+
+    async def _context(self, req: StartRequest, *, create_only: bool) -> contexts_store.Context:
+        vm = req.source_vm
+        found = await contexts_store.by_vmware_id(self.db, vm.id)
+        if found is None:
+            try:
+                found = await contexts_store.by_name(self.db, vm.name)
+            except NotFound:
+                found = None
+        if found is not None:
+            if create_only:
+                raise Conflict("context exists", f"VM {vm.name!r} already has a context ({found.context_id})",
+                               context_id=found.context_id)
+            return found
+        if not vm.disks:
+            raise Invalid("VM has no disks", f"source_vm {vm.name!r} lists no disks")
+        async with self.db.transaction() as tx:
+            cid = await self.contexts.create(tx, vm, vcenter_host=req.vcenter_host or "",
+                                             datacenter=req.datacenter or vm.datacenter, credential_id=None,
+                                             auto_added=False)
+        return await contexts_store.by_id(self.db, cid)
+
+    async def _start(self, req: StartRequest, actor: str) -> dict[str, Any]:
+        ctx = await self._context(req, create_only=not req.start_replication)
+        if not req.start_replication:
+            await self.audit.record(actor, "replication.context", f"context:{ctx.context_id}", vm_name=ctx.vm_name)
+            return {"context_id": ctx.context_id, "vm_name": ctx.vm_name, "vmware_vm_id": ctx.vmware_vm_id,
+                    "current_status": str(ctx.current_status), "message": "VM context created",
+                    "created_at": ctx.created_at}
+        async with self.locks.hold(f"vm-replication:{ctx.context_id}", what=f"VM {ctx.vm_name!r}"):
+            job_id = await self._record(req, ctx, actor)
+            try:
+                created = await self._launch(job_id, ctx)
+            except asyncio.CancelledError:
+                await self.ending.fail(job_id, "interrupted: omad stopped while the replication was starting")
+                raise
+            except Exception as e:
+                reason = str(e) if isinstance(e, OmaError) else f"internal error: {e!r}"
+                if not isinstance(e, OmaError):
+                    log.exception("replication start crashed", extra={"resource": job_id})
+                await self.ending.fail(job_id, reason)
+                await self.audit.record(actor, "replication.start", f"job:{job_id}", outcome="failed",
+                                        vm_name=ctx.vm_name, reason=reason)
+                if isinstance(e, OmaError):
+                    raise type(e)(e.message, e.details, **{**e.extra, "job_id": job_id}) from e
+                raise Internal("replication failed to start", "an unexpected error occurred; see the daemon log",
+                               job_id=job_id) from e
+        await self.audit.record(actor, "replication.start", f"job:{job_id}", vm_name=ctx.vm_name)
+        for callback in self.on_started:
+            callback(job_id)
+        rep = await store.get(self.db, job_id)
+        return {"job_id": job_id, "status": "replicating", "progress_percent": rep.progress_percent,
+                "source_vm": self._source(rep, ctx), "created_volumes": created["created"],
+                "mounted_volumes": created["mounted"], "started_at": rep.started_at,
+                "replication_type": rep.replication_type,
+                "message": f"{rep.replication_type} replication of {ctx.vm_name} started"}
+
+    async def _record(self, req: StartRequest, ctx: contexts_store.Context, actor: str) -> str:
+        """Step 1: the rows, checked and written in one transaction."""
+        cid = ctx.context_id
+        disks = sorted(await contexts_store.disks_of(self.db, cid), key=lambda d: disk_key(d.disk_id))
+        if not disks:
+            raise Invalid("VM has no disks", f"no disks are recorded for VM {ctx.vm_name!r}; discover it again")
+        volumes = await store.volumes_of(self.db, cid)
+        continuable = all(d.disk_change_id and d.disk_id in volumes for d in disks)
+        rtype = req.replication_type or ("incremental" if continuable else "initial")
+        job_id = ids.job_id()
+        now = utcnow()
+        new_disks = []
+        for d in disks:
+            capacity = d.capacity_bytes or d.size_gb * GIB
+            if capacity <= 0:
+                raise Invalid("disk size unknown", f"{d.disk_id} of VM {ctx.vm_name!r} has no recorded capacity")
+            base = (d.disk_change_id or "") if rtype == "incremental" else ""
+            new_disks.append(store.NewDisk(d.disk_id, disk_key(d.disk_id), d.unit_number
+                                           if d.unit_number is not None else disk_key(d.disk_id) - 2000,
+                                           capacity, f"{job_id}-{d.disk_id}", base))
+        async with self.db.transaction() as tx:
+            active = await store.active_for_vm(tx, cid)
+            if active is not None:
+                raise Conflict("replication running", f"VM {ctx.vm_name!r} has a replication running "
+                                                       f"({active.job_id}); wait for it to end", job_id=active.job_id)
+            await self.jobs.create("replication", job_id=job_id, context_id=cid, tx=tx,
+                                   display_name=f"{rtype} replication of {ctx.vm_name}",
+                                   details={"disks": len(disks), "ossea_config_id": req.ossea_config_id})
+            await store.create(tx, store.NewReplication(
+                job_id=job_id, vm_context_id=cid, vm_name=ctx.vm_name, vm_path=ctx.vm_path, replication_type=rtype,
+                ossea_config_id=req.ossea_config_id, target_network=req.target_network,
+                schedule_execution_id=req.schedule_execution_id, vm_group_id=req.vm_group_id,
+                scheduled_by=req.scheduled_by, created_by=actor), new_disks, now)
+            if rtype == "initial":
+                # A full copy was asked for: the VMA must not be offered the old ids either.
+                for d in disks:
+                    await contexts_store.set_change_id(tx, cid, d.disk_id, None, now)
+            await contexts_store.job_started(tx, cid, job_id, now, status=ContextStatus.REPLICATING)
+        log.info("%s replication of %s: %d disk(s)", rtype, ctx.vm_name, len(disks), extra={"resource": job_id})
+        return job_id
+
+    async def _volume_for(self, job_id: str, ctx: contexts_store.Context, disk: store.ReplicationDisk,
+                          known: store.Volume | None) -> tuple[dict[str, Any], bool]:
+        """The disk's volume, attached here; True when it is new (so its disk starts over)."""
+        size = disk.capacity_bytes + self.cfg.volume_headroom_bytes
+        view: dict[str, Any] | None = None
+        if known is not None:
+            try:
+                view = await self.volumes.volume(known.volume_id)
+            except NotFound:
+                log.warning("volume %s of %s is gone; creating a new one", known.volume_id, disk.disk_id,
+                            extra={"resource": job_id})
+            if view is not None and int(view.get("size_bytes") or 0) != known.size_bytes:
+                raise Conflict("volume changed", f"the volume {known.volume_id} of {disk.disk_id} is "
+                                                 f"{view.get('size_bytes')} bytes, not the {known.size_bytes} "
+                                                 "recorded; it was changed outside the appliance")
+            if view is not None and int(view.get("size_bytes") or 0) < size:
+                raise Invalid("disk outgrew its volume", f"{disk.disk_id} now needs {size} bytes and its volume "
+                                                         f"{known.volume_id} has {view.get('size_bytes')}")
+        fresh = view is None
+        if view is None:
+            view = await self.volumes.create_volume(volume_vm_name(ctx.vm_name), disk.unit_number, size)
+        if not view.get("attached_here"):
+            view = await self.volumes.attach_volume(str(view["volume_id"]))
+        if not view.get("link_path"):
+            raise Unavailable("volume has no device", f"volume-agent attached {view['volume_id']} without a device")
+        return view, fresh
+
+    async def _launch(self, job_id: str, ctx: contexts_store.Context) -> dict[str, list[dict[str, Any]]]:
+        """Steps 2-5."""
+        cid = ctx.context_id
+        disks = await store.disks(self.db, job_id)
+        known = await store.volumes_of(self.db, cid)
+        created: list[dict[str, Any]] = []
+        mounted: list[dict[str, Any]] = []
+        paths: dict[str, str] = {}
+        async with self.jobs.step(job_id, "prepare volumes"):
+            for d in disks:
+                view, fresh = await self._volume_for(job_id, ctx, d, known.get(d.disk_id))
+                now = utcnow()
+                async with self.db.transaction() as tx:
+                    await store.set_disk_volume(tx, job_id, d.disk_id, str(view["volume_id"]),
+                                                reset_base=fresh)
+                    old = known.get(d.disk_id)
+                    await store.save_volume(tx, store.Volume(
+                        vm_context_id=cid, disk_id=d.disk_id, volume_id=str(view["volume_id"]),
+                        volume_name=str(view.get("name") or ""), size_bytes=int(view.get("size_bytes") or 0),
+                        device_path=view.get("device_path"), link_path=view.get("link_path"),
+                        created_by_job=job_id if fresh or old is None else old.created_by_job,
+                        created_at=now if fresh or old is None else old.created_at, updated_at=now))
+                    if fresh:  # a new volume holds nothing: its disk starts over
+                        await contexts_store.set_change_id(tx, cid, d.disk_id, None, now)
+                paths[d.disk_id] = str(view["link_path"])
+                if fresh:
+                    created.append({"volume_id": view["volume_id"], "volume_name": view.get("name"),
+                                    "size_gb": int(view.get("size_bytes") or 0) // GIB, "status": "created"})
+                mounted.append({"device_path": view.get("device_path"), "status": "attached",
+                                "volume_id": view["volume_id"], "disk_id": d.disk_id})
+        await self.jobs.progress(job_id, 1)
+        names = {d.export_name: d.disk_id for d in disks}
+        async with self.jobs.step(job_id, "allocate ports"):
+            out = await self.pool.allocate(job_id, len(disks), list(names), lease_seconds=self.cfg.lease_seconds)
+            ports = {a["export_name"]: int(a["port"]) for a in out["allocated_ports"]}
+            if set(ports) != set(names):
+                raise Unavailable("nbd-pool answered unexpectedly", f"ports were allocated for {sorted(ports)}")
+            async with self.db.transaction() as tx:
+                await store.set_ports(tx, job_id, ports)
+        disks = await store.disks(self.db, job_id)
+        async with self.jobs.step(job_id, "start exports"):
+            for d in disks:
+                assert d.nbd_port is not None
+                await self.pool.start_export(export_name=d.export_name, port=d.nbd_port, path=paths[d.disk_id],
+                                             read_only=False, shared_connections=self.cfg.shared_connections,
+                                             fmt="raw", job_id=job_id)
+        await self.jobs.progress(job_id, 2)
+        async with self.jobs.step(job_id, "start VMA replication"):
+            login = await self.credentials.login_for(ctx.credential_id)
+            body = {"job_id": job_id, "vcenter": login.vcenter, "username": login.username,
+                    "password": login.password, "vm_paths": [ctx.vm_path], "oma_url": self.oma_url,
+                    "nbd_targets": [{"device_path": f"nbd://{self.cfg.nbd_host}:{d.nbd_port}/{d.export_name}",
+                                     "vmware_disk_key": str(d.disk_key)} for d in disks]}
+            try:
+                answer = await self.vma.replicate(body)
+            except OmaError as e:
+                raise type(e)(f"the VMA refused the replication: {e.message}", e.details, **e.extra) from e
+            if str(answer.get("status", "")).lower() == "failed":
+                raise Unavailable("the VMA refused the replication",
+                                  f"the VMA answered status 'failed': {answer.get('message') or '(no message)'}")
+        log.info("VMA started the replication", extra={"resource": job_id})
+        return {"created": created, "mounted": mounted}
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _source(rep: store.Replication, ctx: contexts_store.Context | None) -> dict[str, Any]:
+        return {"id": ctx.vmware_vm_id if ctx else "", "name": rep.vm_name, "path": rep.vm_path,
+                "vcenter_host": ctx.vcenter_host if ctx else "", "datacenter": ctx.datacenter if ctx else ""}
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        """`GET /replications/{id}` (CONTRACTS.md): the job's record merged with the VMA's latest progress."""
+        rep = await store.get(self.db, job_id)
+        return await self._public(rep)
+
+    async def _public(self, rep: store.Replication) -> dict[str, Any]:
+        try:
+            ctx: contexts_store.Context | None = await contexts_store.by_id(self.db, rep.vm_context_id)
+        except NotFound:
+            ctx = None
+        disks = await store.disks(self.db, rep.job_id)
+        vma_disks = {d.get("disk_id"): d for d in rep.vma_progress.get("disk_progresses") or []
+                     if isinstance(d, dict)}
+        volumes = await store.volumes_of(self.db, rep.vm_context_id)
+        out_disks = []
+        for d in disks:
+            vd = vma_disks.get(d.disk_id, {})
+            vol = volumes.get(d.disk_id)
+            out_disks.append({
+                "disk_id": d.disk_id, "vmware_disk_key": d.disk_key, "unit_number": d.unit_number,
+                "capacity_bytes": d.capacity_bytes, "volume_id": d.volume_id,
+                "device_path": vol.device_path if vol else None, "nbd_port": d.nbd_port,
+                "nbd_export_name": d.export_name, "base_change_id": d.base_change_id, "change_id": d.change_id,
+                "previous_change_id": d.previous_change_id, "change_id_mismatch": d.change_id_mismatch,
+                "sync_type": vd.get("sync_type"), "status": vd.get("status"),
+                "progress_percent": vd.get("percentage", 0), "bytes_transferred": vd.get("bytes_transferred", 0),
+                "total_bytes": vd.get("total_bytes", 0)})
+        cbt = await store.cbt_of_job(self.db, rep.job_id)
+        return {"job_id": rep.job_id, "status": str(rep.status), "progress_percent": rep.progress_percent,
+                "created_at": rep.created_at, "updated_at": rep.updated_at, "started_at": rep.started_at,
+                "completed_at": rep.completed_at, "source_vm": self._source(rep, ctx),
+                "vm_context_id": rep.vm_context_id,
+                "configuration": {"replication_type": rep.replication_type, "target_network": rep.target_network,
+                                  "ossea_config_id": rep.ossea_config_id},
+                "replication_type": rep.replication_type,
+                "bytes_transferred": rep.bytes_transferred, "total_bytes": rep.total_bytes,
+                "disks": out_disks, "cbt_history": [{**c, "sync_success": bool(c["sync_success"])} for c in cbt],
+                "current_operation": rep.current_operation, "vma_sync_type": rep.vma_sync_type,
+                "vma_eta_seconds": rep.vma_eta_seconds, "vma_status": rep.vma_status,
+                "error_message": rep.error_message, "schedule_execution_id": rep.schedule_execution_id,
+                "vm_group_id": rep.vm_group_id, "scheduled_by": rep.scheduled_by, "created_by": rep.created_by}
+
+    async def find(self, *, vm_context_id: str | None, status: str | None, limit: int,
+                   offset: int) -> dict[str, Any]:
+        total, found = await store.find(self.db, vm_context_id=vm_context_id, status=status, limit=limit,
+                                        offset=offset)
+        items = [await self._public(r) for r in found]
+        return {"replications": items, "total": total, "count": len(items), "limit": limit, "offset": offset}
+
+    async def progress(self, job_id: str) -> dict[str, Any]:
+        """`GET /replications/{id}/progress`: our record plus the VMA's latest figures (as last polled)."""
+        rep = await store.get(self.db, job_id)
+        out = await self._public(rep)
+        out["vma_progress"] = rep.vma_progress
+        out["last_activity_at"] = rep.last_activity_at
+        return out
+
+    async def vma_progress(self, job_id: str) -> dict[str, Any]:
+        """`GET /progress/{job_id}`: the VMA's body unchanged (503 VMA down, 404 the VMA does not know it)."""
+        try:
+            return await self.vma.progress(job_id)
+        except TimedOut as e:
+            raise Unavailable(e.message, e.details) from e
+
+    # -- changing and removing -----------------------------------------------------------------------
+
+    async def update(self, job_id: str, *, target_network: str | None, actor: str) -> dict[str, Any]:
+        await store.get(self.db, job_id)
+        async with self.db.transaction() as tx:
+            await store.update_settings(tx, job_id, target_network=target_network)
+            await self.audit.record(actor, "replication.update", f"job:{job_id}", tx=tx,
+                                    target_network=target_network)
+        return await self.get(job_id)
+
+    async def delete(self, job_id: str, *, actor: str) -> dict[str, Any]:
+        """Cancel a running replication (its exports stop, its volumes stay), or remove a finished one's record."""
+        rep = await store.get(self.db, job_id)
+        if rep.active:
+            await self.ending.fail(job_id, f"cancelled by {actor}", cancelled=True)
+            await self.audit.record(actor, "replication.cancel", f"job:{job_id}", vm_name=rep.vm_name)
+            return {"job_id": job_id, "status": "cancelled", "message": f"replication {job_id} cancelled"}
+        async with self.db.transaction() as tx:
+            again = await store.get(tx, job_id)
+            if again.active:
+                raise Conflict("replication running", f"replication {job_id} started again meanwhile")
+            await store.delete(tx, job_id)
+            await self.audit.record(actor, "replication.delete", f"job:{job_id}", tx=tx, vm_name=rep.vm_name)
+        return {"job_id": job_id, "deleted": True, "message": f"replication {job_id} removed"}
