@@ -29,6 +29,7 @@ from .api.health import HealthApi
 from .api.nbd import NbdApi
 from .api.network_mappings import NetworkMappingsApi
 from .api.policies import PoliciesApi
+from .api.failover import FailoverApi
 from .api.replications import ReplicationsApi
 from .api.repositories import RepositoriesApi
 from .api.restore import RestoreApi
@@ -52,6 +53,7 @@ from .backup.watchdog import Watchdog
 from .replication.changeids import ChangeIds
 from .replication.ending import Ending
 from .replication.monitor import Monitor
+from .failover.service import Failovers
 from .replication.replications import Replications
 from .restore.images import RepositoryImages
 from .restore.service import RestoreService
@@ -157,6 +159,10 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     replications.on_started.append(monitor.follow)
     jobs.on_recover("replication", monitor.recover)
 
+    # Failover: test failover and its end, cleanup of failed ones — step jobs resumed or undone after a restart.
+    failovers = Failovers(db, audit, jobs, ossea_configs, cloudstack, volume_agent, pool, cfg.failover.crash_file)
+    jobs.on_recover("failover", failovers.recover)
+
     # Policies: copies of completed backups (immediate rules run on completion), locks, retention, verification.
     policies = Policies(db, audit)
     verifier = Verifier(db, jobs, qemu_img, fs, clock, cfg.policies)
@@ -184,7 +190,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
             TelemetryApi({"backup": receiver(Telemetry, completion.telemetry)}), RestoreApi(restore),
             SchedulesApi(schedules, scheduler), GroupsApi(groups),
             PoliciesApi(policies, retention, copies, verifier, immutability), cloudstack_api, mappings_api,
-            ReplicationsApi(replications, ChangeIds(db, locks))]
+            ReplicationsApi(replications, ChangeIds(db, locks)), FailoverApi(failovers)]
     app = api_app.build(apis, auth, cors_origins=cfg.api.cors_origins, max_body=cfg.api.max_body_bytes)
 
     async def close_clients(app: web.Application) -> None:

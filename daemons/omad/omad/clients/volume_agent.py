@@ -12,6 +12,8 @@
   GET  /volumes/{id}                                        → VolumeView; 404 unknown
   POST /volumes/{id}/attach                                 → VolumeView once its device is present (vouched)
   POST /volumes/{id}/detach                                 → VolumeView
+  GET  /volumes → {volumes, unmanaged_attached}; POST /volumes/{id}/snapshots {name} → 201 SnapshotView;
+  POST /volumes/{id}/revert {snapshot_id} → VolumeView; DELETE /volumes/{id}/snapshots/{snapshot_id}
 """
 
 from __future__ import annotations
@@ -59,3 +61,24 @@ class VolumeAgent:
     async def attach_volume(self, volume_id: str) -> dict[str, Any]:
         return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/attach",  # type: ignore[no-any-return]
                                       timeout=self.mount_timeout)
+
+    async def detach_volume(self, volume_id: str) -> dict[str, Any]:
+        return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/detach",  # type: ignore[no-any-return]
+                                      timeout=self.mount_timeout)
+
+    async def volumes(self) -> dict[str, Any]:
+        """{volumes: [VolumeView], unmanaged_attached: [volume ids]}."""
+        return await self.client.call("GET", "/volumes")  # type: ignore[no-any-return]
+
+    async def snapshot_volume(self, volume_id: str, name: str = "") -> dict[str, Any]:
+        return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/snapshots",  # type: ignore[no-any-return]
+                                      json={"name": name}, timeout=self.mount_timeout)
+
+    async def revert_volume(self, volume_id: str, snapshot_id: str) -> dict[str, Any]:
+        return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/revert",  # type: ignore[no-any-return]
+                                      json={"snapshot_id": snapshot_id}, timeout=self.mount_timeout)
+
+    async def delete_snapshot(self, volume_id: str, snapshot_id: str) -> dict[str, Any]:
+        return await self.client.call(  # type: ignore[no-any-return]
+            "DELETE", f"/volumes/{quote(volume_id, safe='')}/snapshots/{quote(snapshot_id, safe='')}",
+            timeout=self.mount_timeout)

@@ -1,0 +1,141 @@
+"""/failover: test failover and its end, cleanup of a failed job, their status (CONTRACTS.md "Failover
+(GUI-facing)"); the work runs as a persistent step job (failover/service.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from oma_common.errors import Conflict, Invalid, NotFound
+from oma_common.schema import name_spec, spec
+from oma_common.web import Call, route
+
+from ..failover.service import Failovers
+
+_TAGS = ("failover",)
+def _vm() -> Any:
+    return name_spec(None, max_length=255)
+
+_JOB = r"{job_id:job-[^/]+}"
+
+
+@dataclasses.dataclass
+class FailoverIn:
+    """Which VM: any of context_id, vm_id (VMware id) or vm_name (tried in that order)."""
+
+    context_id: str | None = _vm()
+    vm_id: str | None = _vm()
+    vm_name: str | None = _vm()
+    skip_validation: bool = spec(False, description="ignored: validation is a step of every failover")
+    test_duration: str | None = spec(None, max_length=64, description="informational")
+    auto_cleanup: bool = spec(False, description="informational")
+
+
+@dataclasses.dataclass
+class UnifiedIn:
+    failover_type: Literal["test", "live"]
+    context_id: str | None = _vm()
+    vmware_vm_id: str | None = _vm()
+    vm_name: str | None = _vm()
+    power_off_source: bool = True
+    perform_final_sync: bool = True
+    skip_validation: bool = False
+    skip_virtio: bool = False
+    network_strategy: str | None = spec(None, max_length=64)
+    vm_naming: Literal["exact", "suffixed"] | None = None
+    test_duration: str | None = spec(None, max_length=64)
+
+
+@dataclasses.dataclass
+class RollbackIn:
+    failover_type: Literal["test", "live"]
+    context_id: str | None = _vm()
+    vm_id: str | None = _vm()
+    vm_name: str | None = _vm()
+    power_on_source: bool = False
+    force_cleanup: bool = False
+
+
+@dataclasses.dataclass
+class JobsQuery:
+    vm_id: str | None = _vm()
+    status: Literal["running", "compensating", "completed", "failed", "compensated", "ended"] | None = None
+    failover_type: Literal["test", "live"] | None = None
+    limit: int = spec(100, min=1, max=1000)
+    offset: int = spec(0, min=0, max=1_000_000_000)
+
+
+def _which(*candidates: str | None) -> str:
+    for c in candidates:
+        if c:
+            return c
+    raise Invalid("VM missing", "give context_id, vm_id or vm_name")
+
+
+def _started(out: dict[str, Any]) -> dict[str, Any]:
+    return {"success": True, "message": out["message"], "job_id": out["job_id"], "data": out, **out}
+
+
+class FailoverApi:
+    def __init__(self, failovers: Failovers) -> None:
+        self.failovers = failovers
+
+    @route("POST", "/failover/test", status=202, body=FailoverIn, errors=(NotFound, Conflict, Invalid),
+           tags=_TAGS)
+    async def test(self, call: Call) -> dict[str, Any]:
+        """Start a test failover: the VM boots in CloudStack from snapshotted replicas (409 while a failover
+        job of the VM runs)."""
+        b: FailoverIn = call.body
+        return _started(await self.failovers.start_test(_which(b.context_id, b.vm_id, b.vm_name),
+                                                        actor=call.actor, options=dataclasses.asdict(b)))
+
+    @route("POST", "/failover/unified", status=202, body=UnifiedIn, errors=(NotFound, Conflict, Invalid),
+           tags=_TAGS)
+    async def unified(self, call: Call) -> dict[str, Any]:
+        """Start a failover of either type (live: not available yet, 400)."""
+        b: UnifiedIn = call.body
+        vm = _which(b.context_id, b.vmware_vm_id, b.vm_name)
+        if b.failover_type != "test":
+            raise Invalid("live failover not built", "live failover is not available yet")
+        return _started(await self.failovers.start_test(vm, actor=call.actor, options=dataclasses.asdict(b)))
+
+    @route("DELETE", f"/failover/test/{_JOB}", status=202, errors=(NotFound, Conflict, Invalid), tags=_TAGS)
+    async def end_test(self, call: Call) -> dict[str, Any]:
+        """End a test failover: the test VM goes, the volumes are reverted and come back here."""
+        return _started(await self.failovers.end_test(call.params["job_id"], actor=call.actor))
+
+    @route("POST", "/failover/cleanup/{vm_name}", status=202, errors=(NotFound, Conflict, Invalid), tags=_TAGS)
+    async def cleanup(self, call: Call) -> dict[str, Any]:
+        """End the VM's test failover in force."""
+        return _started(await self.failovers.end_test_of_vm(call.params["vm_name"], actor=call.actor))
+
+    @route("POST", "/failover/rollback", status=202, body=RollbackIn, errors=(NotFound, Conflict, Invalid),
+           tags=_TAGS)
+    async def rollback(self, call: Call) -> dict[str, Any]:
+        """Undo the VM's failover in force (a test: the end-test path)."""
+        b: RollbackIn = call.body
+        return _started(await self.failovers.rollback(_which(b.context_id, b.vm_id, b.vm_name), b.failover_type,
+                                                      actor=call.actor))
+
+    @route("POST", "/failover/{vm_name}/cleanup-failed", status=202, errors=(NotFound, Conflict, Invalid),
+           tags=_TAGS)
+    async def cleanup_failed(self, call: Call) -> dict[str, Any]:
+        """Undo what the VM's last failed failover job left (its undo steps, as a job of their own)."""
+        return _started(await self.failovers.cleanup_failed(call.params["vm_name"], actor=call.actor))
+
+    @route("GET", f"/failover/{_JOB}/status", errors=(NotFound,), tags=_TAGS)
+    async def status(self, call: Call) -> dict[str, Any]:
+        """A failover job with its steps: each one's status, timings, what it produced, its error."""
+        out = await self.failovers.status(call.params["job_id"])
+        return {"success": True, "message": out["status"], **out}
+
+    @route("GET", "/failover/jobs", query=JobsQuery, errors=(NotFound,), tags=_TAGS)
+    async def jobs(self, call: Call) -> dict[str, Any]:
+        """Failover jobs, newest first."""
+        q: JobsQuery = call.query
+        return {"success": True, **await self.failovers.find(vm_id=q.vm_id, status=q.status,
+                                                             failover_type=q.failover_type, limit=q.limit,
+                                                             offset=q.offset)}
+
+
+__all__ = ["FailoverApi"]
