@@ -45,7 +45,10 @@ class Failover:
     async def prepare(self) -> None:
         status, body = await self.rig.api.post("/ossea/config", {"action": "create", "config": {
             "name": "primary", "api_url": self.cs.endpoint, "api_key": self.cs.api_key,
-            "secret_key": self.cs.secret_key, **ids(self.cs)}})
+            "secret_key": self.cs.secret_key, **ids(self.cs),
+            # big enough for the VM (2 CPUs, 2 GiB): readiness checks it
+            "service_offering_id": next(o.id for o in self.cs.inv.service_offerings.values()
+                                        if o.name == "Medium Instance")}})
         assert status in (200, 201) and body["success"], body
         test_net = next(n for n in self.cs.inv.networks.values() if n.name != "prod-net")
         for (name,) in self.rig.stack.sql("SELECT DISTINCT network_name FROM vm_networks"):

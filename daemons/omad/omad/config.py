@@ -122,8 +122,9 @@ class FailoverConfig:
 
     crash_file: str = spec("", description="fault injection for tests: when this file names a step, omad dies "
                                            "(SIGKILL) right after recording that step, once; empty = off")
-    log_files: list[str] = spec(factory=list, description="log files GET /debug/logs reads (newest lines last); "
-                                                          "empty = the journal of the oma-* units")
+    log_files: list[str] = spec(factory=list, description="log files GET /debug/logs reads; empty = "
+                                                          "<state_dir>/logs/*.log when that directory exists "
+                                                          "(make run), else the journal of the daemons' units")
 
 
 @dataclasses.dataclass

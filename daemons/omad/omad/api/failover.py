@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from oma_common.errors import Conflict, Invalid, NotFound
+from oma_common.errors import CALLS_OUT, Conflict, Invalid, NotFound
 from oma_common.schema import name_spec, spec
 from oma_common.web import Call, route
 
+from ..failover.readiness import Readiness
 from ..failover.service import Failovers
 
 _TAGS = ("failover",)
@@ -76,9 +77,56 @@ def _started(out: dict[str, Any]) -> dict[str, Any]:
     return {"success": True, "message": out["message"], "job_id": out["job_id"], "data": out, **out}
 
 
+@dataclasses.dataclass
+class PreflightIn:
+    failover_type: Literal["test", "live"]
+    context_id: str | None = _vm()
+    vm_id: str | None = _vm()
+    vm_name: str | None = _vm()
+
+
+@dataclasses.dataclass
+class TypeQuery:
+    failover_type: Literal["test", "live"] = "test"
+
+
+_TYPE = "{failover_type:test|live}"
+
+
 class FailoverApi:
-    def __init__(self, failovers: Failovers) -> None:
+    def __init__(self, failovers: Failovers, readiness: Readiness) -> None:
         self.failovers = failovers
+        self.readiness = readiness
+
+    @route("GET", "/failover/{vm_id}/readiness", query=TypeQuery, errors=(NotFound, Conflict, *CALLS_OUT),
+           tags=_TAGS)
+    async def get_readiness(self, call: Call) -> dict[str, Any]:
+        """Whether the VM can fail over now: is_valid, readiness_score (0–100), required_actions, the checks."""
+        q: TypeQuery = call.query
+        return await self.readiness.readiness(call.params["vm_id"], q.failover_type)
+
+    @route("GET", f"/failover/preflight/config/{_TYPE}/{{vm_name}}", errors=(NotFound, Conflict, *CALLS_OUT),
+           tags=_TAGS)
+    async def preflight_config(self, call: Call) -> dict[str, Any]:
+        """What a failover of this type would build and with what: the CloudStack config check, the network
+        mappings of the type, the volumes."""
+        vm, kind = call.params["vm_name"], call.params["failover_type"]
+        mapping = await self.readiness.network_mapping_status(vm)
+        return {"success": True, "vm_name": vm, "failover_type": kind,
+                "configuration": await self.readiness.configuration_check(vm),
+                "network_mappings": mapping[kind], "volumes": await self.readiness.volume_status(vm)}
+
+    @route("POST", "/failover/preflight/validate", body=PreflightIn, errors=(NotFound, Conflict, Invalid, *CALLS_OUT),
+           tags=_TAGS)
+    async def preflight_validate(self, call: Call) -> dict[str, Any]:
+        """The readiness of the VM for this type of failover."""
+        b: PreflightIn = call.body
+        return await self.readiness.readiness(_which(b.context_id, b.vm_id, b.vm_name), b.failover_type)
+
+    @route("GET", f"/failover/rollback/decision/{_TYPE}/{{vm_name}}", errors=(NotFound,), tags=_TAGS)
+    async def rollback_decision(self, call: Call) -> dict[str, Any]:
+        """What POST /failover/rollback would do for this VM now."""
+        return await self.failovers.rollback_decision(call.params["vm_name"], call.params["failover_type"])
 
     @route("POST", "/failover/test", status=202, body=FailoverIn, errors=(NotFound, Conflict, Invalid),
            tags=_TAGS)

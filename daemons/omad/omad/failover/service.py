@@ -103,6 +103,25 @@ class Failovers:
             return await self.end_test(standing.job_id, actor=actor)
         raise Invalid("live rollback not built", "rolling back a live failover is not available yet")
 
+    async def rollback_decision(self, vm_id: str, failover_type: str) -> dict[str, Any]:
+        ref = await mappings_store.vm(self.db, vm_id)
+        standing = await store.standing(self.db, ref.context_id)
+        failed = await store.last_failed(self.db, ref.context_id)
+        out: dict[str, Any] = {"success": True, "vm_name": ref.vm_name, "failover_type": failover_type,
+                               "failover_job_id": None, "can_rollback": False, "actions": []}
+        if standing is not None and standing.failover_type == failover_type:
+            out.update(failover_job_id=standing.job_id, can_rollback=failover_type == "test")
+            out["actions"] = ["stop and destroy the test VM", "detach the volumes from it",
+                              "revert every volume to its snapshot and delete the snapshot",
+                              "attach the volumes back to this appliance"] if failover_type == "test" else []
+            out["message"] = f"{failover_type} failover {standing.job_id} is in force"
+        else:
+            out["message"] = f"no {failover_type} failover of {ref.vm_name} is in force"
+        if failed is not None:
+            out["failed_job_id"] = failed.job_id
+            out["message"] += f"; failed job {failed.job_id} left leftovers (POST /failover/{ref.vm_name}/cleanup-failed)"
+        return out
+
     async def cleanup_failed(self, vm_id: str, *, actor: str) -> dict[str, Any]:
         ref = await mappings_store.vm(self.db, vm_id)
         failed = await store.last_failed(self.db, ref.context_id)
