@@ -42,7 +42,7 @@ class Failover:
         self.vms_before: set[str] = set()
         self.volumes_before: set[str] = set()
 
-    async def prepare(self) -> None:
+    async def prepare(self, *, live: bool = False) -> None:
         status, body = await self.rig.api.post("/ossea/config", {"action": "create", "config": {
             "name": "primary", "api_url": self.cs.endpoint, "api_key": self.cs.api_key,
             "secret_key": self.cs.secret_key, **ids(self.cs),
@@ -51,11 +51,13 @@ class Failover:
                                         if o.name == "Medium Instance")}})
         assert status in (200, 201) and body["success"], body
         test_net = next(n for n in self.cs.inv.networks.values() if n.name != "prod-net")
+        prod_net = next(n for n in self.cs.inv.networks.values() if n.name == "prod-net")
         for (name,) in self.rig.stack.sql("SELECT DISTINCT network_name FROM vm_networks"):
-            status, body = await self.rig.api.post("/network-mappings", {
-                "vm_id": VM, "source_network_name": name, "destination_network_id": test_net.id,
-                "destination_network_name": test_net.name, "is_test_network": True})
-            assert status in (200, 201), body
+            for net, is_test in ((test_net, True), (prod_net, False)) if live else ((test_net, True),):
+                status, body = await self.rig.api.post("/network-mappings", {
+                    "vm_id": VM, "source_network_name": name, "destination_network_id": net.id,
+                    "destination_network_name": net.name, "is_test_network": is_test})
+                assert status in (200, 201), body
         self.vms_before = self.live_vms()
         self.volumes_before = set(self.cs.inv.volumes)
 

@@ -57,6 +57,7 @@ from .replication.ending import Ending
 from .replication.monitor import Monitor
 from .failover.readiness import Readiness
 from .failover.service import Failovers
+from .failover.source import Source
 from .replication.replications import Replications
 from .restore.images import RepositoryImages
 from .restore.service import RestoreService
@@ -164,7 +165,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     jobs.on_recover("replication", monitor.recover)
 
     # Failover: test failover and its end, cleanup of failed ones — step jobs resumed or undone after a restart.
-    failovers = Failovers(db, audit, jobs, ossea_configs, cloudstack, volume_agent, pool, cfg.failover.crash_file)
+    failovers = Failovers(db, audit, jobs, ossea_configs, cloudstack, volume_agent, pool,
+                          Source(db, vma, credentials, replications), cfg.failover.crash_file)
     jobs.on_recover("failover", failovers.recover)
     readiness = Readiness(db, ossea_configs, cloudstack, volume_agent, mappings)
 

@@ -137,15 +137,23 @@ class FailoverApi:
         return _started(await self.failovers.start_test(_which(b.context_id, b.vm_id, b.vm_name),
                                                         actor=call.actor, options=dataclasses.asdict(b)))
 
+    @route("POST", "/failover/live", status=202, body=FailoverIn, errors=(NotFound, Conflict, Invalid),
+           tags=_TAGS)
+    async def live(self, call: Call) -> dict[str, Any]:
+        """Start a live failover: the source is powered off through the VMA, synced a last time, and the
+        CloudStack VM becomes the real one."""
+        b: FailoverIn = call.body
+        return _started(await self.failovers.start_live(_which(b.context_id, b.vm_id, b.vm_name),
+                                                        actor=call.actor, options=dataclasses.asdict(b)))
+
     @route("POST", "/failover/unified", status=202, body=UnifiedIn, errors=(NotFound, Conflict, Invalid),
            tags=_TAGS)
     async def unified(self, call: Call) -> dict[str, Any]:
-        """Start a failover of either type (live: not available yet, 400)."""
+        """Start a failover of either type."""
         b: UnifiedIn = call.body
         vm = _which(b.context_id, b.vmware_vm_id, b.vm_name)
-        if b.failover_type != "test":
-            raise Invalid("live failover not built", "live failover is not available yet")
-        return _started(await self.failovers.start_test(vm, actor=call.actor, options=dataclasses.asdict(b)))
+        start = self.failovers.start_test if b.failover_type == "test" else self.failovers.start_live
+        return _started(await start(vm, actor=call.actor, options=dataclasses.asdict(b)))
 
     @route("DELETE", f"/failover/test/{_JOB}", status=202, errors=(NotFound, Conflict, Invalid), tags=_TAGS)
     async def end_test(self, call: Call) -> dict[str, Any]:
@@ -160,10 +168,11 @@ class FailoverApi:
     @route("POST", "/failover/rollback", status=202, body=RollbackIn, errors=(NotFound, Conflict, Invalid),
            tags=_TAGS)
     async def rollback(self, call: Call) -> dict[str, Any]:
-        """Undo the VM's failover in force (a test: the end-test path)."""
+        """Undo the VM's failover in force: a test by the end-test path; a live one by destroying the
+        CloudStack VM and attaching the volumes back here (the source powered on when asked)."""
         b: RollbackIn = call.body
         return _started(await self.failovers.rollback(_which(b.context_id, b.vm_id, b.vm_name), b.failover_type,
-                                                      actor=call.actor))
+                                                      actor=call.actor, power_on_source=b.power_on_source))
 
     @route("POST", "/failover/{vm_name}/cleanup-failed", status=202, errors=(NotFound, Conflict, Invalid),
            tags=_TAGS)

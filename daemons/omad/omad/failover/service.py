@@ -36,6 +36,7 @@ from ..store.contexts import ContextStatus
 from ..store.db import Database, utcnow
 from ..store.failover import FailoverJob, FailoverStatus, NewFailover, OnCrash, Operation
 from .cloud import Cloud, destination_name, snapshot_name
+from .source import Source
 from .steps import Plan, Run, Runner, Step
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Target:
 
 class Failovers:
     def __init__(self, db: Database, audit: Audit, jobs: JobEngine, configs: Configs, cloudstack: CloudStack,
-                 volumes: VolumeAgent, pool: NbdPool, crash_file: str = "") -> None:
+                 volumes: VolumeAgent, pool: NbdPool, source: Source, crash_file: str = "") -> None:
         self.db = db
         self.audit = audit
         self.jobs = jobs
@@ -67,6 +68,7 @@ class Failovers:
         self.cloudstack = cloudstack
         self.volumes = volumes
         self.pool = pool
+        self.source = source
         self.runner = Runner(db, jobs, crash_file)
         self._start_lock = asyncio.Lock()
 
@@ -75,6 +77,11 @@ class Failovers:
     async def start_test(self, vm_id: str, *, actor: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
         ref = await mappings_store.vm(self.db, vm_id)
         return await self._start(ref.context_id, ref.vm_name, "test", Operation.FAILOVER, None, options or {},
+                                 actor)
+
+    async def start_live(self, vm_id: str, *, actor: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        ref = await mappings_store.vm(self.db, vm_id)
+        return await self._start(ref.context_id, ref.vm_name, "live", Operation.FAILOVER, None, options or {},
                                  actor)
 
     async def end_test(self, job_id: str, *, actor: str) -> dict[str, Any]:
@@ -94,14 +101,16 @@ class Failovers:
             raise NotFound("no test failover", f"VM {ref.vm_name} has no test failover in force")
         return await self.end_test(standing.job_id, actor=actor)
 
-    async def rollback(self, vm_id: str, failover_type: str, *, actor: str) -> dict[str, Any]:
+    async def rollback(self, vm_id: str, failover_type: str, *, actor: str,
+                       power_on_source: bool = False) -> dict[str, Any]:
         ref = await mappings_store.vm(self.db, vm_id)
         standing = await store.standing(self.db, ref.context_id)
         if standing is None or standing.failover_type != failover_type:
             raise NotFound("nothing to roll back", f"VM {ref.vm_name} has no {failover_type} failover in force")
         if failover_type == "test":
             return await self.end_test(standing.job_id, actor=actor)
-        raise Invalid("live rollback not built", "rolling back a live failover is not available yet")
+        return await self._start(ref.context_id, ref.vm_name, "live", Operation.ROLLBACK, standing.job_id,
+                                 {"power_on_source": power_on_source}, actor)
 
     async def rollback_decision(self, vm_id: str, failover_type: str) -> dict[str, Any]:
         ref = await mappings_store.vm(self.db, vm_id)
@@ -110,10 +119,12 @@ class Failovers:
         out: dict[str, Any] = {"success": True, "vm_name": ref.vm_name, "failover_type": failover_type,
                                "failover_job_id": None, "can_rollback": False, "actions": []}
         if standing is not None and standing.failover_type == failover_type:
-            out.update(failover_job_id=standing.job_id, can_rollback=failover_type == "test")
+            out.update(failover_job_id=standing.job_id, can_rollback=True)
             out["actions"] = ["stop and destroy the test VM", "detach the volumes from it",
                               "revert every volume to its snapshot and delete the snapshot",
-                              "attach the volumes back to this appliance"] if failover_type == "test" else []
+                              "attach the volumes back to this appliance"] if failover_type == "test" else [
+                "stop the CloudStack VM", "detach the volumes from it", "attach them back to this appliance",
+                "destroy the CloudStack VM", "power the source VM on (when asked: power_on_source)"]
             out["message"] = f"{failover_type} failover {standing.job_id} is in force"
         else:
             out["message"] = f"no {failover_type} failover of {ref.vm_name} is in force"
@@ -174,6 +185,8 @@ class Failovers:
     async def plan(self, job: FailoverJob) -> Plan:
         if job.operation == Operation.FAILOVER and job.failover_type == "test":
             return self._test_plan(job)
+        if job.operation == Operation.FAILOVER and job.failover_type == "live":
+            return Plan(self._failover_steps(job), self._finished(ContextStatus.FAILED_OVER_LIVE), self._compensated)
         if job.operation in (Operation.END_TEST, Operation.ROLLBACK) and job.parent_job_id:
             parent = await store.get(self.db, job.parent_job_id)
             if parent.operation == Operation.FAILOVER and parent.status == FailoverStatus.COMPLETED \
@@ -251,9 +264,30 @@ class Failovers:
         async def undo_start(run: Run) -> None:
             await self._stop_vm(run)
 
-        return [Step("validate", validate, None, OnCrash.COMPENSATE),
-                Step("stop_exports", stop_exports),
-                Step("snapshot", snapshot, undo_snapshot),
+        async def power_off(run: Run) -> dict[str, Any]:
+            if "source_power_state" not in run.produced:  # a first run, not a resume after the act
+                await run.note({"source_power_state": await self.source.power_state(run.job.vm_context_id)})
+            await self.source.power_off(run.job.vm_context_id)
+            return {}
+
+        async def undo_power_off(run: Run) -> None:
+            # A failed live failover gives the source back as it was; a rollback powers it on when asked.
+            if run.job.operation == Operation.ROLLBACK and not run.job.options.get("power_on_source"):
+                return
+            if run.produced.get("source_power_state") == "poweredOn":
+                await self.source.power_on(run.job.vm_context_id)
+
+        async def final_sync(run: Run) -> dict[str, Any]:
+            return await self.source.final_sync(run.job.vm_context_id, int(run.produced["config_id"]),
+                                                run.job.created_by)
+
+        first: list[Step] = [Step("validate", validate, None, OnCrash.COMPENSATE)]
+        if job.failover_type == "live":
+            first += [Step("power_off", power_off, undo_power_off), Step("final_sync", final_sync),
+                      Step("stop_exports", stop_exports)]
+        else:
+            first += [Step("stop_exports", stop_exports), Step("snapshot", snapshot, undo_snapshot)]
+        return [*first,
                 Step("deploy", deploy, undo_deploy),
                 Step("detach_here", detach_here, undo_detach_here),
                 Step("attach", attach, undo_attach),

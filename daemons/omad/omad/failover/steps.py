@@ -39,6 +39,15 @@ class Run:
 
     job: FailoverJob
     produced: Produced = dataclasses.field(default_factory=dict)
+    db: Database | None = None
+    seq: int = -1  # the step running now
+
+    async def note(self, values: Produced) -> None:
+        """Record now, before acting, what the running step must not forget (it is in `produced` on a resume)."""
+        assert self.db is not None
+        self.produced.update(values)
+        async with self.db.transaction() as tx:
+            await store.note_step(tx, self.job.job_id, self.seq, values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +96,7 @@ class Runner:
     async def _load(self, job_id: str) -> tuple[Run, list[store.FailoverStep]]:
         job = await store.get(self.db, job_id)
         recorded = await store.steps(self.db, job_id)
-        run = Run(job)
+        run = Run(job, db=self.db)
         if job.parent_job_id:  # an end test or a cleanup works on what its failover made
             for s in await store.steps(self.db, job.parent_job_id):
                 run.produced.update(s.produced)
@@ -106,6 +115,7 @@ class Runner:
                 await store.begin_step(tx, job_id, seq, step.name, step.on_crash)
             await self.jobs.progress(job_id, 100.0 * seq / total, step.name)
             self._maybe_crash(job_id, step.name)
+            run.seq = seq
             try:
                 produced = await step.run(run)
             except Exception as e:
@@ -120,8 +130,10 @@ class Runner:
                 return
             self._maybe_crash(job_id, f"ran:{step.name}")  # done in CloudStack, not yet recorded
             run.produced.update(produced)
+            recorded = {s.seq: s.produced for s in await store.steps(self.db, job_id)}
+            noted = {k: run.produced[k] for k in recorded.get(seq, {})}
             async with self.db.transaction() as tx:
-                await store.complete_step(tx, job_id, seq, produced)
+                await store.complete_step(tx, job_id, seq, {**noted, **produced})
         await plan.finish(run)
 
     async def compensate(self, job_id: str, plan: Plan, upto: int) -> None:

@@ -212,6 +212,14 @@ async def complete_step(tx: Tx, job_id: str, seq: int, produced: Mapping[str, An
                      (StepStatus.COMPLETED, json.dumps(produced, default=str), utcnow(), job_id, seq))
 
 
+async def note_step(tx: Tx, job_id: str, seq: int, values: Mapping[str, Any]) -> None:
+    """What a running step learnt before it acts (a state to restore), kept should omad die during the act."""
+    raw = await tx.scalar("SELECT produced FROM failover_steps WHERE job_id = ? AND seq = ?", (job_id, seq))
+    produced = {**json.loads(raw or "{}"), **values}
+    await tx.execute("UPDATE failover_steps SET produced = ? WHERE job_id = ? AND seq = ?",
+                     (json.dumps(produced, default=str), job_id, seq))
+
+
 async def fail_step(tx: Tx, job_id: str, seq: int, reason: str) -> None:
     await tx.execute("UPDATE failover_steps SET status = ?, error_message = ?, completed_at = ? "
                      "WHERE job_id = ? AND seq = ?", (StepStatus.FAILED, reason, utcnow(), job_id, seq))
