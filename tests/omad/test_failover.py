@@ -223,3 +223,30 @@ async def test_omad_killed_while_compensating_finishes_the_undo(fo: Failover) ->
         fo.cs.faults.fail.clear()
     assert done["status"] == "compensated" and "Insufficient capacity" in done["error_message"], done
     await fo.assert_back_here()
+
+
+async def test_a_failed_undo_leaves_cleanup_required_and_cleanup_failed_clears_it(fo: Failover) -> None:
+    fo.cs.faults.fail["startvm"] = "Insufficient capacity on host sim-host-1"
+    fo.cs.faults.fail["destroyvm"] = "Unable to destroy: host unreachable"  # the job of destroyVirtualMachine
+    try:
+        done = await fo.wait(await fo.start_test())
+    finally:
+        fo.cs.faults.fail.clear()
+    assert done["status"] == "failed" and "undoing deploy failed" in done["error_message"], done
+    assert "host unreachable" in done["error_message"]
+    ctx = (await fo.rig.context())["context"]
+    assert ctx["current_status"] == "cleanup_required"
+    assert fo.destination().id and len(fo.cs.inv.snapshots) == 2  # the VM and the snapshots are left
+    status, decision = await fo.rig.api.get(f"/failover/rollback/decision/test/{VM}")
+    assert decision["failed_job_id"] == done["job_id"]
+
+    status, body = await fo.rig.api.post(f"/failover/{VM}/cleanup-failed")
+    assert status == 202, body
+    cleaned = await fo.wait(body["job_id"])
+    assert cleaned["status"] == "completed", (cleaned, fo.rig.log_tail(lines=80))
+    assert [s["name"] for s in cleaned["steps"]] == ["undo_start", "undo_attach", "undo_detach_here", "undo_deploy",
+                                                     "undo_snapshot"]
+    await fo.assert_back_here()
+    status, failed = await fo.rig.api.get(f"/failover/{done['job_id']}/status")
+    assert failed["status"] == "ended"
+    assert (await fo.rig.api.post(f"/failover/{VM}/cleanup-failed"))[0] == 404
