@@ -27,7 +27,10 @@ END_STEPS = ["stop_vm", "detach_from_vm", "destroy_vm", "revert", "delete_snapsh
 @pytest.fixture
 def stack_config(stack_config: Stack) -> Stack:
     stack_config.add_config("omad", "70-failover.toml", f'[failover]\ncrash_file = "{crash_file(stack_config)}"\n'
-                                                        "[cloudstack]\npoll_interval_seconds = 0.05\n")
+                                                        "[cloudstack]\npoll_interval_seconds = 0.05\n"
+                                                        # a sync right after an omad restart on a busy host may
+                                                        # sit idle longer than test_replication's 3 s
+                                                        "[replication]\nidle_timeout_seconds = 20\n")
     return stack_config
 
 

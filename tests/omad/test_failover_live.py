@@ -73,7 +73,7 @@ async def test_omad_killed_during_live_failover_and_rollback_finishes_them(rig: 
 
         job_id = await fo.crash_and_restart(point, live)
         done = await fo.wait(job_id, timeout=180)
-        assert done["status"] == "completed", (point, done, rig.log_tail(lines=100))
+        assert done["status"] == "completed", (point, done["error_message"], done, rig.log_tail(lines=100))
         assert vm.power_state == "poweredOff"
         for vol, src, size in zip(fo.volumes(), rig.sources, SIZES):
             assert digest(fo.cs.devices.volume_file(vol), size) == digest(src, size), point
