@@ -117,6 +117,17 @@ class ReplicationConfig:
 
 
 @dataclasses.dataclass
+class FailoverConfig:
+    """Failover jobs (test, live, end of a test, rollback)."""
+
+    crash_file: str = spec("", description="fault injection for tests: when this file names a step, omad dies "
+                                           "(SIGKILL) right after recording that step, once; empty = off")
+    log_files: list[str] = spec(factory=list, description="log files GET /debug/logs reads; empty = "
+                                                          "<state_dir>/logs/*.log when that directory exists "
+                                                          "(make run), else the journal of the daemons' units")
+
+
+@dataclasses.dataclass
 class PolicyConfig:
     """Backup policies: copies, retention and verification."""
 
@@ -183,6 +194,7 @@ class Config:
     cloudstack: CloudStackConfig = spec(factory=CloudStackConfig, description="CloudStack API calls")
     backup: BackupConfig = spec(factory=BackupConfig, description="VM backups")
     replication: ReplicationConfig = spec(factory=ReplicationConfig, description="replication into CloudStack")
+    failover: FailoverConfig = spec(factory=FailoverConfig, description="failover jobs")
     policies: PolicyConfig = spec(factory=PolicyConfig, description="backup policies, copies, retention, verification")
     scheduler: SchedulerConfig = spec(factory=SchedulerConfig, description="the scheduler")
     enrollment: EnrollmentConfig = spec(factory=EnrollmentConfig, description="VMA enrollment and its SSH tunnel")

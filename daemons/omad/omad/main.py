@@ -13,7 +13,7 @@ from aiohttp import web
 from oma_common import config, daemon, logs
 from oma_common.daemon import StopSignal
 from oma_common.notify import Notifier
-from oma_common.web import REQUEST_LIMITS
+from oma_common.web import REQUEST_LIMITS, collect
 
 from .adapters.localfs import LocalFs
 from .adapters.qemu_img import QemuImg
@@ -29,6 +29,9 @@ from .api.health import HealthApi
 from .api.nbd import NbdApi
 from .api.network_mappings import NetworkMappingsApi
 from .api.policies import PoliciesApi
+from .api.debug import DebugApi
+from .api.failover import FailoverApi
+from .api.validation import ValidationApi
 from .api.replications import ReplicationsApi
 from .api.repositories import RepositoriesApi
 from .api.restore import RestoreApi
@@ -53,6 +56,9 @@ from .backup.watchdog import Watchdog
 from .replication.changeids import ChangeIds
 from .replication.ending import Ending
 from .replication.monitor import Monitor
+from .failover.readiness import Readiness
+from .failover.service import Failovers
+from .failover.source import Source
 from .replication.replications import Replications
 from .restore.images import RepositoryImages
 from .restore.service import RestoreService
@@ -136,7 +142,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     ossea_configs = Configs(db, audit, box)
     networks = Networks(ossea_configs, cloudstack)
     cloudstack_api = CloudStackApi(ossea_configs, Settings(ossea_configs, cloudstack, local_nics), networks)
-    mappings_api = NetworkMappingsApi(Mappings(db, audit, networks), networks)
+    mappings = Mappings(db, audit, networks)
+    mappings_api = NetworkMappingsApi(mappings, networks)
 
     # Backups: repositories, VM-level backups, their completion and chains, the idle watchdog.
     locks = KeyedLocks()
@@ -160,6 +167,12 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     monitor = Monitor(db, jobs, vma, pool, ending, cfg.replication)
     replications.on_started.append(monitor.follow)
     jobs.on_recover("replication", monitor.recover)
+
+    # Failover: test failover and its end, cleanup of failed ones — step jobs resumed or undone after a restart.
+    failovers = Failovers(db, audit, jobs, ossea_configs, cloudstack, volume_agent, pool,
+                          Source(db, vma, credentials, replications), cfg.failover.crash_file)
+    jobs.on_recover("failover", failovers.recover)
+    readiness = Readiness(db, ossea_configs, cloudstack, volume_agent, mappings)
 
     # Policies: copies of completed backups (immediate rules run on completion), locks, retention, verification.
     policies = Policies(db, audit)
@@ -186,14 +199,17 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     # sessions of a revoked key.
     enrollments = Enrollments.from_config(cfg, db, audit, volume_agent)
 
-    apis = [HealthApi(Health(db, agents)), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
+    health = Health(db, agents)
+    apis: list[Any] = [HealthApi(health), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
             ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories),
             BackupsApi(backups, completion, Chains(db, contexts)),
             TelemetryApi({"backup": receiver(Telemetry, completion.telemetry),
                           "replication": receiver(Telemetry, monitor.telemetry)}), RestoreApi(restore),
             SchedulesApi(schedules, scheduler), GroupsApi(groups),
             PoliciesApi(policies, retention, copies, verifier, immutability), cloudstack_api, mappings_api,
-            VmaEnrollmentApi(enrollments), ReplicationsApi(replications, ChangeIds(db, locks))]
+            VmaEnrollmentApi(enrollments), ReplicationsApi(replications, ChangeIds(db, locks)),
+            FailoverApi(failovers, readiness), ValidationApi(readiness)]
+    apis.append(DebugApi(health, failovers, lambda: [r.spec for r in collect(*apis)], log_files(cfg)))
     app = api_app.build(apis, auth, tunnel=TunnelPeers(cfg.enrollment.tunnel_user), cors_origins=cfg.api.cors_origins,
                         max_body=cfg.api.max_body_bytes)
 
@@ -204,6 +220,14 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     app.on_cleanup.append(close_clients)
     return Omad(app, auth, jobs, background=[watchdog, restore, scheduler, retention, verifier,
                                             scheduled_copies, monitor], replications=replications)
+
+
+def log_files(cfg: Config) -> list[Path]:
+    """What GET /debug/logs reads: the configured files, else make run's log directory; [] = the journal."""
+    if cfg.failover.log_files:
+        return [Path(p) for p in cfg.failover.log_files]
+    logs = Path(cfg.state_dir) / "logs"
+    return sorted(logs.glob("*.log")) if logs.is_dir() else []
 
 
 def write_url(path: Path, url: str) -> None:

@@ -98,6 +98,24 @@ class VmaClient:
 
     # -- the one way to call the VMA -----------------------------------------------------------------
 
+    async def power(self, vm_uuid: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        """`POST /vm/{uuid}/power-off|power-on` {vm_id, vcenter, username, password, force?} → {success,
+        previous_state, new_state, ...} (CONTRACTS.md, "VMA power calls"); repeating one is harmless."""
+        if action not in ("power-off", "power-on"):
+            raise ValueError(action)
+        result = await self.call("POST", f"/vm/{quote(vm_uuid, safe='')}/{action}", json=body, idempotent=True)
+        if not isinstance(result, dict):
+            raise errors.Unavailable("VMA answered an unexpected power body", f"the VMA's {action} answer is not "
+                                                                              "a JSON object")
+        return result
+
+    async def power_state(self, vm_uuid: str) -> str:
+        """`GET /vm/{uuid}/power-state` → poweredOn | poweredOff | suspended."""
+        result = await self.call("GET", f"/vm/{quote(vm_uuid, safe='')}/power-state", idempotent=True)
+        if not isinstance(result, dict) or not isinstance(result.get("power_state"), str):
+            raise errors.Unavailable("VMA answered an unexpected power state", "no power_state in the answer")
+        return str(result["power_state"])
+
     async def call(self, method: str, path: str, *, json: Any = None, idempotent: bool,
                    timeout: float | None = None) -> Any:
         """`path` is under /api/v1. An idempotent call is repeated after a connection failure (not after a

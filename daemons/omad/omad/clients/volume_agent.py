@@ -62,3 +62,24 @@ class VolumeAgent:
     async def attach_volume(self, volume_id: str) -> dict[str, Any]:
         return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/attach",  # type: ignore[no-any-return]
                                       timeout=self.mount_timeout)
+
+    async def detach_volume(self, volume_id: str) -> dict[str, Any]:
+        return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/detach",  # type: ignore[no-any-return]
+                                      timeout=self.mount_timeout)
+
+    async def volumes(self) -> dict[str, Any]:
+        """{volumes: [VolumeView], unmanaged_attached: [volume ids]}."""
+        return await self.client.call("GET", "/volumes")  # type: ignore[no-any-return]
+
+    async def snapshot_volume(self, volume_id: str, name: str = "") -> dict[str, Any]:
+        return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/snapshots",  # type: ignore[no-any-return]
+                                      json={"name": name}, timeout=self.mount_timeout)
+
+    async def revert_volume(self, volume_id: str, snapshot_id: str) -> dict[str, Any]:
+        return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/revert",  # type: ignore[no-any-return]
+                                      json={"snapshot_id": snapshot_id}, timeout=self.mount_timeout)
+
+    async def delete_snapshot(self, volume_id: str, snapshot_id: str) -> dict[str, Any]:
+        return await self.client.call(  # type: ignore[no-any-return]
+            "DELETE", f"/volumes/{quote(volume_id, safe='')}/snapshots/{quote(snapshot_id, safe='')}",
+            timeout=self.mount_timeout)
