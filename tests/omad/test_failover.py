@@ -16,7 +16,8 @@ from tests.sim.cloudstack import CloudStackSim
 
 from ..rig import Stack
 from .test_cloudstack_api import ids
-from .test_replication import SIZES, VM, Rig, digest, rig, write_random  # noqa: F401  (rig: the fixture)
+from .replication_rig import VM, Rig, digest
+from .test_replication import SIZES, rig, write_random  # noqa: F401  (rig: the fixture)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from .test_failover import Failover, stack_config  # noqa: F401  (fixture)
-from .test_replication import SIZES, VM, Rig, digest, rig, write_random  # noqa: F401  (rig: the fixture)
+from .replication_rig import VM, Rig, digest
+from .test_replication import SIZES, rig, write_random  # noqa: F401  (rig: the fixture)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 

@@ -7,7 +7,8 @@ import pytest
 
 from ..rig import Api
 from .test_failover import Failover, fo, stack_config  # noqa: F401  (fixtures)
-from .test_replication import VM, Rig, rig  # noqa: F401  (rig: the fixture)
+from .replication_rig import VM, Rig
+from .test_replication import rig  # noqa: F401  (rig: the fixture)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
