@@ -42,6 +42,7 @@ from .backup.policies import Policies
 from .backup.retention import Retention
 from .backup.verify import Verifier
 from .backup.repositories import Repositories
+from .backup.recovery import Recovery
 from .backup.teardown import Teardown
 from .backup.watchdog import Watchdog
 from .restore.images import RepositoryImages
@@ -122,7 +123,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     backups = Backups(db, audit, jobs, locks, contexts, credentials, repositories, pool, vma, qemu_img, fs, teardown,
                       cfg.backup, immutability)
     completion = Completion(db, jobs, locks, contexts, qemu_img, fs, teardown, cfg.backup)
-    jobs.on_recover("backup", backups.recover)
+    jobs.on_recover("backup", Recovery(db, jobs, pool, vma, teardown, completion, cfg.backup).recover)
 
     # Policies: copies of completed backups (immediate rules run on completion), locks, retention, verification.
     policies = Policies(db, audit)

@@ -1,12 +1,11 @@
 """Every way a backup can fail ends the same: the backup is `failed` with the reason, and nothing is left —
 no qemu-nbd, no leased port, no image file, no row half-way. The faults are the VMA simulator's (refuse,
-error, drop, fail mid-transfer, disconnect, hang), nbd-pool's (no ports, a path it will not export) and
-omad's own death mid-backup."""
+error, drop, fail mid-transfer, disconnect, hang) and nbd-pool's (no ports, a path it will not export);
+omad's own death mid-backup is test_restart.py's."""
 
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -14,7 +13,6 @@ import pytest
 from oma_common.rpc import AgentClient
 from tests.sim.vma import FINALIZING
 
-from ...rig import Api
 from .conftest import IDLE_TIMEOUT, TWO_DISK_VM, Rig
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -96,28 +94,6 @@ async def test_a_repository_nbd_pool_will_not_export(rig: Rig) -> None:
     assert backup["status"] == "failed" and "export roots" in backup["error_message"]
     assert list(outside.iterdir()) == []
     await rig.assert_nothing_left(backup["backup_id"])
-
-
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
-async def test_omad_restarted_mid_backup(rig: Rig, how: signal.Signals) -> None:
-    rig.state.faults.hang_job()  # everything is written, the VMA never completes
-    status, body = await rig.start(TWO_DISK_VM)
-    assert status == 200, body
-    await rig.state.wait_job(body["backup_id"], statuses=(FINALIZING,))
-    rig.stack.daemons["omad"].stop(sig=how)
-    exports, _ = await rig.nbd_state()
-    assert len(exports) == 2  # nbd-pool keeps serving while omad is away
-    rig.stack.start("omad")
-    api = Api(rig.stack.url)
-    await api.login("admin", rig.stack.admin_password)
-    rig.api = api
-    try:
-        status, backup = await api.get(f"/backups/{body['backup_id']}")  # reconciled before serving
-        assert status == 200 and backup["status"] == "failed", backup
-        assert backup["error_message"].startswith("interrupted: omad restarted")
-        await rig.assert_nothing_left(body["backup_id"])
-    finally:
-        await api.close()
 
 
 async def test_telemetry_is_recorded_while_it_runs(rig: Rig) -> None:

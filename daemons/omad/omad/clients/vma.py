@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -76,6 +77,14 @@ class VmaClient:
         if not isinstance(result, dict) or not isinstance(result.get("status"), str):
             raise errors.Unavailable("VMA answered an unexpected backup start body",
                                      "the VMA's answer to /backup/start has no 'status'")
+        return result
+
+    async def backup_progress(self, job_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """`GET /progress/{job_id}` of a backup job (a read: retried); NotFound when the VMA does not know it."""
+        result = await self.call("GET", f"/progress/{quote(job_id, safe='')}", idempotent=True, timeout=timeout)
+        if not isinstance(result, dict):
+            raise errors.Unavailable("VMA answered an unexpected progress body",
+                                     f"the VMA's progress of {job_id} is not an object")
         return result
 
     # -- the one way to call the VMA -----------------------------------------------------------------
