@@ -41,7 +41,7 @@ from .backup.immutability import Immutability
 from .backup.policies import Policies
 from .backup.retention import Retention
 from .backup.verify import Verifier
-from .backup.repositories import Repositories
+from .backup.repositories import ExportRoots, Repositories
 from .backup.recovery import Recovery
 from .backup.teardown import Teardown
 from .backup.watchdog import Watchdog
@@ -116,7 +116,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     fs = LocalFs(timeout=cfg.backup.qemu_img_timeout_seconds)
     qemu_img = QemuImg(timeout=cfg.backup.qemu_img_timeout_seconds)
     volume_agent = VolumeAgent(agents.volume_agent)
-    repositories = Repositories(db, audit, box, fs, volume_agent)
+    repositories = Repositories(db, audit, box, fs, volume_agent, ExportRoots(pool),
+                                min_free_bytes=cfg.backup.repository_min_free_bytes)
     teardown = Teardown(db, jobs, pool, fs, locks)
     clock = SystemClock()
     immutability = Immutability(db, audit, volume_agent, fs, clock)

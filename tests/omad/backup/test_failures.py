@@ -84,9 +84,23 @@ async def test_no_ports_left(rig: Rig) -> None:
 async def test_a_repository_nbd_pool_will_not_export(rig: Rig) -> None:
     outside = rig.stack.state / "outside-roots"
     outside.mkdir()
-    status, repo = await rig.api.post("/repositories", {"name": "outside", "type": "local",
+    # Refused at creation (and by the dry-run test), naming the roots and where to change them.
+    status, body = await rig.api.post("/repositories", {"name": "outside", "type": "local",
                                                         "config": {"disk_path": str(outside)}})
-    assert status == 201
+    assert status == 400 and body["error"] == "outside the export roots", body
+    roots = [str(rig.repo_dir), str(rig.stack.state / "repos")]
+    assert all(r in body["details"] for r in roots), body
+    assert "nbd-pool.d/*.toml" in body["details"] and "export_roots" in body["details"], body
+    status, test = await rig.api.post("/repositories/test", {"type": "local", "config": {"disk_path": str(outside)}})
+    assert status == 200 and test["success"] is False and test["error"]["code"] == "invalid_request", test
+    assert test["error"]["error"] == "outside the export roots"
+    # A repository whose roots were narrowed after its creation: the backup is refused and undone.
+    inside = rig.stack.state / "repos" / "narrowed"
+    inside.mkdir()
+    status, repo = await rig.api.post("/repositories", {"name": "narrowed", "type": "local",
+                                                        "config": {"disk_path": str(inside)}})
+    assert status == 201, repo
+    rig.stack.sql("UPDATE backup_repositories SET root_path = ? WHERE id = ?", (str(outside), repo["id"]))
     status, body = await rig.api.post("/backups", {"vm_name": TWO_DISK_VM, "repository_id": repo["id"]})
     assert status == 400 and body["error"] == "path outside the export roots", body
     assert "is not inside an export root" in body["details"]

@@ -21,6 +21,7 @@ The agent's routes (nbd-pool/nbd_pool/api.py is the other side; job ids match
                           type, name}], attached_at, status, pid}; 409 exhausted (+available_slots)
   DELETE /attachments/{attachment_id}                                 → {success}; 409 while a partition is mounted
   GET  /attachments    → {attachments: [...], max_attachments, available_slots, backend}
+  GET  /roots          → {export_roots, resolved_roots, drop_in: "<dir>/*.toml", key: "export_roots"}
   GET  /health         → {..., total_ports, allocated, available, foreign_ports, exports, attachments,
                           max_attachments, backend}
 """
@@ -85,6 +86,10 @@ class NbdPool:
         """Stop every export of the job and free its ports (cleanup after success or failure)."""
         return await self.client.call("POST", f"/jobs/{quote(job_id, safe='')}/release",  # type: ignore[no-any-return]
                                       timeout=60)
+
+    async def roots(self) -> dict[str, Any]:
+        """Where images may be exported from, and the drop-in an operator changes that in."""
+        return await self.client.call("GET", "/roots")  # type: ignore[no-any-return]
 
     async def attach(self, image: str, owner: str) -> dict[str, Any]:
         return await self.client.call("POST", "/attachments", json={"image": image, "owner": owner},  # type: ignore[no-any-return]
