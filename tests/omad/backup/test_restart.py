@@ -5,15 +5,27 @@ gone meanwhile (or that the VMA lost) is failed, with the reason, and nothing of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
 import pytest
 
+from oma_common.devrun import write_local_configs
+from tests.sim.vma import SimState, VMASim
+
 from ...rig import Api
-from .conftest import IDLE_TIMEOUT, TWO_DISK_VM, Rig, qemu_img
+from ..conftest import PASSWORD, USER, VCENTER, manual, vma_config
+from .conftest import IDLE_TIMEOUT, TWO_DISK_VM, Rig, build_inventory, free_range, kill_strays, qemu_img
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
@@ -122,3 +134,107 @@ async def test_backup_the_vma_lost_fails_cleanly(rig: Rig) -> None:
         release.set()
         if lost.task is not None:
             await asyncio.gather(lost.task, return_exceptions=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _daemon_pids(launcher: psutil.Process) -> dict[str, int]:
+    out = {}
+    for child in launcher.children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            argv = child.cmdline()
+            if len(argv) > 2 and child.status() != psutil.STATUS_ZOMBIE:
+                out[argv[2]] = child.pid
+    return out
+
+
+async def _until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.1)
+
+
+async def test_under_make_run_a_killed_omad_restarts_alone_and_the_backup_completes(short_tmp: Path,
+                                                                                    tmp_path: Path) -> None:
+    """`make run`'s launcher (oma_common.devrun) restarts a crashed omad alone, as Restart=on-failure does;
+    the backup it ran is re-adopted and completes. The repository is the out-of-the-box <state>/repositories."""
+    state = short_tmp
+    port = _free_port()
+    inv, _images, sources = build_inventory(tmp_path)
+    sim_state = SimState(inv, workdir=tmp_path / "vmasim", telemetry_interval=0.2, outbound_timeout=30)
+    for name, paths in sources.items():
+        for index, path in enumerate(paths):
+            sim_state.set_source(name, index, path)
+    sim_state.oma_url = f"http://127.0.0.1:{port}"
+    dirs = write_local_configs(state, port)  # what the launcher writes too; our drop-ins go beside it
+    ports = free_range(8)
+    async with VMASim(state=sim_state) as sim:
+        (dirs["omad"] / "50-vma.toml").write_text(vma_config(sim.url, timeout=20))
+        (dirs["omad"] / "60-backup.toml").write_text(
+            f"[backup]\nidle_timeout_seconds = {IDLE_TIMEOUT}\nwatchdog_interval_seconds = 0.25\n")
+        (dirs["nbd-pool"] / "60-pool.toml").write_text(f"port_min = {ports[0]}\nport_max = {ports[-1]}\n")
+        out = open(tmp_path / "launcher.out", "w")  # noqa: SIM115 - the launcher's, closed below
+        launcher = subprocess.Popen([sys.executable, "-m", "oma_common.devrun", "--state-dir", str(state),
+                                     "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, text=True)
+        api = Api(sim_state.oma_url)
+        try:
+            await _until(lambda: "OMA API:" in (tmp_path / "launcher.out").read_text(), 60, "launcher not up")
+            await api.login("admin", (state / "admin-password").read_text().strip())
+            status, body = await api.post("/vmware-credentials", {
+                "credential_name": "sim", "vcenter_host": VCENTER, "username": USER, "password": PASSWORD,
+                "datacenter": "DC1", "is_default": True})
+            assert status in (200, 201), body
+            status, body = await api.post("/discovery/add-vms", {**manual(), "vm_names": [TWO_DISK_VM]})
+            assert status == 200, body
+            repo_dir = state / "repositories" / "main"
+            repo_dir.mkdir()
+            status, repo = await api.post("/repositories", {"name": "main", "type": "local",
+                                                            "config": {"disk_path": str(repo_dir)}})
+            assert status == 201, repo
+            fault = sim_state.faults.hold_job(after_disks=1)
+            status, started = await api.post("/backups", {"vm_name": TWO_DISK_VM, "repository_id": repo["id"],
+                                                          "backup_type": "full"})
+            assert status == 200, started
+            assert fault.held is not None and fault.release is not None
+            await asyncio.wait_for(fault.held.wait(), 30)
+
+            parent = psutil.Process(launcher.pid)
+            before = _daemon_pids(parent)
+            assert set(before) == {"omad", "nbd_pool", "restore_mounter", "volume_agent"}, before
+            os.kill(before["omad"], signal.SIGKILL)
+            await _until(lambda: _daemon_pids(parent).get("omad", before["omad"]) != before["omad"], 30,
+                         "the launcher did not restart omad")
+            await _until(lambda: "omad: ready again" in (tmp_path / "launcher.out").read_text(), 60,
+                         "omad did not come back")
+            after = _daemon_pids(parent)
+            assert {n: p for n, p in after.items() if n != "omad"} == \
+                   {n: p for n, p in before.items() if n != "omad"}, "only omad restarts"
+            await api.close()
+            api = Api(sim_state.oma_url)
+            await api.login("admin", (state / "admin-password").read_text().strip())
+            backup_id = started["backup_id"]
+            assert (await api.get(f"/backups/{backup_id}"))[1]["status"] == "running"
+            fault.release.set()
+            deadline = time.monotonic() + 60
+            while (backup := (await api.get(f"/backups/{backup_id}"))[1])["status"] == "running":
+                assert time.monotonic() < deadline, backup
+                await asyncio.sleep(0.2)
+            assert backup["status"] == "completed", backup
+            for d in backup["disk_results"]:
+                assert image_sha256(d["qcow2_path"], tmp_path) == sha256_of(sources[TWO_DISK_VM][d["disk_id"]])
+            assert launcher.poll() is None
+        finally:
+            await api.close()
+            launcher.send_signal(signal.SIGINT)
+            try:
+                launcher.wait(30)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+                launcher.wait()
+            out.close()
+            kill_strays(state / "repositories")
