@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from oma_common.errors import Conflict, Invalid
+from oma_common.rpc import AgentClient
 from omad.adapters.localfs import LocalFs
 from omad.audit import Audit
 from omad.backup.repositories import PURPOSE, Repositories
@@ -100,7 +101,8 @@ async def test_delete_is_refused_while_backups_exist(repos: tuple[Repositories, 
 
 
 async def test_local_repositories_through_the_api(stack: Stack, admin: Api) -> None:
-    d1, d2 = stack.state / "repo-one", stack.state / "repo-two"
+    # Below <state>/repositories: the out-of-the-box place under `make run`, with nothing configured.
+    d1, d2 = stack.state / "repositories" / "one", stack.state / "repositories" / "two"
     d1.mkdir()
     d2.mkdir()
     status, one = await admin.post("/repositories", {"name": "one", "type": "Local", "config": {"disk_path": str(d1)},
@@ -122,11 +124,11 @@ async def test_local_repositories_through_the_api(stack: Stack, admin: Api) -> N
                                                       "config": {"disk_path": str(d1)}})
     assert status == 409 and "overlaps" in body["details"]
     status, body = await admin.post("/repositories", {"name": "x", "type": "local",
-                                                      "config": {"disk_path": str(stack.state / "missing")}})
+                                                      "config": {"disk_path": str(d1.parent / "missing")}})
     assert status == 400 and "does not exist" in body["details"]
-    (stack.state / "afile").write_text("x")
+    (d1.parent / "afile").write_text("x")
     status, body = await admin.post("/repositories", {"name": "x", "type": "local",
-                                                      "config": {"disk_path": str(stack.state / "afile")}})
+                                                      "config": {"disk_path": str(d1.parent / "afile")}})
     assert status == 400 and "not a directory" in body["details"]
     status, body = await admin.post("/repositories", {"name": "x", "type": "tape", "config": {}})
     assert status == 400
@@ -148,7 +150,7 @@ async def test_local_repositories_through_the_api(stack: Stack, admin: Api) -> N
     status, test = await admin.post("/repositories/test", {"type": "local", "config": {"disk_path": str(d1)}})
     assert status == 200 and test["success"] is True and test["storage_info"]["total_bytes"] > 0
     status, test = await admin.post("/repositories/test", {"type": "local",
-                                                           "config": {"disk_path": str(stack.state / "nope")}})
+                                                           "config": {"disk_path": str(d1.parent / "nope")}})
     assert status == 200 and test["success"] is False and "does not exist" in test["error"]["details"]
 
     assert (await admin.delete(f"/repositories/{two['id']}"))[0] == 200
@@ -175,3 +177,57 @@ async def test_network_shares_fail_clearly_without_a_client(stack: Stack, admin:
         "server": "127.0.0.1", "share_name": "b", "username": "u", "password": "p"}})
     assert status == 503 and body["error"] == "cannot mount the CIFS share"
     assert not list((stack.state / "repositories").glob("*"))  # the agent left no mount point behind
+
+
+async def test_a_repository_no_backup_could_use_is_refused_at_creation(stack_config: Stack) -> None:
+    """Outside nbd-pool's export roots (asked from nbd-pool), or short of free space: a 400 that says why and
+    what to change; inside the out-of-the-box root with the space: accepted."""
+    stack = stack_config
+    stack.add_config("omad", "60-space.toml", "[backup]\nrepository_min_free_bytes = 1048576\n")
+    stack.start()
+    pool = AgentClient("nbd-pool", stack.run_dir / "nbd-pool.sock", timeout=10)
+    try:
+        roots = await pool.call("GET", "/roots")
+    finally:
+        await pool.close()
+    drop_in = str(stack.config_dirs["nbd-pool"] / "*.toml")
+    assert roots["export_roots"][:2] == [str(stack.state / "repositories"), str(stack.state / "mounts")]
+    assert roots["drop_in"] == drop_in and roots["key"] == "export_roots"
+    outside = stack.state / "elsewhere"
+    outside.mkdir()
+    async with Api(stack.url) as api:
+        await api.login("admin", stack.admin_password)
+        status, body = await api.post("/repositories", {"name": "x", "type": "local",
+                                                        "config": {"disk_path": str(outside)}})
+        assert status == 400 and body["error"] == "outside the export roots", body
+        assert str(stack.state / "repositories") in body["details"] and drop_in in body["details"], body
+        assert "`export_roots`" in body["details"] and "restart nbd-pool" in body["details"]
+        assert body["export_roots"] == roots["export_roots"] and body["drop_in"] == drop_in
+        status, test = await api.post("/repositories/test", {"type": "local", "config": {"disk_path": str(outside)}})
+        assert status == 200 and test["success"] is False and test["error"]["error"] == "outside the export roots"
+        # A link from inside the roots to outside is judged by where it leads.
+        (stack.state / "repositories" / "link").symlink_to(outside)
+        status, body = await api.post("/repositories", {"name": "x", "type": "local",
+                                                        "config": {"disk_path": str(stack.state / "repositories" / "link")}})
+        assert status == 400 and body["error"] == "outside the export roots", body
+
+        inside = stack.state / "repositories" / "main"
+        inside.mkdir()
+        stack.stop("omad")
+        stack.add_config("omad", "61-space.toml", f"[backup]\nrepository_min_free_bytes = {1 << 62}\n")
+        stack.start("omad")
+    async with Api(stack.url) as api:
+        await api.login("admin", stack.admin_password)
+        status, body = await api.post("/repositories", {"name": "x", "type": "local",
+                                                        "config": {"disk_path": str(inside)}})
+        assert status == 400 and body["error"] == "not enough free space", body
+        assert "repository_min_free_bytes" in body["details"]
+        (stack.config_dirs["omad"] / "61-space.toml").unlink()
+    stack.stop("omad")
+    stack.start("omad")
+    async with Api(stack.url) as api:
+        await api.login("admin", stack.admin_password)
+        status, body = await api.post("/repositories", {"name": "x", "type": "local",
+                                                        "config": {"disk_path": str(inside)}})
+        assert status == 201, body
+    stack.stop()

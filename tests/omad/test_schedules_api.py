@@ -15,7 +15,7 @@ NIGHTLY = {"name": "nightly", "cron_expression": "0 30 2 * * *", "timezone": "Eu
 
 async def repository(stack: Stack, api: Api) -> str:
     """A local backup repository (schedules are checked against the real backup service)."""
-    root = stack.state / "backups"
+    root = stack.state / "repositories" / "backups"  # inside nbd-pool's export roots of the stack
     root.mkdir(exist_ok=True)
     status, repo = await api.post("/repositories", {"name": "local", "type": "local",
                                                     "config": {"disk_path": str(root)}})

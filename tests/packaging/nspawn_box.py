@@ -132,8 +132,10 @@ class Machine:
                  "--register=no", "--keep-unit", "--console=pipe", "--private-network", "--link-journal=no",
                  "--resolv-conf=off", "--timezone=off",
                  # nspawn's seccomp filter denies bpf(); allowed, the container's systemd can enforce
-                 # IPAddressDeny= with its cgroup BPF firewall, as it does on the appliance.
-                 "--system-call-filter=bpf"],
+                 # IPAddressDeny= with its cgroup BPF firewall, as it does on the appliance. It denies
+                 # openat2() too (ENOSYS), which the agents use to stay beneath their roots (volume-agent's
+                 # immutability locks have no fallback): the appliance's kernel has it.
+                 "--system-call-filter=bpf openat2"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         finally:
             out.close()

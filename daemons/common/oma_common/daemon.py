@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 from pathlib import Path
 

@@ -150,6 +150,7 @@ def write_local_configs(state: Path, port: int, listen: str = "127.0.0.1") -> di
     run_dir = state / "run"
     uid = os.getuid()
     dirs = {}
+    (state / "repositories").mkdir(parents=True, exist_ok=True)  # local repositories' out-of-the-box place
     for name in ("omad", *AGENTS):
         d = state / "config" / f"{name}.d"
         d.mkdir(parents=True, exist_ok=True)

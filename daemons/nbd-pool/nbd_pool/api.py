@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from oma_common.contracts.nbd_pool import (
@@ -36,6 +37,7 @@ from .attachments import Attachments
 from .exports import Exports, StartRequest
 from .jobs import Jobs, lease_view
 from .pool import Pool
+from .roots import Roots
 
 Handler = Callable[[Any, Call], Awaitable[Any]]
 
@@ -137,6 +139,21 @@ class ExportsApi:
     async def release_job(self, call: Call) -> dict[str, Any]:
         """Stop every export of the job and free its ports."""
         return await self.jobs.release_job(call.params["job_id"])
+
+
+class RootsApi:
+    """The export roots, for omad to refuse a repository no backup could be written into."""
+
+    def __init__(self, roots: Roots, drop_in_dir: Path) -> None:
+        self.roots = roots
+        self.drop_in_dir = drop_in_dir
+
+    @route("GET", "/roots", auth=Auth.PEER)
+    async def list_roots(self, call: Call) -> dict[str, Any]:
+        """The configured export roots (and each resolved), and the drop-in directory that changes them."""
+        return {"export_roots": [str(r) for r in self.roots.configured],
+                "resolved_roots": [str(r) for r in self.roots.resolved],
+                "drop_in": str(self.drop_in_dir / "*.toml"), "key": "export_roots"}
 
 
 class AttachmentsApi:

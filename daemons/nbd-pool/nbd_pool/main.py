@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from oma_common import agent, daemon, schema
+from oma_common import agent, config, daemon, schema
 from oma_common.errors import Invalid
 from oma_common.periodic import Periodic
 from oma_common.statefile import Damaged, StateFile
@@ -19,7 +19,7 @@ from .adapters.fuse_loop import FuseLoopBackend
 from .adapters.kernel_nbd import KernelNbdBackend
 from .adapters.ports import PortProbeError, port_is_free
 from .adapters.qemu_nbd import ExportOptions
-from .api import AttachmentsApi, ExportsApi, Gate, PortsApi
+from .api import AttachmentsApi, ExportsApi, Gate, PortsApi, RootsApi
 from .attachments import Attachments
 from .exports import Exports
 from .images import ImageRoots
@@ -80,6 +80,12 @@ class Config(agent.AgentConfig):
     stop_timeout_seconds: float = schema.spec(10.0, min=0.1, description="SIGTERM → wait this → SIGKILL "
                                                                          "(qemu-nbd flushes on SIGTERM)")
     qemu_nbd: QemuNbdFlags = schema.spec(factory=QemuNbdFlags, description="qemu-nbd flags for exports")
+
+
+def operator_dir() -> Path:
+    """The last directory drop-ins are read from: where an operator overrides (e.g. /etc/oma/nbd-pool.d)."""
+    args, _ = config.arg_parser(DAEMON, "").parse_known_args()
+    return (args.config or config.default_dirs(DAEMON))[-1]
 
 
 def choose_backend(cfg: Config) -> tuple[AttachBackend, dict[str, AttachBackend]]:
@@ -168,7 +174,8 @@ async def amain() -> int:
                 "exports": len(exports), "attachments": len(attachments),
                 "max_attachments": cfg.max_attachments, "backend": backend.name}
 
-    apis = [PortsApi(pool, jobs, gate), ExportsApi(exports, jobs, gate), AttachmentsApi(attachments, gate)]
+    apis = [PortsApi(pool, jobs, gate), ExportsApi(exports, jobs, gate), AttachmentsApi(attachments, gate),
+            RootsApi(roots, operator_dir())]
     return await agent.serve(DAEMON, cfg, apis, report=report, reconcile=reconcile, close=close)
 
 

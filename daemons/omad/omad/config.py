@@ -93,6 +93,8 @@ class BackupConfig:
     lease_seconds: int = spec(3600, min=10, description="lease asked for on a backup's NBD ports; renewed while "
                                                         "the backup runs")
     qemu_img_timeout_seconds: float = spec(120.0, min=1, description="time limit of one qemu-img call")
+    repository_min_free_bytes: int = spec(1024**3, min=0, description="a new repository needs this much free "
+                                                                     "space for omad's user (0 = not checked)")
     check_images: bool = spec(True, description="run `qemu-img check` on every image when a backup completes "
                                                 "(a corrupt image fails the backup)")
 

@@ -50,7 +50,8 @@ from .backup.immutability import Immutability
 from .backup.policies import Policies
 from .backup.retention import Retention
 from .backup.verify import Verifier
-from .backup.repositories import Repositories
+from .backup.repositories import ExportRoots, Repositories
+from .backup.recovery import Recovery
 from .backup.teardown import Teardown
 from .backup.watchdog import Watchdog
 from .replication.changeids import ChangeIds
@@ -150,14 +151,15 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     fs = LocalFs(timeout=cfg.backup.qemu_img_timeout_seconds)
     qemu_img = QemuImg(timeout=cfg.backup.qemu_img_timeout_seconds)
     volume_agent = VolumeAgent(agents.volume_agent)
-    repositories = Repositories(db, audit, box, fs, volume_agent)
+    repositories = Repositories(db, audit, box, fs, volume_agent, ExportRoots(pool),
+                                min_free_bytes=cfg.backup.repository_min_free_bytes)
     teardown = Teardown(db, jobs, pool, fs, locks)
     clock = SystemClock()
     immutability = Immutability(db, audit, volume_agent, fs, clock)
     backups = Backups(db, audit, jobs, locks, contexts, credentials, repositories, pool, vma, qemu_img, fs, teardown,
                       cfg.backup, immutability)
     completion = Completion(db, jobs, locks, contexts, qemu_img, fs, teardown, cfg.backup)
-    jobs.on_recover("backup", backups.recover)
+    jobs.on_recover("backup", Recovery(db, jobs, pool, vma, teardown, completion, cfg.backup).recover)
 
     # Replication: each disk into a CloudStack volume through volume-agent, exported by nbd-pool, written by the
     # VMA; followed by the monitor, which adopts running ones again after a restart.

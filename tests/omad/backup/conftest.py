@@ -190,7 +190,8 @@ async def open_rig(stack: Stack, tmp: Path, inv: Inventory, sources: dict[str, l
     async with VMASim(state=state) as sim:
         stack.add_config("omad", "50-vma.toml", vma_config(sim.url, timeout=20))
         stack.add_config("omad", "60-backup.toml",
-                         f"[backup]\nidle_timeout_seconds = {IDLE_TIMEOUT}\nwatchdog_interval_seconds = 0.25\n")
+                         f"[backup]\nidle_timeout_seconds = {IDLE_TIMEOUT}\nwatchdog_interval_seconds = 0.25\n"
+                         "repository_min_free_bytes = 67108864\n")  # small test file systems
         stack.add_config("nbd-pool", "60-pool.toml",
                          f'export_roots = ["{repo_dir}", "{more_repos}"]\nport_min = {ports[0]}\nport_max = {ports[-1]}\n')
         stack.add_config("volume-agent", "60-immutable.toml", f'immutable_roots = ["{more_repos}"]\n')

@@ -24,7 +24,8 @@ FAIL = "fail"              # write `after_bytes`, then report failure by telemet
 HANG = "hang"              # write everything, then never complete (no complete / change-id call)
 DISCONNECT = "disconnect"  # write `after_bytes`, then go silent: no telemetry, no completion, progress frozen
 REFUSE = "refuse"          # answer the start call with status "failed" and run nothing
-JOB_MODES = (FAIL, HANG, DISCONNECT, REFUSE)
+HOLD = "hold"              # write `after_disks` disks, then wait (telemetry going on) until `release` is set
+JOB_MODES = (FAIL, HANG, DISCONNECT, REFUSE, HOLD)
 
 MALFORMED_BODY = '{"vcenter": {"host": "vcenter.sim.local", "datacenter": "DC1"}, "vms": [{"id": "42'
 
@@ -72,6 +73,9 @@ class JobFault:
     vm_name: Optional[str] = None
     times: Optional[int] = 1  # None: every matching job
     hits: int = 0
+    after_disks: int = 1  # HOLD: disks written before the pause
+    release: Optional[asyncio.Event] = None  # HOLD: set it to let the job go on
+    held: Optional[asyncio.Event] = None  # HOLD: set by the job once it waits
 
     def __post_init__(self) -> None:
         if self.mode not in JOB_MODES:
@@ -143,6 +147,11 @@ class Faults:
     def refuse_job(self, message: str = "failed to create VM snapshot: another task is in progress",
                    **match: object) -> JobFault:
         return self.add_job(JobFault(REFUSE, message=message, **match))  # type: ignore[arg-type]
+
+    def hold_job(self, *, after_disks: int = 1, **match: object) -> JobFault:
+        """Write `after_disks` disks, then pause (still sending telemetry) until `fault.release` is set."""
+        return self.add_job(JobFault(HOLD, after_disks=after_disks, release=asyncio.Event(),  # type: ignore[arg-type]
+                                     held=asyncio.Event(), **match))
 
     def take_job(self, kind: str, job_id: str, vm_name: str) -> Optional[JobFault]:
         for fault in self.job_faults:

@@ -195,6 +195,8 @@ class JobManager:
                 disk.change_id = tracker.record(await future) if future is not None else tracker.untracked()
                 disk.status = "completed"
                 job.set()
+                if fault is not None and fault.mode == F.HOLD and disk.index + 1 == fault.after_disks:
+                    await self._hold(job, fault)
         if fault is not None and fault.mode == F.FAIL:
             job.add_error(fault.message)
             return F.FAIL
@@ -203,6 +205,18 @@ class JobManager:
             log.info("job %s: disconnect fault after %d bytes", job.job_id, job.bytes_transferred)
             return F.DISCONNECT
         return "ok"
+
+    async def _hold(self, job: Job, fault: F.JobFault) -> None:
+        assert fault.release is not None and fault.held is not None
+        log.info("job %s: hold fault after %d disk(s)", job.job_id, fault.after_disks)
+        fault.held.set()
+        closing = asyncio.ensure_future(self._state.closing.wait())
+        released = asyncio.ensure_future(fault.release.wait())
+        try:
+            await asyncio.wait([closing, released], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            released.cancel()
 
     async def _hang(self, job: Job) -> None:
         log.info("job %s: never-complete fault, hanging in %s", job.job_id, job.status)

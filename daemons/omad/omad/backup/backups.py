@@ -10,7 +10,8 @@ Starting one (all steps recorded on its job):
   4. start exports: a writable qemu-nbd per image (`--shared`: the VMA opens 2 connections per disk);
   5. start the VMA's backup with the `nbd_targets` string ("2000:nbd://host:port/export,2001:...").
 Any failure fails the backup and undoes everything (teardown.py). The backup then runs until the VMA
-completes every disk (completion.py), reports failure, or goes idle (watchdog.py).
+completes every disk (completion.py), reports failure, or goes idle (watchdog.py); an omad restart
+re-adopts it while its exports live (recovery.py).
 """
 
 from __future__ import annotations
@@ -345,21 +346,3 @@ class Backups:
             raise Conflict("backup has dependents",
                            f"backup {backup_id} is the base of {', '.join(deps)}; delete those first "
                            "(newest first)", dependents=deps)
-
-    # -- after a restart -----------------------------------------------------------------------------
-
-    async def recover(self, job: dict[str, Any]) -> None:
-        """A backup a previous omad left active: its VMA session is lost with it, so undo it.
-
-        Runs before omad serves: nothing can complete or query it meanwhile. nbd-pool's exports and ports
-        for it are released (they survive omad), the partial images removed.
-        """
-        backup_id = job["id"]
-        if not await store.exists(self.db, backup_id):
-            await self.jobs.finish(backup_id, "failed", "interrupted: omad restarted (no backup row)")
-            return
-        if not await self.teardown.fail(backup_id, "interrupted: omad restarted while the backup ran; "
-                                                   "its exports were stopped and its images removed"):
-            # Ended already (the job row lagged behind): make the job agree with the backup.
-            status = await store.status_of(self.db, backup_id)
-            await self.jobs.finish(backup_id, str(status))

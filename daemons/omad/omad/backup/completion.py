@@ -102,6 +102,17 @@ class Completion:
                 await self._finish(backup_id)
             return await self._answer(backup_id, disk_index, change_id, "")
 
+    async def finish_if_done(self, backup_id: str) -> bool:
+        """Close an active backup whose every disk is completed (omad died while closing it); False otherwise."""
+        async with self.locks.hold(lock_key(backup_id), wait=True):
+            if await store.status_of(self.db, backup_id) not in store.ACTIVE:
+                return False
+            done, total = await store.disk_counts(self.db, backup_id)
+            if total == 0 or done < total:
+                return False
+            await self._finish(backup_id)
+            return True
+
     async def _finish(self, backup_id: str) -> None:
         """The last disk is in: close the exports, measure and check the images, record the backup."""
         await self.teardown.release(backup_id)

@@ -2,7 +2,10 @@
 
 A repository's root is where its images live: `disk_path` for a local one, the mount point for a share.
 Before any use the root is made ready (a share is mounted again if the appliance rebooted; the agent's
-mount is idempotent) and must be writable by omad. CIFS passwords are sealed at rest and never returned.
+mount is idempotent) and must be writable by omad. A new repository is refused (400) unless its root lies
+inside nbd-pool's export roots (nbd-pool answers them, `GET /roots`: a repository elsewhere could hold no
+backup, since nbd-pool exports no image outside them), omad's user can write there, and it has the free
+space configured (`backup.repository_min_free_bytes`). CIFS passwords are sealed at rest and never returned.
 Immutability settings are stored here; the retention policies enforce them.
 """
 
@@ -17,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from oma_common import schema
-from oma_common.errors import Conflict, Invalid, OmaError
+from oma_common.errors import Conflict, Invalid, NotFound, OmaError, Unavailable
 from oma_common.schema import spec
 
-from ..adapters.localfs import LocalFs
+from ..adapters.localfs import Capacity, LocalFs
 from ..audit import Audit
+from ..clients.nbdpool import NbdPool
 from ..clients.volume_agent import VolumeAgent
 from ..crypto import SecretBox
 from ..store import backups as backup_store
@@ -101,13 +105,45 @@ class Target:
         return self.type != "local"
 
 
+class ExportRoots:
+    """nbd-pool's export roots: the only places a backup's images can be exported from for the VMA."""
+
+    def __init__(self, pool: NbdPool) -> None:
+        self.pool = pool
+
+    async def check(self, root: Path) -> None:
+        """Invalid unless `root` lies inside an export root; Unavailable when nbd-pool cannot be asked."""
+        try:
+            answer = await self.pool.roots()
+        except NotFound:
+            log.warning("nbd-pool answers no export roots (an older nbd-pool): %s is not checked", root)
+            return
+        except OmaError as e:
+            raise Unavailable("cannot check the export roots",
+                              f"nbd-pool could not be asked where backups may be written: {e.details}") from e
+        configured = [str(r) for r in answer.get("export_roots", [])]
+        resolved = [Path(r) for r in answer.get("resolved_roots", configured)]
+        real = Path(os.path.realpath(root))
+        if any(real == r or real.is_relative_to(r) for r in resolved):
+            return
+        drop_in = answer.get("drop_in", "/etc/oma/nbd-pool.d/*.toml")
+        raise Invalid("outside the export roots",
+                      f"{root} is not inside nbd-pool's export roots ({', '.join(configured) or 'none'}): no "
+                      f"backup could be written there. Choose a directory inside one of them, or add it to "
+                      f"`export_roots` in a drop-in {drop_in} and restart nbd-pool",
+                      export_roots=configured, drop_in=drop_in)
+
+
 class Repositories:
-    def __init__(self, db: Database, audit: Audit, box: SecretBox, fs: LocalFs, agent: VolumeAgent) -> None:
+    def __init__(self, db: Database, audit: Audit, box: SecretBox, fs: LocalFs, agent: VolumeAgent,
+                 roots: ExportRoots | None = None, *, min_free_bytes: int = 0) -> None:
         self.db = db
         self.audit = audit
         self.box = box
         self.fs = fs
         self.agent = agent
+        self.roots = roots  # None: not checked (a rig without nbd-pool)
+        self.min_free_bytes = min_free_bytes
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -133,9 +169,10 @@ class Repositories:
         target = self.validate(fields["type"], fields["config"])
         repo_id = f"repo-{secrets.token_hex(6)}"
         await store.check_name_free(self.db, fields["name"])  # refuse a taken name before mounting anything
+        await self._exportable(target)
         root = await self._prepare(target, repo_id)
         try:
-            capacity = await self.fs.capacity(root)
+            capacity = await self._capacity(root)
             now = utcnow()
             sealed = self.box.seal(target.password, purpose=PURPOSE) if target.type == "cifs" else None
             repo = Repository(
@@ -164,9 +201,10 @@ class Repositories:
         started = utcnow()
         try:
             target = self.validate(type, config)
+            await self._exportable(target)
             root = await self._prepare(target, f"test-{secrets.token_hex(4)}", probe_only=True)
             try:
-                capacity = await self.fs.capacity(root)
+                capacity = await self._capacity(root)
             finally:
                 if target.remote:
                     await self._unmount_quietly(root)
@@ -234,6 +272,26 @@ class Repositories:
         return Target(kind, {"server": settings.server, "share_name": settings.share_name,
                              "username": settings.username, "domain": settings.domain,
                              "mount_point": settings.mount_point, "options": options}, settings.password)
+
+    async def _exportable(self, target: Target) -> None:
+        """A local root, or a share's chosen mount point, must be where nbd-pool may export from."""
+        if self.roots is None:
+            return
+        if not target.remote:
+            await self.roots.check(Path(target.config["disk_path"]))
+        elif target.config.get("mount_point"):
+            await self.roots.check(Path(target.config["mount_point"]))
+        else:
+            await self.roots.check(Path((await self.agent.share_mounts())["mount_root"]))
+
+    async def _capacity(self, root: Path) -> Capacity:
+        capacity = await self.fs.capacity(root)
+        if capacity.available_bytes < self.min_free_bytes:
+            raise Invalid("not enough free space",
+                          f"{root} has {capacity.available_bytes} bytes free for omad's user; a repository needs "
+                          f"at least {self.min_free_bytes} (backup.repository_min_free_bytes)",
+                          available_bytes=capacity.available_bytes, required_bytes=self.min_free_bytes)
+        return capacity
 
     async def _prepare(self, target: Target, name: str, *, probe_only: bool = False) -> Path:
         """Make a new configuration's root usable: mount a share (at a chosen point when none was given)."""

@@ -6,6 +6,7 @@ the same classes; its OpenAPI document is at GET /openapi.json on its socket). R
 contract's dataclasses and every answer is parsed against it (a misfit is nbd-pool failing: Unavailable).
 The answers are handed on as plain data (the backup code reads them as such); 409 exhausted carries
 `available` / `available_slots`, 404 answers renewing a job without leases.
+`GET /roots` says where images may be exported from and which drop-in changes that.
 """
 
 from __future__ import annotations
@@ -77,3 +78,14 @@ class NbdPool:
         """Stop every export of the job and free its ports (cleanup after success or failure)."""
         answer = await self.client.typed(Released, "POST", f"/jobs/{quote(job_id, safe='')}/release", timeout=60)
         return schema.to_dict(answer)  # type: ignore[no-any-return]
+
+    async def roots(self) -> dict[str, Any]:
+        """Where images may be exported from, and the drop-in an operator changes that in."""
+        return await self.client.call("GET", "/roots")  # type: ignore[no-any-return]
+
+    async def attach(self, image: str, owner: str) -> dict[str, Any]:
+        return await self.client.call("POST", "/attachments", json={"image": image, "owner": owner},  # type: ignore[no-any-return]
+                                      timeout=60)
+
+    async def detach(self, attachment_id: str) -> None:
+        await self.client.call("DELETE", f"/attachments/{quote(attachment_id, safe='')}", timeout=60)

@@ -88,9 +88,10 @@ class VmaClient:
                                      "the VMA's answer to /replicate has no 'status'")
         return result
 
-    async def progress(self, job_id: str) -> dict[str, Any]:
-        """`GET /progress/{job_id}`: the VMA's progress body (NotFound when it does not know the job)."""
-        result = await self.call("GET", f"/progress/{quote(job_id, safe='')}", idempotent=True)
+    async def progress(self, job_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """`GET /progress/{job_id}` of a replication or backup job (a read: retried): the VMA's progress body;
+        NotFound when the VMA does not know the job."""
+        result = await self.call("GET", f"/progress/{quote(job_id, safe='')}", idempotent=True, timeout=timeout)
         if not isinstance(result, dict):
             raise errors.Unavailable("VMA answered an unexpected progress body",
                                      f"the VMA's progress of {job_id} is not a JSON object")
