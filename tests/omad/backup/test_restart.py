@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -19,13 +20,21 @@ from urllib.parse import urlsplit
 
 import psutil
 import pytest
-
 from oma_common.devrun import write_local_configs
+
 from tests.sim.vma import SimState, VMASim
 
 from ...rig import Api
 from ..conftest import PASSWORD, USER, VCENTER, manual, vma_config
-from .conftest import IDLE_TIMEOUT, TWO_DISK_VM, Rig, build_inventory, free_range, kill_strays, qemu_img
+from .conftest import (
+    IDLE_TIMEOUT,
+    TWO_DISK_VM,
+    Rig,
+    build_inventory,
+    free_range,
+    kill_strays,
+    qemu_img,
+)
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
@@ -175,6 +184,9 @@ async def test_under_make_run_a_killed_omad_restarts_alone_and_the_backup_comple
     ports = free_range(8)
     async with VMASim(state=sim_state) as sim:
         (dirs["omad"] / "50-vma.toml").write_text(vma_config(sim.url, timeout=20))
+        # The simulator runs in this process: its user stands in for the tunnel user (as tests/rig.py does).
+        (dirs["omad"] / "20-tunnel-user.toml").write_text(
+            f'[enrollment]\ntunnel_user = "{pwd.getpwuid(os.getuid()).pw_name}"\n')
         (dirs["omad"] / "60-backup.toml").write_text(
             f"[backup]\nidle_timeout_seconds = {IDLE_TIMEOUT}\nwatchdog_interval_seconds = 0.25\n")
         (dirs["nbd-pool"] / "60-pool.toml").write_text(f"port_min = {ports[0]}\nport_max = {ports[-1]}\n")
