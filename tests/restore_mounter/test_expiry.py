@@ -17,7 +17,7 @@ from restore_mounter.confine import default_resolver
 from restore_mounter.expiry import IdlePolicy, Sweeper
 from restore_mounter.files import Browser
 from restore_mounter.mounts import MountManager
-from restore_mounter.state import StateFile
+from restore_mounter.state import MountsFile
 
 from ..lib.diskimages import mbr_ext4, to_qcow2
 from ..rig import make_stack
@@ -80,7 +80,7 @@ async def rig(short_tmp: Path) -> AsyncIterator[Rig]:
     root = short_tmp / "restore"
     root.mkdir(mode=0o700)
     client = AgentClient("nbd-pool", stack.run_dir / "nbd-pool.sock", timeout=60)
-    manager = MountManager(attacher=NbdPoolAttacher(client), state=StateFile(short_tmp / "mounts.json"),
+    manager = MountManager(attacher=NbdPoolAttacher(client), state=MountsFile(short_tmp / "mounts.json"),
                            mount_root=root, max_mounts=4, policy=IdlePolicy(clock, 3600), clock=clock,
                            resolver=default_resolver())
     raw = mbr_ext4(short_tmp / "disk.raw", {"etc/hostname": b"guest\n"}).path

@@ -45,7 +45,7 @@ def test_mount_and_unmount_leave_nothing(agent_config: Stack, image: Path) -> No
     assert leaks(agent.mount_root, [image]) == []
     assert os.listdir(agent.mount_root) == []
     assert agent.unmount(m["mount_id"]).status == 404
-    assert json.loads((agent_config.state / DAEMON / "mounts.json").read_text())["mounts"] == []
+    assert json.loads((agent_config.state / DAEMON / "mounts.json").read_text())["items"] == []
 
 
 def test_refusals_leave_nothing(agent_config: Stack, image: Path) -> None:
@@ -158,10 +158,11 @@ def test_kill_9_then_restart_removes_what_is_broken_or_forgotten(agent_config: S
     _kill_9(agent_config)
     # The NTFS mount breaks while nobody watches: its FUSE daemon dies (the mount answers ENOTCONN).
     state = agent_config.state / DAEMON / "mounts.json"
-    records = json.loads(state.read_text())["mounts"]
+    records = json.loads(state.read_text())["items"]
     fuse = next(r for r in records if r["mount_id"] == "ntfs")["filesystems"][0]["fuse"]
     os.kill(fuse["pid"], signal.SIGKILL)
     # And the record of the FAT mount is lost, as if the state file had been written before it.
+    # Written in the older form ({"version", "mounts"}), which a new restore-mounter still reads.
     state.write_text(json.dumps({"version": 1, "mounts": [r for r in records if r["mount_id"] != "fat"]}))
     agent_config.start(DAEMON)
     assert agent_config.daemons[DAEMON].status == "1 mount(s) re-adopted, 1 removed"
@@ -188,7 +189,7 @@ def test_kill_9_then_restart_with_a_damaged_state_file(agent_config: Stack,
     assert agent_config.daemons[DAEMON].status == "0 mount(s) re-adopted, 0 removed"
     assert leaks(agent.mount_root, [gpt, ntfs]) == []
     assert os.listdir(agent.mount_root) == []
-    assert (agent_config.state / DAEMON / "mounts.damaged").exists()
+    assert (agent_config.state / DAEMON / "mounts.json.damaged").exists()
 
 
 def test_agent_reports_mounts_in_health(agent_config: Stack, image: Path) -> None:

@@ -15,11 +15,13 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import Invalid
 
 log = logging.getLogger("oma.statefile")
+
+T = TypeVar("T")
 
 VERSION = 1
 
@@ -49,13 +51,18 @@ class StateFile:
 
     def load(self) -> list[dict[str, Any]]:
         """The saved items, [] when there is no file yet (blocking read of a small file: start-up only)."""
+        return self.load_as(dict)
+
+    def load_as(self, convert: Callable[[dict[str, Any]], T]) -> list[T]:
+        """The saved items built with `convert` (e.g. a record's from_dict); an item it cannot build makes
+        the document damaged, like a malformed one."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
             return []
         try:
-            return self._parse(text)
-        except (ValueError, TypeError, AttributeError) as exc:
+            return [convert(item) for item in self._parse(text)]
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
             if self.damaged is Damaged.MOVE_ASIDE:
                 aside = self.path.with_name(self.path.name + ".damaged")
                 log.error("cannot read %s (%s); moved to %s, starting with no %s", self.path, exc, aside, self.kind)

@@ -8,12 +8,12 @@ when the last holder lets go.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
+
+from oma_common.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,14 @@ class IdlePolicy:
 
 
 class Sweeper:
-    """Every `interval` seconds, ask `sweep` to remove what has expired; counts what it did."""
+    """Every `interval` seconds, ask `sweep` to remove what has expired (the shared Periodic loop); counts
+    what it did."""
 
     def __init__(self, sweep: Callable[[], Awaitable[int]], interval: float, clock: Clock) -> None:
         self.sweep = sweep
         self.interval = interval
         self.clock = clock
-        self.task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("restore sweep", self.sweep_once, interval, logger=log)
         self.expired_total = 0
         self.sweeps = 0
         self.last_sweep_at: float | None = None
@@ -72,17 +73,13 @@ class Sweeper:
 
     @property
     def running(self) -> bool:
-        return self.task is not None and not self.task.done()
+        return self._periodic.running
 
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._loop(), name="restore-sweeper")
+    async def start(self) -> None:
+        await self._periodic.start()
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-            self.task = None
+        await self._periodic.stop()
 
     async def sweep_once(self) -> int:
         try:
@@ -96,11 +93,6 @@ class Sweeper:
         self.expired_total += removed
         self.last_sweep_at = self.clock.time()
         return removed
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            await self.sweep_once()
 
     def status(self) -> dict[str, Any]:
         return {"running": self.running, "cleanup_interval": self.interval, "sweeps": self.sweeps,

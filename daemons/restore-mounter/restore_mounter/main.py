@@ -18,7 +18,7 @@ from .expiry import IdlePolicy, Sweeper, SystemClock
 from .files import Browser
 from .mounts import MountManager
 from .reconcile import reconcile
-from .state import StateFile
+from .state import MountsFile
 
 DAEMON = "restore-mounter"
 
@@ -60,7 +60,7 @@ async def amain() -> int:
     clock = SystemClock()
     policy = IdlePolicy(clock, cfg.idle_timeout_seconds)
     attacher, client = make_attacher(cfg)
-    state = StateFile(state_dir / "mounts.json")
+    state = MountsFile(state_dir / "mounts.json")
     manager = MountManager(attacher=attacher, state=state, mount_root=mount_root, max_mounts=cfg.max_mounts,
                            policy=policy, clock=clock, resolver=default_resolver(), fat_driver=cfg.fat_driver,
                            image_roots=cfg.image_roots)
@@ -71,7 +71,7 @@ async def amain() -> int:
 
     async def start() -> str:
         summary = await reconcile(manager, state.load())
-        sweeper.start()
+        await sweeper.start()
         return summary
 
     async def report() -> dict[str, Any]:

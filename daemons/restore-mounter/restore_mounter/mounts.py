@@ -30,7 +30,7 @@ from .attach import Attacher, owner_of
 from .confine import Confined, Resolver
 from .expiry import Clock, IdlePolicy
 from .records import ERROR, MOUNTED, MOUNTING, UNMOUNTING, FsRecord, MountRecord
-from .state import StateFile
+from .state import MountsFile
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Mount:
 
 
 class MountManager:
-    def __init__(self, *, attacher: Attacher, state: StateFile, mount_root: Path, max_mounts: int,
+    def __init__(self, *, attacher: Attacher, state: MountsFile, mount_root: Path, max_mounts: int,
                  policy: IdlePolicy, clock: Clock, resolver: Resolver, fat_driver: str = "auto",
                  image_roots: list[str] | None = None) -> None:
         self.attacher = attacher

@@ -1,56 +1,28 @@
-"""The mounts' persistent record: one small JSON file, replaced atomically (write, fsync, rename, fsync dir)."""
+"""The mounts' persistent record: oma_common's StateFile of MountRecords.
+
+A damaged document is moved aside (`mounts.json.damaged`) and reads as empty: reconciliation then removes
+whatever it finds under the mount root. (nbd-pool decides the other way: its exports keep serving, so it
+refuses to start.) A document written before the shared StateFile (`{"version", "mounts"}`) is still read.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
-import os
 from pathlib import Path
+
+from oma_common.statefile import Damaged, StateFile
 
 from .records import MountRecord
 
-log = logging.getLogger(__name__)
 
-VERSION = 1
-
-
-class StateFile:
+class MountsFile:
     """Saves every record on each change (a few dozen at most); writes are serialised and off the loop."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = asyncio.Lock()
+        self._file = StateFile(path, "mounts", damaged=Damaged.MOVE_ASIDE, legacy_key="mounts")
 
     def load(self) -> list[MountRecord]:
-        """The records of the previous run; a damaged file is kept aside and reads as empty (reconciliation
-        then removes whatever it finds under the mount root)."""
-        try:
-            data = json.loads(self.path.read_text())
-            return [MountRecord.from_dict(m) for m in data.get("mounts", [])]
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            aside = self.path.with_suffix(".damaged")
-            log.error("cannot read %s (%s); moved to %s, starting with no mounts", self.path, e, aside)
-            os.replace(self.path, aside)
-            return []
+        return self._file.load_as(MountRecord.from_dict)
 
     async def save(self, records: list[MountRecord]) -> None:
-        text = json.dumps({"version": VERSION, "mounts": [r.to_dict() for r in records]}, indent=1)
-        async with self._lock:
-            await asyncio.get_running_loop().run_in_executor(None, self._write, text)
-
-    def _write(self, text: str) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as f:
-            f.write(text.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        await self._file.save(lambda: [r.to_dict() for r in records])
