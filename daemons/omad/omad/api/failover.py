@@ -17,7 +17,9 @@ _TAGS = ("failover",)
 def _vm() -> Any:
     return name_spec(None, max_length=255)
 
-_JOB = r"{job_id:job-[^/]+}"
+_JOB = "{job_id}"
+# A failover job id (checked with a 400; the route itself takes any segment, so that the guard answers first).
+_JOB_ID = {"job_id": "job-[^/]{1,120}"}
 
 
 @dataclasses.dataclass
@@ -90,7 +92,8 @@ class TypeQuery:
     failover_type: Literal["test", "live"] = "test"
 
 
-_TYPE = "{failover_type:test|live}"
+_TYPE = "{failover_type}"
+_TYPE_P = {"failover_type": "(test|live)"}
 
 
 class FailoverApi:
@@ -105,7 +108,7 @@ class FailoverApi:
         q: TypeQuery = call.query
         return await self.readiness.readiness(call.params["vm_id"], q.failover_type)
 
-    @route("GET", f"/failover/preflight/config/{_TYPE}/{{vm_name}}", errors=(NotFound, Conflict, *CALLS_OUT),
+    @route("GET", f"/failover/preflight/config/{_TYPE}/{{vm_name}}", params=_TYPE_P, errors=(NotFound, Conflict, *CALLS_OUT),
            tags=_TAGS)
     async def preflight_config(self, call: Call) -> dict[str, Any]:
         """What a failover of this type would build and with what: the CloudStack config check, the network
@@ -123,7 +126,7 @@ class FailoverApi:
         b: PreflightIn = call.body
         return await self.readiness.readiness(_which(b.context_id, b.vm_id, b.vm_name), b.failover_type)
 
-    @route("GET", f"/failover/rollback/decision/{_TYPE}/{{vm_name}}", errors=(NotFound,), tags=_TAGS)
+    @route("GET", f"/failover/rollback/decision/{_TYPE}/{{vm_name}}", params=_TYPE_P, errors=(NotFound,), tags=_TAGS)
     async def rollback_decision(self, call: Call) -> dict[str, Any]:
         """What POST /failover/rollback would do for this VM now."""
         return await self.failovers.rollback_decision(call.params["vm_name"], call.params["failover_type"])
@@ -155,7 +158,7 @@ class FailoverApi:
         start = self.failovers.start_test if b.failover_type == "test" else self.failovers.start_live
         return _started(await start(vm, actor=call.actor, options=dataclasses.asdict(b)))
 
-    @route("DELETE", f"/failover/test/{_JOB}", status=202, errors=(NotFound, Conflict, Invalid), tags=_TAGS)
+    @route("DELETE", f"/failover/test/{_JOB}", status=202, params=_JOB_ID, errors=(NotFound, Conflict, Invalid), tags=_TAGS)
     async def end_test(self, call: Call) -> dict[str, Any]:
         """End a test failover: the test VM goes, the volumes are reverted and come back here."""
         return _started(await self.failovers.end_test(call.params["job_id"], actor=call.actor))
@@ -180,7 +183,7 @@ class FailoverApi:
         """Undo what the VM's last failed failover job left (its undo steps, as a job of their own)."""
         return _started(await self.failovers.cleanup_failed(call.params["vm_name"], actor=call.actor))
 
-    @route("GET", f"/failover/{_JOB}/status", errors=(NotFound,), tags=_TAGS)
+    @route("GET", f"/failover/{_JOB}/status", params=_JOB_ID, errors=(NotFound,), tags=_TAGS)
     async def status(self, call: Call) -> dict[str, Any]:
         """A failover job with its steps: each one's status, timings, what it produced, its error."""
         out = await self.failovers.status(call.params["job_id"])
