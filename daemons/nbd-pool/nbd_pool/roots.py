@@ -61,8 +61,9 @@ class Roots:
         if not requested.startswith("/"):
             raise Invalid("invalid path", f"{requested!r} is not an absolute path")
         lexical = Path(os.path.normpath(requested))
-        real = Path(os.path.realpath(requested))
         try:
+            # realpath can fail with EINVAL when a component changes between its lstat and readlink.
+            real = Path(os.path.realpath(requested))
             st = os.stat(real)
         except FileNotFoundError as exc:
             raise NotFound("path not found", f"{requested} does not exist") from exc
