@@ -6,7 +6,6 @@ import os
 import socket
 
 import pytest
-
 from omad.adapters import socktable
 
 
@@ -48,4 +47,22 @@ def test_owner_of_an_ipv6_loopback_peer() -> None:
 
 
 def test_a_connection_that_is_not_there_has_no_owner() -> None:
-    assert socktable.owner_uid(socktable.normalise("127.0.0.1", 1), socktable.normalise("127.0.0.1", 2)) is None
+    # Two ports nothing uses now (taken and given back), rather than fixed ones another test might hold.
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    assert socktable.owner_uid(socktable.normalise("127.0.0.1", ports[0]),
+                               socktable.normalise("127.0.0.1", ports[1])) is None
+
+
+def test_a_listener_on_the_port_is_not_taken_for_the_connection() -> None:
+    """sock_diag's exact lookup falls back to a listening socket on the port; that must not count."""
+    with socket.socket() as listener, socket.socket() as other:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        other.bind(("127.0.0.1", 0))
+        port, unused = listener.getsockname()[1], other.getsockname()[1]
+        assert socktable.owner_uid(socktable.normalise("127.0.0.1", port),
+                                   socktable.normalise("127.0.0.1", unused)) is None

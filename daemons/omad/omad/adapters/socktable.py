@@ -105,7 +105,14 @@ def diag_owner_uid(local: Address, remote: Address) -> int | None:
         raise OSError(-code, f"sock_diag: {os.strerror(-code)}")
     if kind != _SOCK_DIAG_BY_FAMILY or length < _HEADER.size + _MSG.size:
         raise OSError(errno.EPROTO, f"sock_diag: unexpected reply type {kind}")
-    return int(_MSG.unpack_from(reply, _HEADER.size)[8])
+    msg = _MSG.unpack_from(reply, _HEADER.size)
+    # The kernel's exact lookup falls back to a listening socket on the same port when no connection
+    # matches (inet_lookup): only the connection itself, both ends as asked, names its owner.
+    sport, dport, src, dst = _SOCKID.unpack_from(msg[4])
+    if msg[1] == LISTEN or (sport, dport) != (local[1], remote[1]) or \
+            (src, dst) != (_packed(local[0]), _packed(remote[0])):
+        return None
+    return int(msg[8])
 
 
 LISTEN = 0x0A
