@@ -10,6 +10,7 @@ from oma_common.schema import name_spec, spec
 from oma_common.web import Auth, Call, now_rfc3339, route
 
 from ..clients.cloudstack import Network
+from ..cloudstack import envelope
 from ..cloudstack.config import Configs, Connection
 from ..cloudstack.networks import Networks
 from ..cloudstack.settings import Ids, Settings
@@ -259,6 +260,7 @@ class CloudStackApi:
         self.configs = configs
         self.settings = settings
         self.networks_ = networks
+        self.envelope = envelope.ConfigEnvelope(configs, settings)
 
     # -- /ossea -------------------------------------------------------------------------------------------
 
@@ -267,34 +269,8 @@ class CloudStackApi:
     async def config(self, call: Call) -> dict[str, Any]:
         """get, create, update, delete or test a saved CloudStack config (the secret key is never returned)."""
         env: ConfigEnvelope = call.body
-        out: dict[str, Any] = {"action": env.action, "success": True, "timestamp": now_rfc3339()}
-        fields = _fields(env.config)
-        make_default = bool(env.config and env.config.is_default)
-        if env.action == "get":
-            configs = await self.configs.list()
-            if env.id is not None:
-                out["config"] = await self.configs.get(env.id)
-            else:
-                default = await self.configs.default()
-                out["config"] = next((c for c in configs if default and c["id"] == default.id), None)
-            out.update(configs=configs, message=f"{len(configs)} CloudStack config(s)")
-        elif env.action == "create":
-            out["config"] = await self.configs.create(fields, make_default=make_default, actor=call.actor)
-            out["message"] = f"CloudStack config {out['config']['name']!r} created"
-        elif env.action == "update":
-            config_id = _need_id(env)
-            out["config"] = await self.configs.update(config_id, fields, make_default=make_default, actor=call.actor)
-            out["message"] = f"CloudStack config {out['config']['name']!r} updated"
-        elif env.action == "delete":
-            config_id = _need_id(env)
-            await self.configs.delete(config_id, actor=call.actor)
-            out["message"] = f"CloudStack config {config_id} deleted"
-        else:  # test: unsaved credentials in `config`, else the saved config (by id, else the default)
-            conn = Connection(api_url=fields.get("api_url"), api_key=fields.get("api_key"),
-                              secret_key=fields.get("secret_key") or None, config_id=env.id)
-            result = await self.settings.test_connection(conn)
-            out.update(test_result=result, success=result["success"], message=result["message"])
-        return out
+        return await self.envelope.run(env.action, env.id, _fields(env.config),
+                                       make_default=bool(env.config and env.config.is_default), actor=call.actor)
 
     @route("POST", "/ossea/discover-resources", errors=_REACHES_CLOUDSTACK,
            body=ConnectionIn, response=Resources, auth=Auth.ADMIN, tags=_TAGS)
@@ -367,9 +343,3 @@ class CloudStackApi:
     async def discover_all(self, call: Call) -> dict[str, Any]:
         """This appliance's VM, zones, domains, templates, offerings and networks in one answer."""
         return await self.settings.resources(connection(call.body), with_vm=True)
-
-
-def _need_id(env: ConfigEnvelope) -> int:
-    if env.id is None:
-        raise Invalid("config id missing", f"action {env.action!r} needs the config's id")
-    return env.id
