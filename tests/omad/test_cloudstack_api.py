@@ -128,7 +128,7 @@ async def test_config_envelope_round_trip_and_the_secret_never_leaves(stack: Sta
     assert json.loads(audit[1][1]) == {"changed": ["name"]}  # an empty secret is no change
     assert all(cs.secret_key not in d for _, d in audit)
     sealed = stack.sql("SELECT secret_key_sealed FROM ossea_configs")
-    assert sealed and all(s.startswith("v1.") for (s,) in sealed)
+    assert sealed and all(s.startswith("v2.") for (s,) in sealed)
     stack.stop("omad")  # checkpoints the WAL into the file, then every file of the database is searched
     for path in stack.state.glob("oma.db*"):
         raw = path.read_bytes()

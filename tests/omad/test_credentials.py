@@ -82,7 +82,7 @@ async def test_no_plaintext_password_at_rest_or_on_the_wire(stack: Stack, admin:
         raw = path.read_bytes()
         assert SECRET.encode() not in raw and SECRET.encode("utf-16-le") not in raw, path
     sealed = stack.sql("SELECT password_sealed FROM vmware_credentials")[0][0]
-    assert sealed.startswith("v1.")
+    assert sealed.startswith("v2.")
 
 
 async def test_validation_and_conflicts(stack: Stack, admin: Api) -> None:

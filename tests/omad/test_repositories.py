@@ -70,7 +70,7 @@ async def test_cifs_password_is_sealed_and_given_only_to_the_agent(repos: tuple[
     assert point == str(tmp_path / "mounts" / out["id"]) and out["config"]["mount_point"] == point
     row = await db.fetchone("SELECT * FROM backup_repositories WHERE id = ?", (out["id"],))
     assert row is not None and "s3cr3t!" not in json.dumps(row)
-    assert r.box.open(row["secret_sealed"], purpose=PURPOSE) == "s3cr3t!"
+    assert r.box.open(row["secret_sealed"], purpose=PURPOSE, row=out["id"]) == "s3cr3t!"
     agent.mounted.clear()
     _, root = await r.ready_root(out["id"])  # after a reboot: mounted again with the stored password
     assert str(root) == point and agent.mounted[point]["password"] == "s3cr3t!"

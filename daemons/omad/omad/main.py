@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -117,6 +118,8 @@ class Omad:
     jobs: JobEngine
     background: list[Background] = dataclasses.field(default_factory=list)
     replications: Replications | None = None
+    # Before serving: reseal first-format secrets bound to their rows (each returns how many it resealed).
+    reseals: list[Callable[[], Awaitable[int]]] = dataclasses.field(default_factory=list)
 
 
 async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
@@ -221,7 +224,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
 
     app.on_cleanup.append(close_clients)
     return Omad(app, auth, jobs, background=[watchdog, restore, scheduler, retention, verifier,
-                                            scheduled_copies, monitor], replications=replications)
+                                            scheduled_copies, monitor], replications=replications,
+                reseals=[credentials.reseal_unbound, ossea_configs.reseal_unbound, repositories.reseal_unbound])
 
 
 def log_files(cfg: Config) -> list[Path]:
@@ -264,6 +268,8 @@ async def amain() -> int:
         if password:
             log.warning("created the administrator 'admin'; its password is in %s", password_file)
             print(f"omad: first start: user 'admin', password {password} (also in {password_file})", flush=True)
+        for reseal in omad.reseals:
+            await reseal()
         recovered = await omad.jobs.recover()  # before serving: no request sees a job a dead omad left
         if recovered:
             log.warning("recovered %d job(s) left active by the previous run", recovered)

@@ -249,7 +249,8 @@ class Backups:
             body: dict[str, Any] = {
                 "job_id": backup_id, "vm_name": context["vm_name"], "vm_path": context["vm_path"],
                 "vcenter_host": login.vcenter, "vcenter_user": login.username, "vcenter_password": login.password,
-                "nbd_targets": targets_string(self.cfg.nbd_host, disks), "backup_type": backup_type}
+                "nbd_targets": targets_string(self.cfg.nbd_host, disks), "backup_type": backup_type,
+                **login.pin()}
             if previous:
                 body["previous_change_id"] = previous
             try:

@@ -27,7 +27,7 @@ from ..adapters.localfs import Capacity, LocalFs
 from ..audit import Audit
 from ..clients.nbdpool import NbdPool
 from ..clients.volume_agent import VolumeAgent
-from ..crypto import SecretBox
+from ..crypto import SecretBox, reseal_all
 from ..store import backups as backup_store
 from ..store import repositories as store
 from ..store.db import Database, Tx, utcnow
@@ -163,6 +163,10 @@ class Repositories:
         """The repository as a mapping, or NotFound (what schedule/launcher's RepositoryLookup asks for)."""
         return dataclasses.asdict(await store.get(self.db, repo_id))
 
+    async def reseal_unbound(self) -> int:
+        """Seal again, bound to its row, every password sealed in the first format; how many were."""
+        return await reseal_all(self.db, self.box, PURPOSE, store.sealed_secrets, store.set_secret)
+
     # -- the calls -----------------------------------------------------------------------------------
 
     async def create(self, fields: dict[str, Any], *, actor: str) -> dict[str, Any]:
@@ -174,7 +178,7 @@ class Repositories:
         try:
             capacity = await self._capacity(root)
             now = utcnow()
-            sealed = self.box.seal(target.password, purpose=PURPOSE) if target.type == "cifs" else None
+            sealed = self.box.seal(target.password, purpose=PURPOSE, row=repo_id) if target.type == "cifs" else None
             repo = Repository(
                 id=repo_id, name=fields["name"], type=target.type, enabled=bool(fields.get("enabled", True)),
                 config=json.dumps(target.config), secret_sealed=sealed, root_path=str(root),
@@ -317,7 +321,7 @@ class Repositories:
     async def _ready(self, repo: Repository) -> Path:
         root = Path(repo.root_path)
         if repo.type != "local":
-            password = self.box.open(repo.secret_sealed, purpose=PURPOSE) if repo.secret_sealed else ""
+            password = self.box.open(repo.secret_sealed, purpose=PURPOSE, row=repo.id) if repo.secret_sealed else ""
             await self._mount(repo.type, json.loads(repo.config), password, str(root))
         await self.fs.probe_writable(root)
         return root

@@ -265,7 +265,7 @@ class Replications:
             body = {"job_id": job_id, "vcenter": login.vcenter, "username": login.username,
                     "password": login.password, "vm_paths": [ctx.vm_path], "oma_url": self.oma_url,
                     "nbd_targets": [{"device_path": f"nbd://{self.cfg.nbd_host}:{d.nbd_port}/{d.export_name}",
-                                     "vmware_disk_key": str(d.disk_key)} for d in disks]}
+                                     "vmware_disk_key": str(d.disk_key)} for d in disks], **login.pin()}
             try:
                 answer = await self.vma.replicate(body)
             except OmaError as e:
