@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 import datetime
 import hashlib
 import ipaddress
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -16,12 +14,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.sim.vcenter import VCenterSim
 
 from ..rig import Api, Stack
+from .sealing import first_format
 
 pytestmark = pytest.mark.timeout(300)  # the first use of the vCenter simulator may build it (~25 s)
 
@@ -312,14 +310,6 @@ async def test_a_sealed_password_copied_into_another_row_does_not_open(stack: St
     # Setting the password again repairs the row.
     assert (await admin.put(f"/vmware-credentials/{mine['id']}", {"password": vcsim.password}))[0] == 200
     assert (await admin.post(f"/vmware-credentials/{mine['id']}/test"))[1]["success"] is True
-
-
-def first_format(key_file: Path, plaintext: str, purpose: str) -> str:
-    """A value as omad sealed it before secrets were bound to their row (v1., the purpose alone)."""
-    key = base64.urlsafe_b64decode(key_file.read_text().strip())
-    nonce = os.urandom(12)
-    return "v1." + base64.urlsafe_b64encode(nonce + AESGCM(key).encrypt(nonce, plaintext.encode(),
-                                                                        purpose.encode())).decode()
 
 
 async def test_a_password_sealed_before_row_binding_is_resealed_at_start_and_still_works(

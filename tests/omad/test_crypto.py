@@ -3,26 +3,17 @@ are resealed bound to their row, the key file."""
 
 from __future__ import annotations
 
-import base64
 import os
 import stat
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from oma_common.errors import Conflict, Invalid
 from omad.crypto import SecretBox, SecretUnreadable, is_unbound, load_or_create_key
 
 from ..rig import Stack
-
-
-def first_format(key_file: Path, plaintext: str, purpose: str) -> str:
-    """A value as omad sealed it before row binding: v1., the purpose alone as associated data."""
-    key = base64.urlsafe_b64decode(key_file.read_text().strip())
-    nonce = os.urandom(12)
-    return "v1." + base64.urlsafe_b64encode(nonce + AESGCM(key).encrypt(nonce, plaintext.encode(),
-                                                                        purpose.encode())).decode()
+from .sealing import first_format
 
 
 def test_seal_and_open(tmp_path: Path) -> None:

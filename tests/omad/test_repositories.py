@@ -17,11 +17,12 @@ from oma_common.rpc import AgentClient
 from omad.adapters.localfs import LocalFs
 from omad.audit import Audit
 from omad.backup.repositories import PURPOSE, Repositories
-from omad.crypto import SecretBox
+from omad.crypto import SecretBox, SecretUnreadable
 from omad.store.db import Database
 from volume_agent.adapters import mount as m
 
 from ..rig import Api, Stack
+from .sealing import first_format
 
 NO_NFS = m.kernel_lacks("nfs") or m.helper_missing("nfs") is not None
 
@@ -79,6 +80,30 @@ async def test_cifs_password_is_sealed_and_given_only_to_the_agent(repos: tuple[
     with pytest.raises(Invalid, match="password"):
         await r.create({"name": "nopw", "type": "cifs", "config": {"server": "nas", "share_name": "x",
                                                                    "username": "u"}}, actor="admin")
+
+
+async def test_cifs_passwords_are_bound_to_their_repository(repos: tuple[Repositories, Database, FakeAgent],
+                                                            tmp_path: Path) -> None:
+    r, db, agent = repos
+    ids = [(await r.create({"name": n, "type": "cifs", "config": {"server": "nas", "share_name": n, "username": "u",
+                                                                   "password": f"pw-{n}"}}, actor="admin"))["id"]
+           for n in ("a", "b")]
+    sealed = {row["id"]: row["secret_sealed"] for row in await db.fetchall("SELECT id, secret_sealed FROM "
+                                                                          "backup_repositories")}
+    # A's password copied into B's row does not open there: B is not mounted with A's password.
+    await db.execute("UPDATE backup_repositories SET secret_sealed = ? WHERE id = ?", (sealed[ids[0]], ids[1]))
+    agent.mounted.clear()
+    with pytest.raises(SecretUnreadable, match="unreadable"):
+        await r.ready_root(ids[1])
+    assert not agent.mounted
+    # A password sealed before row binding is resealed once (omad does it at start-up) and still mounts.
+    await db.execute("UPDATE backup_repositories SET secret_sealed = ? WHERE id = ?",
+                     (first_format(tmp_path / "secret.key", "pw-b", PURPOSE), ids[1]))
+    assert await r.reseal_unbound() == 1 and await r.reseal_unbound() == 0
+    _, root = await r.ready_root(ids[1])
+    assert agent.mounted[str(root)]["password"] == "pw-b"
+    row = await db.fetchone("SELECT secret_sealed FROM backup_repositories WHERE id = ?", (ids[1],))
+    assert row is not None and row["secret_sealed"].startswith("v2.")
 
 
 async def test_delete_is_refused_while_backups_exist(repos: tuple[Repositories, Database, FakeAgent],
