@@ -3,6 +3,8 @@
 Attach, detach and the orphan sweep of the work root run one at a time under one lock: an attachment being
 made is never mistaken for a leftover, and the slot count is exact. Each attachment gets its own work
 directory under the work root; on shutdown they are left in place and resumed by the next instance.
+An attachment whose qemu process died is `broken` (with the cause) as soon as anyone asks, not only after the
+periodic check: its owner (restore-mounter) asks when reads of the device fail.
 """
 
 from __future__ import annotations
