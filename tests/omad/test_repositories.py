@@ -228,8 +228,15 @@ async def test_a_repository_no_backup_could_use_is_refused_at_creation(stack_con
         assert str(stack.state / "repositories") in body["details"] and drop_in in body["details"], body
         assert "`export_roots`" in body["details"] and "restart nbd-pool" in body["details"]
         assert body["export_roots"] == roots["export_roots"] and body["drop_in"] == drop_in
+        # The dry run refuses it the same way (a reachability failure is `success` false; this never works).
         status, test = await api.post("/repositories/test", {"type": "local", "config": {"disk_path": str(outside)}})
-        assert status == 200 and test["success"] is False and test["error"]["error"] == "outside the export roots"
+        assert status == 400 and test["error"] == "outside the export roots", test
+        assert str(stack.state / "repositories") in test["details"] and drop_in in test["details"], test
+        assert test["export_roots"] == roots["export_roots"] and test["drop_in"] == drop_in
+        inside_missing = stack.state / "repositories" / "not-yet"
+        status, test = await api.post("/repositories/test", {"type": "local",
+                                                             "config": {"disk_path": str(inside_missing)}})
+        assert status == 200 and test["success"] is False and "does not exist" in test["error"]["details"], test
         # A link from inside the roots to outside is judged by where it leads.
         (stack.state / "repositories" / "link").symlink_to(outside)
         status, body = await api.post("/repositories", {"name": "x", "type": "local",

@@ -151,6 +151,17 @@ def _signal_name(code: int | None) -> str:
     return ""
 
 
+def describe_exit(code: int | None) -> str:
+    """How a process ended, in words ("was killed by SIGKILL", "exited with code 1"); "" when unknown."""
+    if code is None:
+        return ""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 def _pidfd_exit_future(loop: asyncio.AbstractEventLoop, pidfd: int) -> asyncio.Future[None]:
     """A future resolved when the process behind `pidfd` exits (a pidfd polls readable at exit, child or not)."""
     fut: asyncio.Future[None] = loop.create_future()

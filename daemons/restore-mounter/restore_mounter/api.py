@@ -22,7 +22,7 @@ Mounts
          (force=true cancels them first); 409 busy also when a filesystem stays busy (status "error",
          retried by the sweep); 404 unknown id.
 
-  Mount = {mount_id, image, mount_path, status ("mounting"|"mounted"|"unmounting"|"error"), device,
+  Mount = {mount_id, image, mount_path, status ("mounting"|"mounted"|"unmounting"|"error"|"broken"), device,
            backend ("kernel-nbd"|"fuse-loop"), attachment_id, filesystem_type (first mounted),
            created_at, last_activity_at, expires_at (RFC 3339, UTC), idle_timeout_seconds, in_use,
            active_operations, error,
@@ -30,6 +30,11 @@ Mounts
                           path (browse path: "/" or "/part<N>"; null if not mounted), reason}]}
   With one mounted filesystem the browse root "/" is that filesystem; with several, "/" lists
   "part<N>" directories and paths start with one of them.
+  "broken": what serves the mount died (nbd-pool's attachment: its qemu-storage-daemon or qemu-nbd; or a FUSE
+  filesystem daemon); `error` says which and how. Reading the mounts or one mount asks nbd-pool first, so the
+  status is current. Every file operation on it answers 503 mount_broken {mount_id, cause}; DELETE removes all
+  of it (filesystems, device, nbd-pool's attachment, directory), then POST /mounts mounts the image again.
+  A broken mount expires when idle like any other.
 
 Files (each counts as activity; downloads and archives hold the mount while they stream)
   GET /mounts/{id}/files?path=/&recursive=false&depth=&offset=0&limit=1000
@@ -54,6 +59,9 @@ Files (each counts as activity; downloads and archives hold the mount while they
         device nodes, FIFOs, sockets and unreadable entries are left out and listed in a last member
         OMA-RESTORE-SKIPPED.json. A failure after the first byte aborts the connection (the archive is
         then visibly incomplete), it never ends it cleanly.
+  A read that fails the way a dead device fails (EIO, ENOTCONN, ...) makes restore-mounter ask nbd-pool; a
+  download, open or archive asks before its first byte. Either way a dead attachment answers 503 mount_broken,
+  not 500 and not a truncated 200 (unless it dies while the bytes flow: then the connection is cut).
   Path rules: "/" is the backup's root, never the host's; NUL bytes, ".." components, over-long paths → 400
   invalid_path; a path or symlink leading out of the filesystem → 403 path_escapes_mount; device nodes,
   FIFOs, sockets → 403 special_file; missing → 404; a directory where a file is needed → 400.
@@ -63,7 +71,8 @@ Monitoring
                          (expired, waiting for the next sweep), expired_total, sweeps, last_sweep_at, last_error}
   GET /resources      → {active_mounts, slots_in_use, max_mounts, available_slots, allocated_devices:
                          [{mount_id, device, backend, partitions}], device_utilization (percent), attach_backend}
-  GET /health         → the common agent health, with active_mounts and max_mounts
+  GET /health         → the common agent health, with active_mounts, max_mounts and broken_mounts
+                         [{mount_id, error}]; status "degraded" while any mount is broken (nbd-pool asked first)
 """
 
 from __future__ import annotations
@@ -93,7 +102,7 @@ from oma_common.contracts.restore_mounter import (
     Unmounted,
     UnmountQuery,
 )
-from oma_common.errors import CALLS_OUT, Conflict, Exhausted, NotFound
+from oma_common.errors import CALLS_OUT, Conflict, Exhausted, NotFound, Unavailable
 from oma_common.web import Auth, Call, dumps, json_response, route
 
 from . import archive, files
@@ -144,15 +153,18 @@ class RestoreApi:
 
     @route("GET", "/mounts", response=MountList, auth=Auth.PEER, tags=TAGS)
     async def list_mounts(self, call: Call) -> dict[str, Any]:
-        """Every restore mount."""
+        """Every restore mount (nbd-pool is asked first whether their attachments are alive)."""
+        await self.manager.verify()
         mounts = [self.manager.describe(m) for m in self.manager.all()]
         return {"mounts": mounts, "count": len(mounts)}
 
     @route("GET", "/mounts/{mount_id}", errors=(NotFound, Conflict),
            response=Mount, auth=Auth.PEER, tags=TAGS)
     async def get_mount(self, call: Call) -> dict[str, Any]:
-        """One mount's status (not activity)."""
-        return self.manager.describe(self.manager.get(call.params["mount_id"]))
+        """One mount's status (not activity; nbd-pool is asked first whether its attachment is alive)."""
+        m = self.manager.get(call.params["mount_id"])
+        await self.manager.verify([m])
+        return self.manager.describe(m)
 
     @route("DELETE", "/mounts/{mount_id}", errors=(NotFound, Conflict),
            query=UnmountQuery, response=Unmounted, auth=Auth.PEER, tags=TAGS)
@@ -164,7 +176,7 @@ class RestoreApi:
 
     # --- files ---
 
-    @route("GET", "/mounts/{mount_id}/files", errors=(NotFound, Conflict), query=ListQuery, response=Listing, auth=Auth.PEER, tags=TAGS)
+    @route("GET", "/mounts/{mount_id}/files", errors=(NotFound, Conflict, Unavailable), query=ListQuery, response=Listing, auth=Auth.PEER, tags=TAGS)
     async def list_files(self, call: Call) -> dict[str, Any]:
         """List a directory of the backup (a page; optionally recursive)."""
         q = call.query
@@ -173,7 +185,7 @@ class RestoreApi:
                                         offset=q.offset, limit=q.limit)
         return {"mount_id": m.mount_id, **page}
 
-    @route("GET", "/mounts/{mount_id}/file-info", errors=(NotFound, Conflict), query=PathQuery, response=Entry, auth=Auth.PEER, tags=TAGS)
+    @route("GET", "/mounts/{mount_id}/file-info", errors=(NotFound, Conflict, Unavailable), query=PathQuery, response=Entry, auth=Auth.PEER, tags=TAGS)
     async def file_info(self, call: Call) -> dict[str, Any]:
         """Metadata of one entry (a symlink is described, not followed)."""
         async with self.manager.use(call.params["mount_id"]) as m:
@@ -183,11 +195,11 @@ class RestoreApi:
         fd, st, name = await self._blocking(self.browser.open, m, path, undo=lambda opened: os.close(opened[0]))
         return fd, OpenedFile.of(name, st, files.mime_type(name))
 
-    @route("GET", "/mounts/{mount_id}/open", errors=(NotFound, Conflict), query=PathQuery, response=OpenedFile, auth=Auth.PEER, tags=TAGS)
+    @route("GET", "/mounts/{mount_id}/open", errors=(NotFound, Conflict, Unavailable), query=PathQuery, response=OpenedFile, auth=Auth.PEER, tags=TAGS)
     async def open_file(self, call: Call) -> web.StreamResponse:
         """Hand over a read-only descriptor of one regular file (SCM_RIGHTS on the answer's bytes); the mount
         is held until the caller closes the connection."""
-        async with self.manager.use(call.params["mount_id"]) as m:
+        async with self.manager.use(call.params["mount_id"], check=True) as m:
             fd, meta = await self._open(m, call.query.path)
             try:
                 resp = await fdpass.reply_with_fd(call.request, dumps(meta).encode(), fd)
@@ -197,23 +209,23 @@ class RestoreApi:
             await fdpass.hold_until_closed(call.request)
             return resp
 
-    @route("GET", "/mounts/{mount_id}/download", errors=(NotFound, Conflict), query=PathQuery, auth=Auth.PEER, tags=TAGS,
+    @route("GET", "/mounts/{mount_id}/download", errors=(NotFound, Conflict, Unavailable), query=PathQuery, auth=Auth.PEER, tags=TAGS,
            stream="application/octet-stream")
     async def download(self, call: Call) -> web.StreamResponse:
         """Stream one regular file, honouring a single byte range."""
-        async with self.manager.use(call.params["mount_id"]) as m:
+        async with self.manager.use(call.params["mount_id"], check=True) as m:
             fd, meta = await self._open(m, call.query.path)
             try:
                 return await filestream.send_file(call.request, fd, meta)
             finally:
                 os.close(fd)
 
-    @route("GET", "/mounts/{mount_id}/download-directory", errors=(NotFound, Conflict, Exhausted), query=ArchiveQuery, auth=Auth.PEER, tags=TAGS,
+    @route("GET", "/mounts/{mount_id}/download-directory", errors=(NotFound, Conflict, Exhausted, Unavailable), query=ArchiveQuery, auth=Auth.PEER, tags=TAGS,
            stream="application/zip")
     async def download_directory(self, call: Call) -> web.StreamResponse:
         """Stream a directory as zip or tar.gz."""
         q = call.query
-        async with self.manager.use(call.params["mount_id"]) as m:
+        async with self.manager.use(call.params["mount_id"], check=True) as m:
             name = await self._blocking(self.browser.check_dir, m, q.path)
             top = name if name != "/" else m.mount_id
             content_type, suffix = archive.FORMATS[q.format]

@@ -176,8 +176,11 @@ class Attachment:
     device: str
     partitions: list[Partition]
     attached_at: str | None
-    status: str
+    # broken: the process serving the device has died (every read of the device fails); judged when asked,
+    # not only by the periodic check. DELETE tears down what is left once nothing is mounted from it.
+    status: Literal["attached", "broken"]
     pid: int | None
+    error: str | None = spec(None, description="why it is broken (which process ended, and how)")
 
 
 @dataclasses.dataclass

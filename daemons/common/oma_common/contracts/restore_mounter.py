@@ -73,7 +73,9 @@ class Mount:
     mount_id: str
     image: str
     mount_path: str
-    status: Literal["mounting", "mounted", "unmounting", "error"]
+    # broken: what serves the mount died (`error` says what); its file operations answer 503 mount_broken
+    # until it is unmounted.
+    status: Literal["mounting", "mounted", "unmounting", "error", "broken"]
     device: str | None
     backend: str | None
     attachment_id: str | None

@@ -5,7 +5,10 @@ Before any use the root is made ready (a share is mounted again if the appliance
 mount is idempotent) and must be writable by omad. A new repository is refused (400) unless its root lies
 inside nbd-pool's export roots (nbd-pool answers them, `GET /roots`: a repository elsewhere could hold no
 backup, since nbd-pool exports no image outside them), omad's user can write there, and it has the free
-space configured (`backup.repository_min_free_bytes`). CIFS passwords are sealed at rest and never returned.
+space configured (`backup.repository_min_free_bytes`). The dry-run test answers `success` false with the reason
+for what may change (a share unreachable, a directory missing, not writable, short of space), and the same 400
+as creation for a root outside the export roots, which no retry can fix. CIFS passwords are sealed at rest and
+never returned.
 Immutability settings are stored here; the retention policies enforce them.
 """
 
@@ -105,6 +108,10 @@ class Target:
         return self.type != "local"
 
 
+class OutsideExportRoots(Invalid):
+    """A repository root where nbd-pool may not export from: no backup could ever be written there."""
+
+
 class ExportRoots:
     """nbd-pool's export roots: the only places a backup's images can be exported from for the VMA."""
 
@@ -127,7 +134,7 @@ class ExportRoots:
         if any(real == r or real.is_relative_to(r) for r in resolved):
             return
         drop_in = answer.get("drop_in", "/etc/oma/nbd-pool.d/*.toml")
-        raise Invalid("outside the export roots",
+        raise OutsideExportRoots("outside the export roots",
                       f"{root} is not inside nbd-pool's export roots ({', '.join(configured) or 'none'}): no "
                       f"backup could be written there. Choose a directory inside one of them, or add it to "
                       f"`export_roots` in a drop-in {drop_in} and restart nbd-pool",
@@ -212,6 +219,8 @@ class Repositories:
             finally:
                 if target.remote:
                     await self._unmount_quietly(root)
+        except OutsideExportRoots:
+            raise  # refused as at creation (400, naming the roots and the drop-in): no retry can make it work
         except OmaError as e:
             return {"success": False, "message": e.message, "error": {"error": e.message, "details": e.details,
                                                                       "code": e.code}, "tested_at": started}
