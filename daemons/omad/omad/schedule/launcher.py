@@ -205,10 +205,6 @@ class ReplicationLauncher:
         self.db = db
 
     async def check(self, target: Target) -> None:
-        for field, value in (("repository_id", target.repository_id), ("policy_id", target.policy_id)):
-            if value is not None:
-                raise Invalid("invalid schedule", f"{field}: a replication schedule writes into CloudStack volumes, "
-                                                  f"not a backup repository (send \"\" to clear it)", field=field)
         if target.replication_type not in REPLICATION_TYPES:
             raise Invalid("invalid schedule", "replication_type: a replication schedule needs one of "
                                               f"{', '.join(REPLICATION_TYPES)}", field="replication_type")

@@ -221,4 +221,10 @@ class Schedules:
         if launcher is None:
             raise Invalid("invalid schedule", f"action: {s.action!r} cannot be scheduled by this omad",
                           field="action")
+        if s.action == Action.REPLICATION:
+            for field, value in (("repository_id", s.repository_id), ("policy_id", s.policy_id)):
+                if value is not None:
+                    raise Invalid("invalid schedule", f"{field}: a replication schedule writes into CloudStack "
+                                                      "volumes, not a backup repository (send \"\" to clear it)",
+                                  field=field)
         await launcher.check(target_of(s))
