@@ -1,6 +1,7 @@
 """Test tools for the scheduler: a clock moved by hand, a real launcher that creates job rows through the job
 engine (finished when the test says), VM contexts seeded straight into the database, and the whole domain
-built around one database — shared by tests/omad/test_scheduler.py and bench/scheduler."""
+built around one database — shared by tests/omad/test_scheduler.py and bench/scheduler; and `run_now`, a
+schedule run by hand through the real omad's API, awaited (the scheduled backup and replication tests)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import asyncio
 import dataclasses
 import heapq
 import itertools
-from collections.abc import AsyncGenerator, Sequence
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -22,6 +24,8 @@ from omad.schedule.scheduler import Scheduler
 from omad.schedule.schedules import Schedules
 from omad.store import jobs as job_store
 from omad.store.db import Database
+
+from ..rig import Api
 
 
 class FakeClock:
@@ -201,4 +205,19 @@ def build(db: Database, clock: FakeClock, **scheduler_options: Any) -> Domain:
     return Domain(db, clock, engine, launcher, replicator, scheduler, schedules, groups)
 
 
-__all__ = ["Domain", "EngineLauncher", "FakeClock", "add_contexts", "build", "iso"]
+async def run_now(api: Api, schedule_id: str, *, log_tail: Callable[[], str] = lambda: "",
+                  timeout: float = 120) -> dict[str, Any]:
+    """Trigger a schedule through omad's API and wait for the execution to end; returns it with its VMs and jobs."""
+    status, run = await api.post(f"/schedules/{schedule_id}/trigger")
+    assert status == 202, run
+    deadline = time.monotonic() + timeout
+    while True:
+        status, detail = await api.get(f"/schedules/{schedule_id}/executions/{run['id']}")
+        assert status == 200, detail
+        if detail["status"] != "running":
+            return dict(detail)
+        assert time.monotonic() < deadline, f"execution still running after {timeout}s:\n{log_tail()}"
+        await asyncio.sleep(0.1)
+
+
+__all__ = ["Domain", "EngineLauncher", "FakeClock", "add_contexts", "build", "iso", "run_now"]

@@ -6,7 +6,6 @@ is skipped in the run, and the execution's counts match what ran."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from tests.sim.cloudstack import CloudStackSim
 from tests.sim.vma import MiB
 from tests.sim.vma import faults as F
 
+from ..lib.scheduling import run_now
 from ..rig import Stack
 from .replication_rig import VM, Rig, digest, open_rig
 from .test_replication import write_random
@@ -54,19 +54,6 @@ async def save_cloudstack_config(rig: Rig) -> None:
     assert status == 200 and body["config"]["is_default"], body
 
 
-async def run_now(rig: Rig, schedule_id: str, timeout: float = 120) -> dict[str, Any]:
-    status, run = await rig.api.post(f"/schedules/{schedule_id}/trigger")
-    assert status == 202, run
-    deadline = time.monotonic() + timeout
-    while True:
-        status, detail = await rig.api.get(f"/schedules/{schedule_id}/executions/{run['id']}")
-        assert status == 200, detail
-        if detail["status"] != "running":
-            return detail
-        assert time.monotonic() < deadline, f"execution still running after {timeout}s:\n{rig.log_tail()}"
-        await asyncio.sleep(0.1)
-
-
 async def replications_of(rig: Rig, run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """VM name → the replication each of the run's jobs is."""
     out = {}
@@ -98,7 +85,7 @@ async def test_a_replication_schedule_replicates_its_groups_and_skips_a_busy_vm(
     assert status == 200, added
     sources = {VM: rig.sources, OTHER: [p for p in rig.sources[0].parent.glob("db-02-*.raw")]}
 
-    first = await run_now(rig, s["id"])
+    first = await run_now(rig.api, s["id"], log_tail=rig.log_tail)
     assert (first["status"], first["vms_eligible"], first["jobs_created"], first["jobs_completed"],
             first["jobs_failed"], first["jobs_skipped"]) == ("completed", 2, 2, 2, 0, 0), (first, rig.log_tail())
     reps = await replications_of(rig, first)
@@ -113,7 +100,7 @@ async def test_a_replication_schedule_replicates_its_groups_and_skips_a_busy_vm(
 
     # auto: incrementals now that every disk has a change id; only the changed blocks are written.
     write_random(rig.sources[0], 2 * MiB, 1 * MiB, seed=77)
-    second = await run_now(rig, s["id"])
+    second = await run_now(rig.api, s["id"], log_tail=rig.log_tail)
     assert (second["status"], second["jobs_completed"]) == ("completed", 2), (second, rig.log_tail())
     reps = await replications_of(rig, second)
     assert {rep["replication_type"] for rep in reps.values()} == {"incremental"}
@@ -130,7 +117,7 @@ async def test_a_replication_schedule_replicates_its_groups_and_skips_a_busy_vm(
     assert status == 201, manual
     assert held.held is not None and held.release is not None
     await asyncio.wait_for(held.held.wait(), 60)
-    third = await run_now(rig, s["id"])
+    third = await run_now(rig.api, s["id"], log_tail=rig.log_tail)
     assert (third["status"], third["vms_eligible"], third["jobs_created"], third["jobs_completed"],
             third["jobs_skipped"]) == ("completed", 2, 1, 1, 1), (third, rig.log_tail())
     vms = {v["vm_name"]: v for v in third["vms"]}
