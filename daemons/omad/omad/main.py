@@ -86,7 +86,7 @@ from .jobs.engine import JobEngine
 from .jobs.locks import KeyedLocks
 from .schedule.clock import SystemClock
 from .schedule.groups import Groups
-from .schedule.launcher import BackupLauncher, JobLauncher
+from .schedule.launcher import BackupLauncher, JobLauncher, ReplicationLauncher
 from .schedule.scheduler import Scheduler
 from .schedule.schedules import Schedules
 from .store.db import Database
@@ -192,7 +192,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     restore = RestoreService(db, audit, RestoreMounter(agents.restore_mounter), RepositoryImages(db))
 
     # Schedules: each run starts, per VM, a job through the same domain function the API uses.
-    launchers: dict[str, JobLauncher] = {"backup": BackupLauncher(backups, jobs, repositories)}
+    launchers: dict[str, JobLauncher] = {"backup": BackupLauncher(backups, jobs, repositories),
+                                         "replication": ReplicationLauncher(replications, db)}
     scheduler = Scheduler(db, audit, launchers, SystemClock(), poll_seconds=cfg.scheduler.poll_seconds,
                           late_after_seconds=cfg.scheduler.late_after_seconds, idle_seconds=cfg.scheduler.idle_seconds,
                           stop_grace_seconds=cfg.api.shutdown_grace_seconds)
