@@ -197,12 +197,22 @@ def test_mbr_ext4_and_paging(mod: Module) -> None:
     top = mod.agent.files("mbr")
     assert [e["name"] for e in top["files"]] == ["hello.txt", "lost+found", "many"]
     assert mod.agent.download("mbr", "hello.txt").body == b"hello mbr\n"
-    names = []
-    for offset in range(0, 1100, 400):
-        page = mod.agent.files("mbr", "/many", offset=offset, limit=400)
-        assert page["total_count"] == 1100 and not page["truncated"]
-        names += [e["name"] for e in page["files"]]
-    assert names == [f"f{i:04d}" for i in range(1100)]
+    # Pages of 400 continue by cursor: each sorted, together every entry once; the last one says the size.
+    names: list[str] = []
+    cursor = None
+    for expect_next in (True, True, False):
+        page = mod.agent.files("mbr", "/many", limit=400, **({"cursor": cursor} if cursor else {}))
+        listed = [e["name"] for e in page["files"]]
+        assert listed == sorted(listed) and not page["truncated"]
+        names += listed
+        assert page["total_count"] == len(names) and bool(page["next_cursor"]) == expect_next
+        cursor = page["next_cursor"]
+    assert sorted(names) == [f"f{i:04d}" for i in range(1100)]
+    # offset skips entries after the cursor (or the start): the same entries, in the same order.
+    first = mod.agent.files("mbr", "/many", limit=800)
+    skipped = mod.agent.files("mbr", "/many", limit=400, offset=400)
+    assert {e["name"] for e in skipped["files"]} == {e["name"] for e in first["files"]} - set(names[:400])
+    assert skipped["total_count"] == 800
     deep = mod.agent.files("mbr", "/", recursive="true", limit=10000)
     assert deep["truncated"] and deep["total_count"] == 1000  # list_max_entries
     shallow = mod.agent.files("mbr", "/", recursive="true", depth=1)
