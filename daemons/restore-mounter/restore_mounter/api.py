@@ -59,8 +59,7 @@ Files (each counts as activity; downloads and archives hold the mount while they
         own order (the tree is walked as it streams, never read whole); symlinks stored as links;
         device nodes, FIFOs, sockets and unreadable entries are left out and listed in a last member
         OMA-RESTORE-SKIPPED.json ({skipped: [{path, reason}] (the first 10000), not_listed: N beyond them}).
-        A zip holds at most archive_zip_max_members members (the rest are left out, said in that
-        member); tar.gz has no limit. A failure after the first byte aborts the connection (the archive is
+        A failure after the first byte aborts the connection (the archive is
         then visibly incomplete), it never ends it cleanly.
   Path rules: "/" is the backup's root, never the host's; NUL bytes, ".." components, over-long paths → 400
   invalid_path; a path or symlink leading out of the filesystem → 403 path_escapes_mount; device nodes,
@@ -119,13 +118,12 @@ TAGS = ("restore",)
 
 class RestoreApi:
     def __init__(self, manager: MountManager, browser: files.Browser, sweeper: Sweeper, archives: Executor,
-                 compress_level: int = 6, zip_max_members: int = archive.ZIP_MAX_MEMBERS) -> None:
+                 compress_level: int = 6) -> None:
         self.manager = manager
         self.browser = browser
         self.sweeper = sweeper
         self.archives = archives
         self.compress_level = compress_level
-        self.zip_max_members = zip_max_members
 
     async def _blocking(self, fn: Callable[..., T], *args: Any, undo: Callable[[T], object] | None = None,
                         **kwargs: Any) -> T:
@@ -232,8 +230,7 @@ class RestoreApi:
             def produce() -> int:
                 try:
                     with contextlib.closing(files.archive_items(m, q.path, top)) as items:
-                        skipped = archive.write(q.format, cast(IO[bytes], pipe), items, self.compress_level,
-                                                self.zip_max_members)
+                        skipped = archive.write(q.format, cast(IO[bytes], pipe), items, self.compress_level)
                     pipe.finish()
                     return skipped
                 except BaseException as e:

@@ -6,10 +6,9 @@ hard-codes level 9, too slow for this). Symlinks are stored as links (zip: Unix 
 external attributes, the target as the data, as Info-ZIP does). What is not archived (device nodes, FIFOs,
 sockets, unreadable entries) is listed in a last member, `SKIPPED_NAME`, present only when something was.
 Memory: one read buffer, the compressor's state, the tree walk's open directories (files.archive_items),
-at most `SKIPPED_LISTED` skipped entries (the rest only counted), and for zip its central directory, which
-the format keeps until the end (zipfile: about 550 bytes per member): a zip therefore holds at most
-`max_members` members and says in its manifest what it left out; tar.gz has no such limit (tarfile's own
-member list is emptied as it goes).
+at most `SKIPPED_LISTED` skipped entries (the rest only counted). What the formats' writers keep per
+member stays out of memory: tarfile's member list is emptied as it goes, and zip's central directory,
+which the format writes at the end, waits in an anonymous temporary file (zipindex).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from typing import IO, Any, cast
 
+from . import zipindex
 from .files import Item
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,6 @@ FORMATS = {"zip": ("application/zip", ".zip"), "tar.gz": ("application/gzip", ".
 SKIPPED_NAME = "OMA-RESTORE-SKIPPED.json"
 CHUNK = 1024 * 1024
 SKIPPED_LISTED = 10000  # entries named in the manifest; further ones are counted (a hostile tree of FIFOs)
-ZIP_MAX_MEMBERS = 100_000  # ~55 MB of zipfile's central directory
 
 
 def _copy(fd: int, dst: IO[bytes], size: int, name: str) -> None:
@@ -78,17 +77,21 @@ def _zip_time(t: float) -> tuple[int, int, int, int, int, int]:
     return time.gmtime(max(t, 315532800))[:6]  # the DOS date format starts in 1980
 
 
-def write_zip(out: IO[bytes], items: Iterable[Item], level: int = 6, max_members: int = ZIP_MAX_MEMBERS) -> int:
-    skipped = Skipped()
+def write_zip(out: IO[bytes], items: Iterable[Item], level: int = 6) -> int:
     # No `with`: after a failure (the client went away) the central directory must not be written.
     zf = zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, allowZip64=True, compresslevel=level,
                          strict_timestamps=False)
+    index = zipindex.spill(zf)
+    try:
+        return _write_zip(zf, items)
+    finally:
+        index.close()
+
+
+def _write_zip(zf: zipfile.ZipFile, items: Iterable[Item]) -> int:
+    skipped = Skipped()
     for item in skipped.filter(items):
         assert item.st is not None
-        if len(zf.filelist) >= max_members:
-            skipped.add(item.name, f"a zip holds at most {max_members} members here (its central directory is "
-                                   "kept in memory); download this directory as tar.gz for everything")
-            continue
         try:
             item.name.encode("utf-8")
         except UnicodeEncodeError:
@@ -140,7 +143,7 @@ def _tarinfo(item: Item) -> tarfile.TarInfo:
     return ti
 
 
-def write_targz(out: IO[bytes], items: Iterable[Item], level: int = 6, max_members: int = 0) -> int:
+def write_targz(out: IO[bytes], items: Iterable[Item], level: int = 6) -> int:
     skipped = Skipped()
     with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=level, mtime=0) as gz, \
             tarfile.open(fileobj=cast(IO[bytes], gz), mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
@@ -166,7 +169,7 @@ def write_targz(out: IO[bytes], items: Iterable[Item], level: int = 6, max_membe
     return skipped.count
 
 
-def write(fmt: str, out: IO[bytes], items: Iterable[Item], level: int = 6, max_members: int = ZIP_MAX_MEMBERS) -> int:
+def write(fmt: str, out: IO[bytes], items: Iterable[Item], level: int = 6) -> int:
     """Write the archive; the number of entries left out (listed in its SKIPPED_NAME member)."""
     writer = write_zip if fmt == "zip" else write_targz
-    return writer(out, items, level, max_members)
+    return writer(out, items, level)

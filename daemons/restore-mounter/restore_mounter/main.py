@@ -40,8 +40,6 @@ class Config(agent.AgentConfig):
     list_max_depth: int = schema.spec(32, min=1, max=1024, description="levels a recursive listing descends")
     archive_workers: int = schema.spec(4, min=1, max=64, description="archives written at once (threads)")
     compress_level: int = schema.spec(6, min=0, max=9, description="deflate level of zip and tar.gz")
-    archive_zip_max_members: int = schema.spec(100_000, min=1, description="members a zip holds at most (its "
-                                               "central directory stays in memory, ~550 bytes each); tar.gz: no limit")
 
 
 def make_attacher(cfg: Config) -> tuple[NbdPoolAttacher, AgentClient]:
@@ -69,7 +67,7 @@ async def amain() -> int:
     sweeper = Sweeper(manager.sweep, cfg.cleanup_interval_seconds, clock)
     archives = ThreadPoolExecutor(cfg.archive_workers, thread_name_prefix="archive")
     api = RestoreApi(manager, Browser(cfg.list_max_entries, cfg.list_max_depth), sweeper, archives,
-                     cfg.compress_level, cfg.archive_zip_max_members)
+                     cfg.compress_level)
 
     async def start() -> str:
         summary = await reconcile(manager, state.load())
