@@ -4,6 +4,7 @@ them, as backups are."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -149,6 +150,22 @@ def agent_config(short_tmp: Path) -> Iterator[Stack]:
         yield s
     finally:
         cleanup(s)
+
+
+@contextlib.contextmanager
+def module_stack(prefix: str) -> Iterator[Stack]:
+    """A stack in a short temporary directory of its own (`stack.state`), for a module's fixture (root
+    only); afterwards its mounts and daemons are cleaned up and the directory removed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices, mounts)")
+    stack = make_stack(Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp")))
+    try:
+        yield stack
+    finally:
+        try:
+            cleanup(stack)
+        finally:
+            shutil.rmtree(stack.state, ignore_errors=True)
 
 
 def cleanup(stack: Stack) -> None:

@@ -42,8 +42,7 @@ from ..lib.diskimages import (
     whole_disk_ext4,
 )
 from ..lib.filetree import file_sha256, materialize
-from ..rig import make_stack
-from .conftest import Agent, cleanup, special_ext4, start_agent
+from .conftest import Agent, module_stack, special_ext4, start_agent
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
@@ -109,12 +108,8 @@ def btrfs_image(path: Path, tree: Tree) -> Path:
 
 @pytest.fixture(scope="module")
 def mod() -> Iterator[Module]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (loop devices, mounts)")
-    tmp = Path(tempfile.mkdtemp(prefix="oma-rm-", dir="/tmp"))
-    stack = make_stack(tmp)
-    try:
-        imgs = tmp / "images"
+    with module_stack("oma-rm-") as stack:
+        imgs = stack.state / "images"
         imgs.mkdir()
         images = {
             "gpt2": gpt_two_ext4(imgs / "gpt2.raw", LINUX, SECOND).path,
@@ -129,11 +124,6 @@ def mod() -> Iterator[Module]:
         agent = start_agent(stack, "list_max_entries = 1000\n")
         mounts = {name: agent.mount(path, name) for name, path in images.items()}
         yield Module(agent, mounts, images)
-    finally:
-        try:
-            cleanup(stack)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def expected(tree: Tree, prefix: str = "") -> dict[str, Any]:
@@ -197,16 +187,42 @@ def test_mbr_ext4_and_paging(mod: Module) -> None:
     top = mod.agent.files("mbr")
     assert [e["name"] for e in top["files"]] == ["hello.txt", "lost+found", "many"]
     assert mod.agent.download("mbr", "hello.txt").body == b"hello mbr\n"
-    names = []
-    for offset in range(0, 1100, 400):
-        page = mod.agent.files("mbr", "/many", offset=offset, limit=400)
-        assert page["total_count"] == 1100 and not page["truncated"]
-        names += [e["name"] for e in page["files"]]
-    assert names == [f"f{i:04d}" for i in range(1100)]
+    # Pages of 400 continue by cursor: each sorted, together every entry once; the last one says the size.
+    names: list[str] = []
+    cursor = None
+    for expect_next in (True, True, False):
+        page = mod.agent.files("mbr", "/many", limit=400, **({"cursor": cursor} if cursor else {}))
+        listed = [e["name"] for e in page["files"]]
+        assert listed == sorted(listed) and not page["truncated"]
+        names += listed
+        assert page["total_count"] == len(names) and bool(page["next_cursor"]) == expect_next
+        cursor = page["next_cursor"]
+    assert sorted(names) == [f"f{i:04d}" for i in range(1100)]
+    # offset skips entries after the cursor (or the start): the same entries, in the same order.
+    first = mod.agent.files("mbr", "/many", limit=800)
+    skipped = mod.agent.files("mbr", "/many", limit=400, offset=400)
+    assert {e["name"] for e in skipped["files"]} == {e["name"] for e in first["files"]} - set(names[:400])
+    assert skipped["total_count"] == 800
     deep = mod.agent.files("mbr", "/", recursive="true", limit=10000)
     assert deep["truncated"] and deep["total_count"] == 1000  # list_max_entries
     shallow = mod.agent.files("mbr", "/", recursive="true", depth=1)
     assert shallow["total_count"] == 3
+
+
+@pytest.mark.parametrize(("mount_id", "path"), [("gpt2", "/part1/home/user"), ("xfs", "/home/user"),
+                                                ("btrfs", "/srv"), ("ntfs", "/"), ("fat", "/"), ("mbr", "/many")])
+def test_cursor_paging_on_every_filesystem(mod: Module, mount_id: str, path: str) -> None:
+    """readdir positions resume where the page ended on each filesystem (FUSE ones too): one entry a page."""
+    whole = [e["name"] for e in mod.agent.files(mount_id, path, limit=10000)["files"]]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = mod.agent.files(mount_id, path, limit=1, **({"cursor": cursor} if cursor else {}))
+        seen += [e["name"] for e in page["files"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == whole and len(whole) > 1
 
 
 def test_whole_disk_ext4_and_big_download(mod: Module) -> None:

@@ -37,10 +37,15 @@ Mounts
   A broken mount expires when idle like any other.
 
 Files (each counts as activity; downloads and archives hold the mount while they stream)
-  GET /mounts/{id}/files?path=/&recursive=false&depth=&offset=0&limit=1000
-      → {mount_id, path, files: [Entry], total_count, offset, limit, recursive, depth, truncated}
-      Sorted by name; recursive is depth-first, at most `depth` levels (≤ list_max_depth) and
-      list_max_entries entries (then truncated=true). Symlinks are listed, never followed by a listing.
+  GET /mounts/{id}/files?path=/&limit=1000&cursor=&offset=0&recursive=false&depth=
+      → {mount_id, path, files: [Entry], total_count, offset, limit, recursive, depth, truncated, next_cursor}
+      A page of at most `limit` (1..10000) entries, read from the directory as it goes (never whole: a guest
+      directory may hold millions): sorted by name within the page, pages in the directory's own order.
+      `next_cursor` (opaque) continues after the page, null at the end; `total_count` counts the entries
+      listed up to the page's end (the directory's size on the last page). A cursor that is malformed or
+      belongs to another directory → 400 invalid_cursor. Recursive: depth-first by name, at most `depth`
+      levels (≤ list_max_depth) and list_max_entries entries (then truncated=true), paged by offset/limit,
+      no cursor. Symlinks are listed, never followed by a listing.
   GET /mounts/{id}/file-info?path=P → Entry (a final symlink described, not followed)
       Entry = {name, path, type ("file"|"directory"|"symlink"|"char_device"|"block_device"|"fifo"|
                "socket"|"unknown"), size, mode ("0644"), uid, gid, mtime (epoch s), modified_at,
@@ -55,9 +60,11 @@ Files (each counts as activity; downloads and archives hold the mount while they
         416 (JSON error + Content-Range: bytes */size) when the range lies outside the file.
   GET /mounts/{id}/download-directory?path=/&format=zip|tar.gz
       → 200 chunked stream, Content-Type application/zip or application/gzip, Content-Disposition
-        "<dir>.zip"/"<dir>.tar.gz" (the mount id for "/"). Members are "<dir>/…"; symlinks stored as links;
+        "<dir>.zip"/"<dir>.tar.gz" (the mount id for "/"). Members are "<dir>/…", each directory's in its
+        own order (the tree is walked as it streams, never read whole); symlinks stored as links;
         device nodes, FIFOs, sockets and unreadable entries are left out and listed in a last member
-        OMA-RESTORE-SKIPPED.json. A failure after the first byte aborts the connection (the archive is
+        OMA-RESTORE-SKIPPED.json ({skipped: [{path, reason}] (the first 10000), not_listed: N beyond them}).
+        A failure after the first byte aborts the connection (the archive is
         then visibly incomplete), it never ends it cleanly.
   A read that fails the way a dead device fails (EIO, ENOTCONN, ...) makes restore-mounter ask nbd-pool; a
   download, open or archive asks before its first byte. Either way a dead attachment answers 503 mount_broken,
@@ -182,7 +189,7 @@ class RestoreApi:
         q = call.query
         async with self.manager.use(call.params["mount_id"]) as m:
             page = await self._blocking(self.browser.listing, m, q.path, recursive=q.recursive, depth=q.depth,
-                                        offset=q.offset, limit=q.limit)
+                                        offset=q.offset, limit=q.limit, cursor=q.cursor)
         return {"mount_id": m.mount_id, **page}
 
     @route("GET", "/mounts/{mount_id}/file-info", errors=(NotFound, Conflict, Unavailable), query=PathQuery, response=Entry, auth=Auth.PEER, tags=TAGS)
@@ -232,7 +239,7 @@ class RestoreApi:
             loop = asyncio.get_running_loop()
             pipe = ChunkPipe(loop)
 
-            def produce() -> list[dict[str, str]]:
+            def produce() -> int:
                 try:
                     with contextlib.closing(files.archive_items(m, q.path, top)) as items:
                         skipped = archive.write(q.format, cast(IO[bytes], pipe), items, self.compress_level)

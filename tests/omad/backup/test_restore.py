@@ -55,6 +55,21 @@ async def test_restore_files_from_a_full_and_an_incremental(rig: Rig) -> None:
     status, top = await rig.api.get(f"/restore/{new['mount_id']}/files")
     assert status == 200 and [f["name"] for f in top["files"]] == ["part1", "part2"]
     assert (await read(rig, old["mount_id"], "/part1/etc/motd"))[:2] == (200, b"welcome\n")
+    # A directory page by page: omad passes limit and cursor through; bad ones are 400.
+    seen: list[str] = []
+    params: dict[str, str] = {"path": "/part1/etc", "limit": "1"}
+    while True:
+        status, page = await rig.api.get(f"/restore/{new['mount_id']}/files", params=params)
+        assert status == 200 and len(page["files"]) == 1 and page["total_count"] == len(seen) + 1
+        seen.append(page["files"][0]["name"])
+        if page["next_cursor"] is None:
+            break
+        params["cursor"] = page["next_cursor"]
+    status, whole = await rig.api.get(f"/restore/{new['mount_id']}/files", params={"path": "/part1/etc"})
+    assert sorted(seen) == [f["name"] for f in whole["files"]] and len(seen) > 1
+    for bad in ({"limit": "10001"}, {"limit": "0"}, {"cursor": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}, {"cursor": "a b"}):
+        status, body = await rig.api.get(f"/restore/{new['mount_id']}/files", params={"path": "/part1/etc", **bad})
+        assert status == 400, (bad, body)
     assert (await read(rig, new["mount_id"], "/part1/etc/motd"))[:2] == (200, b"changed\n")
 
     # A file's bytes and a range of them.
