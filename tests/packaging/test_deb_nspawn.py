@@ -475,6 +475,32 @@ def test_a_copy_lands_in_the_second_repository(appliance: Appliance) -> None:
         assert a.image_sha(d["qcow2_path"]) == a.image_sha(src["qcow2_path"])  # reads as the copied backup
 
 
+def test_a_policy_copies_its_backup_into_the_second_repository(appliance: Appliance) -> None:
+    """A policy's immediate copy rule: the backup lands in main, its copy in second, with the same content."""
+    a = appliance
+    _, policy = a.call("POST", "/policies", {"name": "3-2-1", "primary_repository_id": a.repos["main"],
+                                              "retention_days": 30,
+                                              "copy_rules": [{"destination_repository_id": a.repos["second"]}]},
+                       expect=201)
+    _, body = a.call("POST", "/backups", {"vm_name": VM, "repository_id": a.repos["main"], "backup_type": "full",
+                                          "policy_id": policy["id"]}, expect=200)
+    done = a.wait_backup(str(body["backup_id"]))
+    a.assert_same_as_sources(done)
+    deadline = time.monotonic() + 120
+    while True:
+        copies = a.call("GET", f"/backups/{done['backup_id']}/copies", expect=200)[1]
+        assert not [c for c in copies if c["status"] == "failed"], (copies, a.journal("omad"))
+        if copies and all(c["status"] == "completed" for c in copies):
+            break
+        assert time.monotonic() < deadline, (copies, a.journal("omad"))
+        time.sleep(0.5)
+    assert [c["repository_id"] for c in copies] == [a.repos["second"]], copies
+    _, copy = a.call("GET", f"/backups/{copies[0]['copy_backup_id']}", expect=200)
+    for d, src in zip(copy["disk_results"], done["disk_results"]):
+        assert d["qcow2_path"].startswith("/var/lib/oma/repositories/second/")
+        assert a.image_sha(d["qcow2_path"]) == a.image_sha(src["qcow2_path"])
+
+
 def test_an_immutable_repository_locks_the_backup_until_it_ends(appliance: Appliance) -> None:
     a = appliance
     m = a.m
