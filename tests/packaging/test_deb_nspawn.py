@@ -170,6 +170,32 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
 """
 
 
+PROGRAM_PIDS = """
+import os, sys
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        argv0 = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")[0]
+    except OSError:
+        continue
+    if os.path.basename(argv0.decode(errors="replace")) == sys.argv[1]:
+        print(pid)
+"""
+
+# The mount id and mount point of every mount below a prefix (ids are never reused while mounted).
+MOUNT_IDS = """
+import sys
+for line in open("/proc/self/mountinfo"):
+    f = line.split()
+    if f[4].startswith(sys.argv[1]):
+        print(f[0], f[4])
+"""
+
+
+def pids_by_program(m: Machine, program: str) -> list[str]:
+    """Processes in the container running `program` (by the base name of argv[0])."""
+    return m.run("python3", "-c", PROGRAM_PIDS, program).stdout.split()
+
+
 def pids_of(m: Machine, *argv: str) -> list[str]:
     """Processes in the container whose command line is exactly `argv`."""
     return m.run("python3", "-c", PIDS, *argv).stdout.split()
@@ -452,9 +478,20 @@ def test_restore_mount_lists_and_downloads_and_survives_restarts(appliance: Appl
         assert out["body"] == hashlib.sha256(b"changed\n").hexdigest(), out
 
     check()
-    restart_services(a, SERVICES)
-    check()  # the mount (and its attachment) outlived every restart
+    # What must outlive the restarts (KillMode=process, docs/architecture.md): the attachment's
+    # qemu-storage-daemon, and the mounts themselves (the same mount ids, not new ones).
+    attachment = frozenset(pids_by_program(a.m, "qemu-storage-daemon"))
+    assert len(attachment) == 1, attachment
+    mounts = a.m.run("python3", "-c", MOUNT_IDS, "/var/lib/oma-agents/").stdout
+    assert mounts.strip(), a.m.run("cat", "/proc/self/mountinfo").stdout
+    restart_services(a, SERVICES, attachment)
+    assert a.m.run("python3", "-c", MOUNT_IDS, "/var/lib/oma-agents/").stdout == mounts
+    check()  # and restore-mounter and omad re-adopted it
     a.call("DELETE", f"/restore/{mid}", expect=200)
+    deadline = time.monotonic() + 10
+    while pids_by_program(a.m, "qemu-storage-daemon"):  # the attachment goes with the mount
+        assert time.monotonic() < deadline, a.journal("nbd-pool")
+        time.sleep(0.2)
 
 
 def test_a_copy_lands_in_the_second_repository(appliance: Appliance) -> None:
