@@ -52,6 +52,10 @@ READ_BATCH = 64
 READ_BATCH_BYTES = 8 * 1024 * 1024
 
 
+# (command, offset, length, data to send with it or None)
+Request = tuple[int, int, int, "Optional[bytes | memoryview]"]
+
+
 class NbdConnection:
     """One connection to an export: writes and write-zeroes, pipelined; close() flushes and disconnects."""
 
@@ -100,24 +104,35 @@ class NbdConnection:
                     future.set_exception(failure)
             self._pending.clear()
 
-    async def submit(self, command: int, offset: int, length: int,
-                     data: "Optional[bytes | memoryview]" = None) -> "asyncio.Future[None]":
-        """Send one request once the window has room; the future resolves with its reply."""
+    async def submit(self, requests: Sequence[Request]) -> "list[asyncio.Future[None]]":
+        """Send requests as the window lets them go, as few socket writes as possible; each future resolves
+        with its reply."""
         if self._receiver.done():
             raise TransferError("NBD connection closed")
-        await self._window.acquire()
-        handle = next(self._handles)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(lambda _: self._window.release())
-        self._pending[handle] = future
-        self._writer.write(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, command, handle, offset, length))
-        if data is not None:
-            self._writer.write(data)
-        await self._writer.drain()
-        return future
+        futures: list[asyncio.Future[None]] = []
+        out: list[bytes | memoryview] = []
+        for command, offset, length, data in requests:
+            if self._window.locked() and out:  # send what is ready before waiting for a reply
+                self._writer.writelines(out)
+                out = []
+                await self._writer.drain()
+            await self._window.acquire()
+            handle = next(self._handles)
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            future.add_done_callback(lambda _: self._window.release())
+            self._pending[handle] = future
+            futures.append(future)
+            out.append(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, command, handle, offset, length))
+            if data is not None:
+                out.append(data)
+        if out:
+            self._writer.writelines(out)
+            await self._writer.drain()
+        return futures
 
     async def _request(self, command: int, offset: int, length: int, data: Optional[bytes] = None) -> None:
-        await (await self.submit(command, offset, length, data))
+        (future,) = await self.submit([(command, offset, length, data)])
+        await future
 
     async def write(self, offset: int, data: bytes) -> None:
         await self._request(CMD_WRITE, offset, len(data), data)
@@ -223,15 +238,19 @@ async def write_extents(source: str, target: NbdTarget, extents: Sequence[Extent
         try:
             while not batches.empty():
                 runs = await loop.run_in_executor(None, _read_runs, fd, batches.get_nowait(), block_size)
+                requests: list[Request] = []
                 for start, data in runs:
                     if isinstance(data, int):  # a run of zeros, `data` bytes long
-                        sent.append(await conn.submit(CMD_WRITE_ZEROES, start, data))
+                        requests.append((CMD_WRITE_ZEROES, start, data, None))
                         written.zero_blocks += blocks_in([(start, start + data)], block_size)
-                        continue
-                    future = await conn.submit(CMD_WRITE, start, len(data), data)
-                    future.add_done_callback(acknowledged(len(data)))
-                    sent.append(future)
-                    written.data_blocks += blocks_in([(start, start + len(data))], block_size)
+                    else:
+                        requests.append((CMD_WRITE, start, len(data), data))
+                        written.data_blocks += blocks_in([(start, start + len(data))], block_size)
+                futures = await conn.submit(requests)
+                for (command, _, length, _), future in zip(requests, futures):
+                    if command == CMD_WRITE:
+                        future.add_done_callback(acknowledged(length))
+                sent += futures
         finally:
             results = await asyncio.gather(*sent, return_exceptions=True)
         for r in results:
