@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import itertools
 import os
+import socket
 import struct
 from typing import Callable, Optional, Sequence
 
@@ -68,6 +69,7 @@ class NbdConnection:
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._window = asyncio.Semaphore(WINDOW)
         writer.transport.set_write_buffer_limits(high=SEND_BUFFER)
+        self._sock: Optional[socket.socket] = writer.get_extra_info("socket")
         self._receiver = asyncio.ensure_future(self._receive())
 
     @classmethod
@@ -87,6 +89,11 @@ class NbdConnection:
         try:
             while True:
                 magic, error, handle = struct.unpack(">IIQ", await self._reader.readexactly(16))
+                # ACK at once (tcp(7): TCP_QUICKACK, re-armed as the kernel clears it): qemu-nbd's 16-byte replies
+                # otherwise wait for our delayed ACK (~40 ms) whenever we have nothing to send (a full window,
+                # a read of the source) — measured 2.9 ms a request at 16 in flight, 0.16 ms with it.
+                if self._sock is not None:
+                    self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
                 if magic != SIMPLE_REPLY_MAGIC:
                     raise TransferError(f"bad NBD reply magic {magic:#x}")
                 future = self._pending.pop(handle, None)
@@ -235,9 +242,17 @@ async def write_extents(source: str, target: NbdTarget, extents: Sequence[Extent
 
     async def worker(conn: NbdConnection) -> None:
         sent: list[asyncio.Future[None]] = []
+
+        def read_next() -> "Optional[asyncio.Future[list[tuple[int, bytes | int]]]]":
+            if batches.empty():
+                return None
+            return loop.run_in_executor(None, _read_runs, fd, batches.get_nowait(), block_size)
+
+        reading = read_next()
         try:
-            while not batches.empty():
-                runs = await loop.run_in_executor(None, _read_runs, fd, batches.get_nowait(), block_size)
+            while reading is not None:
+                runs = await reading
+                reading = read_next()  # the next batch is read while this one is sent
                 requests: list[Request] = []
                 for start, data in runs:
                     if isinstance(data, int):  # a run of zeros, `data` bytes long
@@ -252,6 +267,8 @@ async def write_extents(source: str, target: NbdTarget, extents: Sequence[Extent
                         future.add_done_callback(acknowledged(length))
                 sent += futures
         finally:
+            if reading is not None:
+                await asyncio.gather(reading, return_exceptions=True)
             results = await asyncio.gather(*sent, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
