@@ -266,6 +266,9 @@ class DiskTracker:
         self._generation += 1
         while len(self._issued) > HISTORY:
             del self._issued[next(iter(self._issued))]
+        # A write no remembered change id precedes can never be "changed since" one of them again.
+        oldest = min(self._issued.values())
+        self._written = {i: g for i, g in self._written.items() if g > oldest}
         return Snapshot(change_id, changed)
 
     # -- block maps -----------------------------------------------------------------------------------
