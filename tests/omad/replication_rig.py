@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -55,6 +56,10 @@ class Rig:
     @property
     def state(self) -> SimState:
         return self.sim.state
+
+    def write(self, index: int, offset: int, length: int, seed: int) -> None:
+        """A guest write of `length` pseudo-random bytes into disk `index`, which VMware's CBT notes."""
+        self.state.write_source(VM, index, offset, random.Random(seed).randbytes(length))
 
     def source_vm(self) -> dict[str, Any]:
         return next(v for v in self.state.inventory.discovery()["vms"] if v["name"] == VM)

@@ -166,7 +166,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
 
     # Replication: each disk into a CloudStack volume through volume-agent, exported by nbd-pool, written by the
     # VMA; followed by the monitor, which adopts running ones again after a restart.
-    ending = Ending(db, jobs, pool, locks)
+    ending = Ending(db, jobs, pool, volume_agent, locks)
     replications = Replications(db, audit, jobs, locks, contexts, credentials, volume_agent, pool, vma, ending,
                                 cfg.replication)
     monitor = Monitor(db, jobs, vma, pool, ending, cfg.replication)

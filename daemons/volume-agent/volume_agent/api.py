@@ -22,6 +22,8 @@ from oma_common.contracts.volume_agent_volumes import (
     RevertIn,
     SnapshotIn,
     SnapshotView,
+    StampIn,
+    StampView,
     VolumeCreateIn,
     VolumesListing,
     VolumeView,
@@ -139,6 +141,18 @@ class VolumesApi:
     async def delete_snapshot(self, call: Call) -> dict[str, Any]:
         """Delete one of the volume's snapshots."""
         return await self.volumes.delete_snapshot(call.params["volume_id"], call.params["snapshot_id"])
+
+    @route("GET", "/volumes/{volume_id}/stamp", errors=(NotFound, Conflict, Unavailable), response=StampView,
+           auth=Auth.PEER)
+    async def read_stamp(self, call: Call) -> StampView:
+        """The sync stamp in the last 4 KiB of the volume's device (attached here), "" when there is none."""
+        return await self.volumes.read_stamp(call.params["volume_id"])
+
+    @route("PUT", "/volumes/{volume_id}/stamp", errors=(NotFound, Conflict, Unavailable), body=StampIn,
+           response=StampView, auth=Auth.PEER)
+    async def write_stamp(self, call: Call) -> StampView:
+        """Write a sync stamp into the last 4 KiB of the volume's device (attached here), flushed."""
+        return await self.volumes.write_stamp(call.params["volume_id"], call.body.stamp)
 
     @route("GET", "/devices", response=DevicesListing, auth=Auth.PEER)
     async def devices(self, call: Call) -> DevicesListing:

@@ -71,6 +71,15 @@ class VolumeAgent:
         """{volumes: [VolumeView], unmanaged_attached: [volume ids]}."""
         return await self.client.call("GET", "/volumes")  # type: ignore[no-any-return]
 
+    async def read_stamp(self, volume_id: str) -> str:
+        """The sync stamp at the end of an attached volume's device ("" when there is none)."""
+        answer = await self.client.call("GET", f"/volumes/{quote(volume_id, safe='')}/stamp")
+        return str(answer["stamp"])
+
+    async def write_stamp(self, volume_id: str, stamp: str) -> None:
+        await self.client.call("PUT", f"/volumes/{quote(volume_id, safe='')}/stamp", json={"stamp": stamp},
+                               timeout=self.mount_timeout)
+
     async def snapshot_volume(self, volume_id: str, name: str = "") -> dict[str, Any]:
         return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/snapshots",  # type: ignore[no-any-return]
                                       json={"name": name}, timeout=self.mount_timeout)

@@ -5,7 +5,9 @@ Starting a sync (every step recorded on its job):
      `replicating` and counts the job. A second active replication of the VM is refused (409).
   2. volumes: each disk's CloudStack volume (`migration-<vm>-disk-<unit>`, capacity + headroom) is created and
      attached here through volume-agent the first time, reused afterwards. A disk whose volume is gone or was
-     changed behind our back is given a new one and starts over with no change id (a full copy).
+     changed behind our back is given a new one and starts over with no change id (a full copy); so does a disk
+     whose volume no longer holds the stamp the last completed sync wrote at its end (reverted outside the
+     appliance to an older snapshot).
   3. ports: one per disk from nbd-pool, leased to the job;
   4. exports: a writable export of each volume's device (`--shared`, the VMA opens 2 connections per disk);
   5. the VMA's `POST /replicate` with the `nbd_targets`.
@@ -216,6 +218,19 @@ class Replications:
             raise Unavailable("volume has no device", f"volume-agent attached {view['volume_id']} without a device")
         return view, fresh
 
+    async def _holds_last_sync(self, job_id: str, disk_id: str, volume_id: str, known: store.Volume | None) -> bool:
+        """Whether the volume still holds what the last completed sync left there: the stamp that sync wrote at
+        the volume's end (ending.py) is still there. A CloudStack snapshot carries the stamp of its moment, so a
+        revert to anything older than that sync, or another volume, shows another stamp or none; a revert to a
+        snapshot taken since (a test failover's) shows the same one and loses nothing."""
+        found = await self.volumes.read_stamp(volume_id)
+        if known is not None and known.volume_id == volume_id and known.sync_stamp and found == known.sync_stamp:
+            return True
+        log.warning("volume %s of %s does not hold what the last sync left (stamp %r, expected %r): reverted or "
+                    "written outside the appliance; the disk is copied in full", volume_id, disk_id, found,
+                    known.sync_stamp if known else None, extra={"resource": job_id})
+        return False
+
     async def _launch(self, job_id: str, ctx: contexts_store.Context) -> dict[str, list[dict[str, Any]]]:
         """Steps 2-5."""
         cid = ctx.context_id
@@ -227,10 +242,14 @@ class Replications:
         async with self.jobs.step(job_id, "prepare volumes"):
             for d in disks:
                 view, fresh = await self._volume_for(job_id, ctx, d, known.get(d.disk_id))
+                # A new volume holds nothing, a reverted one something older than the last sync: either way
+                # its disk starts over.
+                reset = fresh or (bool(d.base_change_id) and not await self._holds_last_sync(
+                    job_id, d.disk_id, str(view["volume_id"]), known.get(d.disk_id)))
                 now = utcnow()
                 async with self.db.transaction() as tx:
                     await store.set_disk_volume(tx, job_id, d.disk_id, str(view["volume_id"]),
-                                                reset_base=fresh)
+                                                reset_base=reset)
                     old = known.get(d.disk_id)
                     await store.save_volume(tx, store.Volume(
                         vm_context_id=cid, disk_id=d.disk_id, volume_id=str(view["volume_id"]),
@@ -238,7 +257,7 @@ class Replications:
                         device_path=view.get("device_path"), link_path=view.get("link_path"),
                         created_by_job=job_id if fresh or old is None else old.created_by_job,
                         created_at=now if fresh or old is None else old.created_at, updated_at=now))
-                    if fresh:  # a new volume holds nothing: its disk starts over
+                    if reset:
                         await contexts_store.set_change_id(tx, cid, d.disk_id, None, now)
                 paths[d.disk_id] = str(view["link_path"])
                 if fresh:
