@@ -8,10 +8,10 @@ import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from oma_common.contracts.volume_agent import Mounted, MountIn, ShareMounts, Unmounted
 from oma_common.errors import Conflict, Invalid
 from oma_common.rpc import AgentClient
 from omad.adapters.localfs import LocalFs
@@ -32,19 +32,19 @@ class FakeAgent:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.mounted: dict[str, dict[str, Any]] = {}
+        self.mounted: dict[str, MountIn] = {}
 
-    async def share_mounts(self) -> dict[str, Any]:
-        return {"mount_root": str(self.root), "mounts": []}
+    async def share_mounts(self) -> ShareMounts:
+        return ShareMounts(str(self.root), [])
 
-    async def mount_share(self, share: dict[str, Any]) -> dict[str, Any]:
-        Path(share["mount_point"]).mkdir(parents=True, exist_ok=True)
-        self.mounted[share["mount_point"]] = share
-        return {"mount_point": share["mount_point"], "mounted": True}
+    async def mount_share(self, share: MountIn) -> Mounted:
+        Path(share.mount_point).mkdir(parents=True, exist_ok=True)
+        self.mounted[share.mount_point] = share
+        return Mounted(share.mount_point, share.server, share.kind, True, False, "mounted")
 
-    async def unmount_share(self, mount_point: str) -> dict[str, Any]:
+    async def unmount_share(self, mount_point: str) -> Unmounted:
         self.mounted.pop(mount_point, None)
-        return {"mount_point": mount_point, "unmounted": True}
+        return Unmounted(mount_point, True, "unmounted")
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ async def test_cifs_password_is_sealed_and_given_only_to_the_agent(repos: tuple[
     assert r.box.open(row["secret_sealed"], purpose=PURPOSE, row=out["id"]) == "s3cr3t!"
     agent.mounted.clear()
     _, root = await r.ready_root(out["id"])  # after a reboot: mounted again with the stored password
-    assert str(root) == point and agent.mounted[point]["password"] == "s3cr3t!"
+    assert str(root) == point and agent.mounted[point].password == "s3cr3t!"
     audit = await db.fetchall("SELECT details FROM audit_log WHERE action = 'repository.create'")
     assert audit and "s3cr3t!" not in audit[0]["details"]
     with pytest.raises(Invalid, match="password"):
@@ -101,7 +101,7 @@ async def test_cifs_passwords_are_bound_to_their_repository(repos: tuple[Reposit
                      (first_format(tmp_path / "secret.key", "pw-b", PURPOSE), ids[1]))
     assert await r.reseal_unbound() == 1 and await r.reseal_unbound() == 0
     _, root = await r.ready_root(ids[1])
-    assert agent.mounted[str(root)]["password"] == "pw-b"
+    assert agent.mounted[str(root)].password == "pw-b"
     row = await db.fetchone("SELECT secret_sealed FROM backup_repositories WHERE id = ?", (ids[1],))
     assert row is not None and row["secret_sealed"].startswith("v2.")
 

@@ -36,7 +36,7 @@ Mounts
   of it (filesystems, device, nbd-pool's attachment, directory), then POST /mounts mounts the image again.
   A broken mount expires when idle like any other.
 
-Files (each counts as activity; downloads and archives hold the mount while they stream)
+Files (each counts as activity; a handed-over file and a running archive hold the mount)
   GET /mounts/{id}/files?path=/&limit=1000&cursor=&offset=0&recursive=false&depth=
       → {mount_id, path, files: [Entry], total_count, offset, limit, recursive, depth, truncated, next_cursor}
       A page of at most `limit` (1..10000) entries, read from the directory as it goes (never whole: a guest
@@ -54,10 +54,6 @@ Files (each counts as activity; downloads and archives hold the mount while they
       → 200 {name, size, mtime, etag, mime_type}, the file's read-only descriptor riding on the body's bytes
         (SCM_RIGHTS, oma_common.fdpass); the mount is held until the caller closes the connection. omad
         serves its downloads from that descriptor with sendfile: the bytes never pass through either daemon.
-  GET /mounts/{id}/download?path=P   [Range: bytes=…] [If-Range: <ETag>]
-      → 200 or 206 with the bytes; Content-Length, Content-Type, Content-Disposition (RFC 6266),
-        Accept-Ranges, ETag, Last-Modified, Content-Range (206). One range; several are answered in full.
-        416 (JSON error + Content-Range: bytes */size) when the range lies outside the file.
   GET /mounts/{id}/download-directory?path=/&format=zip|tar.gz
       → 200 chunked stream, Content-Type application/zip or application/gzip, Content-Disposition
         "<dir>.zip"/"<dir>.tar.gz" (the mount id for "/"). Members are "<dir>/…", each directory's in its
@@ -93,7 +89,7 @@ from concurrent.futures import Executor
 from typing import IO, Any, TypeVar, cast
 
 from aiohttp import web
-from oma_common import fdpass, filestream
+from oma_common import fdpass
 from oma_common.contracts.restore_mounter import (
     ArchiveQuery,
     CleanupStatus,
@@ -215,17 +211,6 @@ class RestoreApi:
             log.info("handed over %s (%d bytes) to %s", meta.name, meta.size, call.actor)
             await fdpass.hold_until_closed(call.request)
             return resp
-
-    @route("GET", "/mounts/{mount_id}/download", errors=(NotFound, Conflict, Unavailable), query=PathQuery, auth=Auth.PEER, tags=TAGS,
-           stream="application/octet-stream")
-    async def download(self, call: Call) -> web.StreamResponse:
-        """Stream one regular file, honouring a single byte range."""
-        async with self.manager.use(call.params["mount_id"], check=True) as m:
-            fd, meta = await self._open(m, call.query.path)
-            try:
-                return await filestream.send_file(call.request, fd, meta)
-            finally:
-                os.close(fd)
 
     @route("GET", "/mounts/{mount_id}/download-directory", errors=(NotFound, Conflict, Exhausted, Unavailable), query=ArchiveQuery, auth=Auth.PEER, tags=TAGS,
            stream="application/zip")

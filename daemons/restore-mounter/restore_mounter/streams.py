@@ -1,5 +1,4 @@
-"""Streaming to HTTP: one file (sendfile from its descriptor, oma_common.filestream) and a bounded pipe from a
-writer thread (zipfile, tarfile) to the event loop."""
+"""Streaming archives to HTTP: a bounded pipe from a writer thread (zipfile, tarfile) to the event loop."""
 
 from __future__ import annotations
 

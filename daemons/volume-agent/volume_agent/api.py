@@ -13,6 +13,7 @@ from oma_common.contracts.volume_agent import (
     PathsIn,
     ShareMounts,
     TerminateIn,
+    Terminated,
     Unmounted,
     UnmountIn,
 )
@@ -20,6 +21,7 @@ from oma_common.contracts.volume_agent_volumes import (
     Deleted,
     DevicesListing,
     RevertIn,
+    SnapshotDeleted,
     SnapshotIn,
     SnapshotView,
     StampIn,
@@ -137,8 +139,9 @@ class VolumesApi:
         """Revert to a snapshot (attached here: detached, reverted, attached again; the device may change)."""
         return await self.volumes.revert(call.params["volume_id"], call.body.snapshot_id)
 
-    @route("DELETE", "/volumes/{volume_id}/snapshots/{snapshot_id}", errors=(NotFound, Conflict, *CALLS_OUT), auth=Auth.PEER)
-    async def delete_snapshot(self, call: Call) -> dict[str, Any]:
+    @route("DELETE", "/volumes/{volume_id}/snapshots/{snapshot_id}", errors=(NotFound, Conflict, *CALLS_OUT),
+           response=SnapshotDeleted, auth=Auth.PEER)
+    async def delete_snapshot(self, call: Call) -> SnapshotDeleted:
         """Delete one of the volume's snapshots."""
         return await self.volumes.delete_snapshot(call.params["volume_id"], call.params["snapshot_id"])
 
@@ -165,8 +168,8 @@ class TunnelsApi:
     def __init__(self, sessions: TunnelSessions) -> None:
         self.sessions = sessions
 
-    @route("POST", "/tunnels/terminate", errors=(Unavailable,), body=TerminateIn, auth=Auth.PEER)
-    async def terminate(self, call: Call) -> dict[str, Any]:
+    @route("POST", "/tunnels/terminate", errors=(Unavailable,), body=TerminateIn, response=Terminated, auth=Auth.PEER)
+    async def terminate(self, call: Call) -> Terminated:
         """End these sshd sessions of the VMA tunnel user (anything else named is skipped, with the reason)."""
         b: TerminateIn = call.body
         return await self.sessions.terminate([Session(s.pid, s.start_time) for s in b.sessions])

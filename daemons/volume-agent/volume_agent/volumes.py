@@ -25,6 +25,7 @@ from oma_common.contracts.volume_agent_volumes import (
     Deleted,
     DeviceView,
     DevicesListing,
+    SnapshotDeleted,
     SnapshotView,
     StampView,
     VolumesListing,
@@ -377,7 +378,7 @@ class Volumes:
                 await self.end(rec)
             return rec.view()
 
-    async def delete_snapshot(self, volume_id: str, snapshot_id: str) -> dict[str, Any]:
+    async def delete_snapshot(self, volume_id: str, snapshot_id: str) -> SnapshotDeleted:
         check_id(volume_id)
         check_id(snapshot_id, "snapshot id")
         async with self.locked(volume_id):
@@ -394,7 +395,7 @@ class Volumes:
             if snapshot_id in rec.snapshots:
                 rec.snapshots.remove(snapshot_id)
                 await self.save()
-            return {"volume_id": volume_id, "snapshot_id": snapshot_id, "deleted": snap is not None}
+            return SnapshotDeleted(volume_id, snapshot_id, snap is not None)
 
     # -- the sync stamp (adapters/stamp.py) -----------------------------------------------------------
 

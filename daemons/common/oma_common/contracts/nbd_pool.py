@@ -154,6 +154,16 @@ class Stopped:
 
 
 @dataclasses.dataclass
+class RootsView:
+    """Where images may be exported from (GET /roots)."""
+
+    export_roots: list[str] = spec(description="as configured")
+    resolved_roots: list[str] = spec(description="each with symlinks resolved")
+    drop_in: str = spec(description="the drop-in files that change them (a glob)")
+    key: str = spec(description="the setting in those files")
+
+
+@dataclasses.dataclass
 class Partition:
     number: int
     device: str  # /dev/loop0p1, /dev/nbd0p1

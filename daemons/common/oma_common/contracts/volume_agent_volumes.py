@@ -1,4 +1,5 @@
-"""volume-agent's CloudStack volumes contract (its handlers: volume_agent/api.py; omad's client to come)."""
+"""volume-agent's CloudStack volumes contract (its handlers: volume_agent/api.py; omad's client:
+clients/volume_agent.py)."""
 
 from __future__ import annotations
 
@@ -107,3 +108,10 @@ class Deleted:
     volume_id: str
     deleted: bool
     message: str
+
+
+@dataclasses.dataclass
+class SnapshotDeleted:
+    volume_id: str
+    snapshot_id: str
+    deleted: bool = spec(description="false when CloudStack had no such snapshot any more")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from oma_common import schema
+from oma_common.contracts.volume_agent import MountIn
 from oma_common.errors import Conflict, Invalid, NotFound, OmaError, Unavailable
 from oma_common.schema import spec
 
@@ -128,12 +129,12 @@ class ExportRoots:
         except OmaError as e:
             raise Unavailable("cannot check the export roots",
                               f"nbd-pool could not be asked where backups may be written: {e.details}") from e
-        configured = [str(r) for r in answer.get("export_roots", [])]
-        resolved = [Path(r) for r in answer.get("resolved_roots", configured)]
+        configured = answer.export_roots
+        resolved = [Path(r) for r in answer.resolved_roots]
         real = Path(os.path.realpath(root))
         if any(real == r or real.is_relative_to(r) for r in resolved):
             return
-        drop_in = answer.get("drop_in", "/etc/oma/nbd-pool.d/*.toml")
+        drop_in = answer.drop_in
         raise OutsideExportRoots("outside the export roots",
                       f"{root} is not inside nbd-pool's export roots ({', '.join(configured) or 'none'}): no "
                       f"backup could be written there. Choose a directory inside one of them, or add it to "
@@ -295,7 +296,7 @@ class Repositories:
         elif target.config.get("mount_point"):
             await self.roots.check(Path(target.config["mount_point"]))
         else:
-            await self.roots.check(Path((await self.agent.share_mounts())["mount_root"]))
+            await self.roots.check(Path((await self.agent.share_mounts()).mount_root))
 
     async def _capacity(self, root: Path) -> Capacity:
         capacity = await self.fs.capacity(root)
@@ -313,7 +314,7 @@ class Repositories:
             await self.fs.probe_writable(root)
             return root
         if probe_only or not target.config.get("mount_point"):
-            mount_root = (await self.agent.share_mounts())["mount_root"]
+            mount_root = (await self.agent.share_mounts()).mount_root
             point = f"{mount_root}/{name}"
             if not probe_only:
                 target.config["mount_point"] = point
@@ -343,7 +344,7 @@ class Repositories:
         else:
             share.update(share_name=config["share_name"], username=config["username"], password=password,
                          domain=config.get("domain", ""))
-        await self.agent.mount_share(share)
+        await self.agent.mount_share(schema.parse(MountIn, share, what="share"))
 
     async def _unmount_quietly(self, point: Path) -> None:
         try:
