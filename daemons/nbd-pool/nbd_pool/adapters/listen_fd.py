@@ -22,7 +22,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from .ports import _family
+from .ports import address_family
 
 FIRST_FD = 3  # SD_LISTEN_FDS_START: where socket activation puts the first socket
 BACKLOG = 64  # a VMA opens a few connections per disk and reconnects; qemu's own listeners use 1..SOMAXCONN
@@ -35,7 +35,7 @@ class PortInUse(Exception):
 def listen(host: str, port: int, *, backlog: int = BACKLOG) -> socket.socket:
     """A TCP listener on host:port with SO_REUSEADDR (as qemu sets it) and TCP_NODELAY, which the sockets
     it accepts inherit. Not inheritable: pass it to a child with pass_fds. Raises PortInUse or OSError."""
-    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    sock = socket.socket(address_family(host), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
