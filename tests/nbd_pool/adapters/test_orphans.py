@@ -73,6 +73,8 @@ async def test_leftovers_are_found_and_released(tmp_path: Path, helpers: Any, fr
             await e.start()
         in_rec, pool_rec, foreign_rec = nbd_in.release(), nbd_pool_port.release(), foreign.release()
 
+        # Socket-activated, the qemu-nbd on a pool port names no port: found by its listening socket.
+        assert _port_of(pool_rec.process.argv) is None
         found = await list_orphans(root, ports=pool_ports)
         assert {lo.device for lo in found.loops} == {crashed.device}
         assert {p.pid for p in found.processes} == {crashed.process.pid, in_rec.process.pid, pool_rec.process.pid}

@@ -63,6 +63,14 @@ def _port_of(argv: Sequence[str]) -> int | None:
     return None
 
 
+def listening_ports(proc: psutil.Process) -> set[int]:
+    """The TCP ports `proc` listens on, read from its own sockets (qemu-nbd given its listener by socket
+    activation names no port in its argv). Blocking: psutil reads /proc/<pid>/fd and /proc/<pid>/net."""
+    # net_connections() is psutil 6's name; Debian 12 ships psutil 5.9, which only has connections().
+    conns = (getattr(proc, "net_connections", None) or proc.connections)(kind="tcp")
+    return {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN and c.laddr}
+
+
 def references_root(argv: Sequence[str], root: Path) -> bool:
     """Whether an argument names a path under `root`, as given or with symlinks resolved."""
     prefixes = {str(r).rstrip("/") + "/" for r in (root.absolute(), root.resolve())}
@@ -98,7 +106,7 @@ def qemu_processes(*, root: Path | None = None, ports: Collection[int] | None = 
             hit = root is not None and references_root(argv, root)
             if not hit and ports is not None and os.path.basename(argv[0]) == "qemu-nbd":
                 port = _port_of(argv)
-                hit = port is not None and port in ports
+                hit = (port in ports) if port is not None else bool(listening_ports(proc) & set(ports))
             if hit:
                 found.append(OrphanProcess(proc.info["pid"], tuple(argv), proc.info["create_time"]))
         except psutil.Error:
