@@ -15,6 +15,9 @@ NEEDS: dict[str, Needs] = {
     "cloudstack": needs("the CloudStack management server's API over HTTP(S), through cs's asyncio client"),
     "devdir": needs("looks up virtio-<serial> links in the device directory and stat()s the devices they lead to",
                     devices=("block devices of attached CloudStack volumes (stat only)",)),
+    "stamp": needs("reads and writes the sync stamp in the last 4 KiB of an attached CloudStack volume's device "
+                   "(O_DIRECT): root owns the device node, no capability beyond the uid is needed",
+                   devices=("block devices of attached CloudStack volumes (read and write their last 4 KiB)",)),
     "netif": needs("this machine's MAC addresses from /sys/class/net (which CloudStack VM this appliance is)"),
     "openers": needs("reads /proc/locks (QEMU's locks on a device) and the /proc/<pid>/fd links it may read, to "
                      "see whether a volume's device is in use before a detach; no CAP_SYS_PTRACE: QEMU's locks "
