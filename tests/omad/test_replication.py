@@ -128,14 +128,12 @@ async def test_a_recreated_volume_and_a_mismatched_base_copy_in_full(rig: Rig) -
     _, c0 = await rig.api.get("/replications/changeid", params={"vm_path": vm_path, "disk_id": "disk-2000"})
     assert c1["change_id"] == "" and c0["change_id"] == "52 bb/9"
 
-    # A volume deleted behind our back is created anew and its disk starts over.
+    # A volume deleted behind our back (detached and deleted in CloudStack directly, while volume-agent still
+    # records it attached here) is created anew and its disk starts over.
     vol0 = first["disks"][0]["volume_id"]
-    agent = AgentClient("volume-agent", rig.stack.run_dir / "volume-agent.sock", timeout=60)
-    try:
-        await agent.call("POST", f"/volumes/{vol0}/detach")
-        await agent.call("DELETE", f"/volumes/{vol0}")
-    finally:
-        await agent.close()
+    cs = AIOCloudStack(rig.cs.endpoint, rig.cs.api_key, rig.cs.secret_key, poll_interval=0.05)
+    await cs.detachVolume(id=vol0, fetch_result=True)
+    await cs.deleteVolume(id=vol0)
     again = await rig.sync()
     assert again["disks"][0]["volume_id"] != vol0
     vma = rig.state.job(again["job_id"])
