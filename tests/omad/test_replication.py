@@ -128,14 +128,12 @@ async def test_a_recreated_volume_and_a_mismatched_base_copy_in_full(rig: Rig) -
     _, c0 = await rig.api.get("/replications/changeid", params={"vm_path": vm_path, "disk_id": "disk-2000"})
     assert c1["change_id"] == "" and c0["change_id"] == "52 bb/9"
 
-    # A volume deleted behind our back is created anew and its disk starts over.
+    # A volume deleted behind our back (detached and deleted in CloudStack directly, while volume-agent still
+    # records it attached here) is created anew and its disk starts over.
     vol0 = first["disks"][0]["volume_id"]
-    agent = AgentClient("volume-agent", rig.stack.run_dir / "volume-agent.sock", timeout=60)
-    try:
-        await agent.call("POST", f"/volumes/{vol0}/detach")
-        await agent.call("DELETE", f"/volumes/{vol0}")
-    finally:
-        await agent.close()
+    cs = AIOCloudStack(rig.cs.endpoint, rig.cs.api_key, rig.cs.secret_key, poll_interval=0.05)
+    await cs.detachVolume(id=vol0, fetch_result=True)
+    await cs.deleteVolume(id=vol0)
     again = await rig.sync()
     assert again["disks"][0]["volume_id"] != vol0
     vma = rig.state.job(again["job_id"])
@@ -157,16 +155,14 @@ async def test_a_volume_reverted_outside_the_appliance_copies_in_full(rig: Rig) 
     assert second["replication_type"] == "incremental"
     rig.assert_volumes_hold_sources(second)
 
-    # Outside the appliance: the volume is detached and, in CloudStack, reverted to the older snapshot.
-    agent = AgentClient("volume-agent", rig.stack.run_dir / "volume-agent.sock", timeout=60)
-    try:
-        await agent.call("POST", f"/volumes/{vol0}/detach")
-    finally:
-        await agent.close()
+    # Outside the appliance, in CloudStack directly: the volume is detached (its device goes) and reverted to
+    # the older snapshot. volume-agent still records it attached here until it is asked about it.
+    await cs.detachVolume(id=vol0, fetch_result=True)
     await cs.revertSnapshot(id=snap["id"], fetch_result=True)
     rig.write(1, 8 * MiB, MiB, seed=7)
-    third = await rig.sync()  # attaches the volume here again
+    third = await rig.sync()  # finds it detached and attaches it here again
     assert [d["volume_id"] for d in third["disks"]] == [d["volume_id"] for d in second["disks"]]
+    assert rig.cs.commands.calls.count("attachVolume") == 3
     assert [d["base_change_id"] for d in third["disks"]] == ["", second["disks"][1]["change_id"]]
     offered = [c.response["change_id"] for c in rig.state.calls_to("/replications/changeid", "GET")[-2:]]
     assert offered == ["", second["disks"][1]["change_id"]]

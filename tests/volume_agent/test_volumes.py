@@ -292,3 +292,51 @@ async def test_operations_on_one_volume_queue_behind_each_other(volume_env: Volu
     assert [j.cmd.rsplit(".", 1)[1] for j in jobs][0] == "AttachVolumeCmd" and len(jobs) == 3
     for before, after in zip(jobs, jobs[1:]):
         assert before.finished is not None and before.finished <= after.started
+
+
+async def test_a_volume_detached_or_deleted_in_cloudstack_directly_is_noticed_while_running(
+        volume_env: VolumeEnv) -> None:
+    """Outside the appliance, while the agent runs: the record follows CloudStack as soon as the volume is asked
+    about, and its device is no longer vouched for (nbd-pool would refuse it rather than fail on a missing
+    device)."""
+    env = volume_env
+    await env.start_agent()
+    one, two = await create(env, unit=0), await create(env, unit=1)
+    one = await env.call("POST", f"/volumes/{one['volume_id']}/attach")
+    two = await env.call("POST", f"/volumes/{two['volume_id']}/attach")
+    await qemu_io(env, one, "write -P 0x5a 0 1M")
+    assert sorted(i["volume_id"] for i in registry(env)) == sorted([one["volume_id"], two["volume_id"]])
+    calls = len(env.sim.commands.calls)
+    for _ in range(3):  # a device still there costs no CloudStack call
+        assert (await env.call("GET", f"/volumes/{one['volume_id']}"))["attached_here"]
+    assert len(env.sim.commands.calls) == calls
+
+    # Detached in CloudStack: the simulator removes the link and its loop device, as the hypervisor would.
+    env.sim.threaded.call(env.sim.commands.dispatch("detachVolume", {"id": one["volume_id"]}))
+    await env.until(lambda: one["volume_id"] not in env.sim.attached_here())
+    assert not Path(one["link_path"]).exists() and loops_on(env.sim.devices.volume_file(one["volume_id"])) == []
+    view = await env.call("GET", f"/volumes/{one['volume_id']}")
+    assert not view["attached_here"] and view["device_path"] is None and view["operation"] is None
+    assert [i["volume_id"] for i in registry(env)] == [two["volume_id"]]
+    assert [d["volume_id"] for d in (await env.call("GET", "/devices"))["devices"]] == [two["volume_id"]]
+    with pytest.raises(Conflict, match="attach it first"):
+        await env.call("GET", f"/volumes/{one['volume_id']}/stamp")
+    log = (env.stack.state / "logs" / "volume-agent.log").read_text()
+    assert f"volume {one['volume_id']}: recorded as attached here, but" in log
+    assert f"volume {one['volume_id']}: CloudStack has it detached; recorded as detached" in log
+    # Attached again through the agent: the same data, vouched for again (perhaps on another device).
+    one = await env.call("POST", f"/volumes/{one['volume_id']}/attach")
+    assert one["attached_here"] and os.path.exists(one["link_path"])
+    await qemu_io(env, one, "read -P 0x5a 0 1M")
+    assert sorted(i["volume_id"] for i in registry(env)) == sorted([one["volume_id"], two["volume_id"]])
+
+    # Detached and deleted in CloudStack: the record is dropped when the list is read.
+    env.sim.threaded.call(env.sim.commands.dispatch("detachVolume", {"id": two["volume_id"]}))
+    await env.until(lambda: two["volume_id"] not in env.sim.attached_here())
+    env.sim.threaded.call(env.sim.commands.dispatch("deleteVolume", {"id": two["volume_id"]}))
+    assert env.sim.volume(two["volume_id"]) is None
+    listing = await env.call("GET", "/volumes")
+    assert [v["volume_id"] for v in listing["volumes"]] == [one["volume_id"]]
+    assert [i["volume_id"] for i in registry(env)] == [one["volume_id"]]
+    with pytest.raises(NotFound):
+        await env.call("GET", f"/volumes/{two['volume_id']}")

@@ -108,8 +108,9 @@ class VolumesApi:
     @route("GET", "/volumes/{volume_id}", errors=(NotFound, Conflict, *CALLS_OUT),
            response=VolumeView, auth=Auth.PEER)
     async def get(self, call: Call) -> VolumeView:
-        """One managed volume, with its device when it is attached here."""
-        return self.volumes.view(call.params["volume_id"])
+        """One managed volume, with its device when it is attached here (a volume whose device went away is
+        checked with CloudStack first: detached or deleted there directly, its record says so)."""
+        return await self.volumes.view(call.params["volume_id"])
 
     @route("POST", "/volumes/{volume_id}/attach", errors=(NotFound, Conflict, *CALLS_OUT), response=VolumeView, auth=Auth.PEER)
     async def attach(self, call: Call) -> VolumeView:
@@ -161,7 +162,7 @@ class VolumesApi:
     async def devices(self, call: Call) -> DevicesListing:
         """Which device belongs to which volume: the devices attached here for CloudStack volumes (those
         nbd-pool may export)."""
-        return self.volumes.vouched()
+        return await self.volumes.checked_vouched()
 
 
 class TunnelsApi:

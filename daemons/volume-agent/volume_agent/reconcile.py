@@ -13,6 +13,10 @@ CloudStack is the truth about existence and attachment; the device directory abo
 - snapshots are those CloudStack lists for the volume.
 Without CloudStack (not configured, unreachable) a record keeps its device only if the link still leads to
 the same device number; the registry is rewritten in every case.
+
+While running, the same per-record rules correct one record whose device went away (`recheck`, which
+Volumes calls when a volume attached here no longer has its device: detached or deleted in CloudStack
+directly, outside the appliance).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class Reconciler:
         self.device_grace = device_grace
         self.job_grace = job_grace
         self.counts: dict[str, int] = {}
+        volumes.recheck = self.recheck
 
     def _note(self, what: str, rec: VolumeRecord, message: str, *args: Any, warn: bool = True) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -63,14 +68,31 @@ class Reconciler:
         done = ", ".join(f"{n} {what}" for what, n in sorted(self.counts.items()))
         return f"{len(v.records)} volumes, {vouched} attached here" + (f"; resolved: {done}" if done else "")
 
+    async def recheck(self, rec: VolumeRecord) -> None:
+        """While running (under the volume's lock): one record, by the start-up rules; CloudStack unreachable →
+        by its device alone. The caller saves the records and the registry."""
+        if self.volumes.cloud_client is None:
+            await self._offline_one(rec, "CloudStack is not configured")
+            return
+        try:
+            await self.volumes.appliance()
+            await self._one(rec)
+        except OmaError as e:
+            log.error("volume %s: cannot check it with CloudStack (%s: %s); checking its device only",
+                      rec.volume_id, e.message, e.details, extra={"resource": rec.volume_id})
+            await self._offline_one(rec, "CloudStack unreachable")
+
     async def _offline(self, why: str) -> None:
         for rec in self.volumes.records.values():
-            rec.operation = None
-            if rec.attached_here:
-                device = await asyncio.to_thread(self.volumes.devices.find, rec.serial)
-                if device is None or device.rdev != rec.rdev:
-                    rec.mark_detached()
-                    self._note("devices gone", rec, "%s and its device is gone: no longer vouched for", why)
+            await self._offline_one(rec, why)
+
+    async def _offline_one(self, rec: VolumeRecord, why: str) -> None:
+        rec.operation = None
+        if rec.attached_here:
+            device = await asyncio.to_thread(self.volumes.devices.find, rec.serial)
+            if device is None or device.rdev != rec.rdev:
+                rec.mark_detached()
+                self._note("devices gone", rec, "%s and its device is gone: no longer vouched for", why)
 
     async def _one(self, rec: VolumeRecord) -> None:
         v = self.volumes

@@ -5,6 +5,13 @@ The order of each step is chosen so that a crash at any point leaves something r
 (reconcile.py): the record (with the operation) is saved before CloudStack is asked; the job id is saved as
 soon as CloudStack answers; the device is vouched for only once it is present, and vouching is withdrawn
 before a detach is asked for, so nbd-pool never starts exporting a device that is going away.
+
+A volume can also be detached or deleted in CloudStack directly, outside the appliance. So before a record's
+`attached_here` is answered or relied on (reading a volume or the list, attach, the sync stamp, the device
+list), its device is checked to still be there (the link resolves to the recorded major:minor: a stat, no
+CloudStack call). When it is not, the record is corrected by start-up reconciliation's own per-record rules
+(Reconciler.recheck): CloudStack has it detached → recorded as detached; gone → the record is dropped;
+either way the device is no longer vouched for.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +81,8 @@ class Volumes:
         self.records: dict[str, VolumeRecord] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.ready = asyncio.Event()  # set once start-up reconciliation is done
+        # Corrects one record by reconciliation's rules (set by the Reconciler); None → by its device alone.
+        self.recheck: Callable[[VolumeRecord], Awaitable[None]] | None = None
 
     # -- plumbing --------------------------------------------------------------------------------------
 
@@ -136,6 +145,41 @@ class Volumes:
 
     def _record(self, volume_id: str) -> VolumeRecord | None:
         return self.records.get(volume_id)
+
+    def _device_holds(self, rec: VolumeRecord) -> bool:
+        """Whether a record's `attached_here` is still true to the device directory (not attached: nothing to
+        check). A stat of the link's target; blocking, call it in a thread."""
+        if not rec.attached_here:
+            return True
+        found = self.devices.find(rec.serial)
+        return found is not None and found.rdev == rec.rdev
+
+    async def _checked(self, volume_id: str) -> VolumeRecord | None:
+        """The record, corrected first if it says attached here and its device is gone (under the volume's
+        lock); None when there is no record (any more)."""
+        rec = self._record(volume_id)
+        if rec is None or await asyncio.to_thread(self._device_holds, rec):
+            return rec
+        log.warning("volume %s: recorded as attached here, but %s no longer leads to its device %s; checking "
+                    "with CloudStack", volume_id, rec.link or self.devices.link(rec.serial), rec.rdev,
+                    extra={"resource": volume_id})
+        if self.recheck is not None:
+            await self.recheck(rec)
+        else:  # no reconciler (not the daemon): the device is gone, so is the vouching
+            rec.mark_detached()
+        await self.save()
+        await self.save_registry()
+        return self._record(volume_id)
+
+    async def _fresh(self, volume_id: str) -> VolumeRecord | None:
+        """For reading: the record as it is, or (its device gone) corrected once the volume's running
+        operation, if any, is over (until start-up reconciliation is done, as it is: that corrects it)."""
+        rec = self._record(volume_id)
+        if rec is None or rec.operation is not None or not self.ready.is_set() \
+                or await asyncio.to_thread(self._device_holds, rec):
+            return rec
+        async with self.locked(volume_id):
+            return await self._checked(volume_id)
 
     async def _adopt(self, volume_id: str) -> tuple[VolumeRecord, dict[str, Any]]:
         """The record of a data volume CloudStack has; one this agent did not create gets a record when its
@@ -218,6 +262,7 @@ class Volumes:
     async def attach(self, volume_id: str) -> VolumeView:
         check_id(volume_id)
         async with self.locked(volume_id):
+            await self._checked(volume_id)
             rec, vol = await self._adopt(volume_id)
             await self._attach_locked(rec, vol)
             return rec.view()
@@ -412,7 +457,7 @@ class Volumes:
     async def read_stamp(self, volume_id: str) -> StampView:
         check_id(volume_id)
         async with self.locked(volume_id):
-            device = self._attached_device(self._record(volume_id), volume_id)
+            device = self._attached_device(await self._checked(volume_id), volume_id)
             try:
                 found, offset = await asyncio.to_thread(stamp.read, device)
             except OSError as e:
@@ -422,7 +467,7 @@ class Volumes:
     async def write_stamp(self, volume_id: str, value: str) -> StampView:
         check_id(volume_id)
         async with self.locked(volume_id):
-            device = self._attached_device(self._record(volume_id), volume_id)
+            device = self._attached_device(await self._checked(volume_id), volume_id)
             try:
                 offset = await asyncio.to_thread(stamp.write, device, value)
             except OSError as e:
@@ -432,13 +477,14 @@ class Volumes:
 
     # -- reading ---------------------------------------------------------------------------------------
 
-    def view(self, volume_id: str) -> VolumeView:
-        rec = self._record(check_id(volume_id))
+    async def view(self, volume_id: str) -> VolumeView:
+        rec = await self._fresh(check_id(volume_id))
         if rec is None:
             raise NotFound("volume not managed here", f"volume-agent manages no volume {volume_id}")
         return rec.view()
 
     async def listing(self) -> VolumesListing:
+        await self._refresh_all()
         views = [r.view() for r in sorted(self.records.values(), key=lambda r: r.name)]
         unmanaged: list[str] = []
         if self.cloud_client is not None and self.appliance_vm_id:
@@ -447,6 +493,15 @@ class Volumes:
                                                     type="DATADISK")
                 unmanaged = [str(v["id"]) for v in attached if v["id"] not in self.records]
         return VolumesListing(volumes=views, unmanaged_attached=unmanaged)
+
+    async def _refresh_all(self) -> None:
+        for key in [k for k, r in self.records.items() if r.attached_here and r.volume_id]:
+            await self._fresh(key)
+
+    async def checked_vouched(self) -> DevicesListing:
+        """The devices attached here, each checked to be there still."""
+        await self._refresh_all()
+        return self.vouched()
 
     def vouched(self) -> DevicesListing:
         devices: list[DeviceView] = [v for r in sorted(self.records.values(), key=lambda r: r.name)
