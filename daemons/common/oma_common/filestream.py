@@ -118,7 +118,7 @@ async def send_file(request: web.Request, fd: int, meta: FileMeta,
         resp.headers["Content-Range"] = rng.content_range(size)
     resp.content_length = length
     await resp.prepare(request)
-    copy = asyncio.ensure_future(_copy(request, resp, fd, start, length, meta.name))
+    copy = asyncio.ensure_future(send_range(request, resp, fd, start, length, meta.name))
     watch = asyncio.ensure_future(stop()) if stop is not None else None
     try:
         if watch is not None:
@@ -149,9 +149,11 @@ async def send_file(request: web.Request, fd: int, meta: FileMeta,
     return resp
 
 
-async def _copy(request: web.Request, resp: web.StreamResponse, fd: int, start: int, length: int,
-                name: str) -> None:
-    """sendfile(2) from the file to the socket (zero-copy), or pread-and-write where it is unavailable."""
+async def send_range(request: web.Request, resp: web.StreamResponse, fd: int, start: int, length: int,
+                     name: str) -> None:
+    """`length` bytes of the file from `start` into the prepared response: sendfile(2) from the file to the
+    socket (zero-copy), or pread-and-write where it is unavailable. The descriptor must stay open until the
+    call returns (also when it is cancelled: it returns only once nothing uses the descriptor)."""
     if request.transport is None:
         raise ConnectionResetError("connection lost")
     sock = request.transport.get_extra_info("socket")
