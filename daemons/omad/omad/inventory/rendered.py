@@ -2,8 +2,8 @@
 
 Each item is rendered by SQLite once and kept as bytes, ordered by VM name. Triggers record which contexts
 each change touched and bump a generation (migration 0010): at a new generation only those items are rendered
-again. The whole list is written once per generation into a sealed in-memory file (in a worker thread, so
-the loop keeps serving), and every request for it sends that file with sendfile(2).
+again. The whole list is written once per generation into an in-memory file (in a worker thread, so the loop
+keeps serving), and every request for it sends that file with sendfile(2).
 
 Freshness: a request reads the generation first and is answered with a rendering at least that new, so a
 change committed before the request (through the API or any other connection) is in its answer.
@@ -51,7 +51,7 @@ class Listing:
 class _Body:
     generation: int
     count: int
-    file: memfile.SealedFile
+    file: memfile.SharedFile
 
 
 class KeptList:
@@ -64,6 +64,7 @@ class KeptList:
         self.items: list[bytes] = []  # the entries' JSON, in the same order
         self._by_id: dict[str, Rendered] = {}
         self._pending: asyncio.Future[None] | None = None  # the refresh running
+        self._files = memfile.FilePool("vm-contexts")
         self._body: _Body | None = None  # the newest whole-list file written
         self._writing: tuple[int, asyncio.Future[None]] | None = None  # the whole-list file being written
 
@@ -156,7 +157,7 @@ class KeptList:
             pieces[0], pieces[-1] = b"[", b"]"
             pieces[1::2] = items
         try:
-            file = await asyncio.get_running_loop().run_in_executor(None, memfile.write, "vm-contexts", pieces)
+            file = await asyncio.get_running_loop().run_in_executor(None, self._files.write, pieces)
             if self._body is None or self._body.generation < generation:
                 old, self._body = self._body, _Body(generation, len(items), file)
                 if old is not None:
