@@ -118,7 +118,7 @@ async def send_file(request: web.Request, fd: int, meta: FileMeta,
         resp.headers["Content-Range"] = rng.content_range(size)
     resp.content_length = length
     await resp.prepare(request)
-    copy = asyncio.ensure_future(send_range(request, resp, fd, start, length, meta.name))
+    copy = asyncio.ensure_future(_copy(request, resp, fd, start, length, meta.name))
     watch = asyncio.ensure_future(stop()) if stop is not None else None
     try:
         if watch is not None:
@@ -149,11 +149,30 @@ async def send_file(request: web.Request, fd: int, meta: FileMeta,
     return resp
 
 
-async def send_range(request: web.Request, resp: web.StreamResponse, fd: int, start: int, length: int,
-                     name: str) -> None:
-    """`length` bytes of the file from `start` into the prepared response: sendfile(2) from the file to the
-    socket (zero-copy), or pread-and-write where it is unavailable. The descriptor must stay open until the
-    call returns (also when it is cancelled: it returns only once nothing uses the descriptor)."""
+async def send_framed(request: web.Request, headers: dict[str, str], head: bytes, fd: int, size: int,
+                      tail: bytes, name: str) -> web.StreamResponse:
+    """Answer 200 with `head`, the first `size` bytes of the open file `fd`, then `tail` (e.g. a JSON document
+    around an array kept in a file). The file's bytes go by sendfile(2); the descriptor must stay open until
+    the call returns."""
+    resp = web.StreamResponse(headers=headers)
+    resp.content_length = len(head) + size + len(tail)
+    await resp.prepare(request)
+    try:
+        await resp.write(head)
+        await _copy(request, resp, fd, 0, size, name)
+        await resp.write(tail)
+        await resp.write_eof()
+    except ConnectionError:
+        log.info("%s stopped: the client went away", name)
+    except Exception:
+        log.exception("%s failed after its first byte; aborting the response", name)
+        abort(request)
+    return resp
+
+
+async def _copy(request: web.Request, resp: web.StreamResponse, fd: int, start: int, length: int,
+                name: str) -> None:
+    """sendfile(2) from the file to the socket (zero-copy), or pread-and-write where it is unavailable."""
     if request.transport is None:
         raise ConnectionResetError("connection lost")
     sock = request.transport.get_extra_info("socket")

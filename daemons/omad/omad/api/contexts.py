@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.helpers import ETAG_ANY, ETag
 
 from oma_common.errors import Invalid, NotFound
-from oma_common.filestream import send_range
+from oma_common.filestream import send_framed
 from oma_common.schema import name_spec, spec
 from oma_common.web import Call, now_rfc3339, route
 
@@ -99,14 +99,8 @@ class ContextsApi:
                 return web.Response(body=b"".join((head, page.array, tail)), content_type="application/json",
                                     headers=headers)
             assert page.fd is not None
-            resp = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
-            resp.content_length = len(head) + page.size + len(tail)
-            await resp.prepare(request)
-            await resp.write(head)
-            await send_range(request, resp, page.fd, 0, page.size, "the VM list")
-            await resp.write(tail)
-            await resp.write_eof()
-            return resp
+            return await send_framed(request, {**headers, "Content-Type": "application/json"}, head, page.fd,
+                                     page.size, tail, "the VM list")
 
     @route("GET", "/vm-contexts/ungrouped", tags=("vm-contexts",))
     @route("GET", "/discovery/ungrouped-vms", tags=("discovery",))
