@@ -161,7 +161,7 @@ class KeptList:
             if self._body is None or self._body.generation < generation:
                 old, self._body = self._body, _Body(generation, len(items), file)
                 if old is not None:
-                    old.file.retire()  # closed once the requests sending it are done
+                    old.file.retire()  # reused once the requests sending it are done
             else:
                 file.retire()
         finally:
