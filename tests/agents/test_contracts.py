@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from types import ModuleType
 
 import pytest
@@ -67,6 +68,21 @@ def test_handlers_and_omads_client_import_the_same_contract_classes(agent: str) 
     used_by_client = {cls for cls in shapes(client).values() if cls in contract_classes}
     assert used_by_client, f"{client.__name__} does not use the contract"
     assert used_by_client & on_routes, "the client and the handlers share no class"
+
+
+@pytest.mark.parametrize("agent", AGENTS)
+def test_omads_client_parses_every_answer_into_the_contract(agent: str) -> None:
+    """No answer is handed on as plain data: every call goes through AgentClient.typed (or the descriptor
+    exchange, or a stream), and no method returns untyped data."""
+    client = SIDES[agent][2]
+    source = inspect.getsource(client)
+    assert ".call(" not in source, f"{client.__name__} makes an untyped call"
+    for cls in vars(client).values():
+        if isinstance(cls, type) and cls.__module__ == client.__name__:
+            for name, fn in vars(cls).items():
+                if inspect.iscoroutinefunction(fn):
+                    returns = str(inspect.signature(fn).return_annotation)
+                    assert "Any" not in returns, f"{cls.__name__}.{name} -> {returns}"
 
 
 def test_restore_mounters_attacher_speaks_nbd_pools_contract() -> None:

@@ -234,3 +234,18 @@ async def test_event_loop_stays_responsive_during_start_and_stop(tmp_path: Path)
     finally:
         task.cancel()
     assert ticks > 10
+
+
+@pytest.mark.asyncio
+async def test_an_exit_nobody_asked_for_is_a_warning_even_with_code_0(caplog: pytest.LogCaptureFixture) -> None:
+    """qemu-nbd ends with 0 on a SIGTERM from anyone: that it ended unasked is what the log must say."""
+    caplog.set_level(logging.INFO, logger="oma.process")
+    code = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); time.sleep(60)"
+    child = SupervisedChild([PY, "-c", code], resource_id="export-8")
+    await child.start()
+    await asyncio.sleep(0.3)  # its handler is installed
+    assert child.pid is not None
+    os.kill(child.pid, signal.SIGTERM)  # someone else
+    assert await child.wait() == 0
+    record = next(r for r in caplog.records if "export-8" in r.getMessage() and "exited" in r.getMessage())
+    assert record.levelno == logging.WARNING and "without being asked to stop" in record.getMessage()

@@ -75,6 +75,8 @@ def test_json_schema_carries_constraints_and_required() -> None:
     assert thing["properties"]["kind"]["enum"] == ["full", "incremental"]
     assert thing["properties"]["disks"]["items"] == {"$ref": "#/components/schemas/Disk"}
     assert thing["properties"]["note"]["nullable"] is True
+    # OpenAPI 3.0: an enum restricts a nullable value too, so a nullable choice lists null among its values.
+    assert reg.of(Literal["a", "b"] | None) == {"type": "string", "enum": ["a", "b", None], "nullable": True}
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ DEBIAN_PYTHON = Path("/usr/bin/python3")
 # end-to-end work the .deb exists for: backups (full, incremental, failures), immutability and restores.
 SUBSET = [
     "tests/common/test_schema.py", "tests/common/test_config.py", "tests/common/test_fdpass.py",
+    "tests/common/test_filestream.py",
     "tests/agents/test_lifecycle.py", "tests/agents/test_contracts.py",
     "tests/omad/test_guard.py", "tests/omad/test_edge.py", "tests/omad/test_auth.py", "tests/omad/test_store.py",
     "tests/omad/test_jobs.py", "tests/omad/test_health.py", "tests/omad/test_contexts.py",

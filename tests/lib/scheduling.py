@@ -1,6 +1,7 @@
 """Test tools for the scheduler: a clock moved by hand, a real launcher that creates job rows through the job
 engine (finished when the test says), VM contexts seeded straight into the database, and the whole domain
-built around one database — shared by tests/omad/test_scheduler.py and bench/scheduler."""
+built around one database — shared by tests/omad/test_scheduler.py and bench/scheduler; and `run_now`, a
+schedule run by hand through the real omad's API, awaited (the scheduled backup and replication tests)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import asyncio
 import dataclasses
 import heapq
 import itertools
-from collections.abc import AsyncGenerator, Sequence
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -22,6 +24,8 @@ from omad.schedule.scheduler import Scheduler
 from omad.schedule.schedules import Schedules
 from omad.store import jobs as job_store
 from omad.store.db import Database
+
+from ..rig import Api
 
 
 class FakeClock:
@@ -53,26 +57,28 @@ class FakeClock:
 
 
 class EngineLauncher:
-    """A real launcher: each start creates a running "backup" job row through the JobEngine, as the backup
-    domain does, all of a batch in one transaction; the test finishes jobs when it wants. Like the backup
+    """A real launcher: each start creates a running "backup" (or `kind`) job row through the JobEngine, as the
+    backup domain does, all of a batch in one transaction; the test finishes jobs when it wants. Like the backup
     domain it refuses (Conflict) a VM that already has an active job, and it can be told to refuse a VM's start,
     or to start slowly: with a gate, it starts one VM at a time and each start waits for the gate."""
 
-    def __init__(self, engine: JobEngine) -> None:
+    def __init__(self, engine: JobEngine, kind: str = "backup", *, skips_busy: bool = False) -> None:
         self.engine = engine
+        self.kind = kind
+        self.skips_busy = skips_busy  # what the scheduler does with a busy VM (JobLauncher.skips_busy)
         self.started: list[tuple[str, str, str]] = []  # (vm_name, job_id, schedule_id) in start order
         self.refuse: dict[str, OmaError] = {}  # vm_name → what its start raises
         self.gate: asyncio.Event | None = None  # when set, each start waits for it (a slow start)
         self.entered = asyncio.Event()  # a start has begun
 
     async def check(self, target: Target) -> None:
-        if target.repository_id is None and target.policy_id is None:
+        if self.kind == "backup" and target.repository_id is None and target.policy_id is None:
             raise Invalid("invalid schedule", "repository_id: a backup schedule needs a repository_id or a "
                                               "policy_id", field="repository_id")
 
     async def start_many(self, starts: Sequence[Start]) -> AsyncGenerator[tuple[Start, Outcome], None]:
         if self.gate is not None:
-            async for item in one_by_one(self.start, starts):
+            async for item in one_by_one(lambda one: self.start(one.vm, one.target), starts):
                 yield item
             return
         self.entered.set()
@@ -83,8 +89,8 @@ class EngineLauncher:
             if s.vm.vm_name in self.refuse:
                 outcomes.append(self.refuse[s.vm.vm_name])
             elif s.vm.context_id in busy:
-                outcomes.append(Conflict("backup in progress", f"{s.vm.vm_name} has a running backup "
-                                                               f"({busy[s.vm.context_id]})"))
+                outcomes.append(Conflict(f"{self.kind} in progress", f"{s.vm.vm_name} has a running job "
+                                                                     f"({busy[s.vm.context_id]})"))
             else:
                 job = self._job(s.vm, s.target)
                 new.append((s, job))
@@ -102,21 +108,22 @@ class EngineLauncher:
             raise self.refuse[vm.vm_name]
         active = await job_store.active_for_context(self.engine.db, vm.context_id)
         if active:
-            raise Conflict("backup in progress", f"{vm.vm_name} has a running backup ({active})")
+            raise Conflict(f"{self.kind} in progress", f"{vm.vm_name} has a running job ({active})")
         job = self._job(vm, target)
         await self.engine.create_many([job])
         self.started.append((vm.vm_name, job.id, target.schedule_id))
         return job.id
 
     def _job(self, vm: VmRef, target: Target) -> job_store.NewJob:
-        return self.engine.new("backup", display_name=f"backup of {vm.vm_name}", context_id=vm.context_id,
+        return self.engine.new(self.kind, display_name=f"{self.kind} of {vm.vm_name}", context_id=vm.context_id,
                                details={"schedule_id": target.schedule_id, "type": target.backup_type})
 
     async def running(self) -> list[dict[str, Any]]:
-        """Active backup jobs with their VM name, oldest first."""
+        """Active jobs of this launcher's kind with their VM name, oldest first."""
         return await self.engine.db.fetchall(
             "SELECT j.id, j.context_id, c.vm_name FROM jobs j JOIN vm_replication_contexts c "
-            "ON c.context_id = j.context_id WHERE j.status IN ('pending', 'running') ORDER BY j.created_at, j.id")
+            "ON c.context_id = j.context_id WHERE j.status IN ('pending', 'running') AND j.job_type = ? "
+            "ORDER BY j.created_at, j.id", (self.kind,))
 
     async def finish(self, job_id: str, status: str = "completed", error: str | None = None) -> None:
         await self.engine.finish(job_id, status, error)
@@ -149,6 +156,7 @@ class Domain:
     clock: FakeClock
     engine: JobEngine
     launcher: EngineLauncher
+    replicator: EngineLauncher  # the "replication" action's launcher: skips busy VMs
     scheduler: Scheduler
     schedules: Schedules
     groups: Groups
@@ -188,12 +196,28 @@ def build(db: Database, clock: FakeClock, **scheduler_options: Any) -> Domain:
     audit = Audit(db)
     engine = JobEngine(db)
     launcher = EngineLauncher(engine)
-    launchers = {"backup": launcher}
+    replicator = EngineLauncher(engine, "replication", skips_busy=True)
+    launchers = {"backup": launcher, "replication": replicator}
     scheduler = Scheduler(db, audit, launchers, clock, **scheduler_options)
     schedules = Schedules(db, audit, clock, launchers, on_change=scheduler.wake,
                           on_disable=scheduler.halt)
     groups = Groups(db, audit, on_change=scheduler.wake)
-    return Domain(db, clock, engine, launcher, scheduler, schedules, groups)
+    return Domain(db, clock, engine, launcher, replicator, scheduler, schedules, groups)
 
 
-__all__ = ["Domain", "EngineLauncher", "FakeClock", "add_contexts", "build", "iso"]
+async def run_now(api: Api, schedule_id: str, *, log_tail: Callable[[], str] = lambda: "",
+                  timeout: float = 120) -> dict[str, Any]:
+    """Trigger a schedule through omad's API and wait for the execution to end; returns it with its VMs and jobs."""
+    status, run = await api.post(f"/schedules/{schedule_id}/trigger")
+    assert status == 202, run
+    deadline = time.monotonic() + timeout
+    while True:
+        status, detail = await api.get(f"/schedules/{schedule_id}/executions/{run['id']}")
+        assert status == 200, detail
+        if detail["status"] != "running":
+            return dict(detail)
+        assert time.monotonic() < deadline, f"execution still running after {timeout}s:\n{log_tail()}"
+        await asyncio.sleep(0.1)
+
+
+__all__ = ["Domain", "EngineLauncher", "FakeClock", "add_contexts", "build", "iso", "run_now"]

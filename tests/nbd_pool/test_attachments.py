@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from ..lib.diskimages import gpt_two_ext4, to_qcow2
@@ -75,6 +76,34 @@ async def test_gpt_qcow2_with_two_ext4_is_attached_read_only_and_detached_cleanl
     assert (await pool.agent.ok("GET", "/attachments"))["attachments"] == []
     status, body = await pool.agent.request("DELETE", f"/attachments/{att['attachment_id']}")
     assert status == 404
+
+
+@pytest.mark.root
+async def test_a_killed_serving_process_shows_the_attachment_broken_at_once(pool: Pool) -> None:
+    """Its qemu-storage-daemon killed while a partition is mounted (the OOM killer): the listing says broken,
+    naming the process and how it ended, without waiting for the periodic check; once unmounted, DELETE
+    removes all of it."""
+    image = gpt_qcow2(pool)
+    att = await pool.agent.ok("POST", "/attachments", {"image": str(image), "owner": "restore-mounter:mnt-k"})
+    qsd = psutil.Process(att["pid"])  # this test's own: a child of its nbd-pool
+    assert qsd.ppid() == pool.daemon.pid and Path(qsd.cmdline()[0]).name == "qemu-storage-daemon"
+    mnt = pool.stack.state / "mnt"
+    mnt.mkdir()
+    sh("mount", "-o", "ro,noload", att["partitions"][0]["device"], mnt)
+    try:
+        qsd.kill()
+        qsd.wait(10)
+        (listed,) = (await pool.agent.ok("GET", "/attachments"))["attachments"]
+        assert listed["status"] == "broken", listed
+        assert listed["error"].startswith(f"qemu-storage-daemon (pid {qsd.pid}) serving {att['device']} was "
+                                          "killed by SIGKILL"), listed
+        status, body = await pool.agent.request("DELETE", f"/attachments/{att['attachment_id']}")
+        assert status == 409 and body["error"] == "attachment in use", body
+    finally:
+        sh("umount", mnt)
+    assert await pool.agent.ok("DELETE", f"/attachments/{att['attachment_id']}") == {"success": True}
+    nothing_left(att, pool.work_root)
+    assert (await pool.agent.ok("GET", "/attachments"))["attachments"] == []
 
 
 @pytest.mark.root

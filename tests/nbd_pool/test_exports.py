@@ -156,6 +156,20 @@ async def test_conflicts_on_a_busy_port_name_or_image(pool: Pool) -> None:
         assert status == (400 if error == "port leased to another job" else 409), out
 
 
+async def test_a_leased_port_a_stranger_binds_is_a_clear_409_and_its_lease_is_freed(pool: Pool) -> None:
+    alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-t", "count": 2})
+    taken, kept = (a["port"] for a in alloc["allocated_ports"])
+    stranger = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", taken)
+    async with stranger:
+        status, out = await pool.agent.post("/exports", {"export_name": "t", "port": taken, "job_id": "job-t",
+                                                         "path": str(pool.image("t.qcow2", "4M"))})
+    assert status == 409 and out["error"] == "port held by another process", out
+    assert f"port {taken} is bound by a process that is not an nbd-pool export" in out["details"], out
+    leases = (await pool.agent.ok("GET", "/ports/status"))["allocations"]
+    assert [x["port"] for x in leases] == [kept]  # the other lease of the job is untouched
+    assert (await pool.agent.ok("GET", "/exports"))["processes"] == []
+
+
 async def test_invalid_requests_are_400_json(pool: Pool) -> None:
     alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-v", "count": 1})
     port = alloc["allocated_ports"][0]["port"]

@@ -8,9 +8,10 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import random
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,10 @@ class Rig:
     @property
     def state(self) -> SimState:
         return self.sim.state
+
+    def write(self, index: int, offset: int, length: int, seed: int) -> None:
+        """A guest write of `length` pseudo-random bytes into disk `index`, which VMware's CBT notes."""
+        self.state.write_source(VM, index, offset, random.Random(seed).randbytes(length))
 
     def source_vm(self) -> dict[str, Any]:
         return next(v for v in self.state.inventory.discovery()["vms"] if v["name"] == VM)
@@ -109,15 +114,19 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def open_rig(stack: Stack, cs: CloudStackSim, tmp: Path, sources: list[Path], *, idle_timeout: float = 3.0,
-                   poll_interval: float = 0.1, **sim_options: Any) -> AsyncIterator[Rig]:
-    """A VM named VM whose disks are the raw files `sources`, the simulators and the daemons, logged in, the VM
-    added; everything stopped and released afterwards."""
+                   poll_interval: float = 0.1, others: Mapping[str, list[Path]] | None = None,
+                   **sim_options: Any) -> AsyncIterator[Rig]:
+    """A VM named VM whose disks are the raw files `sources` (and the `others`, name → their disks' files), the
+    simulators and the daemons, logged in, the VMs added; everything stopped and released afterwards."""
     inv = Inventory(host=VCENTER, datacenter="DC1", username=USER, password=PASSWORD)
     sizes = [p.stat().st_size for p in sources]
-    inv.add_vm(VM, disks=list(sizes), nics=1)
+    vms = {VM: sources, **(others or {})}
+    for name, paths in vms.items():
+        inv.add_vm(name, disks=[p.stat().st_size for p in paths], nics=1)
     state = SimState(inv, workdir=tmp / "vmasim", **{"callback_retry_seconds": 60, **sim_options})
-    for index, path in enumerate(sources):
-        state.set_source(VM, index, path)
+    for name, paths in vms.items():
+        for index, path in enumerate(paths):
+            state.set_source(name, index, path)
     ports = free_range(16)
     async with VMASim(state=state) as sim:
         stack.add_config("omad", "50-vma.toml", vma_config(sim.url, timeout=5))
@@ -142,7 +151,7 @@ job_timeout_seconds = 30
         api = Api(stack.url)
         try:
             await api.login("admin", stack.admin_password)
-            await add_vms(api, [VM])
+            await add_vms(api, list(vms))
             yield Rig(stack, sim, cs, api, sources, sizes)
         finally:
             await api.close()

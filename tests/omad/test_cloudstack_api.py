@@ -17,7 +17,14 @@ from pyroute2 import IPRoute
 
 from tests.sim.cloudstack import CloudStackSim, running
 
+from oma_common.errors import Conflict
+from omad.audit import Audit
+from omad.cloudstack.config import PURPOSE, Configs
+from omad.crypto import SecretBox, SecretUnreadable
+from omad.store.db import Database
+
 from ..rig import Api, Stack
+from .sealing import first_format
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -128,7 +135,7 @@ async def test_config_envelope_round_trip_and_the_secret_never_leaves(stack: Sta
     assert json.loads(audit[1][1]) == {"changed": ["name"]}  # an empty secret is no change
     assert all(cs.secret_key not in d for _, d in audit)
     sealed = stack.sql("SELECT secret_key_sealed FROM ossea_configs")
-    assert sealed and all(s.startswith("v1.") for (s,) in sealed)
+    assert sealed and all(s.startswith("v2.") for (s,) in sealed)
     stack.stop("omad")  # checkpoints the WAL into the file, then every file of the database is searched
     for path in stack.state.glob("oma.db*"):
         raw = path.read_bytes()
@@ -263,3 +270,25 @@ async def test_networks_and_offerings_of_the_saved_config(admin: Api, cs: CloudS
     status, offerings = await admin.get("/service-offerings/available")
     assert status == 200 and {o["name"] for o in offerings["data"]} == {"Small Instance", "Medium Instance",
                                                                        "Large Instance"}
+
+
+async def test_secret_keys_are_bound_to_their_config(db: Database, tmp_path: Path) -> None:
+    configs = Configs(db, Audit(db), SecretBox.from_key_file(tmp_path / "secret.key"))
+    made = [await configs.create({"name": n, "api_url": f"http://{n}.example/client/api", "api_key": f"key-{n}",
+                                  "secret_key": f"secret-{n}", "zone": "z", "oma_vm_id": "vm"},
+                                 make_default=False, actor="t") for n in ("a", "b")]
+    a, b = [await configs.stored(m["id"]) for m in made]
+    assert configs.endpoint_of(b).secret_key == "secret-b"
+    # A's secret copied into B's row does not open there: it is never sent to B's URL.
+    await db.execute("UPDATE ossea_configs SET secret_key_sealed = ? WHERE id = ?", (a.secret_key_sealed, b.id))
+    with pytest.raises(SecretUnreadable) as caught:
+        configs.endpoint_of(await configs.stored(b.id))
+    assert isinstance(caught.value, Conflict) and "secret-a" not in str(caught.value)
+    # Updating B's secret repairs it; a first-format secret is resealed once and still opens.
+    await configs.update(b.id, {"secret_key": "secret-b2"}, make_default=False, actor="t")
+    assert configs.endpoint_of(await configs.stored(b.id)).secret_key == "secret-b2"
+    await db.execute("UPDATE ossea_configs SET secret_key_sealed = ? WHERE id = ?",
+                     (first_format(tmp_path / "secret.key", "secret-a", PURPOSE), a.id))
+    assert await configs.reseal_unbound() == 1 and await configs.reseal_unbound() == 0
+    resealed = await configs.stored(a.id)
+    assert resealed.secret_key_sealed.startswith("v2.") and configs.endpoint_of(resealed).secret_key == "secret-a"

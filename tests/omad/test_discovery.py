@@ -253,3 +253,16 @@ async def test_odd_names_work_end_to_end(vstack: Stack, api: Api, vma: VMASim) -
     listing = (await api.get("/vm-contexts"))[1]["vm_contexts"]
     assert sorted(i["vm_name"] for i in listing) == sorted(names + ["ungrouped"])
 
+
+
+async def test_a_pinned_credential_sends_its_pin_to_the_vma(vstack: Stack, api: Api, vma: VMASim) -> None:
+    pin = ":".join(["0F"] * 32)
+    pinned = (await api.post("/vmware-credentials", {"credential_name": "pinned", "vcenter_host": VCENTER,
+                                                     "username": USER, "password": PASSWORD, "datacenter": "DC1",
+                                                     "tls_thumbprint": pin}))[1]
+    plain = (await api.post("/vmware-credentials", {"credential_name": "plain", "vcenter_host": VCENTER,
+                                                    "username": USER, "password": PASSWORD}))[1]
+    for cred in (pinned, plain):
+        assert (await api.post("/discovery/discover-vms", {"credential_id": cred["id"]}))[0] == 200
+    sent = [r.json for r in vma.state.requests if r.path.endswith("/discover")]
+    assert [b.get("vcenter_thumbprint") for b in sent] == [pin, None]

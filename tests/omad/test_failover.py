@@ -174,7 +174,7 @@ async def test_test_failover_boots_the_replica_and_end_test_restores_it(fo: Fail
     assert parent["status"] == "ended"
     # The replicated state is exactly back: the next sync is an incremental.
     changed = 64 * 1024 * 16
-    write_random(fo.rig.sources[0], 2 * 1024 * 1024, changed, seed=5)
+    fo.rig.write(0, 2 * 1024 * 1024, changed, seed=5)
     again_sync = await fo.rig.sync()
     assert again_sync["replication_type"] == "incremental"
     fo.rig.assert_volumes_hold_sources(again_sync)

@@ -7,7 +7,7 @@ import pytest
 
 from .test_failover import Failover, stack_config  # noqa: F401  (fixture)
 from .replication_rig import VM, Rig, digest
-from .test_replication import SIZES, rig, write_random  # noqa: F401  (rig: the fixture)
+from .test_replication import SIZES, rig  # noqa: F401  (rig: the fixture)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -20,7 +20,7 @@ async def test_live_failover_powers_off_syncs_last_changes_and_rolls_back(rig: R
     await fo.prepare(live=True)
     vm = next(v for v in rig.state.inventory.vms if v.name == VM)
     assert vm.power_state == "poweredOn"
-    write_random(rig.sources[1], 1024 * 1024, 64 * 1024 * 8, seed=42)  # changed after the last sync
+    rig.write(1, 1024 * 1024, 64 * 1024 * 8, seed=42)  # changed after the last sync
 
     status, body = await rig.api.post("/failover/unified", {"vm_name": VM, "failover_type": "live"})
     assert status == 202, body
@@ -65,7 +65,7 @@ async def test_omad_killed_during_live_failover_and_rollback_finishes_them(rig: 
     rollback_steps = ["undo_start", "undo_attach", "undo_detach_here", "undo_deploy", "undo_power_off"]
     points = ["power_off", "ran:power_off", "final_sync", "ran:final_sync", "ran:deploy", "ran:start"]
     for i, point in enumerate(points):
-        write_random(rig.sources[0], 4 * 1024 * 1024, 64 * 1024 * 4, seed=100 + i)
+        rig.write(0, 4 * 1024 * 1024, 64 * 1024 * 4, seed=100 + i)
 
         async def live() -> str:
             status, body = await rig.api.post("/failover/live", {"vm_name": VM})

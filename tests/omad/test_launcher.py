@@ -1,6 +1,7 @@
-"""The backup launcher against the backup domain's interface (a stand-in that records rows the same way):
-what it passes, the ids it accepts, auto's fall-back to a full backup, busy VMs, a backup that failed after
-it was recorded, a started backup without a job row, and the repository check."""
+"""The backup and replication launchers against their domains' interfaces (stand-ins that record rows the same
+way): what they pass, the ids they accept, auto's fall-back to a full backup, busy VMs, a job that failed after
+it was recorded, a started backup without a job row, the repository check, and a replication's CloudStack
+config (the VM's, else the default)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 from oma_common.errors import Conflict, Internal, Invalid, NotFound, Unavailable
 from omad.backup.backups import StartRequest
 from omad.jobs.engine import JobEngine
-from omad.schedule.launcher import BackupLauncher, Start, Target, VmRef
+from omad.replication import replications as replication
+from omad.schedule.launcher import BackupLauncher, ReplicationLauncher, Start, Target, VmRef
 from omad.store.db import Database
 
 VM = VmRef("ctx-web-20250101-000000", "web 01")
@@ -144,3 +146,83 @@ async def test_start_many_starts_one_by_one_and_reports_each_vm(engine: JobEngin
     got = [(s.vm, out) async for s, out in launcher.start_many(starts[1:])]
     assert [type(out).__name__ for _, out in got] == ["OmaError", "OmaError"]
     assert "failed unexpectedly" in str(got[0][1])
+
+
+# -- replications --------------------------------------------------------------------------------------
+
+class FakeReplications:
+    """Stands where omad/replication's service is: records the replication's job row, then answers as told."""
+
+    def __init__(self, engine: JobEngine) -> None:
+        self.engine = engine
+        self.requests: list[tuple[replication.StartRequest, str]] = []
+        self.fail_after_record = False
+
+    async def start(self, req: replication.StartRequest, *, actor: str) -> dict[str, Any]:
+        self.requests.append((req, actor))
+        active = await self.engine.db.scalar("SELECT id FROM jobs WHERE context_id = ? AND status = 'running'",
+                                             (VM.context_id,))
+        if active:
+            raise Conflict("replication running", f"{req.source_vm.name} has a replication running", job_id=active)
+        job_id = await self.engine.create("replication", display_name="sync", context_id=VM.context_id)
+        if self.fail_after_record:
+            await self.engine.finish(job_id, "failed", "volume-agent unavailable")
+            raise Unavailable("volume-agent unavailable", "socket missing", job_id=job_id)
+        return {"job_id": job_id, "status": "replicating"}
+
+
+def sync(replication_type: str = "auto") -> Start:
+    return Start(VM, Target("s-2", "hourly sync", "replication", "auto", None, None, replication_type),
+                 execution_id=41, group_id="g-7")
+
+
+async def add_vm(db: Database, config_id: int | None) -> None:
+    t = "2025-01-01T00:00:00.000Z"
+    await db.execute("INSERT INTO vm_replication_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, "
+                     "datacenter, ossea_config_id, created_at, updated_at) VALUES (?, ?, '4210-1', '/DC1/vm/web 01', "
+                     "'vc.example.com', 'DC1', ?, ?, ?)", (VM.context_id, VM.vm_name, config_id, t, t))
+
+
+async def test_a_replication_starts_through_the_replication_service(engine: JobEngine) -> None:
+    await add_vm(engine.db, 3)
+    service = FakeReplications(engine)
+    launcher = ReplicationLauncher(service, engine.db)
+    job_id = await launcher.start(sync("full"))
+    assert (await engine.get(job_id))["job_type"] == "replication"
+    [(req, actor)] = service.requests
+    assert (req.source_vm.id, req.source_vm.name, req.ossea_config_id, req.replication_type) == \
+        ("4210-1", "web 01", 3, "initial")
+    assert (req.vcenter_host, req.datacenter, req.start_replication) == ("vc.example.com", "DC1", True)
+    assert (req.schedule_execution_id, req.vm_group_id, req.scheduled_by, actor) == \
+        ("41", "g-7", "hourly sync", "scheduler:hourly sync")
+    with pytest.raises(Conflict):  # busy: the scheduler skips the VM
+        await launcher.start(sync())
+    await engine.finish(job_id)
+    await launcher.start(sync("auto"))
+    assert [r.replication_type for r, _ in service.requests] == ["initial", None, None]
+
+
+async def test_a_replication_that_failed_after_it_was_recorded_is_followed(engine: JobEngine) -> None:
+    await add_vm(engine.db, 3)
+    service = FakeReplications(engine)
+    service.fail_after_record = True
+    job_id = await ReplicationLauncher(service, engine.db).start(sync("incremental"))
+    assert (await engine.get(job_id))["status"] == "failed"
+    assert service.requests[0][0].replication_type == "incremental"
+
+
+async def test_the_cloudstack_config_is_the_vms_else_the_default(engine: JobEngine) -> None:
+    await add_vm(engine.db, None)
+    service = FakeReplications(engine)
+    launcher = ReplicationLauncher(service, engine.db)
+    with pytest.raises(Invalid, match="no CloudStack config"):
+        await launcher.start(sync())
+    t = "2025-01-01T00:00:00.000Z"
+    await engine.db.execute("INSERT INTO ossea_configs (id, name, api_url, api_key, secret_key_sealed, is_default, "
+                            "created_at, updated_at) VALUES (8, 'main', 'http://cs/client/api', 'k', 's', 1, ?, ?)",
+                            (t, t))
+    await launcher.start(sync())
+    assert service.requests[-1][0].ossea_config_id == 8
+    with pytest.raises(Invalid, match="replication_type"):
+        await launcher.check(sync("differential").target)
+    await launcher.check(sync("auto").target)

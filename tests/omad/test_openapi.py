@@ -133,3 +133,16 @@ def test_list_shapes_follow_the_specification(doc: dict[str, Any]) -> None:
         op = doc["paths"][path]["get"]
         assert op["responses"]["200"]["content"]["application/json"]["schema"]["type"] == "array", path
         assert "array" in op["description"]
+
+
+def test_directory_listings_declare_their_paging_bounds(doc: dict[str, Any]) -> None:
+    """omad's /restore/{id}/files and restore-mounter's /mounts/{id}/files: a page of at most 10000 (1000 by
+    default) and a bounded opaque cursor, the same declaration (the agent's contract) in both documents."""
+    from oma_common.openapi import document as agent_document
+    from restore_mounter.api import RestoreApi
+
+    agent = agent_document(collect(object.__new__(RestoreApi)), title="restore-mounter", description="")
+    for document_, path in ((doc, f"{PREFIX}/restore/{{mount_id}}/files"), (agent, "/mounts/{mount_id}/files")):
+        params = {p["name"]: p["schema"] for p in document_["paths"][path]["get"]["parameters"]}
+        assert (params["limit"]["minimum"], params["limit"]["maximum"], params["limit"]["default"]) == (1, 10000, 1000)
+        assert params["cursor"]["maxLength"] == 64 and params["cursor"]["pattern"]

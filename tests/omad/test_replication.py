@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cs import AIOCloudStack
 
 from oma_common.rpc import AgentClient
 from tests.sim.cloudstack import CloudStackSim
@@ -65,13 +66,17 @@ async def test_initial_then_incremental_writes_only_changed_blocks(rig: Rig) -> 
 
     # 5 % of disk 0 changes: the next sync is an incremental that writes those blocks only.
     changed = SIZES[0] // 20 // (64 * 1024) * (64 * 1024)
-    write_random(rig.sources[0], 4 * MiB, changed, seed=99)
+    rig.write(0, 4 * MiB, changed, seed=99)
     second = await rig.sync()
     assert second["replication_type"] == "incremental"
     rig.assert_volumes_hold_sources(second)
     vma = rig.state.job(second["job_id"])
     assert [d.sync_type for d in vma.disks] == ["incremental", "incremental"]
+    # The simulator's counters: only the changed extents' bytes went over NBD (as data, none as zeroes).
     assert [d.blocks_written for d in vma.disks] == [changed // (64 * 1024), 0]
+    assert [d.zero_blocks_written for d in vma.disks] == [0, 0]
+    assert [d.bytes_transferred for d in vma.disks] == [changed, 0]
+    assert [d["bytes_transferred"] for d in second["disks"]] == [changed, 0]
     assert [d["previous_change_id"] for d in second["disks"]] == [d["change_id"] for d in first["disks"]]
     assert len(second["cbt_history"]) == 2 and all(c["sync_success"] for c in second["cbt_history"])
     detail = await rig.context()
@@ -136,6 +141,52 @@ async def test_a_recreated_volume_and_a_mismatched_base_copy_in_full(rig: Rig) -
     vma = rig.state.job(again["job_id"])
     assert [d.sync_type for d in vma.disks] == ["full", "full"]
     rig.assert_volumes_hold_sources(again)
+
+
+async def test_a_volume_reverted_outside_the_appliance_copies_in_full(rig: Rig) -> None:
+    """Reverted in CloudStack to a snapshot older than the last sync, a volume holds an older stamp at its end
+    than the one that sync wrote: its disk is offered "" and copied in full, the other disk continues. Without
+    this the incremental would copy nothing and leave the volume at the old snapshot's content."""
+    first = await rig.sync()
+    vol0 = first["disks"][0]["volume_id"]
+    cs = AIOCloudStack(rig.cs.endpoint, rig.cs.api_key, rig.cs.secret_key, poll_interval=0.05)
+    snap = (await cs.createSnapshot(volumeid=vol0, fetch_result=True))["snapshot"]
+    rig.write(0, 2 * MiB, 4 * MiB, seed=5)
+    rig.write(1, 2 * MiB, MiB, seed=6)
+    second = await rig.sync()
+    assert second["replication_type"] == "incremental"
+    rig.assert_volumes_hold_sources(second)
+
+    # Outside the appliance: the volume is detached and, in CloudStack, reverted to the older snapshot.
+    agent = AgentClient("volume-agent", rig.stack.run_dir / "volume-agent.sock", timeout=60)
+    try:
+        await agent.call("POST", f"/volumes/{vol0}/detach")
+    finally:
+        await agent.close()
+    await cs.revertSnapshot(id=snap["id"], fetch_result=True)
+    rig.write(1, 8 * MiB, MiB, seed=7)
+    third = await rig.sync()  # attaches the volume here again
+    assert [d["volume_id"] for d in third["disks"]] == [d["volume_id"] for d in second["disks"]]
+    assert [d["base_change_id"] for d in third["disks"]] == ["", second["disks"][1]["change_id"]]
+    offered = [c.response["change_id"] for c in rig.state.calls_to("/replications/changeid", "GET")[-2:]]
+    assert offered == ["", second["disks"][1]["change_id"]]
+    vma = rig.state.job(third["job_id"])
+    assert [d.sync_type for d in vma.disks] == ["full", "incremental"]
+    assert vma.disks[1].blocks_written == MiB // (64 * 1024)
+    rig.assert_volumes_hold_sources(third)
+    # A revert to a snapshot taken after the last sync loses nothing: the disk continues.
+    fourth_base = third["disks"][0]["change_id"]
+    snap = (await cs.createSnapshot(volumeid=vol0, fetch_result=True))["snapshot"]
+    agent = AgentClient("volume-agent", rig.stack.run_dir / "volume-agent.sock", timeout=60)
+    try:
+        await agent.call("POST", f"/volumes/{vol0}/revert", json={"snapshot_id": snap["id"]})
+    finally:
+        await agent.close()
+    rig.write(0, 20 * MiB, MiB, seed=8)
+    fourth = await rig.sync()
+    assert [d["base_change_id"] for d in fourth["disks"]][0] == fourth_base
+    assert [d.sync_type for d in rig.state.job(fourth["job_id"]).disks] == ["incremental", "incremental"]
+    rig.assert_volumes_hold_sources(fourth)
 
 
 async def test_one_active_job_per_vm_and_progress_proxy(rig: Rig) -> None:

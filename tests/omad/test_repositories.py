@@ -8,20 +8,21 @@ import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from oma_common.contracts.volume_agent import Mounted, MountIn, ShareMounts, Unmounted
 from oma_common.errors import Conflict, Invalid
 from oma_common.rpc import AgentClient
 from omad.adapters.localfs import LocalFs
 from omad.audit import Audit
 from omad.backup.repositories import PURPOSE, Repositories
-from omad.crypto import SecretBox
+from omad.crypto import SecretBox, SecretUnreadable
 from omad.store.db import Database
 from volume_agent.adapters import mount as m
 
 from ..rig import Api, Stack
+from .sealing import first_format
 
 NO_NFS = m.kernel_lacks("nfs") or m.helper_missing("nfs") is not None
 
@@ -31,19 +32,19 @@ class FakeAgent:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.mounted: dict[str, dict[str, Any]] = {}
+        self.mounted: dict[str, MountIn] = {}
 
-    async def share_mounts(self) -> dict[str, Any]:
-        return {"mount_root": str(self.root), "mounts": []}
+    async def share_mounts(self) -> ShareMounts:
+        return ShareMounts(str(self.root), [])
 
-    async def mount_share(self, share: dict[str, Any]) -> dict[str, Any]:
-        Path(share["mount_point"]).mkdir(parents=True, exist_ok=True)
-        self.mounted[share["mount_point"]] = share
-        return {"mount_point": share["mount_point"], "mounted": True}
+    async def mount_share(self, share: MountIn) -> Mounted:
+        Path(share.mount_point).mkdir(parents=True, exist_ok=True)
+        self.mounted[share.mount_point] = share
+        return Mounted(share.mount_point, share.server, share.kind, True, False, "mounted")
 
-    async def unmount_share(self, mount_point: str) -> dict[str, Any]:
+    async def unmount_share(self, mount_point: str) -> Unmounted:
         self.mounted.pop(mount_point, None)
-        return {"mount_point": mount_point, "unmounted": True}
+        return Unmounted(mount_point, True, "unmounted")
 
 
 @pytest.fixture
@@ -70,15 +71,39 @@ async def test_cifs_password_is_sealed_and_given_only_to_the_agent(repos: tuple[
     assert point == str(tmp_path / "mounts" / out["id"]) and out["config"]["mount_point"] == point
     row = await db.fetchone("SELECT * FROM backup_repositories WHERE id = ?", (out["id"],))
     assert row is not None and "s3cr3t!" not in json.dumps(row)
-    assert r.box.open(row["secret_sealed"], purpose=PURPOSE) == "s3cr3t!"
+    assert r.box.open(row["secret_sealed"], purpose=PURPOSE, row=out["id"]) == "s3cr3t!"
     agent.mounted.clear()
     _, root = await r.ready_root(out["id"])  # after a reboot: mounted again with the stored password
-    assert str(root) == point and agent.mounted[point]["password"] == "s3cr3t!"
+    assert str(root) == point and agent.mounted[point].password == "s3cr3t!"
     audit = await db.fetchall("SELECT details FROM audit_log WHERE action = 'repository.create'")
     assert audit and "s3cr3t!" not in audit[0]["details"]
     with pytest.raises(Invalid, match="password"):
         await r.create({"name": "nopw", "type": "cifs", "config": {"server": "nas", "share_name": "x",
                                                                    "username": "u"}}, actor="admin")
+
+
+async def test_cifs_passwords_are_bound_to_their_repository(repos: tuple[Repositories, Database, FakeAgent],
+                                                            tmp_path: Path) -> None:
+    r, db, agent = repos
+    ids = [(await r.create({"name": n, "type": "cifs", "config": {"server": "nas", "share_name": n, "username": "u",
+                                                                   "password": f"pw-{n}"}}, actor="admin"))["id"]
+           for n in ("a", "b")]
+    sealed = {row["id"]: row["secret_sealed"] for row in await db.fetchall("SELECT id, secret_sealed FROM "
+                                                                          "backup_repositories")}
+    # A's password copied into B's row does not open there: B is not mounted with A's password.
+    await db.execute("UPDATE backup_repositories SET secret_sealed = ? WHERE id = ?", (sealed[ids[0]], ids[1]))
+    agent.mounted.clear()
+    with pytest.raises(SecretUnreadable, match="unreadable"):
+        await r.ready_root(ids[1])
+    assert not agent.mounted
+    # A password sealed before row binding is resealed once (omad does it at start-up) and still mounts.
+    await db.execute("UPDATE backup_repositories SET secret_sealed = ? WHERE id = ?",
+                     (first_format(tmp_path / "secret.key", "pw-b", PURPOSE), ids[1]))
+    assert await r.reseal_unbound() == 1 and await r.reseal_unbound() == 0
+    _, root = await r.ready_root(ids[1])
+    assert agent.mounted[str(root)].password == "pw-b"
+    row = await db.fetchone("SELECT secret_sealed FROM backup_repositories WHERE id = ?", (ids[1],))
+    assert row is not None and row["secret_sealed"].startswith("v2.")
 
 
 async def test_delete_is_refused_while_backups_exist(repos: tuple[Repositories, Database, FakeAgent],
@@ -203,8 +228,15 @@ async def test_a_repository_no_backup_could_use_is_refused_at_creation(stack_con
         assert str(stack.state / "repositories") in body["details"] and drop_in in body["details"], body
         assert "`export_roots`" in body["details"] and "restart nbd-pool" in body["details"]
         assert body["export_roots"] == roots["export_roots"] and body["drop_in"] == drop_in
+        # The dry run refuses it the same way (a reachability failure is `success` false; this never works).
         status, test = await api.post("/repositories/test", {"type": "local", "config": {"disk_path": str(outside)}})
-        assert status == 200 and test["success"] is False and test["error"]["error"] == "outside the export roots"
+        assert status == 400 and test["error"] == "outside the export roots", test
+        assert str(stack.state / "repositories") in test["details"] and drop_in in test["details"], test
+        assert test["export_roots"] == roots["export_roots"] and test["drop_in"] == drop_in
+        inside_missing = stack.state / "repositories" / "not-yet"
+        status, test = await api.post("/repositories/test", {"type": "local",
+                                                             "config": {"disk_path": str(inside_missing)}})
+        assert status == 200 and test["success"] is False and "does not exist" in test["error"]["details"], test
         # A link from inside the roots to outside is judged by where it leads.
         (stack.state / "repositories" / "link").symlink_to(outside)
         status, body = await api.post("/repositories", {"name": "x", "type": "local",

@@ -189,6 +189,67 @@ async def test_retries_wait_the_configured_delay(domain: Domain) -> None:
         == ("failed", 4, 1, 3, 3)
 
 
+# -- replication schedules ---------------------------------------------------------------------------
+
+async def test_a_replication_schedule_skips_a_busy_vm_where_a_backup_schedule_waits(domain: Domain) -> None:
+    d = domain
+    ids = await add_contexts(d.db, ["idle", "busy"])
+    repl = await d.schedule("sync", "0 0 * * * *", action="replication", repository_id=None,
+                            replication_type=None)
+    backup = await d.schedule("backup", "0 0 * * * *", repository_id="1", skip_if_running=False)
+    assert (repl["action"], repl["replication_type"]) == ("replication", "auto")  # detected per VM
+    await d.group("replicated", repl["id"], list(ids.values()))
+    await d.group("backed up", backup["id"], [ids["busy"]])
+    busy_job = await d.engine.create("replication", display_name="manual replication", context_id=ids["busy"])
+    await d.at_next_run(repl["id"])
+    assert [(n, s) for n, _, s in d.replicator.started] == [("idle", repl["id"])]
+    run = (await d.executions(repl["id"]))[0]
+    detail = await d.schedules.execution(repl["id"], run["id"])
+    vms = {v["vm_name"]: v for v in detail["vms"]}
+    assert vms["busy"]["status"] == "skipped" and busy_job in vms["busy"]["reason"]
+    assert vms["idle"]["status"] == "running"
+    assert (run["jobs_created"], run["jobs_skipped"]) == (1, 1)
+    waiting = await d.schedules.execution(backup["id"], (await d.executions(backup["id"]))[0]["id"])
+    assert [(v["status"], v["reason"]) for v in waiting["vms"]] == [("pending", f"waiting: the VM is busy with "
+                                                                                f"job {busy_job}")]
+    await d.replicator.finish_all()
+    await d.scheduler.tick()
+    run = (await d.executions(repl["id"]))[0]
+    assert (run["status"], run["jobs_completed"], run["jobs_skipped"]) == ("completed", 1, 1)
+    assert run["message"] == "1 of 2 VM(s) protected, 0 failed, 1 skipped"
+
+
+async def test_a_replication_refused_as_busy_by_its_domain_is_skipped(domain: Domain) -> None:
+    """The domain's own per-VM check (a Conflict at start) counts as busy too: skipped, no attempt counted."""
+    d = domain
+    ids = await add_contexts(d.db, ["racing"])
+    s = await d.schedule("sync", "0 0 * * * *", action="replication", repository_id=None,
+                         replication_type="incremental", retry_attempts=3)
+    await d.group("g", s["id"], list(ids.values()))
+    d.replicator.refuse["racing"] = Conflict("replication running", "'racing' has a replication running (job-x)")
+    await d.at_next_run(s["id"])
+    run = (await d.executions(s["id"]))[0]
+    detail = await d.schedules.execution(s["id"], run["id"])
+    assert [(v["status"], v["attempts"], v["reason"]) for v in detail["vms"]] == \
+        [("skipped", 0, "skipped: 'racing' has a replication running (job-x)")]
+    assert (run["status"], run["jobs_created"], run["jobs_skipped"], run["start_failures"]) == ("skipped", 0, 1, 0)
+
+
+async def test_replication_schedules_are_checked(domain: Domain) -> None:
+    d = domain
+    with pytest.raises(Invalid, match="^invalid schedule: repository_id: a replication schedule"):
+        await d.schedule("r", "0 0 * * * *", action="replication", repository_id="1")
+    # The contract's schedule (a replication_type, no repository): a replication schedule.
+    s = await d.schedule("contract", "0 0 * * * *", action=None, repository_id=None, replication_type="full")
+    assert (s["action"], s["replication_type"]) == ("replication", "full")
+    b = await d.schedule("b", "0 0 * * * *", action=None, replication_type="full")  # with a repository: backups
+    assert b["action"] == "backup"
+    with pytest.raises(Invalid, match="repository_id"):
+        await d.schedules.update(b["id"], {"action": "replication"}, actor="admin")
+    changed = await d.schedules.update(b["id"], {"action": "replication", "repository_id": ""}, actor="admin")
+    assert (changed["action"], changed["repository_id"], changed["replication_type"]) == ("replication", None, "full")
+
+
 # -- one VM, two schedules ---------------------------------------------------------------------------
 
 async def test_a_vm_in_two_groups_with_two_schedules_gets_both_without_overlap(domain: Domain) -> None:

@@ -161,3 +161,39 @@ async def test_a_manual_run_goes_through_omads_scheduler(stack: Stack, admin: Ap
     assert (await admin.get(f"/schedules/{s['id']}/executions", params={"status": "bogus"}))[0] == 400
     assert (await admin.get(f"/schedules/{s['id']}/executions/abc"))[0] == 400
     assert (await admin.post("/schedules/no-such-id/trigger"))[0] == 404
+
+
+REPLICATION_INVALID = [
+    ({"replication_type": "differential"}, "replication_type", "must be one of full, incremental, auto"),
+    ({"action": "copy"}, "action", "must be one of backup, replication"),
+    ({"repository_id": "1"}, "repository_id", "a replication schedule writes into CloudStack volumes"),
+    ({"policy_id": 3}, "policy_id", "a replication schedule writes into CloudStack volumes"),
+    ({"max_concurrent_jobs": 1001}, "max_concurrent_jobs", "must be <= 1000"),
+    ({"retry_attempts": 11}, "retry_attempts", "must be <= 10"),
+    ({"retry_delay_minutes": -1}, "retry_delay_minutes", "must be >= 0"),
+]
+
+
+async def test_replication_schedules_are_validated(stack: Stack, admin: Api) -> None:
+    body = {**NIGHTLY, "action": "replication"}
+    for change, field, words in REPLICATION_INVALID:
+        status, err = await admin.post("/schedules", {**body, **change})
+        assert status == 400, (change, err)
+        assert err["code"] == "invalid_request" and err["details"].startswith(f"{field}: "), err
+        assert words in err["details"], err
+    assert (await admin.get("/schedules"))[1]["count"] == 0
+    status, s = await admin.post("/schedules", body)  # no replication_type: detected per VM
+    assert status == 201 and (s["action"], s["replication_type"], s["repository_id"]) == ("replication", "auto", None)
+    status, contract = await admin.post("/schedules", {**NIGHTLY, "name": "contract", "replication_type": "full"})
+    assert status == 201 and (contract["action"], contract["replication_type"]) == ("replication", "full"), contract
+    status, changed = await admin.put(f"/schedules/{s['id']}", {"replication_type": "incremental"})
+    assert status == 200 and changed["replication_type"] == "incremental"
+    assert (await admin.put(f"/schedules/{s['id']}", {"replication_type": "sometimes"}))[0] == 400
+    assert (await admin.put(f"/schedules/{s['id']}", {"repository_id": "1"}))[0] == 400
+    repo = await repository(stack, admin)
+    status, backup = await admin.put(f"/schedules/{s['id']}", {"action": "backup", "repository_id": repo})
+    assert status == 200 and (backup["action"], backup["repository_id"]) == ("backup", repo), backup
+    status, err = await admin.put(f"/schedules/{s['id']}", {"action": "replication"})
+    assert status == 400 and err["details"].startswith("repository_id: ")
+    status, back = await admin.put(f"/schedules/{s['id']}", {"action": "replication", "repository_id": ""})
+    assert status == 200 and (back["action"], back["repository_id"]) == ("replication", None)

@@ -25,6 +25,74 @@ RECIPE = "4"
 ENV = ("PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", "DEBIAN_FRONTEND=noninteractive", "TERM=dumb")
 
 
+# What the appliance has for attaching images read-only: FUSE and loop control (its nbd-pool then uses the
+# fuse-loop backend). Nothing else of the host's /dev: nspawn's /dev is a tmpfs with a fixed set of nodes,
+# and each --bind= below adds one. Not /dev/nbd*, even where the host has the module: sysfs shows the
+# container every nbd device of the host, with the host's pid of its server, so the container's nbd-pool
+# cannot tell the host's connected devices from leftovers of its own and its start-up sweep would
+# disconnect them (the kernel-nbd backend is covered on such a host by tests/nbd_pool).
+DEVICES = ("/dev/fuse", "/dev/loop-control")
+
+
+def device_binds() -> list[str]:
+    return [f"--bind={d}" for d in DEVICES if Path(d).exists()]
+
+
+# The container's udev/devtmpfs for loop devices: the appliance's devtmpfs creates /dev/loopN and the
+# /dev/loopNpM nodes of the partitions that `partx --add` (BLKPG) adds, and removes them with the devices;
+# nspawn's /dev is a tmpfs that never changes. This keeps /dev/loop* in step with /sys/class/block, as a
+# systemd service inside the container. Loop devices are the host's too: only the free ones (for
+# `losetup --find`) and those bound to a file the container has (its own) get a node, with their partitions.
+DEVNODES = """
+import os, re, stat, time
+from pathlib import Path
+
+SYS = Path("/sys/class/block")
+DISK_GID = 6  # group disk, as devtmpfs + udev make them
+
+def ours(loop):
+    try:
+        back = (SYS / loop / "loop" / "backing_file").read_text().strip()
+    except FileNotFoundError:
+        return True  # free: losetup --find may hand it out
+    except OSError:
+        return False
+    return os.path.isfile(back.removesuffix(" (deleted)"))  # the host's files are not in the container
+
+def wanted():
+    out = {}
+    for d in SYS.iterdir():
+        m = re.fullmatch(r"(loop[0-9]+)(p[0-9]+)?", d.name)
+        if m is None or not ours(m.group(1)):
+            continue
+        try:
+            major, minor = map(int, (d / "dev").read_text().split(":"))
+        except (OSError, ValueError):
+            continue
+        out[d.name] = os.makedev(major, minor)
+    return out
+
+while True:
+    want = wanted()
+    for name, rdev in want.items():
+        node = Path("/dev") / name
+        try:
+            st = node.lstat()
+            if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
+                continue
+            node.unlink()
+        except FileNotFoundError:
+            pass
+        os.mknod(node, stat.S_IFBLK | 0o660, rdev)
+        os.chown(node, 0, DISK_GID)
+    for node in Path("/dev").glob("loop*"):
+        if node.name != "loop-control" and node.name not in want and node.is_block_device():
+            node.unlink()
+    Path("/run/devnodes.ready").touch()
+    time.sleep(0.02)
+"""
+
+
 class BootFailed(Exception):
     """The container did not come up; `started` tells whether its systemd ran at all."""
 
@@ -135,7 +203,7 @@ class Machine:
                  # IPAddressDeny= with its cgroup BPF firewall, as it does on the appliance. It denies
                  # openat2() too (ENOSYS), which the agents use to stay beneath their roots (volume-agent's
                  # immutability locks have no fallback): the appliance's kernel has it.
-                 "--system-call-filter=bpf openat2"],
+                 "--system-call-filter=bpf openat2", *device_binds()],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         finally:
             out.close()
@@ -179,6 +247,19 @@ class Machine:
             raise AssertionError(f"in the container: {' '.join(argv)} exited {p.returncode}\n"
                                  f"--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}")
         return p
+
+    def start_devnodes(self, timeout: float = 10.0) -> None:
+        """Run DEVNODES in the container (it needs python3: call it once the package brought it)."""
+        script = self.directory / "usr/local/lib/oma-test-devnodes.py"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(DEVNODES)
+        self.run("systemd-run", "--unit=oma-test-devnodes", "--collect", "/usr/bin/python3", "/" + str(
+            script.relative_to(self.directory)))
+        deadline = time.monotonic() + timeout
+        while self.run("test", "-e", "/run/devnodes.ready", check=False).returncode != 0:
+            assert time.monotonic() < deadline, self.run("journalctl", "-u", "oma-test-devnodes", "--no-pager",
+                                                         check=False).stdout[-2000:]
+            time.sleep(0.1)
 
     def sh(self, script: str, **kw: object) -> subprocess.CompletedProcess[str]:
         return self.run("/bin/sh", "-ec", script, **kw)  # type: ignore[arg-type]

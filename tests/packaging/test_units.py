@@ -149,6 +149,21 @@ def test_nbd_pool_keeps_its_exports_across_restarts_and_loads_nbd_elsewhere() ->
     assert words(u, "Service.IPAddressDeny") == {"any"} and words(u, "Service.IPAddressAllow") == {"localhost"}
 
 
+@pytest.mark.parametrize("service", uc.SERVICES)
+def test_a_daemon_that_uses_openat2_is_not_under_restrict_suid_sgid(service: str) -> None:
+    """systemd implements RestrictSUIDSGID=yes by making openat2(2) fail with ENOSYS (seccomp cannot read the
+    mode inside struct open_how): a daemon whose code (or oma_common.beneath) calls openat2 would fail every
+    request under it on the appliance, while every test outside systemd passes."""
+    name = service.removesuffix(".service")
+    package = REPO / "daemons" / name / DAEMON_MODULES[name]
+    users = sorted(str(p.relative_to(REPO)) for p in package.rglob("*.py")
+                   if re.search(r"\bopenat2\b|oma_common\.beneath|from oma_common import .*\bbeneath\b", p.read_text()))
+    if last(unit(service), "Service.RestrictSUIDSGID") == "yes":
+        assert not users, f"{service} has RestrictSUIDSGID=yes, but openat2 is called by {users}"
+    elif name != "omad":
+        assert users, f"{service} gives up RestrictSUIDSGID= for openat2, which none of its modules calls any more"
+
+
 def test_every_program_a_unit_runs_is_one_of_the_projects_console_scripts() -> None:
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     for service in uc.SERVICES:

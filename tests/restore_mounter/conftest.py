@@ -4,9 +4,11 @@ them, as backups are."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -15,12 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import psutil
 import pytest
 
-from ..lib.diskimages import run, to_qcow2
+from ..lib.diskimages import MiB, run, to_qcow2
 from ..lib.filetree import Tree, materialize
 from ..rig import Stack, make_stack
 
@@ -47,6 +49,16 @@ class Reply:
     @property
     def json(self) -> Any:
         return json.loads(self.body)
+
+
+@dataclass
+class Handover:
+    """An answer of GET /mounts/{id}/open: the descriptor it carried (None for an error) and the connection
+    that holds the mount. Set `fd` to None after closing it yourself."""
+
+    reply: Reply
+    fd: int | None
+    conn: socket.socket
 
 
 @dataclass
@@ -113,8 +125,53 @@ class Agent:
         assert not listing["truncated"]
         return {e["path"]: e for e in listing["files"]}
 
-    def download(self, mount_id: str, path: str, headers: dict[str, str] | None = None) -> Reply:
-        return self.request("GET", f"/mounts/{mount_id}/download", {"path": path}, headers=headers)
+    def download(self, mount_id: str, path: str) -> Reply:
+        """A file's bytes as omad gets them: read from the descriptor GET /mounts/{id}/open hands over. An
+        answer without a descriptor (an error) comes back as it is."""
+        return self.fetch(f"/mounts/{quote(mount_id, safe='')}/open?" + urlencode({"path": path}))
+
+    def fetch(self, target: str) -> Reply:
+        """GET an /open request target exactly as given; the body is the handed-over file's bytes."""
+        with self.handover(target) as h:
+            if h.fd is None:
+                return h.reply
+            data = bytearray()
+            while chunk := os.pread(h.fd, 4 * MiB, len(data)):
+                data += chunk
+            return Reply(h.reply.status, h.reply.headers, bytes(data))
+
+    @contextlib.contextmanager
+    def handover(self, target: str) -> Iterator[Handover]:
+        """GET `target` (an /open request) and receive the descriptor riding on the answer (SCM_RIGHTS); the
+        connection, which is the mount's hold, stays open until the block ends, then both are closed."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds: list[int] = []
+        h: Handover | None = None
+        try:
+            sock.settimeout(60)
+            sock.connect(str(self.socket_path))
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: restore-mounter\r\n\r\n".encode("latin-1"))
+            buf, need, head = b"", None, ""
+            while need is None or len(buf) < need:
+                data, got, _, _ = socket.recv_fds(sock, 65536, 4)
+                fds += got
+                if not data:
+                    raise AssertionError(f"the answer ended after {len(buf)} bytes: {buf[:200]!r}")
+                buf += data
+                if need is None and b"\r\n\r\n" in buf:
+                    head = buf[:buf.index(b"\r\n\r\n")].decode("latin-1")
+                    length = int(re.search(r"(?im)^content-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
+                    need = len(head) + 4 + length
+            lines = head.split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            assert len(fds) <= 1, fds
+            h = Handover(Reply(int(lines[0].split()[1]), headers, buf[len(head) + 4:]), fds.pop() if fds else None,
+                         sock)
+            yield h
+        finally:
+            for fd in fds + ([h.fd] if h is not None and h.fd is not None else []):
+                os.close(fd)
+            sock.close()
 
     @property
     def mount_root(self) -> Path:
@@ -149,6 +206,22 @@ def agent_config(short_tmp: Path) -> Iterator[Stack]:
         yield s
     finally:
         cleanup(s)
+
+
+@contextlib.contextmanager
+def module_stack(prefix: str) -> Iterator[Stack]:
+    """A stack in a short temporary directory of its own (`stack.state`), for a module's fixture (root
+    only); afterwards its mounts and daemons are cleaned up and the directory removed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices, mounts)")
+    stack = make_stack(Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp")))
+    try:
+        yield stack
+    finally:
+        try:
+            cleanup(stack)
+        finally:
+            shutil.rmtree(stack.state, ignore_errors=True)
 
 
 def cleanup(stack: Stack) -> None:

@@ -6,6 +6,7 @@ read them. Tests that change mounts start their own daemon (test_lifecycle.py).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -42,8 +43,7 @@ from ..lib.diskimages import (
     whole_disk_ext4,
 )
 from ..lib.filetree import file_sha256, materialize
-from ..rig import make_stack
-from .conftest import Agent, cleanup, special_ext4, start_agent
+from .conftest import Agent, module_stack, special_ext4, start_agent
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
@@ -109,12 +109,8 @@ def btrfs_image(path: Path, tree: Tree) -> Path:
 
 @pytest.fixture(scope="module")
 def mod() -> Iterator[Module]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (loop devices, mounts)")
-    tmp = Path(tempfile.mkdtemp(prefix="oma-rm-", dir="/tmp"))
-    stack = make_stack(tmp)
-    try:
-        imgs = tmp / "images"
+    with module_stack("oma-rm-") as stack:
+        imgs = stack.state / "images"
         imgs.mkdir()
         images = {
             "gpt2": gpt_two_ext4(imgs / "gpt2.raw", LINUX, SECOND).path,
@@ -129,11 +125,6 @@ def mod() -> Iterator[Module]:
         agent = start_agent(stack, "list_max_entries = 1000\n")
         mounts = {name: agent.mount(path, name) for name, path in images.items()}
         yield Module(agent, mounts, images)
-    finally:
-        try:
-            cleanup(stack)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def expected(tree: Tree, prefix: str = "") -> dict[str, Any]:
@@ -197,29 +188,57 @@ def test_mbr_ext4_and_paging(mod: Module) -> None:
     top = mod.agent.files("mbr")
     assert [e["name"] for e in top["files"]] == ["hello.txt", "lost+found", "many"]
     assert mod.agent.download("mbr", "hello.txt").body == b"hello mbr\n"
-    names = []
-    for offset in range(0, 1100, 400):
-        page = mod.agent.files("mbr", "/many", offset=offset, limit=400)
-        assert page["total_count"] == 1100 and not page["truncated"]
-        names += [e["name"] for e in page["files"]]
-    assert names == [f"f{i:04d}" for i in range(1100)]
+    # Pages of 400 continue by cursor: each sorted, together every entry once; the last one says the size.
+    names: list[str] = []
+    cursor = None
+    for expect_next in (True, True, False):
+        page = mod.agent.files("mbr", "/many", limit=400, **({"cursor": cursor} if cursor else {}))
+        listed = [e["name"] for e in page["files"]]
+        assert listed == sorted(listed) and not page["truncated"]
+        names += listed
+        assert page["total_count"] == len(names) and bool(page["next_cursor"]) == expect_next
+        cursor = page["next_cursor"]
+    assert sorted(names) == [f"f{i:04d}" for i in range(1100)]
+    # offset skips entries after the cursor (or the start): the same entries, in the same order.
+    first = mod.agent.files("mbr", "/many", limit=800)
+    skipped = mod.agent.files("mbr", "/many", limit=400, offset=400)
+    assert {e["name"] for e in skipped["files"]} == {e["name"] for e in first["files"]} - set(names[:400])
+    assert skipped["total_count"] == 800
     deep = mod.agent.files("mbr", "/", recursive="true", limit=10000)
     assert deep["truncated"] and deep["total_count"] == 1000  # list_max_entries
     shallow = mod.agent.files("mbr", "/", recursive="true", depth=1)
     assert shallow["total_count"] == 3
 
 
-def test_whole_disk_ext4_and_big_download(mod: Module) -> None:
+@pytest.mark.parametrize(("mount_id", "path"), [("gpt2", "/part1/home/user"), ("xfs", "/home/user"),
+                                                ("btrfs", "/srv"), ("ntfs", "/"), ("fat", "/"), ("mbr", "/many")])
+def test_cursor_paging_on_every_filesystem(mod: Module, mount_id: str, path: str) -> None:
+    """readdir positions resume where the page ended on each filesystem (FUSE ones too): one entry a page."""
+    whole = [e["name"] for e in mod.agent.files(mount_id, path, limit=10000)["files"]]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = mod.agent.files(mount_id, path, limit=1, **({"cursor": cursor} if cursor else {}))
+        seen += [e["name"] for e in page["files"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == whole and len(whole) > 1
+
+
+def test_whole_disk_ext4_and_a_big_file_handed_over(mod: Module) -> None:
     check_metadata(mod.agent.all_files("whole"), WHOLE)
-    conn, resp = mod.agent.open("GET", "/mounts/whole/download", {"path": "/big.bin"})
-    try:
-        assert resp.status == 200
-        assert int(resp.getheader("Content-Length") or 0) == 200 * MiB
+    with mod.agent.handover("/mounts/whole/open?path=/big.bin") as h:
+        reply, fd = h.reply, h.fd
+        assert reply.status == 200 and fd is not None
+        assert reply.json["size"] == 200 * MiB and reply.json["name"] == "big.bin"
+        assert os.fstat(fd).st_size == 200 * MiB
+        assert os.get_blocking(fd) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        with pytest.raises(OSError):
+            os.write(fd, b"x")  # handed over read-only
         digest = hashlib.sha256()
-        while chunk := resp.read(4 * MiB):
+        while chunk := os.read(fd, 4 * MiB):
             digest.update(chunk)
-    finally:
-        conn.close()
     assert digest.hexdigest() == file_sha256(BIG)
 
 
@@ -269,29 +288,19 @@ def test_file_info(mod: Module) -> None:
     assert suid["mode"] == "4755"
 
 
-def test_ranges(mod: Module) -> None:
-    data = b"".join(Pattern(200 * MiB, seed=7).chunks())
-    size = len(data)
-    for header, start, end in [("bytes=0-99", 0, 99), ("bytes=1048570-1048590", 1048570, 1048590),
-                               (f"bytes={size - 10}-", size - 10, size - 1), ("bytes=-5", size - 5, size - 1),
-                               ("bytes=100-", 100, size - 1)]:
-        r = mod.agent.download("whole", "big.bin", {"Range": header})
-        assert r.status == 206, header
-        assert r.headers["content-range"] == f"bytes {start}-{end}/{size}"
-        assert r.body == data[start:end + 1]
-    r = mod.agent.download("whole", "big.bin", {"Range": f"bytes={size}-"})
-    assert r.status == 416 and r.headers["content-range"] == f"bytes */{size}"
-    assert r.json["error"] == "range not satisfiable"
-    small = mod.agent.download("whole", "small.txt", {"Range": "bytes=0-1,3-4"})
-    assert small.status == 200 and small.body == b"small\n"  # several ranges: answered in full
-    etag = small.headers["etag"]
-    assert mod.agent.download("whole", "small.txt", {"Range": "bytes=1-2", "If-Range": etag}).body == b"ma"
-    stale = mod.agent.download("whole", "small.txt", {"Range": "bytes=1-2", "If-Range": '"other"'})
-    assert stale.status == 200 and stale.body == b"small\n"
-    assert small.headers["accept-ranges"] == "bytes"
-    assert small.headers["content-disposition"] == "attachment; filename=\"small.txt\"; filename*=UTF-8''small.txt"
-    uni = mod.agent.download("gpt2", "/part1/home/user/docs/ünïcode €.txt")
-    assert uni.headers["content-disposition"].endswith("filename*=UTF-8''%C3%BCn%C3%AFcode%20%E2%82%AC.txt")
+def test_handed_over_files_describe_themselves(mod: Module) -> None:
+    """What omad's download headers are made of (Range, ETag, Content-Disposition: oma_common.filestream)."""
+    small = mod.agent.download("whole", "small.txt")
+    assert small.status == 200 and small.body == b"small\n"
+    with mod.agent.handover("/mounts/whole/open?path=small.txt") as h:
+        assert h.fd is not None
+        st = os.fstat(h.fd)
+        meta = h.reply.json
+    assert meta == {"name": "small.txt", "size": 6, "mtime": st.st_mtime, "mime_type": "text/plain",
+                    "etag": f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'}
+    with mod.agent.handover("/mounts/gpt2/open?path=%2Fpart1%2Fhome%2Fuser%2Fdocs%2F%C3%BCn%C3%AFcode%20%E2%82%AC.txt"
+                            ) as h:
+        assert h.reply.status == 200 and h.reply.json["name"] == "ünïcode €.txt"
 
 
 def _extract(fmt: str, body: bytes, dest: Path) -> None:
@@ -392,27 +401,28 @@ ESCAPES = [
 
 @pytest.mark.parametrize("path,status,code", ESCAPES)
 def test_escape_attempts_fail_without_host_content(mod: Module, path: str, status: int, code: str) -> None:
-    for route in ("download", "file-info", "files", "download-directory"):
-        r = mod.agent.request("GET", f"/mounts/special/{route}", {"path": path})
+    for route in ("open", "file-info", "files", "download-directory"):
+        r = mod.agent.download("special", path) if route == "open" else \
+            mod.agent.request("GET", f"/mounts/special/{route}", {"path": path})
         for secret in HOST_SECRETS:
             assert secret not in r.body
         assert r.status != 500, (route, r.body)
-        if route == "download":
+        if route == "open":
             assert (r.status, r.json["code"]) == (status, code), r.body
         elif status == 403 and code == "path_escapes_mount" and route != "file-info":
             assert (r.status, r.json["code"]) == (status, code), (route, r.body)
 
 
 @pytest.mark.parametrize("target,status", [
-    ("/mounts/special/download?path=..%2f..%2f..%2fetc%2fshadow", 400),  # encoded separators decode to ".."
-    ("/mounts/special/download?path=%2e%2e%2f%2e%2e%2fetc%2fshadow", 400),
-    ("/mounts/special/download?path=etc%2Fpasswd%00", 400),
-    ("/mounts/..%2f..%2fetc/download?path=passwd", 404),  # a mount id is never a path
-    ("/mounts/special/../../etc/download?path=shadow", 404),
-    ("/mounts/special/download?path=/home/user/up/etc/passwd", 200),  # a link that stays inside
+    ("/mounts/special/open?path=..%2f..%2f..%2fetc%2fshadow", 400),  # encoded separators decode to ".."
+    ("/mounts/special/open?path=%2e%2e%2f%2e%2e%2fetc%2fshadow", 400),
+    ("/mounts/special/open?path=etc%2Fpasswd%00", 400),
+    ("/mounts/..%2f..%2fetc/open?path=passwd", 404),  # a mount id is never a path
+    ("/mounts/special/../../etc/open?path=shadow", 404),
+    ("/mounts/special/open?path=/home/user/up/etc/passwd", 200),  # a link that stays inside
 ])
 def test_raw_request_targets(mod: Module, target: str, status: int) -> None:
-    r = mod.agent.raw_get(target)
+    r = mod.agent.fetch(target)
     assert r.status == status, r.body
     for secret in HOST_SECRETS:
         assert secret not in r.body

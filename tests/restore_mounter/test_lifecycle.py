@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -73,44 +74,41 @@ def test_refusals_leave_nothing(agent_config: Stack, image: Path) -> None:
     assert agent.request("GET", "/resources").json["available_slots"] == 8
 
 
-def test_running_download_holds_the_mount(agent_config: Stack, image: Path) -> None:
+def test_a_handed_over_file_holds_the_mount(agent_config: Stack, image: Path) -> None:
     agent = start_agent(agent_config)
     m = agent.mount(image, "held")
-    conn, resp = agent.open("GET", "/mounts/held/download", {"path": "/big.bin"})
-    try:
-        assert resp.status == 200
-        resp.read(MiB)  # the rest waits in the daemon: the download is running
+    with agent.handover("/mounts/held/open?path=/big.bin") as h:
+        assert h.reply.status == 200 and h.fd is not None
         info = agent.request("GET", "/mounts/held").json
         assert info["in_use"] and info["active_operations"] == 1
         r = agent.unmount("held")
         assert (r.status, r.json["code"], r.json["active_operations"]) == (409, "busy", 1)
-        r = agent.unmount("held", force=True)
+        with ThreadPoolExecutor(1) as pool:
+            forced = pool.submit(agent.unmount, "held", True)
+            # The hold ends: restore-mounter closes the connection, and the holder (omad) lets go of the file.
+            h.conn.settimeout(10)
+            assert h.conn.recv(1) == b""
+            os.close(h.fd)
+            h.fd = None
+            r = forced.result(timeout=30)
         assert r.status == 200, r.body
-        with pytest.raises(Exception):
-            while resp.read(4 * MiB):  # the stream is cut, never completed
-                pass
-            raise AssertionError("the download ended cleanly after its mount was forced away")
-    finally:
-        conn.close()
     assert leaks(agent.mount_root, [image]) == []
     assert m["mount_id"] not in [x["mount_id"] for x in agent.request("GET", "/mounts").json["mounts"]]
 
 
-def test_idle_mounts_are_swept_but_not_while_a_download_runs(agent_config: Stack, image: Path) -> None:
+def test_idle_mounts_are_swept_but_not_while_a_file_is_handed_over(agent_config: Stack, image: Path) -> None:
     agent = start_agent(agent_config, "idle_timeout_seconds = 0.4\ncleanup_interval_seconds = 0.1\n")
     agent.mount(image, "idle")
     agent.mount(image, "busy")
-    conn, resp = agent.open("GET", "/mounts/busy/download", {"path": "/big.bin"})
-    try:
-        digest = hashlib.sha256(resp.read(MiB))
+    with agent.handover("/mounts/busy/open?path=/big.bin") as h:
+        assert h.fd is not None
+        digest = hashlib.sha256(os.read(h.fd, MiB))
         until(lambda: agent.request("GET", "/mounts/idle").status == 404)
-        time.sleep(0.6)  # longer than the idle timeout, while the download is held up
+        time.sleep(0.6)  # longer than the idle timeout, while the file is held
         assert agent.request("GET", "/mounts/busy").json["status"] == "mounted"
-        while chunk := resp.read(4 * MiB):
+        while chunk := os.read(h.fd, 4 * MiB):
             digest.update(chunk)
         assert digest.hexdigest() == file_sha256(BIG)
-    finally:
-        conn.close()
     until(lambda: agent.request("GET", "/mounts/busy").status == 404)
     # (the mount is gone from the list before its sweep has returned and been counted)
     until(lambda: agent.request("GET", "/cleanup-status").json["expired_total"] == 2)

@@ -385,7 +385,7 @@ async def test_backup_full_then_incremental_writes_exact_images(
     assert oma.telemetry_for("backup-full")[-1]["progress_percent"] == 100.0
 
     # Change 1 MiB of disk 0 (unaligned), then an incremental into overlays of the fulls.
-    write_random(src0, 20 * MiB + 512, 1 * MiB)
+    sim.state.write_source(vm, 0, 20 * MiB + 512, os.urandom(MiB))
     tops = [tmp_path / f"inc-{i}.qcow2" for i in range(2)]
     for top, base in zip(tops, bases):
         assert qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(top)).returncode == 0
@@ -447,10 +447,11 @@ async def test_replication_full_then_incremental(sim: VMASim, oma: FakeOma, clie
         first = await replicate("job-1", target)
         assert_identical(volume, "raw", src)
         assert first["sync_type"] == "full" and first["status"] == "Succeeded"
-        write_random(src, 30 * MiB, 256 * 1024)
-        with open(src, "r+b") as g:  # and zero a block that had data
+        sim.state.write_source(vm, 0, 30 * MiB, os.urandom(256 * 1024))
+        with open(src, "r+b") as g:  # and zero a block that had data, telling the simulator afterwards
             g.seek(1 * MiB)
             g.write(bytes(64 * 1024))
+        sim.state.changed(vm, 0, (1 * MiB, 64 * 1024))
         second = await replicate("job-2", target)
         assert_identical(volume, "raw", src)
     assert second["sync_type"] == "incremental"
@@ -465,6 +466,64 @@ async def test_replication_full_then_incremental(sim: VMASim, oma: FakeOma, clie
     assert set(second) >= {"job_id", "status", "sync_type", "phase", "percentage", "current_operation",
                            "bytes_transferred", "total_bytes", "throughput", "timing", "disk_progresses",
                            "errors", "last_error"}
+
+
+async def test_change_map_names_only_the_noted_areas(tmp_path: Path) -> None:
+    """Like VMware's CBT: the areas changed since a change id come from the noted writes (block-aligned),
+    a write after a snapshot belongs to the next one, an unknown base means a full copy, and a source
+    written without a note drops every change id (a full copy, never a short one)."""
+    from tests.sim.vma.cbt import DiskTracker, Extent
+
+    src = tmp_path / "disk.raw"
+    with open(src, "wb") as f:
+        f.truncate(8 * MiB)
+    t = DiskTracker("vm/2000")
+    first = t.snapshot(str(src), None)
+    assert first.changed is None
+    t.note(100, 10, str(src))
+    t.note(3 * MiB, 128 * 1024 + 1, str(src))
+    second = t.snapshot(str(src), first.change_id)
+    assert second.changed == [Extent(0, 64 * 1024), Extent(3 * MiB, 3 * 64 * 1024)]
+    t.note(5 * MiB, 1, str(src))  # after the second snapshot: only the third sees it
+    third = t.snapshot(str(src), second.change_id)
+    assert third.changed == [Extent(5 * MiB, 64 * 1024)]
+    assert t.snapshot(str(src), first.change_id).changed == [
+        Extent(0, 64 * 1024), Extent(3 * MiB, 3 * 64 * 1024), Extent(5 * MiB, 64 * 1024)]
+    assert t.snapshot(str(src), "52 00/1").changed is None
+    time.sleep(0.02)  # a later mtime, whatever the file system's timestamp granularity
+    with open(src, "r+b") as f:  # behind the tracker's back
+        f.write(b"x")
+    assert t.snapshot(str(src), third.change_id).changed is None and t.resets == 1
+
+
+@requires_qemu
+async def test_replication_of_a_source_written_without_a_note_is_full(
+        sim: VMASim, oma: FakeOma, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    vm = sim.state.add_vm("unnoted", disks=[16 * MiB], nics=1)
+    src = sim.state.source_path(vm, 0)
+    sim.state.write_source(vm, 0, 0, os.urandom(2 * MiB))
+    volume = tmp_path / "volume.raw"
+    with open(volume, "wb") as f:
+        f.truncate(16 * MiB)
+    sim.state.oma_url = None
+    oma.replication_vm.update({"r-1": vm.path, "r-2": vm.path})
+    async with nbd_export(volume, "raw", "vol") as target:
+        for job_id in ("r-1", "r-2"):
+            body = {**{k: v for k, v in creds().items() if k != "datacenter"}, "job_id": job_id,
+                    "vm_paths": [vm.path], "oma_url": oma.url,
+                    "nbd_targets": [{"device_path": target, "vmware_disk_key": "2000"}]}
+            async with client.post(sim.api_url + "/replicate", json=body) as resp:
+                assert resp.status == 200
+            job = await sim.state.wait_job(job_id, timeout=30)
+            assert job.status == "Succeeded", job.last_error
+            if job_id == "r-1":
+                await asyncio.sleep(0.02)  # a later mtime, whatever the file system's timestamp granularity
+                write_random(src, 8 * MiB, MiB)  # no note: the next copy cannot trust the change map
+    # r-2 asked to continue from r-1's change id, which no longer holds: it copied in full, exactly.
+    assert [sim.state.job(j).sync_type for j in ("r-1", "r-2")] == ["full", "full"]
+    assert [c.json.get("previous_change_id") for c in sim.state.calls_to("/changeid", "POST")] == [
+        None, sim.state.job("r-1").disks[0].change_id]
+    assert_identical(volume, "raw", src)
 
 
 # -- job faults ------------------------------------------------------------------------------------

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import math
 import os
 import selectors
 import shutil
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -115,6 +117,8 @@ class VCenterSim:
         default_vms: bool = True,
         start_timeout: float = 30.0,
         stop_timeout: float = 10.0,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
     ) -> None:
         self.username = username
         self.password = password
@@ -123,6 +127,7 @@ class VCenterSim:
         self._default_vms = default_vms
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
+        self._cert = (cert_file, key_file) if cert_file is not None and key_file is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._workdir: Path | None = None
         self.url = ""
@@ -134,6 +139,8 @@ class VCenterSim:
     def argv(self, binary: Path) -> list[str]:
         argv = [str(binary), "-port", str(self._port), "-username", self.username, "-password", self.password]
         argv.append(f"-default-vms={'true' if self._default_vms else 'false'}")
+        if self._cert is not None:  # served instead of Go's self-signed test certificate
+            argv += ["-cert", str(self._cert[0]), "-key", str(self._cert[1])]
         for spec in self._vms:
             argv += ["-vm", spec.to_flag()]
         return argv
@@ -160,6 +167,19 @@ class VCenterSim:
             raise
         log.info("vcsim pid %d ready at %s", self._proc.pid, self.url)
         return self
+
+    @property
+    def thumbprint(self) -> str:
+        """The SHA-256 thumbprint (AA:BB:...) of the certificate the simulator serves, as a pin takes it."""
+        digest = hashlib.sha256(self.certificate_der()).hexdigest().upper()
+        return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+    def certificate_der(self) -> bytes:
+        """The certificate the simulator presents, read without trusting it."""
+        context = _unverified_context()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as raw:
+            with context.wrap_socket(raw) as tls:
+                return tls.getpeercert(binary_form=True) or b""
 
     def _read_ready_line(self) -> str:
         assert self._proc is not None and self._proc.stdout is not None

@@ -91,18 +91,28 @@ async def test_write_detach_reattach_snapshot_revert(volume_env: VolumeEnv) -> N
 
     vol = await env.call("POST", f"/volumes/{vol['volume_id']}/attach")
     await qemu_io(env, vol, "read -P 0xab 0 64M")
+    # The sync stamp lives in the device's last 4 KiB: none yet, then the one written, flushed to the volume.
+    stamp_url = f"/volumes/{vol['volume_id']}/stamp"
+    assert await env.call("GET", stamp_url) == {"volume_id": vol["volume_id"], "stamp": "",
+                                                "offset": vol["size_bytes"] - 4096}
+    await env.call("PUT", stamp_url, {"stamp": "1" * 32})
+    assert (await env.call("GET", stamp_url))["stamp"] == "1" * 32
 
     snap = await env.call("POST", f"/volumes/{vol['volume_id']}/snapshots", {})
     assert snap["volume_id"] == vol["volume_id"] and snap["state"] == "BackedUp"
     await qemu_io(env, vol, "write -P 0xcd 0 64M")
+    await env.call("PUT", stamp_url, {"stamp": "2" * 32})
     vol = await env.call("POST", f"/volumes/{vol['volume_id']}/revert", {"snapshot_id": snap["snapshot_id"]})
     assert vol["attached_here"] and vol["snapshots"] == [snap["snapshot_id"]]
     await qemu_io(env, vol, "read -P 0xab 0 64M")
+    assert (await env.call("GET", stamp_url))["stamp"] == "1" * 32  # the snapshot's moment came back with it
 
     with pytest.raises(Conflict, match="detach it first"):
         await env.call("DELETE", f"/volumes/{vol['volume_id']}")
     await env.call("DELETE", f"/volumes/{vol['volume_id']}/snapshots/{snap['snapshot_id']}")
     await env.call("POST", f"/volumes/{vol['volume_id']}/detach")
+    with pytest.raises(Conflict, match="attach it first"):
+        await env.call("GET", stamp_url)
     gone = await env.call("DELETE", f"/volumes/{vol['volume_id']}")
     assert gone["deleted"] and env.sim.volume(vol["volume_id"]) is None
     assert (await env.call("GET", "/volumes"))["volumes"] == []

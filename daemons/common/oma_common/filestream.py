@@ -1,7 +1,7 @@
 """Sending an open file as an HTTP response: one byte range (RFC 9110 §14), Content-Disposition (RFC 6266),
 and the bytes by sendfile(2) from the descriptor to the socket, never through our memory.
 
-restore-mounter serves its own downloads with it, and omad serves the descriptors restore-mounter hands it.
+omad serves the descriptors restore-mounter hands it (oma_common.fdpass) with it.
 """
 
 from __future__ import annotations
@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import re
+import select
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from urllib.parse import quote
@@ -26,7 +29,6 @@ log = logging.getLogger(__name__)
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 READ_CHUNK = 1024 * 1024  # the fallback's read size, where sendfile(2) cannot be used
-SEND_BUFFER = 4 * 1024 * 1024  # a deeper unix socket buffer: bigger bites per wake-up
 
 
 class Unsatisfiable(Exception):
@@ -172,24 +174,121 @@ async def send_framed(request: web.Request, headers: dict[str, str], head: bytes
 
 async def _copy(request: web.Request, resp: web.StreamResponse, fd: int, start: int, length: int,
                 name: str) -> None:
-    """sendfile(2) from the file to the socket (zero-copy), or pread-and-write where it is unavailable."""
-    if request.transport is None:
+    """sendfile(2) from the file to the socket (zero-copy) in a thread of its own, or pread-and-write where
+    sendfile cannot be used (no plain socket under the transport, e.g. TLS)."""
+    transport = request.transport
+    if transport is None:
         raise ConnectionResetError("connection lost")
-    sock = request.transport.get_extra_info("socket")
-    if sock is not None and sock.family == socket.AF_UNIX:
-        # A unix socket's buffer is fixed (208 KiB by default): deepen it. Not TCP's: setting SO_SNDBUF turns
-        # off its autotuning (tcp(7)), which grows further, and measured slower on loopback.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    sock = transport.get_extra_info("socket")
     with contextlib.suppress(OSError):
         os.posix_fadvise(fd, start, length, os.POSIX_FADV_SEQUENTIAL)  # the kernel's readahead doubled
-    loop = asyncio.get_running_loop()
-    with open(fd, "rb", buffering=0, closefd=False) as f:
-        try:
-            await loop.sendfile(request.transport, f, start, length, fallback=False)
+    # TCP's send buffer is left to its autotuning (tcp(7)): setting SO_SNDBUF turns that off, and no fixed
+    # size measured faster on loopback; nor did the size of each sendfile(2) call (64 KiB to 1 GiB).
+    if sock is not None and transport.get_extra_info("sslcontext") is None:
+        await _flushed(transport)  # the head must be on the wire before our bytes
+        sent = await _SendfileThread(sock.fileno(), fd, start, length, name).run()
+        if sent == length:
             return
-        except asyncio.SendfileNotAvailableError:
-            pass  # e.g. TLS in front: fall back to reading, below
+        start, length = start + sent, length - sent  # sendfile(2) refused the file before its first byte
+    await _read_and_write(resp, fd, start, length, name)
+
+
+async def _flushed(transport: asyncio.BaseTransport) -> None:
+    """Wait until aiohttp has written everything it buffered (the response head) to the socket."""
+    assert isinstance(transport, asyncio.WriteTransport)
+    delay = 0.001
+    while transport.get_write_buffer_size() > 0:
+        if transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+class _SendfileThread:
+    """The bytes of one response, sent by sendfile(2) from a thread: on a file that is not in the page cache
+    (a backup image read through FUSE) sendfile blocks on the reads, for as long as the whole file when the
+    client keeps up with the disk (measured: 7 s for 1 GiB), and omad's event loop must not wait with it.
+
+    The thread writes to a duplicate of the connection's socket, so that the transport closing its own
+    descriptor (a client gone, an abort) can never make it write into whatever reuses that number. On
+    cancellation the connection is shut down, which ends a sendfile waiting on the socket at once; one
+    waiting on the file ends with that read. The caller's descriptor is in use until run() returns, cancelled
+    or not."""
+
+    CHUNK = 8 * 1024 * 1024  # bytes per sendfile(2) call: how long a stop may wait on a slow file
+    POLL_MS = 200  # how often a thread waiting for room in the socket looks for a stop
+
+    def __init__(self, sock_fd: int, fd: int, start: int, length: int, name: str) -> None:
+        self.sock = socket.socket(fileno=os.dup(sock_fd))
+        self.fd, self.start, self.length, self.name = fd, start, length, name
+        self.stopping = threading.Event()
+
+    async def run(self) -> int:
+        """Bytes sent: `length`, or fewer when sendfile(2) refused the file before its first byte (then the
+        rest is for another way). Connection errors and the file ending early raise."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int] = loop.create_future()
+
+        def settle(result: int | None, exc: BaseException | None) -> None:
+            if done.done():
+                return
+            if exc is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(result or 0)
+
+        def work() -> None:
+            try:
+                result = self._send()
+            except BaseException as e:  # handed to the event loop, raised there
+                loop.call_soon_threadsafe(settle, None, e)
+            else:
+                loop.call_soon_threadsafe(settle, result, None)
+
+        threading.Thread(target=work, name=f"sendfile {self.name}"[:64], daemon=True).start()
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            self.stopping.set()
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(BaseException):
+                await done  # the thread uses the caller's descriptor: it must be done before anyone closes it
+            raise
+        finally:
+            # Closed here, not in the thread: shutdown() above can never meet a number reused meanwhile.
+            if done.done():
+                self.sock.close()
+            else:
+                done.add_done_callback(lambda _: self.sock.close())
+
+    def _send(self) -> int:
+        pos, end = self.start, self.start + self.length
+        waiting = select.poll()
+        waiting.register(self.sock.fileno(), select.POLLOUT)
+        while pos < end:
+            if self.stopping.is_set():
+                raise ConnectionAbortedError("download stopped")
+            try:
+                n = os.sendfile(self.sock.fileno(), self.fd, pos, min(self.CHUNK, end - pos))
+            except BlockingIOError:
+                for _, events in waiting.poll(self.POLL_MS):
+                    if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                        raise ConnectionResetError("the client closed the connection") from None
+                continue
+            except OSError as e:
+                if pos == self.start and e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    return 0  # this file cannot be spliced: the caller reads it instead
+                raise
+            if n == 0:
+                raise OSError(f"{self.name} ended at {pos - self.start} of {self.length} bytes")
+            pos += n
+        return pos - self.start
+
+
+async def _read_and_write(resp: web.StreamResponse, fd: int, start: int, length: int, name: str) -> None:
+    """The fallback: pread in a worker thread, write through aiohttp."""
+    loop = asyncio.get_running_loop()
     pos, end = start, start + length
     while pos < end:
         read = loop.run_in_executor(None, os.pread, fd, min(READ_CHUNK, end - pos), pos)

@@ -151,6 +151,17 @@ def _signal_name(code: int | None) -> str:
     return ""
 
 
+def describe_exit(code: int | None) -> str:
+    """How a process ended, in words ("was killed by SIGKILL", "exited with code 1"); "" when unknown."""
+    if code is None:
+        return ""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 def _pidfd_exit_future(loop: asyncio.AbstractEventLoop, pidfd: int) -> asyncio.Future[None]:
     """A future resolved when the process behind `pidfd` exits (a pidfd polls readable at exit, child or not)."""
     fut: asyncio.Future[None] = loop.create_future()
@@ -231,6 +242,7 @@ class SupervisedChild:
         self._pipe_transport: asyncio.BaseTransport | None = None
         self._start_time: float | None = None
         self._released = False
+        self._stopping = False  # stop() asked it to end: an exit before that is news, whatever its code
         self._stop_lock = asyncio.Lock()
 
     # --- state -------------------------------------------------------------------------------------------
@@ -348,8 +360,11 @@ class SupervisedChild:
         self._popen.poll()  # reap now: the pidfd said it exited, so this does not block
         self._close_pidfd()
         code = self._popen.returncode
-        level = logging.INFO if code in (0, -signal.SIGTERM) else logging.WARNING
-        self._log.log(level, "%s: pid %d exited with code %s%s", self.resource_id, self._popen.pid, code, _signal_name(code))
+        # Unasked, even code 0 is a warning: the qemu servers end with 0 on a SIGTERM from anyone.
+        asked = self._stopping and code in (0, -signal.SIGTERM)
+        self._log.log(logging.INFO if asked else logging.WARNING, "%s: pid %d exited with code %s%s%s",
+                      self.resource_id, self._popen.pid, code, _signal_name(code), "" if self._stopping else
+                      " without being asked to stop")
 
     async def _read_stderr(self, reader: asyncio.StreamReader) -> None:
         pending = b""
@@ -396,6 +411,7 @@ class SupervisedChild:
             raise ProcessError(f"{self.resource_id}: released; adopt pid {self._popen.pid} to stop it")
         async with self._stop_lock:
             popen = self._popen
+            self._stopping = True
 
             def send(signum: int) -> None:
                 # Safe against pid reuse: the child is not reaped until its pidfd fires. SIGKILL goes to the

@@ -367,6 +367,8 @@ class SchemaRegistry:
         out = self._of(tp)
         if optional:
             out = dict(out, nullable=True) if "$ref" not in out else {"allOf": [out], "nullable": True}
+            if "enum" in out:  # OpenAPI 3.0: an enum restricts a nullable value too, so null must be listed
+                out["enum"] = [*out["enum"], None]
         return out
 
     def _of(self, tp: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from oma_common.contracts.nbd_pool import (
     Export,
     ExportIn,
     ExportList,
+    RootsView,
     PortStatus,
     Released,
     ReleaseIn,
@@ -148,12 +149,11 @@ class RootsApi:
         self.roots = roots
         self.drop_in_dir = drop_in_dir
 
-    @route("GET", "/roots", auth=Auth.PEER)
-    async def list_roots(self, call: Call) -> dict[str, Any]:
+    @route("GET", "/roots", response=RootsView, auth=Auth.PEER)
+    async def list_roots(self, call: Call) -> RootsView:
         """The configured export roots (and each resolved), and the drop-in directory that changes them."""
-        return {"export_roots": [str(r) for r in self.roots.configured],
-                "resolved_roots": [str(r) for r in self.roots.resolved],
-                "drop_in": str(self.drop_in_dir / "*.toml"), "key": "export_roots"}
+        return RootsView([str(r) for r in self.roots.configured], [str(r) for r in self.roots.resolved],
+                     str(self.drop_in_dir / "*.toml"), "export_roots")
 
 
 class AttachmentsApi:

@@ -3,6 +3,8 @@
 Attach, detach and the orphan sweep of the work root run one at a time under one lock: an attachment being
 made is never mistaken for a leftover, and the slot count is exact. Each attachment gets its own work
 directory under the work root; on shutdown they are left in place and resumed by the next instance.
+An attachment whose qemu process died is `broken` (with the cause) as soon as anyone asks, not only after the
+periodic check: its owner (restore-mounter) asks when reads of the device fail.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from oma_common.errors import Conflict, Exhausted, Invalid, NotFound, TimedOut, Unavailable
-from oma_common.process import ChildFailed, ChildNotReady, ProcessError, pid_matches
+from oma_common.process import ChildFailed, ChildNotReady, ProcessError, describe_exit, pid_matches
 from oma_common.statefile import StateFile
 from oma_common.timefmt import rfc3339
 
@@ -56,6 +59,24 @@ class _Live:
     entry: AttachmentEntry
     attachment: Attachment | None  # None once broken: only the record is left to tear down
     status: str = ATTACHED
+    cause: str = ""  # why it is broken
+
+    def state(self) -> tuple[str, str]:
+        """(status, cause) now. An attachment whose process has died is broken from that moment, not only
+        once the periodic check has seen it: its owner asks when its reads fail (restore-mounter)."""
+        if self.status == BROKEN:
+            return BROKEN, self.cause
+        proc = self.entry.record.process
+        if pid_matches(proc.pid, proc.argv, start_time=proc.start_time):
+            return ATTACHED, ""
+        return BROKEN, self.death()
+
+    def death(self) -> str:
+        """The cause of a broken attachment: which process ended, and how when we reaped it."""
+        r = self.entry.record
+        program = os.path.basename(r.process.argv[0]) if r.process.argv else "the serving process"
+        how = describe_exit(self.attachment.exit_code if self.attachment is not None else None) or "is gone"
+        return f"{program} (pid {r.process.pid}) serving {r.device or r.image} {how}; the device answers I/O errors"
 
 
 def _domain_error(exc: Exception, image: str) -> Exception:
@@ -105,10 +126,11 @@ class Attachments:
 
     def _describe(self, live: _Live) -> dict[str, Any]:
         e, r = live.entry, live.entry.record
+        status, cause = live.state()
         return {"attachment_id": e.attachment_id, "owner": e.owner, "image": e.requested_image,
                 "resolved_image": r.image, "format": r.fmt, "backend": r.backend, "device": r.device,
                 "partitions": [p.to_dict() for p in r.partitions], "attached_at": rfc3339(e.attached_at, timespec="seconds"),
-                "status": live.status, "pid": r.process.pid}
+                "status": status, "pid": r.process.pid, "error": cause or None}
 
     def listing(self) -> dict[str, Any]:
         return {"attachments": [self._describe(live) for live in self._live.values()],
@@ -185,11 +207,12 @@ class Attachments:
         """
         dropped = []
         for aid, live in list(self._live.items()):
-            proc = live.entry.record.process
-            if live.status == ATTACHED and pid_matches(proc.pid, proc.argv, start_time=proc.start_time):
+            status, cause = live.state()
+            if status == ATTACHED:
                 continue
             if live.status == ATTACHED:
-                log.warning("%s: %s pid %d is gone; tearing the attachment down", aid, live.entry.record.backend, proc.pid)
+                log.warning("%s: %s; tearing the attachment down", aid, cause)
+                live.cause = cause
             try:
                 await self._backend_for(live.entry.record).release(live.entry.record)
             except DetachBusy:
@@ -224,16 +247,18 @@ class Attachments:
             if rec.backend != self.backend.name:
                 log.warning("%s: made by the %s backend, %s is configured now; releasing it", entry.attachment_id,
                             rec.backend, self.backend.name)
+                cause = f"made by the {rec.backend} backend, {self.backend.name} is configured now"
             else:
                 try:
                     att = await self.backend.resume(rec)
                 except AttachError as exc:
                     log.warning("%s: cannot be resumed (%s); releasing it", entry.attachment_id, exc)
+                    cause = f"not intact when nbd-pool restarted: {exc}"
                 else:
                     self._live[entry.attachment_id] = _Live(entry, att)
                     counts["resumed"] += 1
                     continue
-            live = _Live(entry, None, BROKEN)
+            live = _Live(entry, None, BROKEN, cause)
             self._live[entry.attachment_id] = live
             counts["broken"] += 1
         self._recorded = []

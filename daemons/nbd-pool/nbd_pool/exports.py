@@ -24,7 +24,7 @@ from oma_common.beneath import fd_path
 from oma_common.statefile import StateFile
 from oma_common.timefmt import rfc3339
 
-from .adapters.ports import port_is_free
+from .adapters.listen_fd import PortInUse
 from .adapters.qemu_nbd import (
     ExportOptions,
     ExportRecord,
@@ -97,8 +97,7 @@ def _clients_of(targets: list[tuple[int, int]]) -> list[list[str]]:
 class Exports:
     def __init__(self, pool: Pool, roots: Roots, store: StateFile, *, bind_address: str, options: ExportOptions,
                  ready_timeout: float = 10.0, stop_timeout: float = 10.0, program: str = "qemu-nbd",
-                 clock: Callable[[], float] = time.time,
-                 port_free: Callable[[str, int], bool] = port_is_free, images: ImageRoots | None = None) -> None:
+                 clock: Callable[[], float] = time.time, images: ImageRoots | None = None) -> None:
         self.pool = pool
         self.roots = roots
         self.images = images or ImageRoots([str(r) for r in roots.configured])
@@ -109,7 +108,6 @@ class Exports:
         self.stop_timeout = stop_timeout
         self.program = program
         self.clock = clock
-        self._port_free = port_free
         self._io_uring = io_uring_allowed()
         self._live: dict[str, _Live] = {}
         self._reserved: set[str] = set()  # names of exports being started
@@ -216,6 +214,14 @@ class Exports:
             self._reserved.add(req.export_name)
             try:
                 info = await export.start(timeout=self.ready_timeout)
+            except PortInUse as exc:
+                # Someone else's listener: this lease can never be served. Free it so the job allocates another.
+                await self.pool.release(ports=[req.port])
+                raise Conflict("port held by another process",
+                               f"port {req.port} is bound by a process that is not an nbd-pool export ({exc}); "
+                               f"its lease is released, allocate another port") from exc
+            except OSError as exc:
+                raise Unavailable("cannot listen", f"{self.bind_address}:{req.port}: {exc.strerror or exc}") from exc
             except ChildNotReady as exc:
                 raise TimedOut("export did not come up", str(exc)) from exc
             except ChildFailed as exc:
@@ -260,9 +266,6 @@ class Exports:
                 raise Conflict("image already exported",
                                f"{req.path} is exported as {live.name} on port {live.port}; an image is exported "
                                f"writable once, or read-only any number of times")
-        if not self._port_free(self.bind_address, req.port):
-            raise Conflict("port held by another process",
-                           f"port {req.port} is leased but another process listens on it (not an nbd-pool export)")
 
     # --- stop --------------------------------------------------------------------------------------------
 

@@ -62,8 +62,9 @@ class VCenterConfig:
     """Direct vCenter calls (credential tests)."""
 
     test_timeout_seconds: float = spec(15.0, min=0.5, description="time limit of a credential test login")
-    verify_tls: bool = spec(False, description="check vCenter certificates; most vCenters serve self-signed "
-                                               "ones, and the VMA does not check them either")
+    verify_tls: bool = spec(True, description="check vCenter certificates against the CA store when the "
+                                              "credential pins none (a self-signed vCenter: pin its thumbprint "
+                                              "on the credential); false accepts any unpinned certificate")
     ca_file: str = spec("", description="PEM file of CAs to trust when verify_tls is on; empty = the system's")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from oma_common import config
+from oma_common.contracts.volume_agent import SessionIn, Terminated
 from oma_common.errors import OmaError
 from oma_common.process import process_start_time
 
@@ -177,7 +178,7 @@ async def _authorized_keys(args: argparse.Namespace, cfg: Config) -> int:
 
 
 class _NoSessions:
-    async def end_tunnel_sessions(self, sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    async def end_tunnel_sessions(self, sessions: list[SessionIn]) -> Terminated:
         raise OmaError("not available", "ending sessions is not done here")
 
 

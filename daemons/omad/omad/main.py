@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import inspect
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -86,7 +87,7 @@ from .jobs.engine import JobEngine
 from .jobs.locks import KeyedLocks
 from .schedule.clock import SystemClock
 from .schedule.groups import Groups
-from .schedule.launcher import BackupLauncher, JobLauncher
+from .schedule.launcher import BackupLauncher, JobLauncher, ReplicationLauncher
 from .schedule.scheduler import Scheduler
 from .schedule.schedules import Schedules
 from .store.db import Database
@@ -118,6 +119,8 @@ class Omad:
     jobs: JobEngine
     background: list[Background] = dataclasses.field(default_factory=list)
     replications: Replications | None = None
+    # Before serving: reseal first-format secrets bound to their rows (each returns how many it resealed).
+    reseals: list[Callable[[], Awaitable[int]]] = dataclasses.field(default_factory=list)
 
 
 async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
@@ -164,7 +167,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
 
     # Replication: each disk into a CloudStack volume through volume-agent, exported by nbd-pool, written by the
     # VMA; followed by the monitor, which adopts running ones again after a restart.
-    ending = Ending(db, jobs, pool, locks)
+    ending = Ending(db, jobs, pool, volume_agent, locks)
     replications = Replications(db, audit, jobs, locks, contexts, credentials, volume_agent, pool, vma, ending,
                                 cfg.replication)
     monitor = Monitor(db, jobs, vma, pool, ending, cfg.replication)
@@ -190,7 +193,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     restore = RestoreService(db, audit, RestoreMounter(agents.restore_mounter), RepositoryImages(db))
 
     # Schedules: each run starts, per VM, a job through the same domain function the API uses.
-    launchers: dict[str, JobLauncher] = {"backup": BackupLauncher(backups, jobs, repositories)}
+    launchers: dict[str, JobLauncher] = {"backup": BackupLauncher(backups, jobs, repositories),
+                                         "replication": ReplicationLauncher(replications, db)}
     scheduler = Scheduler(db, audit, launchers, SystemClock(), poll_seconds=cfg.scheduler.poll_seconds,
                           late_after_seconds=cfg.scheduler.late_after_seconds, idle_seconds=cfg.scheduler.idle_seconds,
                           stop_grace_seconds=cfg.api.shutdown_grace_seconds)
@@ -222,7 +226,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
 
     app.on_cleanup.append(close_clients)
     return Omad(app, auth, jobs, background=[watchdog, restore, scheduler, retention, verifier,
-                                            scheduled_copies, monitor], replications=replications)
+                                            scheduled_copies, monitor], replications=replications,
+                reseals=[credentials.reseal_unbound, ossea_configs.reseal_unbound, repositories.reseal_unbound])
 
 
 def log_files(cfg: Config) -> list[Path]:
@@ -265,6 +270,8 @@ async def amain() -> int:
         if password:
             log.warning("created the administrator 'admin'; its password is in %s", password_file)
             print(f"omad: first start: user 'admin', password {password} (also in {password_file})", flush=True)
+        for reseal in omad.reseals:
+            await reseal()
         recovered = await omad.jobs.recover()  # before serving: no request sees a job a dead omad left
         if recovered:
             log.warning("recovered %d job(s) left active by the previous run", recovered)

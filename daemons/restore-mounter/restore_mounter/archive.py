@@ -5,8 +5,10 @@ tarfile in stream mode ("w|") never seeks, and gzip.GzipFile compresses on the w
 hard-codes level 9, too slow for this). Symlinks are stored as links (zip: Unix mode S_IFLNK in the
 external attributes, the target as the data, as Info-ZIP does). What is not archived (device nodes, FIFOs,
 sockets, unreadable entries) is listed in a last member, `SKIPPED_NAME`, present only when something was.
-Memory: one read buffer, the compressor's state, and for zip its central directory (about 100 bytes per
-member, kept until the end by the format).
+Memory: one read buffer, the compressor's state, the tree walk's open directories (files.archive_items),
+at most `SKIPPED_LISTED` skipped entries (the rest only counted). What the formats' writers keep per
+member stays out of memory: tarfile's member list is emptied as it goes, and zip's central directory,
+which the format writes at the end, waits in an anonymous temporary file (zipindex).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from typing import IO, Any, cast
 
+from . import zipindex
 from .files import Item
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 FORMATS = {"zip": ("application/zip", ".zip"), "tar.gz": ("application/gzip", ".tar.gz")}
 SKIPPED_NAME = "OMA-RESTORE-SKIPPED.json"
 CHUNK = 1024 * 1024
+SKIPPED_LISTED = 10000  # entries named in the manifest; further ones are counted (a hostile tree of FIFOs)
 
 
 def _copy(fd: int, dst: IO[bytes], size: int, name: str) -> None:
@@ -43,33 +47,55 @@ def _copy(fd: int, dst: IO[bytes], size: int, name: str) -> None:
         done += len(data)
 
 
-def _skipped(items: Iterable[Item], skipped: list[dict[str, str]]) -> Iterator[Item]:
-    for item in items:
-        if item.kind == "skip":
-            skipped.append({"path": item.name, "reason": item.reason})
-        else:
-            yield item
+class Skipped:
+    """What was left out of an archive: the first SKIPPED_LISTED with their reasons, and how many in all."""
 
+    def __init__(self) -> None:
+        self.listed: list[dict[str, str]] = []
+        self.count = 0
 
-def _manifest(skipped: list[dict[str, str]]) -> bytes:
-    return json.dumps({"skipped": skipped}, indent=1).encode() + b"\n"
+    def add(self, path: str, reason: str) -> None:
+        self.count += 1
+        if len(self.listed) < SKIPPED_LISTED:
+            self.listed.append({"path": path, "reason": reason})
+
+    def filter(self, items: Iterable[Item]) -> Iterator[Item]:
+        for item in items:
+            if item.kind == "skip":
+                self.add(item.name, item.reason)
+            else:
+                yield item
+
+    def manifest(self) -> bytes:
+        doc: dict[str, Any] = {"skipped": self.listed}
+        if self.count > len(self.listed):
+            doc["not_listed"] = self.count - len(self.listed)
+        return json.dumps(doc, indent=1).encode() + b"\n"
 
 
 def _zip_time(t: float) -> tuple[int, int, int, int, int, int]:
     return time.gmtime(max(t, 315532800))[:6]  # the DOS date format starts in 1980
 
 
-def write_zip(out: IO[bytes], items: Iterable[Item], level: int = 6) -> list[dict[str, str]]:
-    skipped: list[dict[str, str]] = []
+def write_zip(out: IO[bytes], items: Iterable[Item], level: int = 6) -> int:
     # No `with`: after a failure (the client went away) the central directory must not be written.
     zf = zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, allowZip64=True, compresslevel=level,
                          strict_timestamps=False)
-    for item in _skipped(items, skipped):
+    index = zipindex.spill(zf)
+    try:
+        return _write_zip(zf, items)
+    finally:
+        index.close()
+
+
+def _write_zip(zf: zipfile.ZipFile, items: Iterable[Item]) -> int:
+    skipped = Skipped()
+    for item in skipped.filter(items):
         assert item.st is not None
         try:
             item.name.encode("utf-8")
         except UnicodeEncodeError:
-            skipped.append({"path": item.name, "reason": "name is not valid UTF-8"})
+            skipped.add(item.name, "name is not valid UTF-8")
             continue
         mode = item.st.st_mode
         if item.kind == "dir":
@@ -84,7 +110,7 @@ def write_zip(out: IO[bytes], items: Iterable[Item], level: int = 6) -> list[dic
             try:
                 fd = item.open_file()
             except OSError as e:
-                skipped.append({"path": item.name, "reason": f"cannot open: {e.strerror or e}"})
+                skipped.add(item.name, f"cannot open: {e.strerror or e}")
                 continue
             with open(fd, "rb", buffering=0, closefd=True):
                 zi = zipfile.ZipInfo(item.name, _zip_time(item.st.st_mtime))
@@ -93,12 +119,12 @@ def write_zip(out: IO[bytes], items: Iterable[Item], level: int = 6) -> list[dic
                 zi.file_size = item.st.st_size  # decides zip64 up front: the stream cannot be rewritten
                 with zf.open(zi, "w") as dst:
                     _copy(fd, dst, item.st.st_size, item.name)
-    if skipped:
+    if skipped.count:
         zi = zipfile.ZipInfo(SKIPPED_NAME, _zip_time(time.time()))
         zi.external_attr = (stat.S_IFREG | 0o644) << 16
-        zf.writestr(zi, _manifest(skipped))
+        zf.writestr(zi, skipped.manifest())
     zf.close()
-    return skipped
+    return skipped.count
 
 
 def _tarinfo(item: Item) -> tarfile.TarInfo:
@@ -117,11 +143,13 @@ def _tarinfo(item: Item) -> tarfile.TarInfo:
     return ti
 
 
-def write_targz(out: IO[bytes], items: Iterable[Item], level: int = 6) -> list[dict[str, str]]:
-    skipped: list[dict[str, str]] = []
+def write_targz(out: IO[bytes], items: Iterable[Item], level: int = 6) -> int:
+    skipped = Skipped()
     with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=level, mtime=0) as gz, \
             tarfile.open(fileobj=cast(IO[bytes], gz), mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
-        for item in _skipped(items, skipped):
+        for item in skipped.filter(items):
+            # TarFile keeps every member it wrote (for reading back); a stream needs none. (typeshed omits it)
+            tar.members.clear()  # type: ignore[attr-defined]
             ti = _tarinfo(item)
             if item.kind != "file":
                 tar.addfile(ti)
@@ -129,19 +157,19 @@ def write_targz(out: IO[bytes], items: Iterable[Item], level: int = 6) -> list[d
             try:
                 fd = item.open_file()
             except OSError as e:
-                skipped.append({"path": item.name, "reason": f"cannot open: {e.strerror or e}"})
+                skipped.add(item.name, f"cannot open: {e.strerror or e}")
                 continue
             with open(fd, "rb", closefd=True) as f:
                 tar.addfile(ti, f)
-        if skipped:
-            data = _manifest(skipped)
+        if skipped.count:
+            data = skipped.manifest()
             ti = tarfile.TarInfo(SKIPPED_NAME)
             ti.size, ti.mtime, ti.mode = len(data), int(time.time()), 0o644
             tar.addfile(ti, io.BytesIO(data))
-    return skipped
+    return skipped.count
 
 
-def write(fmt: str, out: IO[bytes], items: Iterable[Item], level: int = 6) -> list[dict[str, str]]:
-    writer: Any = write_zip if fmt == "zip" else write_targz
-    result: list[dict[str, str]] = writer(out, items, level)
-    return result
+def write(fmt: str, out: IO[bytes], items: Iterable[Item], level: int = 6) -> int:
+    """Write the archive; the number of entries left out (listed in its SKIPPED_NAME member)."""
+    writer = write_zip if fmt == "zip" else write_targz
+    return writer(out, items, level)

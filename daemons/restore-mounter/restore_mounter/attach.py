@@ -3,14 +3,14 @@
 nbd-pool owns qemu-nbd, qemu-storage-daemon and the devices, and attaches the top of a QCOW2 chain read-only
 (kernel-nbd on the appliance, fuse-loop where the nbd module is missing); it reads the partition table too.
 The wire shapes are nbd-pool's contract (oma_common.contracts.nbd_pool). `Attachment` is what a mount
-record remembers of an attachment.
+record remembers of an attachment; `Health` is what nbd-pool says of it now (its serving process alive or not).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -60,6 +60,18 @@ class Attachment:
                    tuple(Partition.from_dict(p) for p in d.get("partitions", [])))
 
 
+ATTACHED, BROKEN, GONE = "attached", "broken", "gone"
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """An attachment now: `attached`; `broken` (nbd-pool holds it, but the process serving the device died:
+    every read of the device fails); `gone` (nbd-pool has no such attachment, or another device under its id)."""
+
+    state: str
+    cause: str = ""
+
+
 class Attacher(Protocol):
     name: str
 
@@ -69,8 +81,8 @@ class Attacher(Protocol):
     async def detach(self, att: Attachment) -> None:
         """Undo attach; idempotent (an attachment already gone is fine)."""
 
-    async def intact(self, att: Attachment) -> bool:
-        """Whether a recorded attachment still exists as recorded (for re-adoption after a restart)."""
+    async def health(self, atts: Collection[Attachment]) -> dict[str, Health]:
+        """What each attachment is now, by attachment id (one question for all of them)."""
 
     async def release_orphans(self, keep: set[str], images: set[str], devices: set[str]) -> list[str]:
         """Detach our attachments not in `keep` (attachment ids); `images` and `devices` (of dropped records,
@@ -83,9 +95,10 @@ class NbdPoolAttacher:
 
     name = "nbd-pool"
 
-    def __init__(self, client: AgentClient, timeout: float = 120.0) -> None:
+    def __init__(self, client: AgentClient, timeout: float = 120.0, health_timeout: float = 10.0) -> None:
         self.client = client
         self.timeout = timeout
+        self.health_timeout = health_timeout  # asked on the way to a download: not worth a long wait
 
     async def attach(self, image: str, owner: str) -> Attachment:
         body = await self.client.typed(AttachmentAnswer, "POST", "/attachments", body=AttachIn(image, owner),
@@ -103,14 +116,28 @@ class NbdPoolAttacher:
         except errors.NotFound:
             pass
 
-    async def _list(self) -> list[AttachmentAnswer]:
-        return (await self.client.typed(AttachmentList, "GET", "/attachments", timeout=self.timeout)).attachments
+    async def _list(self, timeout: float | None = None) -> list[AttachmentAnswer]:
+        return (await self.client.typed(AttachmentList, "GET", "/attachments",
+                                        timeout=timeout or self.timeout)).attachments
 
-    async def intact(self, att: Attachment) -> bool:
-        for a in await self._list():
-            if a.attachment_id == att.attachment_id:
-                return a.device == att.device and Path(att.device).exists()
-        return False
+    async def health(self, atts: Collection[Attachment]) -> dict[str, Health]:
+        known = {a.attachment_id: a for a in await self._list(self.health_timeout)}
+        out = {}
+        for att in atts:
+            a = known.get(att.attachment_id)
+            if a is None:
+                out[att.attachment_id] = Health(GONE, f"nbd-pool no longer holds attachment {att.attachment_id}")
+            elif a.device != att.device:
+                out[att.attachment_id] = Health(GONE, f"attachment {att.attachment_id} is {a.device} now, "
+                                                      f"not {att.device}")
+            elif a.status != ATTACHED:
+                out[att.attachment_id] = Health(BROKEN, a.error or f"nbd-pool reports attachment "
+                                                                   f"{att.attachment_id} {a.status}")
+            elif not Path(att.device).exists():
+                out[att.attachment_id] = Health(BROKEN, f"{att.device} has disappeared")
+            else:
+                out[att.attachment_id] = Health(ATTACHED)
+        return out
 
     async def release_orphans(self, keep: set[str], images: set[str], devices: set[str]) -> list[str]:
         released = []

@@ -3,16 +3,20 @@ an executor. Every lookup goes through `confine`; listings never follow symlinks
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import mimetypes
 import os
 import stat
+import struct
 from collections.abc import Generator, Iterator
 from typing import Any
 
 from oma_common import errors
 
 from .confine import Confined, clean, kind_of, open_child_file
+from .dirstream import DirStream
 from .mounts import Mount, rfc3339
 
 
@@ -27,6 +31,36 @@ class Place:
     @property
     def name(self) -> str:
         return self.shown.rstrip("/").rpartition("/")[2] or "/"
+
+
+class BadCursor(errors.Invalid):
+    """The continuation cursor is malformed or belongs to another directory."""
+
+    code = "invalid_cursor"
+
+
+class Cursor:
+    """Where the next page of a directory starts: the directory's inode, the readdir position after the
+    last entry listed (dirstream), and how many entries were listed before it (for `total_count`). Opaque to
+    callers (base64url); a forged one can only seek within the directory it names, which is checked."""
+
+    _FORMAT = struct.Struct(">QqQ")
+
+    @classmethod
+    def encode(cls, ino: int, position: int, seen: int) -> str:
+        return base64.urlsafe_b64encode(cls._FORMAT.pack(ino, position, seen)).rstrip(b"=").decode()
+
+    @classmethod
+    def decode(cls, cursor: str, ino: int) -> tuple[int, int]:
+        """(entries listed before, readdir position) of a cursor issued for the directory `ino`."""
+        try:
+            got_ino, position, seen = cls._FORMAT.unpack(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        except (binascii.Error, struct.error, ValueError) as e:
+            raise BadCursor("invalid cursor", "the cursor is not one this service issued; start again without it") \
+                from e
+        if got_ino != ino:
+            raise BadCursor("invalid cursor", "the cursor belongs to another directory; start again without it")
+        return seen, position
 
 
 def locate(m: Mount, path: str) -> Place:
@@ -92,21 +126,62 @@ class Browser:
         return entry(place.name, place.shown, st, target)
 
     def listing(self, m: Mount, path: str, *, recursive: bool = False, depth: int | None = None, offset: int = 0,
-             limit: int = 1000) -> dict[str, Any]:
-        """A page of the directory's entries, sorted by name; recursive: depth-first, at most `depth` levels
-        and `max_entries` entries (then `truncated`)."""
+                limit: int = 1000, cursor: str | None = None) -> dict[str, Any]:
+        """One page of a directory: at most `limit` entries after `cursor` (and `offset` more skipped),
+        sorted by name within the page, in the directory's own order from page to page; `next_cursor`
+        continues, null at the end. Recursive: depth-first by name, at most `depth` levels and
+        `max_entries` entries (then `truncated`), paged with offset/limit, never continued by a cursor."""
         place = locate(m, path)
-        levels = min(depth or self.max_depth, self.max_depth) if recursive else 1
-        found: list[dict[str, Any]] = []
-        truncated = self._collect(m, place, levels, found)
-        return {"path": place.shown, "files": found[offset:offset + limit], "total_count": len(found),
-                "offset": offset, "limit": limit, "recursive": recursive, "depth": levels, "truncated": truncated}
+        if recursive:
+            if cursor is not None:
+                raise BadCursor("invalid cursor", "a recursive listing is not continued by a cursor; "
+                                                  "it stops at the entry limit (truncated)")
+            levels = min(depth or self.max_depth, self.max_depth)
+            found: list[dict[str, Any]] = []
+            truncated = self._collect(m, place, levels, found)
+            return {"path": place.shown, "files": found[offset:offset + limit], "total_count": len(found),
+                    "offset": offset, "limit": limit, "recursive": True, "depth": levels, "truncated": truncated,
+                    "next_cursor": None}
+        files, count, next_cursor = self._page(m, place, offset, limit, cursor)
+        return {"path": place.shown, "files": files, "total_count": count, "offset": offset, "limit": limit,
+                "recursive": False, "depth": 1, "truncated": False, "next_cursor": next_cursor}
+
+    def _page(self, m: Mount, place: Place, offset: int, limit: int,
+              cursor: str | None) -> tuple[list[dict[str, Any]], int, str | None]:
+        """Entries, the count listed up to this page's end, and the cursor after it. Reads at most
+        offset + limit + 1 names from the directory, whatever its size."""
+        if place.fs is None:  # the filesystems of a multi-fs mount: a handful, never continued
+            if cursor is not None:
+                raise BadCursor("invalid cursor", "/ lists the backup's filesystems; it has no further pages")
+            roots = sorted(m.roots.items())[offset:offset + limit]
+            return [entry(name, "/" + name, os.stat(fs.root)) for name, fs in roots], offset + len(roots), None
+        dfd = place.fs.open_dir(place.rel)
+        try:
+            ino = os.fstat(dfd).st_ino
+            seen, position = Cursor.decode(cursor, ino) if cursor is not None else (0, 0)
+            picked: list[tuple[str, int]] = []
+            more = False
+            with DirStream(dfd, position) as names:
+                for name, after in names:
+                    if offset:
+                        offset -= 1
+                        seen += 1
+                        continue
+                    if len(picked) == limit:
+                        more = True
+                        break
+                    picked.append((name, after))
+            seen += len(picked)
+            found = sorted((_entry_at(dfd, name, _join(place.shown, name))[0] for name, _ in picked),
+                           key=lambda e: str(e["name"]))
+            return found, seen, Cursor.encode(ino, picked[-1][1], seen) if more else None
+        finally:
+            os.close(dfd)
 
     def _collect(self, m: Mount, place: Place, levels: int, out: list[dict[str, Any]]) -> bool:
-        cap = self.max_entries if levels > 1 else 1 << 62  # one directory is read whole, then paged
         if place.fs is None:
             for name, fs in sorted(m.roots.items()):
-                if len(out) >= cap:
+                if len(out) >= self.max_entries:
                     return True
                 shown = "/" + name
                 out.append(entry(name, shown, os.stat(fs.root)))
@@ -115,14 +190,25 @@ class Browser:
             return False
         dfd = place.fs.open_dir(place.rel)
         try:
-            return self._walk(dfd, place.shown, os.fstat(dfd).st_dev, levels, out, cap)
+            return self._walk(dfd, place.shown, os.fstat(dfd).st_dev, levels, out, 0)
         finally:
             os.close(dfd)
 
-    def _walk(self, dfd: int, shown: str, dev: int, levels: int, out: list[dict[str, Any]], cap: int) -> bool:
-        for name in sorted(os.listdir(dfd)):
-            if len(out) >= cap:
-                return True
+    def _walk(self, dfd: int, shown: str, dev: int, levels: int, out: list[dict[str, Any]], held: int) -> bool:
+        """Depth-first, each directory sorted by name. Names read but not yet listed (`held`, this
+        directory's and its ancestors') count against `max_entries` too: memory stays bounded by it even
+        when one directory holds millions of entries (then only the first ones read are listed)."""
+        budget = self.max_entries - len(out) - held
+        names: list[str] = []
+        truncated = False
+        with DirStream(dfd) as entries:
+            for name, _ in entries:
+                if len(names) >= budget:
+                    truncated = True
+                    break
+                names.append(name)
+        names.sort()
+        for i, name in enumerate(names):
             e, st = _entry_at(dfd, name, _join(shown, name))
             out.append(e)
             if levels > 1 and st is not None and stat.S_ISDIR(st.st_mode):
@@ -131,11 +217,12 @@ class Browser:
                 except OSError:
                     continue
                 try:
-                    if os.fstat(child).st_dev == dev and self._walk(child, e["path"], dev, levels - 1, out, cap):
+                    if os.fstat(child).st_dev == dev and \
+                            self._walk(child, e["path"], dev, levels - 1, out, held + len(names) - i - 1):
                         return True
                 finally:
                     os.close(child)
-        return False
+        return truncated
 
     def check_dir(self, m: Mount, path: str) -> str:
         """The name of the directory `path` (symlinks inside followed), or an error if it is none."""
@@ -194,36 +281,44 @@ def _tree(fs: Confined, rel: str, top: str, max_depth: int) -> Iterator[Item]:
 
 
 def _below(dfd: int, arc: str, dev: int, depth: int) -> Iterator[Item]:
-    for name in sorted(os.listdir(dfd)):
-        member = f"{arc}/{name}"
+    # os.scandir reads the directory in bounded chunks as it goes: a directory of millions of entries is
+    # never held whole. Members therefore come in the directory's own order, not sorted.
+    with os.scandir(dfd) as names:
+        for de in names:
+            yield from _member(dfd, de.name, arc, dev, depth)
+
+
+def _member(dfd: int, name: str, arc: str, dev: int, depth: int) -> Iterator[Item]:
+    """One entry of an archived directory; a directory is descended into (it is an Item itself first)."""
+    member = f"{arc}/{name}"
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except OSError as e:
+        yield Item("skip", member, reason=f"cannot stat: {e.strerror}")
+        return
+    if stat.S_ISREG(st.st_mode):
+        yield Item("file", member, st, dir_fd=dfd, base=name)
+    elif stat.S_ISLNK(st.st_mode):
         try:
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            yield Item("link", member, st, target=os.readlink(name, dir_fd=dfd))
         except OSError as e:
-            yield Item("skip", member, reason=f"cannot stat: {e.strerror}")
-            continue
-        if stat.S_ISREG(st.st_mode):
-            yield Item("file", member, st, dir_fd=dfd, base=name)
-        elif stat.S_ISLNK(st.st_mode):
-            try:
-                yield Item("link", member, st, target=os.readlink(name, dir_fd=dfd))
-            except OSError as e:
-                yield Item("skip", member, reason=f"cannot read the link: {e.strerror}")
-        elif stat.S_ISDIR(st.st_mode):
-            if depth <= 0:
-                yield Item("skip", member, reason="directory nested too deep")
-                continue
-            try:
-                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-            except OSError as e:
-                yield Item("skip", member, reason=f"cannot open: {e.strerror}")
-                continue
-            try:
-                if os.fstat(child).st_dev != dev:
-                    yield Item("skip", member, reason="another filesystem is mounted here")
-                    continue
-                yield Item("dir", member, st)
-                yield from _below(child, member, dev, depth - 1)
-            finally:
-                os.close(child)
-        else:
-            yield Item("skip", member, st, reason=f"{kind_of(st.st_mode).replace('_', ' ')}: never read")
+            yield Item("skip", member, reason=f"cannot read the link: {e.strerror}")
+    elif stat.S_ISDIR(st.st_mode):
+        if depth <= 0:
+            yield Item("skip", member, reason="directory nested too deep")
+            return
+        try:
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError as e:
+            yield Item("skip", member, reason=f"cannot open: {e.strerror}")
+            return
+        try:
+            if os.fstat(child).st_dev != dev:
+                yield Item("skip", member, reason="another filesystem is mounted here")
+                return
+            yield Item("dir", member, st)
+            yield from _below(child, member, dev, depth - 1)
+        finally:
+            os.close(child)
+    else:
+        yield Item("skip", member, st, reason=f"{kind_of(st.st_mode).replace('_', ' ')}: never read")

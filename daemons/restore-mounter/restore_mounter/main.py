@@ -75,8 +75,13 @@ async def amain() -> int:
         return summary
 
     async def report() -> dict[str, Any]:
-        return {"active_mounts": manager.resources()["active_mounts"], "max_mounts": cfg.max_mounts,
-                "attach_backend": attacher.name}
+        await manager.verify()  # a dead attachment is health news now, not at the next sweep
+        broken = manager.broken()
+        out = {"active_mounts": manager.resources()["active_mounts"], "max_mounts": cfg.max_mounts,
+               "attach_backend": attacher.name, "broken_mounts": broken}
+        if broken:
+            out["status"] = "degraded"
+        return out
 
     async def close() -> None:
         # Mounts stay: they outlive a restart of the daemon and are re-adopted at the next start.

@@ -1,7 +1,11 @@
 """Restore mounts: attach an image, mount what it holds read-only, hold it while in use, take it all down.
 
 Concurrency policy: one lock per mount serialises its unmount; a mount being created or removed answers
-409 to everything but status reads. Unmounting a mount that a download or archive holds is refused (409)
+409 to everything but status reads.
+Broken mounts: a mount whose attachment's process (or a FUSE filesystem daemon) died is marked `broken` with
+the cause as soon as that is known — nbd-pool is asked when a read fails the way a dead device fails (EIO,
+ENOTCONN, ...), before a download or archive sends its first byte, when the mounts or the health are read,
+and on every sweep — and from then on answers 503 `mount_broken` naming the cause, until DELETE removes it. Unmounting a mount that a download or archive holds is refused (409)
 unless forced, which cancels the holders first. Slots: every mount, whatever its state, holds one of
 `max_mounts` slots (it holds a device); none left → 409 `exhausted` with `available_slots`.
 Every step is recorded in the state file before the resource it names exists, so that a crash at any point
@@ -12,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import stat
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,14 +31,32 @@ from oma_common.contracts.restore_mounter import MOUNT_ID
 
 from . import filesystems
 from .adapters import blkid, mounter
-from .attach import Attacher, owner_of
+from .attach import ATTACHED, Attacher, owner_of
 from .confine import Confined, Resolver
 from .expiry import Clock, IdlePolicy
-from .records import ERROR, MOUNTED, MOUNTING, UNMOUNTING, FsRecord, MountRecord
+from .records import BROKEN, ERROR, MOUNTED, MOUNTING, UNMOUNTING, FsRecord, MountRecord
 from .state import MountsFile
 
 log = logging.getLogger(__name__)
 
+# What reading a mount gives when what serves it is dead: the loop or nbd device (EIO, ENXIO, ENODEV), a
+# FUSE daemon (ENOTCONN), an NBD connection (ESHUTDOWN).
+DEVICE_ERRNOS = frozenset({errno.EIO, errno.ENOTCONN, errno.ENXIO, errno.ENODEV, errno.ESHUTDOWN})
+
+
+def device_failure(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an error it was raised from, is an I/O error of the kind a dead device gives."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in DEVICE_ERRNOS:
+            return True
+        exc = exc.__cause__
+    return False
+
+
+class MountBroken(errors.Unavailable):
+    """What serves the mount has died (`cause`); every read would fail. Unmount it and mount the image again."""
+
+    code = "mount_broken"
 
 
 class NoFilesystem(errors.Invalid):
@@ -132,7 +155,7 @@ class MountManager:
             "filesystem_type": mounted[0].type if mounted else None,
             "created_at": rfc3339(r.created_at),
             "last_activity_at": rfc3339(self.clock.time() - (self.clock.monotonic() - m.last_activity)),
-            "expires_at": rfc3339(self.policy.expires_at(m)) if r.status == MOUNTED else None,
+            "expires_at": rfc3339(self.policy.expires_at(m)) if r.status in (MOUNTED, BROKEN) else None,
             "idle_timeout_seconds": self.policy.idle_timeout,
             "in_use": m.in_use, "active_operations": len(m.holders),
             "error": r.error or None,
@@ -142,7 +165,11 @@ class MountManager:
         }
 
     def expired(self) -> list[Mount]:
-        return [m for m in self.mounts.values() if m.record.status == MOUNTED and self.policy.expired(m)]
+        """Mounts idle for the idle timeout; a broken one too (nobody can use it, so it ends like an unused one)."""
+        return [m for m in self.mounts.values() if m.record.status in (MOUNTED, BROKEN) and self.policy.expired(m)]
+
+    def broken(self) -> list[dict[str, str]]:
+        return [{"mount_id": m.mount_id, "error": m.record.error} for m in self.all() if m.record.status == BROKEN]
 
     def resources(self) -> dict[str, Any]:
         devices = [{"mount_id": m.mount_id, "device": m.record.attachment.device,
@@ -161,9 +188,17 @@ class MountManager:
         m.last_activity = self.clock.monotonic()
 
     @contextlib.asynccontextmanager
-    async def use(self, mount_id: str) -> AsyncIterator[Mount]:
-        """Hold the mount for one operation: it counts as activity and blocks expiry and unmounting."""
+    async def use(self, mount_id: str, *, check: bool = False) -> AsyncIterator[Mount]:
+        """Hold the mount for one operation: it counts as activity and blocks expiry and unmounting.
+
+        A broken mount answers MountBroken (503). With `check`, whether its attachment is alive is asked first
+        (a download's headers promise bytes: the answer must not turn out truncated when that could be known).
+        An error of the kind a dead device gives is checked the same way, and becomes MountBroken if it is."""
         m = self.get(mount_id)
+        if check:
+            await self.verify([m])
+        if m.record.status == BROKEN:
+            raise self.broken_error(m)
         if m.record.status != MOUNTED:
             raise errors.Conflict("mount not available", f"mount {mount_id} is {m.record.status}")
         token = object()
@@ -171,9 +206,57 @@ class MountManager:
         self.touch(m)
         try:
             yield m
+        except Exception as e:
+            if device_failure(e):
+                await self.verify([m])
+                if m.record.status == BROKEN:
+                    raise self.broken_error(m) from e
+            raise
         finally:
             del m.holders[token]
             self.touch(m)
+
+    # --- broken mounts ----------------------------------------------------------------------------
+
+    @staticmethod
+    def broken_error(m: Mount) -> MountBroken:
+        return MountBroken("mount broken", f"restore mount {m.mount_id} is broken: {m.record.error}. Unmount it and "
+                                           "mount the image again", mount_id=m.mount_id, cause=m.record.error)
+
+    async def verify(self, mounts: Iterable[Mount] | None = None) -> list[Mount]:
+        """Whether what serves each mounted mount is alive: its attachment (nbd-pool asked once for all) and
+        its FUSE daemons (/proc). The dead are marked broken with the cause; returns those. nbd-pool not
+        answering proves nothing: the mounts stay as they are and the next pass asks again."""
+        todo = [m for m in (self.all() if mounts is None else mounts)
+                if m.record.status == MOUNTED and m.record.attachment is not None]
+        if not todo:
+            return []
+        causes: dict[str, str] = {}
+        for m in todo:
+            for fs in m.record.mounted_filesystems:
+                if fs.fuse is not None and not mounter.daemon_matches(fs.fuse):
+                    causes[m.mount_id] = (f"{fs.fuse.program} (pid {fs.fuse.pid}) serving the filesystem of "
+                                          f"partition {fs.partition} is gone")
+        try:
+            health = await self.attacher.health([m.record.attachment for m in todo if m.record.attachment])
+        except errors.OmaError as e:
+            log.warning("cannot ask %s whether the attachments are alive: %s", self.attacher.name, e)
+            health = {}
+        for m in todo:
+            h = health.get(m.record.attachment.attachment_id) if m.record.attachment else None
+            if h is not None and h.state != ATTACHED:
+                causes[m.mount_id] = h.cause  # the device's death explains a FUSE daemon's too
+        found = []
+        for m in todo:
+            cause = causes.get(m.mount_id)
+            # Still the same mount, still mounted: an unmount may have begun while nbd-pool answered.
+            if cause and m.record.status == MOUNTED and self.mounts.get(m.mount_id) is m:
+                m.record.status, m.record.error = BROKEN, cause
+                log.warning("broken: %s; it answers 503 until unmounted", cause, extra=logs.tag(m.mount_id))
+                found.append(m)
+        if found:
+            await self.save()
+        return found
 
     # --- mount ------------------------------------------------------------------------------------
 
@@ -380,13 +463,15 @@ class MountManager:
             raise Busy("mount in use", f"{len(m.holders)} operation(s) did not stop within {timeout:g} s")
 
     async def sweep(self) -> int:
-        """Unmount what has expired, and retry mounts whose teardown failed; returns how many went."""
+        """Notice broken mounts; unmount what has expired, and retry mounts whose teardown failed; returns how
+        many went."""
+        await self.verify()
         removed = 0
         for m in self.expired() + [m for m in self.all() if m.record.status == ERROR]:
             if m.mount_id not in self.mounts:
                 continue
             try:
-                await self.unmount(m.mount_id, why="idle expiry" if m.record.status == MOUNTED else "retry")
+                await self.unmount(m.mount_id, why="retry" if m.record.status == ERROR else "idle expiry")
                 removed += 1
             except errors.OmaError as e:
                 log.warning("%s: not removed: %s", m.mount_id, e, extra=logs.tag(m.mount_id))

@@ -1,8 +1,12 @@
-"""Start-up reconciliation, before READY: re-adopt the mounts that are intact, remove everything else.
+"""Start-up reconciliation, before READY: re-adopt the mounts that are intact, keep the broken ones as broken,
+remove everything else.
 
-A recorded mount is re-adopted when it was fully mounted and still is: its attachment exists as recorded,
-every filesystem it mounted is at its mount point on the recorded device, and each FUSE daemon is the same
-process (pid, start time, command line). Its idle time starts again. Anything else it names is torn down.
+A recorded mount is re-adopted when it was fully mounted and still is: nbd-pool holds its attachment as
+recorded and the process serving it is alive, every filesystem it mounted is at its mount point on the
+recorded device, and each FUSE daemon is the same process (pid, start time, command line). Its idle time starts
+again. A mount whose attachment nbd-pool still holds but reports broken (its process died, e.g. while we were
+down) is kept as `broken` with the cause, for the user to see and unmount; never re-adopted as mounted.
+Anything else it names is torn down.
 Then whatever no record accounts for is removed: mounts under the mount root (innermost first), FUSE daemons
 serving a path under it, our attachments (nbd-pool: by owner; local loops: by backing image), and the
 empty directories left behind. Nothing outside the mount root and our attachments is touched.
@@ -18,24 +22,44 @@ from pathlib import Path
 from oma_common import errors, logs, mountinfo
 
 from .adapters import mounter
+from .attach import ATTACHED, BROKEN as ATTACHMENT_BROKEN, GONE, Health
 from .mounts import Mount, MountManager
-from .records import ERROR, MOUNTED, MountRecord
+from .records import BROKEN, ERROR, MOUNTED, MountRecord
 
 log = logging.getLogger(__name__)
 
 
-async def _intact(manager: MountManager, r: MountRecord) -> bool:
-    if r.status != MOUNTED or r.attachment is None or not r.mounted_filesystems:
-        return False
+ADOPT, KEEP_BROKEN, REMOVE = "adopt", "broken", "remove"
+
+
+async def _attachments(manager: MountManager, records: list[MountRecord]) -> dict[str, Health] | None:
+    """nbd-pool's word on every recorded attachment (one question), or None when it cannot be asked."""
     try:
-        if not await manager.attacher.intact(r.attachment):
-            return False
+        return await manager.attacher.health([r.attachment for r in records if r.attachment is not None])
     except errors.OmaError as e:
         # nbd-pool may be restarting too; the devices and mounts being in place is evidence enough.
-        log.warning("cannot ask %s about %s (%s); judging by the device", manager.attacher.name,
-                    r.attachment.attachment_id, e, extra=logs.tag(r.mount_id))
-        if not os.path.exists(r.attachment.device):
-            return False
+        log.warning("cannot ask %s about the attachments (%s); judging by the devices", manager.attacher.name, e)
+        return None
+
+
+def _judge(r: MountRecord, attachments: dict[str, Health] | None) -> tuple[str, str]:
+    """What to do with a recorded mount: adopt, keep as broken (with the cause), or remove."""
+    if r.status not in (MOUNTED, BROKEN) or r.attachment is None or not r.mounted_filesystems:
+        return REMOVE, ""
+    if attachments is None:
+        h = Health(ATTACHED) if os.path.exists(r.attachment.device) else Health(GONE)
+    else:
+        h = attachments.get(r.attachment.attachment_id, Health(GONE))
+    if h.state == GONE:
+        return REMOVE, ""
+    if h.state == ATTACHMENT_BROKEN:
+        return KEEP_BROKEN, h.cause
+    if r.status == BROKEN:
+        return KEEP_BROKEN, r.error  # broken by a FUSE daemon's death: that does not heal
+    return (ADOPT, "") if _filesystems_intact(r) else (REMOVE, "")
+
+
+def _filesystems_intact(r: MountRecord) -> bool:
     for fs in r.mounted_filesystems:
         entry = mountinfo.find(Path(fs.mount_point))
         if entry is None or not entry.read_only:
@@ -55,14 +79,23 @@ async def _intact(manager: MountManager, r: MountRecord) -> bool:
 async def reconcile(manager: MountManager, records: list[MountRecord]) -> str:
     root = manager.mount_root
     dropped: list[MountRecord] = []
+    broken = 0
+    attachments = await _attachments(manager, records)
     for r in records:
-        if await _intact(manager, r):
-            m = Mount(r, manager.clock.monotonic(), manager.resolver)
-            m.open_roots()
-            manager.mounts[r.mount_id] = m
-            log.info("re-adopted %s (%s)", r.mount_id, r.image, extra=logs.tag(r.mount_id))
-        else:
+        verdict, cause = _judge(r, attachments)
+        if verdict == REMOVE:
             dropped.append(r)
+            continue
+        m = Mount(r, manager.clock.monotonic(), manager.resolver)
+        manager.mounts[r.mount_id] = m
+        if verdict == KEEP_BROKEN:
+            # Its filesystems stay mounted (unreadable) until DELETE or idle expiry removes it all.
+            r.status, r.error = BROKEN, cause
+            broken += 1
+            log.warning("kept as broken, not re-adopted: %s", cause, extra=logs.tag(r.mount_id))
+        else:
+            m.open_roots()
+            log.info("re-adopted %s (%s)", r.mount_id, r.image, extra=logs.tag(r.mount_id))
     problems = []
     for r in dropped:
         with logs.resource(r.mount_id):
@@ -113,7 +146,9 @@ async def reconcile(manager: MountManager, records: list[MountRecord]) -> str:
             with contextlib.suppress(OSError):
                 child.rmdir()
     await manager.save()
-    summary = f"{len(manager.mounts)} mount(s) re-adopted, {len(dropped)} removed"
+    summary = f"{len(manager.mounts) - broken} mount(s) re-adopted, {len(dropped)} removed"
+    if broken:
+        summary += f", {broken} broken (kept: unmount to remove)"
     if problems:
         summary += f"; left behind: {'; '.join(problems)}"
         log.error("reconciliation incomplete: %s", "; ".join(problems))

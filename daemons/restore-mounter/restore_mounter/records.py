@@ -10,8 +10,10 @@ from .adapters.mounter import FuseDaemon
 from .attach import Attachment
 
 # A mount's life: mounting → mounted → unmounting → (forgotten); `error` when a teardown could not finish
-# (busy): it is retried by DELETE and by every sweep.
-MOUNTING, MOUNTED, UNMOUNTING, ERROR = "mounting", "mounted", "unmounting", "error"
+# (busy): it is retried by DELETE and by every sweep. `broken` when what serves it died under it (nbd-pool's
+# attachment, or a FUSE filesystem daemon): its reads fail, so it answers 503 with the cause (`error`) until
+# DELETE removes it (or it expires when idle); it is never re-adopted as mounted.
+MOUNTING, MOUNTED, UNMOUNTING, ERROR, BROKEN = "mounting", "mounted", "unmounting", "error", "broken"
 
 
 @dataclasses.dataclass

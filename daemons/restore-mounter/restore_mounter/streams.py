@@ -1,5 +1,4 @@
-"""Streaming to HTTP: one file (sendfile from its descriptor, oma_common.filestream) and a bounded pipe from a
-writer thread (zipfile, tarfile) to the event loop."""
+"""Streaming archives to HTTP: a bounded pipe from a writer thread (zipfile, tarfile) to the event loop."""
 
 from __future__ import annotations
 
@@ -93,7 +92,7 @@ class ChunkPipe(io.RawIOBase):
             self._slots.release()  # only once the consumer has taken it on: this bounds memory
 
 
-async def send_archive(request: web.Request, pipe: ChunkPipe, producer: asyncio.Future[list[dict[str, str]]],
+async def send_archive(request: web.Request, pipe: ChunkPipe, producer: asyncio.Future[int],
                        name: str, content_type: str, what: str) -> web.StreamResponse:
     """Relay what the writer thread `producer` writes into `pipe` as a chunked answer; a failure after the
     first byte aborts the connection (the archive is then visibly incomplete), it never ends it cleanly."""
@@ -105,7 +104,7 @@ async def send_archive(request: web.Request, pipe: ChunkPipe, producer: asyncio.
             await resp.write(chunk)
         await resp.write_eof()
         skipped = await producer
-        log.info("archive of %s: %d bytes, %d entries skipped", what, pipe.bytes_written, len(skipped))
+        log.info("archive of %s: %d bytes, %d entries skipped", what, pipe.bytes_written, skipped)
     except ConnectionError:
         log.info("archive of %s stopped: the client went away", what)
     except Exception as e:

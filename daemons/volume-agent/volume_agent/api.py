@@ -13,6 +13,7 @@ from oma_common.contracts.volume_agent import (
     PathsIn,
     ShareMounts,
     TerminateIn,
+    Terminated,
     Unmounted,
     UnmountIn,
 )
@@ -20,8 +21,11 @@ from oma_common.contracts.volume_agent_volumes import (
     Deleted,
     DevicesListing,
     RevertIn,
+    SnapshotDeleted,
     SnapshotIn,
     SnapshotView,
+    StampIn,
+    StampView,
     VolumeCreateIn,
     VolumesListing,
     VolumeView,
@@ -135,10 +139,23 @@ class VolumesApi:
         """Revert to a snapshot (attached here: detached, reverted, attached again; the device may change)."""
         return await self.volumes.revert(call.params["volume_id"], call.body.snapshot_id)
 
-    @route("DELETE", "/volumes/{volume_id}/snapshots/{snapshot_id}", errors=(NotFound, Conflict, *CALLS_OUT), auth=Auth.PEER)
-    async def delete_snapshot(self, call: Call) -> dict[str, Any]:
+    @route("DELETE", "/volumes/{volume_id}/snapshots/{snapshot_id}", errors=(NotFound, Conflict, *CALLS_OUT),
+           response=SnapshotDeleted, auth=Auth.PEER)
+    async def delete_snapshot(self, call: Call) -> SnapshotDeleted:
         """Delete one of the volume's snapshots."""
         return await self.volumes.delete_snapshot(call.params["volume_id"], call.params["snapshot_id"])
+
+    @route("GET", "/volumes/{volume_id}/stamp", errors=(NotFound, Conflict, Unavailable), response=StampView,
+           auth=Auth.PEER)
+    async def read_stamp(self, call: Call) -> StampView:
+        """The sync stamp in the last 4 KiB of the volume's device (attached here), "" when there is none."""
+        return await self.volumes.read_stamp(call.params["volume_id"])
+
+    @route("PUT", "/volumes/{volume_id}/stamp", errors=(NotFound, Conflict, Unavailable), body=StampIn,
+           response=StampView, auth=Auth.PEER)
+    async def write_stamp(self, call: Call) -> StampView:
+        """Write a sync stamp into the last 4 KiB of the volume's device (attached here), flushed."""
+        return await self.volumes.write_stamp(call.params["volume_id"], call.body.stamp)
 
     @route("GET", "/devices", response=DevicesListing, auth=Auth.PEER)
     async def devices(self, call: Call) -> DevicesListing:
@@ -151,8 +168,8 @@ class TunnelsApi:
     def __init__(self, sessions: TunnelSessions) -> None:
         self.sessions = sessions
 
-    @route("POST", "/tunnels/terminate", errors=(Unavailable,), body=TerminateIn, auth=Auth.PEER)
-    async def terminate(self, call: Call) -> dict[str, Any]:
+    @route("POST", "/tunnels/terminate", errors=(Unavailable,), body=TerminateIn, response=Terminated, auth=Auth.PEER)
+    async def terminate(self, call: Call) -> Terminated:
         """End these sshd sessions of the VMA tunnel user (anything else named is skipped, with the reason)."""
         b: TerminateIn = call.body
         return await self.sessions.terminate([Session(s.pid, s.start_time) for s in b.sessions])

@@ -15,6 +15,7 @@ import os
 
 import psutil
 
+from oma_common.contracts.volume_agent import SkippedSession, Terminated
 from oma_common.process import AdoptedChild, ChildUnkillable, PidMismatch
 
 log = logging.getLogger("volume_agent.tunnels")
@@ -51,9 +52,9 @@ class TunnelSessions:
             return "not sshd's privileged monitor"
         return None
 
-    async def terminate(self, sessions: list[Session]) -> dict[str, object]:
+    async def terminate(self, sessions: list[Session]) -> Terminated:
         terminated: list[int] = []
-        skipped: list[dict[str, object]] = []
+        skipped: list[SkippedSession] = []
         for s in sessions:
             reason = self._refusal(s.pid)
             if reason is None:
@@ -72,5 +73,5 @@ class TunnelSessions:
                         log.info("ended the %s tunnel session of sshd pid %d", self.user, s.pid,
                                  extra={"resource": f"tunnel-session:{s.pid}"})
                         continue
-            skipped.append({"pid": s.pid, "reason": reason})
-        return {"terminated": terminated, "skipped": skipped}
+            skipped.append(SkippedSession(s.pid, reason))
+        return Terminated(terminated, skipped)

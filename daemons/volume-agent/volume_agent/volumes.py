@@ -25,13 +25,16 @@ from oma_common.contracts.volume_agent_volumes import (
     Deleted,
     DeviceView,
     DevicesListing,
+    SnapshotDeleted,
     SnapshotView,
+    StampView,
     VolumesListing,
     VolumeView,
 )
 from oma_common.errors import Conflict, Invalid, NotFound, OmaError, TimedOut, Unavailable
 from oma_common.statefile import Damaged, StateFile
 
+from .adapters import stamp
 from .adapters.cloudstack import CloudStack
 from .adapters.devdir import DeviceDir
 from .adapters.netif import mac_addresses
@@ -375,7 +378,7 @@ class Volumes:
                 await self.end(rec)
             return rec.view()
 
-    async def delete_snapshot(self, volume_id: str, snapshot_id: str) -> dict[str, Any]:
+    async def delete_snapshot(self, volume_id: str, snapshot_id: str) -> SnapshotDeleted:
         check_id(volume_id)
         check_id(snapshot_id, "snapshot id")
         async with self.locked(volume_id):
@@ -392,7 +395,40 @@ class Volumes:
             if snapshot_id in rec.snapshots:
                 rec.snapshots.remove(snapshot_id)
                 await self.save()
-            return {"volume_id": volume_id, "snapshot_id": snapshot_id, "deleted": snap is not None}
+            return SnapshotDeleted(volume_id, snapshot_id, snap is not None)
+
+    # -- the sync stamp (adapters/stamp.py) -----------------------------------------------------------
+
+    def _attached_device(self, rec: VolumeRecord | None, volume_id: str) -> str:
+        """The device of a volume attached here, checked to be the one vouched for right now."""
+        if rec is None:
+            raise NotFound("volume not managed here", f"volume-agent manages no volume {volume_id}")
+        found = self.devices.find(rec.serial) if rec.attached_here else None
+        if found is None or found.rdev != rec.rdev:
+            raise Conflict("volume not attached here", f"volume {volume_id} has no device attached here "
+                                                       "(attach it first)")
+        return str(found.path)
+
+    async def read_stamp(self, volume_id: str) -> StampView:
+        check_id(volume_id)
+        async with self.locked(volume_id):
+            device = self._attached_device(self._record(volume_id), volume_id)
+            try:
+                found, offset = await asyncio.to_thread(stamp.read, device)
+            except OSError as e:
+                raise Unavailable("cannot read the volume", f"reading the stamp of {volume_id} on {device}: {e}") from e
+            return StampView(volume_id=volume_id, stamp=found, offset=offset)
+
+    async def write_stamp(self, volume_id: str, value: str) -> StampView:
+        check_id(volume_id)
+        async with self.locked(volume_id):
+            device = self._attached_device(self._record(volume_id), volume_id)
+            try:
+                offset = await asyncio.to_thread(stamp.write, device, value)
+            except OSError as e:
+                raise Unavailable("cannot write the volume", f"writing the stamp of {volume_id} on {device}: {e}") from e
+            log.info("volume %s: sync stamp %s written at %d", volume_id, value, offset, extra={"resource": volume_id})
+            return StampView(volume_id=volume_id, stamp=value, offset=offset)
 
     # -- reading ---------------------------------------------------------------------------------------
 

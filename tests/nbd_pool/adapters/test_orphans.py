@@ -73,6 +73,8 @@ async def test_leftovers_are_found_and_released(tmp_path: Path, helpers: Any, fr
             await e.start()
         in_rec, pool_rec, foreign_rec = nbd_in.release(), nbd_pool_port.release(), foreign.release()
 
+        # Socket-activated, the qemu-nbd on a pool port names no port: found by its listening socket.
+        assert _port_of(pool_rec.process.argv) is None
         found = await list_orphans(root, ports=pool_ports)
         assert {lo.device for lo in found.loops} == {crashed.device}
         assert {p.pid for p in found.processes} == {crashed.process.pid, in_rec.process.pid, pool_rec.process.pid}
@@ -119,3 +121,39 @@ async def test_busy_loop_device_is_reported_not_forced(tmp_path: Path, helpers: 
         await run(["umount", mnt])
     assert await release_orphans(await list_orphans(root)) == []
     assert not await list_orphans(root)
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+async def test_a_containers_qemu_nbd_on_a_pool_port_is_not_ours(tmp_path: Path, helpers: Any, free_port: int) -> None:
+    """/proc shows the processes of containers too. A qemu-nbd in another PID and network namespace that
+    serves an image under our root on one of our port numbers is the container's export: listed as a
+    leftover, the host's nbd-pool would stop it at every start (as it did in the packaging test's
+    container while other test daemons started on the host)."""
+    helpers.need("qemu-nbd", "qemu-img", "unshare", "ip")
+    root = tmp_path / "work"
+    root.mkdir()
+    img = root / "theirs.qcow2"
+    await run(["qemu-img", "create", "-q", "-f", "qcow2", img, "16M"])
+    argv = ["qemu-nbd", "--persistent", "--format=qcow2", "--export-name=theirs", "--bind=127.0.0.1",
+            f"--port={free_port}", "--shared=5", "--", str(img)]
+    container = await asyncio.create_subprocess_exec(
+        "unshare", "--pid", "--net", "--fork", "--kill-child", "--", "sh", "-ec",
+        'ip link set lo up; exec "$@"', "sh", *argv)
+    theirs: list[psutil.Process] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while not (theirs := [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == argv]):
+            assert asyncio.get_running_loop().time() < deadline and container.returncode is None, "did not start"
+            await asyncio.sleep(0.05)
+        assert references_root(argv, root)  # by its argv alone it would be ours twice over
+        found = await list_orphans(root, ports=range(free_port, free_port + 1))
+        assert not found.processes, found
+        assert await release_orphans(found) == []
+        assert alive(theirs[0].pid)
+    finally:
+        for p in theirs:  # unshare blocks SIGTERM while it waits for its child: end the child
+            p.terminate()
+        if not theirs:
+            container.kill()
+        await asyncio.wait_for(container.wait(), 10)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
+import socket
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 import pytest_asyncio
 
 from nbd_pool.adapters import nbd_probe as nbd
+from nbd_pool.adapters.listen_fd import PortInUse, listen
 from nbd_pool.adapters.nbd_probe import ExportNotFound, probe_export
 from nbd_pool.adapters.qemu_nbd import ExportOptions, ExportRecord, QemuNbdExport, build_argv
 from oma_common.command import run
@@ -60,14 +63,14 @@ async def start(exports: list[QemuNbdExport], path: Path, port: int, name: str =
 
 
 def test_argv_of_a_persistent_export() -> None:
-    argv = build_argv(Path("/repo/vm1/disk0.qcow2"), "vm1-disk0", "127.0.0.1", 10105, ExportOptions())
+    argv = build_argv(Path("/repo/vm1/disk0.qcow2"), "vm1-disk0", ExportOptions())
     assert argv == [
-        "qemu-nbd", "--persistent", "--format=qcow2", "--export-name=vm1-disk0", "--bind=127.0.0.1",
-        "--port=10105", "--shared=10", "--cache=none", "--aio=io_uring", "--discard=unmap",
+        "qemu-nbd", "--persistent", "--format=qcow2", "--export-name=vm1-disk0", "--shared=10", "--cache=none", "--aio=io_uring", "--discard=unmap",
         "--detect-zeroes=unmap", "--", "/repo/vm1/disk0.qcow2",
     ]  # fmt: skip
     plain = ExportOptions(fmt="raw", read_only=True, shared=5, cache=None, aio=None, discard=None, detect_zeroes=None)
-    argv = build_argv(Path("/dev/vdb"), "r", "0.0.0.0", 10100, plain)
+    argv = build_argv(Path("/dev/vdb"), "r", plain, bind=("0.0.0.0", 10100))
+    assert argv[4:6] == ["--bind=0.0.0.0", "--port=10100"]  # how exports started before socket activation ran
     assert "--read-only" in argv and "--format=raw" in argv and "--shared=5" in argv
     assert not [a for a in argv if a.startswith(("--cache", "--aio", "--discard", "--detect"))]
     assert "--fork" not in argv
@@ -75,7 +78,7 @@ def test_argv_of_a_persistent_export() -> None:
 
 def test_argv_refuses_what_qemu_would_refuse() -> None:
     with pytest.raises(ValueError, match="absolute"):
-        build_argv(Path("-rf"), "x", "127.0.0.1", 10100, ExportOptions())
+        build_argv(Path("-rf"), "x", ExportOptions())
     with pytest.raises(ValueError):
         ExportOptions(aio="native", cache="writeback")
     with pytest.raises(ValueError):
@@ -205,8 +208,52 @@ async def test_port_taken_by_a_stranger_fails(tmp_path: Path, free_port: int) ->
     server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", free_port)
     async with server:
         export = QemuNbdExport(target, "d", "127.0.0.1", free_port)
-        with pytest.raises(ChildFailed, match="(?i)address already in use"):
+        with pytest.raises(PortInUse, match=f"127.0.0.1:{free_port} is already bound"):
             await export.start(timeout=10)
+        assert export.pid is None  # known before anything was spawned
+
+
+def pidfd_getfd(pid: int, fd: int) -> socket.socket:
+    """A duplicate of another process's socket (pidfd_getfd(2), Linux 5.6; Python 3.11 has no wrapper)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        dup = libc.syscall(438, pidfd, fd, 0)  # SYS_pidfd_getfd, the same number on every architecture
+        if dup < 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    finally:
+        os.close(pidfd)
+    return socket.socket(fileno=dup)
+
+
+async def test_connections_qemu_nbd_accepts_have_nodelay(tmp_path: Path, free_port: int,
+                                                          exports: list[QemuNbdExport]) -> None:
+    """Without TCP_NODELAY on qemu-nbd's side, a client with requests in flight waits ~40 ms for delayed
+    ACKs between replies; qemu-nbd 7.2 sets it nowhere, so it must inherit it from the listener we bind."""
+    if os.geteuid() != 0:
+        pytest.skip("pidfd_getfd of another process needs CAP_SYS_PTRACE")
+    target = tmp_path / "t.qcow2"
+    await run(["qemu-img", "create", "-q", "-f", "qcow2", target, "64M"])
+    export = await start(exports, target, free_port)
+    assert export.pid is not None
+    assert psutil.Process(export.pid).cmdline() == export.argv  # exec'd into qemu-nbd, same pid
+    clients = [await asyncio.open_connection("127.0.0.1", free_port) for _ in range(2)]  # --shared: both served
+    try:
+        for reader, _ in clients:
+            assert await reader.readexactly(8) == b"NBDMAGIC"
+        ours = {w.get_extra_info("sockname")[1] for _, w in clients}
+        proc = psutil.Process(export.pid)
+        accepted = [c for c in (getattr(proc, "net_connections", None) or proc.connections)(kind="tcp")
+                    if c.raddr and c.raddr.port in ours]
+        assert len(accepted) == 2
+        for conn in accepted:
+            with pidfd_getfd(export.pid, conn.fd) as sock:
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        for _, w in clients:
+            w.close()
+    await export.stop()
+    listen("127.0.0.1", free_port).close()  # nbd-pool kept no copy of the listener: the port is free again
 
 
 @pytest.mark.asyncio

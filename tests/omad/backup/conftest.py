@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from oma_common.rpc import AgentClient
-from tests.sim.vma import MiB, Inventory, SimState, VirtualMachine, VMASim
+from tests.sim.vma import SCAN, MiB, Inventory, SimState, VirtualMachine, VMASim
 
 from ...lib.diskimages import DiskImage, File, Pattern, Tree, gpt_two_ext4
 from ...rig import Api, Stack
@@ -177,8 +177,9 @@ async def open_rig(stack: Stack, tmp: Path, inv: Inventory, sources: dict[str, l
                    images: dict[str, DiskImage], **sim_options: Any) -> AsyncIterator[Rig]:
     """Start the simulator and the four daemons of `stack`, log in, add the VMs of `sources` and a local
     repository; stop everything afterwards (also used by bench/restore)."""
+    # SCAN: the tests change the sources directly (ext4 edits among them) without telling the simulator.
     state = SimState(inv, workdir=tmp / "vmasim", **{"telemetry_interval": 0.2, "outbound_timeout": 30,
-                                                     **sim_options})
+                                                     "change_tracking": SCAN, **sim_options})
     for name, paths in sources.items():
         for index, path in enumerate(paths):
             state.set_source(name, index, path)

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 
 from tests.sim.vma import Inventory
 
 from ...lib.diskimages import File, Pattern, ext4_modify, whole_disk_ext4
+from ...restore_mounter.conftest import leaks
 from ...rig import Stack
 from ..conftest import PASSWORD, USER, VCENTER
 from .conftest import TWO_DISK_VM, Rig, open_rig
@@ -53,6 +55,21 @@ async def test_restore_files_from_a_full_and_an_incremental(rig: Rig) -> None:
     status, top = await rig.api.get(f"/restore/{new['mount_id']}/files")
     assert status == 200 and [f["name"] for f in top["files"]] == ["part1", "part2"]
     assert (await read(rig, old["mount_id"], "/part1/etc/motd"))[:2] == (200, b"welcome\n")
+    # A directory page by page: omad passes limit and cursor through; bad ones are 400.
+    seen: list[str] = []
+    params: dict[str, str] = {"path": "/part1/etc", "limit": "1"}
+    while True:
+        status, page = await rig.api.get(f"/restore/{new['mount_id']}/files", params=params)
+        assert status == 200 and len(page["files"]) == 1 and page["total_count"] == len(seen) + 1
+        seen.append(page["files"][0]["name"])
+        if page["next_cursor"] is None:
+            break
+        params["cursor"] = page["next_cursor"]
+    status, whole = await rig.api.get(f"/restore/{new['mount_id']}/files", params={"path": "/part1/etc"})
+    assert sorted(seen) == [f["name"] for f in whole["files"]] and len(seen) > 1
+    for bad in ({"limit": "10001"}, {"limit": "0"}, {"cursor": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}, {"cursor": "a b"}):
+        status, body = await rig.api.get(f"/restore/{new['mount_id']}/files", params={"path": "/part1/etc", **bad})
+        assert status == 400, (bad, body)
     assert (await read(rig, new["mount_id"], "/part1/etc/motd"))[:2] == (200, b"changed\n")
 
     # A file's bytes and a range of them.
@@ -98,6 +115,63 @@ async def test_restore_files_from_a_full_and_an_incremental(rig: Rig) -> None:
         assert (await pool.call("GET", "/attachments"))["attachments"] == []
     finally:
         await pool.close()
+
+
+async def test_a_killed_attachment_shows_the_mount_broken_never_a_500(rig: Rig) -> None:
+    """The qemu-storage-daemon under a mount is killed (as the OOM killer would): the API says the mount is
+    broken and why, /health is degraded, the unmount leaves nothing, and mounting again works."""
+    backup = await rig.backup(TWO_DISK_VM, "full")
+    m = await mount(rig, backup["backup_id"])
+    mount_id = m["mount_id"]
+    pool = rig.pool()
+    try:
+        (att,) = (await pool.call("GET", "/attachments"))["attachments"]
+    finally:
+        await pool.close()
+    qsd = psutil.Process(att["pid"])  # only this test's own: a child of its nbd-pool, in its work dir
+    assert qsd.ppid() == rig.stack.daemons["nbd-pool"].pid
+    assert Path(qsd.cmdline()[0]).name == "qemu-storage-daemon" and str(rig.stack.state) in " ".join(qsd.cmdline())
+    qsd.kill()
+    qsd.wait(10)
+
+    way_back = {"unmount": {"method": "DELETE", "path": f"/api/v1/restore/{mount_id}"},
+                "mount": {"method": "POST", "path": "/api/v1/restore/mount",
+                          "body": {"backup_id": backup["backup_id"], "disk_index": 0}}}
+    status, body = await rig.api.get(f"/restore/{mount_id}/files", params={"path": "/part2/db"})
+    assert status == 503, body
+    assert body["code"] == "mount_broken" and body["remount"] == way_back
+    assert f"qemu-storage-daemon (pid {qsd.pid})" in body["details"] and "SIGKILL" in body["cause"], body
+    status, data, _ = await read(rig, mount_id, "/part1/var/lib/app/data.bin")
+    assert status == 503 and b"mount_broken" in data
+    status, body = await rig.api.get(f"/restore/{mount_id}/file-info", params={"path": "/part1/etc/motd"})
+    assert status == 503 and body["code"] == "mount_broken"
+    status, listing = await rig.api.get("/restore/mounts")
+    (shown,) = listing["mounts"]
+    assert shown["status"] == "broken" and shown["remount"] == way_back and "SIGKILL" in shown["error"], shown
+
+    status, public = await rig.api.get("/health", token="")
+    assert public["status"] == "degraded" and public["components"]["restore-mounter"] == {"status": "degraded"}
+    assert public["components"]["nbd-pool"]["status"] == "ok"
+    status, full = await rig.api.get("/health")
+    (broken,) = full["components"]["restore-mounter"]["broken_mounts"]
+    assert broken["mount_id"] == mount_id and str(qsd.pid) in broken["error"]
+
+    status, body = await rig.api.delete(f"/restore/{mount_id}")
+    assert status == 200, body
+    assert leaks(rig.stack.state / "restore", []) == []
+    assert list((rig.stack.state / "restore").iterdir()) == []
+    pool = rig.pool()
+    try:
+        assert (await pool.call("GET", "/attachments"))["attachments"] == []
+    finally:
+        await pool.close()
+    assert (await rig.api.get("/health", token=""))[1]["status"] == "healthy"
+
+    again = await mount(rig, backup["backup_id"])
+    status, top = await rig.api.get(f"/restore/{again['mount_id']}/files", params={"path": "/part2/db"})
+    assert status == 200 and [f["name"] for f in top["files"]] == ["README", "table1"]
+    assert (await read(rig, again["mount_id"], "/part2/db/README"))[:2] == (200, b"backup me\n")
+    assert (await rig.api.delete(f"/restore/{again['mount_id']}"))[0] == 200
 
 
 async def test_mounting_a_backup_still_being_written_is_409(rig: Rig) -> None:

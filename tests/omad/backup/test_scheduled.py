@@ -4,12 +4,11 @@ and incremental after, and the execution's counts match the backups that ran."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import pytest
 
+from ...lib.scheduling import run_now
 from ...rig import Stack
 from .conftest import TWO_DISK_VM, Rig, qemu_img
 
@@ -27,19 +26,6 @@ def assert_same_source(rig: Rig, vm: str, disk: dict[str, Any]) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-async def run_now(rig: Rig, schedule_id: str, timeout: float = 120) -> dict[str, Any]:
-    status, run = await rig.api.post(f"/schedules/{schedule_id}/trigger")
-    assert status == 202, run
-    deadline = time.monotonic() + timeout
-    while True:
-        status, detail = await rig.api.get(f"/schedules/{schedule_id}/executions/{run['id']}")
-        assert status == 200, detail
-        if detail["status"] != "running":
-            return detail
-        assert time.monotonic() < deadline, f"execution still running after {timeout}s:\n{rig.log_tail()}"
-        await asyncio.sleep(0.1)
-
-
 async def test_a_schedule_backs_up_its_groups(fast_scheduler: None, rig: Rig) -> None:
     api = rig.api
     ctx = {v["vm_name"]: v["context_id"] for v in (await api.get("/vm-contexts"))[1]["vm_contexts"]}
@@ -53,7 +39,7 @@ async def test_a_schedule_backs_up_its_groups(fast_scheduler: None, rig: Rig) ->
     await api.post(f"/machine-groups/{web['id']}/vms", {"vm_context_ids": [ctx[f"web {n}"] for n in range(3)]})
     await api.post(f"/machine-groups/{db['id']}/vms", {"vm_context_ids": [ctx[TWO_DISK_VM], ctx["web 0"]]})
 
-    first = await run_now(rig, s["id"])
+    first = await run_now(rig.api, s["id"], log_tail=rig.log_tail)
     assert (first["status"], first["vms_eligible"], first["jobs_created"], first["jobs_completed"],
             first["jobs_failed"]) == ("completed", 4, 4, 4, 0), (first, rig.log_tail())
     backups = {b["backup_id"]: b for b in (await api.get("/backups"))[1]["backups"]}
@@ -65,7 +51,7 @@ async def test_a_schedule_backs_up_its_groups(fast_scheduler: None, rig: Rig) ->
     for d in backups[next(k for k, b in backups.items() if b["vm_name"] == TWO_DISK_VM)]["disk_results"]:
         assert_same_source(rig, TWO_DISK_VM, d)
 
-    second = await run_now(rig, s["id"])  # auto: incrementals now that a full backup exists
+    second = await run_now(rig.api, s["id"], log_tail=rig.log_tail)  # auto: incrementals now that a full backup exists
     assert (second["status"], second["jobs_completed"]) == ("completed", 4), second
     latest = {b["backup_id"]: b for b in (await api.get("/backups"))[1]["backups"]
               if b["backup_id"] not in backups}

@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from oma_common.contracts.nbd_pool import Export, Lease, PortRange, PortStatus, Released, Renewed
 from oma_common.errors import Unavailable
 from omad.adapters.localfs import LocalFs
 from omad.backup.teardown import Teardown
@@ -23,33 +23,43 @@ from omad.store.db import Database
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 
 
+def export(job_id: str, name: str, clients: list[str] | None = None, connection_count: int = 0) -> Export:
+    return Export(pid=None, port=10809, export_name=name, path="/r/x.qcow2", qcow2_path="/r/x.qcow2",
+                  resolved_path="/r/x.qcow2", format="qcow2", job_id=job_id, clients=clients or [],
+                  connection_count=connection_count)
+
+
+def lease(port: int, job_id: str) -> Lease:
+    return Lease(port, job_id, None, stamp(T0), stamp(T0))
+
+
 class FakePool:
     def __init__(self) -> None:
-        self.exports_list: list[dict[str, Any]] = []
-        self.allocations: list[dict[str, Any]] = []
+        self.exports_list: list[Export] = []
+        self.allocations: list[Lease] = []
         self.down = False
         self.released: list[str] = []
         self.renewed: list[tuple[str, int]] = []
 
-    async def exports(self) -> list[dict[str, Any]]:
+    async def exports(self) -> list[Export]:
         if self.down:
             raise Unavailable("nbd-pool unavailable", "socket gone")
         return self.exports_list
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> PortStatus:
         if self.down:
             raise Unavailable("nbd-pool unavailable", "socket gone")
-        return {"allocations": self.allocations}
+        return PortStatus(10, len(self.allocations), 10 - len(self.allocations), PortRange(1, 10), [], self.allocations)
 
-    async def renew(self, job_id: str, lease_seconds: int | None = None) -> dict[str, Any]:
+    async def renew(self, job_id: str, lease_seconds: int | None = None) -> Renewed:
         self.renewed.append((job_id, lease_seconds or 0))
-        return {}
+        return Renewed(job_id, stamp(T0), [])
 
-    async def release_job(self, job_id: str) -> dict[str, Any]:
+    async def release_job(self, job_id: str) -> Released:
         self.released.append(job_id)
-        self.allocations = [a for a in self.allocations if a["job_id"] != job_id]
-        self.exports_list = [e for e in self.exports_list if e["job_id"] != job_id]
-        return {"stopped_exports": 0, "released_count": 0}
+        self.allocations = [a for a in self.allocations if a.job_id != job_id]
+        self.exports_list = [e for e in self.exports_list if e.job_id != job_id]
+        return Released(True, 0, [], 0, [])
 
 
 class Clock:
@@ -117,8 +127,7 @@ async def test_clients_or_telemetry_keep_a_backup_alive_and_silence_fails_it(db:
     dog, jobs = make(db, pool, clock)
     await add_backup(db, jobs, "bk-a", "ctx-a")
     await add_backup(db, jobs, "bk-b", "ctx-b")
-    pool.exports_list = [{"job_id": "bk-a", "export_name": "bk-a-disk-2000", "clients": ["127.0.0.1:5000"]},
-                         {"job_id": "bk-b", "export_name": "bk-b-disk-2000", "clients": []}]
+    pool.exports_list = [export("bk-a", "bk-a-disk-2000", ["127.0.0.1:5000"]), export("bk-b", "bk-b-disk-2000")]
     clock.advance(50)
     assert await dog.check() == []
     clock.advance(20)  # b: 70 s of silence; a: a client is connected
@@ -128,7 +137,7 @@ async def test_clients_or_telemetry_keep_a_backup_alive_and_silence_fails_it(db:
     assert status == "failed" and reason is not None and reason.startswith("idle: ") and "limit 60 s" in reason
     assert "bk-b" in pool.released and (await jobs.get("bk-b"))["status"] == "failed"
 
-    pool.exports_list[0]["clients"] = []  # the VMA hung up: a's last activity is the last pass (t0 + 70)
+    pool.exports_list[0].clients = []  # the VMA hung up: a's last activity is the last pass (t0 + 70)
     clock.advance(59)
     assert await dog.check() == []
     await db.execute("UPDATE backup_jobs SET last_activity_at = ? WHERE backup_id = 'bk-a'", (stamp(clock.now),))
@@ -155,13 +164,12 @@ async def test_leases_are_renewed_at_a_third_and_leftovers_of_ended_backups_rele
     dog, jobs = make(db, pool, clock)
     await add_backup(db, jobs, "bk-a", "ctx-a")
     await add_backup(db, jobs, "bk-done", "ctx-b", status="completed")
-    pool.exports_list = [{"job_id": "bk-a", "export_name": "bk-a-disk-2000", "connection_count": 2}]
-    pool.allocations = [{"port": 1, "job_id": "bk-a"}, {"port": 2, "job_id": "bk-done"},
-                        {"port": 3, "job_id": "replication-job"}]
+    pool.exports_list = [export("bk-a", "bk-a-disk-2000", connection_count=2)]
+    pool.allocations = [lease(1, "bk-a"), lease(2, "bk-done"), lease(3, "replication-job")]
     await dog.check()
     assert pool.renewed == [("bk-a", 300)]
     assert pool.released == ["bk-done"]  # an ended backup's port; another job type's port is not ours
-    assert [a["job_id"] for a in pool.allocations] == ["bk-a", "replication-job"]
+    assert [a.job_id for a in pool.allocations] == ["bk-a", "replication-job"]
     clock.advance(99)
     await dog.check()
     assert len(pool.renewed) == 1

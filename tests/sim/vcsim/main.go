@@ -145,6 +145,8 @@ func main() {
 	username := flag.String("username", "administrator@vsphere.local", "the only user Login accepts")
 	password := flag.String("password", "vcsim", "that user's password")
 	withDefaults := flag.Bool("default-vms", true, "create the VPX model's four VMs (DC0_H0_VM0 ...)")
+	certFile := flag.String("cert", "", "PEM certificate (chain) to serve; empty = Go's self-signed test certificate")
+	keyFile := flag.String("key", "", "PEM private key of -cert")
 	var vms vmSpecs
 	flag.Var(&vms, "vm", `extra VM as JSON, repeatable: {"name", "disks", "disk_gb", "nics", "cpus", `+
 		`"memory_mb", "guest_id", "provisioning", "power_on"}`)
@@ -154,14 +156,22 @@ func main() {
 	if *withDefaults {
 		vms = append(defaultVMs(), vms...)
 	}
-	if err := run(*port, *username, *password, vms); err != nil {
+	if err := run(*port, *username, *password, *certFile, *keyFile, vms); err != nil {
 		log.Fatal(err)
 	}
 }
 
-func run(port int, username, password string, vms vmSpecs) error {
+func run(port int, username, password, certFile, keyFile string, vms vmSpecs) error {
 	if username == "" || password == "" {
 		return errors.New("-username and -password must not be empty")
+	}
+	tlsConfig := new(tls.Config)
+	if certFile != "" || keyFile != "" {
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return fmt.Errorf("-cert/-key: %w", err)
+		}
+		tlsConfig.Certificates = []tls.Certificate{cert}
 	}
 
 	model := simulator.VPX()
@@ -173,7 +183,7 @@ func run(port int, username, password string, vms vmSpecs) error {
 
 	// With Listen.User set (and not simulator.DefaultLogin), SessionManager.Login accepts only
 	// this user and password and answers anything else with InvalidLogin.
-	model.Service.TLS = new(tls.Config)
+	model.Service.TLS = tlsConfig
 	model.Service.Listen = &url.URL{
 		Host: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)),
 		User: url.UserPassword(username, password),

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from .inventory import Inventory, demo_inventory
 from .runner import VMASim
-from .state import SimState
+from .state import OFF, SCAN, SimState
 
 EXAMPLE = """inventory file (JSON):
   {"vcenter": {"host": "vcenter.sim.local", "datacenter": "DC1",
@@ -38,8 +38,13 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="where generated disk images live (default: a temp dir)")
     p.add_argument("--auth-failure-status", type=int, default=500, help="status of a wrong vCenter login (500 or 401)")
     p.add_argument("--telemetry-interval", type=float, default=1.0, help="seconds between progress telemetry posts")
-    p.add_argument("--no-change-tracking", action="store_true",
-                   help="do not map what each copy sent (faster fulls; every copy is then full)")
+    # Another process cannot note its writes to the sources (SimState.changed), so the command line finds
+    # the changes by reading the sources (SCAN) rather than from notes (MAP).
+    p.add_argument("--change-tracking", choices=(SCAN, OFF), default=SCAN,
+                   help="scan: an incremental reads the whole source to find what changed (default); "
+                        "off: every copy is full")
+    p.add_argument("--no-change-tracking", dest="change_tracking", action="store_const", const=OFF,
+                   help="the same as --change-tracking off")
     p.add_argument("--show-inventory", action="store_true", help="print the discovery body and exit")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -71,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     state = SimState(inventory, workdir=args.workdir, oma_url=args.oma_url,
                      auth_failure_status=args.auth_failure_status, telemetry_interval=args.telemetry_interval,
-                     change_tracking=not args.no_change_tracking)
+                     change_tracking=args.change_tracking)
     for vm_id, index, path in sources:
         state.set_source(vm_id, index, path)
     try:

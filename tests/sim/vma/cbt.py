@@ -172,8 +172,34 @@ def split_extents(extents: list[Extent], max_length: int) -> list[Extent]:
     return out
 
 
+Stamp = tuple[int, int, int]  # a source image's (inode, size, mtime_ns)
+
+
+def stamp_of(path: str) -> Stamp:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """What a copy of one disk starts from: its new change id, and the areas changed since the base
+    change id (None: the base is unknown here, so the copy is full)."""
+
+    change_id: str
+    changed: Optional[list[Extent]]
+
+
 class DiskTracker:
-    """CBT for one disk: a change-id prefix for its lifetime and the block map behind each change id."""
+    """CBT for one disk: a change-id prefix for its lifetime and what each change id stands for.
+
+    Change map (how VMware's CBT works, QueryChangedDiskAreas): every write to the source is noted
+    (`note`) with the current generation; a snapshot issues a change id for the generation it closes; the
+    areas changed since a change id are the blocks noted in a later generation: nothing is read to find
+    them. A source whose (inode, size, mtime) moved without a note was written behind the tracker's back:
+    like a CBT reset, every change id is forgotten and the next copy is full (never a silently short copy).
+
+    Block maps (the "scan" mode, for callers that cannot say what they changed): a digest per block of
+    what each copy sent; an incremental reads and digests the whole source to find the changes."""
 
     def __init__(self, seed: str, first_sequence: int = 1) -> None:
         raw = uuid.uuid5(uuid.NAMESPACE_URL, seed).bytes
@@ -182,11 +208,74 @@ class DiskTracker:
         self.prefix = " ".join(hexes[:8]) + "-" + " ".join(hexes[8:])
         self._sequence = first_sequence
         self._maps: dict[str, BlockMap] = {}
+        self._generation = 1  # what writes noted now belong to
+        self._issued: dict[str, int] = {}  # change id → the last generation it covers
+        self._written: dict[int, int] = {}  # block index → generation of its last noted write
+        self._stamp: Optional[Stamp] = None  # the source as last accounted for
+        self.resets = 0  # change maps dropped because the source changed without a note
+
+    def _next_id(self) -> str:
+        change_id = f"{self.prefix}/{self._sequence}"
+        self._sequence += 1
+        return change_id
+
+    # -- change map -----------------------------------------------------------------------------------
+
+    def note(self, offset: int, length: int, path: Optional[str] = None, block_size: int = BLOCK_SIZE) -> None:
+        """[offset, offset+length) of the source was written (by the caller, who may have written it
+        directly: the note then accounts for every write since the last one). `path`: refresh the stamp."""
+        if length > 0:
+            for index in range(offset // block_size, (offset + length - 1) // block_size + 1):
+                self._written[index] = self._generation
+        if path is not None:
+            self._stamp = stamp_of(path)
+
+    def check(self, path: str) -> bool:
+        """False (and the change map dropped) when the source changed since it was last accounted for."""
+        now = stamp_of(path)
+        if self._stamp is not None and now != self._stamp and (self._issued or self._written):
+            self._issued.clear()
+            self._written.clear()
+            self.resets += 1
+            self._stamp = now
+            return False
+        self._stamp = now
+        return True
+
+    def knows(self, change_id: Optional[str]) -> bool:
+        return bool(change_id) and (change_id in self._issued or change_id in self._maps)
+
+    def snapshot(self, path: str, base: Optional[str], block_size: int = BLOCK_SIZE) -> Snapshot:
+        """Issue the change id of the source as it is now, with the areas changed since `base`."""
+        self.check(path)
+        size = self._stamp[1] if self._stamp is not None else os.path.getsize(path)
+        changed: Optional[list[Extent]] = None
+        if base and base in self._issued:
+            since = self._issued[base]
+            blocks = sorted(i for i, g in self._written.items() if g > since and i * block_size < size)
+            changed = []
+            for index in blocks:
+                offset = index * block_size
+                length = min(block_size, size - offset)
+                if changed and changed[-1].end == offset:
+                    changed[-1] = Extent(changed[-1].offset, changed[-1].length + length)
+                else:
+                    changed.append(Extent(offset, length))
+        change_id = self._next_id()
+        self._issued[change_id] = self._generation
+        self._generation += 1
+        while len(self._issued) > HISTORY:
+            del self._issued[next(iter(self._issued))]
+        # A write no remembered change id precedes can never be "changed since" one of them again.
+        oldest = min(self._issued.values())
+        self._written = {i: g for i, g in self._written.items() if g > oldest}
+        return Snapshot(change_id, changed)
+
+    # -- block maps -----------------------------------------------------------------------------------
 
     def record(self, block_map: BlockMap) -> str:
         """Remember what was just sent and name it with the next change id."""
-        change_id = f"{self.prefix}/{self._sequence}"
-        self._sequence += 1
+        change_id = self._next_id()
         self._maps[change_id] = block_map
         while len(self._maps) > HISTORY:
             del self._maps[next(iter(self._maps))]
@@ -194,16 +283,16 @@ class DiskTracker:
 
     def untracked(self) -> str:
         """The next change id, standing for nothing (change tracking off): its incremental is full."""
-        change_id = f"{self.prefix}/{self._sequence}"
-        self._sequence += 1
-        return change_id
+        return self._next_id()
 
     def lookup(self, change_id: Optional[str]) -> Optional[BlockMap]:
         return self._maps.get(change_id) if change_id else None
 
     def change_ids(self) -> list[str]:
-        return list(self._maps)
+        return list(self._maps) + list(self._issued)
 
     def reset(self) -> None:
         """Forget every change id (as vSphere does when CBT is reset): the next copy is full."""
         self._maps.clear()
+        self._issued.clear()
+        self._written.clear()

@@ -47,7 +47,7 @@ class DiskJob:
     target: NbdTarget
     sync_type: str = "full"  # full | incremental
     base_change_id: Optional[str] = None
-    base_map: Optional[BlockMap] = None
+    base_map: Optional[BlockMap] = None  # the SCAN mode's map behind base_change_id
     extents: list[Extent] = dataclasses.field(default_factory=list)  # incremental only
     total_bytes: int = 0  # data bytes this copy sends (allocated bytes for a full copy)
     bytes_transferred: int = 0
@@ -90,10 +90,17 @@ class Job:
         self.peak_mbps = 0.0
         self.task: Optional["asyncio.Task[None]"] = None
         self._changed = asyncio.Event()
+        self._ended: Optional[float] = None  # when it reached Succeeded or Failed (elapsed stops there)
+        # (status, seconds since the start) at each status change: where a job's time went.
+        self.timeline: list[tuple[str, float]] = [(QUEUED, 0.0)]
 
     # -- state changes ----------------------------------------------------------------------------
 
     def set(self, status: Optional[str] = None, operation: Optional[str] = None) -> None:
+        if status is not None and status != self.status:
+            self.timeline.append((status, time.monotonic() - self._t0))
+            if status in (SUCCEEDED, FAILED):
+                self._ended = time.monotonic()
         if status is not None:
             self.status = status
         if operation is not None:
@@ -163,7 +170,7 @@ class Job:
         return round(min(100.0, 100.0 * self.bytes_transferred / total), 2)
 
     def elapsed(self) -> float:
-        return time.monotonic() - self._t0
+        return (self._ended if self._ended is not None else time.monotonic()) - self._t0
 
     def average_bps(self) -> float:
         return self.bytes_transferred / max(self.elapsed(), 1e-6)

@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 DEFAULT_OMA_URL = "http://127.0.0.1:8082"
 
+# Change tracking modes (SimState's `change_tracking`).
+MAP = "map"  # VMware's CBT: writes are noted (write_source / changed), an incremental reads only those
+SCAN = "scan"  # block maps: an incremental digests the whole source to find what changed (no notes needed)
+OFF = "off"  # nothing is tracked: every copy is full
+
 
 def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -65,7 +70,7 @@ class SimState:
         auth_failure_status: int = 500,
         telemetry_interval: float = 1.0,
         outbound_timeout: float = 30.0,
-        change_tracking: bool = True,
+        change_tracking: Union[bool, str] = MAP,
         callback_retry_seconds: float = 30.0,
     ) -> None:
         self.inventory = inventory if inventory is not None else Inventory()
@@ -81,9 +86,14 @@ class SimState:
         self.outbound_timeout = outbound_timeout
         # How long a replication keeps retrying a change-id call the OMA does not answer (it restarts).
         self.callback_retry_seconds = callback_retry_seconds
-        # Map what each copy sent so later incrementals can be computed. Off: no mapping cost
-        # (benchmarks of full copies); every copy is then full, whatever was asked.
-        self.change_tracking = change_tracking
+        # How incrementals find what changed: MAP (True), like VMware's CBT, needs every write to a source
+        # noted (write_source, or changed() after writing the file directly; a source changed without a
+        # note is copied in full); SCAN finds the changes itself by reading the whole source; OFF (False)
+        # copies every disk in full, whatever was asked.
+        mode = (MAP if change_tracking else OFF) if isinstance(change_tracking, bool) else change_tracking
+        if mode not in (MAP, SCAN, OFF):
+            raise ValueError(f"change_tracking must be {MAP!r}, {SCAN!r} or {OFF!r}, not {change_tracking!r}")
+        self.change_tracking: str = mode
         self.faults = Faults()
         self.requests: list[RecordedRequest] = []
         self.outbound: list[OutboundCall] = []
@@ -155,7 +165,27 @@ class SimState:
             raise InventoryError(f"source {path} has size {size}, not a positive multiple of 512")
         disk.capacity_bytes = size
         self._sources[(vm.id, disk.key)] = Path(path)
+        self._trackers.pop((vm.id, disk.key), None)  # other content: its change ids mean nothing
         return disk
+
+    def write_source(self, vm_ref: VmRef, disk_ref: DiskRef, offset: int, data: bytes) -> None:
+        """Write into a disk's source image and note it for change tracking (a guest write)."""
+        path = self.source_path(vm_ref, disk_ref)
+        tracker = self.tracker(vm_ref, disk_ref)
+        tracker.check(str(path))  # a write behind our back before this one still counts as a reset
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+        tracker.note(offset, len(data), str(path))
+
+    def changed(self, vm_ref: VmRef, disk_ref: DiskRef, *extents: tuple[int, int]) -> None:
+        """The caller wrote these (offset, length) ranges of the disk's source image itself: note them
+        (and nothing else changed since the last note), as the VMware host tracks a guest's writes."""
+        path = str(self.source_path(vm_ref, disk_ref))
+        tracker = self.tracker(vm_ref, disk_ref)
+        for offset, length in extents:
+            tracker.note(offset, length)
+        tracker.note(0, 0, path)
 
     def tracker(self, vm_ref: VmRef, disk_ref: DiskRef) -> DiskTracker:
         """The disk's change tracking (change ids handed out and what each one stands for)."""

@@ -1,17 +1,23 @@
 """Writing one disk into its NBD target, shared by backups and replication: "snapshot" the source
-(map it, work out the changed extents against the base change id) and stream it, within an
-optional byte budget that a job fault sets."""
+(issue its change id, work out the changed extents since the base change id) and stream it: a full
+copy with nbdcopy, an incremental's extents with the simulator's own NBD client (nbdwire.py), within
+an optional byte budget that a job fault sets."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
 from . import cbt
-from .cbt import BlockMap, Extent
+from .cbt import DiskTracker, Extent
 from .jobs import DiskJob, Job
-from .nbdclient import convert_range, copy_whole, write_extents
+from .nbdclient import convert_range, copy_whole
+from .nbdwire import write_extents
+from .state import MAP, SCAN
+
+# Connections per export, as the real VMA opens (CONTRACTS.md: the OMA exports with --shared >= 5).
+CONNECTIONS = 2
 
 # One qemu-io write never buffers more than this.
 MAX_EXTENT = 16 * 1024 * 1024
@@ -36,29 +42,52 @@ class Budget:
             self.remaining = max(0, self.remaining - count)
 
 
-async def snapshot(disk: DiskJob, track: bool = True) -> "Optional[asyncio.Future[BlockMap]]":
-    """Plan the copy of one disk. An incremental maps the source now (the extents depend on it);
-    a full copy maps it in the background while streaming (the future returned), or not at all
-    without `track` (None)."""
+async def snapshot(disk: DiskJob, tracker: DiskTracker, mode: str) -> Callable[[], Awaitable[str]]:
+    """Plan the copy of one disk (its extents and byte total); returns what names the copy once it is
+    sent: its change id. MAP issues the change id now and takes the changed areas from the tracker's
+    notes (an incremental whose base no longer holds, after a write behind the tracker's back, becomes
+    full); SCAN maps the whole source (an incremental now, a full copy in the background while streaming);
+    OFF tracks nothing."""
     loop = asyncio.get_running_loop()
     disk.status = "snapshotting"
-    if disk.sync_type == "incremental":
+    if mode == MAP:
+        snap = tracker.snapshot(disk.source, disk.base_change_id if disk.sync_type == "incremental" else None)
+        if snap.changed is None:
+            disk.sync_type = "full"
+        else:
+            disk.extents = cbt.split_extents(snap.changed, MAX_EXTENT)
+        return await _planned(disk, lambda: snap.change_id)
+    if mode == SCAN and disk.sync_type == "incremental":
         new_map = await loop.run_in_executor(None, cbt.scan, disk.source)
         disk.extents = cbt.split_extents(cbt.changed_extents(disk.base_map, new_map), MAX_EXTENT)
+        return await _planned(disk, lambda: tracker.record(new_map))
+    if mode == SCAN:
+        mapping = loop.run_in_executor(None, cbt.scan, disk.source)
+
+        async def recorded() -> str:
+            return tracker.record(await mapping)
+        await _planned(disk, tracker.untracked)
+        return recorded
+    return await _planned(disk, tracker.untracked)
+
+
+async def _planned(disk: DiskJob, name: Callable[[], str]) -> Callable[[], Awaitable[str]]:
+    if disk.sync_type == "incremental":
         disk.total_bytes = sum(e.length for e in disk.extents if not e.zero)
-        future: asyncio.Future[BlockMap] = loop.create_future()
-        future.set_result(new_map)
-        return future
-    disk.total_bytes = await loop.run_in_executor(None, cbt.allocated_bytes, disk.source)
-    return loop.run_in_executor(None, cbt.scan, disk.source) if track else None
+    else:
+        disk.total_bytes = await asyncio.get_running_loop().run_in_executor(None, cbt.allocated_bytes, disk.source)
+
+    async def named() -> str:
+        return name()
+    return named
 
 
-async def stream(job: Job, disk: DiskJob, budget: Budget, scratch_dir: str) -> bool:
+async def stream(job: Job, disk: DiskJob, budget: Budget) -> bool:
     """Write the disk; True when all of it went, False when the budget ran out first."""
     disk.status = "streaming"
     job.set(operation=f"Copying {disk.disk_id} ({disk.sync_type}) to {disk.target.url}")
     if disk.sync_type == "incremental":
-        return await _stream_extents(job, disk, budget, scratch_dir)
+        return await _stream_extents(job, disk, budget)
     return await _stream_full(job, disk, budget)
 
 
@@ -83,7 +112,7 @@ async def _stream_full(job: Job, disk: DiskJob, budget: Budget) -> bool:
     return False
 
 
-async def _stream_extents(job: Job, disk: DiskJob, budget: Budget, scratch_dir: str) -> bool:
+async def _stream_extents(job: Job, disk: DiskJob, budget: Budget) -> bool:
     extents: list[Extent] = []
     complete = True
     remaining = budget.remaining
@@ -101,12 +130,14 @@ async def _stream_extents(job: Job, disk: DiskJob, budget: Budget, scratch_dir: 
             remaining -= ext.length
         extents.append(ext)
 
-    async def on_batch(data_bytes: int) -> None:
+    def on_progress(data_bytes: int) -> None:
         job.add_bytes(disk, data_bytes)
         budget.spend(data_bytes)
 
-    await write_extents(disk.source, disk.target, extents, scratch_dir=scratch_dir, on_batch=on_batch)
-    disk.blocks_written += cbt.blocks_in([(e.offset, e.end) for e in extents if not e.zero])
-    disk.zero_blocks_written += cbt.blocks_in([(e.offset, e.end) for e in extents if e.zero])
+    written = await write_extents(disk.source, disk.target, extents, connections=CONNECTIONS,
+                                  on_progress=on_progress)
+    disk.blocks_written += written.data_blocks
+    disk.zero_blocks_written += written.zero_blocks
+    disk.total_bytes -= written.zeros_found  # they went as write-zeroes: not data after all
     job.set()
     return complete

@@ -6,16 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from . import faults as F
-from .cbt import BlockMap
+from .cbt import DiskTracker
 from .inventory import FIRST_DISK_KEY, InventoryError, VirtualMachine
 from .jobs import FAILED, FINALIZING, PREPARING, SNAPSHOTTING, STREAMING, SUCCEEDED, DiskJob, Job
 from .nbdclient import NbdTarget, TransferError, parse_nbd_url
 from .oma import OmaCallError, OmaClient
-from .state import DEFAULT_OMA_URL, SimState
+from .state import DEFAULT_OMA_URL, MAP, SCAN, SimState
 from .transfer import Budget, snapshot, stream
 
 log = logging.getLogger(__name__)
@@ -173,30 +172,38 @@ class JobManager:
 
     # -- running ----------------------------------------------------------------------------------
 
+    def _choose_base(self, job: Job, disk: DiskJob, tracker: DiskTracker, base: Optional[str]) -> None:
+        """An incremental when the tracker knows the base change id, else a full copy."""
+        mode = self._state.change_tracking
+        disk.base_change_id = base
+        disk.base_map = tracker.lookup(base) if mode == SCAN else None
+        known = disk.base_map is not None if mode == SCAN else mode == MAP and tracker.knows(base)
+        disk.sync_type = "incremental" if known else "full"
+        if base and not known:
+            log.info("%s %s %s: change id %r unknown, copying in full", job.kind, job.job_id, disk.disk_id, base)
+
     async def _transfer(self, job: Job, vm: VirtualMachine) -> str:
         """Snapshot and stream every disk, recording each one's new change id. Returns "ok", or
         the mode of the FAIL or DISCONNECT fault that stopped it (a FAIL has noted its error)."""
         fault = job.fault
         budget = Budget(fault.after_bytes if fault is not None and fault.mode in (F.FAIL, F.DISCONNECT) else None)
         job.set(SNAPSHOTTING, f"Creating snapshot of {vm.name}")
-        maps: list["Optional[asyncio.Future[BlockMap]]"] = []
+        names: list[Callable[[], Awaitable[str]]] = []
         for disk in job.disks:
             size = vm.disk(disk.index).capacity_bytes
             actual = os.path.getsize(disk.source)
             if actual != size:
                 raise TransferError(f"source image of {disk.disk_id} has {actual} bytes, the disk {size}")
-            maps.append(await snapshot(disk, self._state.change_tracking))
+            names.append(await snapshot(disk, self._state.tracker(vm, disk.index), self._state.change_tracking))
         job.set(STREAMING, "Streaming disks")
-        with tempfile.TemporaryDirectory(prefix="job-", dir=str(self._state.workdir)) as scratch:
-            for disk, future in zip(job.disks, maps):
-                if not await stream(job, disk, budget, scratch):
-                    break  # the fault's byte budget ran out inside this disk
-                tracker = self._state.tracker(vm, disk.index)
-                disk.change_id = tracker.record(await future) if future is not None else tracker.untracked()
-                disk.status = "completed"
-                job.set()
-                if fault is not None and fault.mode == F.HOLD and disk.index + 1 == fault.after_disks:
-                    await self._hold(job, fault)
+        for disk, name in zip(job.disks, names):
+            if not await stream(job, disk, budget):
+                break  # the fault's byte budget ran out inside this disk
+            disk.change_id = await name()
+            disk.status = "completed"
+            job.set()
+            if fault is not None and fault.mode == F.HOLD and disk.index + 1 == fault.after_disks:
+                await self._hold(job, fault)
         if fault is not None and fault.mode == F.FAIL:
             job.add_error(fault.message)
             return F.FAIL
@@ -235,13 +242,9 @@ class JobManager:
                     # Like the real client: ask the OMA for this disk's last change id; the
                     # request's previous_change_id is a fallback when it belongs to this disk.
                     base = await oma.backup_change_id(oma_url, job.vm_name, disk.index)
-                    if base is None and tracker.lookup(previous_change_id) is not None:
+                    if base is None and tracker.knows(previous_change_id):
                         base = previous_change_id
-                disk.base_change_id = base
-                disk.base_map = tracker.lookup(base) if self._state.change_tracking else None
-                disk.sync_type = "incremental" if disk.base_map is not None else "full"
-                if base and disk.base_map is None:
-                    log.info("backup %s %s: change id %r unknown, copying in full", job.job_id, disk.disk_id, base)
+                self._choose_base(job, disk, tracker, base)
             await oma.telemetry(oma_url, "backup", job.job_id, job.telemetry_body("running"))
             pump_stop = asyncio.Event()
             pump = asyncio.ensure_future(self._telemetry_pump(job, oma_url, pump_stop))
@@ -299,11 +302,7 @@ class JobManager:
             job.set(PREPARING, f"Preparing replication of {vm.name}")
             for disk in job.disks:
                 base = await oma.replication_change_id(oma_url, job.vm_path, disk.disk_id)
-                disk.base_change_id = base
-                disk.base_map = self._state.tracker(vm, disk.index).lookup(base) if self._state.change_tracking else None
-                disk.sync_type = "incremental" if disk.base_map is not None else "full"
-                if base and disk.base_map is None:
-                    log.info("replication %s %s: change id %r unknown, copying in full", job.job_id, disk.disk_id, base)
+                self._choose_base(job, disk, self._state.tracker(vm, disk.index), base)
             outcome = await self._transfer(job, vm)
             if outcome == F.FAIL:
                 job.fail()

@@ -154,6 +154,16 @@ class Stopped:
 
 
 @dataclasses.dataclass
+class RootsView:
+    """Where images may be exported from (GET /roots)."""
+
+    export_roots: list[str] = spec(description="as configured")
+    resolved_roots: list[str] = spec(description="each with symlinks resolved")
+    drop_in: str = spec(description="the drop-in files that change them (a glob)")
+    key: str = spec(description="the setting in those files")
+
+
+@dataclasses.dataclass
 class Partition:
     number: int
     device: str  # /dev/loop0p1, /dev/nbd0p1
@@ -176,8 +186,11 @@ class Attachment:
     device: str
     partitions: list[Partition]
     attached_at: str | None
-    status: str
+    # broken: the process serving the device has died (every read of the device fails); judged when asked,
+    # not only by the periodic check. DELETE tears down what is left once nothing is mounted from it.
+    status: Literal["attached", "broken"]
     pid: int | None
+    error: str | None = spec(None, description="why it is broken (which process ended, and how)")
 
 
 @dataclasses.dataclass

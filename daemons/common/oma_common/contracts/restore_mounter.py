@@ -10,6 +10,10 @@ from ..filestream import FileMeta
 from ..schema import spec
 
 MOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# A directory is listed a page at a time, never read whole (guest directories may hold millions of entries).
+LIST_LIMIT_DEFAULT = 1000
+LIST_LIMIT_MAX = 10000
+CURSOR_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 
 # --- requests ---------------------------------------------------------------------------------------
 
@@ -33,8 +37,12 @@ class ListQuery:
     path: str = spec("/", max_length=8192, description="directory inside the backup")
     recursive: bool = spec(False, description="descend into subdirectories")
     depth: int | None = spec(None, min=1, max=1024, description="levels when recursive")
-    offset: int = spec(0, min=0, max=1_000_000_000, description="first entry of the page")
-    limit: int = spec(1000, min=1, max=10000, description="entries in the page")
+    offset: int = spec(0, min=0, max=1_000_000_000,
+                       description="entries skipped before the page (from the start, or from `cursor`)")
+    limit: int = spec(LIST_LIMIT_DEFAULT, min=1, max=LIST_LIMIT_MAX, description="entries in the page at most")
+    cursor: str | None = spec(None, max_length=64, pattern=CURSOR_PATTERN,
+                              description="`next_cursor` of the previous page: the page continues after it "
+                                          "(opaque; not with recursive)")
 
 
 @dataclasses.dataclass
@@ -73,7 +81,9 @@ class Mount:
     mount_id: str
     image: str
     mount_path: str
-    status: Literal["mounting", "mounted", "unmounting", "error"]
+    # broken: what serves the mount died (`error` says what); its file operations answer 503 mount_broken
+    # until it is unmounted.
+    status: Literal["mounting", "mounted", "unmounting", "error", "broken"]
     device: str | None
     backend: str | None
     attachment_id: str | None
@@ -121,6 +131,11 @@ class Entry:
 
 @dataclasses.dataclass
 class Listing:
+    """A page of a directory. Entries are sorted by name within the page; pages follow the directory's own
+    order. `next_cursor` continues the listing; null when this page is the last. `total_count`: entries
+    listed up to the end of this page, earlier pages included (the directory's size once `next_cursor` is
+    null; recursive: all collected). `truncated`: a recursive listing stopped at its entry limit."""
+
     mount_id: str
     path: str
     files: list[Entry]
@@ -130,6 +145,7 @@ class Listing:
     recursive: bool
     depth: int
     truncated: bool
+    next_cursor: str | None = spec(None, description="pass as `cursor` for the next page; null at the end")
 
 
 OpenedFile = FileMeta  # the body of GET /mounts/{id}/open; the descriptor rides on its bytes

@@ -95,3 +95,15 @@ class SessionIn:
 @dataclasses.dataclass
 class TerminateIn:
     sessions: list[SessionIn] = spec(description="the sessions that logged in with a revoked key")
+
+
+@dataclasses.dataclass
+class SkippedSession:
+    pid: int
+    reason: str
+
+
+@dataclasses.dataclass
+class Terminated:
+    terminated: list[int] = spec(description="pids of the sessions ended")
+    skipped: list[SkippedSession] = spec(description="sessions left alone, each with the reason")

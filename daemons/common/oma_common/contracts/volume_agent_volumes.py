@@ -1,4 +1,5 @@
-"""volume-agent's CloudStack volumes contract (its handlers: volume_agent/api.py; omad's client to come)."""
+"""volume-agent's CloudStack volumes contract (its handlers: volume_agent/api.py; omad's client:
+clients/volume_agent.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 from ..schema import spec
 
 VM_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+STAMP = r"[0-9a-f]{32}"
 CLOUDSTACK_ID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 
 # --- requests ---------------------------------------------------------------------------------------
@@ -28,6 +30,12 @@ class VolumeCreateIn:
 @dataclasses.dataclass
 class SnapshotIn:
     name: str = spec("", max_length=255, description="empty = CloudStack's own name")
+
+
+@dataclasses.dataclass
+class StampIn:
+    stamp: str = spec(pattern=STAMP, description="32 lower-case hex digits: what the sync that just completed "
+                                                 "leaves on the volume")
 
 
 @dataclasses.dataclass
@@ -81,6 +89,16 @@ class VolumesListing:
 
 
 @dataclasses.dataclass
+class StampView:
+    """The sync stamp in the last 4 KiB of an attached volume's device, beyond any disk it holds: it travels
+    with the volume's content, so a revert to an older snapshot or a new volume shows another one (or none)."""
+
+    volume_id: str
+    stamp: str = spec(description="the stamp found; empty when the block holds none")
+    offset: int = spec(description="where on the device it lives")
+
+
+@dataclasses.dataclass
 class DevicesListing:
     devices: list[DeviceView]
 
@@ -90,3 +108,10 @@ class Deleted:
     volume_id: str
     deleted: bool
     message: str
+
+
+@dataclasses.dataclass
+class SnapshotDeleted:
+    volume_id: str
+    snapshot_id: str
+    deleted: bool = spec(description="false when CloudStack had no such snapshot any more")

@@ -22,5 +22,6 @@ NEEDS: dict[str, Needs] = {
     "orphans": needs("finds and ends leftovers: its own children run as root, so no CAP_KILL"),
     "nbd_probe": needs("an NBD handshake to a loopback port"),
     "ports": needs("a bind test of a pool port above 1024"),
+    "listen_fd": needs("binds an export's listener (TCP_NODELAY) and execs qemu-nbd with it socket-activated"),
     "blockinfo": needs("sysfs and /proc (mountinfo, swaps) about a block device before it is exported"),
 }

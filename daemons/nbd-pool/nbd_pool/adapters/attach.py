@@ -96,6 +96,9 @@ class Attachment(Protocol):
     @property
     def record(self) -> AttachRecord: ...
 
+    @property
+    def exit_code(self) -> int | None: ...
+
     async def detach(self) -> None:
         """Undo everything attach did; DetachBusy (and nothing undone) while the device is in use."""
 
@@ -125,6 +128,12 @@ class HeldAttachment:
     @property
     def record(self) -> AttachRecord:
         return self._record
+
+    @property
+    def exit_code(self) -> int | None:
+        """The serving child's exit code once it ended, when it was ours to reap (not one adopted after a
+        restart: the kernel tells only a parent); None otherwise."""
+        return self._child.returncode if isinstance(self._child, SupervisedChild) else None
 
     def forget(self) -> AttachRecord:
         if isinstance(self._child, SupervisedChild):

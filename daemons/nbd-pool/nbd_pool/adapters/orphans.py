@@ -63,25 +63,50 @@ def _port_of(argv: Sequence[str]) -> int | None:
     return None
 
 
+def listening_ports(proc: psutil.Process) -> set[int]:
+    """The TCP ports `proc` listens on, read from its own sockets (qemu-nbd given its listener by socket
+    activation names no port in its argv). Blocking: psutil reads /proc/<pid>/fd and /proc/<pid>/net."""
+    # net_connections() is psutil 6's name; Debian 12 ships psutil 5.9, which only has connections().
+    conns = (getattr(proc, "net_connections", None) or proc.connections)(kind="tcp")
+    return {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN and c.laddr}
+
+
 def references_root(argv: Sequence[str], root: Path) -> bool:
     """Whether an argument names a path under `root`, as given or with symlinks resolved."""
     prefixes = {str(r).rstrip("/") + "/" for r in (root.absolute(), root.resolve())}
     return any(p in a for p in prefixes for a in argv[1:])
 
 
+#: A process is only ever ours if it shares these namespaces with us. /proc shows the processes of every
+#: container below ours too: a container's qemu-nbd on "our" port number listens in another network, and
+#: its argv names files of another file system; signalling it would cut that system's backups.
+OWN_NAMESPACES = ("pid", "net")
+
+
+def namespaces(pid: int | str) -> tuple[tuple[int, int], ...] | None:
+    """The (device, inode) of `pid`'s OWN_NAMESPACES, or None if they cannot be read (gone, not ours)."""
+    try:
+        return tuple((st.st_dev, st.st_ino) for st in (os.stat(f"/proc/{pid}/ns/{ns}") for ns in OWN_NAMESPACES))
+    except OSError:
+        return None
+
+
 def qemu_processes(*, root: Path | None = None, ports: Collection[int] | None = None, programs: Sequence[str] = PROGRAMS) -> list[OrphanProcess]:
-    """qemu-nbd / qemu-storage-daemon processes whose argv references `root` or (qemu-nbd) listens on one of
-    `ports`. Blocking: psutil walks /proc; run it in an executor."""
+    """qemu-nbd / qemu-storage-daemon processes in our own PID and network namespaces whose argv references
+    `root` or (qemu-nbd) listens on one of `ports`. Blocking: psutil walks /proc; run it in an executor."""
     found = []
+    own = namespaces("self")
     for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
         try:
             argv = proc.info["cmdline"] or []
             if not argv or os.path.basename(argv[0]) not in programs:
                 continue
+            if namespaces(proc.info["pid"]) != own:
+                continue  # a container's (or unreadable: then not one we started)
             hit = root is not None and references_root(argv, root)
             if not hit and ports is not None and os.path.basename(argv[0]) == "qemu-nbd":
                 port = _port_of(argv)
-                hit = port is not None and port in ports
+                hit = (port in ports) if port is not None else bool(listening_ports(proc) & set(ports))
             if hit:
                 found.append(OrphanProcess(proc.info["pid"], tuple(argv), proc.info["create_time"]))
         except psutil.Error:

@@ -12,7 +12,7 @@ class PortProbeError(Exception):
     """The address itself cannot be bound (not configured on this host, bad syntax): no port will ever be free."""
 
 
-def _family(host: str) -> socket.AddressFamily:
+def address_family(host: str) -> socket.AddressFamily:
     try:
         return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError as exc:
@@ -31,7 +31,7 @@ def port_is_free(host: str, port: int, *, reuse_addr: bool = True) -> bool:
     """
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range")
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+    with socket.socket(address_family(host), socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1 if reuse_addr else 0)
         try:
             sock.bind((host, port))

@@ -45,6 +45,7 @@ import psutil
 
 from oma_common.process import AdoptedChild, ProcessIdentity, SupervisedChild
 
+from . import listen_fd
 from .nbd_probe import ExportInfo, encode_name, probe_export
 
 log = logging.getLogger("nbd_pool.qemu_nbd")
@@ -95,12 +96,14 @@ class ExportOptions:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
-def build_argv(path: Path, name: str, host: str, port: int, options: ExportOptions, *, program: str = "qemu-nbd",
-               source: str = "") -> list[str]:
+def build_argv(path: Path, name: str, options: ExportOptions, *, program: str = "qemu-nbd", source: str = "",
+               bind: tuple[str, int] | None = None) -> list[str]:
     """The qemu-nbd command line of a persistent export; no --fork: the daemon supervises it.
 
     `source` is the image as qemu options (`json:{...}` over inherited descriptors, images.OpenedImage): then
     qemu opens no name of its own; the format is in those options. Without it, `path` is opened by name.
+    Without `bind` (host, port), qemu-nbd is given its listener by socket activation (listen_fd.py); with
+    it, qemu-nbd binds itself (exports started before nbd-pool bound their listeners, adopted as they are).
     """
     if not path.is_absolute():
         # A relative name could start with '-' or look like a "protocol:" filename to qemu.
@@ -108,15 +111,14 @@ def build_argv(path: Path, name: str, host: str, port: int, options: ExportOptio
     if source and not source.startswith("json:"):
         raise ValueError("an export's source must be json: options")
     encode_name(name)
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range")
+    if bind is not None and not 0 < bind[1] < 65536:
+        raise ValueError(f"port {bind[1]} out of range")
     argv = [
         program,
         "--persistent",  # without it qemu-nbd exits when its first client disconnects
         *([] if source else [f"--format={options.fmt}"]),
         f"--export-name={name}",
-        f"--bind={host}",
-        f"--port={port}",
+        *([f"--bind={bind[0]}", f"--port={bind[1]}"] if bind is not None else []),
         f"--shared={options.shared}",
     ]
     if options.read_only:
@@ -251,7 +253,10 @@ class QemuNbdExport:
         self.source = source
         self.pass_fds = pass_fds
         self.resource_id = resource_id or f"export {name}@{port}"
-        self.argv = build_argv(path, name, host, port, options, program=program, source=source)
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} out of range")
+        # The listener is bound here and handed over (listen_fd.py); `argv` is what qemu-nbd runs as.
+        self.argv = build_argv(path, name, options, program=program, source=source)
         self._log = logger or log
         self._child: Union[SupervisedChild, AdoptedChild, None] = None
         self.info: ExportInfo | None = None
@@ -271,7 +276,11 @@ class QemuNbdExport:
             source=record.source,
         )
         if tuple(export.argv) != record.process.argv:
-            raise ValueError(f"{record.resource_id}: record argv does not match its fields")
+            # Started by an nbd-pool that let qemu-nbd bind the port itself.
+            export.argv = build_argv(Path(record.path), record.name, record.options, program=record.process.argv[0],
+                                     source=record.source, bind=(record.host, record.port))
+            if tuple(export.argv) != record.process.argv:
+                raise ValueError(f"{record.resource_id}: record argv does not match its fields")
         export._child = AdoptedChild.adopt_identity(record.process, resource_id=record.resource_id, logger=logger)
         return export
 
@@ -287,7 +296,8 @@ class QemuNbdExport:
     def record(self) -> ExportRecord:
         if self._child is None:
             raise RuntimeError(f"{self.resource_id}: not started")
-        ident = self._child.identity
+        # A SupervisedChild knows the launcher's argv; the process has exec'd into qemu-nbd's since it answered.
+        ident = dataclasses.replace(self._child.identity, argv=tuple(self.argv))
         return ExportRecord(self.resource_id, self.name, str(self.path), self.host, self.port, self.options, ident,
                             self.source)
 
@@ -298,16 +308,26 @@ class QemuNbdExport:
         return await probe_export(probe_host(self.host), self.port, self.name, timeout=timeout)
 
     async def start(self, timeout: float = 10.0) -> ExportInfo:
-        """Start qemu-nbd and return once the export answers an NBD handshake (ChildFailed/ChildNotReady)."""
+        """Bind the port, start qemu-nbd on it and return once the export answers an NBD handshake.
+
+        Raises listen_fd.PortInUse (nothing started) when another process holds the port, ChildFailed or
+        ChildNotReady when qemu-nbd does not come up (then nothing is left running and the port is free).
+        """
         if self._child is not None:
             raise RuntimeError(f"{self.resource_id}: already started")
-        child = SupervisedChild(self.argv, resource_id=self.resource_id, logger=self._log, pass_fds=self.pass_fds)
-        self._child = child
+        listener = listen_fd.listen(self.host, self.port)
+        try:
+            fd = listener.fileno()
+            child = SupervisedChild(listen_fd.launcher_argv(fd, self.argv), resource_id=self.resource_id,
+                                    logger=self._log, pass_fds=(*self.pass_fds, fd))
+            self._child = child
 
-        async def ready() -> ExportInfo:
-            return await self.probe(timeout=min(2.0, timeout))
+            async def ready() -> ExportInfo:
+                return await self.probe(timeout=min(2.0, timeout))
 
-        self.info = await child.start(ready, timeout=timeout, interval=0.02)
+            self.info = await child.start(ready, timeout=timeout, interval=0.02)
+        finally:
+            listener.close()  # qemu-nbd holds its own copy; ours would keep the port bound after it exits
         assert self.info is not None
         self._log.info(
             "%s: serving %s (%s, %d bytes%s) on %s:%d",

@@ -9,12 +9,18 @@ from oma_common.errors import Conflict, Invalid, NotFound
 from oma_common.schema import name_spec, spec
 from oma_common.web import Auth, Call, route
 
+from ..clients.vcenter import THUMBPRINT_PATTERN
 from ..inventory.credentials import Credentials
 
 # Any segment but "default", so /vmware-credentials/default is never read as an id whatever the route order;
 # the id itself is checked by _id() (a 400, not an unmatched route).
 _ID = "{credential_id:(?!default$)[^/]+}"
 _DIGITS = {"credential_id": "[0-9]{1,18}"}
+# A thumbprint, or '' for none.
+_PIN = "^(?:" + THUMBPRINT_PATTERN.removeprefix("^").removesuffix("$") + ")?$"
+_PIN_ABOUT = ("the SHA-256 (or SHA-1) fingerprint of the vCenter's certificate, hex pairs optionally joined by "
+              "colons: every login with this credential accepts exactly that certificate (a self-signed "
+              "vCenter; a failed test shows the thumbprint the server presented). '' = trust the CA store")
 
 
 def _id(call: Call) -> int:
@@ -35,6 +41,7 @@ class CredentialIn:
     datacenter: str = name_spec("", max_length=255)
     is_active: bool = spec(True)
     is_default: bool = spec(False, description="make this the default (the previous default stops being one)")
+    tls_thumbprint: str = spec("", max_length=95, pattern=_PIN, description=_PIN_ABOUT)
 
 
 @dataclasses.dataclass
@@ -48,6 +55,8 @@ class CredentialUpdate:
     datacenter: str | None = name_spec(None, max_length=255)
     is_active: bool | None = spec(None)
     is_default: bool | None = spec(None)
+    tls_thumbprint: str | None = spec(None, max_length=95, pattern=_PIN,
+                                      description="pin this certificate (see create); '' removes the pin")
 
 
 @dataclasses.dataclass
@@ -67,6 +76,7 @@ class CredentialOut:
     updated_at: str
     last_used: str | None
     usage_count: int
+    tls_thumbprint: str = spec(description="the pinned certificate's thumbprint (AA:BB:...), '' = none")
 
 
 @dataclasses.dataclass
@@ -87,6 +97,9 @@ class CredentialTest:
     server: str
     elapsed_ms: int
     tested_at: str
+    thumbprint: str = spec(description="reason tls: the SHA-256 thumbprint of the certificate the server "
+                                       "presented (pin it by saving it as tls_thumbprint); ok: the pin, if any")
+    pinned: bool = spec(description="the credential pins a certificate")
 
 
 def _set(body: Any) -> dict[str, Any]:
@@ -148,9 +161,11 @@ class CredentialsApi:
         """Make this login the default (the previous default stops being one)."""
         return await self.credentials.set_default(_id(call), actor=call.actor)
 
-    @route("POST", f"/vmware-credentials/{_ID}/test", params=_DIGITS, errors=(NotFound,),
+    @route("POST", f"/vmware-credentials/{_ID}/test", params=_DIGITS, errors=(NotFound, Conflict),
            response=CredentialTest, tags=("vmware-credentials",))
     async def test(self, call: Call) -> dict[str, Any]:
         """Log in to the vCenter with the stored login, within a bounded time; 200 with success false and a
-        reason when it fails."""
+        reason when it fails. The certificate must match the credential's pin or be trusted by the CA store;
+        an untrusted one's thumbprint is in the answer (PUT it as tls_thumbprint to accept it). 409 when the
+        stored password does not open (set it again)."""
         return await self.credentials.test(_id(call))

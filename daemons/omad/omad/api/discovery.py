@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from oma_common.errors import CALLS_OUT, NotFound
+from oma_common.errors import CALLS_OUT, Conflict, NotFound
 from oma_common.schema import name_item, name_spec, spec
 from oma_common.web import Call, route
 
@@ -74,14 +74,14 @@ class DiscoveryApi:
     def __init__(self, discovery: Discovery) -> None:
         self.discovery = discovery
 
-    @route("POST", "/discovery/discover-vms", errors=(NotFound, *CALLS_OUT), body=DiscoverIn, tags=("discovery",))
+    @route("POST", "/discovery/discover-vms", errors=(NotFound, Conflict, *CALLS_OUT), body=DiscoverIn, tags=("discovery",))
     async def discover_vms(self, call: Call) -> dict[str, Any]:
         """Discover a vCenter's VMs through the VMA; managed ones are marked `existing` and refreshed."""
         b: DiscoverIn = call.body
         return await self.discovery.discover(_target(b), filter=b.filter, create_context=b.create_context,
                                              selected=b.selected_vms, actor=call.actor)
 
-    @route("POST", "/discovery/add-vms", errors=(NotFound, *CALLS_OUT), body=AddVmsIn, tags=("discovery",))
+    @route("POST", "/discovery/add-vms", errors=(NotFound, Conflict, *CALLS_OUT), body=AddVmsIn, tags=("discovery",))
     async def add_vms(self, call: Call) -> dict[str, Any]:
         """Add VMs to management by name, with a result per VM."""
         b: AddVmsIn = call.body
@@ -94,7 +94,7 @@ class DiscoveryApi:
         target = Target(None, b.vcenter, b.username, b.password, b.datacenter)
         return await self.discovery.bulk_add(target, filter=b.filter, selected=b.selected_vms, actor=call.actor)
 
-    @route("POST", "/discovery/preview", errors=(NotFound, *CALLS_OUT), body=PreviewIn, tags=("discovery",))
+    @route("POST", "/discovery/preview", errors=(NotFound, Conflict, *CALLS_OUT), body=PreviewIn, tags=("discovery",))
     async def preview(self, call: Call) -> dict[str, Any]:
         """What a discovery would find and which VMs are new; writes nothing."""
         b: PreviewIn = call.body

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from oma_common.contracts.nbd_pool import EXPORT_NAME
+from oma_common.contracts.nbd_pool import EXPORT_NAME, Allocated, PortStatus, Released, Stopped
 from oma_common.errors import CALLS_OUT, Conflict, Exhausted, Forbidden, Invalid, NotFound
 from oma_common.schema import name_spec, spec
 from oma_common.web import Auth, Call, route
@@ -53,14 +53,14 @@ class NbdApi:
 
     @route("POST", "/nbd/ports/allocate", errors=(Conflict, Exhausted, *CALLS_OUT),
            body=AllocateIn, auth=Auth.ADMIN, tags=("nbd",))
-    async def allocate(self, call: Call) -> dict[str, Any]:
+    async def allocate(self, call: Call) -> Allocated:
         """Allocate one port per disk for a job, all or none."""
         b: AllocateIn = call.body
         return await self.pool.allocate(b.job_id, b.disk_count, export_names(b.export_name, b.disk_count))
 
     @route("POST", "/nbd/ports/release", errors=(NotFound, Conflict, *CALLS_OUT),
            body=ReleaseIn, auth=Auth.ADMIN, tags=("nbd",))
-    async def release(self, call: Call) -> dict[str, Any]:
+    async def release(self, call: Call) -> Released:
         """Release a job's ports, or the listed ones."""
         b: ReleaseIn = call.body
         if b.job_id is None and not b.ports:
@@ -68,7 +68,7 @@ class NbdApi:
         return await self.pool.release(b.job_id, b.ports)
 
     @route("GET", "/nbd/ports/status", errors=CALLS_OUT, auth=Auth.ADMIN, tags=("nbd",))
-    async def status(self, call: Call) -> dict[str, Any]:
+    async def status(self, call: Call) -> PortStatus:
         """The pool: total, allocated, available, and every allocation."""
         return await self.pool.status()
 
@@ -79,11 +79,11 @@ class NbdApi:
         b: StartIn = call.body
         out = await self.pool.start_export(export_name=b.export_name, port=b.port, path=b.qcow2_path,
                                            read_only=b.read_only, shared_connections=b.shared_connections)
-        return {"pid": out["pid"], "port": out["port"], "export_name": out["export_name"], "status": out["status"]}
+        return {"pid": out.pid, "port": out.port, "export_name": out.export_name, "status": out.status}
 
     @route("POST", "/nbd/qemu-nbd/stop", errors=(NotFound, Conflict, *CALLS_OUT),
            body=StopIn, auth=Auth.ADMIN, tags=("nbd",))
-    async def stop(self, call: Call) -> dict[str, Any]:
+    async def stop(self, call: Call) -> Stopped:
         """Stop an export by pid or export name."""
         b: StopIn = call.body
         if (b.pid is None) == (b.export_name is None):

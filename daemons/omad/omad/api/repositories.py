@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from oma_common.errors import CALLS_OUT, Conflict, NotFound
+from oma_common.errors import CALLS_OUT, Conflict, Invalid, NotFound
 from oma_common.schema import any_case, name_spec, spec, text_spec
 from oma_common.web import Auth, Call, route
 
@@ -68,10 +68,11 @@ class RepositoriesApi:
         """Check the capacity now: total, used and available bytes, and the mount point."""
         return await self.repositories.storage(call.params["repository_id"])
 
-    @route("POST", "/repositories/test", errors=CALLS_OUT,
+    @route("POST", "/repositories/test", errors=(Invalid, *CALLS_OUT),
            body=RepositoryTestIn, auth=Auth.ADMIN, tags=("repositories",))
     async def test(self, call: Call) -> dict[str, Any]:
-        """Test a configuration without saving it; `success` false carries the reason."""
+        """Test a configuration without saving it; `success` false carries the reason. A root outside nbd-pool's
+        export roots is refused with 400 as at creation (the roots and the drop-in that changes them named)."""
         b: RepositoryTestIn = call.body
         return await self.repositories.test(b.type, b.config)
 

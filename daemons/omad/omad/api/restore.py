@@ -1,7 +1,11 @@
 """/restore: mount a backup's disk read-only, browse it, download files and directories, unmount.
 
 A file is sent from the descriptor restore-mounter hands over (sendfile: its bytes never enter omad); a
-directory's archive is relayed from restore-mounter's stream."""
+directory's archive is relayed from restore-mounter's stream.
+
+A mount whose attachment died (its qemu-storage-daemon or qemu-nbd killed) shows status "broken" with `error`
+(the cause) and `remount` (DELETE it, then POST /restore/mount again); its file operations answer 503
+`mount_broken` with the same, never 500 or a truncated download when that can be known before the first byte."""
 
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ class RestoreApi:
 
     @route("GET", "/restore/mounts", errors=CALLS_OUT, tags=TAGS)
     async def mounts(self, call: Call) -> dict[str, Any]:
-        """Active restore mounts."""
+        """Active restore mounts; status "broken" (with `error` and `remount`) when what serves one has died."""
         return await self.restore.mounts()
 
     @route("GET", "/restore/resources", errors=CALLS_OUT, response=Resources, tags=TAGS)

@@ -15,12 +15,18 @@ from ..schedule.schedules import Schedules
 _CRON = ("6 fields, seconds first (second minute hour day-of-month month day-of-week), or the classic 5; "
          "*, a-b, */n, a-b/n, lists, JAN-DEC, SUN-SAT, ? in the day fields, @daily and friends")
 BackupType = Literal["full", "incremental", "auto"]
+ReplicationType = Literal["full", "incremental", "auto"]
+Action = Literal["backup", "replication"]
+_ACTION = ("what each run starts per VM; absent: replication when replication_type is given without repository_id "
+           "or policy_id (the contract's schedule), else backup")
+_REPLICATION_TYPE = ("for replication schedules: full copies every disk, incremental continues from the stored "
+                     "change ids, auto (the default) is incremental once every disk has one")
 ExecutionStatus = Literal["scheduled", "running", "completed", "failed", "skipped", "cancelled"]
 
 
 @dataclasses.dataclass
 class ScheduleIn:
-    """A new schedule; what each run does is a backup of every enabled VM of the groups that use it."""
+    """A new schedule; each run backs up or replicates every enabled VM of the groups that use it."""
 
     name: str = name_spec(min_length=1, max_length=255)
     cron_expression: str = name_spec(min_length=1, max_length=255, description=_CRON, example="0 30 2 * * *")
@@ -33,12 +39,13 @@ class ScheduleIn:
     max_concurrent_jobs: int = spec(10, min=1, max=1000, description="jobs of this schedule running at once")
     retry_attempts: int = spec(3, min=0, max=10, description="further attempts for a VM whose job failed")
     retry_delay_minutes: int = spec(10, min=0, max=1440, description="wait before each retry")
-    action: Literal["backup"] = spec("backup", description="what each run starts per VM")
+    action: Action | None = spec(None, description=_ACTION)
     backup_type: BackupType = spec("auto", description="auto: incremental when a previous backup allows it")
-    repository_id: str | int | None = spec(None, max_length=128, description="repository the backups go to")
+    repository_id: str | int | None = spec(None, max_length=128, description="repository the backups go to "
+                                                                              "(backup schedules only)")
     policy_id: str | int | None = spec(None, max_length=128,
                                        description="backup policy to follow (instead of, or with, a repository)")
-    replication_type: BackupType | None = spec(None, description="kept for replication schedules (not yet run)")
+    replication_type: ReplicationType | None = spec(None, description=_REPLICATION_TYPE)
     created_by: str | None = name_spec(None, max_length=255, description="ignored: the authenticated user is recorded")
 
 
@@ -55,11 +62,11 @@ class ScheduleUpdate:
     max_concurrent_jobs: int | None = spec(None, min=1, max=1000)
     retry_attempts: int | None = spec(None, min=0, max=10)
     retry_delay_minutes: int | None = spec(None, min=0, max=1440)
-    action: Literal["backup"] | None = spec(None)
+    action: Action | None = spec(None, description="a replication schedule takes no repository_id or policy_id")
     backup_type: BackupType | None = spec(None)
     repository_id: str | int | None = spec(None, max_length=128)
     policy_id: str | int | None = spec(None, max_length=128)
-    replication_type: BackupType | None = spec(None)
+    replication_type: ReplicationType | None = spec(None, description=_REPLICATION_TYPE)
 
 
 @dataclasses.dataclass
@@ -115,9 +122,9 @@ class ScheduleOut:
     max_concurrent_jobs: int
     retry_attempts: int
     retry_delay_minutes: int
-    action: str
-    backup_type: str
-    replication_type: str | None
+    action: Action
+    backup_type: BackupType
+    replication_type: ReplicationType | None
     repository_id: str | None
     policy_id: str | None
     next_run_at: str | None

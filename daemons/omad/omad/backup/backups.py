@@ -242,14 +242,15 @@ class Backups:
                 started = await self.pool.start_export(
                     export_name=d.nbd_export_name, port=d.nbd_port, path=str(root / d.qcow2_path),
                     read_only=False, shared_connections=self.cfg.shared_connections, fmt="qcow2", job_id=backup_id)
-                await store.mark_exporting(self.db, backup_id, d.disk_index, started.get("pid"))
+                await store.mark_exporting(self.db, backup_id, d.disk_index, started.pid)
         await self.jobs.progress(backup_id, 2)
         async with self.jobs.step(backup_id, "start VMA backup"):
             previous = disks[0].previous_change_id if disks else None
             body: dict[str, Any] = {
                 "job_id": backup_id, "vm_name": context["vm_name"], "vm_path": context["vm_path"],
                 "vcenter_host": login.vcenter, "vcenter_user": login.username, "vcenter_password": login.password,
-                "nbd_targets": targets_string(self.cfg.nbd_host, disks), "backup_type": backup_type}
+                "nbd_targets": targets_string(self.cfg.nbd_host, disks), "backup_type": backup_type,
+                **login.pin()}
             if previous:
                 body["previous_change_id"] = previous
             try:

@@ -88,10 +88,9 @@ class Recovery:
                         "judges it once nbd-pool answers", e, extra={"resource": backup_id})
             return None
         for d in open_disks:
-            found = [e for e in exports if e.get("export_name") == d.nbd_export_name]
-            alive = [e for e in found if e.get("status", "running") == "running" and e.get("port") == d.nbd_port
-                     and e.get("job_id") in (None, backup_id)
-                     and (d.qemu_nbd_pid is None or e.get("pid") == d.qemu_nbd_pid)]
+            found = [e for e in exports if e.export_name == d.nbd_export_name]
+            alive = [e for e in found if e.status == "running" and e.port == d.nbd_port
+                     and e.job_id in (None, backup_id) and (d.qemu_nbd_pid is None or e.pid == d.qemu_nbd_pid)]
             if not alive:
                 return f"the export of disk {d.disk_index} ({d.nbd_export_name}) is gone"
         try:

@@ -5,7 +5,10 @@ Before any use the root is made ready (a share is mounted again if the appliance
 mount is idempotent) and must be writable by omad. A new repository is refused (400) unless its root lies
 inside nbd-pool's export roots (nbd-pool answers them, `GET /roots`: a repository elsewhere could hold no
 backup, since nbd-pool exports no image outside them), omad's user can write there, and it has the free
-space configured (`backup.repository_min_free_bytes`). CIFS passwords are sealed at rest and never returned.
+space configured (`backup.repository_min_free_bytes`). The dry-run test answers `success` false with the reason
+for what may change (a share unreachable, a directory missing, not writable, short of space), and the same 400
+as creation for a root outside the export roots, which no retry can fix. CIFS passwords are sealed at rest and
+never returned.
 Immutability settings are stored here; the retention policies enforce them.
 """
 
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from oma_common import schema
+from oma_common.contracts.volume_agent import MountIn
 from oma_common.errors import Conflict, Invalid, NotFound, OmaError, Unavailable
 from oma_common.schema import spec
 
@@ -27,7 +31,7 @@ from ..adapters.localfs import Capacity, LocalFs
 from ..audit import Audit
 from ..clients.nbdpool import NbdPool
 from ..clients.volume_agent import VolumeAgent
-from ..crypto import SecretBox
+from ..crypto import SecretBox, reseal_all
 from ..store import backups as backup_store
 from ..store import repositories as store
 from ..store.db import Database, Tx, utcnow
@@ -105,6 +109,10 @@ class Target:
         return self.type != "local"
 
 
+class OutsideExportRoots(Invalid):
+    """A repository root where nbd-pool may not export from: no backup could ever be written there."""
+
+
 class ExportRoots:
     """nbd-pool's export roots: the only places a backup's images can be exported from for the VMA."""
 
@@ -121,13 +129,13 @@ class ExportRoots:
         except OmaError as e:
             raise Unavailable("cannot check the export roots",
                               f"nbd-pool could not be asked where backups may be written: {e.details}") from e
-        configured = [str(r) for r in answer.get("export_roots", [])]
-        resolved = [Path(r) for r in answer.get("resolved_roots", configured)]
+        configured = answer.export_roots
+        resolved = [Path(r) for r in answer.resolved_roots]
         real = Path(os.path.realpath(root))
         if any(real == r or real.is_relative_to(r) for r in resolved):
             return
-        drop_in = answer.get("drop_in", "/etc/oma/nbd-pool.d/*.toml")
-        raise Invalid("outside the export roots",
+        drop_in = answer.drop_in
+        raise OutsideExportRoots("outside the export roots",
                       f"{root} is not inside nbd-pool's export roots ({', '.join(configured) or 'none'}): no "
                       f"backup could be written there. Choose a directory inside one of them, or add it to "
                       f"`export_roots` in a drop-in {drop_in} and restart nbd-pool",
@@ -163,6 +171,10 @@ class Repositories:
         """The repository as a mapping, or NotFound (what schedule/launcher's RepositoryLookup asks for)."""
         return dataclasses.asdict(await store.get(self.db, repo_id))
 
+    async def reseal_unbound(self) -> int:
+        """Seal again, bound to its row, every password sealed in the first format; how many were."""
+        return await reseal_all(self.db, self.box, PURPOSE, store.sealed_secrets, store.set_secret)
+
     # -- the calls -----------------------------------------------------------------------------------
 
     async def create(self, fields: dict[str, Any], *, actor: str) -> dict[str, Any]:
@@ -174,7 +186,7 @@ class Repositories:
         try:
             capacity = await self._capacity(root)
             now = utcnow()
-            sealed = self.box.seal(target.password, purpose=PURPOSE) if target.type == "cifs" else None
+            sealed = self.box.seal(target.password, purpose=PURPOSE, row=repo_id) if target.type == "cifs" else None
             repo = Repository(
                 id=repo_id, name=fields["name"], type=target.type, enabled=bool(fields.get("enabled", True)),
                 config=json.dumps(target.config), secret_sealed=sealed, root_path=str(root),
@@ -208,6 +220,8 @@ class Repositories:
             finally:
                 if target.remote:
                     await self._unmount_quietly(root)
+        except OutsideExportRoots:
+            raise  # refused as at creation (400, naming the roots and the drop-in): no retry can make it work
         except OmaError as e:
             return {"success": False, "message": e.message, "error": {"error": e.message, "details": e.details,
                                                                       "code": e.code}, "tested_at": started}
@@ -282,7 +296,7 @@ class Repositories:
         elif target.config.get("mount_point"):
             await self.roots.check(Path(target.config["mount_point"]))
         else:
-            await self.roots.check(Path((await self.agent.share_mounts())["mount_root"]))
+            await self.roots.check(Path((await self.agent.share_mounts()).mount_root))
 
     async def _capacity(self, root: Path) -> Capacity:
         capacity = await self.fs.capacity(root)
@@ -300,7 +314,7 @@ class Repositories:
             await self.fs.probe_writable(root)
             return root
         if probe_only or not target.config.get("mount_point"):
-            mount_root = (await self.agent.share_mounts())["mount_root"]
+            mount_root = (await self.agent.share_mounts()).mount_root
             point = f"{mount_root}/{name}"
             if not probe_only:
                 target.config["mount_point"] = point
@@ -317,7 +331,7 @@ class Repositories:
     async def _ready(self, repo: Repository) -> Path:
         root = Path(repo.root_path)
         if repo.type != "local":
-            password = self.box.open(repo.secret_sealed, purpose=PURPOSE) if repo.secret_sealed else ""
+            password = self.box.open(repo.secret_sealed, purpose=PURPOSE, row=repo.id) if repo.secret_sealed else ""
             await self._mount(repo.type, json.loads(repo.config), password, str(root))
         await self.fs.probe_writable(root)
         return root
@@ -330,7 +344,7 @@ class Repositories:
         else:
             share.update(share_name=config["share_name"], username=config["username"], password=password,
                          domain=config.get("domain", ""))
-        await self.agent.mount_share(share)
+        await self.agent.mount_share(schema.parse(MountIn, share, what="share"))
 
     async def _unmount_quietly(self, point: Path) -> None:
         try:

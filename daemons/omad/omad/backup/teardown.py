@@ -83,8 +83,8 @@ class Teardown:
             log.warning("could not release exports and ports (%s); the watchdog will retry", e,
                         extra={"resource": backup_id})
             return False
-        log.info("released %s export(s) and %s port(s)", out.get("stopped_exports", "?"),
-                 out.get("released_count", "?"), extra={"resource": backup_id})
+        log.info("released %d export(s) and %d port(s)", out.stopped_exports, out.released_count,
+                 extra={"resource": backup_id})
         return True
 
     async def remove_images(self, backup_id: str) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from oma_common.contracts.nbd_pool import Export
 from oma_common.errors import OmaError
 from oma_common.periodic import Periodic
 from oma_common.timefmt import parse_rfc3339, rfc3339
@@ -39,12 +40,9 @@ def _parse(stamp: str | None) -> datetime | None:
     return parse_rfc3339(stamp) if stamp else None
 
 
-def client_count(export: dict[str, Any]) -> int:
+def client_count(export: Export) -> int:
     """Connected NBD clients of one export as nbd-pool lists it."""
-    clients = export.get("clients")
-    if isinstance(clients, list):
-        return len(clients)
-    return int(export.get("connection_count") or 0)
+    return len(export.clients) or export.connection_count
 
 
 class Watchdog:
@@ -98,10 +96,9 @@ class Watchdog:
         return failed
 
     @staticmethod
-    def _has_clients(backup: store.RunningBackup, exports: list[dict[str, Any]]) -> bool:
+    def _has_clients(backup: store.RunningBackup, exports: list[Export]) -> bool:
         names = set(backup.export_names)
-        return any(client_count(e) > 0 for e in exports
-                   if e.get("job_id") == backup.backup_id or e.get("export_name") in names)
+        return any(client_count(e) > 0 for e in exports if e.job_id == backup.backup_id or e.export_name in names)
 
     async def _renew(self, backup_id: str, now: datetime) -> None:
         last = self._renewed.get(backup_id)
@@ -113,17 +110,16 @@ class Watchdog:
         except OmaError as e:
             log.warning("could not renew the port lease: %s", e, extra={"resource": backup_id})
 
-    async def _sweep(self, exports: list[dict[str, Any]] | None) -> None:
+    async def _sweep(self, exports: list[Export] | None) -> None:
         """Release what nbd-pool still holds for backups that have ended (a release that failed earlier)."""
         try:
-            allocations = (await self.pool.status()).get("allocations", [])
+            allocations = (await self.pool.status()).allocations
         except OmaError:
             return
-        holders = {a.get("job_id") for a in allocations} | {e.get("job_id") for e in exports or []}
-        holders.discard(None)
+        holders = {a.job_id for a in allocations} | {e.job_id for e in exports or [] if e.job_id is not None}
         if not holders:
             return
-        for backup_id in await store.ended_among(self.db, (str(h) for h in holders)):
+        for backup_id in await store.ended_among(self.db, holders):
             log.warning("nbd-pool still holds exports or ports of the ended backup; releasing them",
                         extra={"resource": backup_id})
             await self.teardown.release(backup_id)

@@ -15,6 +15,7 @@ import hmac
 import http.client
 import ipaddress
 import logging
+import re
 import socket
 import ssl
 import time
@@ -86,17 +87,30 @@ class LoginTest:
     thumbprint: str = ""  # SHA-256 of the certificate the server presented, to pin a self-signed vCenter
 
 
-def thumbprint_of(der: bytes) -> str:
-    """A certificate's SHA-256 fingerprint as vSphere shows it: upper-case hex pairs joined by colons."""
-    digest = hashlib.sha256(der).hexdigest().upper()
+# What a client may send as a pin: a SHA-256 (64 hex digits) or SHA-1 (40, as older vSphere screens show it)
+# fingerprint, in hex pairs optionally joined by colons.
+THUMBPRINT_PATTERN = "^(?:[0-9A-Fa-f]{2}:?){19}(?:(?:[0-9A-Fa-f]{2}:?){12})?[0-9A-Fa-f]{2}$"
+_DIGESTS = {64: "sha256", 40: "sha1"}  # hex digits → the hash that gives that many
+
+
+def thumbprint_of(der: bytes, algorithm: str = "sha256") -> str:
+    """A certificate's fingerprint as vSphere shows it: upper-case hex pairs joined by colons."""
+    digest = hashlib.new(algorithm, der).hexdigest().upper()
     return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
 
 
 def normalise_thumbprint(text: str) -> str:
-    hexits = "".join(c for c in text.upper() if c in "0123456789ABCDEF")
-    if len(hexits) != 64:
-        raise Invalid("invalid thumbprint", "a certificate thumbprint is the 64 hex digits of its SHA-256")
-    return ":".join(hexits[i:i + 2] for i in range(0, 64, 2))
+    """AA:BB:... of a SHA-256 or SHA-1 fingerprint given with or without colons, in either case."""
+    stripped = text.strip()
+    if not re.fullmatch(THUMBPRINT_PATTERN, stripped):
+        raise Invalid("invalid thumbprint", "a certificate thumbprint is the 64 hex digits of its SHA-256 (or the "
+                                            "40 of its SHA-1), in pairs optionally joined by colons")
+    hexits = stripped.replace(":", "").upper()
+    return ":".join(hexits[i:i + 2] for i in range(0, len(hexits), 2))
+
+
+def _algorithm(pin: str) -> str:
+    return _DIGESTS[len(pin.replace(":", ""))]
 
 
 class PinnedContext(ssl.SSLContext):
@@ -109,7 +123,7 @@ class PinnedContext(ssl.SSLContext):
     def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         sock = super().wrap_socket(*args, **kwargs)
         der = sock.getpeercert(binary_form=True) or b""
-        self.seen = thumbprint_of(der)
+        self.seen = thumbprint_of(der, _algorithm(self.pin))
         if not hmac.compare_digest(self.seen, self.pin):
             sock.close()
             err = ssl.SSLCertVerificationError(f"thumbprint {self.seen} is not the pinned {self.pin}")
@@ -119,7 +133,11 @@ class PinnedContext(ssl.SSLContext):
 
 
 class VCenter:
-    """Direct vCenter calls. Only the credential test today; inventory goes through the VMA."""
+    """Direct vCenter calls. Only the credential test today; inventory goes through the VMA.
+
+    Certificates are checked: against the call's pin (a thumbprint) when it has one, else against the CA
+    store (`ca_file`, or the system's). `verify_tls` false turns the CA check off for unpinned calls only.
+    """
 
     def __init__(self, *, timeout: float, verify_tls: bool, ca_file: str = "") -> None:
         self.timeout = timeout
@@ -150,11 +168,12 @@ class VCenter:
             server = ""
             untrusted = isinstance(e, ssl.SSLCertVerificationError)
             log.info("vCenter login test on %s as %s failed: %s (%r)", address, username, reason, e)
-        seen = ""
+        seen = normalise_thumbprint(thumbprint) if thumbprint and reason == OK else ""
         if untrusted:
             seen = await loop.run_in_executor(self._pool, self._presented, address)
             if seen and not thumbprint:
-                message += f"; to trust this vCenter, pin its certificate: thumbprint {seen}"
+                message += (f"; if this is your vCenter's certificate, pin it: save its thumbprint {seen} "
+                            "as the credential's tls_thumbprint")
         elapsed = int((time.monotonic() - started) * 1000)
         return LoginTest(reason == OK, reason, message, elapsed, server, seen)
 

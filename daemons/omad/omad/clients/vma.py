@@ -58,12 +58,15 @@ class VmaClient:
         return await self.call("GET", "/health", idempotent=True)  # type: ignore[no-any-return]
 
     async def discover(self, *, vcenter: str, username: str, password: str, datacenter: str,
-                       filter: str | None = None) -> dict[str, Any]:
-        """The VMA's `POST /discover` body: `{vcenter: {host, datacenter}, vms: [...]}` (a read: retried)."""
+                       filter: str | None = None, thumbprint: str = "") -> dict[str, Any]:
+        """The VMA's `POST /discover` body: `{vcenter: {host, datacenter}, vms: [...]}` (a read: retried).
+        `thumbprint`: the credential's pin of the vCenter's certificate, sent as `vcenter_thumbprint`."""
         body: dict[str, Any] = {"vcenter": vcenter, "username": username, "password": password,
                                 "datacenter": datacenter}
         if filter:
             body["filter"] = filter
+        if thumbprint:
+            body["vcenter_thumbprint"] = thumbprint
         result = await self.call("POST", "/discover", json=body, idempotent=True, timeout=self.discover_timeout)
         if not isinstance(result, dict) or not isinstance(result.get("vms"), list):
             raise errors.Unavailable("VMA answered an unexpected discovery body",

@@ -1,20 +1,44 @@
-"""volume-agent's socket API as calls: repository shares and immutability.
+"""volume-agent's socket API as calls: repository shares, immutability, CloudStack volumes, and ending a
+revoked VMA's tunnel sessions.
 
-The shapes are volume-agent's contract, declared once in oma_common.contracts.volume_agent (its handlers
-use the same classes; its OpenAPI document is at GET /openapi.json on its socket). Requests are built from
-the contract's dataclasses and every answer is parsed against it (a misfit is the agent failing).
-The tunnel and volume calls (POST /tunnels/terminate, /volumes…) still pass plain dicts: their shapes are in
-oma_common.contracts.volume_agent_volumes and volume-agent's /openapi.json.
+The shapes are volume-agent's contract, declared once in oma_common.contracts.volume_agent and
+volume_agent_volumes (its handlers use the same classes; its OpenAPI document is at GET /openapi.json on its
+socket). Requests are built from the contract's dataclasses and every answer is parsed into them (a misfit
+is the agent failing: Unavailable).
 """
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import quote
 
-from oma_common import schema
-from oma_common.contracts.volume_agent import Locked, Mounted, MountIn, PathsIn, ShareMounts, Unmounted, UnmountIn
+from oma_common.contracts.volume_agent import (
+    Locked,
+    Mounted,
+    MountIn,
+    PathsIn,
+    SessionIn,
+    ShareMounts,
+    TerminateIn,
+    Terminated,
+    Unmounted,
+    UnmountIn,
+)
+from oma_common.contracts.volume_agent_volumes import (
+    RevertIn,
+    SnapshotDeleted,
+    SnapshotIn,
+    SnapshotView,
+    StampIn,
+    StampView,
+    VolumeCreateIn,
+    VolumesListing,
+    VolumeView,
+)
 from oma_common.rpc import AgentClient
+
+
+def _v(volume_id: str) -> str:
+    return f"/volumes/{quote(volume_id, safe='')}"
 
 
 class VolumeAgent:
@@ -22,64 +46,65 @@ class VolumeAgent:
         self.client = client
         self.mount_timeout = mount_timeout
 
-    async def mount_share(self, share: dict[str, Any]) -> dict[str, Any]:
-        body = schema.parse(MountIn, share, what="share")
-        answer = await self.client.typed(Mounted, "POST", "/repositories/mount", body=body, timeout=self.mount_timeout)
-        return schema.to_dict(answer)  # type: ignore[no-any-return]
+    # -- repository shares and immutability --------------------------------------------------------------
 
-    async def unmount_share(self, mount_point: str) -> dict[str, Any]:
-        answer = await self.client.typed(Unmounted, "POST", "/repositories/unmount", body=UnmountIn(mount_point),
-                                         timeout=self.mount_timeout)
-        return schema.to_dict(answer)  # type: ignore[no-any-return]
+    async def mount_share(self, share: MountIn) -> Mounted:
+        return await self.client.typed(Mounted, "POST", "/repositories/mount", body=share, timeout=self.mount_timeout)
 
-    async def share_mounts(self) -> dict[str, Any]:
-        return schema.to_dict(await self.client.typed(ShareMounts, "GET", "/repositories/mounts"))  # type: ignore[no-any-return]
+    async def unmount_share(self, mount_point: str) -> Unmounted:
+        return await self.client.typed(Unmounted, "POST", "/repositories/unmount", body=UnmountIn(mount_point),
+                                       timeout=self.mount_timeout)
 
-    async def lock_files(self, paths: list[str]) -> dict[str, Any]:
-        answer = await self.client.typed(Locked, "POST", "/immutability/lock", body=PathsIn(paths),
-                                         timeout=self.mount_timeout)
-        return schema.to_dict(answer)  # type: ignore[no-any-return]
+    async def share_mounts(self) -> ShareMounts:
+        return await self.client.typed(ShareMounts, "GET", "/repositories/mounts")
 
-    async def unlock_files(self, paths: list[str]) -> dict[str, Any]:
-        answer = await self.client.typed(Locked, "POST", "/immutability/unlock", body=PathsIn(paths),
-                                         timeout=self.mount_timeout)
-        return schema.to_dict(answer)  # type: ignore[no-any-return]
+    async def lock_files(self, paths: list[str]) -> Locked:
+        return await self.client.typed(Locked, "POST", "/immutability/lock", body=PathsIn(paths),
+                                       timeout=self.mount_timeout)
 
-    async def end_tunnel_sessions(self, sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    async def unlock_files(self, paths: list[str]) -> Locked:
+        return await self.client.typed(Locked, "POST", "/immutability/unlock", body=PathsIn(paths),
+                                       timeout=self.mount_timeout)
+
+    async def end_tunnel_sessions(self, sessions: list[SessionIn]) -> Terminated:
         """Stop the sshd sessions of the VMA tunnel user started by these per-connection sshd processes."""
-        return await self.client.call("POST", "/tunnels/terminate",  # type: ignore[no-any-return]
-                                      json={"sessions": sessions})
-    # -- CloudStack volumes (replication) --------------------------------------------------------------
+        return await self.client.typed(Terminated, "POST", "/tunnels/terminate", body=TerminateIn(sessions))
 
-    async def create_volume(self, vm_name: str, disk_unit: int, size_bytes: int) -> dict[str, Any]:
-        body = {"vm_name": vm_name, "disk_unit": disk_unit, "size_bytes": size_bytes}
-        return await self.client.call("POST", "/volumes", json=body,  # type: ignore[no-any-return]
-                                      timeout=self.mount_timeout)
+    # -- CloudStack volumes (replication) ------------------------------------------------------------------
 
-    async def volume(self, volume_id: str) -> dict[str, Any]:
-        return await self.client.call("GET", f"/volumes/{quote(volume_id, safe='')}")  # type: ignore[no-any-return]
+    async def create_volume(self, vm_name: str, disk_unit: int, size_bytes: int) -> VolumeView:
+        return await self.client.typed(VolumeView, "POST", "/volumes",
+                                       body=VolumeCreateIn(vm_name, disk_unit, size_bytes), timeout=self.mount_timeout)
 
-    async def attach_volume(self, volume_id: str) -> dict[str, Any]:
-        return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/attach",  # type: ignore[no-any-return]
-                                      timeout=self.mount_timeout)
+    async def volume(self, volume_id: str) -> VolumeView:
+        return await self.client.typed(VolumeView, "GET", _v(volume_id))
 
-    async def detach_volume(self, volume_id: str) -> dict[str, Any]:
-        return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/detach",  # type: ignore[no-any-return]
-                                      timeout=self.mount_timeout)
+    async def attach_volume(self, volume_id: str) -> VolumeView:
+        return await self.client.typed(VolumeView, "POST", _v(volume_id) + "/attach", timeout=self.mount_timeout)
 
-    async def volumes(self) -> dict[str, Any]:
-        """{volumes: [VolumeView], unmanaged_attached: [volume ids]}."""
-        return await self.client.call("GET", "/volumes")  # type: ignore[no-any-return]
+    async def detach_volume(self, volume_id: str) -> VolumeView:
+        return await self.client.typed(VolumeView, "POST", _v(volume_id) + "/detach", timeout=self.mount_timeout)
 
-    async def snapshot_volume(self, volume_id: str, name: str = "") -> dict[str, Any]:
-        return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/snapshots",  # type: ignore[no-any-return]
-                                      json={"name": name}, timeout=self.mount_timeout)
+    async def volumes(self) -> VolumesListing:
+        return await self.client.typed(VolumesListing, "GET", "/volumes")
 
-    async def revert_volume(self, volume_id: str, snapshot_id: str) -> dict[str, Any]:
-        return await self.client.call("POST", f"/volumes/{quote(volume_id, safe='')}/revert",  # type: ignore[no-any-return]
-                                      json={"snapshot_id": snapshot_id}, timeout=self.mount_timeout)
+    async def read_stamp(self, volume_id: str) -> str:
+        """The sync stamp at the end of an attached volume's device ("" when there is none)."""
+        return (await self.client.typed(StampView, "GET", _v(volume_id) + "/stamp")).stamp
 
-    async def delete_snapshot(self, volume_id: str, snapshot_id: str) -> dict[str, Any]:
-        return await self.client.call(  # type: ignore[no-any-return]
-            "DELETE", f"/volumes/{quote(volume_id, safe='')}/snapshots/{quote(snapshot_id, safe='')}",
-            timeout=self.mount_timeout)
+    async def write_stamp(self, volume_id: str, stamp: str) -> None:
+        await self.client.typed(StampView, "PUT", _v(volume_id) + "/stamp", body=StampIn(stamp),
+                                timeout=self.mount_timeout)
+
+    async def snapshot_volume(self, volume_id: str, name: str = "") -> SnapshotView:
+        return await self.client.typed(SnapshotView, "POST", _v(volume_id) + "/snapshots", body=SnapshotIn(name),
+                                       timeout=self.mount_timeout)
+
+    async def revert_volume(self, volume_id: str, snapshot_id: str) -> VolumeView:
+        return await self.client.typed(VolumeView, "POST", _v(volume_id) + "/revert", body=RevertIn(snapshot_id),
+                                       timeout=self.mount_timeout)
+
+    async def delete_snapshot(self, volume_id: str, snapshot_id: str) -> SnapshotDeleted:
+        return await self.client.typed(SnapshotDeleted, "DELETE",
+                                       f"{_v(volume_id)}/snapshots/{quote(snapshot_id, safe='')}",
+                                       timeout=self.mount_timeout)

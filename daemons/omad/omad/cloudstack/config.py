@@ -10,7 +10,7 @@ from oma_common.errors import Conflict, Invalid
 
 from ..audit import Audit
 from ..clients.cloudstack import Endpoint, normalise_api_url
-from ..crypto import SecretBox
+from ..crypto import SecretBox, reseal_all
 from ..store import ossea
 from ..store.db import Database
 from ..store.ossea import OsseaConfig
@@ -71,7 +71,11 @@ class Configs:
         return await ossea.default(self.db)
 
     def endpoint_of(self, c: OsseaConfig) -> Endpoint:
-        return Endpoint(c.api_url, c.api_key, self.box.open(c.secret_key_sealed, purpose=PURPOSE))
+        return Endpoint(c.api_url, c.api_key, self.box.open(c.secret_key_sealed, purpose=PURPOSE, row=c.id))
+
+    async def reseal_unbound(self) -> int:
+        """Seal again, bound to its row, every secret key sealed in the first format; how many were."""
+        return await reseal_all(self.db, self.box, PURPOSE, ossea.sealed_secrets, ossea.set_secret)
 
     async def endpoint(self, conn: Connection) -> tuple[Endpoint, OsseaConfig | None]:
         """The endpoint a settings call uses, and the saved config it came from (if any)."""
@@ -94,22 +98,23 @@ class Configs:
 
     # -- changes ------------------------------------------------------------------------------------------
 
-    def _values(self, fields: dict[str, str]) -> dict[str, str]:
-        """Client fields → stored columns: URL normalised, secret sealed, text trimmed."""
+    @staticmethod
+    def _values(fields: dict[str, str]) -> tuple[dict[str, str], str | None]:
+        """Client fields → stored columns (URL normalised, text trimmed), and the secret (sealed once the row's id
+        is known)."""
         values = {k: v.strip() if k != "secret_key" else v for k, v in fields.items() if k in SETTABLE}
         if "api_url" in values:
             values["api_url"] = normalise_api_url(values["api_url"])
-        if "secret_key" in values:
-            values["secret_key_sealed"] = self.box.seal(values.pop("secret_key"), purpose=PURPOSE)
-        return values
+        return values, values.pop("secret_key", None)
 
     async def create(self, fields: dict[str, str], *, make_default: bool, actor: str) -> dict[str, Any]:
         missing = [f for f in REQUIRED if not (fields.get(f) or "").strip()]
         if missing:
             raise Invalid("CloudStack config incomplete", f"a new config needs {', '.join(missing)}", missing=missing)
-        values = self._values(fields)
+        values, secret = self._values(fields)
         async with self.db.transaction() as tx:
             new_id = await ossea.create(tx, values, make_default=make_default, actor=actor)
+            await ossea.set_secret(tx, new_id, self.box.seal(secret or "", purpose=PURPOSE, row=new_id))
             await self.audit.record(actor, "ossea_config.create", f"ossea_config:{new_id}", tx=tx, name=values["name"],
                                     api_url=values["api_url"], zone=values.get("zone", ""))
         log.info("CloudStack config %d (%s) created for %s", new_id, values["name"], values["api_url"])
@@ -122,7 +127,9 @@ class Configs:
         for f in REQUIRED:
             if f in fields and not fields[f].strip():
                 raise Invalid("CloudStack config incomplete", f"{f} cannot be emptied")
-        values = self._values(fields)
+        values, secret = self._values(fields)
+        if secret is not None:
+            values["secret_key_sealed"] = self.box.seal(secret, purpose=PURPOSE, row=config_id)
         async with self.db.transaction() as tx:
             old = await ossea.update(tx, config_id, values)
             if make_default:

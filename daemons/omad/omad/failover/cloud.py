@@ -62,14 +62,13 @@ class Cloud:
         """Stop every NBD export of these devices (links or /dev paths); the pids stopped."""
         stopped = []
         for e in await self.pool.exports():
-            if str(e.get("path", "")) in devices and e.get("pid"):
-                await self.pool.stop_export(pid=int(e["pid"]))
-                stopped.append(int(e["pid"]))
+            if e.path in devices and e.pid:
+                await self.pool.stop_export(pid=e.pid)
+                stopped.append(e.pid)
         return stopped
 
     async def detach_here(self, volume_id: str) -> None:
-        view = await self.volumes.volume(volume_id)
-        if view.get("attached_here"):
+        if (await self.volumes.volume(volume_id)).attached_here:
             await self.volumes.detach_volume(volume_id)
 
     async def attach_here(self, volume_id: str, vm_id: str | None = None) -> None:
@@ -78,8 +77,7 @@ class Cloud:
         if cv is None:
             raise NotFound("volume gone", f"CloudStack volume {volume_id} does not exist any more")
         on = cv.get("virtualmachineid")
-        view = await self.volumes.volume(volume_id)
-        if view.get("attached_here"):
+        if (await self.volumes.volume(volume_id)).attached_here:
             return
         if on and vm_id and on == vm_id:
             await self.detach_from(volume_id, vm_id)
@@ -91,7 +89,7 @@ class Cloud:
         found = await self.snapshot(volume_id, name)
         if found is not None:
             return str(found["id"])
-        return str((await self.volumes.snapshot_volume(volume_id, name))["snapshot_id"])
+        return (await self.volumes.snapshot_volume(volume_id, name)).snapshot_id
 
     async def revert(self, volume_id: str, name: str) -> bool:
         """Revert to the named snapshot; False when there is none (nothing to revert to)."""

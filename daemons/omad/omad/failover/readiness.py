@@ -78,8 +78,7 @@ class Readiness:
             if v is not None:
                 try:
                     view = await self.volumes.volume(v.volume_id)
-                    entry["attached_here"], entry["device_path"] = bool(view.get("attached_here")), \
-                        view.get("device_path")
+                    entry["attached_here"], entry["device_path"] = view.attached_here, view.device_path
                 except OmaError as e:
                     entry["error"] = str(e)
                 if cs is not None:

@@ -33,7 +33,7 @@ class Source:
         login = await self.credentials.login_for(ctx.credential_id)
         return await self.vma.power(ctx.vmware_vm_id, action, {
             "vm_id": ctx.vmware_vm_id, "vcenter": login.vcenter, "username": login.username,
-            "password": login.password})
+            "password": login.password, **login.pin()})
 
     async def power_state(self, context_id: str) -> str:
         return await self.vma.power_state((await contexts_store.by_id(self.db, context_id)).vmware_vm_id)

@@ -158,7 +158,7 @@ class Discovery:
         login = await self._login(target)
         started = time.monotonic()
         raw = await self.vma.discover(vcenter=login.vcenter, username=login.username, password=login.password,
-                                      datacenter=login.datacenter, filter=filter)
+                                      datacenter=login.datacenter, filter=filter, thumbprint=login.thumbprint)
         try:
             vms = parse_vms(raw["vms"], "vms")
         except Invalid as e:

@@ -1,5 +1,6 @@
-"""Ending a replication: completing it (change ids become the next sync's base) or failing it; either way its
-exports stop and its ports are released, while its volumes stay attached for the next sync.
+"""Ending a replication: completing it (change ids become the next sync's base, each volume gets a new sync stamp
+at its end) or failing it; either way its exports stop and its ports are released, while its volumes stay
+attached for the next sync.
 
 Both run under the job's lock, so a change id arriving meanwhile waits and then finds the job ended.
 """
@@ -7,11 +8,13 @@ Both run under the job's lock, so a change id arriving meanwhile waits and then 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from oma_common.errors import OmaError
 
 from ..clients.nbdpool import NbdPool
+from ..clients.volume_agent import VolumeAgent
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
 from ..store import contexts as contexts_store
@@ -36,11 +39,26 @@ def _summary(rep: store.Replication, status: str, reason: str | None, now: str) 
 
 
 class Ending:
-    def __init__(self, db: Database, jobs: JobEngine, pool: NbdPool, locks: KeyedLocks) -> None:
+    def __init__(self, db: Database, jobs: JobEngine, pool: NbdPool, volumes: VolumeAgent, locks: KeyedLocks) -> None:
         self.db = db
         self.jobs = jobs
         self.pool = pool
+        self.volumes = volumes
         self.locks = locks
+
+    async def _stamp(self, job_id: str, disk: store.ReplicationDisk) -> str | None:
+        """Write a new stamp at the end of the disk's volume (past the disk); None when it could not be written,
+        so the next sync of that disk copies it in full rather than trust a volume it cannot recognise."""
+        if not disk.volume_id:
+            return None
+        stamp = uuid.uuid4().hex
+        try:
+            await self.volumes.write_stamp(disk.volume_id, stamp)
+        except OmaError as e:
+            log.warning("could not stamp volume %s of %s (%s): its next sync copies it in full", disk.volume_id,
+                        disk.disk_id, e, extra={"resource": job_id})
+            return None
+        return stamp
 
     async def release(self, job_id: str) -> None:
         """Stop the job's exports and free its ports (best effort: nbd-pool's leases expire anyway)."""
@@ -58,6 +76,8 @@ class Ending:
                 return False
             disks = await store.disks(self.db, job_id)
             await self.release(job_id)
+            # Stamped after the VMA's last write: a snapshot taken before this point shows an older stamp.
+            stamps = {d.disk_id: await self._stamp(job_id, d) for d in disks}
             now = utcnow()
             sent = {d.get("disk_id", ""): int(d.get("bytes_transferred") or 0)
                     for d in rep.vma_progress.get("disk_progresses") or [] if isinstance(d, dict)}
@@ -68,6 +88,9 @@ class Ending:
                 for d in disks:
                     keep = d.change_id if d.change_id and not d.change_id_mismatch else None
                     await contexts_store.set_change_id(tx, rep.vm_context_id, d.disk_id, keep, now)
+                    if d.volume_id:
+                        await store.set_sync_stamp(tx, rep.vm_context_id, d.disk_id, d.volume_id, stamps[d.disk_id],
+                                                   now)
                 await contexts_store.mark_cbt(tx, job_id, success=True,
                                               bytes_by_disk={k: v for k, v in sent.items() if k})
                 await contexts_store.job_ended(tx, rep.vm_context_id, job_id, succeeded=True,

@@ -172,7 +172,7 @@ class Monitor:
         if _seconds_since(rep.last_activity_at) < self.cfg.idle_timeout_seconds:
             return False
         try:
-            exports = [e for e in await self.pool.exports() if e.get("job_id") == rep.job_id]
+            exports = [e for e in await self.pool.exports() if e.job_id == rep.job_id]
         except OmaError:
             return False  # cannot tell: not silent
-        return not any(int(e.get("connection_count") or 0) > 0 for e in exports)
+        return not any(e.connection_count > 0 for e in exports)

@@ -5,7 +5,9 @@ Starting a sync (every step recorded on its job):
      `replicating` and counts the job. A second active replication of the VM is refused (409).
   2. volumes: each disk's CloudStack volume (`migration-<vm>-disk-<unit>`, capacity + headroom) is created and
      attached here through volume-agent the first time, reused afterwards. A disk whose volume is gone or was
-     changed behind our back is given a new one and starts over with no change id (a full copy).
+     changed behind our back is given a new one and starts over with no change id (a full copy); so does a disk
+     whose volume no longer holds the stamp the last completed sync wrote at its end (reverted outside the
+     appliance to an older snapshot).
   3. ports: one per disk from nbd-pool, leased to the job;
   4. exports: a writable export of each volume's device (`--shared`, the VMA opens 2 connections per disk);
   5. the VMA's `POST /replicate` with the `nbd_targets`.
@@ -21,6 +23,7 @@ import logging
 import re
 from typing import Any
 
+from oma_common.contracts.volume_agent_volumes import VolumeView
 from oma_common.errors import Conflict, Invalid, NotFound, OmaError, TimedOut, Unavailable
 
 from ..audit import Audit
@@ -190,31 +193,44 @@ class Replications:
         return job_id
 
     async def _volume_for(self, job_id: str, ctx: contexts_store.Context, disk: store.ReplicationDisk,
-                          known: store.Volume | None) -> tuple[dict[str, Any], bool]:
+                          known: store.Volume | None) -> tuple[VolumeView, bool]:
         """The disk's volume, attached here; True when it is new (so its disk starts over)."""
         size = disk.capacity_bytes + self.cfg.volume_headroom_bytes
-        view: dict[str, Any] | None = None
+        view: VolumeView | None = None
         if known is not None:
             try:
                 view = await self.volumes.volume(known.volume_id)
             except NotFound:
                 log.warning("volume %s of %s is gone; creating a new one", known.volume_id, disk.disk_id,
                             extra={"resource": job_id})
-            if view is not None and int(view.get("size_bytes") or 0) != known.size_bytes:
+            if view is not None and view.size_bytes != known.size_bytes:
                 raise Conflict("volume changed", f"the volume {known.volume_id} of {disk.disk_id} is "
-                                                 f"{view.get('size_bytes')} bytes, not the {known.size_bytes} "
+                                                 f"{view.size_bytes} bytes, not the {known.size_bytes} "
                                                  "recorded; it was changed outside the appliance")
-            if view is not None and int(view.get("size_bytes") or 0) < size:
+            if view is not None and view.size_bytes < size:
                 raise Invalid("disk outgrew its volume", f"{disk.disk_id} now needs {size} bytes and its volume "
-                                                         f"{known.volume_id} has {view.get('size_bytes')}")
+                                                         f"{known.volume_id} has {view.size_bytes}")
         fresh = view is None
         if view is None:
             view = await self.volumes.create_volume(volume_vm_name(ctx.vm_name), disk.unit_number, size)
-        if not view.get("attached_here"):
-            view = await self.volumes.attach_volume(str(view["volume_id"]))
-        if not view.get("link_path"):
-            raise Unavailable("volume has no device", f"volume-agent attached {view['volume_id']} without a device")
+        if not view.attached_here:
+            view = await self.volumes.attach_volume(view.volume_id)
+        if not view.link_path:
+            raise Unavailable("volume has no device", f"volume-agent attached {view.volume_id} without a device")
         return view, fresh
+
+    async def _holds_last_sync(self, job_id: str, disk_id: str, volume_id: str, known: store.Volume | None) -> bool:
+        """Whether the volume still holds what the last completed sync left there: the stamp that sync wrote at
+        the volume's end (ending.py) is still there. A CloudStack snapshot carries the stamp of its moment, so a
+        revert to anything older than that sync, or another volume, shows another stamp or none; a revert to a
+        snapshot taken since (a test failover's) shows the same one and loses nothing."""
+        found = await self.volumes.read_stamp(volume_id)
+        if known is not None and known.volume_id == volume_id and known.sync_stamp and found == known.sync_stamp:
+            return True
+        log.warning("volume %s of %s does not hold what the last sync left (stamp %r, expected %r): reverted or "
+                    "written outside the appliance; the disk is copied in full", volume_id, disk_id, found,
+                    known.sync_stamp if known else None, extra={"resource": job_id})
+        return False
 
     async def _launch(self, job_id: str, ctx: contexts_store.Context) -> dict[str, list[dict[str, Any]]]:
         """Steps 2-5."""
@@ -227,25 +243,28 @@ class Replications:
         async with self.jobs.step(job_id, "prepare volumes"):
             for d in disks:
                 view, fresh = await self._volume_for(job_id, ctx, d, known.get(d.disk_id))
+                # A new volume holds nothing, a reverted one something older than the last sync: either way
+                # its disk starts over.
+                reset = fresh or (bool(d.base_change_id) and not await self._holds_last_sync(
+                    job_id, d.disk_id, view.volume_id, known.get(d.disk_id)))
                 now = utcnow()
                 async with self.db.transaction() as tx:
-                    await store.set_disk_volume(tx, job_id, d.disk_id, str(view["volume_id"]),
-                                                reset_base=fresh)
+                    await store.set_disk_volume(tx, job_id, d.disk_id, view.volume_id, reset_base=reset)
                     old = known.get(d.disk_id)
                     await store.save_volume(tx, store.Volume(
-                        vm_context_id=cid, disk_id=d.disk_id, volume_id=str(view["volume_id"]),
-                        volume_name=str(view.get("name") or ""), size_bytes=int(view.get("size_bytes") or 0),
-                        device_path=view.get("device_path"), link_path=view.get("link_path"),
+                        vm_context_id=cid, disk_id=d.disk_id, volume_id=view.volume_id,
+                        volume_name=view.name, size_bytes=view.size_bytes,
+                        device_path=view.device_path, link_path=view.link_path,
                         created_by_job=job_id if fresh or old is None else old.created_by_job,
                         created_at=now if fresh or old is None else old.created_at, updated_at=now))
-                    if fresh:  # a new volume holds nothing: its disk starts over
+                    if reset:
                         await contexts_store.set_change_id(tx, cid, d.disk_id, None, now)
-                paths[d.disk_id] = str(view["link_path"])
+                paths[d.disk_id] = str(view.link_path)
                 if fresh:
-                    created.append({"volume_id": view["volume_id"], "volume_name": view.get("name"),
-                                    "size_gb": int(view.get("size_bytes") or 0) // GIB, "status": "created"})
-                mounted.append({"device_path": view.get("device_path"), "status": "attached",
-                                "volume_id": view["volume_id"], "disk_id": d.disk_id})
+                    created.append({"volume_id": view.volume_id, "volume_name": view.name,
+                                    "size_gb": view.size_bytes // GIB, "status": "created"})
+                mounted.append({"device_path": view.device_path, "status": "attached",
+                                "volume_id": view.volume_id, "disk_id": d.disk_id})
         await self.jobs.progress(job_id, 1)
         names = {d.export_name: d.disk_id for d in disks}
         async with self.jobs.step(job_id, "allocate ports"):
@@ -265,7 +284,7 @@ class Replications:
             body = {"job_id": job_id, "vcenter": login.vcenter, "username": login.username,
                     "password": login.password, "vm_paths": [ctx.vm_path], "oma_url": self.oma_url,
                     "nbd_targets": [{"device_path": f"nbd://{self.cfg.nbd_host}:{d.nbd_port}/{d.export_name}",
-                                     "vmware_disk_key": str(d.disk_key)} for d in disks]}
+                                     "vmware_disk_key": str(d.disk_key)} for d in disks], **login.pin()}
             try:
                 answer = await self.vma.replicate(body)
             except OmaError as e:

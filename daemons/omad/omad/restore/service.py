@@ -1,11 +1,17 @@
-"""Restore mounts as omad sees them: a row per mount, restore-mounter as the truth about what is mounted."""
+"""Restore mounts as omad sees them: a row per mount, restore-mounter as the truth about what is mounted.
+
+A mount whose attachment died under it (its qemu-storage-daemon or qemu-nbd killed) is `broken`: restore-mounter
+says so, with the cause, and omad shows it as the mount's status (the row stays `mounted`: the mount and its
+resources exist until it is unmounted). Its file operations answer 503 `mount_broken` with the cause and the
+way back: DELETE /restore/{id} (which removes all of it), then POST /restore/mount again.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -13,7 +19,7 @@ import aiohttp
 
 from oma_common import schema
 from oma_common.contracts.restore_mounter import ArchiveQuery, CleanupStatus, Entry, Listing, ListQuery, Resources
-from oma_common.errors import Conflict, NotFound, OmaError
+from oma_common.errors import Conflict, NotFound, OmaError, Unavailable
 
 from ..audit import Audit
 from ..store import restore_mounts as store
@@ -29,6 +35,37 @@ class DiskImage:
 
     path: str
     backup_status: str
+
+
+class MountBroken(Unavailable):
+    """What serves the mount died; unmount it and mount the backup again."""
+
+    code = "mount_broken"
+
+
+BROKEN = "broken"  # restore-mounter's status of such a mount, shown as the mount's status
+
+
+def remount(m: Mount) -> dict[str, Any]:
+    """The way back from a broken mount: unmount it (everything goes), then mount the same disk again."""
+    return {"unmount": {"method": "DELETE", "path": f"/api/v1/restore/{m.id}"},
+            "mount": {"method": "POST", "path": "/api/v1/restore/mount",
+                      "body": {"backup_id": m.backup_id, "disk_index": m.disk_index}}}
+
+
+@contextlib.contextmanager
+def explained(m: Mount) -> Iterator[None]:
+    """restore-mounter's `mount_broken`, told in this API's terms."""
+    try:
+        yield
+    except OmaError as e:
+        if e.code != MountBroken.code:
+            raise
+        cause = str(e.extra.get("cause") or e.details)
+        raise MountBroken("restore mount broken",
+                          f"restore mount {m.id} is broken: {cause}. Unmount it (DELETE /api/v1/restore/{m.id}) and "
+                          f"mount the backup again (POST /api/v1/restore/mount)",
+                          mount_id=m.id, cause=cause, remount=remount(m)) from e
 
 
 class BackupImages(Protocol):
@@ -49,6 +86,8 @@ def _public(m: Mount, agent: dict[str, Any] | None = None) -> dict[str, Any]:
     if agent:
         out.update(expires_at=agent.get("expires_at"), last_activity_at=agent.get("last_activity_at"),
                    in_use=agent.get("in_use"), active_operations=agent.get("active_operations"))
+        if agent.get("status") == BROKEN:
+            out.update(status=BROKEN, error=agent.get("error"), remount=remount(m))
     return out
 
 
@@ -137,26 +176,30 @@ class RestoreService:
         return {"mounts": items, "count": len(items)}
 
     async def files(self, mount_id: str, query: ListQuery) -> Listing:
-        await self._active(mount_id)
-        return await self.mounter.files(mount_id, query)
+        m = await self._active(mount_id)
+        with explained(m):
+            return await self.mounter.files(mount_id, query)
 
     async def file_info(self, mount_id: str, path: str) -> Entry:
-        await self._active(mount_id)
-        return await self.mounter.file_info(mount_id, path)
+        m = await self._active(mount_id)
+        with explained(m):
+            return await self.mounter.file_info(mount_id, path)
 
     @contextlib.asynccontextmanager
     async def open_file(self, mount_id: str, path: str) -> AsyncIterator[OpenFile]:
         """The file's read-only descriptor from restore-mounter, for omad to send (never read) itself."""
-        await self._active(mount_id)
-        async with self.mounter.open_file(mount_id, path) as f:
-            yield f
+        m = await self._active(mount_id)
+        with explained(m):
+            async with self.mounter.open_file(mount_id, path) as f:
+                yield f
 
     @contextlib.asynccontextmanager
     async def archive(self, mount_id: str, query: ArchiveQuery) -> AsyncIterator[aiohttp.ClientResponse]:
         """restore-mounter's archive of a directory, to be relayed as it arrives."""
-        await self._active(mount_id)
-        async with self.mounter.archive(mount_id, query) as resp:
-            yield resp
+        m = await self._active(mount_id)
+        with explained(m):
+            async with self.mounter.archive(mount_id, query) as resp:
+                yield resp
 
     async def resources(self) -> Resources:
         return await self.mounter.resources()

@@ -1,4 +1,5 @@
-"""What a scheduled run starts for each VM: the JobLauncher protocol, and the adapter onto the backup domain."""
+"""What a scheduled run starts for each VM: the JobLauncher protocol, and the adapters onto the backup and the
+replication domains."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from typing import Any, Protocol
 from oma_common.errors import Conflict, Internal, Invalid, NotFound, OmaError
 
 from ..backup.backups import StartRequest
+from ..inventory.vmspec import VmSpec
 from ..jobs.engine import JobEngine
+from ..replication import replications as replication
+from ..store import contexts as contexts_store
+from ..store import ossea as ossea_store
+from ..store.base import Reader
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +27,11 @@ class Target:
 
     schedule_id: str
     schedule_name: str
-    action: str  # "backup" (replication joins when it exists)
+    action: str  # "backup" | "replication"
     backup_type: str  # full | incremental | auto (incremental when a previous backup allows it)
     repository_id: str | None
     policy_id: str | None
+    replication_type: str | None = None  # full | incremental | auto (detected: incremental when change ids allow)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +42,12 @@ class VmRef:
 
 @dataclasses.dataclass(frozen=True)
 class Start:
-    """One job to start: a VM, and what its schedule asks for."""
+    """One job to start: a VM, what its schedule asks for, and the execution and group it is started for."""
 
     vm: VmRef
     target: Target
+    execution_id: int | None = None
+    group_id: str | None = None
 
 
 Outcome = str | OmaError  # the started job's id, or why the start was refused
@@ -49,7 +58,13 @@ class JobLauncher(Protocol):
 
     Each job is a row in `jobs` whose context_id is the VM's context. The scheduler learns that it finished by
     reading that row — the shared truth every job type keeps — so a launcher reports nothing afterwards.
+
+    `skips_busy` is what the scheduler does with a VM that has another active job when its turn comes: False,
+    it waits for that job to end (a backup taken later is a different backup); True, it is skipped in this run
+    (a replication running already brings the VM's volumes up to date).
     """
+
+    skips_busy: bool
 
     async def check(self, target: Target) -> None:
         """Raise Invalid, naming the field, when a schedule with this target could never start a job."""
@@ -64,14 +79,14 @@ class JobLauncher(Protocol):
         """
 
 
-async def one_by_one(start: Callable[[VmRef, Target], Awaitable[str]], starts: Sequence[Start]
+async def one_by_one(start: Callable[[Start], Awaitable[str]], starts: Sequence[Start]
                      ) -> AsyncGenerator[tuple[Start, Outcome], None]:
     """`start_many` for a launcher that starts one VM at a time: a bug in one start fails that start, visibly,
     and the next VM is still started."""
     for one in starts:
         outcome: Outcome
         try:
-            outcome = await start(one.vm, one.target)
+            outcome = await start(one)
         except OmaError as e:
             outcome = e
         except Exception as e:  # noqa: BLE001 - a launcher bug must not stop the scheduler
@@ -95,19 +110,21 @@ class RepositoryLookup(Protocol):
     async def row(self, repo_id: str) -> dict[str, Any]: ...
 
 
-def _job_id(result: Any) -> str:
+def _job_id(result: Any, what: str = "backup") -> str:
     if isinstance(result, str):
         return result
     for key in ("job_id", "backup_id"):
         value = result.get(key) if isinstance(result, dict) else getattr(result, key, None)
         if value:
             return str(value)
-    raise Internal("backup started without an id", f"the backup service returned {type(result).__name__} "
-                                                    "without job_id or backup_id")
+    raise Internal(f"{what} started without an id", f"the {what} service returned {type(result).__name__} "
+                                                   "without job_id or backup_id")
 
 
 class BackupLauncher:
     """Scheduled backups through the same domain function as POST /backups."""
+
+    skips_busy = False
 
     def __init__(self, backups: BackupStarter, jobs: JobEngine, repositories: RepositoryLookup | None = None) -> None:
         self.backups = backups
@@ -128,7 +145,7 @@ class BackupLauncher:
 
     def start_many(self, starts: Sequence[Start]) -> AsyncGenerator[tuple[Start, Outcome], None]:
         """One by one: each start runs the backup domain's own steps (its rows, nbd-pool, the VMA)."""
-        return one_by_one(self.start, starts)
+        return one_by_one(lambda one: self.start(one.vm, one.target), starts)
 
     async def start(self, vm: VmRef, target: Target) -> str:
         """Start one VM's backup; return its job id (raises as `start_many` reports)."""
@@ -160,3 +177,63 @@ class BackupLauncher:
             raise Internal("backup has no job row", f"backup {job_id} of {vm.vm_name!r} started, but no job "
                                                     f"{job_id} exists to follow") from e
         return job_id
+
+
+class ReplicationStarter(Protocol):
+    """The replication domain's entry point (omad/replication/replications.py), the one POST /replications calls.
+
+    It records the replication and its job before anything can fail, raises Conflict while the VM has a
+    replication running (its `job_id` is the running one), and any error after the rows exist carries the
+    `job_id` it failed.
+    """
+
+    async def start(self, req: replication.StartRequest, *, actor: str) -> dict[str, Any]: ...
+
+
+# A schedule's replication_type (CONTRACTS.md "Schedules") → POST /replications' (None: detected by the domain).
+REPLICATION_TYPES: dict[str, str | None] = {"full": "initial", "incremental": "incremental", "auto": None}
+
+
+class ReplicationLauncher:
+    """Scheduled replications through the same domain function as POST /replications, one VM after the other
+    (each start creates or attaches volumes and asks the VMA, like an API call)."""
+
+    skips_busy = True
+
+    def __init__(self, replications: ReplicationStarter, db: Reader) -> None:
+        self.replications = replications
+        self.db = db
+
+    async def check(self, target: Target) -> None:
+        if target.replication_type not in REPLICATION_TYPES:
+            raise Invalid("invalid schedule", "replication_type: a replication schedule needs one of "
+                                              f"{', '.join(REPLICATION_TYPES)}", field="replication_type")
+
+    def start_many(self, starts: Sequence[Start]) -> AsyncGenerator[tuple[Start, Outcome], None]:
+        return one_by_one(self.start, starts)
+
+    async def start(self, one: Start) -> str:
+        """Start one VM's replication; return its job id (raises as `start_many` reports)."""
+        target = one.target
+        ctx = await contexts_store.by_id(self.db, one.vm.context_id)
+        config_id = ctx.ossea_config_id
+        if config_id is None:
+            default = await ossea_store.default(self.db)
+            if default is None:
+                raise Invalid("no CloudStack config", f"{ctx.vm_name!r} has no CloudStack config and none is the "
+                                                      "default; save one (POST /ossea/config)")
+            config_id = default.id
+        req = replication.StartRequest(
+            VmSpec(id=ctx.vmware_vm_id, name=ctx.vm_name), config_id,
+            REPLICATION_TYPES.get(target.replication_type or "auto"), vcenter_host=ctx.vcenter_host,
+            datacenter=ctx.datacenter, schedule_execution_id=str(one.execution_id) if one.execution_id else None,
+            vm_group_id=one.group_id, scheduled_by=target.schedule_name)
+        try:
+            result = await self.replications.start(req, actor=f"scheduler:{target.schedule_name}")
+        except Conflict:
+            raise  # the VM is busy (its job_id is the running one, not ours): the scheduler skips it
+        except OmaError as e:
+            if "job_id" in e.extra:
+                return str(e.extra["job_id"])  # recorded, then failed: followed through its job row like any other
+            raise
+        return _job_id(result, "replication")

@@ -6,8 +6,9 @@ All state lives in the database (schedules.next_run_at, schedule_executions, sch
 executions continue, and a run missed while omad was down runs once, recorded as late.
 
 Per VM there is never more than one job: a VM with an active job in `jobs` (from another schedule, an API
-call, anything) waits for it to end, and a launcher's Conflict (the backup domain's own per-VM check) means
-the same. Ticks are serialised, so the check and the start of a job are never interleaved with another's.
+call, anything) waits for it to end — or, for an action whose launcher `skips_busy` (replication), is skipped
+in this run — and a launcher's Conflict (the domain's own per-VM check) means the same. Ticks are serialised,
+so the check and the start of a job are never interleaved with another's.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class _Round:
     started: list[Started] = dataclasses.field(default_factory=list)
     refused: list[tuple[_Open, OmaError]] = dataclasses.field(default_factory=list)
     waits: list[tuple[_Open, str]] = dataclasses.field(default_factory=list)
+    skips: list[tuple[_Open, str]] = dataclasses.field(default_factory=list)  # busy VMs of a launcher that skips
 
 
 class Scheduler:
@@ -354,12 +356,12 @@ class Scheduler:
         if not waiting:
             return
         still = await group_store.protected(tx, [v.row.context_id for v in waiting])
-        for v in waiting:
-            if (v.row.context_id, v.row.schedule_id) not in still:
-                v.status = VmStatus.SKIPPED
-                v.reason = "skipped: no longer protected by this schedule (left its groups, disabled, or deleted)"
-                await store.vm_skipped(tx, v.key, reason=v.reason, at=iso(now))
-                touched.add(v.row.execution_id)
+        gone = [v for v in waiting if (v.row.context_id, v.row.schedule_id) not in still]
+        for v in gone:
+            v.status = VmStatus.SKIPPED
+            v.reason = "skipped: no longer protected by this schedule (left its groups, disabled, or deleted)"
+            touched.add(v.row.execution_id)
+        await store.vms_skipped(tx, [(v.key, v.reason or "") for v in gone], at=iso(now))
 
     # -- starting jobs -------------------------------------------------------------------------------
 
@@ -398,6 +400,8 @@ class Scheduler:
                     per_group[v.row.group_id] -= 1
             busy.update({s.context_id: s.job_id for s in done.started})
             busy.update({v.row.context_id: "?" for v, e in done.refused if isinstance(e, Conflict)})
+            for v, _ in done.skips:
+                busy.setdefault(v.row.context_id, "?")
             if not chosen:
                 break
 
@@ -417,18 +421,26 @@ class Scheduler:
                 continue
             if v.row.context_id in claimed:
                 continue  # looked at again next round, once its other start is known
-            if v.row.context_id in busy:
-                tried.add(v.key)
-                done.waits.append((v, f"waiting: the VM is busy with job {busy[v.row.context_id]}"))
-                continue
             if v.row.schedule_id in self._halted:
                 continue  # disabled while this tick ran: its waiting VMs were skipped meanwhile
+            if v.row.context_id in busy:
+                tried.add(v.key)
+                why = f"the VM is busy with job {busy[v.row.context_id]}"
+                if self._skips_busy(schedule.action):
+                    done.skips.append((v, f"skipped: {why}"))
+                else:
+                    done.waits.append((v, f"waiting: {why}"))
+                continue
             tried.add(v.key)
             claimed.add(v.row.context_id)
             per_schedule[v.row.schedule_id] += 1
             per_group[v.row.group_id] += 1
             chosen.append(v)
         return chosen
+
+    def _skips_busy(self, action: str) -> bool:
+        launcher = self.launchers.get(action)
+        return launcher is not None and launcher.skips_busy
 
     async def _start(self, action: str, batch: list[_Open], schedules: Mapping[str, Schedule], done: _Round
                      ) -> None:
@@ -438,14 +450,14 @@ class Scheduler:
             refusal: OmaError = Invalid("action not available", f"this omad cannot start a {action}")
             done.refused.extend((v, refusal) for v in batch)
             return
-        starts = {Start(VmRef(v.row.context_id, v.row.vm_name or ""), target_of(schedules[v.row.schedule_id])): v
-                  for v in batch}
+        starts = {Start(VmRef(v.row.context_id, v.row.vm_name or ""), target_of(schedules[v.row.schedule_id]),
+                        v.row.execution_id, v.row.group_id): v for v in batch}
         reported: set[Start] = set()
         try:
             async with contextlib.aclosing(launcher.start_many(list(starts))) as outcomes:
                 async for start, outcome in outcomes:
                     reported.add(start)
-                    self._started_or_refused(starts[start], outcome, start.target, done)
+                    self._started_or_refused(starts[start], outcome, start.target, done, launcher.skips_busy)
                     if self._stopping:
                         break  # omad stops: the start in progress was recorded; the VMs left wait
         except Exception as e:  # a launcher bug must not stop the scheduler: the attempts fail, visibly
@@ -454,8 +466,10 @@ class Scheduler:
             done.refused.extend((v, refusal) for start, v in starts.items() if start not in reported)
 
     @staticmethod
-    def _started_or_refused(v: _Open, outcome: Outcome, target: Target, done: _Round) -> None:
-        if isinstance(outcome, Conflict):
+    def _started_or_refused(v: _Open, outcome: Outcome, target: Target, done: _Round, skips_busy: bool) -> None:
+        if isinstance(outcome, Conflict) and skips_busy:
+            done.skips.append((v, f"skipped: {outcome.details}"))
+        elif isinstance(outcome, Conflict):
             done.waits.append((v, f"waiting: {outcome.details}"))
             done.refused.append((v, outcome))
         elif isinstance(outcome, OmaError):
@@ -471,10 +485,11 @@ class Scheduler:
                       ) -> None:
         """One transaction for the round: the started VMs and their jobs, refused starts, new reasons to wait."""
         waits = [(v, why) for v, why in done.waits if v.reason != why]  # written once per change, not every tick
-        if not (done.started or done.refused or waits):
+        if not (done.started or done.refused or waits or done.skips):
             return
         async with self.db.transaction() as tx:
             await store.vms_started(tx, done.started, at=iso(now))
+            await store.vms_skipped(tx, [(v.key, why) for v, why in done.skips], at=iso(now))
             await store.note_scheduled_jobs(tx, done.started)  # informational: shown with the VM
             for v, e in done.refused:
                 if isinstance(e, Conflict):
@@ -486,7 +501,11 @@ class Scheduler:
             await store.vm_waiting(tx, [(v.key, why) for v, why in waits])
         for v, why in waits:
             v.reason = why
+        for v, why in done.skips:
+            v.status, v.reason = VmStatus.SKIPPED, why
+            log.info("%s: %s", v.row.vm_name, why, extra={"resource": v.row.context_id})
         touched.update(s.execution_id for s in done.started)
+        touched.update(v.row.execution_id for v, _ in done.skips)
 
     async def _close(self, tx: Tx, execution_id: int, now: datetime) -> None:
         counts, cancelled = await store.vm_outcomes(tx, execution_id)

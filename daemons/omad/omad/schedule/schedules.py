@@ -16,7 +16,7 @@ from ..store import groups as group_store
 from ..store import schedules as store
 from ..store.base import Reader
 from ..store.db import Database
-from ..store.schedules import Execution, Schedule
+from ..store.schedules import Action, Execution, Schedule
 from . import cron
 from .clock import Clock, iso, parse_iso
 from .launcher import JobLauncher, Target
@@ -30,7 +30,25 @@ _UPDATABLE = ("name", "description", "cron_expression", "timezone", "enabled", "
 
 
 def target_of(s: Schedule) -> Target:
-    return Target(s.id, s.name, s.action, s.backup_type, s.repository_id, s.policy_id)
+    return Target(s.id, s.name, s.action, s.backup_type, s.repository_id, s.policy_id, s.replication_type)
+
+
+def action_of(fields: Mapping[str, Any]) -> str:
+    """The action asked for; when none is, the contract's schedule (a replication_type, no repository or policy)
+    replicates, anything else backs up."""
+    if fields.get("action"):
+        return str(fields["action"])
+    if fields.get("replication_type") and not _text_id(fields.get("repository_id")) and \
+            not _text_id(fields.get("policy_id")):
+        return Action.REPLICATION
+    return Action.BACKUP
+
+
+def with_replication_type(s: Schedule) -> Schedule:
+    """A replication schedule without a replication_type detects it per VM (auto)."""
+    if s.action == Action.REPLICATION and s.replication_type is None:
+        return dataclasses.replace(s, replication_type="auto")
+    return s
 
 
 def execution_dict(e: Execution) -> dict[str, Any]:
@@ -122,10 +140,11 @@ class Schedules:
             timezone=fields["timezone"], enabled=bool(fields["enabled"]),
             skip_if_running=bool(fields["skip_if_running"]), max_concurrent_jobs=fields["max_concurrent_jobs"],
             retry_attempts=fields["retry_attempts"], retry_delay_minutes=fields["retry_delay_minutes"],
-            action=fields["action"], backup_type=fields["backup_type"],
+            action=action_of(fields), backup_type=fields["backup_type"],
             replication_type=fields.get("replication_type"), repository_id=_text_id(fields.get("repository_id")),
             policy_id=_text_id(fields.get("policy_id")), next_run_at=iso(next_run) if next_run else None,
             last_run_at=None, created_by=actor, created_at=iso(now), updated_at=iso(now))
+        s = with_replication_type(s)
         await self._check_target(s)
         async with self.db.transaction() as tx:
             await store.name_is_free(tx, s.name)
@@ -149,7 +168,7 @@ class Schedules:
             for key in ("enabled", "skip_if_running"):
                 if key in changes:
                     changes[key] = bool(changes[key])
-            new = dataclasses.replace(old, **changes)
+            new = with_replication_type(dataclasses.replace(old, **changes))
             expr, tz = cron.parse(new.cron_expression), cron.zone(new.timezone)
             new = dataclasses.replace(new, cron_expression=expr.text)
             await self._check_target(new)
@@ -202,4 +221,10 @@ class Schedules:
         if launcher is None:
             raise Invalid("invalid schedule", f"action: {s.action!r} cannot be scheduled by this omad",
                           field="action")
+        if s.action == Action.REPLICATION:
+            for field, value in (("repository_id", s.repository_id), ("policy_id", s.policy_id)):
+                if value is not None:
+                    raise Invalid("invalid schedule", f"{field}: a replication schedule writes into CloudStack "
+                                                      "volumes, not a backup repository (send \"\" to clear it)",
+                                  field=field)
         await launcher.check(target_of(s))

@@ -1,4 +1,5 @@
-"""Saved vCenter logins (vmware_credentials): the password only sealed, at most one default, uses counted."""
+"""Saved vCenter logins (vmware_credentials): the password only sealed (bound to its row), at most one default,
+uses counted, and an optional pin of the vCenter's certificate."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ class Credential:
     updated_at: str
     last_used: str | None
     usage_count: int
-    password_sealed: str = dataclasses.field(repr=False)  # SecretBox text (omad/crypto.py)
+    tls_thumbprint: str  # the pinned certificate's SHA-256 or SHA-1 (AA:BB:...), '' = the CA store decides
+    password_sealed: str = dataclasses.field(repr=False)  # SecretBox text (omad/crypto.py), bound to `id`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +38,11 @@ class NewCredential:
     credential_name: str
     vcenter_host: str
     username: str
-    password_sealed: str = dataclasses.field(repr=False)
     datacenter: str
     is_active: bool
     is_default: bool
     created_by: str
+    tls_thumbprint: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,7 @@ class CredentialChanges:
     datacenter: str | None = None
     is_active: bool | None = None
     is_default: bool | None = None
+    tls_thumbprint: str | None = None  # '' removes the pin
 
 
 def _credential(row: Mapping[str, Any]) -> Credential:
@@ -80,11 +83,25 @@ async def ensure_name_free(db: Reader, name: str) -> None:
 
 
 async def insert(tx: Writer, new: NewCredential, now: str) -> int:
+    """A new row without its password: the caller seals it for the returned id and sets it (`set_password`)
+    in the same transaction."""
     return await tx.execute(
         "INSERT INTO vmware_credentials (credential_name, vcenter_host, username, password_sealed, datacenter,"
-        " is_active, is_default, created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (new.credential_name, new.vcenter_host, new.username, new.password_sealed, new.datacenter,
-         int(new.is_active), int(new.is_default), new.created_by, now, now))
+        " is_active, is_default, created_by, created_at, updated_at, tls_thumbprint)"
+        " VALUES (?, ?, ?, '', ?, ?, ?, ?, ?, ?, ?)",
+        (new.credential_name, new.vcenter_host, new.username, new.datacenter, int(new.is_active),
+         int(new.is_default), new.created_by, now, now, new.tls_thumbprint))
+
+
+async def set_password(tx: Writer, credential_id: int, password_sealed: str) -> None:
+    """Store a password sealed for this row (a new one, or the same one resealed)."""
+    await tx.execute("UPDATE vmware_credentials SET password_sealed = ? WHERE id = ?", (password_sealed, credential_id))
+
+
+async def sealed_passwords(db: Reader) -> list[tuple[int, str]]:
+    """(id, sealed password) of every credential."""
+    return [(int(r["id"]), str(r["password_sealed"]))
+            for r in await db.fetchall("SELECT id, password_sealed FROM vmware_credentials ORDER BY id")]
 
 
 async def clear_default(tx: Writer, now: str, *, keep: int | None = None) -> None:
@@ -99,10 +116,11 @@ async def update(tx: Writer, credential_id: int, changes: CredentialChanges, now
         "UPDATE vmware_credentials SET credential_name = COALESCE(?, credential_name), "
         "vcenter_host = COALESCE(?, vcenter_host), username = COALESCE(?, username), "
         "password_sealed = COALESCE(?, password_sealed), datacenter = COALESCE(?, datacenter), "
-        "is_active = COALESCE(?, is_active), is_default = COALESCE(?, is_default), updated_at = ? WHERE id = ?",
+        "is_active = COALESCE(?, is_active), is_default = COALESCE(?, is_default), "
+        "tls_thumbprint = COALESCE(?, tls_thumbprint), updated_at = ? WHERE id = ?",
         (c.credential_name, c.vcenter_host, c.username, c.password_sealed, c.datacenter,
          None if c.is_active is None else int(c.is_active), None if c.is_default is None else int(c.is_default),
-         now, credential_id))
+         c.tls_thumbprint, now, credential_id))
 
 
 async def make_default(tx: Writer, credential_id: int, now: str) -> None:

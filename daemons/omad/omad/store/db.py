@@ -16,10 +16,17 @@ from typing import Any, Union
 
 import aiosqlite
 
+from oma_common.errors import Internal
+
 log = logging.getLogger(__name__)
 
 Params = Sequence[Any] | dict[str, Any]
 _MIGRATION = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+FOREIGN_KEYS_OFF = "-- oma: foreign_keys=off"  # a migration's first line: run it without foreign keys (migrate())
+
+
+class MigrationFailed(Internal):
+    """A migration could not be applied: omad does not start (one clear line; see oma_common.daemon.run)."""
 
 
 def utcnow() -> str:
@@ -188,21 +195,44 @@ class Database:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
         async with self._write:
-            conn = self._conn
-            await (await conn.execute("BEGIN IMMEDIATE")).close()
-            tx = Tx(conn)
-            token = self._in_tx.set((asyncio.current_task(), tx))
-            try:
+            async with self._begin() as tx:
                 yield tx
-            except BaseException:
-                await (await conn.execute("ROLLBACK")).close()
-                raise
-            finally:
-                self._in_tx.reset(token)
-            await (await conn.execute("COMMIT")).close()
+
+    @contextlib.asynccontextmanager
+    async def _begin(self) -> AsyncIterator[Tx]:
+        """BEGIN IMMEDIATE … COMMIT on the writer (ROLLBACK on any error); the caller holds the write lock."""
+        conn = self._conn
+        await (await conn.execute("BEGIN IMMEDIATE")).close()
+        tx = Tx(conn)
+        token = self._in_tx.set((asyncio.current_task(), tx))
+        try:
+            yield tx
+        except BaseException:
+            await (await conn.execute("ROLLBACK")).close()
+            raise
+        finally:
+            self._in_tx.reset(token)
+        await (await conn.execute("COMMIT")).close()
+
+    async def _foreign_keys(self, on: bool) -> None:
+        """Switch foreign key enforcement on the writer; a no-op inside a transaction (pragma_foreign_keys), so it
+        is checked, not assumed."""
+        await (await self._conn.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")).close()
+        async with self._conn.execute("PRAGMA foreign_keys") as cur:
+            row = await cur.fetchone()
+        if row is None or bool(row[0]) != on:
+            raise RuntimeError(f"PRAGMA foreign_keys={'ON' if on else 'OFF'} did not take effect")
 
     async def migrate(self, package: str = "omad.store.migrations") -> list[int]:
-        """Apply every numbered migration not yet applied, each in its own transaction."""
+        """Apply every numbered migration not yet applied, each in its own transaction.
+
+        A migration whose first line is `-- oma: foreign_keys=off` rebuilds a table that others reference
+        (SQLite's 12-step ALTER TABLE procedure, https://sqlite.org/lang_altertable.html#otheralter): it runs
+        with foreign keys off, switched outside its transaction (inside one the pragma does nothing, and
+        dropping the old table would cascade into the referencing rows). Before its commit `PRAGMA
+        foreign_key_check` must find nothing, else it is rolled back and omad does not start. Foreign keys are
+        on again afterwards, whatever happened.
+        """
         async with self.transaction() as tx:
             await tx.execute("CREATE TABLE IF NOT EXISTS schema_version ("
                              "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
@@ -216,11 +246,46 @@ class Database:
         for version, name, text in sorted(found):
             if version in done:
                 continue
-            async with self.transaction() as tx:
-                for stmt in split_statements(text):
-                    await tx.execute(stmt)
-                await tx.execute("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
-                                 (version, name, utcnow()))
+            if foreign_keys_off(text):
+                await self._apply_without_foreign_keys(version, name, text)
+            else:
+                async with self.transaction() as tx:
+                    await self._apply(tx, version, name, text)
             log.info("applied migration %04d_%s", version, name)
             applied.append(version)
         return applied
+
+    @staticmethod
+    async def _apply(tx: Tx, version: int, name: str, text: str) -> None:
+        for stmt in split_statements(text):
+            await tx.execute(stmt)
+        await tx.execute("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                         (version, name, utcnow()))
+
+    async def _apply_without_foreign_keys(self, version: int, name: str, text: str) -> None:
+        async with self._write:  # nothing else may write while the writer runs without foreign keys
+            await self._foreign_keys(False)
+            try:
+                async with self._begin() as tx:
+                    await self._apply(tx, version, name, text)
+                    dangling = await tx.fetchall("PRAGMA foreign_key_check")
+                    if dangling:
+                        raise MigrationFailed(
+                            "migration failed",
+                            f"{version:04d}_{name} would leave {len(dangling)} row(s) referencing rows that do not "
+                            f"exist ({_describe(dangling)}); it was rolled back and nothing changed",
+                            migration=f"{version:04d}_{name}")
+            finally:
+                await self._foreign_keys(True)
+
+
+def foreign_keys_off(migration: str) -> bool:
+    """Whether a migration asks to run without foreign keys (its first line is the marker)."""
+    first = migration.lstrip("\ufeff").split("\n", 1)[0]
+    return first.strip() == FOREIGN_KEYS_OFF
+
+
+def _describe(rows: list[dict[str, Any]], shown: int = 5) -> str:
+    """`PRAGMA foreign_key_check` rows as `table rowid N -> parent`, the first few."""
+    out = [f"{r['table']} rowid {r['rowid']} -> {r['parent']}" for r in rows[:shown]]
+    return "; ".join(out) + (f"; and {len(rows) - shown} more" if len(rows) > shown else "")

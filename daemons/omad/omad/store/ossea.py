@@ -82,6 +82,17 @@ async def update(tx: Writer, config_id: int, changes: dict[str, str]) -> OsseaCo
     return old
 
 
+async def set_secret(tx: Writer, config_id: int, secret_key_sealed: str) -> None:
+    """Store a secret key sealed for this row (a new config's, or one resealed)."""
+    await tx.execute("UPDATE ossea_configs SET secret_key_sealed = ? WHERE id = ?", (secret_key_sealed, config_id))
+
+
+async def sealed_secrets(db: Reader) -> list[tuple[int, str]]:
+    """(id, sealed secret key) of every config."""
+    return [(int(r["id"]), str(r["secret_key_sealed"]))
+            for r in await db.fetchall("SELECT id, secret_key_sealed FROM ossea_configs ORDER BY id")]
+
+
 async def set_default(tx: Writer, config_id: int) -> None:
     await get(tx, config_id)
     now = utcnow()

@@ -87,6 +87,8 @@ class Volume:
     created_by_job: str | None
     created_at: str
     updated_at: str
+    # What the last completed sync wrote at the volume's end (volume-agent's stamp); None: nothing yet.
+    sync_stamp: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,14 +260,25 @@ async def delete(tx: Writer, job_id: str) -> None:
 
 
 async def save_volume(tx: Writer, vol: Volume) -> None:
+    """Insert or update a disk's volume; its sync stamp is kept only while the volume stays the same one."""
     await tx.execute(
         "INSERT INTO replication_volumes (vm_context_id, disk_id, volume_id, volume_name, size_bytes, device_path,"
         " link_path, created_by_job, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (vm_context_id, disk_id) DO UPDATE SET volume_id = excluded.volume_id,"
         " volume_name = excluded.volume_name, size_bytes = excluded.size_bytes, device_path = excluded.device_path,"
-        " link_path = excluded.link_path, created_by_job = excluded.created_by_job, updated_at = excluded.updated_at",
+        " link_path = excluded.link_path, created_by_job = excluded.created_by_job, updated_at = excluded.updated_at,"
+        " sync_stamp = CASE WHEN replication_volumes.volume_id = excluded.volume_id"
+        " THEN replication_volumes.sync_stamp END",
         (vol.vm_context_id, vol.disk_id, vol.volume_id, vol.volume_name, vol.size_bytes, vol.device_path,
          vol.link_path, vol.created_by_job, vol.created_at, vol.updated_at))
+
+
+async def set_sync_stamp(tx: Writer, context_id: str, disk_id: str, volume_id: str, stamp: str | None,
+                         now: str) -> None:
+    """The stamp a completed sync left on the disk's volume (None: it could not be written)."""
+    await tx.execute("UPDATE replication_volumes SET sync_stamp = ?, updated_at = ?"
+                     " WHERE vm_context_id = ? AND disk_id = ? AND volume_id = ?",
+                     (stamp, now, context_id, disk_id, volume_id))
 
 
 async def set_volume_device(tx: Writer, context_id: str, disk_id: str, *, device_path: str | None,

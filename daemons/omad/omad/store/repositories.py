@@ -97,5 +97,16 @@ async def record_check_error(db: Writer, repo_id: str, error: str, now: str) -> 
                      (now, error, repo_id))
 
 
+async def set_secret(tx: Writer, repo_id: str, secret_sealed: str) -> None:
+    """Store a password resealed for this row."""
+    await tx.execute("UPDATE backup_repositories SET secret_sealed = ? WHERE id = ?", (secret_sealed, repo_id))
+
+
+async def sealed_secrets(db: Reader) -> list[tuple[str, str]]:
+    """(id, sealed password) of every repository that has one."""
+    return [(str(r["id"]), str(r["secret_sealed"])) for r in await db.fetchall(
+        "SELECT id, secret_sealed FROM backup_repositories WHERE secret_sealed IS NOT NULL ORDER BY id")]
+
+
 async def delete(tx: Writer, repo_id: str) -> None:
     await tx.execute("DELETE FROM backup_repositories WHERE id = ?", (repo_id,))

@@ -18,7 +18,14 @@ from .db import Writer
 
 # The only writers of the executions' and their VMs' and jobs' status columns (tests/omad/test_store_rules.py).
 TRANSITIONS = ("open_executions", "close_execution", "vms_started", "vms_completed", "vm_retry_wait", "vm_failed",
-               "vm_released", "vm_skipped", "cancel_waiting", "attempts_ended")
+               "vm_released", "vms_skipped", "cancel_waiting", "attempts_ended")
+
+
+class Action(enum.StrEnum):
+    """What a schedule starts for each VM of its groups (schedules.action)."""
+
+    BACKUP = "backup"
+    REPLICATION = "replication"
 
 
 class ExecutionStatus(enum.StrEnum):
@@ -453,9 +460,10 @@ async def vm_released(tx: Writer, key: VmKey) -> None:
                      "AND status = 'retry_wait'", key)
 
 
-async def vm_skipped(tx: Writer, key: VmKey, *, reason: str, at: str) -> None:
-    await tx.execute(f"UPDATE schedule_execution_vms SET status = 'skipped', completed_at = ?, reason = ? {_VM} "
-                     "AND status = 'pending'", (at, reason, *key))
+async def vms_skipped(tx: Writer, skipped: Sequence[tuple[VmKey, str]], *, at: str) -> None:
+    """Waiting VMs (key, reason) that get no job in their execution (one batch)."""
+    await tx.executemany(f"UPDATE schedule_execution_vms SET status = 'skipped', completed_at = ?, reason = ? {_VM} "
+                         "AND status = 'pending'", [(at, reason, *key) for key, reason in skipped])
 
 
 async def vm_waiting(tx: Writer, keys: Sequence[tuple[VmKey, str]]) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from oma_common.contracts.volume_agent import SessionIn, Terminated
 from oma_common.errors import Conflict, Invalid, OmaError, Unauthorized
 
 from ..audit import Audit
@@ -50,7 +51,7 @@ MESSAGES = {
 class TunnelSessions(Protocol):
     """Ends sshd sessions (volume-agent does: it runs as root)."""
 
-    async def end_tunnel_sessions(self, sessions: list[dict[str, Any]]) -> dict[str, Any]: ...
+    async def end_tunnel_sessions(self, sessions: list[SessionIn]) -> Terminated: ...
 
 
 @dataclasses.dataclass
@@ -207,15 +208,14 @@ class Enrollments:
         if not found:
             return [], None
         try:
-            answer = await self.sessions.end_tunnel_sessions(
-                [{"pid": s.monitor_pid, "start_time": s.monitor_start} for s in found])
+            answer = await self.sessions.end_tunnel_sessions([SessionIn(s.monitor_pid, s.monitor_start) for s in found])
         except OmaError as e:
             log.warning("ending the tunnel sessions %s failed: %s", [s.monitor_pid for s in found], e)
             return [], str(e)
         async with self.db.transaction() as tx:
             for s in found:
                 await store.forget_login(tx, s)
-        return [int(p) for p in answer.get("terminated", [])], None
+        return answer.terminated, None
 
     async def active(self) -> dict[str, Any]:
         approved = await store.enrollments(self.db, EnrollmentStatus.APPROVED)
