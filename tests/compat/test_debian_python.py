@@ -19,7 +19,7 @@ SUBSET = [
     "tests/common/test_filestream.py",
     "tests/agents/test_lifecycle.py", "tests/agents/test_contracts.py",
     "tests/omad/test_guard.py", "tests/omad/test_edge.py", "tests/omad/test_auth.py", "tests/omad/test_store.py",
-    "tests/omad/test_jobs.py", "tests/omad/test_health.py",
+    "tests/omad/test_jobs.py", "tests/omad/test_health.py", "tests/omad/test_contexts.py",
     "tests/omad/backup/test_backups.py", "tests/omad/backup/test_failures.py",
     "tests/omad/backup/test_immutability.py", "tests/omad/backup/test_restore.py",
     # Debian's cs is 2.7.1 (its own aiohttp session per call, another signing path): the clients of omad and

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import sqlite3
 from typing import Any
 from urllib.parse import quote
@@ -157,8 +159,11 @@ async def test_the_kept_list_renders_only_what_changed(db: Database, monkeypatch
                for i in range(40)]
 
     async def listing(c: Contexts, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
-        pieces, count, total = await c.list_json(limit, offset)
-        items: list[dict[str, Any]] = json.loads(b"".join(pieces))
+        async with c.listing(limit, offset) as page:
+            array = page.array if page.fd is None else os.pread(page.fd, page.size + 1, 0)
+            count, total = page.count, page.total
+        assert array is not None
+        items: list[dict[str, Any]] = json.loads(array)
         assert count == len(items) and total == await db.scalar("SELECT COUNT(*) FROM vm_replication_contexts")
         return items
 
@@ -198,3 +203,109 @@ async def test_the_kept_list_renders_only_what_changed(db: Database, monkeypatch
     finally:
         other.close()
     assert len(full_renders) == len(changes) + 1  # the fresh instances' only: the kept list never rendered all
+
+
+async def test_the_list_reads_its_writes_and_revalidates(vstack: Stack, api: Api) -> None:
+    """A change through the API shows in the very next list, also while other readers keep the list busy; an
+    unchanged list is a 304 for the ETag it was sent with, and a change makes it a 200 with another."""
+    ids = await add_all(api)
+    status, gold = await api.post("/machine-groups", {"name": "Gold"})
+    assert status in (200, 201), gold
+    url = f"{vstack.url}/api/v1/vm-contexts"
+    auth = {"Authorization": f"Bearer {api.token}"}
+    stop = asyncio.Event()
+
+    async def reader() -> None:  # keeps refreshes and whole-list writes in flight around the test's requests
+        while not stop.is_set():
+            async with api.session.get(url, headers=auth) as r:
+                assert r.status == 200 and json.loads(await r.read())["count"] == len(ids)
+
+    readers = [asyncio.ensure_future(reader()) for _ in range(3)]
+    try:
+        for n in range(12):
+            grouped = ODD_NAMES[n % len(ODD_NAMES)]
+            status, _ = await api.put(f"/vm-contexts/{quote(ids[grouped], safe='')}/group",
+                                      {"group_id": gold["id"] if n % 2 == 0 else None})
+            assert status == 200
+            listed = {i["vm_name"]: i for i in (await api.get("/vm-contexts"))[1]["vm_contexts"]}
+            assert listed[grouped]["group_count"] == (1 if n % 2 == 0 else 0), n
+            page = (await api.get("/vm-contexts", params={"limit": "3"}))[1]["vm_contexts"]
+            assert {i["vm_name"]: i["group_count"] for i in page} == \
+                {name: item["group_count"] for name, item in listed.items()}
+    finally:
+        stop.set()
+        await asyncio.gather(*readers)
+
+    for params in ({}, {"limit": "2", "offset": "1"}):
+        async with api.session.get(url, params=params, headers=auth) as r:
+            assert r.status == 200 and r.headers["Cache-Control"] == "no-cache"
+            etag, body = r.headers["ETag"], await r.read()
+        for tags in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+            async with api.session.get(url, params=params, headers={**auth, "If-None-Match": tags}) as r:
+                assert r.status == 304 and r.headers["ETag"] == etag and await r.read() == b"", tags
+        async with api.session.get(url, params=params, headers={**auth, "If-None-Match": '"other"'}) as r:
+            assert r.status == 200 and await r.read() == body
+        state = "state " + etag.strip('"')
+        vstack.sql("UPDATE vm_replication_contexts SET power_state = ? WHERE context_id = ?", (state, ids[sorted(ODD_NAMES)[1]]))
+        async with api.session.get(url, params=params, headers={**auth, "If-None-Match": etag}) as r:
+            assert r.status == 200 and r.headers["ETag"] != etag and state.encode() in await r.read()
+
+
+async def test_a_request_is_not_answered_by_a_refresh_older_than_it(db: Database,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list request that arrives while a refresh is running, after a change that refresh may not have seen,
+    waits for a refresh that has: it never gets the list from before its change."""
+    contexts = Contexts(db)
+    async with db.transaction() as tx:
+        cid = await contexts.create(tx, VmSpec(id="uuid-1", name="vm-1"), vcenter_host="vc", datacenter="DC1",
+                                    credential_id=None, auto_added=True)
+
+    async def power(limit: int | None) -> str:
+        async with contexts.listing(limit, 0) as page:
+            array = page.array if page.fd is None else os.pread(page.fd, page.size, 0)
+        assert array is not None
+        return str(json.loads(array)[0]["power_state"])
+
+    assert await power(None) == ""
+    held = asyncio.Event()
+    release = asyncio.Event()
+    render_some = store_contexts.render_some
+
+    async def slow_render_some(d: Any, ids: Any) -> Any:
+        rendered = await render_some(d, ids)  # what the refresh saw: before the change below
+        held.set()
+        await release.wait()
+        return rendered
+
+    monkeypatch.setattr(store_contexts, "render_some", slow_render_some)
+    await db.execute("UPDATE vm_replication_contexts SET power_state = 'poweredOff' WHERE context_id = ?", (cid,))
+    first = asyncio.ensure_future(power(None))  # starts a refresh, held once it has rendered the change
+    await held.wait()
+    monkeypatch.setattr(store_contexts, "render_some", render_some)
+    await db.execute("UPDATE vm_replication_contexts SET power_state = 'poweredOn' WHERE context_id = ?", (cid,))
+    later = [asyncio.ensure_future(power(limit)) for limit in (None, 1)]
+    await asyncio.sleep(0.05)
+    release.set()
+    assert await first == "poweredOff"
+    assert await asyncio.gather(*later) == ["poweredOn", "poweredOn"]
+
+
+async def test_a_client_leaving_mid_list_leaves_the_list_served(vstack: Stack, api: Api) -> None:
+    """The whole list is sent from a file: a client that goes away after a few bytes of 24 MB costs nothing
+    but a log line, and the next client gets the whole list."""
+    ids = await add_all(api)
+    big = "a" * (8 * 1024 * 1024)  # the list: more than twice what the socket buffers between us hold
+    vstack.sql("UPDATE vm_replication_contexts SET annotation = ?", (big,))
+    host, port = vstack.url.removeprefix("http://").rsplit(":", 1)
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET /api/v1/vm-contexts HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {api.token}\r\n"
+                     "\r\n".encode())
+        assert (await reader.readexactly(12)) == b"HTTP/1.1 200"
+        writer.transport.abort()  # a reset, mid-body
+    status, listing = await api.get("/vm-contexts")
+    assert status == 200 and len(listing["vm_contexts"]) == len(ids)
+    assert all(i["annotation"] == big for i in listing["vm_contexts"])
+    log = (vstack.state / "logs" / "omad.log").read_text(errors="replace")
+    assert "unexpected error" not in log and "Traceback" not in log
+    assert "the VM list stopped: the client went away" in log

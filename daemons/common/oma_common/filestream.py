@@ -151,6 +151,27 @@ async def send_file(request: web.Request, fd: int, meta: FileMeta,
     return resp
 
 
+async def send_framed(request: web.Request, headers: dict[str, str], head: bytes, fd: int, size: int,
+                      tail: bytes, name: str) -> web.StreamResponse:
+    """Answer 200 with `head`, the first `size` bytes of the open file `fd`, then `tail` (e.g. a JSON document
+    around an array kept in a file). The file's bytes go by sendfile(2); the descriptor must stay open until
+    the call returns."""
+    resp = web.StreamResponse(headers=headers)
+    resp.content_length = len(head) + size + len(tail)
+    await resp.prepare(request)
+    try:
+        await resp.write(head)
+        await _copy(request, resp, fd, 0, size, name)
+        await resp.write(tail)
+        await resp.write_eof()
+    except ConnectionError:
+        log.info("%s stopped: the client went away", name)
+    except Exception:
+        log.exception("%s failed after its first byte; aborting the response", name)
+        abort(request)
+    return resp
+
+
 async def _copy(request: web.Request, resp: web.StreamResponse, fd: int, start: int, length: int,
                 name: str) -> None:
     """sendfile(2) from the file to the socket (zero-copy) in a thread of its own, or pread-and-write where

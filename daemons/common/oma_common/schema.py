@@ -126,8 +126,16 @@ def name_item(max_length: int) -> dict[str, Any]:
     return {"maxLength": max_length, "pattern": NAME_PATTERN}
 
 
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The resolved annotations of a declared class, read-only (typing.get_type_hints evaluates every string
+    annotation again on each call: 0.2 ms a class, twice per request with a query or a body)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def _is_optional(tp: Any) -> tuple[bool, Any]:

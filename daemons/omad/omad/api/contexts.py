@@ -6,8 +6,10 @@ import dataclasses
 from typing import Any
 
 from aiohttp import web
+from aiohttp.helpers import ETAG_ANY, ETag
 
 from oma_common.errors import Invalid, NotFound
+from oma_common.filestream import send_framed
 from oma_common.schema import name_spec, spec
 from oma_common.web import Call, now_rfc3339, route
 
@@ -75,23 +77,30 @@ class ContextsApi:
     def __init__(self, contexts: Contexts) -> None:
         self.contexts = contexts
 
-    @route("GET", "/vm-contexts", query=Page, response=VmContextList, tags=("vm-contexts",))
+    @route("GET", "/vm-contexts", query=Page, response=VmContextList, tags=("vm-contexts",),
+           responses={304: "not modified: the list is still the one tagged by `If-None-Match`"},
+           description="Each answer carries an `ETag`; a request with it in `If-None-Match` is answered 304 "
+                       "while the list (or its page) has not changed.")
     async def list(self, call: Call) -> web.StreamResponse:
         """Every VM context with its groups (`groups`, `group_count`); `limit`/`offset` page it by VM name."""
         q: Page = call.query
-        items, count, total = await self.contexts.list_json(q.limit, q.offset)
-        # The items arrive as JSON (rendered by SQLite, kept between changes): wrap them, never re-encode or
-        # join them (the whole list is 10 MB; each copy of it costs more than the rest of the request).
-        tail = f', "count": {count}, "total": {total}, "limit": {"null" if q.limit is None else q.limit}, ' \
-               f'"offset": {q.offset}}}'
-        pieces = [b'{"vm_contexts": ', *items, tail.encode()]
-        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-        resp.content_length = sum(len(p) for p in pieces)
-        await resp.prepare(call.request)
-        for piece in pieces:
-            await resp.write(piece)
-        await resp.write_eof()
-        return resp
+        request = call.request
+        async with self.contexts.listing(q.limit, q.offset) as page:
+            # The list changes under the GUI all the time: it must ask every time (no-cache), cheaply (304).
+            headers = {"ETag": f'"{page.version}"', "Cache-Control": "no-cache"}
+            if _matches(request.if_none_match, page.version):
+                return web.Response(status=304, headers=headers)
+            # The items arrive as JSON (rendered by SQLite, kept between changes): wrap them, never re-encode
+            # them. The whole list (10 MB) comes as a file, sent by sendfile(2): no copy of it passes through us.
+            head = b'{"vm_contexts": '
+            tail = (f', "count": {page.count}, "total": {page.total}, '
+                    f'"limit": {"null" if q.limit is None else q.limit}, "offset": {q.offset}}}').encode()
+            if page.array is not None:
+                return web.Response(body=b"".join((head, page.array, tail)), content_type="application/json",
+                                    headers=headers)
+            assert page.fd is not None
+            return await send_framed(request, {**headers, "Content-Type": "application/json"}, head, page.fd,
+                                     page.size, tail, "the VM list")
 
     @route("GET", "/vm-contexts/ungrouped", tags=("vm-contexts",))
     @route("GET", "/discovery/ungrouped-vms", tags=("discovery",))
@@ -109,6 +118,11 @@ class ContextsApi:
     async def recent_jobs(self, call: Call) -> dict[str, Any]:
         """The context's latest jobs of every type, newest first."""
         return await self.contexts.recent_jobs(call.params["context_id"], call.query.limit)
+
+
+def _matches(if_none_match: tuple[ETag, ...] | None, version: str) -> bool:
+    """Whether `If-None-Match` names this version (weakly compared, RFC 9110 §13.1.2) or any ("*")."""
+    return any(tag.value in (ETAG_ANY, version) for tag in if_none_match or ())
 
 
 class VmsApi:

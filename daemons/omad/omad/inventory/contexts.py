@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import bisect
+import contextlib
 import dataclasses
 import logging
 import re
@@ -12,100 +11,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..store import contexts as store
-from ..store.contexts import Context, ContextKey, ContextJob, DiskSpecs, Nic, NewContext, Rendered, Specs
+from ..store.contexts import Context, ContextKey, ContextJob, DiskSpecs, Nic, NewContext, Specs
 from ..store.db import Database, Tx, utcnow
+from .rendered import KeptList, Listing
 from .vmspec import DiskSpec, VmSpec, disk_changes, nic_changes
 
 log = logging.getLogger(__name__)
 
 TERMINAL = ("completed", "succeeded", "failed", "cancelled", "canceled", "skipped", "rolled_back")
-# More changed contexts than this since the last render: render the whole list again instead.
-_FULL_RENDER_AFTER = 1000
-
-
-def _key(r: Rendered) -> tuple[str, str]:
-    return (r.vm_name, r.context_id)  # SQLite's BINARY order of vm_name is Python's order of str
-
-
-class _Rendered:
-    """The whole list, kept rendered: at each change generation only the changed contexts are rendered again.
-
-    The items are ordered by VM name; triggers record which contexts each change touched (migration 0010).
-    Requests that arrive while a refresh runs share it, even when a change came in meanwhile: the answer is
-    then at most one refresh old, and under a stream of changes at most one refresh runs at a time.
-    """
-
-    def __init__(self) -> None:
-        self.generation = -1
-        self.entries: list[Rendered] = []  # by _key
-        self.items: list[bytes] = []  # entries' JSON, in the same order
-        self._by_id: dict[str, Rendered] = {}
-        self._joined: bytes | None = b""  # the items joined by commas, once per generation (10 MB: one copy)
-        self._pending: asyncio.Future[None] | None = None
-
-    @property
-    def built(self) -> bool:
-        return self.generation >= 0
-
-    @property
-    def joined(self) -> bytes:
-        if self._joined is None:
-            self._joined = b",".join(self.items)
-        return self._joined
-
-    async def refresh(self, db: Database, generation: int) -> None:
-        if generation == self.generation:
-            return
-        if self._pending is not None:
-            await asyncio.shield(self._pending)
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending = future
-        try:
-            await self._catch_up(db, generation)
-            future.set_result(None)
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # retrieved here: a failure nobody waited for is not "never retrieved"
-            raise
-        finally:
-            self._pending = None
-
-    async def _catch_up(self, db: Database, generation: int) -> None:
-        # `generation` was read before the queries below, so they see at least every change up to it.
-        if self.built:
-            newest, changed = await store.changed_since(db, self.generation)
-            if len(changed) <= _FULL_RENDER_AFTER:
-                self._apply(changed, await store.render_some(db, changed) if changed else [])
-                self.generation = max(generation, newest, self.generation)
-                return
-        entries = await store.render_all(db)
-        if generation > self.generation:
-            self.entries = entries
-            self.items = [e.item.encode() for e in entries]
-            self._by_id = {e.context_id: e for e in entries}
-            self._joined = None
-            self.generation = generation
-
-    def _apply(self, changed: list[str], fresh: list[Rendered]) -> None:
-        for context_id in changed:
-            old = self._by_id.pop(context_id, None)
-            if old is not None:
-                i = bisect.bisect_left(self.entries, _key(old), key=_key)
-                del self.entries[i], self.items[i]
-        for entry in fresh:
-            i = bisect.bisect_left(self.entries, _key(entry), key=_key)
-            self.entries.insert(i, entry)
-            self.items.insert(i, entry.item.encode())
-            self._by_id[entry.context_id] = entry
-        if changed:
-            self._joined = None
-
-    def page(self, limit: int | None, offset: int) -> tuple[list[bytes], int, int]:
-        if limit is None and offset == 0:
-            return [b"[", self.joined, b"]"], len(self.items), len(self.items)
-        page = self.items[offset:] if limit is None else self.items[offset:offset + limit]
-        return [b"[", b",".join(page), b"]"], len(page), len(self.items)
 
 
 def plain(rec: Any) -> dict[str, Any]:
@@ -146,21 +59,14 @@ def new_context_id(vm_name: str, when: datetime | None = None) -> str:
 class Contexts:
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._rendered = _Rendered()
+        self._kept = KeptList(db)
 
     # -- reading -------------------------------------------------------------------------------------
 
-    async def list_json(self, limit: int | None, offset: int) -> tuple[list[bytes], int, int]:
-        """The items of one page (limit None: all) as a JSON array in pieces (to be sent without joining them:
-        the whole list is 10 MB), how many it holds, how many exist."""
-        generation = await store.generation(self.db)
-        rendered = self._rendered
-        if limit is not None and not rendered.built:
-            # A page before the first whole render: cheaper to render the page alone.
-            items, total = await store.render_page(self.db, limit, offset)
-            return [("[" + ",".join(items) + "]").encode()], len(items), total
-        await rendered.refresh(self.db, generation)
-        return rendered.page(limit, offset)
+    def listing(self, limit: int | None, offset: int) -> contextlib.AbstractAsyncContextManager[Listing]:
+        """One page of the list (limit None: all), as fresh as every change committed before the call; the
+        whole list's file stays open while the listing is held."""
+        return self._kept.listing(limit, offset)
 
     async def by_name(self, vm_name: str) -> dict[str, Any]:
         """The context's columns as a dict (backup/ reads it so; new code uses store.contexts.by_name)."""
