@@ -123,8 +123,9 @@ class ReplicationConfig:
 class FailoverConfig:
     """Failover jobs (test, live, end of a test, rollback)."""
 
-    crash_file: str = spec("", description="fault injection for tests: when this file names a step, omad dies "
-                                           "(SIGKILL) right after recording that step, once; empty = off")
+    crash_file: str = spec("", description="fault injection for tests: when this file names a step (or "
+                                           "`replication:vma`: a replication's start, before the VMA is asked), "
+                                           "omad dies (SIGKILL) right there, once; empty = off")
     log_files: list[str] = spec(factory=list, description="log files GET /debug/logs reads; empty = "
                                                           "<state_dir>/logs/*.log when that directory exists "
                                                           "(make run), else the journal of the daemons' units")

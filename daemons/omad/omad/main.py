@@ -169,8 +169,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     # VMA; followed by the monitor, which adopts running ones again after a restart.
     ending = Ending(db, jobs, pool, volume_agent, locks)
     replications = Replications(db, audit, jobs, locks, contexts, credentials, volume_agent, pool, vma, ending,
-                                cfg.replication)
-    monitor = Monitor(db, jobs, vma, pool, ending, cfg.replication)
+                                cfg.replication, cfg.failover.crash_file)
+    monitor = Monitor(db, jobs, vma, pool, ending, cfg.replication, launching=replications.launching)
     replications.on_started.append(monitor.follow)
     jobs.on_recover("replication", monitor.recover)
 

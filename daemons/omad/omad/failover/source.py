@@ -51,9 +51,15 @@ class Source:
 
     async def final_sync(self, context_id: str, config_id: int, actor: str) -> dict[str, Any]:
         """A sync of the powered-off source (incremental when the change ids allow), awaited; one already
-        running for the VM (this step's own, started before a crash) is awaited instead of a new one."""
+        running for the VM (this step's own, started before a crash) is awaited instead of a new one — unless
+        omad died before the VMA took it: that one is failed (its exports and ports released) and a new one
+        started."""
         ctx = await contexts_store.by_id(self.db, context_id)
         running = await replications_store.active_for_vm(self.db, context_id)
+        if running is not None and await self.replications.abandon_unstarted(running.job_id):
+            log.warning("final sync %s was cut short before the VMA took it; starting it again", running.job_id,
+                        extra={"resource": running.job_id})
+            running = None
         if running is not None:
             job_id = running.job_id
         else:

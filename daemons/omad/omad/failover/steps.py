@@ -12,17 +12,15 @@ COMPENSATE undoes it and everything before it. Never both, never neither.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
-import signal
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from oma_common.errors import OmaError
 
+from ..jobs.crashpoint import crash_if_named
 from ..jobs.engine import JobEngine
 from ..store import failover as store
 from ..store.db import Database
@@ -85,13 +83,7 @@ class Runner:
         """Fault injection for tests: when the crash file names this point (`<step>` right after the step is
         recorded, `ran:<step>` after it ran but before its outcome is recorded, `undo:<step>`), die as kill -9
         would (once)."""
-        if self.crash_file is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            if self.crash_file.read_text().strip() == name:
-                self.crash_file.unlink()
-                log.warning("crash file names step %s: dying now", name, extra={"resource": job_id})
-                os.kill(os.getpid(), signal.SIGKILL)
+        crash_if_named(self.crash_file, name, job_id)
 
     async def _load(self, job_id: str) -> tuple[Run, list[store.FailoverStep]]:
         job = await store.get(self.db, job_id)

@@ -1,7 +1,9 @@
 """Following running replications: the VMA's progress is polled into the job until it succeeds (every disk's
 change id in: complete), fails, or goes silent (no progress, no change id and no NBD client for the idle
 timeout: fail). The exports belong to nbd-pool and the VMA keeps writing while omad is away, so at start-up
-every replication still running is adopted again, whatever omad did before (a restart, an upgrade, kill -9).
+every replication still running is adopted again, whatever omad did before (a restart, an upgrade, kill -9) —
+but not one this omad is starting meanwhile (a failover's final sync resumed by the recovery): the VMA has not
+been asked yet, so it would not know the job; that one is followed once started (`Replications.on_started`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -42,8 +45,9 @@ def _seconds_since(stamp: str) -> float:
 
 class Monitor:
     def __init__(self, db: Database, jobs: JobEngine, vma: VmaClient, pool: NbdPool, ending: Ending,
-                 cfg: ReplicationConfig) -> None:
+                 cfg: ReplicationConfig, launching: Callable[[str], bool] = lambda _job_id: False) -> None:
         self.db = db
+        self.launching = launching  # whether this omad is starting that replication now
         self.jobs = jobs
         self.vma = vma
         self.pool = pool
@@ -61,6 +65,8 @@ class Monitor:
     async def start(self) -> None:
         self._running = True
         for rep in await store.running(self.db):
+            if self.launching(rep.job_id):
+                continue
             log.info("adopting the running replication", extra={"resource": rep.job_id})
             self.follow(rep.job_id)
 

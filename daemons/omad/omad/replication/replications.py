@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 from oma_common.contracts.volume_agent_volumes import VolumeView
@@ -36,6 +37,7 @@ from ..inventory.contexts import Contexts
 from ..inventory.credentials import Credentials
 from ..inventory.vmspec import VmSpec
 from ..jobs import ids
+from ..jobs.crashpoint import crash_if_named
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
 from ..jobs.starting import undone_on_failure
@@ -80,8 +82,9 @@ class StartRequest:
 class Replications:
     def __init__(self, db: Database, audit: Audit, jobs: JobEngine, locks: KeyedLocks, contexts: Contexts,
                  credentials: Credentials, volumes: VolumeAgent, pool: NbdPool, vma: VmaClient, ending: Ending,
-                 cfg: ReplicationConfig) -> None:
+                 cfg: ReplicationConfig, crash_file: str = "") -> None:
         self.db = db
+        self.crash_file = Path(crash_file) if crash_file else None  # fault injection (jobs/crashpoint.py)
         self.audit = audit
         self.jobs = jobs
         self.locks = locks
@@ -94,6 +97,26 @@ class Replications:
         self.cfg = cfg
         self.oma_url = cfg.oma_url  # main() sets the API's own URL when the config leaves it empty
         self.on_started: list[Any] = []  # callbacks(job_id): the monitor follows each started job
+        self._launching: set[str] = set()  # recorded by this omad, the VMA not yet asked (or answering)
+
+    def launching(self, job_id: str) -> bool:
+        """Whether this omad is starting that replication now: its rows are in, the VMA has not taken it yet."""
+        return job_id in self._launching
+
+    async def abandon_unstarted(self, job_id: str) -> bool:
+        """Fail a running replication whose start a dead omad cut short — no omad is starting it and the VMA
+        does not know it — releasing its exports and ports; True when it was (or had meanwhile been) ended.
+        False when it lives (the VMA has it) or cannot be told (the VMA does not answer)."""
+        if self.launching(job_id):
+            return False
+        try:
+            await self.vma.progress(job_id)
+        except NotFound:
+            await self.ending.fail(job_id, "interrupted: omad stopped before the VMA took the replication")
+            return True
+        except OmaError:
+            return False
+        return False
 
     # -- starting ------------------------------------------------------------------------------------
 
@@ -137,10 +160,13 @@ class Replications:
                     "created_at": ctx.created_at}
         async with self.locks.hold(f"vm-replication:{ctx.context_id}", what=f"VM {ctx.vm_name!r}"):
             job_id = await self._record(req, ctx, actor)
-            async with undone_on_failure(job_id, kind="replication", id_key="job_id", fail=self.ending.fail,
-                                         audit=self.audit, actor=actor, action="replication.start",
-                                         resource=f"job:{job_id}", vm_name=ctx.vm_name):
-                created = await self._launch(job_id, ctx)
+            try:
+                async with undone_on_failure(job_id, kind="replication", id_key="job_id", fail=self.ending.fail,
+                                             audit=self.audit, actor=actor, action="replication.start",
+                                             resource=f"job:{job_id}", vm_name=ctx.vm_name):
+                    created = await self._launch(job_id, ctx)
+            finally:
+                self._launching.discard(job_id)
         await self.audit.record(actor, "replication.start", f"job:{job_id}", vm_name=ctx.vm_name)
         for callback in self.on_started:
             callback(job_id)
@@ -171,6 +197,21 @@ class Replications:
             new_disks.append(store.NewDisk(d.disk_id, disk_key(d.disk_id), d.unit_number
                                            if d.unit_number is not None else disk_key(d.disk_id) - 2000,
                                            capacity, f"{job_id}-{d.disk_id}", base))
+        # Marked before its rows exist: the monitor, adopting the running replications a dead omad left, must
+        # not take this one for one of them (it would ask the VMA about it before the VMA is told).
+        self._launching.add(job_id)
+        try:
+            await self._record_rows(req, ctx, actor, job_id, rtype, disks, new_disks, now)
+        except BaseException:
+            self._launching.discard(job_id)
+            raise
+        log.info("%s replication of %s: %d disk(s)", rtype, ctx.vm_name, len(disks), extra={"resource": job_id})
+        return job_id
+
+    async def _record_rows(self, req: StartRequest, ctx: contexts_store.Context, actor: str, job_id: str,
+                           rtype: str, disks: list[contexts_store.Disk], new_disks: list[store.NewDisk],
+                           now: str) -> None:
+        cid = ctx.context_id
         async with self.db.transaction() as tx:
             active = await store.active_for_vm(tx, cid)
             if active is not None:
@@ -189,8 +230,6 @@ class Replications:
                 for d in disks:
                     await contexts_store.set_change_id(tx, cid, d.disk_id, None, now)
             await contexts_store.job_started(tx, cid, job_id, now, status=ContextStatus.REPLICATING)
-        log.info("%s replication of %s: %d disk(s)", rtype, ctx.vm_name, len(disks), extra={"resource": job_id})
-        return job_id
 
     async def _volume_for(self, job_id: str, ctx: contexts_store.Context, disk: store.ReplicationDisk,
                           known: store.Volume | None) -> tuple[VolumeView, bool]:
@@ -279,6 +318,8 @@ class Replications:
                                              read_only=False, shared_connections=self.cfg.shared_connections,
                                              fmt="raw", job_id=job_id)
         await self.jobs.progress(job_id, 2)
+        # `replication:vma`: dying here leaves rows, exports and leases of a job the VMA never heard of.
+        crash_if_named(self.crash_file, "replication:vma", job_id)
         async with self.jobs.step(job_id, "start VMA replication"):
             login = await self.credentials.login_for(ctx.credential_id)
             body = {"job_id": job_id, "vcenter": login.vcenter, "username": login.username,
