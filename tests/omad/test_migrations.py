@@ -161,7 +161,7 @@ async def test_0019_keeps_schedules_executions_and_group_links(fresh: Database, 
     rows = {name: await db.fetchall(f"SELECT * FROM {name} ORDER BY 1, 2") for name in tables}
     links = await db.fetchall("SELECT id, schedule_id FROM vm_machine_groups ORDER BY id")
 
-    assert await db.migrate() == [19]
+    assert (await db.migrate())[0] == 19  # and whatever came after it
     for name in tables:
         assert await db.fetchall(f"SELECT * FROM {name} ORDER BY 1, 2") == rows[name], name
     assert await db.fetchall("SELECT id, schedule_id FROM vm_machine_groups ORDER BY id") == links

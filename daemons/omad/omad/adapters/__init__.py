@@ -9,6 +9,8 @@ NEEDS: dict[str, Needs] = {
     "logread": needs("the daemons' log files (make run), or the journal through journalctl (user oma needs the "
                      "systemd-journal group for other units' lines)"),
     "netlinks": needs("this appliance's MAC addresses over rtnetlink (pyroute2), read only: AF_NETLINK"),
+    "memfile": needs("anonymous in-memory files (memfd_create) holding the rendered VM list that requests send with "
+                     "sendfile; in @system-service, no capability"),
     "socktable": needs("the owner uid of a loopback TCP peer (the VMA tunnel's user) over sock_diag, AF_NETLINK; "
                        "other users' uids must stay visible, so omad.service has no PrivateUsers="),
 }
