@@ -444,22 +444,24 @@ class Volumes:
 
     # -- the sync stamp (adapters/stamp.py) -----------------------------------------------------------
 
-    def _attached_device(self, rec: VolumeRecord | None, volume_id: str) -> str:
-        """The device of a volume attached here, checked to be the one vouched for right now."""
+    def _attached_device(self, rec: VolumeRecord | None, volume_id: str) -> tuple[str, str]:
+        """(path, rdev) of a volume attached here, checked to be the one vouched for right now."""
         if rec is None:
             raise NotFound("volume not managed here", f"volume-agent manages no volume {volume_id}")
         found = self.devices.find(rec.serial) if rec.attached_here else None
         if found is None or found.rdev != rec.rdev:
             raise Conflict("volume not attached here", f"volume {volume_id} has no device attached here "
                                                        "(attach it first)")
-        return str(found.path)
+        return str(found.path), found.rdev
 
     async def read_stamp(self, volume_id: str) -> StampView:
         check_id(volume_id)
         async with self.locked(volume_id):
-            device = self._attached_device(await self._checked(volume_id), volume_id)
+            device, rdev = self._attached_device(await self._checked(volume_id), volume_id)
             try:
-                found, offset = await asyncio.to_thread(stamp.read, device)
+                found, offset = await asyncio.to_thread(stamp.read, device, rdev)
+            except stamp.DeviceChanged as e:
+                raise Conflict("device changed", f"volume {volume_id}: {e}; try again") from e
             except OSError as e:
                 raise Unavailable("cannot read the volume", f"reading the stamp of {volume_id} on {device}: {e}") from e
             return StampView(volume_id=volume_id, stamp=found, offset=offset)
@@ -467,9 +469,11 @@ class Volumes:
     async def write_stamp(self, volume_id: str, value: str) -> StampView:
         check_id(volume_id)
         async with self.locked(volume_id):
-            device = self._attached_device(await self._checked(volume_id), volume_id)
+            device, rdev = self._attached_device(await self._checked(volume_id), volume_id)
             try:
-                offset = await asyncio.to_thread(stamp.write, device, value)
+                offset = await asyncio.to_thread(stamp.write, device, value, rdev)
+            except stamp.DeviceChanged as e:
+                raise Conflict("device changed", f"volume {volume_id}: {e}; try again") from e
             except OSError as e:
                 raise Unavailable("cannot write the volume", f"writing the stamp of {volume_id} on {device}: {e}") from e
             log.info("volume %s: sync stamp %s written at %d", volume_id, value, offset, extra={"resource": volume_id})

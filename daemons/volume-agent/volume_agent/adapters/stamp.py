@@ -17,6 +17,21 @@ MAGIC = b"OMA-SYNC-STAMP/1\n"
 STAMP = re.compile(rb"[0-9a-f]{32}")
 
 
+class DeviceChanged(Exception):
+    """The path no longer names the device that was vouched for (it changed between check and open)."""
+
+
+def _open(device: str, flags: int, rdev: str | None) -> int:
+    """Open the device; with `rdev` ("major:minor"), check the descriptor is that device before any I/O."""
+    fd = os.open(device, flags | os.O_DIRECT | os.O_CLOEXEC)
+    if rdev is not None:
+        st = os.fstat(fd)
+        if f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" != rdev:
+            os.close(fd)
+            raise DeviceChanged(f"{device} is no longer device {rdev}")
+    return fd
+
+
 def _offset(fd: int) -> int:
     size = os.lseek(fd, 0, os.SEEK_END)
     if size < BLOCK:
@@ -24,9 +39,9 @@ def _offset(fd: int) -> int:
     return size - size % BLOCK - BLOCK
 
 
-def read(device: str) -> tuple[str, int]:
+def read(device: str, rdev: str | None = None) -> tuple[str, int]:
     """(the stamp, or "" when the block holds none; its offset). Blocking: run it in a thread."""
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    fd = _open(device, os.O_RDONLY, rdev)
     try:
         offset = _offset(fd)
         with mmap.mmap(-1, BLOCK) as buf:  # page-aligned, as O_DIRECT wants
@@ -41,11 +56,11 @@ def read(device: str) -> tuple[str, int]:
     return (found.group().decode() if found else ""), offset
 
 
-def write(device: str, stamp: str) -> int:
+def write(device: str, stamp: str, rdev: str | None = None) -> int:
     """Write the stamp (32 hex digits) and flush it to the device; returns its offset."""
     if not STAMP.fullmatch(stamp.encode()):
         raise ValueError(f"bad stamp {stamp!r}")
-    fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    fd = _open(device, os.O_WRONLY, rdev)
     try:
         offset = _offset(fd)
         with mmap.mmap(-1, BLOCK) as buf:
