@@ -50,3 +50,18 @@ def test_cursors_round_trip_and_garbage_is_refused() -> None:
             Cursor.decode(junk, 1234)
         except BadCursor:
             pass
+
+
+def test_a_failed_open_leaves_nothing_to_complain_about() -> None:
+    import gc
+    import sys
+
+    unraisable: list[object] = []
+    old, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        with pytest.raises(OSError):
+            DirStream(-1)  # os.dup fails before the stream exists
+        gc.collect()
+    finally:
+        sys.unraisablehook = old
+    assert unraisable == []

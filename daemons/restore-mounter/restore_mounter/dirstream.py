@@ -40,6 +40,8 @@ class DirStream:
     stream. Memory: glibc's one readdir buffer (32 KiB), whatever the directory's size.
     """
 
+    _dir: int | None = None  # the DIR *; a class default, so that __del__ works when __init__ failed early
+
     def __init__(self, dir_fd: int, position: int = 0) -> None:
         fd = os.dup(dir_fd)
         self._dir = _libc.fdopendir(fd)
