@@ -60,6 +60,10 @@ class Gate:
             raise Unavailable("nbd-pool is starting", "start-up reconciliation is still running; retry") from None
 
 
+#: What every gated route may answer besides its own errors: 503 while start-up reconciliation runs.
+GATED = (Unavailable,)
+
+
 def gated(fn: Handler) -> Handler:
     @functools.wraps(fn)
     async def wrapper(self: Any, call: Call) -> Any:
@@ -77,28 +81,28 @@ class PortsApi:
         self.jobs = jobs
         self.gate = gate
 
-    @route("POST", "/ports/allocate", errors=(Exhausted, Conflict), body=AllocateIn, response=Allocated, auth=Auth.PEER)
+    @route("POST", "/ports/allocate", errors=(Exhausted, Conflict, *GATED), body=AllocateIn, response=Allocated, auth=Auth.PEER)
     @gated
     async def allocate(self, call: Call) -> dict[str, Any]:
         """Lease ports to a job, all or none (409 exhausted when the pool cannot)."""
         b: AllocateIn = call.body
         return await self.jobs.allocate(b.job_id, b.count, b.export_names, b.lease_seconds)
 
-    @route("POST", "/ports/release", errors=(NotFound,), body=ReleaseIn, response=Released, auth=Auth.PEER)
+    @route("POST", "/ports/release", errors=(NotFound, *GATED), body=ReleaseIn, response=Released, auth=Auth.PEER)
     @gated
     async def release(self, call: Call) -> dict[str, Any]:
         """Free a job's ports or the listed ones; exports running on them are stopped first."""
         b: ReleaseIn = call.body
         return await self.jobs.release(b.job_id, b.ports)
 
-    @route("POST", "/ports/renew", errors=(NotFound,), body=RenewIn, response=Renewed, auth=Auth.PEER)
+    @route("POST", "/ports/renew", errors=(NotFound, *GATED), body=RenewIn, response=Renewed, auth=Auth.PEER)
     @gated
     async def renew(self, call: Call) -> dict[str, Any]:
         """Extend every lease of a job."""
         b: RenewIn = call.body
         return await self.jobs.renew(b.job_id, b.lease_seconds)
 
-    @route("GET", "/ports/status", response=PortStatus, auth=Auth.PEER)
+    @route("GET", "/ports/status", errors=GATED, response=PortStatus, auth=Auth.PEER)
     @gated
     async def status(self, call: Call) -> dict[str, Any]:
         """Total, allocated, available, every lease, and the ports other processes hold."""
@@ -113,7 +117,7 @@ class ExportsApi:
         self.jobs = jobs
         self.gate = gate
 
-    @route("POST", "/exports", errors=(NotFound, Conflict, TimedOut),
+    @route("POST", "/exports", errors=(NotFound, Conflict, TimedOut, *GATED),
            body=ExportIn, response=Export, auth=Auth.PEER)
     @gated
     async def start(self, call: Call) -> dict[str, Any]:
@@ -122,20 +126,20 @@ class ExportsApi:
         return await self.exports.start(StartRequest(b.export_name, b.port, b.path, b.format, b.read_only,
                                                      b.shared_connections, b.job_id))
 
-    @route("POST", "/exports/stop", errors=(NotFound,), body=StopIn, response=Stopped, auth=Auth.PEER)
+    @route("POST", "/exports/stop", errors=(NotFound, *GATED), body=StopIn, response=Stopped, auth=Auth.PEER)
     @gated
     async def stop(self, call: Call) -> dict[str, Any]:
         """Stop an export by pid or name; its port stays leased."""
         b: StopIn = call.body
         return {"success": True, "stopped_pid": await self.exports.stop(pid=b.pid, name=b.export_name)}
 
-    @route("GET", "/exports", response=ExportList, auth=Auth.PEER)
+    @route("GET", "/exports", errors=GATED, response=ExportList, auth=Auth.PEER)
     @gated
     async def list_exports(self, call: Call) -> dict[str, Any]:
         """Running exports with their clients and limits."""
         return {"processes": await self.exports.listing()}
 
-    @route("POST", "/jobs/{job_id}/release", errors=(NotFound,), response=Released, auth=Auth.PEER)
+    @route("POST", "/jobs/{job_id}/release", errors=(NotFound, *GATED), response=Released, auth=Auth.PEER)
     @gated
     async def release_job(self, call: Call) -> dict[str, Any]:
         """Stop every export of the job and free its ports."""
@@ -169,14 +173,14 @@ class AttachmentsApi:
         b: AttachIn = call.body
         return await self.attachments.attach(b.image, b.owner, b.format)
 
-    @route("DELETE", "/attachments/{attachment_id}", errors=(NotFound, Conflict), response=Success, auth=Auth.PEER)
+    @route("DELETE", "/attachments/{attachment_id}", errors=(NotFound, Conflict, *GATED), response=Success, auth=Auth.PEER)
     @gated
     async def detach(self, call: Call) -> dict[str, Any]:
         """Detach (409 while a partition is still mounted)."""
         await self.attachments.detach(call.params["attachment_id"])
         return {"success": True}
 
-    @route("GET", "/attachments", response=AttachmentList, auth=Auth.PEER)
+    @route("GET", "/attachments", errors=GATED, response=AttachmentList, auth=Auth.PEER)
     @gated
     async def list_attachments(self, call: Call) -> dict[str, Any]:
         """Attachments, slots and the backend in use."""
