@@ -33,8 +33,12 @@ def test_a_held_file_keeps_its_bytes_and_a_retired_one_is_written_over() -> None
     with pytest.raises(ValueError):
         with first.held():
             pass
+    assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:test")  # anonymous memory, not a disk file
     second.retire()
     third.retire()  # one idle file kept, the other closed
-    pool.close()
+    os.fstat(fd2)  # kept (keep=1)
     with pytest.raises(OSError):
         os.fstat(fd)
+    pool.close()
+    with pytest.raises(OSError):
+        os.fstat(fd2)

@@ -102,6 +102,7 @@ def test_a_download_that_finds_the_attachment_dead_answers_503_before_any_byte(a
     m = agent.mount(image, "b2")
     pid = kill_attachment(agent_config, m)
     # The mount is not known broken yet (no listing, no sweep): the download itself finds out.
+    assert '"broken"' not in (agent_config.state / DAEMON / "mounts.json").read_text()
     r = agent.download("b2", "/var/data.bin")
     assert r.status == 503 and r.json["code"] == "mount_broken" and str(pid) in r.json["details"], r.body
     check_clean_unmount_and_remount(agent, agent_config, image, "b2")

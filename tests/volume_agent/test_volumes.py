@@ -97,6 +97,8 @@ async def test_write_detach_reattach_snapshot_revert(volume_env: VolumeEnv) -> N
                                                 "offset": vol["size_bytes"] - 4096}
     await env.call("PUT", stamp_url, {"stamp": "1" * 32})
     assert (await env.call("GET", stamp_url))["stamp"] == "1" * 32
+    with open(env.sim.devices.volume_file(vol["volume_id"]), "rb") as f:  # on the volume itself, not only the API's word
+        assert os.pread(f.fileno(), 4096, vol["size_bytes"] - 4096).startswith(b"OMA-SYNC-STAMP/1\n" + b"1" * 32 + b"\n")
 
     snap = await env.call("POST", f"/volumes/{vol['volume_id']}/snapshots", {})
     assert snap["volume_id"] == vol["volume_id"] and snap["state"] == "BackedUp"
