@@ -25,7 +25,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from oma_common.errors import Conflict, Invalid, OmaError, Unavailable
+from oma_common.errors import Conflict, Invalid, OmaError
 
 from ..adapters.localfs import LocalFs
 from ..adapters.qemu_img import QemuImg
@@ -37,7 +37,7 @@ from ..inventory.contexts import Contexts
 from ..inventory.credentials import Credentials, VCenterLogin
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
-from ..jobs.starting import undone_on_failure
+from ..jobs.starting import undone_on_failure, vma_started
 from ..store import backups as store
 from ..store import contexts as contexts_store
 from ..store import policies as policy_store
@@ -253,13 +253,7 @@ class Backups:
                 **login.pin()}
             if previous:
                 body["previous_change_id"] = previous
-            try:
-                answer = await self.vma.start_backup(body)
-            except OmaError as e:
-                raise type(e)(f"the VMA refused the backup: {e.message}", e.details, **e.extra) from e
-            if str(answer.get("status", "")).lower() == "failed":
-                raise Unavailable("the VMA refused the backup",
-                                  f"the VMA answered status 'failed': {answer.get('message') or '(no message)'}")
+            await vma_started("backup", self.vma.start_backup(body))
         # Completions may already have come in (a small VM): only a backup still pending becomes running.
         await store.mark_running(self.db, backup_id, utcnow())
         log.info("VMA started the backup", extra={"resource": backup_id})

@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from oma_common.errors import Internal, OmaError
+from oma_common.errors import Internal, OmaError, Unavailable
 
 from ..audit import Audit
 
@@ -37,3 +37,16 @@ async def undone_on_failure(job_id: str, *, kind: str, id_key: str, fail: Callab
             raise type(e)(e.message, e.details, **{**e.extra, id_key: job_id}) from e
         raise Internal(f"{kind} failed to start", "an unexpected error occurred; see the daemon log",
                        **{id_key: job_id}) from e
+
+
+async def vma_started(what: str, start: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """Await the VMA's answer to the start of a `what` ("replication", "backup"): a refusal, raised or answered
+    as status 'failed', becomes an error that says the VMA refused it."""
+    try:
+        answer = await start
+    except OmaError as e:
+        raise type(e)(f"the VMA refused the {what}: {e.message}", e.details, **e.extra) from e
+    if str(answer.get("status", "")).lower() == "failed":
+        raise Unavailable(f"the VMA refused the {what}",
+                          f"the VMA answered status 'failed': {answer.get('message') or '(no message)'}")
+    return answer

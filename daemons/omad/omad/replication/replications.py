@@ -40,7 +40,7 @@ from ..jobs import ids
 from ..jobs.crashpoint import crash_if_named
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
-from ..jobs.starting import undone_on_failure
+from ..jobs.starting import undone_on_failure, vma_started
 from ..store import contexts as contexts_store
 from ..store import replications as store
 from ..store.contexts import ContextStatus
@@ -326,13 +326,7 @@ class Replications:
                     "password": login.password, "vm_paths": [ctx.vm_path], "oma_url": self.oma_url,
                     "nbd_targets": [{"device_path": f"nbd://{self.cfg.nbd_host}:{d.nbd_port}/{d.export_name}",
                                      "vmware_disk_key": str(d.disk_key)} for d in disks], **login.pin()}
-            try:
-                answer = await self.vma.replicate(body)
-            except OmaError as e:
-                raise type(e)(f"the VMA refused the replication: {e.message}", e.details, **e.extra) from e
-            if str(answer.get("status", "")).lower() == "failed":
-                raise Unavailable("the VMA refused the replication",
-                                  f"the VMA answered status 'failed': {answer.get('message') or '(no message)'}")
+            await vma_started("replication", self.vma.replicate(body))
         log.info("VMA started the replication", extra={"resource": job_id})
         return {"created": created, "mounted": mounted}
 
