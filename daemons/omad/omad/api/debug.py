@@ -41,9 +41,7 @@ class DebugApi:
     @route("GET", "/debug/failover-jobs", auth=Auth.ADMIN, tags=_TAGS)
     async def failover_jobs(self, call: Call) -> dict[str, Any]:
         """Failover jobs at work and the 50 latest, with their steps."""
-        recent = await self.failovers.find(vm_id=None, status=None, failover_type=None, limit=50, offset=0)
-        jobs = [await self.failovers.status(j["job_id"]) for j in recent["jobs"]]
-        return {"active": [j for j in jobs if j["status"] in ("running", "compensating")], "recent": jobs}
+        return await self.failovers.overview()
 
     @route("GET", "/debug/endpoints", auth=Auth.ADMIN, tags=_TAGS)
     async def endpoints(self, call: Call) -> dict[str, Any]:

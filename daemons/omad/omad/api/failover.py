@@ -113,11 +113,8 @@ class FailoverApi:
     async def preflight_config(self, call: Call) -> dict[str, Any]:
         """What a failover of this type would build and with what: the CloudStack config check, the network
         mappings of the type, the volumes."""
-        vm, kind = call.params["vm_name"], call.params["failover_type"]
-        mapping = await self.readiness.network_mapping_status(vm)
-        return {"success": True, "vm_name": vm, "failover_type": kind,
-                "configuration": await self.readiness.configuration_check(vm),
-                "network_mappings": mapping[kind], "volumes": await self.readiness.volume_status(vm)}
+        return {"success": True,
+                **await self.readiness.preflight_config(call.params["vm_name"], call.params["failover_type"])}
 
     @route("POST", "/failover/preflight/validate", body=PreflightIn, errors=(NotFound, Conflict, Invalid, *CALLS_OUT),
            tags=_TAGS)

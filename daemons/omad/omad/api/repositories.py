@@ -63,9 +63,10 @@ class RepositoriesApi:
         """One repository."""
         return await self.repositories.get(call.params["repository_id"])
 
-    @route("GET", f"/repositories/{_ID}/storage", errors=(NotFound, *CALLS_OUT), tags=("repositories",))
+    @route("GET", f"/repositories/{_ID}/storage", errors=(NotFound, Conflict, *CALLS_OUT), tags=("repositories",))
     async def storage(self, call: Call) -> dict[str, Any]:
-        """Check the capacity now: total, used and available bytes, and the mount point."""
+        """Check the capacity now: total, used and available bytes, and the mount point (409 secret_unreadable
+        when a network repository's stored secret no longer opens: set it again)."""
         return await self.repositories.storage(call.params["repository_id"])
 
     @route("POST", "/repositories/test", errors=(Invalid, *CALLS_OUT),

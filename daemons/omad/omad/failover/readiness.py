@@ -98,6 +98,13 @@ class Readiness:
     async def network_mapping_status(self, vm_id: str) -> dict[str, Any]:
         return await self.mappings.status(vm_id)
 
+    async def preflight_config(self, vm_id: str, failover_type: str) -> dict[str, Any]:
+        """What a failover of this type would build and with what: the config check, its mappings, the volumes."""
+        mapping = await self.network_mapping_status(vm_id)
+        return {"vm_name": vm_id, "failover_type": failover_type,
+                "configuration": await self.configuration_check(vm_id),
+                "network_mappings": mapping[failover_type], "volumes": await self.volume_status(vm_id)}
+
     async def active_jobs(self, vm_id: str) -> dict[str, Any]:
         ctx = await self._context(vm_id)
         jobs = [j for j in await jobs_store.active(self.db) if j.context_id == ctx.context_id]

@@ -467,6 +467,13 @@ class Failovers:
         return {"jobs": [view(j) for j in jobs], "count": len(jobs), "limit": limit, "offset": offset}
 
 
+    async def overview(self, latest: int = 50) -> dict[str, Any]:
+        """The `latest` jobs with their steps, and which of them are at work (running or compensating)."""
+        recent = await self.find(vm_id=None, status=None, failover_type=None, limit=latest, offset=0)
+        jobs = [await self.status(j["job_id"]) for j in recent["jobs"]]
+        return {"active": [j for j in jobs if j["status"] in ("running", "compensating")], "recent": jobs}
+
+
 def view(job: FailoverJob) -> dict[str, Any]:
     out = dataclasses.asdict(job)
     out["id"] = job.job_id

@@ -89,8 +89,8 @@ class ContextKey:
 
 
 @dataclasses.dataclass(frozen=True)
-class Disk:
-    """One disk of a context (once per disk id, not per job); the order is the wire's."""
+class DiskSpecs:
+    """A disk's columns as discovery reports them (the CBT change id is not among them)."""
 
     disk_id: str
     label: str
@@ -101,6 +101,12 @@ class Disk:
     datastore: str
     unit_number: int | None
     provisioning_type: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Disk(DiskSpecs):
+    """One disk of a context (once per disk id, not per job): its specs, then its state; the order is the wire's."""
+
     disk_change_id: str | None
     created_at: str
     updated_at: str
@@ -206,21 +212,6 @@ class NewContext:
     auto_added: bool
     credential_id: int | None
     specs: Specs
-
-
-@dataclasses.dataclass(frozen=True)
-class DiskSpecs:
-    """A disk's columns as discovery reports them (the CBT change id is not among them)."""
-
-    disk_id: str
-    label: str
-    path: str
-    vmdk_path: str
-    size_gb: int
-    capacity_bytes: int
-    datastore: str
-    unit_number: int | None
-    provisioning_type: str
 
 
 # -- the list (the GUI's main table, up to 10,000 VMs) --------------------------------------------------------

@@ -7,8 +7,6 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
-from oma_common.errors import Conflict
-
 from .base import Reader, name_free, record
 from .db import Writer
 
@@ -97,8 +95,7 @@ async def tokens(db: Reader) -> list[ApiToken]:
 
 async def add_token(tx: Writer, name: str, token_hash: str, role: Role, *, appliance_id: str | None, created_by: str,
                     now: str, expires_at: str | None) -> int:
-    if await tx.scalar("SELECT 1 FROM api_tokens WHERE name = ?", (name,)):
-        raise Conflict("token exists", f"an API token named {name!r} already exists")
+    await name_free(tx, "SELECT 1 FROM api_tokens WHERE name = ?", (name,), what="token", name=name)
     return await tx.execute("INSERT INTO api_tokens (name, token_hash, role, appliance_id, created_by, created_at,"
                             " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                             (name, token_hash, role.value, appliance_id, created_by, now, expires_at))
