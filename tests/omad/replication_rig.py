@@ -114,10 +114,11 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def open_rig(stack: Stack, cs: CloudStackSim, tmp: Path, sources: list[Path], *, idle_timeout: float = 3.0,
-                   poll_interval: float = 0.1, others: Mapping[str, list[Path]] | None = None,
+                   poll_interval: float | None = 0.1, others: Mapping[str, list[Path]] | None = None,
                    **sim_options: Any) -> AsyncIterator[Rig]:
     """A VM named VM whose disks are the raw files `sources` (and the `others`, name → their disks' files), the
-    simulators and the daemons, logged in, the VMs added; everything stopped and released afterwards."""
+    simulators and the daemons, logged in, the VMs added; everything stopped and released afterwards.
+    `poll_interval` None leaves omad's installed default (how often it asks the VMA about a running job)."""
     inv = Inventory(host=VCENTER, datacenter="DC1", username=USER, password=PASSWORD)
     sizes = [p.stat().st_size for p in sources]
     vms = {VM: sources, **(others or {})}
@@ -130,7 +131,8 @@ async def open_rig(stack: Stack, cs: CloudStackSim, tmp: Path, sources: list[Pat
     ports = free_range(16)
     async with VMASim(state=state) as sim:
         stack.add_config("omad", "50-vma.toml", vma_config(sim.url, timeout=5))
-        stack.add_config("omad", "60-replication.toml", f"[replication]\npoll_interval_seconds = {poll_interval}\n"
+        polled = "" if poll_interval is None else f"poll_interval_seconds = {poll_interval}\n"
+        stack.add_config("omad", "60-replication.toml", f"[replication]\n{polled}"
                                                         f"idle_timeout_seconds = {idle_timeout}\n")
         # A fixed port: the VMA calls back where it was told to, across an omad restart.
         stack.add_config("omad", "61-port.toml", f"[api]\nport = {free_port()}\n")

@@ -35,15 +35,21 @@ def write_random(path: Path, offset: int, length: int, seed: int) -> None:
         f.write(random.Random(seed).randbytes(length))
 
 
-@pytest.fixture
-async def rig(cloudstack_sim: CloudStackSim, stack_config: Stack, tmp_path: Path) -> AsyncIterator[Rig]:
+def make_sources(tmp: Path, sizes: list[int]) -> list[Path]:
+    """Raw disk files of these sizes, each half pseudo-random from 1 MiB on."""
     sources = []
-    for index, size in enumerate(SIZES):
-        path = tmp_path / f"disk{index}.raw"
+    for index, size in enumerate(sizes):
+        path = tmp / f"disk{index}.raw"
         with open(path, "wb") as f:
             f.truncate(size)
         write_random(path, MiB, size // 2, seed=index)
         sources.append(path)
+    return sources
+
+
+@pytest.fixture
+async def rig(cloudstack_sim: CloudStackSim, stack_config: Stack, tmp_path: Path) -> AsyncIterator[Rig]:
+    sources = make_sources(tmp_path, SIZES)
     async with open_rig(stack_config, cloudstack_sim, tmp_path, sources, idle_timeout=IDLE) as r:
         yield r
 

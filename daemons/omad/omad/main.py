@@ -172,6 +172,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
                                 cfg.replication, cfg.failover.crash_file)
     monitor = Monitor(db, jobs, vma, pool, ending, cfg.replication, launching=replications.launching)
     replications.on_started.append(monitor.follow)
+    change_ids = ChangeIds(db, locks)
+    change_ids.on_all_stored.append(monitor.nudge)  # the VMA says Succeeded right after the last one
     jobs.on_recover("replication", monitor.recover)
 
     # Failover: test failover and its end, cleanup of failed ones — step jobs resumed or undone after a restart.
@@ -214,7 +216,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
                           "replication": receiver(Telemetry, monitor.telemetry)}), RestoreApi(restore),
             SchedulesApi(schedules, scheduler), GroupsApi(groups),
             PoliciesApi(policies, retention, copies, verifier, immutability), cloudstack_api, mappings_api,
-            VmaEnrollmentApi(enrollments), ReplicationsApi(replications, ChangeIds(db, locks)),
+            VmaEnrollmentApi(enrollments), ReplicationsApi(replications, change_ids),
             FailoverApi(failovers, readiness), ValidationApi(readiness)]
     apis.append(DebugApi(health, failovers, lambda: [r.spec for r in collect(*apis)], log_files(cfg)))
     app = api_app.build(apis, auth, tunnel=TunnelPeers(cfg.enrollment.tunnel_user), cors_origins=cfg.api.cors_origins,

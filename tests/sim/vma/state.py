@@ -72,6 +72,7 @@ class SimState:
         outbound_timeout: float = 30.0,
         change_tracking: Union[bool, str] = MAP,
         callback_retry_seconds: float = 30.0,
+        finalize_seconds: float = 0.0,
     ) -> None:
         self.inventory = inventory if inventory is not None else Inventory()
         self._own_workdir = workdir is None
@@ -86,6 +87,9 @@ class SimState:
         self.outbound_timeout = outbound_timeout
         # How long a replication keeps retrying a change-id call the OMA does not answer (it restarts).
         self.callback_retry_seconds = callback_retry_seconds
+        # How long a replication stays Finalizing after its last change id is stored, before it says Succeeded
+        # (the real VMA removes its VMware snapshot there, which takes seconds on a busy vCenter).
+        self.finalize_seconds = finalize_seconds
         # How incrementals find what changed: MAP (True), like VMware's CBT, needs every write to a source
         # noted (write_source, or changed() after writing the file directly; a source changed without a
         # note is copied in full); SCAN finds the changes itself by reading the whole source; OFF (False)

@@ -315,6 +315,9 @@ class JobManager:
             for disk in job.disks:
                 assert disk.change_id is not None
                 await oma.store_replication_change_id(oma_url, job.job_id, disk.disk_id, disk.change_id, disk.base_change_id)
+            if self._state.finalize_seconds > 0:
+                job.set(operation="Removing snapshot")
+                await asyncio.sleep(self._state.finalize_seconds)
             job.set(SUCCEEDED, "Replication completed")
             log.info("replication %s succeeded: %d bytes", job.job_id, job.bytes_transferred)
         except asyncio.CancelledError:

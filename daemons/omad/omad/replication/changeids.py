@@ -3,11 +3,14 @@
 Never silently wrong: a reported id is kept on the job's disk and offered to the next sync only once this sync
 completed (ending.py); a disk whose volume is new starts over with "" (replications.py); a reported
 `previous_change_id` other than the one this sync was offered marks the disk for a full copy next time.
+
+Once the last disk's id is in, the VMA is about to say Succeeded: `on_all_stored` tells the monitor to ask it now.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from oma_common.errors import Conflict, NotFound
@@ -25,6 +28,7 @@ class ChangeIds:
     def __init__(self, db: Database, locks: KeyedLocks) -> None:
         self.db = db
         self.locks = locks
+        self.on_all_stored: list[Callable[[str], None]] = []  # callbacks(job_id): every disk's change id is in
 
     async def current(self, vm_path: str, disk_id: str) -> dict[str, Any]:
         """Always an answer: "" when there is none (the VMA then copies the whole disk)."""
@@ -40,7 +44,8 @@ class ChangeIds:
             if not rep.active:
                 raise Conflict("replication ended", f"replication job {job_id} is {rep.status}; "
                                                     "its change ids can no longer change")
-            disk = next((d for d in await store.disks(self.db, job_id) if d.disk_id == disk_id), None)
+            disks = await store.disks(self.db, job_id)
+            disk = next((d for d in disks if d.disk_id == disk_id), None)
             if disk is None:
                 raise NotFound("disk not found", f"replication job {job_id} has no disk {disk_id}")
             # The VMA continued from something else than what it was offered: the volume may not hold what
@@ -57,6 +62,10 @@ class ChangeIds:
                                              change_id=change_id, previous_change_id=previous_change_id,
                                              sync_type="incremental" if previous_change_id else "full",
                                              bytes_transferred=None, success=False, now=now)
+            complete = all(d.change_id for d in disks if d.disk_id != disk_id)
+        if complete:
+            for callback in self.on_all_stored:
+                callback(job_id)
         return {"job_id": job_id, "disk_id": disk_id, "change_id": change_id,
                 "message": "change id recorded" + ("; it did not continue the stored one, so the next sync "
                                                    "copies the disk in full" if mismatch else "")}

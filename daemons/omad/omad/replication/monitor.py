@@ -4,6 +4,13 @@ timeout: fail). The exports belong to nbd-pool and the VMA keeps writing while o
 every replication still running is adopted again, whatever omad did before (a restart, an upgrade, kill -9) —
 but not one this omad is starting meanwhile (a failover's final sync resumed by the recovery): the VMA has not
 been asked yet, so it would not know the job; that one is followed once started (`Replications.on_started`).
+
+Completion is event-driven: the VMA stores each disk's change id here and says Succeeded right after, so when
+the last disk's change id is in (or its pushed telemetry says it completed) the monitor is nudged and asks the
+VMA at once, then again after 20 ms, 40 ms, ... up to the poll interval, rather than wait out the interval. The
+rule stays: nothing completes without the VMA's Succeeded and every disk's change id. A nudge for a job not
+followed here (being started, not adopted yet) does nothing; following a job starts with that check, so a
+nudge that came too early is not lost.
 """
 
 from __future__ import annotations
@@ -31,8 +38,10 @@ log = logging.getLogger(__name__)
 
 SUCCEEDED = ("succeeded", "completed")
 FAILED = ("failed", "error", "cancelled")
-# How many polls a VMA that says it succeeded may take to have every change id stored.
+# How many poll intervals a VMA that says it succeeded may take to have every change id stored.
 _MISSING_IDS_POLLS = 5
+# The first pause after a nudge found the VMA not done yet; it doubles up to the poll interval.
+_NUDGED_BACKOFF_SECONDS = 0.02
 
 
 def _seconds_since(stamp: str) -> float:
@@ -54,6 +63,7 @@ class Monitor:
         self.ending = ending
         self.cfg = cfg
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}  # per followed job: poll the VMA now
         self._running = False
 
     async def recover(self, job: dict[str, Any]) -> None:
@@ -81,15 +91,50 @@ class Monitor:
     def follow(self, job_id: str) -> None:
         if job_id in self._tasks or not self._running:
             return
+        self._wake[job_id] = asyncio.Event()
         task = asyncio.ensure_future(self._follow(job_id))
         self._tasks[job_id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(job_id, None))
+        task.add_done_callback(lambda _t: self._forget(job_id))
+
+    def _forget(self, job_id: str) -> None:
+        self._tasks.pop(job_id, None)
+        self._wake.pop(job_id, None)
+
+    def nudge(self, job_id: str) -> None:
+        """The job may have finished (its last change id is in, or the VMA said so): poll the VMA now. Nothing
+        for a job not followed here."""
+        wake = self._wake.get(job_id)
+        if wake is not None:
+            wake.set()
+
+    async def _pause(self, job_id: str, seconds: float) -> bool:
+        """Wait `seconds` or until nudged; True when nudged."""
+        wake = self._wake[job_id]
+        if not wake.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), seconds)
+        nudged = wake.is_set()
+        wake.clear()  # a nudge from now on wakes the next pause
+        return nudged
 
     async def _follow(self, job_id: str) -> None:
-        missing_ids = 0
+        interval = self.cfg.poll_interval_seconds
+        # Every change id already in (it came before this job was followed): as if nudged. A database hiccup
+        # here only costs the wait for the interval's poll.
+        with contextlib.suppress(Exception):
+            if all(d.change_id for d in await store.disks(self.db, job_id)):
+                self.nudge(job_id)
+        pause = interval
+        nudged_at: float | None = None  # when the last nudge woke it
+        lacking_since: float | None = None
         last_renew = time.monotonic()
         while True:
-            await asyncio.sleep(self.cfg.poll_interval_seconds)
+            if await self._pause(job_id, pause):
+                # After a nudge the VMA is about to say Succeeded: ask again soon, less and less often.
+                nudged_at = time.monotonic()
+                pause = min(_NUDGED_BACKOFF_SECONDS, interval)
+            else:
+                pause = min(pause * 2, interval)
             try:
                 rep = await store.find_one(self.db, job_id)
                 if rep is None or not rep.active:
@@ -98,15 +143,20 @@ class Monitor:
                     with contextlib.suppress(OmaError):
                         await self.pool.renew(job_id, self.cfg.lease_seconds)
                     last_renew = time.monotonic()
+                asked = time.monotonic()
                 outcome = await self._poll(rep)
                 if outcome == "succeeded":
                     disks = await store.disks(self.db, job_id)
                     lacking = [d.disk_id for d in disks if not d.change_id]
                     if not lacking:
+                        log.info("the VMA says the replication succeeded (asked %s, answered in %.3f s)",
+                                 "at the poll interval" if nudged_at is None
+                                 else f"{asked - nudged_at:.3f} s after the last nudge", time.monotonic() - asked,
+                                 extra={"resource": job_id})
                         await self.ending.complete(job_id)
                         return
-                    missing_ids += 1
-                    if missing_ids >= _MISSING_IDS_POLLS:
+                    lacking_since = asked if lacking_since is None else lacking_since
+                    if asked - lacking_since >= (_MISSING_IDS_POLLS - 1) * interval:
                         await self.ending.fail(job_id, "the VMA reported success without storing the change id of "
                                                        + ", ".join(lacking))
                         return
@@ -168,6 +218,8 @@ class Monitor:
             operation=report.current_phase or rep.current_operation, vma_status=rep.vma_status,
             vma_sync_type=rep.vma_sync_type, vma_eta_seconds=report.eta_seconds, body=rep.vma_progress,
             moved=moved, now=utcnow())
+        if report.status.lower() in SUCCEEDED:
+            self.nudge(job_id)  # completed only once the VMA's progress says Succeeded and every change id is in
         if report.status.lower() == "failed":
             said = (report.error or {}).get("message") or "no reason given"
             await self.ending.fail(job_id, f"the VMA reported the replication failed: {said}")
