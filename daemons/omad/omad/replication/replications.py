@@ -9,7 +9,8 @@ Starting a sync (every step recorded on its job):
      whose volume no longer holds the stamp the last completed sync wrote at its end (reverted outside the
      appliance to an older snapshot).
   3. ports: one per disk from nbd-pool, leased to the job;
-  4. exports: a writable export of each volume's device (`--shared`, the VMA opens 2 connections per disk);
+  4. exports: a writable export of each volume's device (`--shared`, the VMA opens 2 connections per disk),
+     the disks' exports started at once;
   5. the VMA's `POST /replicate` with the `nbd_targets`.
 Any failure fails the job and undoes what it started (exports, ports); volumes stay. The running job is then
 followed by the Monitor (monitor.py) until the VMA reports success or failure, or goes silent.
@@ -21,6 +22,7 @@ import asyncio
 import dataclasses
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -312,11 +314,16 @@ class Replications:
                 await store.set_ports(tx, job_id, ports)
         disks = await store.disks(self.db, job_id)
         async with self.jobs.step(job_id, "start exports"):
-            for d in disks:
-                assert d.nbd_port is not None
-                await self.pool.start_export(export_name=d.export_name, port=d.nbd_port, path=paths[d.disk_id],
-                                             read_only=False, shared_connections=self.cfg.shared_connections,
-                                             fmt="raw", job_id=job_id)
+            # Each disk's export on its own port: started at once. Every start is awaited before a failure
+            # is raised, so the undo (releasing the job's exports) does not race one still starting.
+            started = time.monotonic()
+            results = await asyncio.gather(*(self._export(job_id, d, paths[d.disk_id]) for d in disks),
+                                           return_exceptions=True)
+            failed = next((r for r in results if isinstance(r, BaseException)), None)
+            if failed is not None:
+                raise failed
+            log.info("%d export(s) started in %.3f s", len(disks), time.monotonic() - started,
+                     extra={"resource": job_id})
         await self.jobs.progress(job_id, 2)
         # `replication:vma`: dying here leaves rows, exports and leases of a job the VMA never heard of.
         crash_if_named(self.crash_file, "replication:vma", job_id)
@@ -329,6 +336,12 @@ class Replications:
             await vma_started("replication", self.vma.replicate(body))
         log.info("VMA started the replication", extra={"resource": job_id})
         return {"created": created, "mounted": mounted}
+
+    async def _export(self, job_id: str, disk: store.ReplicationDisk, path: str) -> None:
+        """A writable export of the disk's volume device on its leased port."""
+        assert disk.nbd_port is not None
+        await self.pool.start_export(export_name=disk.export_name, port=disk.nbd_port, path=path, read_only=False,
+                                     shared_connections=self.cfg.shared_connections, fmt="raw", job_id=job_id)
 
     # -- reading -------------------------------------------------------------------------------------
 
