@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from oma_common.process import (
     read_cmdline,
 )
 from oma_common.command import CommandFailed, run
+
+from ..lib.gate import Gate, cancel_inside, children, open_fds
 
 pytestmark = [pytest.mark.timeout(30)]
 
@@ -249,3 +252,14 @@ async def test_an_exit_nobody_asked_for_is_a_warning_even_with_code_0(caplog: py
     assert await child.wait() == 0
     record = next(r for r in caplog.records if "export-8" in r.getMessage() and "exited" in r.getMessage())
     assert record.levelno == logging.WARNING and "without being asked to stop" in record.getMessage()
+
+
+@pytest.mark.asyncio
+async def test_a_child_spawned_for_a_cancelled_start_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    before, kids = open_fds(), children()
+    gate = Gate(subprocess.Popen)
+    monkeypatch.setattr(subprocess, "Popen", gate)  # fork/exec held in its thread until released
+    child = SupervisedChild([PY, "-c", SLEEPER], resource_id="export-9")
+    task = asyncio.create_task(child.start(timeout=10))
+    await cancel_inside(gate, task)
+    assert children() <= kids and open_fds() == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from pathlib import Path
@@ -10,7 +11,13 @@ from typing import Any
 import psutil
 import pytest
 
+from nbd_pool.adapters.fuse_loop import FuseLoopBackend
+from nbd_pool.attachments import Attachments
+from nbd_pool.roots import Roots
+from oma_common.statefile import Damaged, StateFile
+
 from ..lib.diskimages import gpt_two_ext4, to_qcow2
+from ..lib.gate import Gate, cancel_inside, children, open_fds
 from .helpers import Pool, sh
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -140,3 +147,23 @@ async def test_attach_refuses_what_is_outside_the_roots(pool: Pool) -> None:
         assert status == 400 and body["code"] == "invalid_request", (image, body)
     status, body = await pool.agent.post("/attachments", {"image": str(pool.repo / "nope.qcow2"), "owner": "x"})
     assert status == 404
+
+
+async def test_an_attach_cancelled_while_the_image_opens_leaves_nothing_open(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled (restore-mounter gone, a timeout) while the thread opens the image: its descriptors are closed,
+    no qemu process, no work directory, no slot taken."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh("qemu-img", "create", "-q", "-f", "qcow2", repo / "disk.qcow2", "1M")
+    work = tmp_path / "work"
+    atts = Attachments(FuseLoopBackend(), Roots([str(repo)]),
+                       StateFile(tmp_path / "attachments.json", "attachments", damaged=Damaged.REFUSE),
+                       work_root=work, max_attachments=2)
+    before, kids = open_fds(), children()
+    gate = Gate(atts.images.open_file)
+    monkeypatch.setattr(atts.images, "open_file", gate)
+    task = asyncio.create_task(atts.attach(str(repo / "disk.qcow2"), "restore-mounter:mnt-1"))
+    await cancel_inside(gate, task)
+    assert open_fds() == before and children() <= kids
+    assert atts.available_slots == 2 and not work.exists() and not atts.lock.locked()

@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
+from nbd_pool.adapters.qemu_nbd import ExportOptions
+from nbd_pool.exports import Exports, StartRequest
+from nbd_pool.pool import Pool as DomainPool
+from nbd_pool.roots import Roots
+from oma_common.statefile import Damaged, StateFile
+
 from ..lib.filetree import path_sha256
+from ..lib.gate import Gate, cancel_inside, children, open_fds
 from .helpers import MIB, Pool, ash, make_source, sha256_of_image, sh, url, vouch
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -273,3 +280,27 @@ async def test_a_racing_directory_swap_exports_nothing_outside_the_roots(pool: P
         stop.set()
         t.join()
     assert flips[0] > 100 and served > 0 and refused > 0, (flips, served, refused)
+
+
+async def test_a_start_cancelled_while_the_image_opens_leaves_nothing_open(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request's task is cancelled (client gone, daemon stopping) while its thread opens the image chain:
+    the descriptors the thread then returns are closed, no qemu-nbd is started, no name stays reserved."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh("qemu-img", "create", "-q", "-f", "qcow2", repo / "base.qcow2", "1M")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", repo / "top.qcow2")
+    pool = DomainPool(StateFile(tmp_path / "leases.json", "leases", damaged=Damaged.REFUSE), port_min=10100,
+                      port_max=10109, host="127.0.0.1", lease_seconds=3600, max_lease_seconds=86400,
+                      port_free=lambda h, p: True)
+    (lease,) = await pool.allocate("job-1", 1)
+    exports = Exports(pool, Roots([str(repo)]), StateFile(tmp_path / "exports.json", "exports", damaged=Damaged.REFUSE),
+                      bind_address="127.0.0.1", options=ExportOptions())
+    before, kids = open_fds(), children()
+    gate = Gate(exports.images.open_file)
+    monkeypatch.setattr(exports.images, "open_file", gate)
+    task = asyncio.create_task(exports.start(StartRequest("vm1-disk0", lease.port, str(repo / "top.qcow2"),
+                                                          job_id="job-1")))
+    await cancel_inside(gate, task)
+    assert open_fds() == before and children() <= kids
+    assert len(exports) == 0 and not exports._reserved and pool.lease(lease.port) is not None

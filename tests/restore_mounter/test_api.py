@@ -6,6 +6,7 @@ read them. Tests that change mounts start their own daemon (test_lifecycle.py).
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import io
@@ -17,6 +18,7 @@ import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +44,13 @@ from ..lib.diskimages import (
     tree_sha256,
     whole_disk_ext4,
 )
+from restore_mounter.api import RestoreApi
+from restore_mounter.files import Browser
+
 from ..lib.filetree import file_sha256, materialize
+from ..lib.gate import Gate, cancel_inside, open_fds
 from .conftest import Agent, module_stack, special_ext4, start_agent
+from .test_expiry import Rig, rig  # noqa: F401  (the fixture: a MountManager in-process on a real nbd-pool)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
@@ -465,3 +472,19 @@ def test_status_reads_are_not_activity(mod: Module) -> None:
         mod.agent.request("GET", "/mounts")
     assert mod.agent.request("GET", "/mounts/btrfs").json["last_activity_at"] == before
     assert stat.S_ISDIR(os.stat(mod.mounts["btrfs"]["mount_path"]).st_mode)
+
+
+async def test_an_open_cancelled_in_its_thread_closes_the_descriptor(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """omad hangs up (or times out) while the file is being opened in the mount: the descriptor the thread then
+    returns is closed, so the mount is not held open by a file nobody will read."""
+    await rig.manager.mount(str(rig.image), "m")
+    browser = Browser()
+    api = RestoreApi(rig.manager, browser, rig.sweeper, ThreadPoolExecutor(1))  # archives: unused here
+    gate = Gate(browser.open)
+    monkeypatch.setattr(browser, "open", gate)
+    async with rig.manager.use("m") as held:
+        before = open_fds()
+        task = asyncio.create_task(api._open(held, "/etc/hostname"))
+        await cancel_inside(gate, task)
+        assert open_fds() == before
+    await rig.manager.unmount("m")  # nothing holds the filesystem busy

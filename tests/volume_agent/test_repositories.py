@@ -4,6 +4,7 @@ always nosuid,nodev,noexec, a CIFS password only in the helper's environment, an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -18,6 +19,7 @@ from oma_common.rpc import AgentClient
 from volume_agent.adapters import mount as m
 from volume_agent.repositories import RepositoryMounts, Share
 
+from ..lib.gate import Gate, cancel_inside, children, open_fds
 from ..rig import Stack
 
 NO_NFS = m.kernel_lacks("nfs") or m.helper_missing("nfs") is not None
@@ -114,6 +116,37 @@ async def test_a_failed_mount_says_why(tmp_path: Path) -> None:
         assert "has no NFS client" in info.value.details
     if m.helper_missing("nfs"):
         assert "nfs-common" in info.value.details
+
+
+async def test_a_mount_cancelled_while_its_point_is_made_leaves_no_descriptor_or_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mounts = RepositoryMounts(tmp_path / "repos", mount_program=str(fake_mount(tmp_path)))
+    (tmp_path / "repos").mkdir()
+    before = open_fds()
+    gate = Gate(mounts._make_point)
+    monkeypatch.setattr(mounts, "_make_point", gate)
+    share = Share(kind="nfs", server="nas", export_path="/e", mount_point=str(tmp_path / "repos" / "a" / "b"))
+    task = asyncio.create_task(mounts.mount(share, owner_uid=1, owner_gid=1))
+    await cancel_inside(gate, task)
+    assert open_fds() == before and list((tmp_path / "repos").iterdir()) == []
+    assert not (tmp_path / "calls.jsonl").exists()  # mount(8) never ran
+
+
+async def test_a_mount_cancelled_while_mount_runs_leaves_no_directory(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    os.mkfifo(started)
+    hanging = tmp_path / "hanging-mount"
+    hanging.write_text(f"#!{sys.executable}\nimport time\nopen({str(started)!r}, 'w').close()\ntime.sleep(60)\n")
+    hanging.chmod(0o755)
+    mounts = RepositoryMounts(tmp_path / "repos", mount_program=str(hanging))
+    share = Share(kind="nfs", server="nas", export_path="/e", mount_point=str(tmp_path / "repos" / "a" / "b"))
+    before, kids = open_fds(), children()
+    task = asyncio.create_task(mounts.mount(share, owner_uid=1, owner_gid=1))
+    await asyncio.wait_for(asyncio.to_thread(started.read_bytes), 30)  # mount(8) is running
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert list((tmp_path / "repos").iterdir()) == [] and open_fds() == before and children() <= kids
 
 
 def test_mountinfo_is_parsed_with_escapes() -> None:

@@ -17,6 +17,8 @@ from typing import Any, Union
 
 import psutil
 
+from .blocking import run_blocking
+
 log = logging.getLogger("oma.process")
 
 #: What `pid_matches` compares a process with: the argv prefix it was started with, or a predicate on its argv.
@@ -203,6 +205,16 @@ async def terminate(
         raise ChildUnkillable(f"{name}: pid {pid} survived SIGKILL for {kill_timeout:g}s") from None
 
 
+def _kill_spawned(popen: subprocess.Popen[bytes]) -> None:
+    """Undo a spawn nobody waits for any more: kill its process group (its own session) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(timeout=5.0)  # just exec'd and SIGKILLed: this does not wait long
+    if popen.stderr is not None:
+        popen.stderr.close()
+
+
 class SupervisedChild:
     """One long-running child program: argv list, own session, stderr logged, readiness probed, stopped in steps.
 
@@ -298,8 +310,9 @@ class SupervisedChild:
             )
 
         try:
-            # fork/exec waits for the exec to succeed; keep it off the loop.
-            popen = await loop.run_in_executor(None, spawn)
+            # fork/exec waits for the exec to succeed; keep it off the loop. A child spawned for a caller
+            # cancelled meanwhile is killed, not left running unsupervised.
+            popen = await run_blocking(spawn, undo=_kill_spawned)
         except OSError as exc:
             raise ChildFailed(self.resource_id, self.argv[0], None, "", f"cannot be executed: {exc}") from exc
         self._popen = popen
@@ -309,7 +322,12 @@ class SupervisedChild:
         self._exited = _pidfd_exit_future(loop, self._pidfd)
         self._exited.add_done_callback(self._on_exit)
         reader = asyncio.StreamReader()
-        self._pipe_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), popen.stderr)
+        try:
+            self._pipe_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                                   popen.stderr)
+        except BaseException:
+            await self.stop(timeout=2.0)
+            raise
         self._reader_task = asyncio.create_task(self._read_stderr(reader), name=f"stderr-{self.resource_id}")
         self._log.info("%s: started pid %d: %s", self.resource_id, popen.pid, " ".join(self.argv))
         if probe is None:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from oma_common.blocking import run_blocking
 from oma_common.errors import Conflict, Exhausted, Invalid, NotFound, TimedOut, Unavailable
 from oma_common.process import ChildFailed, ChildNotReady, ProcessError, describe_exit, pid_matches
 from oma_common.statefile import StateFile
@@ -144,7 +145,7 @@ class Attachments:
         if not owner.strip():
             raise Invalid("owner required", "say who owns the attachment (e.g. restore-mounter:<mount id>)")
         # Opened by descriptor, each layer beneath its root, and handed to qemu that way (images.py).
-        opened = await asyncio.to_thread(self.images.open_file, image, fmt, writable=False)
+        opened = await run_blocking(self.images.open_file, image, fmt, writable=False, undo=OpenedImage.close)
         try:
             return await self._attach(opened, image, owner, fmt)
         finally:

@@ -21,6 +21,7 @@ from typing import Any
 from oma_common.errors import Conflict, Invalid, NotFound, TimedOut, Unavailable
 from oma_common.process import AdoptedChild, ChildFailed, ChildNotReady, ChildUnkillable, PidMismatch, ProcessError
 from oma_common.beneath import fd_path
+from oma_common.blocking import run_blocking
 from oma_common.statefile import StateFile
 from oma_common.timefmt import rfc3339
 
@@ -180,7 +181,7 @@ class Exports:
             raise Invalid("too few connections", f"shared_connections must be at least {MIN_SHARED}")
         self.pool.check_in_range(req.port)
         self._leased_to(req.port, req.job_id)
-        image = await asyncio.to_thread(self._open, req)
+        image = await run_blocking(self._open, req, undo=OpenedImage.close)
         try:
             return await self._start(req, image)
         finally:
@@ -200,7 +201,8 @@ class Exports:
 
     async def _start(self, req: StartRequest, image: OpenedImage) -> dict[str, Any]:
         fmt = image.layers[0].fmt
-        direct = await asyncio.to_thread(direct_io_supported, Path(fd_path(image.fds[0])))
+        # Waited for even when cancelled: the thread opens /proc/self/fd/N, a number free again once closed.
+        direct = await run_blocking(direct_io_supported, Path(fd_path(image.fds[0])))
         options = fallback_options(
             dataclasses.replace(self.options, fmt=fmt, read_only=req.read_only, shared=req.shared),
             direct_io=direct, io_uring=self._io_uring)

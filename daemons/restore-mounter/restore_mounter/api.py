@@ -84,12 +84,12 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import IO, Any, TypeVar, cast
+from typing import IO, Any, cast
 
 from aiohttp import web
 from oma_common import fdpass
+from oma_common.blocking import run_blocking
 from oma_common.contracts.restore_mounter import (
     ArchiveQuery,
     CleanupStatus,
@@ -117,7 +117,6 @@ from .streams import ChunkPipe, send_archive
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 TAGS = ("restore",)
 
 
@@ -129,21 +128,6 @@ class RestoreApi:
         self.sweeper = sweeper
         self.archives = archives
         self.compress_level = compress_level
-
-    async def _blocking(self, fn: Callable[..., T], *args: Any, undo: Callable[[T], object] | None = None,
-                        **kwargs: Any) -> T:
-        """Run filesystem work in a thread; if we are cancelled, wait for the thread before going on (it
-        uses descriptors inside the mount, which must be closed before the mount is released), and `undo`
-        what it returned (a descriptor nobody will close otherwise)."""
-        fut = asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            with contextlib.suppress(BaseException):
-                result = await fut
-                if undo is not None:
-                    undo(result)
-            raise
 
     # --- mounts ---
 
@@ -184,7 +168,7 @@ class RestoreApi:
         """List a directory of the backup (a page; optionally recursive)."""
         q = call.query
         async with self.manager.use(call.params["mount_id"]) as m:
-            page = await self._blocking(self.browser.listing, m, q.path, recursive=q.recursive, depth=q.depth,
+            page = await run_blocking(self.browser.listing, m, q.path, recursive=q.recursive, depth=q.depth,
                                         offset=q.offset, limit=q.limit, cursor=q.cursor)
         return {"mount_id": m.mount_id, **page}
 
@@ -192,10 +176,10 @@ class RestoreApi:
     async def file_info(self, call: Call) -> dict[str, Any]:
         """Metadata of one entry (a symlink is described, not followed)."""
         async with self.manager.use(call.params["mount_id"]) as m:
-            return await self._blocking(self.browser.stat, m, call.query.path)
+            return await run_blocking(self.browser.stat, m, call.query.path)
 
     async def _open(self, m: MountState, path: str) -> tuple[int, OpenedFile]:
-        fd, st, name = await self._blocking(self.browser.open, m, path, undo=lambda opened: os.close(opened[0]))
+        fd, st, name = await run_blocking(self.browser.open, m, path, undo=lambda opened: os.close(opened[0]))
         return fd, OpenedFile.of(name, st, files.mime_type(name))
 
     @route("GET", "/mounts/{mount_id}/open", errors=(NotFound, Conflict, Unavailable), query=PathQuery, response=OpenedFile, auth=Auth.PEER, tags=TAGS)
@@ -218,7 +202,7 @@ class RestoreApi:
         """Stream a directory as zip or tar.gz."""
         q = call.query
         async with self.manager.use(call.params["mount_id"], check=True) as m:
-            name = await self._blocking(self.browser.check_dir, m, q.path)
+            name = await run_blocking(self.browser.check_dir, m, q.path)
             top = name if name != "/" else m.mount_id
             content_type, suffix = archive.FORMATS[q.format]
             loop = asyncio.get_running_loop()

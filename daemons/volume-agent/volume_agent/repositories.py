@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from oma_common import beneath
+from oma_common.blocking import run_blocking
 from oma_common.errors import Conflict, Invalid, Unavailable
 
 from .adapters import mount as m
@@ -81,14 +82,16 @@ class RepositoryMounts:
                     return self._answer(point, source, kind, already=True)
                 raise Conflict("mount point busy", f"{point} already has {current.source} ({current.fstype}) "
                                                    "mounted on it")
-            created, fd = await asyncio.to_thread(self._make_point, point)
+            created, fd = await run_blocking(self._make_point, point, undo=_unmake_point)
             try:
                 argv = m.mount_argv(kind, source, beneath.fd_path(fd), options, program=self.mount_program)
                 await m.mount(argv, env=env, timeout=self.timeout, pass_fds=(fd,))
-            except m.CommandFailed as e:
-                for directory in reversed(created):  # leave no mount point behind a failed mount
-                    await asyncio.to_thread(_rmdir_quietly, directory)
-                raise self._explain(kind, source, point, e) from e
+            except BaseException as e:
+                # Leave no mount point behind a failed or abandoned mount (rmdir refuses one that got mounted).
+                await asyncio.to_thread(_remove_dirs, created)
+                if isinstance(e, m.CommandFailed):
+                    raise self._explain(kind, source, point, e) from e
+                raise
             finally:
                 os.close(fd)
         log.info("%s: mounted %s (%s)", point, source, kind, extra={"resource": str(point)})
@@ -233,9 +236,7 @@ class RepositoryMounts:
                 os.close(fd)
                 fd = nxt
         except BaseException:
-            os.close(fd)
-            for directory in reversed(created):
-                _rmdir_quietly(directory)
+            _unmake_point((created, fd))
             raise
         return created, fd
 
@@ -255,6 +256,18 @@ class RepositoryMounts:
         return {"mount_point": str(point), "source": source, "type": kind, "mounted": True,
                 "already_mounted": already,
                 "message": f"{source} was already mounted" if already else f"mounted {source}"}
+
+
+def _unmake_point(made: tuple[list[Path], int]) -> None:
+    """Undo `_make_point` for a caller cancelled while it ran: close the descriptor, remove what it created."""
+    created, fd = made
+    os.close(fd)
+    _remove_dirs(created)
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    for directory in reversed(created):
+        _rmdir_quietly(directory)
 
 
 def _rmdir_quietly(path: Path) -> None:

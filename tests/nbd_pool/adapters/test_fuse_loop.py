@@ -13,11 +13,14 @@ import psutil
 import pytest
 import pytest_asyncio
 
+from nbd_pool.adapters import fuse_loop
 from nbd_pool.adapters.attach import AttachError, AttachRecord, DetachBusy
 from nbd_pool.adapters.fuse_loop import FuseLoopAttachment, FuseLoopBackend, build_qsd_argv
 from oma_common import blockdev, mountinfo
 from oma_common.command import run
 from oma_common.process import ChildFailed
+
+from ...lib.gate import Gate, cancel_inside, children, open_fds
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -216,6 +219,20 @@ async def test_failed_attach_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(ChildFailed, match="(?i)qcow"):
         await FuseLoopBackend().attach(bogus, workdir)
     assert not workdir.exists() and not mountinfo.is_mounted(workdir / "disk.raw")
+
+
+@pytest.mark.asyncio
+async def test_a_work_directory_made_for_a_cancelled_attach_is_removed(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    image = tmp_path / "disk.qcow2"
+    image.write_bytes(b"")
+    workdir = tmp_path / "w"
+    before, kids = open_fds(), children()
+    gate = Gate(fuse_loop._prepare_workdir)
+    monkeypatch.setattr(fuse_loop, "_prepare_workdir", gate)
+    task = asyncio.create_task(FuseLoopBackend().attach(image, workdir, resource_id="cancelled"))
+    await cancel_inside(gate, task)
+    assert not workdir.exists() and open_fds() == before and children() <= kids
 
 
 @pytest.mark.root

@@ -3,6 +3,7 @@ disconnect protocol run against a fake /sys/block and a fake qemu-nbd; the real 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ import pytest
 from nbd_pool.adapters import kernel_nbd
 from nbd_pool.adapters.attach import AttachError
 from nbd_pool.adapters.kernel_nbd import KernelNbdBackend, _DeviceLock, build_connect_argv, connected_devices, free_devices
+
+from ...lib.gate import Gate, cancel_inside, children, open_fds
 
 pytestmark = [pytest.mark.timeout(30)]
 
@@ -173,3 +176,24 @@ def test_both_backends_satisfy_the_interface() -> None:
 
     backends: list[AttachBackend] = [FuseLoopBackend(), KernelNbdBackend()]
     assert [b.name for b in backends] == ["fuse-loop", "kernel-nbd"]
+
+
+@pytest.mark.asyncio
+async def test_a_device_lock_taken_for_a_cancelled_attach_is_dropped(
+    tmp_path: Path, fake_sys: Path, fake_dev: Path, fake_qemu_nbd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "disk.qcow2"
+    image.write_bytes(b"")
+    backend = KernelNbdBackend(sys_block=fake_sys, dev=fake_dev, lock_dir=tmp_path / "locks", program=str(fake_qemu_nbd))
+    before, kids = open_fds(), children()
+    gate = Gate(_DeviceLock.try_acquire)
+    # The flock is taken in the attach's thread once the gate is released.
+    monkeypatch.setattr(_DeviceLock, "try_acquire", lambda self: gate(self))
+    task = asyncio.create_task(backend.attach(image, tmp_path / "w", resource_id="knbd"))
+    await cancel_inside(gate, task)
+    assert open_fds() == before and children() <= kids
+    monkeypatch.undo()
+    assert free_devices(fake_sys) == ["nbd0", "nbd1", "nbd2", "nbd3", "nbd10"]
+    lock = _DeviceLock(tmp_path / "locks", "nbd0")  # nobody holds the device the cancelled attach locked
+    assert lock.try_acquire()
+    lock.release()

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from oma_common import blockdev, mountinfo
+from oma_common.blocking import run_blocking
 from oma_common.process import AdoptedChild, PidMismatch, ProcessIdentity, SupervisedChild
 
 from ..images import OpenedImage
@@ -149,7 +150,8 @@ class FuseLoopBackend:
         check_format(fmt)
         # Resolved: the kernel reports loop backing files and mount points with symlinks resolved, and
         # teardown and reconciliation compare against those.
-        fuse_file = (await asyncio.to_thread(_prepare_workdir, workdir)).resolve()
+        made = await run_blocking(_prepare_workdir, workdir, undo=lambda f: _remove_workdir(f.parent, f))
+        fuse_file = made.resolve()
         workdir = fuse_file.parent
         try:
             chain = None
@@ -174,7 +176,7 @@ class FuseLoopBackend:
             # only with partscan on), so a device fresh from losetup -f may show a previous user's.
             await partx.delete_partitions(device, resource_id=rid)
             try:
-                table = await asyncio.to_thread(read_partition_table, Path(device))
+                table = await run_blocking(read_partition_table, Path(device))  # teardown waits for it
             except (PartitionTableError, OSError) as exc:
                 raise AttachError(f"{rid}: cannot read the partition table of {image}: {exc}") from exc
             kernel = await partx.expose_partitions(device, table, resource_id=rid)

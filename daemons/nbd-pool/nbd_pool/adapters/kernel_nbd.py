@@ -18,6 +18,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from oma_common.blocking import run_blocking
 from oma_common.command import run
 from oma_common.process import AdoptedChild, ChildFailed, ChildNotReady, PidMismatch, SupervisedChild
 
@@ -168,7 +169,8 @@ class KernelNbdBackend:
         tried = []
         for name in free_devices(self.sys_block, self.devices):
             lock = _DeviceLock(self.lock_dir, name)
-            if not await asyncio.to_thread(lock.try_acquire):
+            # A flock taken for a caller cancelled meanwhile is dropped, or the device stays locked for good.
+            if not await run_blocking(lock.try_acquire, undo=lambda _taken: lock.release()):
                 continue  # another attach (here or in another process) is connecting it
             try:
                 if device_in_use(name, self.sys_block):
@@ -207,7 +209,7 @@ class KernelNbdBackend:
         record = AttachRecord(BACKEND, rid, str(image), fmt, str(workdir.absolute()), device, child.identity)
         try:
             try:
-                table = await asyncio.to_thread(read_partition_table, Path(device))
+                table = await run_blocking(read_partition_table, Path(device))  # teardown waits for it
             except (PartitionTableError, OSError) as exc:
                 raise AttachError(f"{rid}: cannot read the partition table of {image}: {exc}") from exc
             # With max_part > 0 the kernel adds the partitions itself; partx fills in for one that does not.

@@ -1,0 +1,49 @@
+"""oma_common.blocking: a thread's result that its cancelled caller will never see is undone, after the thread ends."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from oma_common.blocking import run_blocking
+
+from ..lib.gate import Gate, cancel_inside, open_fds
+
+pytestmark = [pytest.mark.timeout(30)]
+
+
+def open_devnull() -> int:
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+
+async def test_result_and_exception_pass_through() -> None:
+    fd = await run_blocking(open_devnull, undo=os.close)
+    os.close(fd)  # not undone: the caller got it
+    with pytest.raises(FileNotFoundError):
+        await run_blocking(os.open, "/nonexistent/x", os.O_RDONLY, undo=os.close)
+    assert await run_blocking(lambda a, *, b: a + b, 1, b=2) == 3
+
+
+async def test_a_descriptor_opened_for_a_cancelled_caller_is_closed() -> None:
+    before = open_fds()
+    gate = Gate(open_devnull)
+    task = asyncio.create_task(run_blocking(gate, undo=os.close))
+    await cancel_inside(gate, task)
+    assert open_fds() == before
+
+
+async def test_the_caller_ends_after_the_thread_even_when_cancelled_again() -> None:
+    before = open_fds()
+    gate = Gate(open_devnull)
+    task = asyncio.create_task(run_blocking(gate, undo=os.close))
+    assert await asyncio.to_thread(gate.entered.wait, 30)
+    for _ in range(3):  # a timeout, then a shutdown, then another: the thread still runs
+        task.cancel()
+        await asyncio.sleep(0.01)
+        assert not task.done()
+    gate.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert gate.returned.is_set() and open_fds() == before
