@@ -12,7 +12,12 @@ asyncio transports join all buffers into one new bytes), and replies parsed many
 where asyncio's streams cost a readexactly, a future and its callbacks per reply. Acknowledged data reaches the
 caller's progress callback on the event loop's thread, batched. Cancelling, or any connection failing, shuts
 every socket down, which ends a blocked send or receive at once; the threads are waited for before the call
-returns, and the sockets and the source are closed by the caller's side only after that."""
+returns, and the sockets and the source are closed by the caller's side only after that.
+
+Measured (1,638 random 64 KiB blocks into a null-co qemu-nbd, 2 connections): the client's CPU went from
+0.12 s (asyncio streams) to 0.05-0.06 s, on par with a bare blocking prototype without zero detection or
+progress; ~90 receives for ~1,640 replies. os.sendfile of data blocks (after a 4 KiB probe for zeros) was
+tried and dropped: no gain for the client, twice the CPU in qemu-nbd."""
 
 from __future__ import annotations
 
