@@ -454,6 +454,12 @@ async def test_stop_lets_the_starts_in_progress_finish_and_starts_nothing_more(d
     assert sorted(j["job_id"] for j in detail["jobs"]) == sorted(j for _, j, _ in d.launcher.started)
     assert len(d.launcher.started) == 2  # the started jobs are recorded, and nothing more started
 
+    # The next omad starts the VMs left waiting, and only those.
+    again = build(db, FakeClock(datetime(2025, 3, 29, 8, 1, tzinfo=UTC)), start_concurrency=2)
+    assert (await again.scheduler.tick()).started == 2
+    assert sorted(n for n, _, _ in again.launcher.started) == ["c", "d"]
+    assert Counter((await active_jobs_per_vm(again)).values()) == {1: 4}
+
 
 # -- starts outside the tick's lock ------------------------------------------------------------------
 
@@ -500,6 +506,29 @@ async def test_another_schedule_ticks_while_a_schedules_starts_are_in_flight(dom
     assert (await first).started == 2
     run = (await d.executions(repl["id"]))[0]
     assert (run["status"], run["jobs_created"]) == ("running", 2)
+
+
+async def test_disabling_a_schedule_drops_its_starts_waiting_for_a_slot(db: Database) -> None:
+    d = build(db, FakeClock(T0), start_concurrency=1)
+    ids = await add_contexts(d.db, ["a", "b", "c"])
+    s = await d.schedule("slow starts", "0 0 8 * * *", max_concurrent_jobs=10)
+    await d.group("g", s["id"], list(ids.values()))
+    d.launcher.gate = asyncio.Event()
+    d.clock.set(datetime(2025, 3, 29, 8, tzinfo=UTC))
+    ticking = asyncio.ensure_future(d.scheduler.tick())
+    await d.launcher.wait_in_flight(1)
+    await d.schedules.set_enabled(s["id"], False, actor="admin")
+    d.launcher.gate.set()
+    await ticking
+    assert [n for n, _, _ in d.launcher.started] == ["a"]  # b and c never began
+    await d.launcher.finish_all()
+    await d.scheduler.tick()
+    run = await d.schedules.execution(s["id"], (await d.executions(s["id"]))[0]["id"])
+    assert run["status"] != "running"
+    # The disable skipped every waiting VM in the database, a's start in progress included (store.cancel_waiting,
+    # as when starts ran one at a time): a's job ran, but the execution does not count it.
+    assert {(v["vm_name"], v["status"]) for v in run["vms"]} == {("a", "skipped"), ("b", "skipped"),
+                                                                  ("c", "skipped")}
 
 
 async def test_a_failing_start_does_not_stop_the_others(db: Database) -> None:
