@@ -1,6 +1,8 @@
 """The scheduler on a fake clock: due times across DST, skip_if_running, concurrency limits while jobs are slow,
 retries after the configured delay, a VM under two schedules without overlapping jobs, execution counts that
-match the jobs, a missed run after downtime, restarts, and the VM's next_scheduled_at / last_scheduled_job_id.
+match the jobs, a missed run after downtime, restarts, and the VM's next_scheduled_at / last_scheduled_job_id;
+starts outside the tick's lock: a bounded number at once, other schedules firing meanwhile, a failing start
+among others, a stop or a disable while starts are in flight.
 
 Jobs are real rows created through the JobEngine by a real in-process launcher; the test finishes them."""
 
@@ -506,6 +508,32 @@ async def test_another_schedule_ticks_while_a_schedules_starts_are_in_flight(dom
     assert (await first).started == 2
     run = (await d.executions(repl["id"]))[0]
     assert (run["status"], run["jobs_created"]) == ("running", 2)
+
+
+async def test_the_loop_fires_another_schedule_while_a_schedules_starts_are_in_flight(domain: Domain) -> None:
+    d = domain
+    ids = await add_contexts(d.db, ["r1", "r2", "b1"])
+    repl = await d.schedule("sync", "0 0 8 * * *", action="replication", repository_id=None)
+    backup = await d.schedule("backup", "0 5 8 * * *")
+    await d.group("replicated", repl["id"], [ids["r1"], ids["r2"]])
+    await d.group("backed up", backup["id"], [ids["b1"]])
+    d.replicator.gate = asyncio.Event()
+    d.clock.set(datetime(2025, 3, 29, 7, 59, tzinfo=UTC))
+    await d.scheduler.start()
+    try:
+        d.clock.set(datetime(2025, 3, 29, 8, tzinfo=UTC))
+        await d.replicator.wait_in_flight(2)
+        d.clock.set(datetime(2025, 3, 29, 8, 5, tzinfo=UTC))  # the backup is due ...
+        d.scheduler.wake()  # ... (and the fake clock's sleeper may not be registered yet)
+        await asyncio.wait_for(d.launcher.entered.wait(), 10)
+        assert d.replicator.in_flight == 2 and not d.replicator.started
+    finally:
+        d.replicator.gate.set()
+        await d.scheduler.stop()
+    assert [n for n, _, _ in d.launcher.started] == ["b1"]
+    assert sorted(n for n, _, _ in d.replicator.started) == ["r1", "r2"]
+    runs = [(await d.executions(s["id"]))[0] for s in (repl, backup)]
+    assert [(r["status"], r["jobs_created"]) for r in runs] == [("running", 2), ("running", 1)]
 
 
 async def test_disabling_a_schedule_drops_its_starts_waiting_for_a_slot(db: Database) -> None:
