@@ -19,7 +19,7 @@ from omad.audit import Audit
 from omad.jobs.engine import JobEngine
 from omad.schedule.clock import iso
 from omad.schedule.groups import Groups
-from omad.schedule.launcher import Outcome, Start, Target, VmRef, one_by_one
+from omad.schedule.launcher import Outcome, Start, StartSlots, Target, VmRef, concurrently
 from omad.schedule.scheduler import Scheduler
 from omad.schedule.schedules import Schedules
 from omad.store import jobs as job_store
@@ -60,25 +60,30 @@ class EngineLauncher:
     """A real launcher: each start creates a running "backup" (or `kind`) job row through the JobEngine, as the
     backup domain does, all of a batch in one transaction; the test finishes jobs when it wants. Like the backup
     domain it refuses (Conflict) a VM that already has an active job, and it can be told to refuse a VM's start,
-    or to start slowly: with a gate, it starts one VM at a time and each start waits for the gate."""
+    to fail one with a bug, or to start slowly: with a gate, it starts VMs one by one, as many at once as the
+    scheduler's slots allow (like the real launchers), and each start waits for the gate."""
 
     def __init__(self, engine: JobEngine, kind: str = "backup", *, skips_busy: bool = False) -> None:
         self.engine = engine
         self.kind = kind
         self.skips_busy = skips_busy  # what the scheduler does with a busy VM (JobLauncher.skips_busy)
         self.started: list[tuple[str, str, str]] = []  # (vm_name, job_id, schedule_id) in start order
-        self.refuse: dict[str, OmaError] = {}  # vm_name → what its start raises
+        self.refuse: dict[str, Exception] = {}  # vm_name → what its start raises (an OmaError, or a bug)
         self.gate: asyncio.Event | None = None  # when set, each start waits for it (a slow start)
         self.entered = asyncio.Event()  # a start has begun
+        self.in_flight = 0  # starts begun and not ended
+        self.most_in_flight = 0  # the most at once
+        self.changed = asyncio.Condition()  # in_flight changed
 
     async def check(self, target: Target) -> None:
         if self.kind == "backup" and target.repository_id is None and target.policy_id is None:
             raise Invalid("invalid schedule", "repository_id: a backup schedule needs a repository_id or a "
                                               "policy_id", field="repository_id")
 
-    async def start_many(self, starts: Sequence[Start]) -> AsyncGenerator[tuple[Start, Outcome], None]:
+    async def start_many(self, starts: Sequence[Start], slots: StartSlots | None = None
+                         ) -> AsyncGenerator[tuple[Start, Outcome], None]:
         if self.gate is not None:
-            async for item in one_by_one(lambda one: self.start(one.vm, one.target), starts):
+            async for item in concurrently(lambda one: self.start(one.vm, one.target), starts, slots):
                 yield item
             return
         self.entered.set()
@@ -86,8 +91,11 @@ class EngineLauncher:
         outcomes: list[Outcome] = []
         new: list[tuple[Start, job_store.NewJob]] = []
         for s in starts:
-            if s.vm.vm_name in self.refuse:
-                outcomes.append(self.refuse[s.vm.vm_name])
+            refusal = self.refuse.get(s.vm.vm_name)
+            if refusal is not None and not isinstance(refusal, OmaError):
+                raise refusal  # a launcher bug: the whole batch fails
+            if refusal is not None:
+                outcomes.append(refusal)
             elif s.vm.context_id in busy:
                 outcomes.append(Conflict(f"{self.kind} in progress", f"{s.vm.vm_name} has a running job "
                                                                      f"({busy[s.vm.context_id]})"))
@@ -102,17 +110,32 @@ class EngineLauncher:
 
     async def start(self, vm: VmRef, target: Target) -> str:
         self.entered.set()
-        if self.gate is not None:
-            await self.gate.wait()
-        if vm.vm_name in self.refuse:
-            raise self.refuse[vm.vm_name]
-        active = await job_store.active_for_context(self.engine.db, vm.context_id)
-        if active:
-            raise Conflict(f"{self.kind} in progress", f"{vm.vm_name} has a running job ({active})")
-        job = self._job(vm, target)
-        await self.engine.create_many([job])
-        self.started.append((vm.vm_name, job.id, target.schedule_id))
-        return job.id
+        await self._count(+1)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if vm.vm_name in self.refuse:
+                raise self.refuse[vm.vm_name]
+            active = await job_store.active_for_context(self.engine.db, vm.context_id)
+            if active:
+                raise Conflict(f"{self.kind} in progress", f"{vm.vm_name} has a running job ({active})")
+            job = self._job(vm, target)
+            await self.engine.create_many([job])
+            self.started.append((vm.vm_name, job.id, target.schedule_id))
+            return job.id
+        finally:
+            await self._count(-1)
+
+    async def _count(self, delta: int) -> None:
+        async with self.changed:
+            self.in_flight += delta
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self.changed.notify_all()
+
+    async def wait_in_flight(self, count: int) -> None:
+        """Return once `count` starts are in progress at once."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.in_flight == count)
 
     def _job(self, vm: VmRef, target: Target) -> job_store.NewJob:
         return self.engine.new(self.kind, display_name=f"{self.kind} of {vm.vm_name}", context_id=vm.context_id,
@@ -210,9 +233,15 @@ async def run_now(api: Api, schedule_id: str, *, log_tail: Callable[[], str] = l
     """Trigger a schedule through omad's API and wait for the execution to end; returns it with its VMs and jobs."""
     status, run = await api.post(f"/schedules/{schedule_id}/trigger")
     assert status == 202, run
+    return await wait_run(api, schedule_id, run["id"], log_tail=log_tail, timeout=timeout)
+
+
+async def wait_run(api: Api, schedule_id: str, execution_id: int, *, log_tail: Callable[[], str] = lambda: "",
+                   timeout: float = 120) -> dict[str, Any]:
+    """Wait for an execution to end; returns it with its VMs and jobs."""
     deadline = time.monotonic() + timeout
     while True:
-        status, detail = await api.get(f"/schedules/{schedule_id}/executions/{run['id']}")
+        status, detail = await api.get(f"/schedules/{schedule_id}/executions/{execution_id}")
         assert status == 200, detail
         if detail["status"] != "running":
             return dict(detail)
@@ -220,4 +249,4 @@ async def run_now(api: Api, schedule_id: str, *, log_tail: Callable[[], str] = l
         await asyncio.sleep(0.1)
 
 
-__all__ = ["Domain", "EngineLauncher", "FakeClock", "add_contexts", "build", "iso", "run_now"]
+__all__ = ["Domain", "EngineLauncher", "FakeClock", "add_contexts", "build", "iso", "run_now", "wait_run"]

@@ -1,11 +1,13 @@
 """Scheduled replications end to end: omad's scheduler starts real replications of its groups' VMs through the
 same domain function as POST /replications (the VMA simulator writes them into nbd-pool's exports of the
 CloudStack simulator's volumes), initial first and incremental after; a VM whose replication is already running
-is skipped in the run, and the execution's counts match what ran."""
+is skipped in the run, and the execution's counts match what ran; with CloudStack slow, a run's VMs start at
+once and other schedules run meanwhile."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,9 @@ from tests.sim.cloudstack import CloudStackSim
 from tests.sim.vma import MiB
 from tests.sim.vma import faults as F
 
-from ..lib.scheduling import run_now
+from omad.replication.replications import volume_vm_name
+
+from ..lib.scheduling import run_now, wait_run
 from ..rig import Stack
 from .replication_rig import VM, Rig, digest, open_rig
 from .test_replication import write_random
@@ -126,4 +130,50 @@ async def test_a_replication_schedule_replicates_its_groups_and_skips_a_busy_vm(
     assert third["message"] == "1 of 2 VM(s) protected, 0 failed, 1 skipped"
     held.release.set()
     assert (await rig.wait(manual["job_id"]))["status"] == "completed"
+    await rig.assert_released()
+
+
+async def test_with_cloudstack_slow_a_runs_vms_start_at_once_and_other_schedules_run_meanwhile(rig: Rig) -> None:
+    """A first sync creates and attaches a volume per disk, each a CloudStack job: with every job taking a
+    second, the run's two VMs are started at once (their volume jobs overlap in CloudStack), and another
+    schedule is run by hand (the scheduler's lock) while those starts are still in flight."""
+    api, cs = rig.api, rig.cs
+    ctx = {v["vm_name"]: v["context_id"] for v in (await api.get("/vm-contexts"))[1]["vm_contexts"]}
+    status, s = await api.post("/schedules", {"name": "sync", "cron_expression": "0 0 * * * *",
+                                              "replication_type": "auto", "max_concurrent_jobs": 2})
+    assert status == 201, s
+    status, group = await api.post("/machine-groups", {"name": "prod", "schedule_id": s["id"]})
+    assert status == 201, group
+    status, _ = await api.post(f"/machine-groups/{group['id']}/vms", {"vm_context_ids": [ctx[VM], ctx[OTHER]]})
+    assert status == 200
+    status, other = await api.post("/schedules", {"name": "other", "cron_expression": "0 30 * * * *",
+                                                  "replication_type": "auto"})
+    assert status == 201, other
+
+    cs.faults.job_seconds = 1.0
+    status, run = await api.post(f"/schedules/{s['id']}/trigger")
+    assert status == 202, run
+    deadline = time.monotonic() + 30
+    while not any(j.finished is None for j in list(cs.inv.jobs.values())):  # a volume job is under way
+        assert time.monotonic() < deadline, rig.log_tail()
+        await asyncio.sleep(0.05)
+    status, meanwhile = await api.post(f"/schedules/{other['id']}/trigger")  # not held up by those starts
+    assert status == 202 and meanwhile["status"] == "skipped", meanwhile  # (no group uses it)
+    status, detail = await api.get(f"/schedules/{s['id']}/executions/{run['id']}")
+    assert status == 200 and detail["jobs_created"] == 0, detail  # both VMs still starting
+    cs.faults.job_seconds = 0.0
+
+    done = await wait_run(api, s["id"], run["id"], log_tail=rig.log_tail)
+    assert (done["status"], done["jobs_created"], done["jobs_completed"]) == ("completed", 2, 2), \
+        (done, rig.log_tail())
+    # CloudStack saw the two VMs' volume jobs at the same time.
+    spans: dict[str, list[tuple[float, float]]] = {VM: [], OTHER: []}
+    for job in list(cs.inv.jobs.values()):
+        volume = cs.inv.volumes.get(job.instanceid)
+        if job.cmd.endswith(("CreateVolumeCmd", "AttachVolumeCmd")) and volume is not None:
+            for vm in spans:
+                if f"-{volume_vm_name(vm)}-" in volume.name:
+                    spans[vm].append((job.started, job.finished or time.monotonic()))
+    assert spans[VM] and spans[OTHER], (spans, [v.name for v in cs.inv.volumes.values()])
+    assert any(a < d and c < b for a, b in spans[VM] for c, d in spans[OTHER]), spans
     await rig.assert_released()

@@ -1,6 +1,8 @@
 """The scheduler on a fake clock: due times across DST, skip_if_running, concurrency limits while jobs are slow,
 retries after the configured delay, a VM under two schedules without overlapping jobs, execution counts that
-match the jobs, a missed run after downtime, restarts, and the VM's next_scheduled_at / last_scheduled_job_id.
+match the jobs, a missed run after downtime, restarts, and the VM's next_scheduled_at / last_scheduled_job_id;
+starts outside the tick's lock: a bounded number at once, other schedules firing meanwhile, a failing start
+among others, a stop or a disable while starts are in flight.
 
 Jobs are real rows created through the JobEngine by a real in-process launcher; the test finishes them."""
 
@@ -435,23 +437,149 @@ async def test_trigger_and_tick_do_not_interleave(domain: Domain) -> None:
     assert len(per_vm) == 20 and max(per_vm.values()) == 1
 
 
-async def test_stop_lets_the_start_in_progress_finish_and_starts_nothing_more(domain: Domain) -> None:
-    d = domain
-    ids = await add_contexts(d.db, ["a", "b", "c"])
+async def test_stop_lets_the_starts_in_progress_finish_and_starts_nothing_more(db: Database) -> None:
+    d = build(db, FakeClock(T0), start_concurrency=2)
+    ids = await add_contexts(d.db, ["a", "b", "c", "d"])
     s = await d.schedule("slow starts", "0 0 8 * * *")
     await d.group("g", s["id"], list(ids.values()))
     d.launcher.gate = asyncio.Event()
     d.clock.set(datetime(2025, 3, 29, 8, tzinfo=UTC))
     await d.scheduler.start()
-    await d.launcher.entered.wait()  # the loop is inside the first start
+    await d.launcher.wait_in_flight(2)  # the loop is inside the first two starts; the others wait for a slot
     stopping = asyncio.ensure_future(d.scheduler.stop())
     await asyncio.sleep(0)  # stop() has asked the loop to end
     d.launcher.gate.set()
     await stopping
     detail = await d.schedules.execution(s["id"], (await d.executions(s["id"]))[0]["id"])
-    assert [(v["vm_name"], v["status"]) for v in detail["vms"]] == [("a", "running"), ("b", "pending"),
-                                                                   ("c", "pending")]
-    assert [j["job_id"] for j in detail["jobs"]] == [d.launcher.started[0][1]]  # the started job is recorded
+    assert [(v["vm_name"], v["status"]) for v in detail["vms"]] == [("a", "running"), ("b", "running"),
+                                                                   ("c", "pending"), ("d", "pending")]
+    assert sorted(j["job_id"] for j in detail["jobs"]) == sorted(j for _, j, _ in d.launcher.started)
+    assert len(d.launcher.started) == 2  # the started jobs are recorded, and nothing more started
+
+    # The next omad starts the VMs left waiting, and only those.
+    again = build(db, FakeClock(datetime(2025, 3, 29, 8, 1, tzinfo=UTC)), start_concurrency=2)
+    assert (await again.scheduler.tick()).started == 2
+    assert sorted(n for n, _, _ in again.launcher.started) == ["c", "d"]
+    assert Counter((await active_jobs_per_vm(again)).values()) == {1: 4}
+
+
+# -- starts outside the tick's lock ------------------------------------------------------------------
+
+async def test_a_schedules_vms_start_at_once_within_the_setting(db: Database) -> None:
+    d = build(db, FakeClock(T0), start_concurrency=3)
+    names = [f"vm{i}" for i in range(8)]
+    ids = await add_contexts(d.db, names)
+    s = await d.schedule("slow starts", "0 0 8 * * *", max_concurrent_jobs=10)
+    await d.group("g", s["id"], list(ids.values()))
+    d.launcher.gate = asyncio.Event()
+    d.clock.set(datetime(2025, 3, 29, 8, tzinfo=UTC))
+    ticking = asyncio.ensure_future(d.scheduler.tick())
+    await d.launcher.wait_in_flight(3)  # three starts overlap ...
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert d.launcher.in_flight == 3 and not ticking.done()  # ... and no more: the others wait for a slot
+    d.launcher.gate.set()
+    report = await ticking
+    assert report.started == 8 and d.launcher.most_in_flight == 3
+    run = (await d.executions(s["id"]))[0]
+    assert (run["status"], run["jobs_created"]) == ("running", 8)
+    assert sorted(n for n, _, _ in d.launcher.started) == names
+
+
+async def test_another_schedule_ticks_while_a_schedules_starts_are_in_flight(domain: Domain) -> None:
+    d = domain
+    ids = await add_contexts(d.db, ["r1", "r2", "b1"])
+    repl = await d.schedule("sync", "0 0 8 * * *", action="replication", repository_id=None)
+    backup = await d.schedule("backup", "0 5 8 * * *")
+    await d.group("replicated", repl["id"], [ids["r1"], ids["r2"]])
+    await d.group("backed up", backup["id"], [ids["b1"]])
+    d.replicator.gate = asyncio.Event()  # slow replication starts (CloudStack creating volumes)
+    d.clock.set(datetime(2025, 3, 29, 8, tzinfo=UTC))
+    first = asyncio.ensure_future(d.scheduler.tick())
+    await d.replicator.wait_in_flight(2)
+    d.clock.set(datetime(2025, 3, 29, 8, 5, tzinfo=UTC))
+    report = await asyncio.wait_for(d.scheduler.tick(), 10)  # not held up by the replications' starts
+    assert (report.fired, report.started) == (1, 1) and [n for n, _, _ in d.launcher.started] == ["b1"]
+    run = (await d.executions(repl["id"]))[0]
+    assert run["jobs_created"] == 0 and d.replicator.in_flight == 2  # still starting
+    detail = await d.schedules.execution(repl["id"], run["id"])
+    assert {v["status"] for v in detail["vms"]} == {"pending"}
+    d.replicator.gate.set()
+    assert (await first).started == 2
+    run = (await d.executions(repl["id"]))[0]
+    assert (run["status"], run["jobs_created"]) == ("running", 2)
+
+
+async def test_the_loop_fires_another_schedule_while_a_schedules_starts_are_in_flight(domain: Domain) -> None:
+    d = domain
+    ids = await add_contexts(d.db, ["r1", "r2", "b1"])
+    repl = await d.schedule("sync", "0 0 8 * * *", action="replication", repository_id=None)
+    backup = await d.schedule("backup", "0 5 8 * * *")
+    await d.group("replicated", repl["id"], [ids["r1"], ids["r2"]])
+    await d.group("backed up", backup["id"], [ids["b1"]])
+    d.replicator.gate = asyncio.Event()
+    d.clock.set(datetime(2025, 3, 29, 7, 59, tzinfo=UTC))
+    await d.scheduler.start()
+    try:
+        d.clock.set(datetime(2025, 3, 29, 8, tzinfo=UTC))
+        await d.replicator.wait_in_flight(2)
+        d.clock.set(datetime(2025, 3, 29, 8, 5, tzinfo=UTC))  # the backup is due ...
+        d.scheduler.wake()  # ... (and the fake clock's sleeper may not be registered yet)
+        await asyncio.wait_for(d.launcher.entered.wait(), 10)
+        assert d.replicator.in_flight == 2 and not d.replicator.started
+    finally:
+        d.replicator.gate.set()
+        await d.scheduler.stop()
+    assert [n for n, _, _ in d.launcher.started] == ["b1"]
+    assert sorted(n for n, _, _ in d.replicator.started) == ["r1", "r2"]
+    runs = [(await d.executions(s["id"]))[0] for s in (repl, backup)]
+    assert [(r["status"], r["jobs_created"]) for r in runs] == [("running", 2), ("running", 1)]
+
+
+async def test_disabling_a_schedule_drops_its_starts_waiting_for_a_slot(db: Database) -> None:
+    d = build(db, FakeClock(T0), start_concurrency=1)
+    ids = await add_contexts(d.db, ["a", "b", "c"])
+    s = await d.schedule("slow starts", "0 0 8 * * *", max_concurrent_jobs=10)
+    await d.group("g", s["id"], list(ids.values()))
+    d.launcher.gate = asyncio.Event()
+    d.clock.set(datetime(2025, 3, 29, 8, tzinfo=UTC))
+    ticking = asyncio.ensure_future(d.scheduler.tick())
+    await d.launcher.wait_in_flight(1)
+    await d.schedules.set_enabled(s["id"], False, actor="admin")
+    d.launcher.gate.set()
+    await ticking
+    assert [n for n, _, _ in d.launcher.started] == ["a"]  # b and c never began
+    await d.launcher.finish_all()
+    await d.scheduler.tick()
+    run = await d.schedules.execution(s["id"], (await d.executions(s["id"]))[0]["id"])
+    assert run["status"] != "running"
+    # The disable skipped every waiting VM in the database, a's start in progress included (store.cancel_waiting,
+    # as when starts ran one at a time): a's job ran, but the execution does not count it.
+    assert {(v["vm_name"], v["status"]) for v in run["vms"]} == {("a", "skipped"), ("b", "skipped"),
+                                                                  ("c", "skipped")}
+
+
+async def test_a_failing_start_does_not_stop_the_others(db: Database) -> None:
+    d = build(db, FakeClock(T0), start_concurrency=2)
+    names = ["a", "refused", "b", "broken", "c"]
+    ids = await add_contexts(d.db, names)
+    s = await d.schedule("sync", "0 0 8 * * *", action="replication", repository_id=None, max_concurrent_jobs=10)
+    await d.group("g", s["id"], list(ids.values()))
+    d.replicator.gate = asyncio.Event()
+    d.replicator.gate.set()
+    d.replicator.refuse["refused"] = Unavailable("CloudStack unavailable", "createVolume timed out")
+    d.replicator.refuse["broken"] = KeyError("a launcher bug")
+    d.clock.set(datetime(2025, 3, 29, 8, tzinfo=UTC))
+    report = await d.scheduler.tick()
+    assert report.started == 3 and sorted(n for n, _, _ in d.replicator.started) == ["a", "b", "c"]
+    run = (await d.executions(s["id"]))[0]
+    detail = await d.schedules.execution(s["id"], run["id"])
+    vms = {v["vm_name"]: v for v in detail["vms"]}
+    assert {n: v["status"] for n, v in vms.items()} == {"a": "running", "refused": "failed", "b": "running",
+                                                       "broken": "failed", "c": "running"}
+    assert "createVolume timed out" in vms["refused"]["reason"]
+    assert "failed unexpectedly" in vms["broken"]["reason"]
+    assert (run["jobs_created"], run["start_failures"]) == (3, 2)
 
 
 async def test_a_tick_starting_a_thousand_vms_writes_in_a_few_batched_transactions(

@@ -154,6 +154,9 @@ class SchedulerConfig:
                                                               "(omad was down or busy) is recorded as late")
     idle_seconds: float = spec(60.0, min=1, description="longest sleep with nothing due; bounds how long a step "
                                                         "of the system clock goes unnoticed")
+    start_concurrency: int = spec(4, min=1, max=64, description="jobs of scheduled runs started at once, across "
+                                                            "every schedule (a replication's start creates and "
+                                                            "attaches its volumes: seconds each)")
 
 
 @dataclasses.dataclass

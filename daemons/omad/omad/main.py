@@ -199,7 +199,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
                                          "replication": ReplicationLauncher(replications, db)}
     scheduler = Scheduler(db, audit, launchers, SystemClock(), poll_seconds=cfg.scheduler.poll_seconds,
                           late_after_seconds=cfg.scheduler.late_after_seconds, idle_seconds=cfg.scheduler.idle_seconds,
-                          stop_grace_seconds=cfg.api.shutdown_grace_seconds)
+                          stop_grace_seconds=cfg.api.shutdown_grace_seconds,
+                          start_concurrency=cfg.scheduler.start_concurrency)
     schedules = Schedules(db, audit, scheduler.clock, launchers, on_change=scheduler.wake,
                           on_disable=scheduler.halt)
     groups = Groups(db, audit, on_change=scheduler.wake)

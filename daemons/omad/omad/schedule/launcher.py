@@ -3,9 +3,11 @@ replication domains."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from oma_common.errors import Conflict, Internal, Invalid, NotFound, OmaError
@@ -69,30 +71,74 @@ class JobLauncher(Protocol):
     async def check(self, target: Target) -> None:
         """Raise Invalid, naming the field, when a schedule with this target could never start a job."""
 
-    def start_many(self, starts: Sequence[Start]) -> AsyncGenerator[tuple[Start, Outcome], None]:
-        """Start a job for each VM, in order, and yield each start with its job's id in `jobs` or the OmaError
-        that refused it: Conflict when the VM is busy (the scheduler waits and asks again, without counting an
-        attempt); any other OmaError is a failed start, counted and retried as the schedule says.
+    def start_many(self, starts: Sequence[Start], slots: StartSlots | None = None
+                   ) -> AsyncGenerator[tuple[Start, Outcome], None]:
+        """Start a job for each VM and yield each start with its job's id in `jobs` or the OmaError that refused
+        it: Conflict when the VM is busy (the scheduler waits and asks again, without counting an attempt); any
+        other OmaError is a failed start, counted and retried as the schedule says.
 
         A launcher that can create all the jobs at once does so in one transaction; one that starts them one
-        by one yields after each start, and the scheduler stops asking (closes the generator) when omad stops.
+        by one runs as many at once as `slots` allows (one when none is given; see `concurrently`) and yields
+        each as it ends. A start that has not begun when `slots` says no more (omad stops, its schedule was
+        disabled) is not begun and not yielded: its VM waits for a later tick.
         """
 
 
-async def one_by_one(start: Callable[[Start], Awaitable[str]], starts: Sequence[Start]
-                     ) -> AsyncGenerator[tuple[Start, Outcome], None]:
-    """`start_many` for a launcher that starts one VM at a time: a bug in one start fails that start, visibly,
-    and the next VM is still started."""
-    for one in starts:
-        outcome: Outcome
-        try:
-            outcome = await start(one)
-        except OmaError as e:
-            outcome = e
-        except Exception as e:  # noqa: BLE001 - a launcher bug must not stop the scheduler
-            log.exception("launcher failed", extra={"resource": one.vm.context_id})
-            outcome = OmaError("internal error", f"starting the {one.target.action} failed unexpectedly: {e}")
-        yield one, outcome
+class StartSlots:
+    """How many starts run at once, across every launcher and every tick (config: scheduler.start_concurrency),
+    and whether a start still waiting for its turn may begin."""
+
+    def __init__(self, size: int, may_begin: Callable[[Start], bool] = lambda start: True) -> None:
+        self.size = size
+        self.may_begin = may_begin
+        self._free = asyncio.Semaphore(size)
+        self._closed = False
+
+    def close(self) -> None:
+        """omad stops: the starts in progress end; those waiting for a slot do not begin."""
+        self._closed = True
+
+    def reopen(self) -> None:
+        self._closed = False
+
+    @contextlib.asynccontextmanager
+    async def turn(self, start: Start) -> AsyncIterator[bool]:
+        """Hold a slot while the start runs; yields whether it may begin."""
+        async with self._free:
+            yield not self._closed and self.may_begin(start)
+
+
+async def concurrently(start: Callable[[Start], Awaitable[str]], starts: Sequence[Start],
+                       slots: StartSlots | None = None) -> AsyncGenerator[tuple[Start, Outcome], None]:
+    """`start_many` for a launcher whose starts take a while each (a replication creates and attaches volumes,
+    each a CloudStack job): as many at once as `slots` allows, each yielded as it ends. A bug in one start
+    fails that start, visibly, and the others still run; a start that may not begin any more is left out."""
+    limit = slots or StartSlots(1)
+
+    async def one(s: Start) -> tuple[Start, Outcome] | None:
+        async with limit.turn(s) as go:
+            if not go:
+                return None
+            outcome: Outcome
+            try:
+                outcome = await start(s)
+            except OmaError as e:
+                outcome = e
+            except Exception as e:  # noqa: BLE001 - a launcher bug must not stop the scheduler
+                log.exception("launcher failed", extra={"resource": s.vm.context_id})
+                outcome = OmaError("internal error", f"starting the {s.target.action} failed unexpectedly: {e}")
+            return s, outcome
+
+    tasks = [asyncio.ensure_future(one(s)) for s in starts]
+    try:
+        for ended in asyncio.as_completed(tasks):
+            result = await ended
+            if result is not None:
+                yield result
+    finally:  # closed early (omad stopped before they ended): what has not ended is given up
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class BackupStarter(Protocol):
@@ -143,9 +189,10 @@ class BackupLauncher:
                 raise Invalid("unknown repository", f"repository_id: backup repository {target.repository_id!r} "
                                                      "does not exist", field="repository_id") from e
 
-    def start_many(self, starts: Sequence[Start]) -> AsyncGenerator[tuple[Start, Outcome], None]:
-        """One by one: each start runs the backup domain's own steps (its rows, nbd-pool, the VMA)."""
-        return one_by_one(lambda one: self.start(one.vm, one.target), starts)
+    def start_many(self, starts: Sequence[Start], slots: StartSlots | None = None
+                   ) -> AsyncGenerator[tuple[Start, Outcome], None]:
+        """Each start runs the backup domain's own steps (its rows, nbd-pool, the VMA), `slots` at once."""
+        return concurrently(lambda one: self.start(one.vm, one.target), starts, slots)
 
     async def start(self, vm: VmRef, target: Target) -> str:
         """Start one VM's backup; return its job id (raises as `start_many` reports)."""
@@ -195,8 +242,8 @@ REPLICATION_TYPES: dict[str, str | None] = {"full": "initial", "incremental": "i
 
 
 class ReplicationLauncher:
-    """Scheduled replications through the same domain function as POST /replications, one VM after the other
-    (each start creates or attaches volumes and asks the VMA, like an API call)."""
+    """Scheduled replications through the same domain function as POST /replications, `slots` at once (each
+    start creates or attaches volumes and asks the VMA, like an API call)."""
 
     skips_busy = True
 
@@ -209,8 +256,9 @@ class ReplicationLauncher:
             raise Invalid("invalid schedule", "replication_type: a replication schedule needs one of "
                                               f"{', '.join(REPLICATION_TYPES)}", field="replication_type")
 
-    def start_many(self, starts: Sequence[Start]) -> AsyncGenerator[tuple[Start, Outcome], None]:
-        return one_by_one(self.start, starts)
+    def start_many(self, starts: Sequence[Start], slots: StartSlots | None = None
+                   ) -> AsyncGenerator[tuple[Start, Outcome], None]:
+        return concurrently(self.start, starts, slots)
 
     async def start(self, one: Start) -> str:
         """Start one VM's replication; return its job id (raises as `start_many` reports)."""

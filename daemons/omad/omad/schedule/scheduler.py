@@ -7,8 +7,15 @@ executions continue, and a run missed while omad was down runs once, recorded as
 
 Per VM there is never more than one job: a VM with an active job in `jobs` (from another schedule, an API
 call, anything) waits for it to end — or, for an action whose launcher `skips_busy` (replication), is skipped
-in this run — and a launcher's Conflict (the domain's own per-VM check) means the same. Ticks are serialised,
-so the check and the start of a job are never interleaved with another's.
+in this run — and a launcher's Conflict (the domain's own per-VM check) means the same.
+
+Ticks are serialised by one lock, held only to decide and to record: a tick opens the due executions, follows
+the jobs and chooses the VMs to start (within the limits), then the starts run outside the lock — up to
+`start_concurrency` at once across every schedule, since one start can take seconds (a replication's first sync
+creates and attaches CloudStack volumes) — and each outcome is recorded under the lock as it comes. A VM whose
+start is in flight is still `pending` in the database and known to this process only: ticks meanwhile leave it
+alone and count it against the limits, and if omad ends before its outcome is recorded it is started again
+after the restart (the domain refuses a VM it is still working on, as busy), as a start cut short always was.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from ..store.schedules import (AttemptStatus, ExecutionStatus, NewExecution, Ope
                                VmStatus)
 from . import cron
 from .clock import Clock, iso, parse_iso
-from .launcher import JobLauncher, Outcome, Start, Target, VmRef
+from .launcher import JobLauncher, Outcome, Start, StartSlots, Target, VmRef
 from .schedules import load_execution, target_of
 
 log = logging.getLogger(__name__)
@@ -48,7 +55,7 @@ class TickReport:
     """What one tick did."""
 
     fired: int = 0  # executions opened by due schedules (running or recorded as skipped)
-    started: int = 0  # jobs created
+    started: int = 0  # jobs created (counted as the starts, which outlive the tick's lock, are recorded)
     finished: int = 0  # jobs seen ending
     closed: int = 0  # executions ended
 
@@ -75,8 +82,20 @@ class _Open:
 
 
 @dataclasses.dataclass
+class _Ended:
+    """A start that ended, waiting to be recorded."""
+
+    vm: _Open
+    outcome: Outcome
+    target: Target
+    schedule: Schedule
+    skips_busy: bool
+    report: TickReport
+
+
+@dataclasses.dataclass
 class _Round:
-    """What one round of starts did, written in one transaction when it ends."""
+    """What a tick's choice or a set of ended starts did, written in one transaction."""
 
     started: list[Started] = dataclasses.field(default_factory=list)
     refused: list[tuple[_Open, OmaError]] = dataclasses.field(default_factory=list)
@@ -87,7 +106,7 @@ class _Round:
 class Scheduler:
     def __init__(self, db: Database, audit: Audit, launchers: Mapping[str, JobLauncher], clock: Clock, *,
                  poll_seconds: float = 5.0, late_after_seconds: float = 60.0, idle_seconds: float = 60.0,
-                 stop_grace_seconds: float = 10.0) -> None:
+                 stop_grace_seconds: float = 10.0, start_concurrency: int = 4) -> None:
         self.db = db
         self.audit = audit
         self.launchers = launchers
@@ -95,36 +114,48 @@ class Scheduler:
         self.poll_seconds = poll_seconds  # how often running jobs are looked at
         self.late_after_seconds = late_after_seconds  # a run started later than this after its due time is late
         self.idle_seconds = idle_seconds  # longest sleep with nothing due: bounds the effect of a clock step
-        self.stop_grace_seconds = stop_grace_seconds  # how long stop() lets a start in progress finish
+        self.stop_grace_seconds = stop_grace_seconds  # how long stop() lets the starts in progress finish
         self._stopping = False
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ticks = 0
         self._ticked = asyncio.Condition()
-        self._halted: set[str] = set()  # schedules disabled while the current tick runs
+        self._halted: set[str] = set()  # schedules disabled since the tick began or with starts in flight
+        # Starts run outside the lock, this many at once; one waiting for its turn does not begin once its
+        # schedule is disabled (its VM was skipped in the database meanwhile).
+        self._slots = StartSlots(start_concurrency, lambda one: one.target.schedule_id not in self._halted)
+        self._in_flight: dict[VmKey, _Open] = {}  # chosen VMs whose start's outcome is not recorded yet
+        self._launches: set[asyncio.Task[bool]] = set()
+        self._ended: list[_Ended] = []  # starts that ended, for the recorder
+        self._recorder: asyncio.Task[None] | None = None
 
     # -- service -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._stopping = False
+        self._slots.reopen()
         await self._schedule_unscheduled()
         self._task = asyncio.ensure_future(self._run())
         log.info("scheduler started")
 
     async def stop(self) -> None:
-        """Start nothing more; let a job start in progress finish and be recorded, then end the loop."""
+        """Start nothing more; let the starts in progress finish and be recorded, then end the loop."""
         self._stopping = True
+        self._slots.close()
         self._wake.set()
+        tasks: set[asyncio.Task[Any]] = set(self._launches)
         if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), self.stop_grace_seconds)
-            except asyncio.TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-                log.warning("scheduler stopped while starting a job; its VM runs again after the restart")
-            self._task = None
+            tasks.add(self._task)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=self.stop_grace_seconds)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            if late:
+                log.warning("scheduler stopped while starting jobs; their VMs run again after the restart")
+        await self._all_recorded()  # what ended before the grace ran out
+        self._task = None
         log.info("scheduler stopped; running executions continue at the next start")
 
     def wake(self) -> None:
@@ -133,19 +164,22 @@ class Scheduler:
 
     def halt(self, schedule_id: str) -> None:
         """The schedule was just disabled (its waiting VMs are skipped in the database): a tick in progress
-        starts nothing more for it."""
+        starts nothing more for it, nor do its starts still waiting for a slot."""
         self._halted.add(schedule_id)
 
     async def wait_ticks(self, count: int) -> None:
-        """Return once `count` ticks have completed since start (tests drive the loop with a fake clock)."""
+        """Return once `count` ticks have completed since start and the starts in flight are recorded (tests
+        drive the loop with a fake clock)."""
         async with self._ticked:
             await self._ticked.wait_for(lambda: self._ticks >= count)
+        while self._launches:
+            await asyncio.wait(set(self._launches))
 
     async def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
             try:
-                await self.tick()
+                await self._step(TickReport(), set())  # its starts run on; one that frees a slot wakes the loop
             except Exception:
                 log.exception("scheduler tick failed")
             if self._stopping:
@@ -190,17 +224,35 @@ class Scheduler:
     # -- one tick ------------------------------------------------------------------------------------
 
     async def tick(self) -> TickReport:
-        """Fire what is due, then move every running execution forward. Safe to call at any time."""
+        """Fire what is due, move every running execution forward and start what may start; return once this
+        tick's starts are recorded (other ticks run meanwhile: the lock is not held while starting). A start
+        refused frees its slot, so the tick looks again at the VMs the limits held back; every VM is tried at
+        most once per tick. Safe to call at any time."""
         report = TickReport()
+        tried: set[VmKey] = set()
+        while True:
+            launches = await self._step(report, tried)
+            if not launches:
+                break
+            await asyncio.wait(launches)  # not cancelled with this call: they are the scheduler's
+            if self._stopping or not any(t.result() for t in launches if not t.cancelled()):
+                break
+        return report
+
+    async def _step(self, report: TickReport, tried: set[VmKey]) -> list[asyncio.Task[bool]]:
+        """Under the lock: fire what is due, follow the running executions, choose the VMs to start; returns
+        the tasks starting them."""
         async with self._lock:
-            self._halted.clear()  # what was disabled before now is in the database this tick reads
+            # What was disabled before now is in the database this step reads; a schedule with starts in
+            # flight stays halted for them.
+            self._halted &= {v.row.schedule_id for v in self._in_flight.values()}
             now = self.clock.now()
             await self._fire_due(now, report)
-            await self._advance(now, report)
+            launches = await self._advance(now, report, tried)
         async with self._ticked:
             self._ticks += 1
             self._ticked.notify_all()
-        return report
+        return launches
 
     async def trigger(self, schedule_id: str, *, actor: str) -> dict[str, Any]:
         """Run a schedule now (enabled or not); 409 while it runs and skip_if_running is on."""
@@ -277,10 +329,10 @@ class Scheduler:
 
     # -- running executions --------------------------------------------------------------------------
 
-    async def _advance(self, now: datetime, report: TickReport) -> None:
+    async def _advance(self, now: datetime, report: TickReport, tried: set[VmKey]) -> list[asyncio.Task[bool]]:
         executions = await store.running_executions(self.db)
         if not executions:
-            return
+            return []
         open_vms = [_Open.of(r) for r in await store.open_vms(self.db)]
         schedules = await store.with_running_execution(self.db)
         touched: set[int] = set()
@@ -288,14 +340,16 @@ class Scheduler:
             await self._collect_finished(tx, open_vms, schedules, now, report, touched)
             await self._release_retries(tx, open_vms, now, touched)
             await self._drop_ineligible(tx, open_vms, now, touched)
-        await self._dispatch(open_vms, schedules, now, report, touched)
+        launches = await self._dispatch(open_vms, schedules, now, report, touched, tried)
         listed = {v.row.execution_id for v in open_vms}  # executions with VMs left when the tick began
+        # (a VM whose start is in flight is pending: its execution stays open)
         still_open = {v.row.execution_id for v in open_vms if v.status in store.OPEN}
         async with self.db.transaction() as tx:
             await store.recount(tx, [e.id for e in executions if e.id in touched or e.id not in listed])
             for i in [e.id for e in executions if e.id not in still_open]:
                 await self._close(tx, i, now)
                 report.closed += 1
+        return launches
 
     async def _collect_finished(self, tx: Tx, open_vms: list[_Open], schedules: Mapping[str, Schedule],
                                 now: datetime, report: TickReport, touched: set[int]) -> None:
@@ -349,10 +403,10 @@ class Scheduler:
                 await store.vm_released(tx, v.key)
                 touched.add(v.row.execution_id)
 
-    @staticmethod
-    async def _drop_ineligible(tx: Tx, open_vms: list[_Open], now: datetime, touched: set[int]) -> None:
-        """A VM that left the schedule's groups, was switched off or deleted since the run began is skipped."""
-        waiting = [v for v in open_vms if v.status == VmStatus.PENDING]
+    async def _drop_ineligible(self, tx: Tx, open_vms: list[_Open], now: datetime, touched: set[int]) -> None:
+        """A VM that left the schedule's groups, was switched off or deleted since the run began is skipped
+        (one whose start is in flight gets its outcome recorded first)."""
+        waiting = [v for v in open_vms if v.status == VmStatus.PENDING and v.key not in self._in_flight]
         if not waiting:
             return
         still = await group_store.protected(tx, [v.row.context_id for v in waiting])
@@ -366,51 +420,34 @@ class Scheduler:
     # -- starting jobs -------------------------------------------------------------------------------
 
     async def _dispatch(self, open_vms: list[_Open], schedules: Mapping[str, Schedule], now: datetime,
-                        report: TickReport, touched: set[int]) -> None:
-        """Start the waiting VMs in order while the schedule's and each group's limits allow.
-
-        In rounds: each round picks every VM the limits allow (assuming each start succeeds), starts them all
-        through their launcher's `start_many` (one call per action) and records the round in one transaction.
-        A refused start frees its slot, so another round looks again at the VMs the limits held back; every VM
-        is tried at most once per tick.
-        """
-        waiting = [v for v in open_vms if v.status == VmStatus.PENDING]
-        if not waiting:
-            return
-        per_schedule = Counter(v.row.schedule_id for v in open_vms if v.status == VmStatus.RUNNING)
-        per_group = Counter(v.row.group_id for v in open_vms if v.status == VmStatus.RUNNING)
+                        report: TickReport, touched: set[int], tried: set[VmKey]) -> list[asyncio.Task[bool]]:
+        """Choose the waiting VMs to start, in order, while the schedule's and each group's limits allow
+        (assuming each start succeeds), and start them outside the lock: one task per action, through its
+        launcher's `start_many`. A VM whose start is in flight holds its slot and is left alone."""
+        waiting = [v for v in open_vms if v.status == VmStatus.PENDING and v.key not in self._in_flight]
+        if not waiting or self._stopping:
+            return []
+        flying = list(self._in_flight.values())  # pending in the database: counted here, not in open_vms
+        taking = [v for v in open_vms if v.status == VmStatus.RUNNING] + flying
+        per_schedule = Counter(v.row.schedule_id for v in taking)
+        per_group = Counter(v.row.group_id for v in taking)
         limits = await group_store.limits(self.db, [v.row.group_id for v in waiting])
         busy = await job_store.busy_contexts(self.db)
-        tried: set[VmKey] = set()
-        while not self._stopping:
-            done = _Round()
-            chosen = self._choose(waiting, schedules, limits, busy, per_schedule, per_group, tried, done)
-            try:
-                for action, batch in _by_action(chosen, schedules).items():
-                    if self._stopping:
-                        break  # omad stops: the VMs left wait for the next start
-                    await self._start(action, batch, schedules, done)
-            finally:
-                await self._record(done, schedules, now, touched)
-            report.started += len(done.started)
-            started = {(s.execution_id, s.context_id) for s in done.started}
-            for v in chosen:  # a slot stays taken only by a start that happened
-                if v.key not in started:
-                    per_schedule[v.row.schedule_id] -= 1
-                    per_group[v.row.group_id] -= 1
-            busy.update({s.context_id: s.job_id for s in done.started})
-            busy.update({v.row.context_id: "?" for v, e in done.refused if isinstance(e, Conflict)})
-            for v, _ in done.skips:
-                busy.setdefault(v.row.context_id, "?")
-            if not chosen:
-                break
+        done = _Round()
+        claimed = {v.row.context_id for v in flying}  # looked at again once that start's outcome is known
+        chosen = self._choose(waiting, schedules, limits, busy, per_schedule, per_group, tried, claimed, done)
+        await self._record(done, schedules, now, touched)  # the busy VMs: skipped, or why they wait
+        for v in chosen:
+            self._in_flight[v.key] = v
+        return [self._launch(action, batch, schedules, report)
+                for action, batch in _by_action(chosen, schedules).items()]
 
     def _choose(self, waiting: list[_Open], schedules: Mapping[str, Schedule], limits: Mapping[str, int],
                 busy: dict[str, str], per_schedule: Counter[str], per_group: Counter[str], tried: set[VmKey],
-                done: _Round) -> list[_Open]:
-        """The VMs this round starts, in order, with their slots taken."""
+                claimed: set[str], done: _Round) -> list[_Open]:
+        """The VMs this step starts, in order, with their slots taken. `claimed`: VMs with a start in flight,
+        and those chosen here (a VM may wait in two schedules' executions)."""
         chosen: list[_Open] = []
-        claimed: set[str] = set()  # VMs chosen this round (a VM may wait in two schedules' executions)
         for v in waiting:
             if v.key in tried or v.status != VmStatus.PENDING:
                 continue
@@ -420,9 +457,9 @@ class Scheduler:
             if per_group[v.row.group_id] >= limits.get(v.row.group_id, schedule.max_concurrent_jobs):
                 continue
             if v.row.context_id in claimed:
-                continue  # looked at again next round, once its other start is known
+                continue  # looked at again once its other start's outcome is known
             if v.row.schedule_id in self._halted:
-                continue  # disabled while this tick ran: its waiting VMs were skipped meanwhile
+                continue  # disabled meanwhile: its waiting VMs were skipped in the database
             if v.row.context_id in busy:
                 tried.add(v.key)
                 why = f"the VM is busy with job {busy[v.row.context_id]}"
@@ -442,28 +479,83 @@ class Scheduler:
         launcher = self.launchers.get(action)
         return launcher is not None and launcher.skips_busy
 
-    async def _start(self, action: str, batch: list[_Open], schedules: Mapping[str, Schedule], done: _Round
-                     ) -> None:
-        """Start the batch through the action's launcher; each VM ends started or refused in `done`."""
+    def _launch(self, action: str, batch: list[_Open], schedules: Mapping[str, Schedule], report: TickReport
+                ) -> asyncio.Task[bool]:
+        task = asyncio.ensure_future(self._starts(action, batch, dict(schedules), report))
+        self._launches.add(task)
+        task.add_done_callback(self._launches.discard)
+        return task
+
+    async def _starts(self, action: str, batch: list[_Open], schedules: Mapping[str, Schedule],
+                      report: TickReport) -> bool:
+        """Start the batch through the action's launcher, outside the lock; each outcome goes to the recorder
+        as it comes. Returns whether a start ended without a job (its slot is free for another VM)."""
         launcher = self.launchers.get(action)
-        if launcher is None:
-            refusal: OmaError = Invalid("action not available", f"this omad cannot start a {action}")
-            done.refused.extend((v, refusal) for v in batch)
-            return
+        skips_busy = launcher is not None and launcher.skips_busy
         starts = {Start(VmRef(v.row.context_id, v.row.vm_name or ""), target_of(schedules[v.row.schedule_id]),
                         v.row.execution_id, v.row.group_id): v for v in batch}
         reported: set[Start] = set()
+        freed = left = False  # a slot freed; a VM left `pending` without a job (skipped, or refused and counted)
+
+        def ended(start: Start, outcome: Outcome) -> None:
+            nonlocal freed, left
+            reported.add(start)
+            v = starts[start]
+            freed |= isinstance(outcome, OmaError)
+            left |= isinstance(outcome, OmaError) and (skips_busy or not isinstance(outcome, Conflict))
+            self._post(_Ended(v, outcome, start.target, schedules[v.row.schedule_id], skips_busy, report))
+
         try:
-            async with contextlib.aclosing(launcher.start_many(list(starts))) as outcomes:
-                async for start, outcome in outcomes:
-                    reported.add(start)
-                    self._started_or_refused(starts[start], outcome, start.target, done, launcher.skips_busy)
-                    if self._stopping:
-                        break  # omad stops: the start in progress was recorded; the VMs left wait
+            if launcher is None:
+                for start in starts:
+                    ended(start, Invalid("action not available", f"this omad cannot start a {action}"))
+            else:
+                async with contextlib.aclosing(launcher.start_many(list(starts), self._slots)) as outcomes:
+                    async for start, outcome in outcomes:
+                        ended(start, outcome)
         except Exception as e:  # a launcher bug must not stop the scheduler: the attempts fail, visibly
             log.exception("launcher failed", extra={"resource": action})
-            refusal = OmaError("internal error", f"starting the {action} failed unexpectedly: {e}")
-            done.refused.extend((v, refusal) for start, v in starts.items() if start not in reported)
+            for start in starts:
+                if start not in reported:
+                    ended(start, OmaError("internal error", f"starting the {action} failed unexpectedly: {e}"))
+        finally:
+            for start, v in starts.items():
+                if start not in reported:  # not begun (omad stops, the schedule was disabled): it stays pending
+                    self._in_flight.pop(v.key, None)
+        await self._all_recorded()
+        if left:
+            self.wake()  # a VM the limits held back may start now (a VM that waits for a busy one does not)
+        return freed
+
+    def _post(self, ended: _Ended) -> None:
+        self._ended.append(ended)
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.ensure_future(self._record_ended())
+
+    async def _record_ended(self) -> None:
+        """Record the starts that ended: at each turn of the lock, all that came meanwhile in one transaction."""
+        while self._ended:
+            async with self._lock:
+                batch, self._ended = self._ended, []
+                done = _Round()
+                for e in batch:
+                    self._started_or_refused(e.vm, e.outcome, e.target, done, e.skips_busy)
+                try:
+                    await self._record(done, {e.vm.row.schedule_id: e.schedule for e in batch}, self.clock.now(),
+                                       set(), recount=True)
+                except Exception:  # the VMs stay pending: a later tick finds them busy with their jobs
+                    log.exception("recording %d started job(s) failed", len(done.started))
+                    continue
+                finally:
+                    for e in batch:
+                        self._in_flight.pop(e.vm.key, None)
+                for e in batch:
+                    e.report.started += isinstance(e.outcome, str)
+
+    async def _all_recorded(self) -> None:
+        """Return once every start that ended is recorded."""
+        while self._recorder is not None and not self._recorder.done():
+            await asyncio.shield(self._recorder)
 
     @staticmethod
     def _started_or_refused(v: _Open, outcome: Outcome, target: Target, done: _Round, skips_busy: bool) -> None:
@@ -481,9 +573,10 @@ class Scheduler:
             log.info("%s: %s job %s started (schedule %r, attempt %d)", v.row.vm_name, target.action, outcome,
                      target.schedule_name, v.attempts, extra={"resource": v.row.context_id})
 
-    async def _record(self, done: _Round, schedules: Mapping[str, Schedule], now: datetime, touched: set[int]
-                      ) -> None:
-        """One transaction for the round: the started VMs and their jobs, refused starts, new reasons to wait."""
+    async def _record(self, done: _Round, schedules: Mapping[str, Schedule], now: datetime, touched: set[int],
+                      *, recount: bool = False) -> None:
+        """One transaction: the started VMs and their jobs, refused starts, new reasons to wait, skips (and the
+        executions' counts when `recount`: no tick follows to recount them)."""
         waits = [(v, why) for v, why in done.waits if v.reason != why]  # written once per change, not every tick
         if not (done.started or done.refused or waits or done.skips):
             return
@@ -499,6 +592,10 @@ class Scheduler:
                 await self._failed_attempt(tx, v, schedules[v.row.schedule_id], now, f"start refused: {e}")
                 touched.add(v.row.execution_id)
             await store.vm_waiting(tx, [(v.key, why) for v, why in waits])
+            if recount:
+                await store.recount(tx, sorted({v.row.execution_id for v, _ in done.refused} |
+                                               {v.row.execution_id for v, _ in done.skips} |
+                                               {s.execution_id for s in done.started}))
         for v, why in waits:
             v.reason = why
         for v, why in done.skips:
