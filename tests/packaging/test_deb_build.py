@@ -61,6 +61,9 @@ def test_package_ships_units_config_scripts_and_package_data(deb_build: debbuild
     data = [*(omad_pkg / "static").rglob("*"), *(omad_pkg / "store/migrations").glob("*.sql")]
     assert data, "no package data found in the tree"
     expected |= {f"{DIST_PACKAGES}/omad/{p.relative_to(omad_pkg)}" for p in data if p.is_file()}
+    # Run by path, not imported: nbd-pool's socket-activation launcher (adapters/listen_fd.py).
+    launcher = f"{DIST_PACKAGES}/nbd_pool/adapters/listen_fd_launcher.py"
+    expected.add(launcher)
     missing = expected - files
     assert not missing, f"not in the package: {sorted(missing)}"
     # Installed units are the files in systemd/, byte for byte.
@@ -69,6 +72,12 @@ def test_package_ships_units_config_scripts_and_package_data(deb_build: debbuild
     for s in SERVICES:
         assert (extracted / f"lib/systemd/system/{s}.service").read_bytes() == \
             (REPO / f"systemd/{s}.service").read_bytes()
+    # The launcher runs isolated (-I -S) with Debian's python3 from where the package puts it.
+    check = "import os, sys; sys.exit(os.environ['LISTEN_PID'] != str(os.getpid()) or not os.path.exists('/proc/self/fd/3'))"
+    ran = subprocess.run(["/usr/bin/python3", "-I", "-S", str(extracted / launcher.lstrip("/")), "0", "--",
+                          "/usr/bin/python3", "-I", "-c", check],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False)
+    assert ran.returncode == 0, ran.stderr
 
 
 def test_conffiles_are_the_etc_oma_files(deb_build: debbuild.DebBuild) -> None:

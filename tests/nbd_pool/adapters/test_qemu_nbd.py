@@ -291,6 +291,11 @@ async def test_released_export_is_adopted_and_keeps_serving(tmp_path: Path, free
 async def test_probe_names_the_export(tmp_path: Path, free_port: int, exports: list[QemuNbdExport]) -> None:
     target = tmp_path / "t.qcow2"
     await run(["qemu-img", "create", "-q", "-f", "qcow2", target, "64M"])
-    await start(exports, target, free_port, name="right")
+    export = await start(exports, target, free_port, name="right")
     with pytest.raises(ExportNotFound):
         await probe_export("127.0.0.1", free_port, "wrong")
+    # The probe closes right after NBD_OPT_ABORT without waiting for the ACK: qemu-nbd takes it quietly.
+    for _ in range(10):
+        assert (await probe_export("127.0.0.1", free_port, "right")).size == 64 * MIB
+    await asyncio.sleep(0.2)
+    assert export.stderr_tail() == ""

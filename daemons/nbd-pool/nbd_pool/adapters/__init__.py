@@ -23,5 +23,6 @@ NEEDS: dict[str, Needs] = {
     "nbd_probe": needs("an NBD handshake to a loopback port"),
     "ports": needs("a bind test of a pool port above 1024"),
     "listen_fd": needs("binds an export's listener (TCP_NODELAY) and execs qemu-nbd with it socket-activated"),
+    "listen_fd_launcher": needs("run as a file between spawn and exec: the listener at fd 3, LISTEN_FDS/LISTEN_PID"),
     "blockinfo": needs("sysfs and /proc (mountinfo, swaps) about a block device before it is exported"),
 }
