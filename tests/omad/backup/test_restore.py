@@ -14,6 +14,8 @@ import aiohttp
 import psutil
 import pytest
 
+from oma_common import schema
+from omad.restore.service import RestoreMount, RestoreMountList
 from tests.sim.vma import Inventory
 
 from ...lib.diskimages import File, Pattern, ext4_modify, whole_disk_ext4
@@ -154,6 +156,7 @@ async def test_a_killed_attachment_shows_the_mount_broken_never_a_500(rig: Rig) 
     (shown,) = listing["mounts"]
     assert shown["status"] == "broken" and shown["remount"] == way_back and "SIGKILL" in shown["error"], shown
     assert await rig.api.get(f"/restore/{mount_id}") == (200, shown)
+    assert schema.parse(RestoreMountList, listing).mounts[0].status == "broken"  # the declared shape, exactly
 
     status, public = await rig.api.get("/health", token="")
     assert public["status"] == "degraded" and public["components"]["restore-mounter"] == {"status": "degraded"}
@@ -167,6 +170,7 @@ async def test_a_killed_attachment_shows_the_mount_broken_never_a_500(rig: Rig) 
     assert row(rig, mount_id)[0] == "unmounted"
     status, ended = await rig.api.get(f"/restore/{mount_id}")
     assert status == 200 and ended["status"] == "unmounted" and ended["ended_at"] and ended["remount"] is None
+    schema.parse(RestoreMount, ended)
     assert (await rig.api.get("/restore/mounts"))[1] == {"mounts": [], "count": 0}
     assert leaks(rig.stack.state / "restore", []) == []
     assert list((rig.stack.state / "restore").iterdir()) == []
