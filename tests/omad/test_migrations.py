@@ -1,6 +1,6 @@
 """The migration runner's foreign-key mode (a table that others reference rebuilt without losing their rows, a
-migration that would leave a dangling reference rolled back, foreign keys on again either way), and migration
-0019 upgrading a database full of schedules and executions."""
+migration that would leave a dangling reference rolled back, foreign keys on again either way), migration
+0019 upgrading a database full of schedules and executions, and 0022 one of restore mounts."""
 
 from __future__ import annotations
 
@@ -130,10 +130,15 @@ def real_migrations_before(version: int) -> dict[str, str]:
             if item.name.endswith(".sql") and int(item.name[:4]) < version}
 
 
+async def migrate_before(db: Database, packages: Packages, version: int) -> None:
+    """The real schema as it was before migration `version`."""
+    before = await db.migrate(packages(real_migrations_before(version)))
+    assert before and max(before) < version
+
+
 async def test_0019_keeps_schedules_executions_and_group_links(fresh: Database, packages: Packages) -> None:
     db = fresh
-    before = await db.migrate(packages(real_migrations_before(19)))
-    assert before and max(before) < 19
+    await migrate_before(db, packages, 19)
     t = "2025-01-01T00:00:00.000Z"
     async with db.transaction() as tx:
         await tx.execute("INSERT INTO vm_replication_contexts (context_id, vm_name, vmware_vm_id, vm_path, "
@@ -193,3 +198,54 @@ def test_the_marker_is_the_first_line_only() -> None:
     assert not foreign_keys_off("CREATE TABLE t (a);\n")
     assert foreign_keys_off((resources.files("omad.store.migrations") / "0019_schedule_replication.sql")
                             .read_text())
+
+
+async def test_0022_lets_a_restore_mount_be_broken_and_keeps_every_row(fresh: Database, packages: Packages) -> None:
+    from omad.store import restore_mounts
+
+    db = fresh
+    await migrate_before(db, packages, 22)
+    t = "2025-01-01T00:00:00.000Z"
+    async with db.transaction() as tx:
+        for i, status in enumerate(("mounting", "mounted", "unmounted", "expired", "failed")):
+            await tx.execute(
+                "INSERT INTO restore_mounts (id, backup_id, disk_index, image_path, status, mount_path, device, "
+                "filesystem_type, filesystems, error_message, created_by, created_at, expires_at, ended_at) "
+                "VALUES (?, 'b1', ?, '/repo/b1/disk0.qcow2', ?, ?, ?, 'ext4', ?, ?, 'admin', ?, ?, ?)",
+                (f"rm-{i}", i, status, f"/run/oma/restore/rm-{i}" if status == "mounted" else None,
+                 "/dev/loop3" if status == "mounted" else None, '[{"partition": 1, "type": "ext4"}]',
+                 "no filesystem" if status == "failed" else None, t, t, None if status.startswith("mount") else t))
+        await tx.execute("INSERT INTO restore_mounts (id, backup_id, image_path, status, created_at) "
+                         "VALUES ('rm-defaults', 'b2', '/repo/b2/disk0.qcow2', 'mounted', ?)", (t,))
+
+    def shape(sql: str) -> str:
+        return f"SELECT * FROM pragma_{sql}('restore_mounts') ORDER BY 1"
+
+    columns = await db.fetchall(shape("table_info"))
+    indexes = await db.fetchall("SELECT name, sql FROM sqlite_master WHERE tbl_name = 'restore_mounts' "
+                                "AND type IN ('index', 'trigger') ORDER BY name")
+    rows = await db.fetchall("SELECT * FROM restore_mounts ORDER BY id")
+
+    assert 22 in await db.migrate()
+    assert await db.fetchall("SELECT * FROM restore_mounts ORDER BY id") == rows
+    assert await db.fetchall(shape("table_info")) == columns  # names, types, defaults, NOT NULL, key
+    assert await db.fetchall("SELECT name, sql FROM sqlite_master WHERE tbl_name = 'restore_mounts' "
+                             "AND type IN ('index', 'trigger') ORDER BY name") == indexes
+    assert {"restore_mounts_backup", "restore_mounts_status"} <= {i["name"] for i in indexes}
+    assert await db.scalar("SELECT COUNT(*) FROM sqlite_master WHERE name = 'restore_mounts_new'") == 0
+    assert await foreign_keys_on(db)
+
+    # The new status, through its one writer: only a mounted mount breaks, and a broken one can still end.
+    async with db.transaction() as tx:
+        assert await restore_mounts.mark_broken(tx, "rm-1", "qemu-storage-daemon (pid 7) killed by SIGKILL")
+        assert not await restore_mounts.mark_broken(tx, "rm-0", "x")  # still mounting
+        assert not await restore_mounts.mark_broken(tx, "rm-3", "x")  # ended
+    m = await restore_mounts.get(db, "rm-1")
+    assert m.status == restore_mounts.MountStatus.BROKEN and m.held and not m.active
+    assert m.error_message == "qemu-storage-daemon (pid 7) killed by SIGKILL" and m.ended_at is None
+    assert sorted(h.id for h in await restore_mounts.held(db)) == ["rm-0", "rm-1", "rm-defaults"]
+    async with db.transaction() as tx:
+        assert await restore_mounts.mark_unmounted(tx, "rm-1", t)
+    assert (await restore_mounts.get(db, "rm-1")).status == "unmounted"
+    with pytest.raises(sqlite3.IntegrityError):  # the CHECK is still there, with one value more
+        await db.execute("UPDATE restore_mounts SET status = 'gone' WHERE id = 'rm-2'")

@@ -146,3 +146,23 @@ def test_directory_listings_declare_their_paging_bounds(doc: dict[str, Any]) -> 
         params = {p["name"]: p["schema"] for p in document_["paths"][path]["get"]["parameters"]}
         assert (params["limit"]["minimum"], params["limit"]["maximum"], params["limit"]["default"]) == (1, 10000, 1000)
         assert params["cursor"]["maxLength"] == 64 and params["cursor"]["pattern"]
+
+
+def test_restore_mounts_declare_every_status_a_mount_can_have(doc: dict[str, Any]) -> None:
+    """The GUI reads a mount's status from GET /restore/mounts, GET /restore/{id} and POST /restore/mount: each
+    declares the one shape, whose status lists every value omad's record may hold, `broken` among them."""
+    from omad.store.restore_mounts import MountStatus
+
+    def shape(op: dict[str, Any], status: str) -> str:
+        ref: str = op["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+        return ref.rsplit("/", 1)[1]
+
+    schemas = doc["components"]["schemas"]
+    listed = schemas[shape(doc["paths"][f"{PREFIX}/restore/mounts"]["get"], "200")]["properties"]["mounts"]["items"]
+    one = doc["paths"][f"{PREFIX}/restore/{{mount_id}}"]
+    assert {listed["$ref"].rsplit("/", 1)[1], shape(one["get"], "200"),
+            shape(doc["paths"][f"{PREFIX}/restore/mount"]["post"], "201")} == {"RestoreMount"}
+    status = schemas["RestoreMount"]["properties"]["status"]
+    assert status["enum"] == [s.value for s in MountStatus] and "broken" in status["enum"]
+    assert {"error", "remount", "ended_at"} <= set(schemas["RestoreMount"]["required"])
+    assert "404" in one["get"]["responses"] and "delete" in one

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import re
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from .errors import Invalid
@@ -51,16 +53,24 @@ def any_case(*words: str) -> str:
     return "^(?:" + "|".join(one(w) for w in words) + ")$"
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)  # re's own cache is looked up by (type, pattern, flags) on every call: slower
+
+
 def text_problems(value: str, *, max_length: int | None = None, pattern: str | None = None) -> list[str]:
     """What is wrong with a string: NUL, invalid Unicode, length, pattern (one line each)."""
     out = []
     if "\x00" in value:
         out.append("must not contain NUL characters")
-    if any("\ud800" <= c <= "\udfff" for c in value):
+    if _SURROGATE.search(value):
         out.append("must be valid Unicode (it holds a lone UTF-16 surrogate)")
     if max_length is not None and len(value) > max_length:
         out.append(f"must have at most {max_length} characters")
-    if pattern is not None and not re.fullmatch(pattern, value):
+    if pattern is not None and not _compiled(pattern).fullmatch(value):
         if pattern in (NAME_PATTERN, TEXT_PATTERN):
             out.append("must not contain control characters" + (" (tab and newline are allowed)"
                                                                  if pattern == TEXT_PATTERN else ""))
@@ -169,80 +179,176 @@ def _coerce_text(tp: Any, value: str) -> Any:
     return value
 
 
-def _check(tp: Any, value: Any, where: str, meta: dict[str, Any], problems: _Problems) -> Any:
+# A field's check, compiled once per class from its type and constraints (`_plan`): the type is taken apart
+# (optional, origin, arguments, messages) when the class is first parsed, not on every value. Called as
+# check(value, where, problems); it returns the value as parsed and adds what is wrong to `problems`.
+Check = Callable[[Any, str, _Problems], Any]
+
+
+def _compile(tp: Any, meta: dict[str, Any]) -> Check:
     optional, tp = _is_optional(tp)
-    if value is None:
-        if optional or tp is Any:
+    nullable = optional or tp is Any
+    inner = _compile_value(tp, meta)
+
+    def check(value: Any, where: str, problems: _Problems) -> Any:
+        if value is None:
+            if not nullable:
+                problems.add(where, "must not be null")
             return None
-        problems.add(where, "must not be null")
-        return None
+        return inner(value, where, problems)
+
+    return check
+
+
+def _compile_value(tp: Any, meta: dict[str, Any]) -> Check:
+    """The check of a value that is not None."""
     if tp is Any:
-        return value
+        return lambda value, where, problems: value
     origin = get_origin(tp)
     if origin is Literal:
-        if value not in get_args(tp):
-            problems.add(where, f"must be one of {', '.join(map(str, get_args(tp)))}")
-        return value
+        return _literal(get_args(tp))
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return _enum(tp)
+    if dataclasses.is_dataclass(tp):
+        return _nested(tp)  # type: ignore[arg-type]
+    if origin is list:
+        return _list(_compile(get_args(tp)[0], meta.get("item", {})), meta.get("minLength"), meta.get("maxLength"))
+    if origin is dict or tp is dict:
+        args = get_args(tp)
+        return _dict(_compile(args[1], {}) if args else None)
+    if tp is bool:
+        return _boolean
+    if tp is int:
+        return _integer({"minimum": INT64_MIN, "maximum": INT64_MAX, **meta})
+    if tp is float:
+        return _number(meta)
+    if tp is str:
+        return _string(meta)
+    if origin in (Union, types.UnionType):
+        return _union(tuple(_compile(alt, meta) for alt in get_args(tp)),
+                      f"must be one of {' | '.join(_type_name(a) for a in get_args(tp))}")
+    return _unsupported(tp)
+
+
+def _literal(allowed: tuple[Any, ...]) -> Check:
+    message = f"must be one of {', '.join(map(str, allowed))}"
+
+    def check(value: Any, where: str, problems: _Problems) -> Any:
+        if value not in allowed:
+            problems.add(where, message)
+        return value
+
+    return check
+
+
+def _enum(tp: type[enum.Enum]) -> Check:
+    message = f"must be one of {', '.join(str(m.value) for m in tp)}"
+
+    def check(value: Any, where: str, problems: _Problems) -> Any:
         try:
             return tp(value)
         except ValueError:
-            problems.add(where, f"must be one of {', '.join(str(m.value) for m in tp)}")
+            problems.add(where, message)
             return None
-    if dataclasses.is_dataclass(tp):
+
+    return check
+
+
+def _nested(tp: type) -> Check:
+    def check(value: Any, where: str, problems: _Problems) -> Any:
         if not isinstance(value, dict):
             problems.add(where, "must be an object")
             return None
-        return _build(tp, value, where, problems)  # type: ignore[arg-type]
-    if origin is list:
+        return _build(tp, value, where, problems)  # its plan is looked up then: a class may contain itself
+
+    return check
+
+
+def _list(item: Check, lo: int | None, hi: int | None) -> Check:
+    def check(value: Any, where: str, problems: _Problems) -> Any:
         if not isinstance(value, list):
             problems.add(where, "must be an array")
             return None
-        item = meta.get("item", {})
-        out = [_check(get_args(tp)[0], v, f"{where}[{i}]", item, problems) for i, v in enumerate(value)]
-        _bounds(len(out), meta.get("minLength"), meta.get("maxLength"), where, "items", problems)
+        out = [item(v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        _bounds(len(out), lo, hi, where, "items", problems)
         return out
-    if origin is dict or tp is dict:
+
+    return check
+
+
+def _dict(item: Check | None) -> Check:
+    def check(value: Any, where: str, problems: _Problems) -> Any:
         if not isinstance(value, dict):
             problems.add(where, "must be an object")
             return None
-        args = get_args(tp)
-        if args:
-            return {k: _check(args[1], v, f"{where}.{k}", {}, problems) for k, v in value.items()}
+        if item is not None:
+            return {k: item(v, f"{where}.{k}", problems) for k, v in value.items()}
         return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.add(where, "must be a boolean")
-        return value
-    if tp is int:
+
+    return check
+
+
+def _boolean(value: Any, where: str, problems: _Problems) -> Any:
+    if not isinstance(value, bool):
+        problems.add(where, "must be a boolean")
+    return value
+
+
+def _integer(meta: dict[str, Any]) -> Check:
+    def check(value: Any, where: str, problems: _Problems) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.add(where, "must be an integer")
             return value
-        _range(value, {"minimum": INT64_MIN, "maximum": INT64_MAX, **meta}, where, problems)
+        _range(value, meta, where, problems)
         return value
-    if tp is float:
+
+    return check
+
+
+def _number(meta: dict[str, Any]) -> Check:
+    def check(value: Any, where: str, problems: _Problems) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.add(where, "must be a number")
             return value
         _range(value, meta, where, problems)
         return float(value)
-    if tp is str:
+
+    return check
+
+
+def _string(meta: dict[str, Any]) -> Check:
+    lo, hi, pattern = meta.get("minLength"), meta.get("maxLength"), meta.get("pattern")
+
+    def check(value: Any, where: str, problems: _Problems) -> Any:
         if not isinstance(value, str):
             problems.add(where, "must be a string")
             return value
-        _bounds(len(value), meta.get("minLength"), None, where, "characters", problems)
-        for what in text_problems(value, max_length=meta.get("maxLength"), pattern=meta.get("pattern")):
+        _bounds(len(value), lo, None, where, "characters", problems)
+        for what in text_problems(value, max_length=hi, pattern=pattern):
             problems.add(where, what)
         return value
-    if origin in (Union, types.UnionType):
-        for alt in get_args(tp):
+
+    return check
+
+
+def _union(alternatives: tuple[Check, ...], message: str) -> Check:
+    def check(value: Any, where: str, problems: _Problems) -> Any:
+        for alt in alternatives:
             trial = _Problems()
-            out = _check(alt, value, where, meta, trial)
+            out = alt(value, where, trial)
             if not trial.items:
                 return out
-        problems.add(where, f"must be one of {' | '.join(_type_name(a) for a in get_args(tp))}")
+        problems.add(where, message)
         return value
-    raise TypeError(f"schema type {tp!r} is not supported")
+
+    return check
+
+
+def _unsupported(tp: Any) -> Check:
+    def check(value: Any, where: str, problems: _Problems) -> Any:
+        raise TypeError(f"schema type {tp!r} is not supported")  # when a value comes, as it always was
+
+    return check
 
 
 def _range(value: float, meta: dict[str, Any], where: str, problems: _Problems) -> None:
@@ -259,14 +365,37 @@ def _bounds(n: int, lo: int | None, hi: int | None, where: str, unit: str, probl
         problems.add(where, f"must have at most {hi} {unit}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    name: str
+    dotted: str  # ".name": the field's path below its parent's
+    check: Check
+    required: bool
+
+
+_PLANS: dict[type, tuple[_Field, ...]] = {}
+
+
+def _plan(cls: type) -> tuple[_Field, ...]:
+    """A declared class's fields with their compiled checks, made on its first parse (so forward references
+    resolve as late as they always did) and kept per class object: two classes of one name are two plans."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        hints = _hints(cls)
+        plan = _PLANS[cls] = tuple(
+            _Field(f.name, f".{f.name}", _compile(hints[f.name], dict(f.metadata)),
+                   f.default is _MISSING and f.default_factory is _MISSING)
+            for f in dataclasses.fields(cls))
+    return plan
+
+
 def _build(cls: type[T], data: dict[str, Any], where: str, problems: _Problems) -> T:
-    hints = _hints(cls)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        path = f"{where}.{f.name}" if where else f.name
+    for f in _plan(cls):
+        path = where + f.dotted if where else f.name
         if f.name in data:
-            values[f.name] = _check(hints[f.name], data[f.name], path, dict(f.metadata), problems)
-        elif f.default is _MISSING and f.default_factory is _MISSING:
+            values[f.name] = f.check(data[f.name], path, problems)
+        elif f.required:
             problems.add(path, "is required")
     if problems.items:
         return None  # type: ignore[return-value]
@@ -286,10 +415,22 @@ def parse(cls: type[T], data: Any, *, what: str = "body") -> T:
 
 def parse_text(cls: type[T], data: typing.Mapping[str, str], *, what: str = "query") -> T:
     """Validate text parameters (query strings), converting them to the declared scalar types first."""
-    hints = _hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    converted = {k: _coerce_text(hints[k], v) for k, v in data.items() if k in known}
+    types_ = _text_types(cls)
+    converted = {k: _coerce_text(types_[k], v) for k, v in data.items() if k in types_}
     return parse(cls, converted, what=what)
+
+
+_TEXT_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def _text_types(cls: type) -> dict[str, Any]:
+    """Each field's declared type without its Optional, once per class (query strings parse on every request)."""
+    out = _TEXT_TYPES.get(cls)
+    if out is None:
+        hints = _hints(cls)
+        out = _TEXT_TYPES[cls] = {f.name: _is_optional(hints[f.name])[1]
+                                  for f in dataclasses.fields(cls)}
+    return out
 
 
 def to_dict(obj: Any) -> Any:

@@ -209,7 +209,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     # sessions of a revoked key.
     enrollments = Enrollments.from_config(cfg, db, audit, volume_agent)
 
-    health = Health(db, agents)
+    health = Health(db, agents, watchers=[restore.health_seen])
     apis: list[Any] = [HealthApi(health), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
             ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories),
             BackupsApi(backups, completion, Chains(db, contexts)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import signal
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import aiohttp
 import psutil
 import pytest
 
+from oma_common import schema
+from omad.restore.service import RestoreMount, RestoreMountList
 from tests.sim.vma import Inventory
 
 from ...lib.diskimages import File, Pattern, ext4_modify, whole_disk_ext4
@@ -20,6 +23,7 @@ from ...restore_mounter.conftest import leaks
 from ...rig import Stack
 from ..conftest import PASSWORD, USER, VCENTER
 from .conftest import TWO_DISK_VM, Rig, open_rig
+from .test_restart import start_omad
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow, pytest.mark.root]
 
@@ -37,6 +41,15 @@ async def read(rig: Rig, mount_id: str, path: str, headers: dict[str, str] | Non
     async with rig.api.session.get(url, params={"path": path}, headers={**rig.api._headers(None),
                                                                         **(headers or {})}) as r:
         return r.status, await r.read(), r.headers
+
+
+async def attachments(rig: Rig) -> list[dict[str, Any]]:
+    """nbd-pool's attachments (each mount's image, attached read-only)."""
+    pool = rig.pool()
+    try:
+        return (await pool.call("GET", "/attachments"))["attachments"]  # type: ignore[no-any-return]
+    finally:
+        await pool.close()
 
 
 async def test_restore_files_from_a_full_and_an_incremental(rig: Rig) -> None:
@@ -110,11 +123,7 @@ async def test_restore_files_from_a_full_and_an_incremental(rig: Rig) -> None:
         assert status == 200, body
     assert (await rig.api.get("/restore/mounts"))[1]["count"] == 0
     assert (await rig.api.get(f"/restore/{new['mount_id']}/files"))[0] == 404
-    pool = rig.pool()
-    try:
-        assert (await pool.call("GET", "/attachments"))["attachments"] == []
-    finally:
-        await pool.close()
+    assert await attachments(rig) == []
 
 
 async def test_a_killed_attachment_shows_the_mount_broken_never_a_500(rig: Rig) -> None:
@@ -123,11 +132,7 @@ async def test_a_killed_attachment_shows_the_mount_broken_never_a_500(rig: Rig) 
     backup = await rig.backup(TWO_DISK_VM, "full")
     m = await mount(rig, backup["backup_id"])
     mount_id = m["mount_id"]
-    pool = rig.pool()
-    try:
-        (att,) = (await pool.call("GET", "/attachments"))["attachments"]
-    finally:
-        await pool.close()
+    (att,) = await attachments(rig)
     qsd = psutil.Process(att["pid"])  # only this test's own: a child of its nbd-pool, in its work dir
     assert qsd.ppid() == rig.stack.daemons["nbd-pool"].pid
     assert Path(qsd.cmdline()[0]).name == "qemu-storage-daemon" and str(rig.stack.state) in " ".join(qsd.cmdline())
@@ -141,6 +146,8 @@ async def test_a_killed_attachment_shows_the_mount_broken_never_a_500(rig: Rig) 
     assert status == 503, body
     assert body["code"] == "mount_broken" and body["remount"] == way_back
     assert f"qemu-storage-daemon (pid {qsd.pid})" in body["details"] and "SIGKILL" in body["cause"], body
+    # omad wrote down what restore-mounter's 503 told it: from now on its own record says broken.
+    assert row(rig, mount_id) == ("broken", body["cause"])
     status, data, _ = await read(rig, mount_id, "/part1/var/lib/app/data.bin")
     assert status == 503 and b"mount_broken" in data
     status, body = await rig.api.get(f"/restore/{mount_id}/file-info", params={"path": "/part1/etc/motd"})
@@ -148,6 +155,8 @@ async def test_a_killed_attachment_shows_the_mount_broken_never_a_500(rig: Rig) 
     status, listing = await rig.api.get("/restore/mounts")
     (shown,) = listing["mounts"]
     assert shown["status"] == "broken" and shown["remount"] == way_back and "SIGKILL" in shown["error"], shown
+    assert await rig.api.get(f"/restore/{mount_id}") == (200, shown)
+    assert schema.parse(RestoreMountList, listing).mounts[0].status == "broken"  # the declared shape, exactly
 
     status, public = await rig.api.get("/health", token="")
     assert public["status"] == "degraded" and public["components"]["restore-mounter"] == {"status": "degraded"}
@@ -158,13 +167,14 @@ async def test_a_killed_attachment_shows_the_mount_broken_never_a_500(rig: Rig) 
 
     status, body = await rig.api.delete(f"/restore/{mount_id}")
     assert status == 200, body
+    assert row(rig, mount_id)[0] == "unmounted"
+    status, ended = await rig.api.get(f"/restore/{mount_id}")
+    assert status == 200 and ended["status"] == "unmounted" and ended["ended_at"] and ended["remount"] is None
+    schema.parse(RestoreMount, ended)
+    assert (await rig.api.get("/restore/mounts"))[1] == {"mounts": [], "count": 0}
     assert leaks(rig.stack.state / "restore", []) == []
     assert list((rig.stack.state / "restore").iterdir()) == []
-    pool = rig.pool()
-    try:
-        assert (await pool.call("GET", "/attachments"))["attachments"] == []
-    finally:
-        await pool.close()
+    assert await attachments(rig) == []
     assert (await rig.api.get("/health", token=""))[1]["status"] == "healthy"
 
     again = await mount(rig, backup["backup_id"])
@@ -172,6 +182,68 @@ async def test_a_killed_attachment_shows_the_mount_broken_never_a_500(rig: Rig) 
     assert status == 200 and [f["name"] for f in top["files"]] == ["README", "table1"]
     assert (await read(rig, again["mount_id"], "/part2/db/README"))[:2] == (200, b"backup me\n")
     assert (await rig.api.delete(f"/restore/{again['mount_id']}"))[0] == 200
+
+
+def row(rig: Rig, mount_id: str) -> tuple[str, str | None]:
+    """omad's own record of a mount: status and error_message."""
+    ((status, error),) = rig.stack.sql("SELECT status, error_message FROM restore_mounts WHERE id = ?", (mount_id,))
+    return status, error
+
+
+async def kill_attachment(rig: Rig, mount_id: str) -> psutil.Process:
+    """Kill the qemu-storage-daemon under one mount (only this test's own: a child of its nbd-pool)."""
+    (att,) = [a for a in await attachments(rig) if a["owner"] == f"restore-mounter:{mount_id}"]
+    qsd = psutil.Process(att["pid"])
+    assert qsd.ppid() == rig.stack.daemons["nbd-pool"].pid and Path(qsd.cmdline()[0]).name == "qemu-storage-daemon"
+    qsd.kill()
+    qsd.wait(10)
+    return qsd
+
+
+async def test_omad_records_a_broken_mount_and_still_knows_it_after_a_restart(rig: Rig) -> None:
+    """Whichever answer of restore-mounter tells omad a mount broke (its health report, or the mount read on its
+    own), omad's record says `broken` from then on: after omad restarts too, and until DELETE ends it."""
+    full = await rig.backup(TWO_DISK_VM, "full")
+    inc = await rig.backup(TWO_DISK_VM, "incremental")
+    by_health, by_read, fine = [(await mount(rig, b["backup_id"]))["mount_id"] for b in (full, inc, inc)]
+
+    qsd = await kill_attachment(rig, by_health)
+    assert row(rig, by_health) == ("mounted", None)  # nothing asked yet: omad cannot know
+    status, report = await rig.api.get("/health", token="")
+    assert status == 200 and report["status"] == "degraded"
+    state, cause = row(rig, by_health)
+    assert state == "broken" and cause and f"(pid {qsd.pid})" in cause and "SIGKILL" in cause
+
+    await kill_attachment(rig, by_read)
+    status, shown = await rig.api.get(f"/restore/{by_read}")
+    assert status == 200 and shown["status"] == "broken" and "SIGKILL" in shown["error"], shown
+    assert shown["remount"]["mount"]["body"] == {"backup_id": inc["backup_id"], "disk_index": 0}
+    assert row(rig, by_read) == ("broken", shown["error"])
+    assert row(rig, fine) == ("mounted", None)
+
+    # omad restarts: the rows are the answer (and restore-mounter, which keeps broken mounts, agrees).
+    rig.stack.daemons["omad"].stop(sig=signal.SIGKILL)
+    await start_omad(rig)
+    status, listing = await rig.api.get("/restore/mounts")
+    assert status == 200 and listing["count"] == 3
+    assert {m["mount_id"]: m["status"] for m in listing["mounts"]} == {by_health: "broken", by_read: "broken",
+                                                                       fine: "mounted"}
+    for mount_id in (by_health, by_read):
+        status, shown = await rig.api.get(f"/restore/{mount_id}")
+        assert status == 200 and shown["status"] == "broken" and shown["error"] == row(rig, mount_id)[1]
+        status, body = await rig.api.get(f"/restore/{mount_id}/file-info", params={"path": "/part1/etc/motd"})
+        assert status == 503 and body["code"] == "mount_broken" and body["cause"] == shown["error"], body
+    status, info = await rig.api.get(f"/restore/{fine}/file-info", params={"path": "/part1/etc/motd"})
+    assert status == 200 and info["type"] == "file"
+
+    for mount_id in (by_health, by_read, fine):
+        status, body = await rig.api.delete(f"/restore/{mount_id}")
+        assert status == 200, body
+        assert row(rig, mount_id)[0] == "unmounted"
+    assert (await rig.api.get("/restore/mounts"))[1]["count"] == 0
+    assert list((rig.stack.state / "restore").iterdir()) == []
+    assert await attachments(rig) == []
+    assert (await rig.api.get("/health", token=""))[1]["status"] == "healthy"
 
 
 async def test_mounting_a_backup_still_being_written_is_409(rig: Rig) -> None:

@@ -4,8 +4,9 @@ A file is sent from the descriptor restore-mounter hands over (sendfile: its byt
 directory's archive is relayed from restore-mounter's stream.
 
 A mount whose attachment died (its qemu-storage-daemon or qemu-nbd killed) shows status "broken" with `error`
-(the cause) and `remount` (DELETE it, then POST /restore/mount again); its file operations answer 503
-`mount_broken` with the same, never 500 or a truncated download when that can be known before the first byte."""
+(the cause) and `remount` (DELETE it, then POST /restore/mount again), from omad's own record once it learnt it;
+its file operations answer 503 `mount_broken` with the same, never 500 or a truncated download when that can be
+known before the first byte."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from oma_common.errors import CALLS_OUT, Conflict, Exhausted, Forbidden, NotFoun
 from oma_common.schema import name_spec, spec
 from oma_common.web import Call, route
 
-from ..restore.service import RestoreService
+from ..restore.service import RestoreMount, RestoreMountList, RestoreService
 
 log = logging.getLogger(__name__)
 TAGS = ("restore",)
@@ -58,14 +59,14 @@ class RestoreApi:
         self.restore = restore
 
     @route("POST", "/restore/mount", errors=(NotFound, Conflict, Exhausted, *CALLS_OUT),
-           body=MountIn, status=201, tags=TAGS)
-    async def mount(self, call: Call) -> dict[str, Any]:
+           body=MountIn, response=RestoreMount, status=201, tags=TAGS)
+    async def mount(self, call: Call) -> RestoreMount:
         """Mount one disk of a completed backup read-only (every filesystem on it)."""
         return await self.restore.mount(call.body.backup_id, call.body.disk_index, call.actor)
 
-    @route("GET", "/restore/mounts", errors=CALLS_OUT, tags=TAGS)
-    async def mounts(self, call: Call) -> dict[str, Any]:
-        """Active restore mounts; status "broken" (with `error` and `remount`) when what serves one has died."""
+    @route("GET", "/restore/mounts", errors=CALLS_OUT, response=RestoreMountList, tags=TAGS)
+    async def mounts(self, call: Call) -> RestoreMountList:
+        """Restore mounts not ended; status "broken" (with `error` and `remount`) when what serves one has died."""
         return await self.restore.mounts()
 
     @route("GET", "/restore/resources", errors=CALLS_OUT, response=Resources, tags=TAGS)
@@ -78,9 +79,14 @@ class RestoreApi:
         """The idle-expiry sweeper's state."""
         return await self.restore.cleanup_status()
 
+    @route("GET", f"/restore/{_MOUNT}", errors=(NotFound, *CALLS_OUT), response=RestoreMount, tags=TAGS)
+    async def mount_state(self, call: Call) -> RestoreMount:
+        """One restore mount, also one that has ended (unmounted, expired, failed)."""
+        return await self.restore.mount_state(call.params["mount_id"])
+
     @route("DELETE", f"/restore/{_MOUNT}", errors=(NotFound, Conflict, *CALLS_OUT), query=UnmountQuery, tags=TAGS)
     async def unmount(self, call: Call) -> dict[str, Any]:
-        """Unmount and release the device."""
+        """Unmount and release the device (of a broken mount too: all that is left of it goes)."""
         return await self.restore.unmount(call.params["mount_id"], call.actor, call.query.force)
 
     @route("GET", f"/restore/{_MOUNT}/files", errors=(NotFound, Forbidden, *CALLS_OUT), query=ListQuery,

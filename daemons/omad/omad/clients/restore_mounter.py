@@ -68,6 +68,10 @@ class RestoreMounter:
     async def mounts(self) -> list[Mount]:
         return (await self.client.typed(MountList, "GET", "/mounts")).mounts
 
+    async def state(self, mount_id: str) -> Mount:
+        """One mount as restore-mounter sees it now (it asks nbd-pool first: `broken` is current)."""
+        return await self.client.typed(Mount, "GET", _m(mount_id))
+
     async def files(self, mount_id: str, query: ListQuery) -> Listing:
         return await self.client.typed(Listing, "GET", _m(mount_id) + "/files", params=query)
 

@@ -1,9 +1,12 @@
 """Restore mounts as omad sees them: a row per mount, restore-mounter as the truth about what is mounted.
 
-A mount whose attachment died under it (its qemu-storage-daemon or qemu-nbd killed) is `broken`: restore-mounter
-says so, with the cause, and omad shows it as the mount's status (the row stays `mounted`: the mount and its
-resources exist until it is unmounted). Its file operations answer 503 `mount_broken` with the cause and the
-way back: DELETE /restore/{id} (which removes all of it), then POST /restore/mount again.
+A mount whose attachment died under it (its qemu-storage-daemon or qemu-nbd killed) is `broken`. restore-mounter
+says so, with the cause; omad records it in the mount's row (status `broken`, the cause in error_message) as soon
+as any answer tells it: the mounts or one mount read from restore-mounter, a file operation's 503 `mount_broken`,
+restore-mounter's health report. From then on the row is the answer, also across restarts: the mount is listed
+and shown `broken` with the way back (DELETE /restore/{id}, which removes all of it and ends the row, then POST
+/restore/mount again), and its file operations answer 503 `mount_broken` without asking restore-mounter.
+A broken mount is held (restore-mounter keeps its slot until DELETE or idle expiry) but no longer active.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,15 +22,18 @@ import aiohttp
 
 from oma_common import schema
 from oma_common.contracts.restore_mounter import ArchiveQuery, CleanupStatus, Entry, Listing, ListQuery, Resources
+from oma_common.contracts.restore_mounter import Mount as AgentMount
 from oma_common.errors import Conflict, NotFound, OmaError, Unavailable
+from oma_common.schema import spec
 
 from ..audit import Audit
-from ..store import restore_mounts as store
 from ..clients.restore_mounter import OpenFile, RestoreMounter
+from ..store import restore_mounts as store
 from ..store.db import Database, utcnow
-from ..store.restore_mounts import Mount, MountStatus, Mounted
+from ..store.restore_mounts import Mount, Mounted, MountStatus
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class DiskImage:
@@ -43,7 +49,34 @@ class MountBroken(Unavailable):
     code = "mount_broken"
 
 
-BROKEN = "broken"  # restore-mounter's status of such a mount, shown as the mount's status
+@dataclass(frozen=True)
+class RestoreMount:
+    """A restore mount: omad's record of it, with what restore-mounter says of it now when it was asked."""
+
+    mount_id: str
+    backup_id: str
+    disk_index: int
+    mount_path: str | None
+    nbd_device: str | None
+    filesystem_type: str | None
+    created_at: str
+    expires_at: str | None
+    ended_at: str | None
+    status: MountStatus = spec(description="broken: what served the mount died (`error` says what); its file "
+                                           "operations answer 503 mount_broken until it is unmounted (`remount`)")
+    filesystems: list[dict[str, Any]] = spec(description="each partition and what was mounted from it, as "
+                                                         "restore-mounter reported them when mounting")
+    error: str | None = spec(description="why the mount failed or is broken")
+    remount: dict[str, Any] | None = spec(description="when broken: the way back (unmount, then mount again)")
+    last_activity_at: str | None = spec(description="restore-mounter's, when it was asked")
+    in_use: bool | None = spec(description="a download or archive holds it now (restore-mounter's)")
+    active_operations: int | None = spec(description="restore-mounter's count of running file operations")
+
+
+@dataclass(frozen=True)
+class RestoreMountList:
+    mounts: list[RestoreMount]
+    count: int
 
 
 def remount(m: Mount) -> dict[str, Any]:
@@ -53,19 +86,12 @@ def remount(m: Mount) -> dict[str, Any]:
                       "body": {"backup_id": m.backup_id, "disk_index": m.disk_index}}}
 
 
-@contextlib.contextmanager
-def explained(m: Mount) -> Iterator[None]:
+def broken(m: Mount, cause: str) -> MountBroken:
     """restore-mounter's `mount_broken`, told in this API's terms."""
-    try:
-        yield
-    except OmaError as e:
-        if e.code != MountBroken.code:
-            raise
-        cause = str(e.extra.get("cause") or e.details)
-        raise MountBroken("restore mount broken",
-                          f"restore mount {m.id} is broken: {cause}. Unmount it (DELETE /api/v1/restore/{m.id}) and "
-                          f"mount the backup again (POST /api/v1/restore/mount)",
-                          mount_id=m.id, cause=cause, remount=remount(m)) from e
+    return MountBroken("restore mount broken",
+                       f"restore mount {m.id} is broken: {cause}. Unmount it (DELETE /api/v1/restore/{m.id}) and "
+                       f"mount the backup again (POST /api/v1/restore/mount)",
+                       mount_id=m.id, cause=cause, remount=remount(m))
 
 
 class BackupImages(Protocol):
@@ -74,21 +100,16 @@ class BackupImages(Protocol):
     async def image_for(self, backup_id: str, disk_index: int) -> DiskImage: ...
 
 
-def _public(m: Mount, agent: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The spec's mount shape, plus what restore-mounter knows now."""
-    out = {
-        "mount_id": m.id, "backup_id": m.backup_id, "disk_index": m.disk_index, "mount_path": m.mount_path,
-        "nbd_device": m.device, "filesystem_type": m.filesystem_type, "status": m.status, "created_at": m.created_at,
-        "expires_at": m.expires_at, "filesystems": m.filesystems,
-    }
-    if m.error_message:
-        out["error"] = m.error_message
-    if agent:
-        out.update(expires_at=agent.get("expires_at"), last_activity_at=agent.get("last_activity_at"),
-                   in_use=agent.get("in_use"), active_operations=agent.get("active_operations"))
-        if agent.get("status") == BROKEN:
-            out.update(status=BROKEN, error=agent.get("error"), remount=remount(m))
-    return out
+def _view(m: Mount, agent: AgentMount | None = None) -> RestoreMount:
+    """The row as the API shows it; restore-mounter's answer adds what only it knows (expiry, activity)."""
+    live = agent if agent is not None and m.held else None
+    return RestoreMount(
+        mount_id=m.id, backup_id=m.backup_id, disk_index=m.disk_index, status=m.status, mount_path=m.mount_path,
+        nbd_device=m.device, filesystem_type=m.filesystem_type, filesystems=m.filesystems, created_at=m.created_at,
+        expires_at=live.expires_at if live else m.expires_at, ended_at=m.ended_at, error=m.error_message,
+        remount=remount(m) if m.status == MountStatus.BROKEN else None,
+        last_activity_at=live.last_activity_at if live else None, in_use=live.in_use if live else None,
+        active_operations=live.active_operations if live else None)
 
 
 class RestoreService:
@@ -98,7 +119,7 @@ class RestoreService:
         self.mounter = mounter
         self.images = images
 
-    async def mount(self, backup_id: str, disk_index: int, actor: str) -> dict[str, Any]:
+    async def mount(self, backup_id: str, disk_index: int, actor: str) -> RestoreMount:
         image = await self.images.image_for(backup_id, disk_index)
         if image.backup_status != "completed":
             raise Conflict("backup not restorable yet",
@@ -108,7 +129,7 @@ class RestoreService:
             await store.start(tx, mount_id, backup_id=backup_id, disk_index=disk_index, image_path=image.path,
                               actor=actor, now=utcnow())
         try:
-            m = schema.to_dict(await self.mounter.mount(image.path, mount_id))
+            m = await self.mounter.mount(image.path, mount_id)
         except OmaError as e:
             async with self.db.transaction() as tx:
                 await store.fail(tx, mount_id, str(e), utcnow())
@@ -116,38 +137,75 @@ class RestoreService:
                                     disk_index=disk_index, error=str(e))
             raise
         async with self.db.transaction() as tx:
-            await store.mark_mounted(tx, mount_id, Mounted(m.get("mount_path"), m.get("device"),
-                                                           m.get("filesystem_type"), m.get("filesystems", []),
-                                                           m.get("expires_at")))
+            await store.mark_mounted(tx, mount_id, Mounted(m.mount_path, m.device, m.filesystem_type,
+                                                           schema.to_dict(m.filesystems), m.expires_at))
         await self.audit.record(actor, "restore.mount", f"backup:{backup_id}", mount_id=mount_id,
                                 disk_index=disk_index)
-        return _public(await store.get(self.db, mount_id), m)
+        return _view(await self._learn(await store.get(self.db, mount_id), m), m)
 
-    async def _active(self, mount_id: str) -> Mount:
+    async def _held(self, mount_id: str) -> Mount:
         m = await store.get(self.db, mount_id)
-        if not m.active:
+        if not m.held:
             raise NotFound("mount not active", f"restore mount {mount_id} is {m.status}")
         return m
 
+    async def _usable(self, mount_id: str) -> Mount:
+        """A held mount whose files can be read: a broken one answers 503 mount_broken from its row."""
+        m = await self._held(mount_id)
+        if m.status == MountStatus.BROKEN:
+            raise broken(m, m.error_message or "restore-mounter reported it broken")
+        return m
+
+    async def _broke(self, m: Mount, cause: str) -> Mount:
+        """restore-mounter says the mount is broken: its row says so from now on (logged once, when it changes)."""
+        if m.status == MountStatus.MOUNTED:
+            async with self.db.transaction() as tx:
+                changed = await store.mark_broken(tx, m.id, cause)
+            if changed:
+                log.warning("restore mount broken: %s", cause, extra={"resource": m.id})
+            return await store.get(self.db, m.id)
+        return m
+
+    async def _learn(self, m: Mount, agent: AgentMount | None) -> Mount:
+        """A held row brought in line with restore-mounter's answer about it (None: it holds no such mount)."""
+        if agent is None:
+            async with self.db.transaction() as tx:
+                if await store.expire(tx, m.id, utcnow()):
+                    log.info("restore mount ended by restore-mounter (idle expiry)", extra={"resource": m.id})
+            return await store.get(self.db, m.id)
+        if agent.status == "broken":
+            return await self._broke(m, agent.error or "restore-mounter reports it broken")
+        return m
+
+    @contextlib.asynccontextmanager
+    async def _told(self, m: Mount) -> AsyncIterator[None]:
+        """restore-mounter's `mount_broken` for a file operation: recorded, and told in this API's terms."""
+        try:
+            yield
+        except OmaError as e:
+            if e.code != MountBroken.code:
+                raise
+            cause = str(e.extra.get("cause") or e.details)
+            await self._broke(m, cause)
+            raise broken(m, cause) from e
+
     async def unmount(self, mount_id: str, actor: str, force: bool = False) -> dict[str, Any]:
-        await self._active(mount_id)
+        """Also the way back from a broken mount: restore-mounter removes all that is left of it."""
+        m = await self._held(mount_id)
         try:
             await self.mounter.unmount(mount_id, force=force)
         except NotFound:
             pass  # already gone (expired between our reads): the row catches up below
         async with self.db.transaction() as tx:
             await store.mark_unmounted(tx, mount_id, utcnow())
-        await self.audit.record(actor, "restore.unmount", f"mount:{mount_id}", force=force)
+        await self.audit.record(actor, "restore.unmount", f"mount:{mount_id}", force=force, was=m.status.value)
         return {"message": "backup unmounted successfully", "mount_id": mount_id}
 
-    async def sync(self) -> dict[str, dict[str, Any]]:
-        """Bring the rows in line with restore-mounter; returns its mounts by id."""
-        agent = {m.mount_id: schema.to_dict(m) for m in await self.mounter.mounts()}
-        for m in await store.active(self.db):
-            if m.id not in agent:
-                async with self.db.transaction() as tx:
-                    await store.expire(tx, m.id, utcnow())
-                log.info("restore mount ended by restore-mounter (idle expiry)", extra={"resource": m.id})
+    async def sync(self) -> dict[str, AgentMount]:
+        """Bring the rows in line with restore-mounter (ended, broken); returns its mounts by id."""
+        agent = {a.mount_id: a for a in await self.mounter.mounts()}
+        for m in await store.held(self.db):
+            await self._learn(m, agent.get(m.id))
         return agent
 
     async def start(self) -> None:
@@ -158,48 +216,68 @@ class RestoreService:
         """Mounts outlive omad: restore-mounter holds them and expires them when idle."""
 
     async def reconcile(self) -> None:
-        """At start-up: rows of mounts restore-mounter no longer holds end; its mounts we never recorded go."""
+        """At start-up: rows of mounts restore-mounter no longer holds end, those it calls broken say so; its
+        mounts we never recorded go."""
         try:
             agent = await self.sync()
         except OmaError as e:
             log.warning("restore mounts not reconciled: %s", e)
             return
-        known = {m.id for m in await store.active(self.db) if m.status == MountStatus.MOUNTED}
+        known = {m.id for m in await store.held(self.db) if m.status != MountStatus.MOUNTING}
         for mount_id in {m for m in agent if m.startswith("rm-")} - known:
             with contextlib.suppress(OmaError):
                 await self.mounter.unmount(mount_id, force=True)
                 log.warning("removed a restore mount omad has no record of", extra={"resource": mount_id})
 
-    async def mounts(self) -> dict[str, Any]:
+    async def health_seen(self, components: Mapping[str, Mapping[str, Any]]) -> None:
+        """restore-mounter's health report names its broken mounts: the rows that still say mounted learn it."""
+        report = components.get("restore-mounter") or {}
+        causes = {b["mount_id"]: str(b.get("error") or "restore-mounter reports it broken")
+                  for b in report.get("broken_mounts") or () if isinstance(b, Mapping) and "mount_id" in b}
+        if causes:
+            for m in await store.held(self.db):
+                if m.id in causes:
+                    await self._broke(m, causes[m.id])
+
+    async def mounts(self) -> RestoreMountList:
         agent = await self.sync()
-        items = [_public(m, agent.get(m.id)) for m in await store.active(self.db)]
-        return {"mounts": items, "count": len(items)}
+        items = [_view(m, agent.get(m.id)) for m in await store.held(self.db)]
+        return RestoreMountList(items, len(items))
+
+    async def mount_state(self, mount_id: str) -> RestoreMount:
+        """One mount, held or ended; a held one is checked with restore-mounter first."""
+        m = await store.get(self.db, mount_id)
+        if not m.held:
+            return _view(m)
+        try:
+            agent: AgentMount | None = await self.mounter.state(mount_id)
+        except NotFound:
+            agent = None
+        return _view(await self._learn(m, agent), agent)
 
     async def files(self, mount_id: str, query: ListQuery) -> Listing:
-        m = await self._active(mount_id)
-        with explained(m):
+        m = await self._usable(mount_id)
+        async with self._told(m):
             return await self.mounter.files(mount_id, query)
 
     async def file_info(self, mount_id: str, path: str) -> Entry:
-        m = await self._active(mount_id)
-        with explained(m):
+        m = await self._usable(mount_id)
+        async with self._told(m):
             return await self.mounter.file_info(mount_id, path)
 
     @contextlib.asynccontextmanager
     async def open_file(self, mount_id: str, path: str) -> AsyncIterator[OpenFile]:
         """The file's read-only descriptor from restore-mounter, for omad to send (never read) itself."""
-        m = await self._active(mount_id)
-        with explained(m):
-            async with self.mounter.open_file(mount_id, path) as f:
-                yield f
+        m = await self._usable(mount_id)
+        async with self._told(m), self.mounter.open_file(mount_id, path) as f:
+            yield f
 
     @contextlib.asynccontextmanager
     async def archive(self, mount_id: str, query: ArchiveQuery) -> AsyncIterator[aiohttp.ClientResponse]:
         """restore-mounter's archive of a directory, to be relayed as it arrives."""
-        m = await self._active(mount_id)
-        with explained(m):
-            async with self.mounter.archive(mount_id, query) as resp:
-                yield resp
+        m = await self._usable(mount_id)
+        async with self._told(m), self.mounter.archive(mount_id, query) as resp:
+            yield resp
 
     async def resources(self) -> Resources:
         return await self.mounter.resources()

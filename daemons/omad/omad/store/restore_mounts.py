@@ -12,17 +12,21 @@ from .base import Reader, get_or_404, record
 from .db import Writer
 
 # The only writers of restore_mounts.status (tests/omad/test_store_rules.py holds us to it).
-TRANSITIONS = ("start", "mark_mounted", "fail", "mark_unmounted", "expire")
+TRANSITIONS = ("start", "mark_mounted", "fail", "mark_broken", "mark_unmounted", "expire")
 
 
 class MountStatus(enum.StrEnum):
     MOUNTING = "mounting"
     MOUNTED = "mounted"
+    BROKEN = "broken"  # what served it died (error_message says what); held until DELETE or idle expiry
     UNMOUNTED = "unmounted"
     EXPIRED = "expired"
     FAILED = "failed"
 
 
+# Not ended: restore-mounter holds (or is making) the mount, so it is listed, can be unmounted and can expire.
+HELD = (MountStatus.MOUNTING, MountStatus.MOUNTED, MountStatus.BROKEN)
+# Held and usable: its files can be read. A broken mount is held but not active.
 ACTIVE = (MountStatus.MOUNTING, MountStatus.MOUNTED)
 
 
@@ -42,6 +46,10 @@ class Mount:
     created_at: str
     expires_at: str | None
     ended_at: str | None
+
+    @property
+    def held(self) -> bool:
+        return self.status in HELD
 
     @property
     def active(self) -> bool:
@@ -69,9 +77,9 @@ async def get(db: Reader, mount_id: str) -> Mount:
                                    ident=mount_id))
 
 
-async def active(db: Reader) -> list[Mount]:
-    """Mounts being made or held, oldest first."""
-    rows = await db.fetchall("SELECT * FROM restore_mounts WHERE status IN (?, ?) ORDER BY created_at", ACTIVE)
+async def held(db: Reader) -> list[Mount]:
+    """Mounts being made, mounted or broken (not ended), oldest first."""
+    rows = await db.fetchall("SELECT * FROM restore_mounts WHERE status IN (?, ?, ?) ORDER BY created_at", HELD)
     return [_mount(r) for r in rows]
 
 
@@ -100,15 +108,23 @@ async def fail(tx: Writer, mount_id: str, reason: str, now: str) -> bool:
     return changed > 0
 
 
+async def mark_broken(tx: Writer, mount_id: str, cause: str) -> bool:
+    """restore-mounter says what serves the mount died (`cause`: which process, how it ended); False unless the
+    row was `mounted` (already broken, or ended meanwhile). Not an end: the mount is held until unmounted."""
+    changed = await tx.execute("UPDATE restore_mounts SET status = ?, error_message = ? WHERE id = ? AND status = ?",
+                               (MountStatus.BROKEN.value, cause, mount_id, MountStatus.MOUNTED.value))
+    return changed > 0
+
+
 async def mark_unmounted(tx: Writer, mount_id: str, now: str) -> bool:
     """False when the mount had ended already (expired meanwhile)."""
-    changed = await tx.execute("UPDATE restore_mounts SET status = ?, ended_at = ? WHERE id = ? AND status IN (?, ?)",
-                               (MountStatus.UNMOUNTED.value, now, mount_id, *ACTIVE))
+    changed = await tx.execute("UPDATE restore_mounts SET status = ?, ended_at = ? WHERE id = ? "
+                               "AND status IN (?, ?, ?)", (MountStatus.UNMOUNTED.value, now, mount_id, *HELD))
     return changed > 0
 
 
 async def expire(tx: Writer, mount_id: str, now: str) -> bool:
-    """restore-mounter no longer holds an active mount (idle expiry); False when it had ended already."""
-    changed = await tx.execute("UPDATE restore_mounts SET status = ?, ended_at = ? WHERE id = ? AND status IN (?, ?)",
-                               (MountStatus.EXPIRED.value, now, mount_id, *ACTIVE))
+    """restore-mounter no longer holds the mount (idle expiry); False when it had ended already."""
+    changed = await tx.execute("UPDATE restore_mounts SET status = ?, ended_at = ? WHERE id = ? "
+                               "AND status IN (?, ?, ?)", (MountStatus.EXPIRED.value, now, mount_id, *HELD))
     return changed > 0
