@@ -37,6 +37,7 @@ from oma_common.contracts.volume_agent_volumes import (
     StampView,
     VolumesListing,
     VolumeView,
+    volume_name,
 )
 from oma_common.errors import Conflict, Invalid, NotFound, OmaError, TimedOut, Unavailable
 from oma_common.statefile import Damaged, StateFile
@@ -51,10 +52,6 @@ from .records import REGISTRY_KIND, Operation, OpKind, VolumeRecord
 log = logging.getLogger("volume_agent.volumes")
 
 GIB = 1024**3
-
-
-def volume_name(vm_name: str, disk_unit: int) -> str:
-    return f"migration-{vm_name}-disk-{disk_unit}"
 
 
 def check_id(value: str, what: str = "volume id") -> str:
@@ -205,6 +202,15 @@ class Volumes:
 
     async def create(self, vm_name: str, disk_unit: int, size_bytes: int, disk_offering_id: str = "",
                      zone_id: str = "") -> VolumeView:
+        """Create `migration-<vm>-disk-<unit>`. It runs to its end even when the caller hangs up (aiohttp 3.8
+        cancels the handler then): cut short, it would leave its record `being created` until a restart, and
+        the caller, asking again for that name's record, would wait for it in vain."""
+        task = asyncio.ensure_future(self._create(vm_name, disk_unit, size_bytes, disk_offering_id, zone_id))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
+
+    async def _create(self, vm_name: str, disk_unit: int, size_bytes: int, disk_offering_id: str,
+                      zone_id: str) -> VolumeView:
         name = volume_name(vm_name, disk_unit)
         async with self.locked(f"name:{name}"):
             known = next((r for r in self.records.values() if r.name == name), None)

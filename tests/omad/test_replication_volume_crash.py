@@ -1,0 +1,176 @@
+"""omad (or volume-agent) dying while a sync creates a disk's CloudStack volume: the next sync of the VM takes the
+volume that create made — one volume per disk, never a second one, never a VM refused for ever with "volume
+exists" — and copies that disk in full; a volume created for a VM context removed meanwhile is deleted at omad's
+start. The real daemons, the CloudStack simulator (volumes attached here are loop devices), the VMA simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..rig import Stack
+from .replication_rig import Rig
+from .test_replication import rig  # noqa: F401  (the fixture)
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
+
+
+@pytest.fixture
+def stack_config(stack_config: Stack) -> Stack:
+    stack_config.add_config("omad", "70-crash.toml", f'[failover]\ncrash_file = "{crash_file(stack_config)}"\n')
+    return stack_config
+
+
+def crash_file(stack: Stack) -> Path:
+    return stack.state / "crash-at"
+
+
+def ours(rig: Rig) -> dict[str, list[str]]:
+    """The replication volumes CloudStack has, by name → ids."""
+    found: dict[str, list[str]] = {}
+    for vol in list(rig.cs.inv.volumes.values()):
+        if vol.name.startswith("migration-"):
+            found.setdefault(vol.name, []).append(vol.id)
+    return found
+
+
+def pending(rig: Rig) -> list[tuple[Any, ...]]:
+    return rig.stack.sql("SELECT disk_id, volume_name FROM replication_volume_creates ORDER BY disk_id")
+
+
+async def until(what: Callable[[], bool], message: Callable[[], str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, message()
+        await asyncio.sleep(0.05)
+
+
+async def cut_start(rig: Rig, kill: Callable[[], Awaitable[None]]) -> str:
+    """POST /replications while `kill` makes omad die (or its start fail); the job it recorded."""
+    start = asyncio.ensure_future(rig.start())
+    await kill()
+    with contextlib.suppress(Exception):  # omad died under the request
+        await start
+    jobs = rig.stack.sql("SELECT job_id FROM replication_jobs")
+    assert len(jobs) == 1, jobs
+    return str(jobs[0][0])
+
+
+async def restarted(rig: Rig, daemon: str = "omad") -> None:
+    omad = rig.stack.daemons[daemon]
+    await until(lambda: not omad.running(), lambda: f"{daemon} did not die\n{rig.log_tail()}")
+    await asyncio.to_thread(rig.stack.start, daemon)
+
+
+async def next_sync_takes_it(rig: Rig, cut: str, before: dict[str, list[str]]) -> None:
+    """The cut job ended; the next sync completes with one volume per disk (the one made before, if any), copies
+    both disks in full and leaves nothing pending."""
+    ended = await rig.wait(cut)
+    assert ended["status"] == "failed", ended
+    assert [d for d, _ in pending(rig)] == ["disk-2000"]
+    done = await rig.sync()
+    assert done["replication_type"] == "initial"
+    after = ours(rig)
+    assert sorted(len(ids) for ids in after.values()) == [1, 1], after
+    assert {d["volume_id"] for d in done["disks"]} == {ids[0] for ids in after.values()}
+    for name, ids in before.items():  # the volume made for the cut job is the one in use
+        assert after[name] == ids, (name, before, after)
+    assert [d.sync_type for d in rig.state.job(done["job_id"]).disks] == ["full", "full"]
+    rig.assert_volumes_hold_sources(done)
+    assert pending(rig) == []
+    await rig.assert_released()
+    again = await rig.sync()  # and the sync after it continues from there
+    assert again["replication_type"] == "incremental"
+    assert ours(rig) == after
+
+
+@pytest.mark.parametrize("point", ["replication:volume-create", "replication:volume-attach",
+                                   "replication:volume-save"])
+async def test_omad_killed_around_a_volume_create_the_next_sync_takes_that_volume(rig: Rig, point: str) -> None:
+    """Killed after recording the intent (nothing asked yet), after volume-agent created the volume (not
+    attached), after it was attached here (not recorded): the next sync has the same one volume per disk."""
+    crash_file(rig.stack).write_text(point)
+
+    async def dies() -> None:
+        await until(lambda: not crash_file(rig.stack).exists(), lambda: f"{point} not reached\n{rig.log_tail()}")
+
+    cut = await cut_start(rig, dies)
+    await restarted(rig)
+    before = ours(rig)
+    if point == "replication:volume-create":
+        assert before == {}
+    else:
+        assert sorted(len(ids) for ids in before.values()) == [1], before
+        attached = rig.cs.attached_here()
+        assert attached == (list(before.values())[0] if point == "replication:volume-save" else []), attached
+    await next_sync_takes_it(rig, cut, before)
+
+
+async def test_omad_killed_while_volume_agent_creates_the_next_sync_waits_for_it(rig: Rig) -> None:
+    """omad dies while volume-agent waits on CloudStack's createVolume job; it is restarted and the next sync
+    asked for while that create is still under way: the sync waits for it and takes it."""
+    rig.cs.faults.job_seconds = 4.0
+
+    async def kill() -> None:
+        await until(lambda: "createVolume" in rig.cs.commands.calls, lambda: rig.log_tail())
+        rig.stack.daemons["omad"].stop(sig=signal.SIGKILL)
+
+    cut = await cut_start(rig, kill)
+    await restarted(rig)
+    rig.cs.faults.job_seconds = 0.0  # the create under way keeps its own delay
+    ended = await rig.wait(cut)
+    assert ended["status"] == "failed", ended
+    await next_sync_takes_it(rig, cut, {})
+    assert rig.cs.commands.calls.count("createVolume") == 2  # one per disk: none asked again
+
+
+async def test_volume_agent_killed_mid_create_the_next_sync_takes_what_it_made(rig: Rig) -> None:
+    """volume-agent dies while CloudStack creates the volume: the sync fails; volume-agent's start-up keeps the
+    volume (its record said a create was under way); the next sync takes it."""
+    rig.cs.faults.job_seconds = 2.0
+
+    async def kill() -> None:
+        await until(lambda: "createVolume" in rig.cs.commands.calls, lambda: rig.log_tail())
+        rig.stack.daemons["volume-agent"].stop(sig=signal.SIGKILL)
+
+    cut = await cut_start(rig, kill)
+    ended = await rig.wait(cut)
+    assert ended["status"] == "failed", ended
+    rig.cs.faults.job_seconds = 0.0
+    await restarted(rig, "volume-agent")
+    before = ours(rig)
+    assert sorted(len(ids) for ids in before.values()) == [1], before
+    await next_sync_takes_it(rig, cut, before)
+    assert rig.cs.commands.calls.count("createVolume") == 2
+
+
+async def test_a_volume_created_for_a_removed_context_is_deleted_at_start(rig: Rig) -> None:
+    """omad dies with the new volume attached here and not recorded; its VM context is removed before omad starts
+    again: that volume is detached and deleted, nothing is left pending."""
+    crash_file(rig.stack).write_text("replication:volume-save")
+
+    async def dies() -> None:
+        await until(lambda: not crash_file(rig.stack).exists(), lambda: rig.log_tail())
+
+    await cut_start(rig, dies)
+    omad = rig.stack.daemons["omad"]
+    await until(lambda: not omad.running(), lambda: rig.log_tail())
+    assert len(ours(rig)) == 1 and len(rig.cs.attached_here()) == 1
+    with contextlib.closing(sqlite3.connect(rig.stack.database)) as db:
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("DELETE FROM jobs")
+        db.execute("DELETE FROM vm_replication_contexts")
+        db.commit()
+    await asyncio.to_thread(rig.stack.start, "omad")
+    await until(lambda: not pending(rig), lambda: rig.log_tail())
+    assert ours(rig) == {} and rig.cs.attached_here() == []
+    assert Counter(c for c in rig.cs.commands.calls if "Volume" in c)["deleteVolume"] == 1
