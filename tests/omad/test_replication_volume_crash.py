@@ -11,15 +11,18 @@ import signal
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.sim.cloudstack import CloudStackSim
+from tests.sim.vma import MiB
+
 from ..rig import Stack
-from .replication_rig import Rig
-from .test_replication import rig  # noqa: F401  (the fixture)
+from .replication_rig import VM, Rig, open_rig
+from .test_replication import IDLE, SIZES, rig, write_random  # noqa: F401  (rig: the fixture)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
@@ -28,6 +31,24 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 def stack_config(stack_config: Stack) -> Stack:
     stack_config.add_config("omad", "70-crash.toml", f'[failover]\ncrash_file = "{crash_file(stack_config)}"\n')
     return stack_config
+
+
+@pytest.fixture
+async def twins(cloudstack_sim: CloudStackSim, stack_config: Stack, tmp_path: Path) -> AsyncIterator[Rig]:
+    """The rig's VM and another, `app-01`, whose volume names are the same (both names reduce to `app-01`)."""
+    paths = []
+    for index, size in enumerate([*SIZES, SIZES[1]]):
+        path = tmp_path / f"disk{index}.raw"
+        with open(path, "wb") as f:
+            f.truncate(size)
+        write_random(path, MiB, size // 2, seed=index)
+        paths.append(path)
+    async with open_rig(stack_config, cloudstack_sim, tmp_path, paths[:2], idle_timeout=IDLE,
+                        others={TWIN: paths[2:]}) as r:
+        yield r
+
+
+TWIN = "app-01"
 
 
 def crash_file(stack: Stack) -> Path:
@@ -118,7 +139,7 @@ async def test_omad_killed_around_a_volume_create_the_next_sync_takes_that_volum
 async def test_omad_killed_while_volume_agent_creates_the_next_sync_waits_for_it(rig: Rig) -> None:
     """omad dies while volume-agent waits on CloudStack's createVolume job; it is restarted and the next sync
     asked for while that create is still under way: the sync waits for it and takes it."""
-    rig.cs.faults.job_seconds = 4.0
+    rig.cs.faults.job_seconds = 10.0  # longer than omad's restart and the cut job's end
 
     async def kill() -> None:
         await until(lambda: "createVolume" in rig.cs.commands.calls, lambda: rig.log_tail())
@@ -131,6 +152,7 @@ async def test_omad_killed_while_volume_agent_creates_the_next_sync_waits_for_it
     assert ended["status"] == "failed", ended
     await next_sync_takes_it(rig, cut, {})
     assert rig.cs.commands.calls.count("createVolume") == 2  # one per disk: none asked again
+    assert "volume-agent is still creating" in rig.log_tail(lines=2000)  # the sync came while it was under way
 
 
 async def test_volume_agent_killed_mid_create_the_next_sync_takes_what_it_made(rig: Rig) -> None:
@@ -174,3 +196,29 @@ async def test_a_volume_created_for_a_removed_context_is_deleted_at_start(rig: R
     await until(lambda: not pending(rig), lambda: rig.log_tail())
     assert ours(rig) == {} and rig.cs.attached_here() == []
     assert Counter(c for c in rig.cs.commands.calls if "Volume" in c)["deleteVolume"] == 1
+
+
+async def test_another_vm_of_the_same_volume_name_does_not_take_the_volume(twins: Rig) -> None:
+    """`app 01` dies with its new volume not yet recorded; `app-01`, whose volume names are the same, asks for
+    that name: refused (409 volume exists, as before), it leaves nothing pending that could make its next sync
+    take the other VM's volume; `app 01`'s next sync takes it."""
+    rig = twins
+    crash_file(rig.stack).write_text("replication:volume-attach")
+
+    async def dies() -> None:
+        await until(lambda: not crash_file(rig.stack).exists(), lambda: rig.log_tail())
+
+    cut = await cut_start(rig, dies)
+    await restarted(rig)
+    before = ours(rig)
+    assert (await rig.wait(cut))["status"] == "failed"
+    twin = next(v for v in rig.state.inventory.discovery()["vms"] if v["name"] == TWIN)
+    for _ in range(2):
+        status, body = await rig.api.post("/replications", {"source_vm": twin, "ossea_config_id": 1})
+        assert status == 409 and body["error"] == "volume exists", body
+        assert [d for d, _ in pending(rig)] == ["disk-2000"]  # app 01's only
+    assert ours(rig) == before
+    rows = rig.stack.sql("SELECT c.vm_name FROM replication_volume_creates p JOIN vm_replication_contexts c"
+                         " ON c.context_id = p.vm_context_id")
+    assert rows == [(VM,)], rows
+    await next_sync_takes_it(rig, cut, before)

@@ -202,15 +202,6 @@ class Volumes:
 
     async def create(self, vm_name: str, disk_unit: int, size_bytes: int, disk_offering_id: str = "",
                      zone_id: str = "") -> VolumeView:
-        """Create `migration-<vm>-disk-<unit>`. It runs to its end even when the caller hangs up (aiohttp 3.8
-        cancels the handler then): cut short, it would leave its record `being created` until a restart, and
-        the caller, asking again for that name's record, would wait for it in vain."""
-        task = asyncio.ensure_future(self._create(vm_name, disk_unit, size_bytes, disk_offering_id, zone_id))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return await asyncio.shield(task)
-
-    async def _create(self, vm_name: str, disk_unit: int, size_bytes: int, disk_offering_id: str,
-                      zone_id: str) -> VolumeView:
         name = volume_name(vm_name, disk_unit)
         async with self.locked(f"name:{name}"):
             known = next((r for r in self.records.values() if r.name == name), None)

@@ -273,6 +273,11 @@ class Replications:
         pending = await store.volume_create_of(self.db, cid, disk.disk_id)
         if pending is not None:
             made = await self._made_for(job_id, pending)
+            if made is not None and await store.volume_recorded(self.db, made.volume_id):
+                # Another VM whose name reduces to the same one (`app 01`, `app-01`) owns that name's volume.
+                log.warning("%s: volume %s (%s) is recorded for another disk; not taken", disk.disk_id,
+                            made.volume_id, made.name, extra={"resource": job_id})
+                made = None
             if made is not None and made.size_bytes >= size:
                 log.warning("%s: taking volume %s (%s), created by %s, which omad did not live to record", disk.disk_id,
                             made.volume_id, made.name, pending.job_id, extra={"resource": job_id})
@@ -287,7 +292,14 @@ class Replications:
                                                              job_id, size, utcnow()))
         # `replication:volume-create`: dying here leaves the intent and no volume: the next sync creates it.
         crash_if_named(self.crash_file, "replication:volume-create", job_id)
-        view = await self.volumes.create_volume(vm, disk.unit_number, size)
+        try:
+            view = await self.volumes.create_volume(vm, disk.unit_number, size)
+        except Conflict:
+            # Refused (the name exists: another VM's whose name reduces to the same): this create made nothing,
+            # and the row must not make the next sync take that other volume.
+            async with self.db.transaction() as tx:
+                await store.drop_volume_create(tx, cid, disk.disk_id)
+            raise
         # `replication:volume-attach`: dying here leaves a volume not attached anywhere, recorded only as intended.
         crash_if_named(self.crash_file, "replication:volume-attach", job_id)
         return view

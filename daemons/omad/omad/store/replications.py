@@ -196,6 +196,11 @@ async def volume_creates_without_context(db: Reader) -> list[VolumeCreate]:
     return [record(VolumeCreate, r) for r in rows]
 
 
+async def volume_recorded(db: Reader, volume_id: str) -> bool:
+    """Whether a disk of any VM context has that volume recorded as its own."""
+    return bool(await db.scalar("SELECT 1 FROM replication_volumes WHERE volume_id = ?", (volume_id,)))
+
+
 async def volume_name_claimed(db: Reader, volume_name: str, volume_id: str, *, besides: VolumeCreate) -> bool:
     """Whether a recorded volume (that id) or another pending create (that name) stands for that volume."""
     return bool(await db.scalar(
