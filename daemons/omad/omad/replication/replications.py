@@ -5,10 +5,10 @@ Starting a sync (every step recorded on its job):
      `replicating` and counts the job. A second active replication of the VM is refused (409).
   2. volumes: each disk's CloudStack volume (`migration-<vm>-disk-<unit>`, capacity + headroom) is created and
      attached here through volume-agent the first time, reused afterwards. A create is recorded before it is
-     asked for, until the volume is: the next sync takes a volume whose create omad did not live to record. A disk whose volume is gone or was
-     changed behind our back is given a new one and starts over with no change id (a full copy); so does a disk
-     whose volume no longer holds the stamp the last completed sync wrote at its end (reverted outside the
-     appliance to an older snapshot).
+     asked for, until the volume is: the next sync takes a volume whose create omad did not live to record.
+     A disk whose volume is gone or was changed behind our back is given a new one and starts over with no
+     change id (a full copy); so does a disk whose volume no longer holds the stamp the last completed sync
+     wrote at its end (reverted outside the appliance to an older snapshot).
   3. ports: one per disk from nbd-pool, leased to the job;
   4. exports: a writable export of each volume's device (`--shared`, the VMA opens 2 connections per disk),
      the disks' exports started at once;
