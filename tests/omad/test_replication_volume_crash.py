@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cs import AIOCloudStack
 
 from tests.sim.cloudstack import CloudStackSim
 from tests.sim.vma import MiB
@@ -92,7 +93,7 @@ async def restarted(rig: Rig, daemon: str = "omad") -> None:
     await asyncio.to_thread(rig.stack.start, daemon)
 
 
-async def next_sync_takes_it(rig: Rig, cut: str, before: dict[str, list[str]]) -> None:
+async def next_sync_takes_it(rig: Rig, cut: str, before: dict[str, list[str]]) -> dict[str, Any]:
     """The cut job ended; the next sync completes with one volume per disk (the one made before, if any), copies
     both disks in full and leaves nothing pending."""
     ended = await rig.wait(cut)
@@ -112,6 +113,7 @@ async def next_sync_takes_it(rig: Rig, cut: str, before: dict[str, list[str]]) -
     again = await rig.sync()  # and the sync after it continues from there
     assert again["replication_type"] == "incremental"
     assert ours(rig) == after
+    return done
 
 
 @pytest.mark.parametrize("point", ["replication:volume-create", "replication:volume-attach",
@@ -134,6 +136,23 @@ async def test_omad_killed_around_a_volume_create_the_next_sync_takes_that_volum
         attached = rig.cs.attached_here()
         assert attached == (list(before.values())[0] if point == "replication:volume-save" else []), attached
     await next_sync_takes_it(rig, cut, before)
+
+
+async def test_the_volume_made_deleted_in_cloudstack_meanwhile_a_new_one_is_made(rig: Rig) -> None:
+    """Killed after the create (volume detached); the volume is then deleted in CloudStack directly, which
+    volume-agent's record of a detached volume does not notice: the next sync makes a new one."""
+    crash_file(rig.stack).write_text("replication:volume-attach")
+
+    async def dies() -> None:
+        await until(lambda: not crash_file(rig.stack).exists(), lambda: rig.log_tail())
+
+    cut = await cut_start(rig, dies)
+    await restarted(rig)
+    [made] = [ids[0] for ids in ours(rig).values()]
+    cs = AIOCloudStack(rig.cs.endpoint, rig.cs.api_key, rig.cs.secret_key, poll_interval=0.05)
+    await cs.deleteVolume(id=made)
+    done = await next_sync_takes_it(rig, cut, {})
+    assert made not in {d["volume_id"] for d in done["disks"]}
 
 
 async def test_omad_killed_while_volume_agent_creates_the_next_sync_waits_for_it(rig: Rig) -> None:

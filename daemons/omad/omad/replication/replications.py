@@ -257,7 +257,16 @@ class Replications:
         if view is None:
             view = await self._new_volume(job_id, ctx, disk, size)
         if not view.attached_here:
-            view = await self.volumes.attach_volume(view.volume_id)
+            try:
+                view = await self.volumes.attach_volume(view.volume_id)
+            except NotFound:
+                # Deleted in CloudStack directly while volume-agent had it detached (its record does not notice):
+                # the delete makes volume-agent forget it, then the disk gets a new one.
+                log.warning("volume %s of %s is gone from CloudStack; creating a new one", view.volume_id,
+                            disk.disk_id, extra={"resource": job_id})
+                await self.volumes.delete_volume(view.volume_id)
+                fresh = True
+                view = await self.volumes.attach_volume((await self._new_volume(job_id, ctx, disk, size)).volume_id)
         if not view.link_path:
             raise Unavailable("volume has no device", f"volume-agent attached {view.volume_id} without a device")
         return view, fresh
