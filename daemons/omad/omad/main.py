@@ -63,6 +63,7 @@ from .failover.readiness import Readiness
 from .failover.service import Failovers
 from .failover.source import Source
 from .replication.replications import Replications
+from .replication.volume_creates import ContextlessCreates
 from .restore.images import RepositoryImages
 from .restore.service import RestoreService
 from .clients.agents import Agents
@@ -174,6 +175,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     replications.on_started.append(monitor.follow)
     change_ids = ChangeIds(db, locks)
     change_ids.on_all_stored.append(monitor.nudge)  # the VMA says Succeeded right after the last one
+    contextless_creates = ContextlessCreates(db, volume_agent)  # volumes being created for a removed context
     jobs.on_recover("replication", monitor.recover)
 
     # Failover: test failover and its end, cleanup of failed ones — step jobs resumed or undone after a restart.
@@ -229,7 +231,8 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
 
     app.on_cleanup.append(close_clients)
     return Omad(app, auth, jobs, background=[watchdog, restore, scheduler, retention, verifier,
-                                            scheduled_copies, monitor], replications=replications,
+                                            scheduled_copies, monitor, contextless_creates],
+                replications=replications,
                 reseals=[credentials.reseal_unbound, ossea_configs.reseal_unbound, repositories.reseal_unbound])
 
 

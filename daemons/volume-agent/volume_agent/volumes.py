@@ -37,6 +37,7 @@ from oma_common.contracts.volume_agent_volumes import (
     StampView,
     VolumesListing,
     VolumeView,
+    volume_name,
 )
 from oma_common.errors import Conflict, Invalid, NotFound, OmaError, TimedOut, Unavailable
 from oma_common.statefile import Damaged, StateFile
@@ -51,10 +52,6 @@ from .records import REGISTRY_KIND, Operation, OpKind, VolumeRecord
 log = logging.getLogger("volume_agent.volumes")
 
 GIB = 1024**3
-
-
-def volume_name(vm_name: str, disk_unit: int) -> str:
-    return f"migration-{vm_name}-disk-{disk_unit}"
 
 
 def check_id(value: str, what: str = "volume id") -> str:

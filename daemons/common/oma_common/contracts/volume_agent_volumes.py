@@ -11,6 +11,11 @@ VM_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 STAMP = r"[0-9a-f]{32}"
 CLOUDSTACK_ID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 
+
+def volume_name(vm_name: str, disk_unit: int) -> str:
+    """The name volume-agent creates (and records) the volume for one disk of a VM under."""
+    return f"migration-{vm_name}-disk-{disk_unit}"
+
 # --- requests ---------------------------------------------------------------------------------------
 
 

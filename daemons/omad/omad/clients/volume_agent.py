@@ -24,6 +24,7 @@ from oma_common.contracts.volume_agent import (
     UnmountIn,
 )
 from oma_common.contracts.volume_agent_volumes import (
+    Deleted,
     RevertIn,
     SnapshotDeleted,
     SnapshotIn,
@@ -84,6 +85,9 @@ class VolumeAgent:
 
     async def detach_volume(self, volume_id: str) -> VolumeView:
         return await self.client.typed(VolumeView, "POST", _v(volume_id) + "/detach", timeout=self.mount_timeout)
+
+    async def delete_volume(self, volume_id: str) -> Deleted:
+        return await self.client.typed(Deleted, "DELETE", _v(volume_id), timeout=self.mount_timeout)
 
     async def volumes(self) -> VolumesListing:
         return await self.client.typed(VolumesListing, "GET", "/volumes")

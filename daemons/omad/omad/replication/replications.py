@@ -4,10 +4,11 @@ Starting a sync (every step recorded on its job):
   1. rows first, in one transaction: the replication, one row per disk, the job; the context becomes
      `replicating` and counts the job. A second active replication of the VM is refused (409).
   2. volumes: each disk's CloudStack volume (`migration-<vm>-disk-<unit>`, capacity + headroom) is created and
-     attached here through volume-agent the first time, reused afterwards. A disk whose volume is gone or was
-     changed behind our back is given a new one and starts over with no change id (a full copy); so does a disk
-     whose volume no longer holds the stamp the last completed sync wrote at its end (reverted outside the
-     appliance to an older snapshot).
+     attached here through volume-agent the first time, reused afterwards. A create is recorded before it is
+     asked for, until the volume is: the next sync takes a volume whose create omad did not live to record.
+     A disk whose volume is gone or was changed behind our back is given a new one and starts over with no
+     change id (a full copy); so does a disk whose volume no longer holds the stamp the last completed sync
+     wrote at its end (reverted outside the appliance to an older snapshot).
   3. ports: one per disk from nbd-pool, leased to the job;
   4. exports: a writable export of each volume's device (`--shared`, the VMA opens 2 connections per disk),
      the disks' exports started at once;
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from oma_common.contracts.volume_agent_volumes import VolumeView
+from oma_common.contracts.volume_agent_volumes import VolumeView, volume_name
 from oma_common.errors import Conflict, Invalid, NotFound, OmaError, TimedOut, Unavailable
 
 from ..audit import Audit
@@ -48,6 +49,7 @@ from ..store import replications as store
 from ..store.contexts import ContextStatus
 from ..store.db import Database, utcnow
 from .ending import Ending
+from .volume_creates import made_under, remove_volume
 
 log = logging.getLogger(__name__)
 
@@ -253,12 +255,79 @@ class Replications:
                                                          f"{known.volume_id} has {view.size_bytes}")
         fresh = view is None
         if view is None:
-            view = await self.volumes.create_volume(volume_vm_name(ctx.vm_name), disk.unit_number, size)
+            view = await self._new_volume(job_id, ctx, disk, size)
         if not view.attached_here:
-            view = await self.volumes.attach_volume(view.volume_id)
+            try:
+                view = await self.volumes.attach_volume(view.volume_id)
+            except NotFound:
+                # Deleted in CloudStack directly while volume-agent had it detached (its record does not notice):
+                # the delete makes volume-agent forget it, then the disk gets a new one.
+                log.warning("volume %s of %s is gone from CloudStack; creating a new one", view.volume_id,
+                            disk.disk_id, extra={"resource": job_id})
+                await self.volumes.delete_volume(view.volume_id)
+                fresh = True
+                view = await self.volumes.attach_volume((await self._new_volume(job_id, ctx, disk, size)).volume_id)
         if not view.link_path:
             raise Unavailable("volume has no device", f"volume-agent attached {view.volume_id} without a device")
         return view, fresh
+
+    async def _new_volume(self, job_id: str, ctx: contexts_store.Context, disk: store.ReplicationDisk,
+                          size: int) -> VolumeView:
+        """A new volume for the disk. What is asked of volume-agent is recorded first (replication_volume_creates:
+        this name, for this disk, by this job) and dropped only with the volume's own record (`_launch`), so an
+        omad that dies in between has left a trace: the disk's next sync takes the volume that create made — it
+        holds nothing trustworthy, the disk starts over — rather than ask for the name again, which volume-agent
+        refuses (409 volume exists) for as long as the volume lives, or leave it unaccounted for."""
+        cid, vm = ctx.context_id, volume_vm_name(ctx.vm_name)
+        pending = await store.volume_create_of(self.db, cid, disk.disk_id)
+        if pending is not None:
+            made = await self._made_for(job_id, pending)
+            if made is not None and await store.volume_recorded(self.db, made.volume_id):
+                # Another VM whose name reduces to the same one (`app 01`, `app-01`) owns that name's volume.
+                log.warning("%s: volume %s (%s) is recorded for another disk; not taken", disk.disk_id,
+                            made.volume_id, made.name, extra={"resource": job_id})
+                made = None
+            if made is not None and made.size_bytes >= size:
+                log.warning("%s: taking volume %s (%s), created by %s, which omad did not live to record", disk.disk_id,
+                            made.volume_id, made.name, pending.job_id, extra={"resource": job_id})
+                return made
+            if made is not None:  # the disk grew since: that volume is of no use, and holds nothing
+                log.warning("%s: volume %s (%s), created by %s which omad did not live to record, is too small now "
+                            "(%d < %d bytes); replacing it", disk.disk_id, made.volume_id, made.name, pending.job_id,
+                            made.size_bytes, size, extra={"resource": job_id})
+                await remove_volume(self.volumes, made)
+        async with self.db.transaction() as tx:
+            await store.intend_volume(tx, store.VolumeCreate(cid, disk.disk_id, volume_name(vm, disk.unit_number),
+                                                             job_id, size, utcnow()))
+        # `replication:volume-create`: dying here leaves the intent and no volume: the next sync creates it.
+        crash_if_named(self.crash_file, "replication:volume-create", job_id)
+        try:
+            view = await self.volumes.create_volume(vm, disk.unit_number, size)
+        except Conflict:
+            # Refused (the name exists: another VM's whose name reduces to the same): this create made nothing,
+            # and the row must not make the next sync take that other volume.
+            async with self.db.transaction() as tx:
+                await store.drop_volume_create(tx, cid, disk.disk_id)
+            raise
+        # `replication:volume-attach`: dying here leaves a volume not attached anywhere, recorded only as intended.
+        crash_if_named(self.crash_file, "replication:volume-attach", job_id)
+        return view
+
+    async def _made_for(self, job_id: str, pending: store.VolumeCreate) -> VolumeView | None:
+        """The volume volume-agent made for a create omad did not live to record: its record of that name (it
+        records a create before asking CloudStack, and its start-up reconciliation settles one it was itself cut
+        short in); None when there is none, so nothing was made. A create still under way is waited for."""
+        deadline = asyncio.get_running_loop().time() + self.volumes.mount_timeout
+        while True:
+            made = await made_under(self.volumes, pending.volume_name)
+            if made is None or (made.volume_id and made.operation != "create"):
+                return made
+            if asyncio.get_running_loop().time() > deadline:
+                raise Unavailable("volume still being created",
+                                  f"volume-agent is still creating {pending.volume_name} (asked by {pending.job_id}); "
+                                  "the next sync takes it")
+            log.info("volume-agent is still creating %s; waiting", pending.volume_name, extra={"resource": job_id})
+            await asyncio.sleep(0.5)
 
     async def _holds_last_sync(self, job_id: str, disk_id: str, volume_id: str, known: store.Volume | None) -> bool:
         """Whether the volume still holds what the last completed sync left there: the stamp that sync wrote at
@@ -289,7 +358,11 @@ class Replications:
                 reset = fresh or (bool(d.base_change_id) and not await self._holds_last_sync(
                     job_id, d.disk_id, view.volume_id, known.get(d.disk_id)))
                 now = utcnow()
+                # `replication:volume-save`: dying here leaves the new volume attached here, recorded only as
+                # intended.
+                crash_if_named(self.crash_file, "replication:volume-save", job_id)
                 async with self.db.transaction() as tx:
+                    await store.drop_volume_create(tx, cid, d.disk_id)
                     await store.set_disk_volume(tx, job_id, d.disk_id, view.volume_id, reset_base=reset)
                     old = known.get(d.disk_id)
                     await store.save_volume(tx, store.Volume(

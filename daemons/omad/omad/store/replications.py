@@ -1,4 +1,5 @@
-"""Replication jobs, their disks (volume, export, reported change ids) and each replicated disk's volume."""
+"""Replication jobs, their disks (volume, export, reported change ids), each replicated disk's volume and the
+volumes being created for them (recorded before volume-agent is asked, until the volume is recorded)."""
 
 from __future__ import annotations
 
@@ -92,6 +93,18 @@ class Volume:
 
 
 @dataclasses.dataclass(frozen=True)
+class VolumeCreate:
+    """A volume omad asked (or was about to ask) volume-agent to create for a disk, not yet in replication_volumes."""
+
+    vm_context_id: str
+    disk_id: str
+    volume_name: str
+    job_id: str
+    size_bytes: int
+    created_at: str
+
+
+@dataclasses.dataclass(frozen=True)
 class NewReplication:
     job_id: str
     vm_context_id: str
@@ -168,6 +181,32 @@ async def disks(db: Reader, job_id: str) -> list[ReplicationDisk]:
 async def volumes_of(db: Reader, context_id: str) -> dict[str, Volume]:
     rows = await db.fetchall("SELECT * FROM replication_volumes WHERE vm_context_id = ?", (context_id,))
     return {r["disk_id"]: record(Volume, r) for r in rows}
+
+
+async def volume_create_of(db: Reader, context_id: str, disk_id: str) -> VolumeCreate | None:
+    row = await db.fetchone("SELECT * FROM replication_volume_creates WHERE vm_context_id = ? AND disk_id = ?",
+                            (context_id, disk_id))
+    return record(VolumeCreate, row) if row is not None else None
+
+
+async def volume_creates_without_context(db: Reader) -> list[VolumeCreate]:
+    """Volumes being created for a VM context that no longer exists."""
+    rows = await db.fetchall("SELECT * FROM replication_volume_creates WHERE vm_context_id NOT IN"
+                             " (SELECT context_id FROM vm_replication_contexts) ORDER BY created_at")
+    return [record(VolumeCreate, r) for r in rows]
+
+
+async def volume_recorded(db: Reader, volume_id: str) -> bool:
+    """Whether a disk of any VM context has that volume recorded as its own."""
+    return bool(await db.scalar("SELECT 1 FROM replication_volumes WHERE volume_id = ?", (volume_id,)))
+
+
+async def volume_name_claimed(db: Reader, volume_name: str, volume_id: str, *, besides: VolumeCreate) -> bool:
+    """Whether a recorded volume (that id) or another pending create (that name) stands for that volume."""
+    return bool(await db.scalar(
+        "SELECT 1 FROM replication_volumes WHERE volume_id = ? UNION ALL SELECT 1 FROM replication_volume_creates"
+        " WHERE volume_name = ? AND NOT (vm_context_id = ? AND disk_id = ?) LIMIT 1",
+        (volume_id, volume_name, besides.vm_context_id, besides.disk_id)))
 
 
 async def cbt_of_job(db: Reader, job_id: str) -> list[dict[str, Any]]:
@@ -257,6 +296,23 @@ async def fail(tx: Writer, job_id: str, reason: str, now: str, *, cancelled: boo
 async def delete(tx: Writer, job_id: str) -> None:
     await tx.execute("DELETE FROM cbt_history WHERE job_id = ?", (job_id,))
     await tx.execute("DELETE FROM jobs WHERE id = ?", (job_id,))  # cascades to the replication rows
+
+
+async def intend_volume(tx: Writer, create: VolumeCreate) -> None:
+    """Record, before volume-agent is asked, that a volume of that name is being created for the disk."""
+    await tx.execute(
+        "INSERT INTO replication_volume_creates (vm_context_id, disk_id, volume_name, job_id, size_bytes, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (vm_context_id, disk_id) DO UPDATE SET"
+        " volume_name = excluded.volume_name, job_id = excluded.job_id, size_bytes = excluded.size_bytes,"
+        " created_at = excluded.created_at",
+        (create.vm_context_id, create.disk_id, create.volume_name, create.job_id, create.size_bytes,
+         create.created_at))
+
+
+async def drop_volume_create(tx: Writer, context_id: str, disk_id: str) -> None:
+    """The disk's volume is recorded (save_volume, same transaction) or was removed: nothing is pending for it."""
+    await tx.execute("DELETE FROM replication_volume_creates WHERE vm_context_id = ? AND disk_id = ?",
+                     (context_id, disk_id))
 
 
 async def save_volume(tx: Writer, vol: Volume) -> None:
