@@ -241,3 +241,22 @@ async def test_another_vm_of_the_same_volume_name_does_not_take_the_volume(twins
                          " ON c.context_id = p.vm_context_id")
     assert rows == [(VM,)], rows
     await next_sync_takes_it(rig, cut, before)
+
+
+async def test_omad_killed_before_the_vma_took_the_sync_the_adopted_job_fails_saying_so(rig: Rig) -> None:
+    """Killed with the volumes recorded and the exports started, before the VMA was asked: after the restart the
+    monitor adopts the job, the VMA does not know it, and the job fails saying omad stopped before the VMA took
+    it (not that the VMA lost it); its exports and ports are released and the next sync works."""
+    crash_file(rig.stack).write_text("replication:vma")
+
+    async def dies() -> None:
+        await until(lambda: not crash_file(rig.stack).exists(), lambda: f"replication:vma not reached\n{rig.log_tail()}")
+
+    cut = await cut_start(rig, dies)
+    await restarted(rig)
+    ended = await rig.wait(cut)
+    assert ended["status"] == "failed" and "before the VMA took" in str(ended["error_message"]), ended
+    assert cut not in rig.state.jobs
+    await rig.assert_released()
+    done = await rig.sync()
+    rig.assert_volumes_hold_sources(done)

@@ -27,6 +27,7 @@ from ..clients.volume_agent import VolumeAgent
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
 from ..store import contexts as contexts_store
+from ..store import jobs as jobs_store
 from ..store import replications as store
 from ..store.contexts import ContextStatus
 from ..store.db import Database, utcnow
@@ -34,8 +35,20 @@ from ..store.db import Database, utcnow
 log = logging.getLogger(__name__)
 
 
+# The step whose completion means the VMA took the replication (the start records it; the monitor reads it).
+VMA_STEP = "start VMA replication"
+# Why a replication the VMA never took ends: omad died between recording it and the VMA's answer.
+NEVER_TAKEN = "interrupted: omad stopped before the VMA took the replication"
+
+
 def lock_key(job_id: str) -> str:
     return f"replication:{job_id}"
+
+
+async def vma_took(db: Database, job_id: str) -> bool:
+    """Whether the VMA answered this replication's start (its step completed)."""
+    return any(s.name == VMA_STEP and s.status == jobs_store.StepStatus.COMPLETED
+               for s in await jobs_store.steps(db, job_id))
 
 
 def _summary(rep: store.Replication, status: str, reason: str | None, now: str) -> dict[str, Any]:

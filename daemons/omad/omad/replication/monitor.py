@@ -32,7 +32,7 @@ from ..config import ReplicationConfig
 from ..jobs.engine import JobEngine
 from ..store import replications as store
 from ..store.db import Database, utcnow
-from .ending import Ending
+from .ending import NEVER_TAKEN, Ending, vma_took
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,10 @@ class Monitor:
         try:
             body = await self.vma.progress(rep.job_id)
         except NotFound:
+            # A start a dead omad cut short before the VMA answered says so, whoever notices it first (the
+            # monitor adopting it, or a failover resuming its final sync).
+            if not await vma_took(self.db, rep.job_id):
+                return NEVER_TAKEN
             return "the VMA does not know the job (it restarted, or the job was lost)"
         except OmaError as e:
             log.info("no progress from the VMA: %s", e, extra={"resource": rep.job_id})

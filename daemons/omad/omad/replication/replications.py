@@ -48,7 +48,7 @@ from ..store import contexts as contexts_store
 from ..store import replications as store
 from ..store.contexts import ContextStatus
 from ..store.db import Database, utcnow
-from .ending import Ending
+from .ending import NEVER_TAKEN, VMA_STEP, Ending
 from .volume_creates import made_under, remove_volume
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class Replications:
         try:
             await self.vma.progress(job_id)
         except NotFound:
-            await self.ending.fail(job_id, "interrupted: omad stopped before the VMA took the replication")
+            await self.ending.fail(job_id, NEVER_TAKEN)
             return True
         except OmaError:
             return False
@@ -400,7 +400,7 @@ class Replications:
         await self.jobs.progress(job_id, 2)
         # `replication:vma`: dying here leaves rows, exports and leases of a job the VMA never heard of.
         crash_if_named(self.crash_file, "replication:vma", job_id)
-        async with self.jobs.step(job_id, "start VMA replication"):
+        async with self.jobs.step(job_id, VMA_STEP):
             login = await self.credentials.login_for(ctx.credential_id)
             body = {"job_id": job_id, "vcenter": login.vcenter, "username": login.username,
                     "password": login.password, "vm_paths": [ctx.vm_path], "oma_url": self.oma_url,
