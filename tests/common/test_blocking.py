@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from oma_common.blocking import run_blocking
+from oma_common.blocking import run_blocking, run_to_end
 
 from ..lib.gate import Gate, cancel_inside, open_fds
 
@@ -47,3 +47,24 @@ async def test_the_caller_ends_after_the_thread_even_when_cancelled_again() -> N
     with pytest.raises(asyncio.CancelledError):
         await task
     assert gate.returned.is_set() and open_fds() == before
+
+
+async def test_a_request_is_awaited_to_its_end_and_its_answer_undone_for_a_cancelled_caller() -> None:
+    answered, release, undone = asyncio.Event(), asyncio.Event(), []
+
+    async def request() -> str:  # another daemon making something, then answering with its id
+        await release.wait()
+        answered.set()
+        return "att-1"
+
+    task = asyncio.create_task(run_to_end(request(), undo=undone.append))
+    await asyncio.sleep(0.01)
+    for _ in range(2):  # the client went, then the daemon stops
+        task.cancel()
+        await asyncio.sleep(0.01)
+        assert not task.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert answered.is_set() and undone == ["att-1"]
+    assert await run_to_end(request(), undo=undone.append) == "att-1" and undone == ["att-1"]

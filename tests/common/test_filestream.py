@@ -20,6 +20,8 @@ from multidict import CIMultiDict
 
 from oma_common import filestream
 
+from ..lib.gate import Gate
+
 pytestmark = pytest.mark.timeout(30)
 
 MiB = 1024 * 1024
@@ -144,3 +146,32 @@ async def test_a_file_taken_back_cuts_the_answer_off(data_file: Path) -> None:
                 while await r.content.read(4 * MiB):
                     pass
     assert not [t for t in threading.enumerate() if t.name.startswith("sendfile")]
+
+
+@pytest.mark.parametrize("how", ["sendfile", "pread"])
+async def test_a_send_cancelled_again_still_waits_for_its_thread(data_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 how: str) -> None:
+    """Cancelled (the client left), then cancelled again (the daemon stopping) while its thread is in a read:
+    the send returns only once the thread is done with the descriptor its caller closes right after."""
+    fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
+    ours, peer = socket.socketpair()
+    try:
+        gate = Gate(getattr(os, how))
+        monkeypatch.setattr(os, how, gate)
+        if how == "sendfile":
+            task = asyncio.create_task(filestream._SendfileThread(ours.fileno(), fd, 0, MiB, "data").run())
+        else:
+            task = asyncio.create_task(filestream._read_and_write(web.StreamResponse(), fd, 0, MiB, "data"))
+        assert await asyncio.to_thread(gate.entered.wait, 30)
+        for _ in range(2):
+            task.cancel()
+            await asyncio.sleep(0.02)
+            assert not task.done(), "the send ended while its thread still reads the descriptor"
+        gate.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert gate.returned.is_set()
+    finally:
+        os.close(fd)
+        ours.close()
+        peer.close()

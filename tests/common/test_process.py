@@ -263,3 +263,20 @@ async def test_a_child_spawned_for_a_cancelled_start_is_killed(monkeypatch: pyte
     task = asyncio.create_task(child.start(timeout=10))
     await cancel_inside(gate, task)
     assert children() <= kids and open_fds() == before
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("failing", ["process_start_time", "pidfd_open"])
+async def test_a_failure_right_after_the_spawn_kills_the_child(monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    import oma_common.process as process
+
+    def broken(_pid: int) -> object:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(process if failing == "process_start_time" else process.os, failing, broken)
+    before, kids = open_fds(), children()
+    child = SupervisedChild([PY, "-c", SLEEPER], resource_id="export-10")
+    with pytest.raises(OSError, match="Too many open files"):
+        await child.start(timeout=10)
+    assert children() <= kids and open_fds() == before
+    assert child.pid is None and not child.running

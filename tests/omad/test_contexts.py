@@ -6,16 +6,20 @@ import asyncio
 import json
 import os
 import sqlite3
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
+from omad.adapters.memfile import SharedFile
 from omad.inventory.contexts import Contexts
+from omad.inventory.rendered import KeptList
 from omad.inventory.vmspec import DiskSpec, NicSpec, VmSpec
 from omad.store import contexts as store_contexts
 from omad.store.db import Database
 
+from ..lib.gate import Gate
 from ..rig import Api, Stack
 from .conftest import ODD_NAMES, manual
 
@@ -309,3 +313,41 @@ async def test_a_client_leaving_mid_list_leaves_the_list_served(vstack: Stack, a
     log = (vstack.state / "logs" / "omad.log").read_text(errors="replace")
     assert "unexpected error" not in log and "Traceback" not in log
     assert "the VM list stopped: the client went away" in log
+
+
+async def test_a_whole_list_file_written_for_nobody_goes_back_to_the_pool(db: Database) -> None:
+    """omad stopping while a worker thread writes the whole list's file: the file it then returns is given
+    back to the pool at once (the next write reuses its pages), not left for the garbage collector to close."""
+    async with db.transaction() as tx:
+        await Contexts(db).create(tx, VmSpec(id="uuid-1", name="vm-1"), vcenter_host="vc", datacenter="DC1",
+                                  credential_id=None, auto_added=True)
+    kept = KeptList(db)
+    inodes: list[int] = []
+
+    def write(pieces: Sequence[bytes]) -> SharedFile:
+        file = real(pieces)
+        with file.held() as fd:
+            inodes.append(os.fstat(fd).st_ino)
+        return file
+
+    real = kept._files.write
+    gate = Gate(write)
+    kept._files.write = gate  # type: ignore[method-assign]
+
+    async def whole() -> int:
+        async with kept.listing(None, 0) as page:
+            assert page.fd is not None
+            return os.fstat(page.fd).st_ino
+
+    reader = asyncio.create_task(whole())
+    assert await asyncio.to_thread(gate.entered.wait, 30)
+    assert kept._writing is not None
+    writer = kept._writing[1]
+    writer.cancel()  # as at shutdown: the write's task goes, its thread finishes the file for nobody
+    gate.release.set()
+    for task in (writer, reader):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert gate.returned.is_set() and gate.failed is None
+    kept._files.write = real  # type: ignore[method-assign]
+    assert await whole() == inodes[0]  # the file written for nobody, reused

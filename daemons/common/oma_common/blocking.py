@@ -1,4 +1,4 @@
-"""Blocking work in a thread, safe against cancellation: what the thread returns after its caller is gone is undone."""
+"""Blocking work in a thread, or a request to another daemon, safe against cancellation: a result nobody awaits is undone."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import contextvars
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -27,19 +27,42 @@ async def run_blocking(fn: Callable[..., T], *args: Any, undo: Callable[[T], obj
     """
     ctx = contextvars.copy_context()  # as asyncio.to_thread does: the thread sees the caller's context
     fut = asyncio.get_running_loop().run_in_executor(None, functools.partial(ctx.run, fn, *args, **kwargs))
+    return await _to_end(fut, undo, getattr(fn, "__qualname__", repr(fn)))
+
+
+async def run_to_end(aw: Awaitable[T], *, undo: Callable[[T], object] | None = None) -> T:
+    """`aw` (a request to another daemon, say) awaited to its end even when the caller is cancelled meanwhile.
+
+    Hanging up on a request does not undo it: the other daemon goes on (aiohttp runs a handler to its end
+    whether or not the client is still there) and makes what was asked for, under an id the caller never
+    learns. As with `run_blocking`, a cancelled caller here waits for the answer (bounded by the request's
+    own timeout), hands it to `undo` (quick, on the loop: e.g. record it for the caller's own cleanup), and
+    then raises the CancelledError.
+    """
+    fut = asyncio.ensure_future(aw)
+    return await _to_end(fut, undo, getattr(aw, "__qualname__", repr(aw)))
+
+
+async def _to_end(fut: asyncio.Future[T], undo: Callable[[T], object] | None, what: str) -> T:
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
-        await _settle(fut, undo, getattr(fn, "__qualname__", repr(fn)))
+        await _settle(fut, undo, what)
         raise
 
 
-async def _settle(fut: asyncio.Future[T], undo: Callable[[T], object] | None, what: str) -> None:
+async def wait_through(fut: asyncio.Future[Any]) -> None:
+    """Wait until `fut` is done, absorbing any cancellation meanwhile (the caller raises its own afterwards):
+    for a thread that still uses what the caller would release (a descriptor, a socket) once it returns."""
     while not fut.done():
         try:
             await asyncio.wait([fut])  # unlike awaiting it, asyncio.wait never cancels `fut`
         except asyncio.CancelledError:
             continue
+
+
+async def _settle(fut: asyncio.Future[T], undo: Callable[[T], object] | None, what: str) -> None:
+    await wait_through(fut)
     if undo is None or fut.cancelled() or fut.exception() is not None:
         return
     try:

@@ -23,6 +23,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from . import errors
+from .blocking import run_blocking, wait_through
 from .web import error_body, json_response
 
 log = logging.getLogger(__name__)
@@ -252,8 +253,9 @@ class _SendfileThread:
             self.stopping.set()
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(BaseException):
-                await done  # the thread uses the caller's descriptor: it must be done before anyone closes it
+            # The thread uses the caller's descriptor and our socket: it must be done before either is closed,
+            # also when a second cancellation (a shutdown after the client left) arrives meanwhile.
+            await wait_through(done)
             raise
         finally:
             # Closed here, not in the thread: shutdown() above can never meet a number reused meanwhile.
@@ -288,16 +290,10 @@ class _SendfileThread:
 
 async def _read_and_write(resp: web.StreamResponse, fd: int, start: int, length: int, name: str) -> None:
     """The fallback: pread in a worker thread, write through aiohttp."""
-    loop = asyncio.get_running_loop()
     pos, end = start, start + length
     while pos < end:
-        read = loop.run_in_executor(None, os.pread, fd, min(READ_CHUNK, end - pos), pos)
-        try:
-            data = await asyncio.shield(read)
-        except asyncio.CancelledError:
-            with contextlib.suppress(BaseException):
-                await read  # the thread uses the descriptor: it must be done before anyone closes it
-            raise
+        # Cancelled, this still waits for the read: the thread uses the descriptor the caller then closes.
+        data = await run_blocking(os.pread, fd, min(READ_CHUNK, end - pos), pos)
         if not data:
             raise OSError(f"{name} ended at {pos - start} of {length} bytes")
         await resp.write(data)

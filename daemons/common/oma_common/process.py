@@ -315,12 +315,19 @@ class SupervisedChild:
             popen = await run_blocking(spawn, undo=_kill_spawned)
         except OSError as exc:
             raise ChildFailed(self.resource_id, self.argv[0], None, "", f"cannot be executed: {exc}") from exc
-        self._popen = popen
         assert popen.stderr is not None
-        self._start_time = process_start_time(popen.pid)
-        self._pidfd = os.pidfd_open(popen.pid)
-        self._exited = _pidfd_exit_future(loop, self._pidfd)
-        self._exited.add_done_callback(self._on_exit)
+        pidfd: int | None = None
+        try:
+            start_time = process_start_time(popen.pid)
+            pidfd = os.pidfd_open(popen.pid)  # EMFILE/ENFILE here would leave the child unwatched
+            exited = _pidfd_exit_future(loop, pidfd)
+        except BaseException:
+            if pidfd is not None:
+                os.close(pidfd)
+            _kill_spawned(popen)  # nothing watches it yet: kill and reap it before the error goes up
+            raise
+        self._popen, self._start_time, self._pidfd, self._exited = popen, start_time, pidfd, exited
+        exited.add_done_callback(self._on_exit)
         reader = asyncio.StreamReader()
         try:
             self._pipe_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -89,6 +89,10 @@ class Attacher(Protocol):
         and found mounted under the mount root by nobody) are for a backend that cannot tag its devices with
         an owner. Returns what was released."""
 
+    async def release_unkept(self, keep: Callable[[str, str], bool]) -> list[str]:
+        """Detach each of our attachments for which `keep(attachment_id, owner)` is false (asked after the
+        listing, just before its detach); returns what was released."""
+
 
 class NbdPoolAttacher:
     """nbd-pool's agent API over its unix socket: POST/DELETE/GET /attachments."""
@@ -140,9 +144,12 @@ class NbdPoolAttacher:
         return out
 
     async def release_orphans(self, keep: set[str], images: set[str], devices: set[str]) -> list[str]:
+        return await self.release_unkept(lambda attachment_id, _owner: attachment_id in keep)
+
+    async def release_unkept(self, keep: Callable[[str, str], bool]) -> list[str]:
         released = []
         for a in await self._list():
-            if a.owner.startswith(OWNER_PREFIX) and a.attachment_id not in keep:
+            if a.owner.startswith(OWNER_PREFIX) and not keep(a.attachment_id, a.owner):
                 log.warning("releasing attachment %s (owner %s) that no mount tracks", a.attachment_id, a.owner)
                 await self.detach(self._attachment(a))
                 released.append(a.attachment_id)

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from oma_common import errors, logs
+from oma_common.blocking import run_to_end
 from oma_common.contracts.restore_mounter import MOUNT_ID
 
 from . import filesystems
 from .adapters import blkid, mounter
-from .attach import ATTACHED, Attacher, owner_of
+from .attach import ATTACHED, Attacher, Attachment, owner_of
 from .confine import Confined, Resolver
 from .expiry import Clock, IdlePolicy
 from .records import BROKEN, ERROR, MOUNTED, MOUNTING, UNMOUNTING, FsRecord, MountRecord
@@ -323,9 +324,8 @@ class MountManager:
     async def _bring_up(self, m: Mount) -> None:
         r = m.record
         os.mkdir(r.mount_path, 0o700)
-        r.attachment = await self.attacher.attach(r.image, owner_of(r.mount_id))
+        att = await self._attach(r)
         await self.save()
-        att = r.attachment
         if att.partitions:
             candidates = [(p.number, p.device, p.size, p.type) for p in att.partitions]
         else:
@@ -344,6 +344,31 @@ class MountManager:
                                "; ".join(f"partition {f['partition']}: {f['reason']}" for f in found) or
                                "the image holds nothing", filesystems=found)
         m.open_roots()
+
+    async def _attach(self, r: MountRecord) -> Attachment:
+        """Attach the image and record the attachment, so that undoing a mount that fails later detaches it.
+
+        nbd-pool goes on attaching after we hang up (cancelled: the client went, or we stop), so a cancelled
+        mount still waits for the answer (within the request's timeout) and records it for the teardown that
+        follows. Without an answer (timed out, connection lost) whatever nbd-pool holds for this mount (its
+        owner tag) is released now; one it finishes later goes at the next sweep (`release_strays`).
+        """
+        owner = owner_of(r.mount_id)
+
+        def record(att: Attachment) -> None:
+            r.attachment = att
+
+        try:
+            att = await run_to_end(self.attacher.attach(r.image, owner), undo=record)
+        except Exception:
+            try:
+                await self.attacher.release_unkept(lambda _aid, o: o != owner)
+            except errors.OmaError as e:
+                log.warning("cannot release what %s may hold for this mount (%s); the next sweep does",
+                            self.attacher.name, e)
+            raise
+        record(att)
+        return att
 
     async def _mount_fs(self, m: Mount, fs: FsRecord) -> None:
         try:
@@ -475,4 +500,19 @@ class MountManager:
                 removed += 1
             except errors.OmaError as e:
                 log.warning("%s: not removed: %s", m.mount_id, e, extra=logs.tag(m.mount_id))
+        try:
+            await self.release_strays()
+        except errors.OmaError as e:
+            log.warning("cannot release stray attachments: %s", e)
         return removed
+
+    async def release_strays(self) -> list[str]:
+        """Detach our attachments that no mount holds: made by nbd-pool after their mount stopped waiting (an
+        attach timed out), or left by a detach that was interrupted. An attach still in flight (a mount being
+        made that has no attachment yet, with that owner) is left alone."""
+
+        def kept(attachment_id: str, owner: str) -> bool:
+            return any(m.record.attachment.attachment_id == attachment_id if m.record.attachment is not None else
+                       m.record.status == MOUNTING and owner == owner_of(m.mount_id) for m in self.mounts.values())
+
+        return await self.attacher.release_unkept(kept)

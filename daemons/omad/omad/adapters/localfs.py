@@ -2,7 +2,8 @@
 
 Every call runs in a worker thread with a time limit: a repository may be an NFS or CIFS mount whose server
 stopped answering, and a stat there blocks in the kernel. The loop goes on; the stuck thread is left behind
-(it cannot be interrupted), and the caller gets a clear error.
+(it cannot be interrupted), and the caller gets a clear error. A copy, which can run for hours, is told
+that it was given up: it stops at its next chunk and removes what it wrote.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import errno
 import hashlib
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -36,13 +38,19 @@ class LocalFs:
     def __init__(self, *, timeout: float = 30.0) -> None:
         self.timeout = timeout
 
-    async def _call(self, what: str, fn: Callable[[], T], timeout: float | None = None) -> T:
+    async def _call(self, what: str, fn: Callable[[], T], timeout: float | None = None,
+                    stop: threading.Event | None = None) -> T:
+        """`fn` in a thread within the time limit. Given up (timed out, or the caller cancelled), `stop` is
+        set: a long call that checks it (a copy) ends at its next chunk and undoes its own work."""
         limit = timeout or self.timeout
         try:
             return await asyncio.wait_for(asyncio.to_thread(fn), limit)
         except asyncio.TimeoutError as e:
             raise TimedOut("storage not answering", f"{what} did not finish within {limit:g} s "
                                                     "(a network share whose server is down?)") from e
+        finally:
+            if stop is not None:
+                stop.set()
 
     async def capacity(self, path: Path) -> Capacity:
         def stat() -> Capacity:
@@ -146,12 +154,16 @@ class LocalFs:
         """Copy `src` to a new `dst` (never overwritten), synced; returns the SHA-256 of the bytes written.
 
         `progress` is called from the worker thread with the bytes copied so far (it must be thread-safe).
-        A failed copy leaves no `dst`.
+        A failed copy leaves no `dst`, nor does one given up (timed out, cancelled): its thread, which the
+        caller does not wait for, stops at the next chunk and removes what it wrote.
         """
+        stop = threading.Event()
 
         def copy() -> str:
             h = hashlib.sha256()
             done = 0
+            if stop.is_set():
+                raise Unavailable("copy given up", f"copy {src} to {dst} was given up before it began")
             try:
                 fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
             except FileExistsError as e:
@@ -161,6 +173,8 @@ class LocalFs:
             try:
                 with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
                     while chunk := f.read(CHUNK):
+                        if stop.is_set():
+                            raise Unavailable("copy given up", f"copy {src} to {dst} given up after {done} bytes")
                         h.update(chunk)
                         out.write(chunk)
                         done += len(chunk)
@@ -168,6 +182,8 @@ class LocalFs:
                             progress(done)
                     out.flush()
                     os.fsync(out.fileno())
+                    if stop.is_set():  # given up during the last chunk or the sync
+                        raise Unavailable("copy given up", f"copy {src} to {dst} given up at its end")
             except OSError as e:
                 dst.unlink(missing_ok=True)
                 raise Unavailable("copy failed", f"copy {src} to {dst}: {e.strerror or e}") from e
@@ -176,7 +192,7 @@ class LocalFs:
                 raise
             return h.hexdigest()
 
-        return await self._call(f"copy {src}", copy, timeout)
+        return await self._call(f"copy {src}", copy, timeout, stop)
 
     async def size(self, path: Path) -> int:
         return await self._call(f"stat {path}", lambda: path.stat().st_size)

@@ -18,6 +18,8 @@ import dataclasses
 import secrets
 from collections.abc import AsyncIterator, Sequence
 
+from oma_common.blocking import run_blocking
+
 from ..adapters import memfile
 from ..store import contexts as store
 from ..store.contexts import Rendered
@@ -157,7 +159,8 @@ class KeptList:
             pieces[0], pieces[-1] = b"[", b"]"
             pieces[1::2] = items
         try:
-            file = await asyncio.get_running_loop().run_in_executor(None, self._files.write, pieces)
+            # Cancelled (omad stopping), the file the thread then writes goes back to the pool, not to the GC.
+            file = await run_blocking(self._files.write, pieces, undo=memfile.SharedFile.retire)
             if self._body is None or self._body.generation < generation:
                 old, self._body = self._body, _Body(generation, len(items), file)
                 if old is not None:
