@@ -156,6 +156,9 @@ def make_stack(tmp: Path, port: int = 0) -> Stack:
     # vma_tunnel back and goes through sshd).
     stack.add_config("omad", "20-tunnel-user.toml",
                      f'[enrollment]\ntunnel_user = "{pwd.getpwuid(os.getuid()).pw_name}"\n')
+    # Not the product's 10100-10200, which every stack would share (tests needing more ports add a later drop-in).
+    ports = free_range(24)
+    stack.add_config("nbd-pool", "15-ports.toml", f"port_min = {ports.start}\nport_max = {ports.stop - 1}\n")
     return stack
 
 
