@@ -580,13 +580,17 @@ async def test_disabling_a_schedule_drops_its_starts_waiting_for_a_slot(db: Data
     assert [(j["job_id"], j["status"]) for j in detail["jobs"]] == [(d.launcher.started[0][1], "running")]
     assert (detail["status"], detail["jobs_created"], detail["start_failures"]) == ("running", 1, 1)
 
-    await d.launcher.finish(d.launcher.started[0][1])
+    await d.launcher.finish(d.launcher.started[0][1], "failed", "the VMA lost the datastore")
+    d.clock.advance(hours=1)  # past any retry delay
     await d.scheduler.tick()
-    assert len(d.launcher.started) == 1  # nothing started again
+    await d.scheduler.tick()
+    assert len(d.launcher.started) == 1  # a disabled schedule's run retries nothing
     run = await d.schedules.execution(s["id"], run_id)
     assert (run["status"], run["jobs_created"], run["jobs_completed"], run["jobs_failed"], run["jobs_skipped"]) == \
-        ("failed", 1, 1, 0, 3)
-    assert [j["status"] for j in run["jobs"]] == ["completed"]
+        ("failed", 1, 0, 1, 3)
+    assert [j["status"] for j in run["jobs"]] == ["failed"]
+    a = next(v for v in run["vms"] if v["vm_name"] == "a")
+    assert a["status"] == "failed" and "not retried (the schedule is disabled)" in a["reason"]
     assert not await running_attempts_not_followed(d)
 
 

@@ -403,8 +403,11 @@ class Scheduler:
     @staticmethod
     async def _failed_attempt(tx: Tx, v: _Open, schedule: Schedule, now: datetime, why: str, *,
                               not_retried: str | None = None) -> None:
-        """A failed job or a refused start: retry after the schedule's delay while attempts remain (none when
-        `not_retried` says why)."""
+        """A failed job or a refused start: retry after the schedule's delay while attempts remain — none when
+        `not_retried` says why, nor in a scheduled run of a schedule disabled since (a run started by hand
+        retries as its schedule says)."""
+        if not_retried is None and not schedule.enabled and v.row.triggered_by == "scheduler":
+            not_retried = "the schedule is disabled"
         if not_retried:
             v.status, v.reason = VmStatus.FAILED, f"{why}; not retried ({not_retried})"
             await store.vm_failed(tx, v.key, reason=v.reason, at=iso(now))
