@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pwd
+import random
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +23,65 @@ import aiohttp
 from oma_common.devrun import AGENTS, DaemonProcess, write_local_configs
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# NBD port ranges for the test stacks. Several test runs share this machine, and an nbd-pool starting up stops
+# every qemu-nbd listening in its range that it does not know (reconcile.py: a crash's orphans): two stacks
+# with overlapping ranges kill each other's exports. So each test process claims a block of its own (an
+# flock'ed file, released when the process ends) and hands out ranges from it in turn; the blocks lie below
+# the kernel's ephemeral ports and away from the product's 10100-10200.
+PORT_BLOCKS = range(20480, 32768, 512)
+PORT_LOCKS = Path("/tmp/oma-test-port-blocks")
+_port_block: tuple[range, int] | None = None  # this process's block, and where its next range starts
+_port_lock_fd: int | None = None
+
+
+def _claim_port_block() -> range | None:
+    global _port_lock_fd
+    PORT_LOCKS.mkdir(mode=0o777, exist_ok=True)
+    for base in random.sample(list(PORT_BLOCKS), len(PORT_BLOCKS)):
+        fd = os.open(PORT_LOCKS / f"{base}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _port_lock_fd = fd  # held (open) until the process ends
+        return range(base, base + PORT_BLOCKS.step)
+    return None
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nbd-pool probes (TIME_WAIT is free)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_range(size: int) -> range:
+    """`size` consecutive ports nobody listens on, from this test process's own block (see PORT_BLOCKS): no
+    other test process on the machine hands them out. Successive calls take successive ranges of the block,
+    so stacks of one process running at the same time do not share ports either."""
+    global _port_block
+    if _port_block is None:
+        block = _claim_port_block()
+        if block is None:
+            raise RuntimeError(f"every NBD port block under {PORT_LOCKS} is claimed by another test process")
+        _port_block = (block, block.start)
+    block, start = _port_block
+    if size > len(block):
+        raise ValueError(f"at most {len(block)} ports per range")
+    for _ in range(len(block)):
+        if start + size > block.stop:
+            start = block.start
+        ports = range(start, start + size)
+        start += size
+        if all(_bindable(p) for p in ports):
+            _port_block = (block, start)
+            return ports
+    raise RuntimeError(f"no {size} consecutive free ports in {block.start}-{block.stop - 1}")
 
 
 @dataclass
@@ -94,6 +156,9 @@ def make_stack(tmp: Path, port: int = 0) -> Stack:
     # vma_tunnel back and goes through sshd).
     stack.add_config("omad", "20-tunnel-user.toml",
                      f'[enrollment]\ntunnel_user = "{pwd.getpwuid(os.getuid()).pw_name}"\n')
+    # Not the product's 10100-10200, which every stack would share (tests needing more ports add a later drop-in).
+    ports = free_range(24)
+    stack.add_config("nbd-pool", "15-ports.toml", f"port_min = {ports.start}\nport_max = {ports.stop - 1}\n")
     return stack
 
 

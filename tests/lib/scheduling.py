@@ -223,7 +223,7 @@ def build(db: Database, clock: FakeClock, **scheduler_options: Any) -> Domain:
     launchers = {"backup": launcher, "replication": replicator}
     scheduler = Scheduler(db, audit, launchers, clock, **scheduler_options)
     schedules = Schedules(db, audit, clock, launchers, on_change=scheduler.wake,
-                          on_disable=scheduler.halt)
+                          disabling=scheduler.disabling)
     groups = Groups(db, audit, on_change=scheduler.wake)
     return Domain(db, clock, engine, launcher, replicator, scheduler, schedules, groups)
 

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,32 +18,16 @@ from nbd_pool.adapters.orphans import list_orphans, release_orphans
 from oma_common.statefile import write_atomically
 
 from ..lib.filetree import path_sha256
+from .. import rig
 from ..rig import Stack
 
 MIB = 1024 * 1024
 POOL_SIZE = 101  # as the product's 10100-10200
 
 
-def free_range(size: int = POOL_SIZE, attempts: int = 200) -> range:
-    """`size` consecutive ports nobody listens on now, away from the product's range (other sessions on this
-    machine may run nbd-pool there) and from the kernel's ephemeral range."""
-    rng = random.Random()
-    for _ in range(attempts):
-        base = rng.randrange(20000, 32000 - size)
-        ports = range(base, base + size)
-        if all(_bindable(p) for p in ports):
-            return ports
-    raise RuntimeError(f"no {size} consecutive free ports found")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def free_range(size: int = POOL_SIZE) -> range:
+    """`size` consecutive ports nobody listens on, this test process's own (tests/rig.py)."""
+    return rig.free_range(size)
 
 
 def sh(*argv: str | Path, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:

@@ -2,7 +2,7 @@
 retries after the configured delay, a VM under two schedules without overlapping jobs, execution counts that
 match the jobs, a missed run after downtime, restarts, and the VM's next_scheduled_at / last_scheduled_job_id;
 starts outside the tick's lock: a bounded number at once, other schedules firing meanwhile, a failing start
-among others, a stop or a disable while starts are in flight.
+among others, a stop, a disable or a delete while starts are in flight.
 
 Jobs are real rows created through the JobEngine by a real in-process launcher; the test finishes them."""
 
@@ -536,9 +536,67 @@ async def test_the_loop_fires_another_schedule_while_a_schedules_starts_are_in_f
     assert [(r["status"], r["jobs_created"]) for r in runs] == [("running", 2), ("running", 1)]
 
 
+async def running_attempts_not_followed(d: Domain) -> list[dict[str, Any]]:
+    """Attempt rows `running` whose VM does not follow that job: no tick would ever end them."""
+    return await d.db.fetchall(
+        "SELECT x.job_id, x.vm_context_id FROM schedule_execution_jobs x LEFT JOIN schedule_execution_vms v "
+        "ON v.execution_id = x.execution_id AND v.vm_context_id = x.vm_context_id AND v.job_id = x.job_id "
+        "AND v.status = 'running' WHERE x.status = 'running' AND v.job_id IS NULL")
+
+
 async def test_disabling_a_schedule_drops_its_starts_waiting_for_a_slot(db: Database) -> None:
+    d = build(db, FakeClock(T0), start_concurrency=3)
+    ids = await add_contexts(d.db, ["a", "b", "c", "d", "e"])
+    s = await d.schedule("slow starts", "0 0 8 * * *", max_concurrent_jobs=10, retry_attempts=2)
+    await d.group("g", s["id"], list(ids.values()))
+    d.launcher.gate = asyncio.Event()
+    d.launcher.refuse["b"] = Unavailable("repository unavailable", "the repository is not mounted")
+    d.clock.set(datetime(2025, 3, 29, 8, tzinfo=UTC))
+    ticking = asyncio.ensure_future(d.scheduler.tick())
+    await d.launcher.wait_in_flight(3)  # a, b and c have begun; d and e wait for a slot
+    other = d.engine.new("backup", display_name="a manual backup", context_id=ids["c"])
+    await d.engine.create_many([other])  # c gets a job of its own meanwhile: its start is refused as busy
+
+    # The disable does not wait for the starts in progress (their gate is still closed).
+    await asyncio.wait_for(d.schedules.set_enabled(s["id"], False, actor="admin"), 5)
+    run_id = (await d.executions(s["id"]))[0]["id"]
+    vms = {v["vm_name"]: v for v in (await d.schedules.execution(s["id"], run_id))["vms"]}
+    assert {n: v["status"] for n, v in vms.items()} == {"a": "pending", "b": "pending", "c": "pending", "d": "skipped",
+                                                       "e": "skipped"}
+    assert vms["e"]["reason"] == "cancelled: the schedule was disabled by admin"
+
+    d.launcher.gate.set()
+    await ticking
+    assert [n for n, _, _ in d.launcher.started] == ["a"]  # d and e never began
+    detail = await d.schedules.execution(s["id"], run_id)
+    vms = {v["vm_name"]: v for v in detail["vms"]}
+    # a's start went through: the run follows its job and counts it; the refused start is recorded with its
+    # reason and not retried; the VM refused as busy does not wait for a disabled schedule.
+    assert {n: v["status"] for n, v in vms.items()} == {"a": "running", "b": "failed", "c": "skipped", "d": "skipped",
+                                                       "e": "skipped"}
+    assert "the repository is not mounted" in vms["b"]["reason"]
+    assert "not retried" in vms["b"]["reason"] and vms["b"]["start_failures"] == 1
+    assert vms["c"]["reason"].startswith("cancelled: the schedule was disabled by admin; ")
+    assert [(j["job_id"], j["status"]) for j in detail["jobs"]] == [(d.launcher.started[0][1], "running")]
+    assert (detail["status"], detail["jobs_created"], detail["start_failures"]) == ("running", 1, 1)
+
+    await d.launcher.finish(d.launcher.started[0][1], "failed", "the VMA lost the datastore")
+    d.clock.advance(hours=1)  # past any retry delay
+    await d.scheduler.tick()
+    await d.scheduler.tick()
+    assert len(d.launcher.started) == 1  # a disabled schedule's run retries nothing
+    run = await d.schedules.execution(s["id"], run_id)
+    assert (run["status"], run["jobs_created"], run["jobs_completed"], run["jobs_failed"], run["jobs_skipped"]) == \
+        ("failed", 1, 0, 1, 3)
+    assert [j["status"] for j in run["jobs"]] == ["failed"]
+    a = next(v for v in run["vms"] if v["vm_name"] == "a")
+    assert a["status"] == "failed" and "not retried (the schedule is disabled)" in a["reason"]
+    assert not await running_attempts_not_followed(d)
+
+
+async def test_deleting_a_schedule_while_its_starts_are_in_flight(db: Database) -> None:
     d = build(db, FakeClock(T0), start_concurrency=1)
-    ids = await add_contexts(d.db, ["a", "b", "c"])
+    ids = await add_contexts(d.db, ["a", "b"])
     s = await d.schedule("slow starts", "0 0 8 * * *", max_concurrent_jobs=10)
     await d.group("g", s["id"], list(ids.values()))
     d.launcher.gate = asyncio.Event()
@@ -546,17 +604,50 @@ async def test_disabling_a_schedule_drops_its_starts_waiting_for_a_slot(db: Data
     ticking = asyncio.ensure_future(d.scheduler.tick())
     await d.launcher.wait_in_flight(1)
     await d.schedules.set_enabled(s["id"], False, actor="admin")
+    await d.scheduler.tick()  # b (not begun) is skipped; a's start keeps the run open
+    with pytest.raises(Conflict):
+        await d.schedules.delete(s["id"], actor="admin")
     d.launcher.gate.set()
     await ticking
-    assert [n for n, _, _ in d.launcher.started] == ["a"]  # b and c never began
-    await d.launcher.finish_all()
     await d.scheduler.tick()
-    run = await d.schedules.execution(s["id"], (await d.executions(s["id"]))[0]["id"])
-    assert run["status"] != "running"
-    # The disable skipped every waiting VM in the database, a's start in progress included (store.cancel_waiting,
-    # as when starts ran one at a time): a's job ran, but the execution does not count it.
-    assert {(v["vm_name"], v["status"]) for v in run["vms"]} == {("a", "skipped"), ("b", "skipped"),
-                                                                  ("c", "skipped")}
+    with pytest.raises(Conflict):  # a's job runs, followed by the run
+        await d.schedules.delete(s["id"], actor="admin")
+    assert not await running_attempts_not_followed(d)
+    [(name, job_id, _)] = d.launcher.started
+    assert name == "a"
+    await d.launcher.finish(job_id)
+    await d.scheduler.tick()
+    run = (await d.executions(s["id"]))[0]
+    assert (run["status"], run["jobs_created"], run["jobs_completed"], run["jobs_skipped"]) == ("completed", 1, 1, 1)
+    await d.schedules.delete(s["id"], actor="admin")
+    assert await d.db.scalar("SELECT COUNT(*) FROM schedule_execution_jobs") == 0
+    assert await d.db.scalar("SELECT status FROM jobs WHERE id = ?", (job_id,)) == "completed"
+
+
+async def test_stopping_after_a_disable_records_the_starts_in_progress(db: Database) -> None:
+    d = build(db, FakeClock(T0), start_concurrency=1)
+    ids = await add_contexts(d.db, ["a", "b"])
+    s = await d.schedule("slow starts", "0 0 8 * * *", max_concurrent_jobs=10)
+    await d.group("g", s["id"], list(ids.values()))
+    d.launcher.gate = asyncio.Event()
+    d.clock.set(datetime(2025, 3, 29, 8, tzinfo=UTC))
+    await d.scheduler.start()
+    await d.launcher.wait_in_flight(1)
+    await d.schedules.set_enabled(s["id"], False, actor="admin")
+    stopping = asyncio.ensure_future(d.scheduler.stop())
+    await asyncio.sleep(0)
+    d.launcher.gate.set()
+    await stopping
+    detail = await d.schedules.execution(s["id"], (await d.executions(s["id"]))[0]["id"])
+    assert [(v["vm_name"], v["status"]) for v in detail["vms"]] == [("a", "running"), ("b", "skipped")]
+    assert [j["status"] for j in detail["jobs"]] == ["running"]
+
+    # The next omad follows a's job and starts nothing for the disabled schedule.
+    again = build(db, FakeClock(datetime(2025, 3, 29, 8, 1, tzinfo=UTC)), start_concurrency=1)
+    await again.launcher.finish_all()
+    assert (await again.scheduler.tick()).started == 0
+    run = (await again.executions(s["id"]))[0]
+    assert (run["status"], run["jobs_completed"], run["jobs_skipped"]) == ("completed", 1, 1)
 
 
 async def test_a_failing_start_does_not_stop_the_others(db: Database) -> None:

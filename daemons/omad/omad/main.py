@@ -204,7 +204,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
                           stop_grace_seconds=cfg.api.shutdown_grace_seconds,
                           start_concurrency=cfg.scheduler.start_concurrency)
     schedules = Schedules(db, audit, scheduler.clock, launchers, on_change=scheduler.wake,
-                          on_disable=scheduler.halt)
+                          disabling=scheduler.disabling)
     groups = Groups(db, audit, on_change=scheduler.wake)
 
     # VMA enrollment: approved keys reach sshd through `omactl vma authorized-keys`; volume-agent ends the sshd

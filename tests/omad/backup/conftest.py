@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import random
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ from oma_common.rpc import AgentClient
 from tests.sim.vma import SCAN, MiB, Inventory, SimState, VirtualMachine, VMASim
 
 from ...lib.diskimages import DiskImage, File, Pattern, Tree, gpt_two_ext4
-from ...rig import Api, Stack
+from ...rig import Api, Stack, free_range
 from ..conftest import PASSWORD, USER, VCENTER, manual, vma_config
 
 IDLE_TIMEOUT = 3.0
@@ -29,27 +28,6 @@ TWO_DISK_VM = "db 01"
 ROOT_TREE: Tree = {"etc/hostname": b"db01\n", "etc/motd": File(b"welcome\n", mode=0o644),
              "var/lib/app/data.bin": File(Pattern(3 * MiB, seed=7))}
 DATA_TREE: Tree = {"db/table1": File(Pattern(2 * MiB, seed=11)), "db/README": b"backup me\n"}
-
-
-def free_range(size: int) -> range:
-    """`size` consecutive ports nobody listens on, away from the product's range and the ephemeral one."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(33000 - size)
-        base = max(base, 20000)
-        ports = range(base, base + size)
-        ok = True
-        for p in ports:
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return ports
-    raise RuntimeError("no free port range")
 
 
 def write_random(path: Path, offset: int, length: int, seed: int) -> None:

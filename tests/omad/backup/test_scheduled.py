@@ -1,18 +1,22 @@
 """Scheduled backups end to end: omad's scheduler starts real backups through the same domain function as
 POST /backups (the VMA simulator writes them into nbd-pool's exports), within the groups' limits, full first
-and incremental after, and the execution's counts match the backups that ran."""
+and incremental after, and the execution's counts match the backups that ran; and backups starting at once, run
+after run and back to back, on a pool with exactly as many NBD ports as the disks."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from ...lib.scheduling import run_now
-from ...rig import Stack
+from ...rig import Stack, free_range
 from .conftest import TWO_DISK_VM, Rig, qemu_img
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+ROUNDS = 12  # scheduled runs of the concurrency test
+WORKER_ROUNDS = 10  # then backups back to back per VM
 
 
 @pytest.fixture
@@ -60,5 +64,50 @@ async def test_a_schedule_backs_up_its_groups(fast_scheduler: None, rig: Rig) ->
     for b in latest.values():
         assert listing[b["vm_name"]]["last_scheduled_job_id"] == b["backup_id"]
         assert listing[b["vm_name"]]["next_scheduled_at"] == s["next_run_at"]
+    exports, ports = await rig.nbd_state()
+    assert exports == [] and ports["allocated"] == 0
+
+
+@pytest.fixture
+def tight_ports(stack_config: Stack) -> range:
+    """As many NBD ports as the VMs have disks (5): every run's exports start on the ports the previous run's
+    just freed, their connections still in TIME_WAIT."""
+    ports = free_range(5)
+    stack_config.add_config("nbd-pool", "70-tight.toml", f"port_min = {ports[0]}\nport_max = {ports[-1]}\n")
+    return ports
+
+
+@pytest.mark.timeout(480)
+async def test_concurrent_starts_share_nbd_pool_without_a_race(fast_scheduler: None, tight_ports: range,
+                                                               rig: Rig) -> None:
+    """Four backups (five disks) start at once, run after run, on a pool of exactly five ports: leases, binds and
+    the VMA's connections never collide, and every run backs up every VM."""
+    api = rig.api
+    ctx = [v["context_id"] for v in (await api.get("/vm-contexts"))[1]["vm_contexts"]]
+    status, s = await api.post("/schedules", {"name": "all at once", "cron_expression": "0 0 3 * * *",
+                                              "timezone": "UTC", "repository_id": rig.repo_id,
+                                              "max_concurrent_jobs": 4, "retry_attempts": 0})
+    assert status == 201, s
+    group = (await api.post("/machine-groups", {"name": "all", "schedule_id": s["id"], "max_concurrent_vms": 4}))[1]
+    await api.post(f"/machine-groups/{group['id']}/vms", {"vm_context_ids": ctx})
+    for n in range(ROUNDS):  # each run's four starts at once, on the ports the previous run freed
+        run = await run_now(api, s["id"], log_tail=rig.log_tail)
+        failed = [(v["vm_name"], v["reason"]) for v in run["vms"] if v["status"] != "completed"]
+        assert (run["status"], run["jobs_completed"], failed) == ("completed", 4, []), \
+            (n, run, rig.log_tail(), rig.log_tail("nbd-pool", 40))
+
+    # Then each VM backs up again as soon as its last backup ends: every start takes the ports another job
+    # has just released (its qemu-nbd just stopped) while the other jobs' exports run.
+    async def back_to_back(vm: str) -> None:
+        for _ in range(WORKER_ROUNDS):
+            done = await rig.backup(vm, "incremental")
+            assert done["status"] == "completed", done
+
+    names = [v["vm_name"] for v in (await api.get("/vm-contexts"))[1]["vm_contexts"]]
+    await asyncio.gather(*(back_to_back(vm) for vm in names))
+    backups = (await api.get("/backups", params={"limit": 10000}))[1]["backups"]
+    assert len(backups) == 4 * (ROUNDS + WORKER_ROUNDS) and {b["status"] for b in backups} == {"completed"}
+    used = {d["nbd_port"] for b in backups for d in b["disk_results"] if d.get("nbd_port")}
+    assert used and used <= set(tight_ports), used
     exports, ports = await rig.nbd_state()
     assert exports == [] and ports["allocated"] == 0

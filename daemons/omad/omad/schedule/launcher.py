@@ -93,6 +93,7 @@ class StartSlots:
         self.may_begin = may_begin
         self._free = asyncio.Semaphore(size)
         self._closed = False
+        self.queued: set[Start] = set()  # starts waiting for their turn
 
     def close(self) -> None:
         """omad stops: the starts in progress end; those waiting for a slot do not begin."""
@@ -104,8 +105,15 @@ class StartSlots:
     @contextlib.asynccontextmanager
     async def turn(self, start: Start) -> AsyncIterator[bool]:
         """Hold a slot while the start runs; yields whether it may begin."""
-        async with self._free:
+        self.queued.add(start)
+        try:
+            await self._free.acquire()
+        finally:
+            self.queued.discard(start)
+        try:
             yield not self._closed and self.may_begin(start)
+        finally:
+            self._free.release()
 
 
 async def concurrently(start: Callable[[Start], Awaitable[str]], starts: Sequence[Start],

@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -86,7 +86,7 @@ class _Ended:
     """A start that ended, waiting to be recorded."""
 
     vm: _Open
-    outcome: Outcome
+    outcome: Outcome | None  # None: not begun, its schedule was disabled meanwhile
     target: Target
     schedule: Schedule
     skips_busy: bool
@@ -101,6 +101,7 @@ class _Round:
     refused: list[tuple[_Open, OmaError]] = dataclasses.field(default_factory=list)
     waits: list[tuple[_Open, str]] = dataclasses.field(default_factory=list)
     skips: list[tuple[_Open, str]] = dataclasses.field(default_factory=list)  # busy VMs of a launcher that skips
+    final: dict[VmKey, str] = dataclasses.field(default_factory=dict)  # refused starts not retried, and why
 
 
 class Scheduler:
@@ -121,9 +122,12 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._ticks = 0
         self._ticked = asyncio.Condition()
-        self._halted: set[str] = set()  # schedules disabled since the tick began or with starts in flight
+        # Schedules disabled with starts in flight (or since the tick began), and why: their starts that have not
+        # begun do not begin (their VMs are recorded skipped with that reason), those begun are recorded as they
+        # end, but a busy VM or a refused start is not asked again.
+        self._halted: dict[str, str] = {}
         # Starts run outside the lock, this many at once; one waiting for its turn does not begin once its
-        # schedule is disabled (its VM was skipped in the database meanwhile).
+        # schedule is disabled.
         self._slots = StartSlots(start_concurrency, lambda one: one.target.schedule_id not in self._halted)
         self._in_flight: dict[VmKey, _Open] = {}  # chosen VMs whose start's outcome is not recorded yet
         self._launches: set[asyncio.Task[bool]] = set()
@@ -162,10 +166,25 @@ class Scheduler:
         """Something changed (a schedule, a group, a trigger): look again now rather than at the next poll."""
         self._wake.set()
 
-    def halt(self, schedule_id: str) -> None:
-        """The schedule was just disabled (its waiting VMs are skipped in the database): a tick in progress
-        starts nothing more for it, nor do its starts still waiting for a slot."""
-        self._halted.add(schedule_id)
+    @contextlib.asynccontextmanager
+    async def disabling(self) -> AsyncIterator[Callable[[str, str], list[VmKey]]]:
+        """Around a transaction that may disable schedules: no tick decides or records meanwhile (the lock; the
+        starts in progress run on, so this waits for no start). It yields `halt(schedule_id, reason)`, to call
+        when the schedule is disabled: its starts waiting for a slot will not begin (their VMs are recorded
+        skipped with `reason`), and it returns the VMs whose start is in flight, which the transaction must
+        leave `pending` for their outcome to be recorded. If the transaction fails, nothing was halted."""
+        async with self._lock:
+            before = dict(self._halted)
+            try:
+                yield self._halt
+            except BaseException:
+                self._halted = before
+                raise
+
+    def _halt(self, schedule_id: str, reason: str) -> list[VmKey]:
+        self._halted[schedule_id] = reason
+        queued = {(s.execution_id, s.vm.context_id) for s in self._slots.queued}  # will not begin now
+        return [key for key, v in self._in_flight.items() if v.row.schedule_id == schedule_id and key not in queued]
 
     async def wait_ticks(self, count: int) -> None:
         """Return once `count` ticks have completed since start and the starts in flight are recorded (tests
@@ -245,7 +264,8 @@ class Scheduler:
         async with self._lock:
             # What was disabled before now is in the database this step reads; a schedule with starts in
             # flight stays halted for them.
-            self._halted &= {v.row.schedule_id for v in self._in_flight.values()}
+            flying = {v.row.schedule_id for v in self._in_flight.values()}
+            self._halted = {k: why for k, why in self._halted.items() if k in flying}
             now = self.clock.now()
             await self._fire_due(now, report)
             launches = await self._advance(now, report, tried)
@@ -381,9 +401,18 @@ class Scheduler:
             v.status, v.reason = VmStatus.COMPLETED, None
 
     @staticmethod
-    async def _failed_attempt(tx: Tx, v: _Open, schedule: Schedule, now: datetime, why: str) -> None:
-        """A failed job or a refused start: retry after the schedule's delay while attempts remain."""
-        if v.attempts <= schedule.retry_attempts:
+    async def _failed_attempt(tx: Tx, v: _Open, schedule: Schedule, now: datetime, why: str, *,
+                              not_retried: str | None = None) -> None:
+        """A failed job or a refused start: retry after the schedule's delay while attempts remain — none when
+        `not_retried` says why, nor in a scheduled run of a schedule disabled since (a run started by hand
+        retries as its schedule says)."""
+        if not_retried is None and not schedule.enabled and v.row.triggered_by == "scheduler":
+            not_retried = "the schedule is disabled"
+        if not_retried:
+            v.status, v.reason = VmStatus.FAILED, f"{why}; not retried ({not_retried})"
+            await store.vm_failed(tx, v.key, reason=v.reason, at=iso(now))
+            log.warning("%s: %s; not retried", v.row.vm_name, why, extra={"resource": v.row.context_id})
+        elif v.attempts <= schedule.retry_attempts:
             at = iso(now + timedelta(minutes=schedule.retry_delay_minutes))
             v.status, v.retry_at = VmStatus.RETRY_WAIT, at
             v.reason = f"{why}; retry {v.attempts} of {schedule.retry_attempts} at {at}"
@@ -497,12 +526,13 @@ class Scheduler:
         reported: set[Start] = set()
         freed = left = False  # a slot freed; a VM left `pending` without a job (skipped, or refused and counted)
 
-        def ended(start: Start, outcome: Outcome) -> None:
+        def ended(start: Start, outcome: Outcome | None) -> None:
             nonlocal freed, left
             reported.add(start)
             v = starts[start]
             freed |= isinstance(outcome, OmaError)
-            left |= isinstance(outcome, OmaError) and (skips_busy or not isinstance(outcome, Conflict))
+            left |= outcome is None or isinstance(outcome, OmaError) and (
+                skips_busy or not isinstance(outcome, Conflict) or v.row.schedule_id in self._halted)
             self._post(_Ended(v, outcome, start.target, schedules[v.row.schedule_id], skips_busy, report))
 
         try:
@@ -519,8 +549,12 @@ class Scheduler:
                 if start not in reported:
                     ended(start, OmaError("internal error", f"starting the {action} failed unexpectedly: {e}"))
         finally:
-            for start, v in starts.items():
-                if start not in reported:  # not begun (omad stops, the schedule was disabled): it stays pending
+            for start, v in list(starts.items()):
+                if start in reported:
+                    continue
+                if v.row.schedule_id in self._halted:  # not begun (or cut short), its schedule disabled: skipped
+                    ended(start, None)
+                else:  # not begun or cut short as omad stops: it stays pending, started again after the restart
                     self._in_flight.pop(v.key, None)
         await self._all_recorded()
         if left:
@@ -539,7 +573,8 @@ class Scheduler:
                 batch, self._ended = self._ended, []
                 done = _Round()
                 for e in batch:
-                    self._started_or_refused(e.vm, e.outcome, e.target, done, e.skips_busy)
+                    self._started_or_refused(e.vm, e.outcome, e.target, done, e.skips_busy,
+                                             self._halted.get(e.vm.row.schedule_id))
                 try:
                     await self._record(done, {e.vm.row.schedule_id: e.schedule for e in batch}, self.clock.now(),
                                        set(), recount=True)
@@ -558,14 +593,22 @@ class Scheduler:
             await asyncio.shield(self._recorder)
 
     @staticmethod
-    def _started_or_refused(v: _Open, outcome: Outcome, target: Target, done: _Round, skips_busy: bool) -> None:
-        if isinstance(outcome, Conflict) and skips_busy:
-            done.skips.append((v, f"skipped: {outcome.details}"))
+    def _started_or_refused(v: _Open, outcome: Outcome | None, target: Target, done: _Round, skips_busy: bool,
+                            halted: str | None) -> None:
+        """Note an ended start in `done`. `halted`: why its schedule was disabled while the start ran — a job
+        started is followed like any other, but a start not begun or refused as busy is skipped, and a refused
+        one is not retried."""
+        if outcome is None:
+            done.skips.append((v, halted or "skipped: its start did not begin"))
+        elif isinstance(outcome, Conflict) and (skips_busy or halted):
+            done.skips.append((v, f"{halted}; {outcome.details}" if halted else f"skipped: {outcome.details}"))
         elif isinstance(outcome, Conflict):
             done.waits.append((v, f"waiting: {outcome.details}"))
             done.refused.append((v, outcome))
         elif isinstance(outcome, OmaError):
             done.refused.append((v, outcome))
+            if halted:
+                done.final[v.key] = halted
         else:
             v.attempts += 1
             v.status, v.job_id, v.retry_at, v.reason = VmStatus.RUNNING, outcome, None, None
@@ -589,7 +632,8 @@ class Scheduler:
                     continue  # the VM is busy: it waits, without counting an attempt
                 v.attempts += 1
                 await store.vm_start_refused(tx, v.key, attempts=v.attempts)
-                await self._failed_attempt(tx, v, schedules[v.row.schedule_id], now, f"start refused: {e}")
+                await self._failed_attempt(tx, v, schedules[v.row.schedule_id], now, f"start refused: {e}",
+                                           not_retried=done.final.get(v.key))
                 touched.add(v.row.execution_id)
             await store.vm_waiting(tx, [(v.key, why) for v, why in waits])
             if recount:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import builtins
+import contextlib
+import dataclasses
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from oma_common.errors import Conflict, Invalid, NotFound
@@ -16,7 +17,7 @@ from ..store import groups as group_store
 from ..store import schedules as store
 from ..store.base import Reader
 from ..store.db import Database
-from ..store.schedules import Action, Execution, Schedule
+from ..store.schedules import Action, Execution, Schedule, VmKey
 from . import cron
 from .clock import Clock, iso, parse_iso
 from .launcher import JobLauncher, Target
@@ -51,6 +52,18 @@ def with_replication_type(s: Schedule) -> Schedule:
     return s
 
 
+# Scheduler.disabling: holds the scheduler's decisions around a transaction and yields `halt(schedule, reason)`,
+# which returns the VMs whose starts are in flight for that schedule.
+Halt = Callable[[str, str], Sequence[VmKey]]
+Disabling = Callable[[], contextlib.AbstractAsyncContextManager[Halt]]
+
+
+@contextlib.asynccontextmanager
+async def no_scheduler() -> AsyncIterator[Halt]:
+    """No scheduler runs: no start is in flight."""
+    yield lambda schedule_id, reason: ()
+
+
 def execution_dict(e: Execution) -> dict[str, Any]:
     out = dataclasses.asdict(e)
     out["execution_id"] = e.id
@@ -70,14 +83,13 @@ def _text_id(value: Any) -> str | None:
 
 class Schedules:
     def __init__(self, db: Database, audit: Audit, clock: Clock, launchers: Mapping[str, JobLauncher],
-                 on_change: Callable[[], None] = lambda: None,
-                 on_disable: Callable[[str], None] = lambda schedule_id: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, disabling: Disabling = no_scheduler) -> None:
         self.db = db
         self.audit = audit
         self.clock = clock
         self.launchers = launchers
         self.on_change = on_change  # wakes the scheduler: its next due time may have moved
-        self.on_disable = on_disable  # tells a tick in progress to start nothing more for this schedule
+        self.disabling = disabling  # a disable and the scheduler's decisions do not interleave
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -158,8 +170,11 @@ class Schedules:
 
     async def update(self, schedule_id: str, fields: dict[str, Any], *, actor: str,
                      audit_action: str = "schedule.update") -> dict[str, Any]:
-        """Change the given fields; a new expression, time zone or enabling recomputes the next run."""
-        async with self.db.transaction() as tx:
+        """Change the given fields; a new expression, time zone or enabling recomputes the next run. Disabling
+        skips the VMs of its running executions waiting to start; those whose start is in progress are left for
+        the scheduler to record (the call does not wait for them)."""
+        disabling = self.disabling() if "enabled" in fields and not fields["enabled"] else no_scheduler()
+        async with disabling as halt, self.db.transaction() as tx:
             old = await store.get(tx, schedule_id)
             changes = {k: v for k, v in fields.items() if k in _UPDATABLE}
             for key in ("repository_id", "policy_id"):
@@ -181,13 +196,11 @@ class Schedules:
             new = dataclasses.replace(new, updated_at=iso(now))
             await store.update(tx, new)
             if old.enabled and not new.enabled:
-                await store.cancel_waiting(tx, schedule_id, reason=f"cancelled: the schedule was disabled by {actor}",
-                                           at=iso(now))
+                reason = f"cancelled: the schedule was disabled by {actor}"
+                await store.cancel_waiting(tx, schedule_id, reason=reason, at=iso(now), keep=halt(schedule_id, reason))
             await store.refresh_next_scheduled(tx)
             changed = sorted(k for k in _UPDATABLE if getattr(new, k) != getattr(old, k))
             await self.audit.record(actor, audit_action, f"schedule:{schedule_id}", tx=tx, changed=changed)
-        if old.enabled and not new.enabled:
-            self.on_disable(schedule_id)  # right after the commit, before anything else can run
         log.info("schedule %r updated (%s), next run %s", new.name, ", ".join(changed) or "no change",
                  new.next_run_at or "-", extra={"resource": schedule_id})
         self.on_change()

@@ -149,6 +149,7 @@ class OpenVm:
 
     execution_id: int
     schedule_id: str
+    triggered_by: str  # the execution's: "scheduler" or "manual:<actor>"
     context_id: str
     vm_name: str | None
     group_id: str
@@ -354,7 +355,7 @@ async def execution_jobs(db: Reader, execution_id: int) -> list[ExecutionJob]:
 async def open_vms(db: Reader) -> list[OpenVm]:
     """Every VM of a running execution that is not done, in start order (execution, then position)."""
     return [OpenVm(**r) for r in await db.fetchall(  # exactly the record's columns: no record() on this hot path
-        "SELECT v.execution_id, e.schedule_id, v.vm_context_id AS context_id, c.vm_name, v.group_id, v.status,"
+        "SELECT v.execution_id, e.schedule_id, e.triggered_by, v.vm_context_id AS context_id, c.vm_name, v.group_id, v.status,"
         " v.attempts, v.job_id, v.retry_at, v.reason FROM schedule_executions e"
         " JOIN schedule_execution_vms v ON v.execution_id = e.id"
         " LEFT JOIN vm_replication_contexts c ON c.context_id = v.vm_context_id"
@@ -428,9 +429,13 @@ async def vms_started(tx: Writer, started: Sequence[Started], *, at: str) -> Non
         f"UPDATE schedule_execution_vms SET status = 'running', attempts = ?, job_id = ?, retry_at = NULL, "
         f"reason = NULL, started_at = COALESCE(started_at, ?) {_VM} AND status = 'pending'",
         [(s.attempt, s.job_id, at, s.execution_id, s.context_id) for s in started])
+    # An attempt is recorded only on a VM that now follows its job: a row no tick follows would stay running.
     await tx.executemany(
         "INSERT INTO schedule_execution_jobs (job_id, execution_id, vm_context_id, attempt, status, created_at) "
-        "VALUES (?, ?, ?, ?, 'running', ?)", [(s.job_id, s.execution_id, s.context_id, s.attempt, at) for s in started])
+        f"SELECT ?, ?, ?, ?, 'running', ? WHERE EXISTS (SELECT 1 FROM schedule_execution_vms {_VM} "
+        "AND status = 'running' AND job_id = ?)",
+        [(s.job_id, s.execution_id, s.context_id, s.attempt, at, s.execution_id, s.context_id, s.job_id)
+         for s in started])
 
 
 async def vms_completed(tx: Writer, keys: Sequence[VmKey], *, at: str) -> None:
@@ -471,12 +476,16 @@ async def vm_waiting(tx: Writer, keys: Sequence[tuple[VmKey, str]]) -> None:
     await tx.executemany(f"UPDATE schedule_execution_vms SET reason = ? {_VM}", [(why, *k) for k, why in keys])
 
 
-async def cancel_waiting(tx: Writer, schedule_id: str, *, reason: str, at: str) -> None:
-    """The schedule was disabled: the VMs of its running executions not started yet are skipped."""
+async def cancel_waiting(tx: Writer, schedule_id: str, *, reason: str, at: str, keep: Sequence[VmKey] = ()) -> None:
+    """The schedule was disabled: the VMs of its running executions not started yet are skipped, except `keep`
+    (VMs whose start is in progress: their outcome is recorded when it comes)."""
     await tx.execute(
         "UPDATE schedule_execution_vms SET status = 'skipped', retry_at = NULL, reason = ?, completed_at = ? "
         "WHERE status IN ('pending', 'retry_wait') AND execution_id IN "
-        "(SELECT id FROM schedule_executions WHERE schedule_id = ? AND status = 'running')", (reason, at, schedule_id))
+        "(SELECT id FROM schedule_executions WHERE schedule_id = ? AND status = 'running') "
+        "AND (execution_id, vm_context_id) NOT IN "
+        "(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
+        (reason, at, schedule_id, json.dumps([list(k) for k in keep])))
 
 
 async def attempts_ended(tx: Writer, ended: Sequence[tuple[str, AttemptStatus]], *, at: str) -> None:
