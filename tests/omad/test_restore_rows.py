@@ -60,13 +60,20 @@ def service(db: Database, mounter: FakeMounter) -> RestoreService:
     return RestoreService(db, Audit(db), mounter, Images())  # type: ignore[arg-type]
 
 
-async def test_reading_the_mounts_while_one_is_being_made_leaves_it_mounting(db: Database) -> None:
-    mounter = FakeMounter()
-    restore = service(db, mounter)
+async def half_made(db: Database, restore: RestoreService,
+                    mounter: FakeMounter) -> tuple[asyncio.Future[Any], store.Mount]:
+    """A POST /restore/mount on its way to restore-mounter, held there; its task and its row."""
     mounter.hold.clear()
     mounting = asyncio.ensure_future(restore.mount("b-1", 0, "admin"))
     await asyncio.wait_for(mounter.asked.wait(), 5)
     (row,) = await store.held(db)
+    return mounting, row
+
+
+async def test_reading_the_mounts_while_one_is_being_made_leaves_it_mounting(db: Database) -> None:
+    mounter = FakeMounter()
+    restore = service(db, mounter)
+    mounting, row = await half_made(db, restore, mounter)
 
     # The GUI's list and a look at the mount, while restore-mounter has not been reached yet.
     listed = await restore.mounts()
@@ -107,10 +114,7 @@ async def test_a_mount_whose_caller_went_away_ends(db: Database) -> None:
     `mounting` (nothing else ends it while omad runs), and restore-mounter is asked to remove what it made."""
     mounter = FakeMounter()
     restore = service(db, mounter)
-    mounter.hold.clear()
-    mounting = asyncio.ensure_future(restore.mount("b-1", 0, "admin"))
-    await asyncio.wait_for(mounter.asked.wait(), 5)
-    (row,) = await store.held(db)
+    mounting, row = await half_made(db, restore, mounter)
     mounting.cancel()
     await asyncio.gather(mounting, return_exceptions=True)
     assert mounting.cancelled()
