@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from oma_common.contracts.restore_mounter import Mount as AgentMount
-from oma_common.errors import NotFound
+from oma_common.errors import Conflict, NotFound
 from omad.audit import Audit
 from omad.restore.service import DiskImage, RestoreService
 from omad.store import restore_mounts as store
@@ -122,3 +124,18 @@ async def test_a_mount_whose_caller_went_away_ends(db: Database) -> None:
     assert ended.status == "failed" and ended.ended_at is not None, ended
     assert mounter.unmounted == [row.id]
     assert (await restore.mounts()).mounts == []
+
+
+async def test_a_mount_unmounted_while_being_made_stays_ended(db: Database) -> None:
+    """DELETE /restore/{id} while the POST is on its way to restore-mounter ends the row; the POST's late
+    success neither revives it (mounted with ended_at set) nor leaves restore-mounter's mount behind."""
+    mounter = FakeMounter()
+    restore = service(db, mounter)
+    mounting, row = await half_made(db, restore, mounter)
+    await restore.unmount(row.id, "admin")
+    mounter.hold.set()
+    with pytest.raises(Conflict):
+        await asyncio.wait_for(mounting, 5)
+    ended = await store.get(db, row.id)
+    assert ended.status == "unmounted" and ended.ended_at is not None, ended
+    assert mounter.held == {}

@@ -144,8 +144,12 @@ class RestoreService:
             await self._abandoned(mount_id, f"the mount was abandoned half-way ({type(e).__name__})")
             raise
         async with self.db.transaction() as tx:
-            await store.mark_mounted(tx, mount_id, Mounted(m.mount_path, m.device, m.filesystem_type,
-                                                           schema.to_dict(m.filesystems), m.expires_at))
+            recorded = await store.mark_mounted(tx, mount_id, Mounted(m.mount_path, m.device, m.filesystem_type,
+                                                                      schema.to_dict(m.filesystems), m.expires_at))
+        if not recorded:  # unmounted while restore-mounter was making it: what it made goes too
+            with contextlib.suppress(OmaError):
+                await self.mounter.unmount(mount_id, force=True)
+            raise Conflict("mount ended", f"restore mount {mount_id} was unmounted while it was being made")
         await self.audit.record(actor, "restore.mount", f"backup:{backup_id}", mount_id=mount_id,
                                 disk_index=disk_index)
         return _view(await self._learn(await store.get(self.db, mount_id), m), m)
