@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 
 import pytest
 
@@ -68,3 +70,27 @@ async def test_a_request_is_awaited_to_its_end_and_its_answer_undone_for_a_cance
         await task
     assert answered.is_set() and undone == ["att-1"]
     assert await run_to_end(request(), undo=undone.append) == "att-1" and undone == ["att-1"]
+
+
+async def test_the_undo_does_not_hold_the_event_loop() -> None:
+    """An undo may wait (reaping a killed child, closing on a hung filesystem): the loop serves meanwhile."""
+    loop_ran = threading.Event()
+    undone: list[int] = []
+
+    def slow_undo(fd: int) -> None:
+        undone.append(fd)
+        loop_ran.wait(5)  # set by a task on the loop: only possible when this does not run on the loop
+        os.close(fd)
+
+    async def tick() -> None:
+        while not undone:
+            await asyncio.sleep(0.01)
+        loop_ran.set()
+
+    ticker = asyncio.ensure_future(tick())
+    gate = Gate(open_devnull)
+    task = asyncio.create_task(run_blocking(gate, undo=slow_undo))
+    started = time.monotonic()
+    await cancel_inside(gate, task)
+    await ticker
+    assert undone and time.monotonic() - started < 4.5  # the undo did not wait out its 5 s: the loop ran

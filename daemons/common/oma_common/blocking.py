@@ -21,13 +21,14 @@ async def run_blocking(fn: Callable[..., T], *args: Any, undo: Callable[[T], obj
     A thread cannot be cancelled. When the awaiting task is (client gone, timeout, daemon stopping),
     `asyncio.to_thread` raises CancelledError at once while the thread goes on, and what it then returns
     (descriptors, a child process, a lock) lands in a future nobody reads. Here the cancelled caller waits
-    for the thread to end, so nothing the thread still uses is released under it, hands the result to `undo`
-    (which must be quick: it runs on the event loop), and then raises the CancelledError. Further
-    cancellations while it waits are absorbed; one CancelledError comes out.
+    for the thread to end, so nothing the thread still uses is released under it, has `undo` undo the result
+    (in the executor too: it may wait, as reaping a killed child or closing on a hung filesystem does, and the
+    loop serves meanwhile), waits for that as well, and then raises the CancelledError. Further cancellations
+    while it waits are absorbed; one CancelledError comes out.
     """
     ctx = contextvars.copy_context()  # as asyncio.to_thread does: the thread sees the caller's context
     fut = asyncio.get_running_loop().run_in_executor(None, functools.partial(ctx.run, fn, *args, **kwargs))
-    return await _to_end(fut, undo, getattr(fn, "__qualname__", repr(fn)))
+    return await _to_end(fut, undo, getattr(fn, "__qualname__", repr(fn)), in_thread=True)
 
 
 async def run_to_end(aw: Awaitable[T], *, undo: Callable[[T], object] | None = None) -> T:
@@ -40,14 +41,14 @@ async def run_to_end(aw: Awaitable[T], *, undo: Callable[[T], object] | None = N
     then raises the CancelledError.
     """
     fut = asyncio.ensure_future(aw)
-    return await _to_end(fut, undo, getattr(aw, "__qualname__", repr(aw)))
+    return await _to_end(fut, undo, getattr(aw, "__qualname__", repr(aw)), in_thread=False)
 
 
-async def _to_end(fut: asyncio.Future[T], undo: Callable[[T], object] | None, what: str) -> T:
+async def _to_end(fut: asyncio.Future[T], undo: Callable[[T], object] | None, what: str, *, in_thread: bool) -> T:
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
-        await _settle(fut, undo, what)
+        await _settle(fut, undo, what, in_thread=in_thread)
         raise
 
 
@@ -61,11 +62,20 @@ async def wait_through(fut: asyncio.Future[Any]) -> None:
             continue
 
 
-async def _settle(fut: asyncio.Future[T], undo: Callable[[T], object] | None, what: str) -> None:
+async def _settle(fut: asyncio.Future[T], undo: Callable[[T], object] | None, what: str, *,
+                  in_thread: bool) -> None:
     await wait_through(fut)
     if undo is None or fut.cancelled() or fut.exception() is not None:
         return
-    try:
-        undo(fut.result())
-    except Exception:
-        log.exception("undoing what %s returned after its caller was cancelled failed", what)
+    if not in_thread:  # run_to_end's undo is quick and belongs to the loop (it records for the caller's cleanup)
+        try:
+            undo(fut.result())
+        except Exception:
+            log.exception("undoing what %s returned after its caller was cancelled failed", what)
+        return
+    # A thread's result is undone in a thread: an undo may block (a child's kill and reap), the loop must not.
+    undoing = asyncio.get_running_loop().run_in_executor(None, undo, fut.result())
+    await wait_through(undoing)
+    if not undoing.cancelled() and undoing.exception() is not None:
+        log.error("undoing what %s returned after its caller was cancelled failed", what,
+                  exc_info=undoing.exception())

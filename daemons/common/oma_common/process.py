@@ -210,7 +210,7 @@ def _kill_spawned(popen: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(popen.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
-        popen.wait(timeout=5.0)  # just exec'd and SIGKILLed: this does not wait long
+        popen.wait(timeout=5.0)  # SIGKILLed: quick unless stuck in the kernel (run off the loop, run_blocking)
     if popen.stderr is not None:
         popen.stderr.close()
 

@@ -14,13 +14,13 @@ time is logged ("completion took ...").
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
 from typing import Any
 
 from oma_common.errors import OmaError
+from oma_common.together import every
 
 from ..clients.nbdpool import NbdPool
 from ..clients.volume_agent import VolumeAgent
@@ -101,7 +101,9 @@ class Ending:
             await self.release(job_id)
             t1 = time.monotonic()
             # Stamped after the VMA's last write: a snapshot taken before this point shows an older stamp.
-            written = await asyncio.gather(*(self._stamp(job_id, d) for d in disks))
+            # Every stamp ends before anything is raised: none is still being written once the job's lock is
+            # released (a later completion would write another stamp beside it).
+            written = await every(*(self._stamp(job_id, d) for d in disks))
             stamps = {d.disk_id: s for d, s in zip(disks, written)}
             t2 = time.monotonic()
             now = utcnow()

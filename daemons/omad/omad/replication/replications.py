@@ -29,6 +29,7 @@ from typing import Any
 
 from oma_common.contracts.volume_agent_volumes import VolumeView, volume_name
 from oma_common.errors import Conflict, Invalid, NotFound, OmaError, TimedOut, Unavailable
+from oma_common.together import every
 
 from ..audit import Audit
 from ..backup.backups import safe_name
@@ -390,11 +391,7 @@ class Replications:
             # Each disk's export on its own port: started at once. Every start is awaited before a failure
             # is raised, so the undo (releasing the job's exports) does not race one still starting.
             started = time.monotonic()
-            results = await asyncio.gather(*(self._export(job_id, d, paths[d.disk_id]) for d in disks),
-                                           return_exceptions=True)
-            failed = next((r for r in results if isinstance(r, BaseException)), None)
-            if failed is not None:
-                raise failed
+            await every(*(self._export(job_id, d, paths[d.disk_id]) for d in disks))
             log.info("%d export(s) started in %.3f s", len(disks), time.monotonic() - started,
                      extra={"resource": job_id})
         await self.jobs.progress(job_id, 2)

@@ -7,6 +7,10 @@ restore-mounter's health report. From then on the row is the answer, also across
 and shown `broken` with the way back (DELETE /restore/{id}, which removes all of it and ends the row, then POST
 /restore/mount again), and its file operations answer 503 `mount_broken` without asking restore-mounter.
 A broken mount is held (restore-mounter keeps its slot until DELETE or idle expiry) but no longer active.
+
+A `mounting` row belongs to the POST /restore/mount making it, which ends it (mounted, or failed also when
+cancelled); reads that bring the rows in line leave it alone, since restore-mounter may not have been reached
+yet. One left by an omad that died mid-mount ends at the next start-up (reconcile).
 """
 
 from __future__ import annotations
@@ -136,12 +140,27 @@ class RestoreService:
             await self.audit.record(actor, "restore.mount", f"backup:{backup_id}", outcome="failed",
                                     disk_index=disk_index, error=str(e))
             raise
+        except BaseException as e:  # cancelled (the client went away, omad stops) or a bug: the row ends too
+            await self._abandoned(mount_id, f"the mount was abandoned half-way ({type(e).__name__})")
+            raise
         async with self.db.transaction() as tx:
-            await store.mark_mounted(tx, mount_id, Mounted(m.mount_path, m.device, m.filesystem_type,
-                                                           schema.to_dict(m.filesystems), m.expires_at))
+            recorded = await store.mark_mounted(tx, mount_id, Mounted(m.mount_path, m.device, m.filesystem_type,
+                                                                      schema.to_dict(m.filesystems), m.expires_at))
+        if not recorded:  # unmounted while restore-mounter was making it: what it made goes too
+            with contextlib.suppress(OmaError):
+                await self.mounter.unmount(mount_id, force=True)
+            raise Conflict("mount ended", f"restore mount {mount_id} was unmounted while it was being made")
         await self.audit.record(actor, "restore.mount", f"backup:{backup_id}", mount_id=mount_id,
                                 disk_index=disk_index)
         return _view(await self._learn(await store.get(self.db, mount_id), m), m)
+
+    async def _abandoned(self, mount_id: str, reason: str) -> None:
+        """A mount whose POST did not hear restore-mounter's answer: its row fails, and what restore-mounter may
+        have made of it goes (best effort: what is left is unrecorded, so the next start-up removes it)."""
+        async with self.db.transaction() as tx:
+            await store.fail(tx, mount_id, reason, utcnow())
+        with contextlib.suppress(OmaError):
+            await self.mounter.unmount(mount_id, force=True)
 
     async def _held(self, mount_id: str) -> Mount:
         m = await store.get(self.db, mount_id)
@@ -167,7 +186,11 @@ class RestoreService:
         return m
 
     async def _learn(self, m: Mount, agent: AgentMount | None) -> Mount:
-        """A held row brought in line with restore-mounter's answer about it (None: it holds no such mount)."""
+        """A held row brought in line with restore-mounter's answer about it (None: it holds no such mount).
+        A `mounting` row is left to the POST /restore/mount making it: restore-mounter may not have been
+        reached yet, and that call ends the row either way (mounted or failed)."""
+        if m.status == MountStatus.MOUNTING:
+            return m
         if agent is None:
             async with self.db.transaction() as tx:
                 if await store.expire(tx, m.id, utcnow()):
@@ -223,7 +246,14 @@ class RestoreService:
         except OmaError as e:
             log.warning("restore mounts not reconciled: %s", e)
             return
-        known = {m.id for m in await store.held(self.db) if m.status != MountStatus.MOUNTING}
+        # No POST /restore/mount runs yet: a `mounting` row is one a previous omad died making. It ends here;
+        # restore-mounter's mount of it, if it made one, is removed below as unrecorded.
+        for m in await store.held(self.db):
+            if m.status == MountStatus.MOUNTING:
+                async with self.db.transaction() as tx:
+                    await store.fail(tx, m.id, "omad stopped while mounting it; mount the backup again", utcnow())
+                log.warning("restore mount left half-made by a previous omad ended", extra={"resource": m.id})
+        known = {m.id for m in await store.held(self.db)}
         for mount_id in {m for m in agent if m.startswith("rm-")} - known:
             with contextlib.suppress(OmaError):
                 await self.mounter.unmount(mount_id, force=True)

@@ -93,11 +93,13 @@ async def start(tx: Writer, mount_id: str, *, backup_id: str, disk_index: int, i
                      (mount_id, backup_id, disk_index, image_path, MountStatus.MOUNTING.value, actor, now))
 
 
-async def mark_mounted(tx: Writer, mount_id: str, m: Mounted) -> None:
-    await tx.execute("UPDATE restore_mounts SET status = ?, mount_path = ?, device = ?, filesystem_type = ?, "
-                     "filesystems = ?, expires_at = ? WHERE id = ?",
-                     (MountStatus.MOUNTED.value, m.mount_path, m.device, m.filesystem_type,
-                      json.dumps(m.filesystems), m.expires_at, mount_id))
+async def mark_mounted(tx: Writer, mount_id: str, m: Mounted) -> bool:
+    """restore-mounter made the mount; False when the row had left `mounting` meanwhile (unmounted)."""
+    changed = await tx.execute("UPDATE restore_mounts SET status = ?, mount_path = ?, device = ?, "
+                               "filesystem_type = ?, filesystems = ?, expires_at = ? WHERE id = ? AND status = ?",
+                               (MountStatus.MOUNTED.value, m.mount_path, m.device, m.filesystem_type,
+                                json.dumps(m.filesystems), m.expires_at, mount_id, MountStatus.MOUNTING.value))
+    return changed > 0
 
 
 async def fail(tx: Writer, mount_id: str, reason: str, now: str) -> bool:
