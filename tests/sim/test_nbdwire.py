@@ -8,9 +8,7 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import struct
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,6 +22,8 @@ from tests.sim.vma.cbt import Extent
 from tests.sim.vma.nbdclient import NbdTarget, TransferError
 from tests.sim.vma.nbdwire import write_extents
 
+from ..lib.qemu_nbd import qemu_nbd as bare_export
+
 pytestmark = [
     pytest.mark.timeout(60),
     pytest.mark.skipif(not shutil.which("qemu-nbd"), reason="qemu-nbd (qemu-utils) is not installed"),
@@ -34,36 +34,10 @@ MiB = 1024 * KiB
 BS = 64 * KiB
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def qemu_nbd(image: Path, *flags: str) -> AsyncIterator[NbdTarget]:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-nbd", "--persistent", "--format=raw", "--export-name=disk", "--bind=127.0.0.1", f"--port={port}",
-        "--shared=10", *flags, str(image), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.returncode is not None:
-                assert proc.stderr is not None
-                raise AssertionError(f"qemu-nbd exited: {(await proc.stderr.read()).decode()}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "qemu-nbd did not listen in time"
-                await asyncio.sleep(0.02)
+    async with bare_export(image, flags=flags) as port:
         yield NbdTarget("127.0.0.1", port, "disk")
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-        await proc.wait()
 
 
 def nbdwire_threads() -> list[threading.Thread]:

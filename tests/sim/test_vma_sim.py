@@ -22,6 +22,8 @@ from aiohttp import web
 
 from tests.sim.vma import MiB, Inventory, SimState, VMASim
 
+from ..lib.qemu_nbd import qemu_nbd as bare_export
+
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
 USER = "administrator@vsphere.local"
@@ -148,36 +150,11 @@ async def oma(sim: VMASim) -> AsyncIterator[FakeOma]:
 # -- real qemu-nbd exports ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def nbd_export(image: Path, fmt: str, name: str) -> AsyncIterator[str]:
-    """`qemu-nbd -t --shared 10` on a free port, as nbd-pool runs it; yields the nbd:// URL."""
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-nbd", "-t", "-f", fmt, "-x", name, "-b", "127.0.0.1", "-p", str(port), "--shared", "10", str(image),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            assert proc.returncode is None, "qemu-nbd exited early"
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "qemu-nbd did not listen in time"
-                await asyncio.sleep(0.02)
+    """qemu-nbd on a free port, as nbd-pool runs it; yields the nbd:// URL."""
+    async with bare_export(image, fmt=fmt, name=name) as port:
         yield f"nbd://127.0.0.1:{port}/{name}"
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-        await proc.wait()
 
 
 def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
