@@ -101,8 +101,10 @@ def test_a_process_that_is_gone_has_no_clients() -> None:
     assert clients_of([]) == []
 
 
-def test_proc_net_tcp_answers_where_netlink_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """nbd-pool's unit allows no AF_NETLINK: /proc/net/tcp* then, with the same answers as psutil's."""
+@pytest.mark.parametrize("where", ["socket", "request"])
+def test_proc_net_tcp_answers_where_netlink_is_refused(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """nbd-pool's unit allows no AF_NETLINK (the socket is refused), or a kernel may refuse the request: then
+    /proc/net/tcp*, with the same answers as psutil's."""
     ports = free_range(2)
     hosts = ["127.0.0.1", "::1"] if _ipv6_loopback() else ["127.0.0.1"]
     with contextlib.ExitStack() as stack:
@@ -114,8 +116,9 @@ def test_proc_net_tcp_answers_where_netlink_is_refused(monkeypatch: pytest.Monke
             expected.append(_sorted(psutil_clients(proc.pid, port)))
         assert all(len(e) == 1 for e in expected)
 
-        def refused() -> socket.socket:
-            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        def refused(*args: object) -> socket.socket:
+            code = errno.EAFNOSUPPORT if where == "socket" else errno.EINVAL
+            raise OSError(code, os.strerror(code))
 
-        monkeypatch.setattr(tcp_diag, "open_netlink", refused)
+        monkeypatch.setattr(tcp_diag, "open_netlink" if where == "socket" else "_dump", refused)
         assert [_sorted(c) for c in clients_of(targets)] == expected

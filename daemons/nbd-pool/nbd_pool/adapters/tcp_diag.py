@@ -16,10 +16,13 @@ netlink cost, still a fraction of psutil's (which read and parsed both tables fo
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import struct
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -93,12 +96,18 @@ def established(targets: list[tuple[int, int]]) -> list[list[Socket]]:
     ports = (min(p for _, p in targets), max(p for _, p in targets))
     held = [socket_inodes(pid) for pid, _ in targets]
     try:
-        nl = open_netlink()
-    except OSError:  # EAFNOSUPPORT under RestrictAddressFamilies=, EPERM/EACCES elsewhere
-        found = _from_proc(ports)
-        return [[s for s in found if s.local_port == port and s.inode in inodes]
-                for (_, port), inodes in zip(targets, held)]
-    with nl:
+        found, families = _from_netlink(targets, held, ports)
+    except OSError as exc:  # EAFNOSUPPORT under RestrictAddressFamilies=; a kernel refusing the request
+        log.debug("sock_diag unavailable (%s): reading /proc/net/tcp*", exc)
+        found, families = _from_proc(ports), [set(FAMILIES)] * len(targets)
+    return [[s for s in found if s.local_port == port and s.inode in inodes and s.family in fams]
+            for (_, port), inodes, fams in zip(targets, held, families)]
+
+
+def _from_netlink(targets: list[tuple[int, int]], held: list[set[int]], ports: tuple[int, int]
+                  ) -> tuple[list[Socket], list[set[int]]]:
+    """The established sockets on the ports, of the families the targets' listeners have; those families."""
+    with open_netlink() as nl:
         nl.settimeout(2.0)
         listeners = {(s.inode, s.local_port): s.family
                      for seq, family in enumerate(FAMILIES, 1) for s in _dump(nl, family, TCP_LISTEN, ports, seq)}
@@ -108,8 +117,7 @@ def established(targets: list[tuple[int, int]]) -> list[list[Socket]]:
         wanted = set().union(*families)
         found = [s for seq, family in enumerate(FAMILIES, 3) if family in wanted
                  for s in _dump(nl, family, TCP_ESTABLISHED, ports, seq)]
-    return [[s for s in found if s.local_port == port and s.inode in inodes and s.family in fams]
-            for (_, port), inodes, fams in zip(targets, held, families)]
+    return found, families
 
 
 PROC_TABLES = ((socket.AF_INET, "/proc/net/tcp"), (socket.AF_INET6, "/proc/net/tcp6"))
