@@ -101,6 +101,40 @@ def test_permitted_user_by_name_other_uid_refused(stack_config: Stack) -> None:
     assert unix_get(sock)[0] == 200  # root is on the list
 
 
+# Three requests on one kept-alive connection; prints each answer's status.
+KEPT_ALIVE = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rb")
+for _ in range(3):
+    s.sendall(b"GET /health HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+    status = f.readline().split()[1].decode()
+    length = 0
+    while (line := f.readline().strip()):
+        name, _, value = line.partition(b":")
+        length = int(value) if name.lower() == b"content-length" else length
+    f.read(length)
+    print(status, flush=True)
+"""
+
+
+@pytest.mark.root
+def test_every_request_of_a_kept_alive_connection_is_checked(stack_config: Stack) -> None:
+    """Connections stay open across calls (AgentClient keeps them alive): a refused peer is refused on each
+    request of its connection, not only the first, and a permitted one is answered on each."""
+    stack_config.add_config("nbd-pool", "50-mode.toml", "[socket]\nmode = 0o666\nallowed_users = [\"root\"]\n")
+    stack_config.start("nbd-pool")
+    sock = str(stack_config.run_dir / "nbd-pool.sock")
+    os.chmod(stack_config.state, 0o755)
+    os.chmod(stack_config.run_dir, 0o755)
+    nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                             KEPT_ALIVE, sock], capture_output=True, text=True, timeout=30)
+    assert nobody.stdout.split() == ["403"] * 3, nobody.stderr
+    root = subprocess.run([sys.executable, "-c", KEPT_ALIVE, sock], capture_output=True, text=True, timeout=30)
+    assert root.stdout.split() == ["200"] * 3, root.stderr
+
+
 def test_daemon_process_reports_exit_before_ready(tmp_path: Path) -> None:
     (tmp_path / "a.toml").write_text("port_min = 0\n")  # violates min=1
     d = DaemonProcess("nbd-pool", tmp_path)

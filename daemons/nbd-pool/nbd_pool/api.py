@@ -54,6 +54,8 @@ class Gate:
         self.event.set()
 
     async def wait(self) -> None:
+        if self.event.is_set():  # the usual case: no timer and no task (wait_for makes both) for every call
+            return
         try:
             await asyncio.wait_for(self.event.wait(), self.timeout)
         except asyncio.TimeoutError:

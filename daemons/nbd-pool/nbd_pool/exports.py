@@ -30,7 +30,7 @@ from .adapters.qemu_nbd import (
     ExportOptions,
     ExportRecord,
     QemuNbdExport,
-    connected_clients,
+    clients_of,
     direct_io_supported,
     fallback_options,
     io_uring_allowed,
@@ -91,8 +91,8 @@ class StartRequest:
 
 
 def _clients_of(targets: list[tuple[int, int]]) -> list[list[str]]:
-    # Blocking: psutil reads /proc/<pid>/fd and /proc/net/tcp*. One executor call for every export.
-    return [[f"{c.host}:{c.port}" for c in connected_clients(pid, port)] for pid, port in targets]
+    # Blocking (/proc/<pid>/fd, sock_diag): one executor call, and one question to the kernel, for every export.
+    return [[f"{c.host}:{c.port}" for c in peers] for peers in clients_of(targets)]
 
 
 class Exports:

@@ -24,5 +24,7 @@ NEEDS: dict[str, Needs] = {
     "ports": needs("a bind test of a pool port above 1024"),
     "listen_fd": needs("binds an export's listener (TCP_NODELAY) and execs qemu-nbd with it socket-activated"),
     "listen_fd_launcher": needs("run as a file between spawn and exec: the listener at fd 3, LISTEN_FDS/LISTEN_PID"),
+    "tcp_diag": needs("the exports' clients: a sock_diag dump (netlink; /proc/net/tcp* where the unit allows no "
+                      "AF_NETLINK) and /proc/<pid>/fd of its own children"),
     "blockinfo": needs("sysfs and /proc (mountinfo, swaps) about a block device before it is exported"),
 }

@@ -41,11 +41,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
 
-import psutil
-
 from oma_common.process import AdoptedChild, ProcessIdentity, SupervisedChild
 
-from . import listen_fd
+from . import listen_fd, tcp_diag
 from .nbd_probe import ExportInfo, encode_name, probe_export
 
 log = logging.getLogger("nbd_pool.qemu_nbd")
@@ -214,18 +212,14 @@ class ExportRecord:
 
 
 def connected_clients(pid: int, port: int) -> list[NbdClient]:
-    """Established TCP connections of `pid` on its listening `port` (blocking: psutil reads /proc/net)."""
-    try:
-        proc = psutil.Process(pid)
-        # net_connections() is psutil 6's name; Debian 12 ships psutil 5.9, which only has connections().
-        conns = (getattr(proc, "net_connections", None) or proc.connections)(kind="tcp")
-    except psutil.NoSuchProcess:
-        return []
-    return [
-        NbdClient(c.raddr.ip, c.raddr.port)
-        for c in conns
-        if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port and c.raddr
-    ]
+    """Established TCP connections of `pid` on its listening `port` (blocking: /proc and netlink)."""
+    return clients_of([(pid, port)])[0]
+
+
+def clients_of(targets: list[tuple[int, int]]) -> list[list[NbdClient]]:
+    """connected_clients of each (pid, port), asked of the kernel once for all of them (tcp_diag.py: psutil,
+    which read and parsed /proc/net/tcp and tcp6 for each, took 30 ms an export)."""
+    return [[NbdClient(s.remote_host, s.remote_port) for s in socks] for socks in tcp_diag.established(targets)]
 
 
 class QemuNbdExport:
