@@ -1,21 +1,29 @@
 """Expiry rules with a fake clock: a lease in use is renewed, one idle within the grace kept, one idle longer
-reclaimed with its export; release stops exports before freeing ports."""
+reclaimed with its export; release stops a job's exports (all at once) before freeing ports."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import json
+import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, cast
 
+import psutil
 import pytest
 
-from nbd_pool.exports import Exports
+from nbd_pool.adapters.qemu_nbd import ExportOptions, QemuNbdExport
+from nbd_pool.exports import Exports, StartRequest, records_file
 from nbd_pool.jobs import Jobs
 from nbd_pool.pool import Pool
+from nbd_pool.roots import Roots
 from oma_common.statefile import Damaged, StateFile
-from oma_common.errors import Conflict
+from oma_common.errors import Conflict, Unavailable
+
+from .helpers import free_range, sh
 
 from .test_pool import Clock
 
@@ -128,3 +136,74 @@ async def test_release_stops_exports_first_and_checks_ownership(tmp_path: Path) 
     assert (out["released_count"], out["stopped_exports"], exports.stopped) == (2, 1, [a[0].port])
     out = await jobs.release(ports=[b[0].port])
     assert (out["released_count"], out["stopped_pids"]) == (1, [1000 + b[0].port])
+
+
+async def test_a_stop_that_fails_keeps_every_port_and_the_others_stop_anyway(tmp_path: Path) -> None:
+    _, pool, exports, jobs = setup(tmp_path)
+    leases = await pool.allocate("job-f", 3)
+    for lease in leases:
+        exports.add(lease.port, "job-f")
+    stuck = leases[1].port
+    real_stop = exports.stop_locked
+
+    async def stop_locked(port: int) -> int | None:
+        if port == stuck:
+            raise Unavailable("export did not stop", f"pid {1000 + port} survived SIGKILL")
+        return await real_stop(port)
+
+    exports.stop_locked = stop_locked  # type: ignore[method-assign]
+    with pytest.raises(Unavailable):
+        await jobs.release_job("job-f")
+    assert sorted(exports.stopped) == [leases[0].port, leases[2].port]
+    assert len(pool.leases_of("job-f")) == 3  # no port freed: the caller retries
+    exports.stop_locked = real_stop  # type: ignore[method-assign]
+    out = await jobs.release_job("job-f")
+    assert (out["released_count"], out["stopped_pids"]) == (3, [1000 + stuck])
+
+
+@pytest.mark.timeout(60)
+async def test_a_jobs_exports_flush_and_stop_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three real qemu-nbd exports of one job whose stops each take a while (the flush): release_job begins
+    every stop before the first has ended, and frees the ports once their exports are gone."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    ports = free_range(3)
+    pool = Pool(StateFile(tmp_path / "leases.json", "leases", damaged=Damaged.REFUSE), port_min=ports.start,
+                port_max=ports.stop - 1, host="127.0.0.1", lease_seconds=3600, max_lease_seconds=86400)
+    exports = Exports(pool, Roots([str(repo)]), records_file(tmp_path / "exports.json", Damaged.REFUSE),
+                      bind_address="127.0.0.1", options=ExportOptions())
+    jobs = Jobs(pool, exports, idle_grace_seconds=600, clock=time.time)
+    leases = await pool.allocate("job-3", 3, ["d0", "d1", "d2"])
+    for i, lease in enumerate(leases):
+        sh("qemu-img", "create", "-q", "-f", "qcow2", repo / f"d{i}.qcow2", "4M")
+        await exports.start(StartRequest(f"d{i}", lease.port, str(repo / f"d{i}.qcow2"), job_id="job-3"))
+    pids = sorted(exports.pids())
+
+    began: list[tuple[str, int]] = []  # (export, how many stops had ended when it began)
+    ended: list[str] = []
+    all_began = asyncio.Event()
+    real_stop = QemuNbdExport.stop
+
+    async def slow_stop(self: QemuNbdExport, *args: Any, **kwargs: Any) -> int | None:
+        began.append((self.name, len(ended)))
+        if len(began) == 3:
+            all_began.set()
+        # A flush that lasts until every stop has begun (or 5 s: then they ran one after another).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_began.wait(), 5)
+        try:
+            return await real_stop(self, *args, **kwargs)
+        finally:
+            ended.append(self.name)
+
+    monkeypatch.setattr(QemuNbdExport, "stop", slow_stop)
+    try:
+        out = await jobs.release_job("job-3")
+    finally:
+        monkeypatch.undo()
+        for live in exports.of_job("job-3"):  # the test failed half-way: stop what is left
+            await live.export.stop()
+    assert sorted(began) == [("d0", 0), ("d1", 0), ("d2", 0)] and len(ended) == 3, (began, ended)
+    assert sorted(out["stopped_pids"]) == pids and out["released_ports"] == [lease.port for lease in leases]
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+    assert len(exports) == 0 and pool.leases() == [] and json.loads(exports.store.path.read_text())["items"] == []

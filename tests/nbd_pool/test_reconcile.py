@@ -4,6 +4,7 @@ released, and every lease is accounted for after READY."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from pathlib import Path
@@ -134,6 +135,62 @@ async def test_records_of_dead_or_unleased_children_are_dropped_at_start(pool: P
     # Its port stays with the job until the job releases it.
     assert sorted(a["port"] for a in (await pool.agent.ok("GET", "/ports/status"))["allocations"]) == sorted([p0, p1])
     assert alive(kept["pid"])
+
+
+def exports_named(prefix: str) -> set[int]:
+    """Pids of the launchers and qemu-nbd processes of exports whose names start with `prefix`."""
+    found = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any(arg.startswith(f"--export-name={prefix}") for arg in proc.info["cmdline"] or []):
+            found.add(proc.info["pid"])
+    return found
+
+
+@pytest.mark.root
+async def test_kill_9_during_concurrent_starts_of_a_jobs_exports_then_restart(pool: Pool) -> None:
+    """nbd-pool dies while four exports of one job start at once and share their saves: once one is recorded.
+    After the restart every recorded export still running is adopted, every qemu-nbd spawned but not yet
+    recorded is ended, the job keeps its four ports, and it can start the missing exports and release."""
+    names = [f"crash{i}" for i in range(4)]
+    alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-c", "count": 4, "export_names": names})
+    ports = [p["port"] for p in alloc["allocated_ports"]]
+    images = [pool.image(f"{name}.qcow2", "4M") for name in names]
+    records = pool.stack.state / "nbd-pool" / "exports.json"
+
+    def recorded() -> dict[str, int]:
+        try:
+            items = json.loads(records.read_text())["items"]
+        except FileNotFoundError:
+            return {}
+        return {e["record"]["name"]: e["record"]["process"]["pid"] for e in items}
+
+    starts = [asyncio.create_task(pool.agent.request("POST", "/exports", {
+        "export_name": name, "port": port, "path": str(image), "job_id": "job-c"}))
+        for name, port, image in zip(names, ports, images)]
+    for _ in range(2000):
+        if recorded():
+            break
+        await asyncio.sleep(0.005)
+    pool.kill9()
+    await asyncio.gather(*starts, return_exceptions=True)  # cut off, or answered just before the kill
+    on_disk = recorded()
+    spawned = exports_named("crash")
+    assert on_disk and set(on_disk.values()) <= spawned
+
+    await asyncio.to_thread(pool.start)
+    listed = await exports_of(pool)
+    assert {n: e["pid"] for n, e in listed.items()} == on_disk  # every recorded one adopted, nothing else
+    assert exports_named("crash") == set(on_disk.values())  # the unrecorded ones were ended
+    status = await pool.agent.ok("GET", "/ports/status")
+    assert sorted((a["port"], a["job_id"]) for a in status["allocations"]) == [(p, "job-c") for p in sorted(ports)]
+
+    # The job carries on: it starts what is missing, then releases everything.
+    for name, port, image in zip(names, ports, images):
+        if name not in listed:
+            await pool.export("job-c", image, name, port=port)
+    rel = await pool.agent.ok("POST", "/jobs/job-c/release")
+    assert (rel["stopped_exports"], rel["released_count"]) == (4, 4)
+    assert not exports_named("crash")
 
 
 async def test_an_unreadable_state_file_stops_the_start_and_touches_nothing(pool: Pool) -> None:

@@ -22,7 +22,7 @@ from oma_common.errors import Conflict, Invalid, NotFound, TimedOut, Unavailable
 from oma_common.process import AdoptedChild, ChildFailed, ChildNotReady, ChildUnkillable, PidMismatch, ProcessError
 from oma_common.beneath import fd_path
 from oma_common.blocking import run_blocking
-from oma_common.statefile import StateFile
+from oma_common.statefile import Damaged, StateFile
 from oma_common.timefmt import rfc3339
 
 from .adapters.listen_fd import PortInUse
@@ -42,6 +42,19 @@ from .roots import BLOCK, Roots
 log = logging.getLogger("nbd_pool.exports")
 
 MIN_SHARED = 5  # the VMA's client opens 2 connections per export and reconnects (CONTRACTS.md)
+
+
+def records_file(path: Path, damaged: Damaged) -> StateFile:
+    """exports.json, saved without the directory fsync after the rename.
+
+    The document only matters while the qemu-nbd processes it lists run, and a power cut (or kernel crash)
+    ends every one of them. What it can leave instead of the latest document: the previous one, whole (the
+    rename undone), or none (the first save undone). At start-up every record of either is a process that is
+    gone (adopt_recorded checks pid, start time and cmdline, and counts it "gone"), and no export is left
+    unrecorded since none survived; a crash of nbd-pool alone does not undo a rename. The file itself is still
+    fsynced before the rename: a torn document would stop the daemon (Damaged.REFUSE).
+    """
+    return StateFile(path, "exports", damaged=damaged, sync_directory=False)
 
 
 @dataclasses.dataclass(frozen=True)

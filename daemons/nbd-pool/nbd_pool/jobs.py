@@ -1,5 +1,5 @@
-"""What a job does with the pool: allocate ports, renew and release them (its exports stop first), and what
-happens to leases that expire.
+"""What a job does with the pool: allocate ports, renew and release them (its exports stop first, all at once),
+and what happens to leases that expire.
 
 An expired lease is only a hint that its job may be gone. A backup must never die because of a lease, so an
 expired lease whose export has a client connected, or had one within the idle grace period, is renewed or
@@ -9,6 +9,7 @@ its port freed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -64,10 +65,25 @@ class Jobs:
         async with self.exports.locked(targets):
             if job_id is not None:
                 self.pool.check_owner(job_id, targets)  # before anything is stopped
-            stopped = [pid for port in targets if (pid := await self.exports.stop_locked(port)) is not None]
+            stopped = await self._stop_all(targets)
             released = await self.pool.release(job_id=job_id, ports=targets)
         return {"success": True, "released_count": len(released), "released_ports": [x.port for x in released],
                 "stopped_exports": len(stopped), "stopped_pids": stopped}
+
+    async def _stop_all(self, ports: list[int]) -> list[int]:
+        """Stop the exports on `ports` at once (the caller holds their locks); returns the pids stopped.
+
+        Each qemu-nbd flushes what was written before it exits, which takes a while: a job's disks flush in
+        parallel rather than one after another. When one cannot be stopped the others are still stopped (and
+        their records dropped), no port is freed, and the first failure is raised: the caller retries.
+        """
+        results = await asyncio.gather(*(self.exports.stop_locked(port) for port in ports), return_exceptions=True)
+        failed = [(port, r) for port, r in zip(ports, results) if isinstance(r, BaseException)]
+        for port, exc in failed[1:]:
+            log.warning("export on port %d did not stop either: %s", port, exc)
+        if failed:
+            raise failed[0][1]
+        return [r for r in results if isinstance(r, int)]
 
     async def release_job(self, job_id: str) -> dict[str, Any]:
         """Stop every export of the job and free all its ports (the clean-up after success or failure)."""

@@ -21,7 +21,7 @@ from .adapters.ports import PortProbeError, port_is_free
 from .adapters.qemu_nbd import ExportOptions
 from .api import AttachmentsApi, ExportsApi, Gate, PortsApi, RootsApi
 from .attachments import Attachments
-from .exports import Exports
+from .exports import Exports, records_file
 from .images import ImageRoots
 from .jobs import Jobs
 from .pool import Pool
@@ -136,7 +136,7 @@ async def amain() -> int:
     pool = Pool(StateFile(state / "leases.json", "leases", damaged=DAMAGED), port_min=cfg.port_min, port_max=cfg.port_max,
                 host=cfg.bind_address, lease_seconds=cfg.lease_seconds, max_lease_seconds=cfg.max_lease_seconds,
                 clock=clock)
-    exports = Exports(pool, roots, StateFile(state / "exports.json", "exports", damaged=DAMAGED), bind_address=cfg.bind_address,
+    exports = Exports(pool, roots, records_file(state / "exports.json", DAMAGED), bind_address=cfg.bind_address,
                       options=options, ready_timeout=cfg.ready_timeout_seconds, stop_timeout=cfg.stop_timeout_seconds,
                       clock=clock, images=images)
     backend, backends = choose_backend(cfg)
