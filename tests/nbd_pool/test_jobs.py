@@ -184,7 +184,7 @@ async def test_a_jobs_exports_flush_and_stop_at_once(tmp_path: Path, monkeypatch
     all_began = asyncio.Event()
     real_stop = QemuNbdExport.stop
 
-    async def slow_stop(self: QemuNbdExport, *args: Any, **kwargs: Any) -> int | None:
+    async def slow_stop(self: QemuNbdExport, *args: Any, **kwargs: Any) -> None:
         began.append((self.name, len(ended)))
         if len(began) == 3:
             all_began.set()
@@ -192,7 +192,7 @@ async def test_a_jobs_exports_flush_and_stop_at_once(tmp_path: Path, monkeypatch
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_began.wait(), 5)
         try:
-            return await real_stop(self, *args, **kwargs)
+            await real_stop(self, *args, **kwargs)
         finally:
             ended.append(self.name)
 
