@@ -9,13 +9,13 @@ its port freed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from oma_common.errors import Exhausted, Invalid
 from oma_common.timefmt import rfc3339
+from oma_common.together import every
 
 from .exports import Exports
 from .pool import Lease, Pool, check_job_id
@@ -75,15 +75,17 @@ class Jobs:
 
         Each qemu-nbd flushes what was written before it exits, which takes a while: a job's disks flush in
         parallel rather than one after another. When one cannot be stopped the others are still stopped (and
-        their records dropped), no port is freed, and the first failure is raised: the caller retries.
+        their records dropped), no port is freed, and the first failure is raised once all have ended: the
+        caller retries.
         """
-        results = await asyncio.gather(*(self.exports.stop_locked(port) for port in ports), return_exceptions=True)
-        failed = [(port, r) for port, r in zip(ports, results) if isinstance(r, BaseException)]
-        for port, exc in failed[1:]:
-            log.warning("export on port %d did not stop either: %s", port, exc)
-        if failed:
-            raise failed[0][1]
-        return [r for r in results if isinstance(r, int)]
+        async def stop(port: int) -> int | None:
+            try:
+                return await self.exports.stop_locked(port)
+            except Exception as exc:
+                log.warning("export on port %d did not stop: %s", port, exc)
+                raise
+
+        return [pid for pid in await every(*(stop(port) for port in ports)) if pid is not None]
 
     async def release_job(self, job_id: str) -> dict[str, Any]:
         """Stop every export of the job and free all its ports (the clean-up after success or failure)."""
