@@ -123,3 +123,26 @@ async def test_a_copy_that_fails_every_try_is_failed_and_leaves_nothing_partial(
     await rig.settle()
     assert (await rig.copies.get(again["copy_id"]))["status"] == "completed"
     assert same_content(rig.image("primary", a1), rig.image("offsite", "a1@offsite"))
+
+
+class BrokenFs(LocalFs):
+    """LocalFs with a fault of ours in it: renaming the finished image raises something that is not an OmaError."""
+
+    async def rename(self, src: Path, dst: Path) -> None:
+        raise RuntimeError("a bug")
+
+
+async def test_a_copy_ended_by_a_fault_of_ours_is_failed_not_left_running(db: Database, tmp_path: Path) -> None:
+    rig = await PolicyRig.build(db, tmp_path, fs=BrokenFs(), clock=SteppingClock(),
+                                cfg=PolicyConfig(copy_attempts=3, copy_backoff_seconds=1.0))
+    await rig.repo("primary")
+    dest = await rig.repo("offsite")
+    a0 = await rig.backup("a0", "primary")
+
+    out = await rig.copies.request(a0, "offsite", actor="test")
+    [row] = await rig.settle()
+    assert row["status"] == "failed" and row["attempts"] == 1, row  # no retry of a bug
+    assert "internal error" in row["error_message"] and "a bug" in row["error_message"], row
+    job = await rig.jobs.get(out["copy_id"])
+    assert job["status"] == "failed", job
+    assert leftovers(dest, a0) == []

@@ -150,8 +150,16 @@ class Copies:
         chain_id = (await backup_store.get(self.db, copy.source_backup_id)).chain_id
         key = f"copy-into:{copy.destination_repository_id}:{chain_id}"
         async with self.locks.hold(key, wait=True):
+            if not await store.start_copy(self.db, copy_id, utcnow()):
+                # While it waited for the lock, the copy of a backup above it in the chain copied this one too
+                # and recorded it done: nothing is left to do (copying again would record a second copy).
+                taken = await store.get_copy(self.db, copy_id)
+                await self.jobs.finish(copy_id, "completed" if taken.status == store.CopyStatus.COMPLETED
+                                       else "failed", taken.error_message)
+                log.info("copy already done by the copy of a backup above it (%s)", taken.copy_backup_id,
+                         extra={"resource": copy_id})
+                return
             await store.mark_job_running(self.db, copy_id, utcnow())
-            await store.start_copy(self.db, copy_id, utcnow())
             error: OmaError | None = None
             for attempt in range(1, self.cfg.copy_attempts + 1):
                 await store.set_attempt(self.db, copy_id, attempt, utcnow())
@@ -170,6 +178,12 @@ class Copies:
                         log.warning("copy try %d failed (%s); again in %g s", attempt, e, pause,
                                     extra={"resource": copy_id})
                         await self.clock.sleep(pause)
+                except Exception as e:
+                    # A fault of ours: the job fails through the engine; the copy's row must end with it, not
+                    # stay `running` with nothing behind it.
+                    await self._cleanup(copy)
+                    await store.fail_copy(self.db, copy_id, f"internal error: {e!r}", utcnow())
+                    raise
             assert error is not None
             reason = f"{error.message}: {error.details}" if error.details != error.message else error.message
             await store.fail_copy(self.db, copy_id, reason, utcnow())

@@ -275,10 +275,12 @@ async def create_copy(tx: Writer, *, copy_id: str, source_backup_id: str, reposi
          now, now))
 
 
-async def start_copy(db: Writer, copy_id: str, now: str) -> None:
-    """The copy's job got its lock and runs."""
-    await db.execute("UPDATE backup_copies SET status = ?, started_at = ?, updated_at = ? WHERE id = ?",
-                     (CopyStatus.RUNNING, now, now, copy_id))
+async def start_copy(db: Writer, copy_id: str, now: str) -> bool:
+    """pending → running: the copy's job got its lock and runs. False when it is no longer pending (a copy of a
+    backup above it took it over while it waited: complete_copy_by_chain)."""
+    return bool(await db.execute(
+        "UPDATE backup_copies SET status = ?, started_at = ?, updated_at = ? WHERE id = ? AND status = ?",
+        (CopyStatus.RUNNING, now, now, copy_id, CopyStatus.PENDING)))
 
 
 async def mark_job_running(db: Writer, job_id: str, now: str) -> None:
