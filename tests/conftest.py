@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -75,6 +77,45 @@ def stack_config(short_tmp: Path) -> Iterator[Stack]:
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_stack() -> Iterator[Stack]:
+    """All four daemons, started once for a module's tests that change nothing: reads, and requests omad
+    refuses. A test that creates, changes or logs in (other than through `shared_admin`) uses `stack`."""
+    d = Path(tempfile.mkdtemp(prefix="oma-", dir="/tmp"))
+    s = make_stack(d)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shared_admin_token(shared_stack: Stack) -> str:
+    """One administrator session for the module (each login is an argon2 check)."""
+    body = json.dumps({"username": "admin", "password": shared_stack.admin_password}).encode()
+    req = urllib.request.Request(f"{shared_stack.url}/api/v1/auth/login", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        token: str = json.load(r)["session_token"]
+    return token
+
+
+@pytest.fixture
+async def shared_admin(shared_stack: Stack, shared_admin_token: str) -> AsyncIterator[Api]:
+    """A client of `shared_stack`, as the administrator."""
+    async with Api(shared_stack.url, shared_admin_token) as api:
+        yield api
+
+
+@pytest.fixture
+async def shared_anon(shared_stack: Stack) -> AsyncIterator[Api]:
+    """A client of `shared_stack` without credentials."""
+    async with Api(shared_stack.url) as api:
+        yield api
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ import aiohttp
 from oma_common.devrun import AGENTS, DaemonProcess, write_local_configs
 
 ROOT = Path(__file__).resolve().parent.parent
+#: A whole stack stops as systemd stops the units: omad first, then the agents side by side, except that
+#: restore-mounter (After=nbd-pool.service) is stopped before nbd-pool.
+STOP_PHASES = (("omad",), ("restore-mounter", "volume-agent"), ("nbd-pool",))
+assert sorted(n for phase in STOP_PHASES for n in phase) == sorted(("omad", *AGENTS))
 
 # NBD port ranges for the test stacks. Several test runs share this machine, and an nbd-pool starting up stops
 # every qemu-nbd listening in its range that it does not know (reconcile.py: a crash's orphans): two stacks
@@ -129,11 +134,16 @@ class Stack:
                     self.url = d.status.removeprefix("listening on ").strip()
 
     def stop(self, *names: str) -> dict[str, int]:
+        """Stop the daemons named, one after the other in that order; with no names, the whole stack in
+        STOP_PHASES (the daemons of a phase at once)."""
         codes = {}
-        for name in names or ("omad", *reversed(AGENTS)):
-            d = self.daemons.get(name)
-            if d is not None and d.proc is not None:
-                codes[name] = d.stop()
+        for phase in [(name,) for name in names] or STOP_PHASES:
+            running = [d for d in map(self.daemons.get, phase) if d is not None and d.proc is not None]
+            if len(running) == 1:
+                codes[running[0].name] = running[0].stop()
+            elif running:
+                with ThreadPoolExecutor(len(running)) as pool:
+                    codes.update(zip((d.name for d in running), pool.map(DaemonProcess.stop, running)))
         return codes
 
     def sql(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

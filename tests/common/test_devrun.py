@@ -151,3 +151,25 @@ def test_daemons_left_by_an_earlier_launcher_are_replaced(short_tmp: Path) -> No
             proc.communicate(timeout=30)
     finally:
         orphan.stop()
+
+
+def test_readiness_is_the_main_process_speaking_on_a_socket_that_leaves_no_file(short_tmp: Path) -> None:
+    """NOTIFY_SOCKET is an abstract address (nothing in /tmp to outlive a killed launcher), and a READY=1
+    from any other process is ignored, as systemd's NotifyAccess=main does."""
+    import socket
+
+    from oma_common.devrun import DaemonProcess, write_local_configs
+
+    d = DaemonProcess("nbd-pool", write_local_configs(short_tmp.resolve(), 0)["nbd-pool"])
+    d.launch()
+    try:
+        address = psutil.Process(d.pid).environ()["NOTIFY_SOCKET"]
+        assert address.startswith("@"), address
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as spoof:
+            spoof.sendto(b"READY=1\nSTATUS=spoofed", "\0" + address[1:])
+        d.wait_ready()
+        assert d.status != "spoofed" and d.running()
+        # The daemon really is ready: its API socket answers.
+        assert list((short_tmp / "run").glob("*.sock"))
+    finally:
+        d.stop()

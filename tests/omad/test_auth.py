@@ -30,6 +30,24 @@ async def test_wrong_password_is_401_with_the_clients_shape(stack: Stack, anon: 
     assert status == 401 and body["success"] is False
 
 
+def test_an_unknown_user_is_checked_against_a_hash_of_the_same_cost() -> None:
+    """The stand-in hash for unknown users has a real hash's algorithm and parameters (so checking it takes as
+    long, and timing does not reveal usernames) and matches no password."""
+    import argon2
+
+    from omad.auth import secrets
+
+    real = secrets._hasher.hash("nope-nope")
+    params = lambda h: h.rsplit("$", 2)[0]  # noqa: E731 - $argon2id$v=..$m=..,t=..,p=..
+    assert params(secrets.DUMMY_HASH) == params(real)
+    for guess in ("", "nope-nope", "admin"):
+        try:
+            secrets._hasher.verify(secrets.DUMMY_HASH, guess)
+            raise AssertionError(f"{guess!r} matched the stand-in hash")
+        except argon2.exceptions.VerifyMismatchError:
+            pass
+
+
 async def test_machine_token_login_and_revocation(stack: Stack, anon: Api) -> None:
     made = stack.omactl("token", "create", "vma-1", "--appliance-id", "vma-abc")
     assert made.returncode == 0, made.stderr

@@ -1,5 +1,8 @@
 """Bad input never reaches a 500: malformed JSON, wrong types, missing fields, oversized bodies, unknown
-routes and methods all answer the one JSON error shape; CORS preflights are answered for the GUI."""
+routes and methods all answer the one JSON error shape; CORS preflights are answered for the GUI.
+
+Requests that are refused change nothing, so those tests share one stack (`shared_stack`); the ones that
+create something, and the walk over every route, have their own."""
 
 from __future__ import annotations
 
@@ -23,28 +26,30 @@ def assert_error_shape(body: dict, code: str) -> None:
     ('"just a string"', "must be a JSON object"),
     ("\xff\xfe", "not valid JSON"),
 ])
-async def test_bad_bodies_are_400_json(anon: Api, payload: str, fragment: str) -> None:
-    status, body = await anon.request("POST", "/auth/login", data=payload.encode("latin-1"),
-                                      headers={"Content-Type": "application/json"})
+async def test_bad_bodies_are_400_json(shared_anon: Api, payload: str, fragment: str) -> None:
+    status, body = await shared_anon.request("POST", "/auth/login", data=payload.encode("latin-1"),
+                                             headers={"Content-Type": "application/json"})
     assert status == 400, body
     assert_error_shape(body, "invalid_request")
     assert fragment in body["details"]
 
 
-async def test_missing_fields_are_named(anon: Api) -> None:
-    status, body = await anon.post("/auth/login", {"username": "admin"})
+async def test_missing_fields_are_named(shared_anon: Api) -> None:
+    status, body = await shared_anon.post("/auth/login", {"username": "admin"})
     assert status == 400
     assert "send {username, password}" in body["details"]
 
 
-async def test_oversized_body_is_413_json(stack: Stack, anon: Api) -> None:
-    status, body = await anon.request("POST", "/auth/login", data=b'{"username": "' + b"a" * (2 * 1024 * 1024) + b'"}',
-                                      headers={"Content-Type": "application/json"})
+async def test_oversized_body_is_413_json(shared_anon: Api) -> None:
+    big = b'{"username": "' + b"a" * (2 * 1024 * 1024) + b'"}'
+    status, body = await shared_anon.request("POST", "/auth/login", data=big,
+                                             headers={"Content-Type": "application/json"})
     assert status == 413
     assert_error_shape(body, "payload_too_large")
 
 
-async def test_unknown_route_and_wrong_method_are_json(admin: Api) -> None:
+async def test_unknown_route_and_wrong_method_are_json(shared_admin: Api) -> None:
+    admin = shared_admin
     status, body = await admin.get("/no/such/thing")
     assert status == 404
     assert_error_shape(body, "not_found")
@@ -67,8 +72,8 @@ async def test_a_body_is_required_where_the_operation_needs_one(admin: Api) -> N
 
 
 @pytest.mark.parametrize("query", [{"offset": "9" * 30}, {"offset": str(2 ** 63)}, {"limit": "1_0"}, {"offset": "-1"}])
-async def test_integer_parameters_are_bounded(admin: Api, query: dict[str, str]) -> None:
-    status, body = await admin.get("/backups", params=query)
+async def test_integer_parameters_are_bounded(shared_admin: Api, query: dict[str, str]) -> None:
+    status, body = await shared_admin.get("/backups", params=query)
     assert status == 400, body
     assert_error_shape(body, "invalid_request")
 
@@ -76,9 +81,9 @@ async def test_integer_parameters_are_bounded(admin: Api, query: dict[str, str])
 @pytest.mark.parametrize("payload", ['{"name": NaN}', '{"name": "g", "max_concurrent_vms": Infinity}',
                                      '{"name": "esc\\u001b[2J"}', '{"name": "cr\\rhidden"}',
                                      '{"name": "lone \\ud800"}', '{"name": "g", "description": "bell\\u0007"}'])
-async def test_names_and_numbers_are_sane(admin: Api, payload: str) -> None:
-    status, body = await admin.request("POST", "/machine-groups", data=payload.encode(),
-                                       headers={"Content-Type": "application/json"})
+async def test_names_and_numbers_are_sane(shared_admin: Api, payload: str) -> None:
+    status, body = await shared_admin.request("POST", "/machine-groups", data=payload.encode(),
+                                              headers={"Content-Type": "application/json"})
     assert status == 400, body
     assert_error_shape(body, "invalid_request")
 
@@ -97,7 +102,8 @@ async def test_the_audit_records_the_callers_address_and_omactl_prints_it_safely
     assert json.loads(as_json.stdout.splitlines()[0])["resource"] == "evil\x1b[2J\rname"
 
 
-async def test_cors_preflight_and_headers(anon: Api) -> None:
+async def test_cors_preflight_and_headers(shared_anon: Api) -> None:
+    anon = shared_anon
     headers = {"Origin": "http://gui.example", "Access-Control-Request-Method": "POST",
                "Access-Control-Request-Headers": "Authorization, Content-Type"}
     async with anon.session.options(anon.base + "/api/v1/auth/login", headers=headers) as r:

@@ -1,11 +1,12 @@
 """Run the four daemons in the foreground without systemd (`make run`, and the tests' fixtures).
 
 Each daemon is started as a child with its own NOTIFY_SOCKET, so "ready" means exactly what systemd would
-take it to mean: the daemon sent READY=1. The launcher behaves like the installed units: a daemon that
-crashes is restarted alone (`Restart=on-failure`, with a start limit), Ctrl-C, SIGTERM and SIGHUP stop omad
-first, then the agents, and if the launcher itself dies its daemons get SIGTERM from the kernel
-(PR_SET_PDEATHSIG). Daemons left by an earlier launcher of the same state directory are stopped before the
-new ones start.
+take it to mean: the daemon's main process sent READY=1 (NotifyAccess=main). The socket's address is in the
+abstract namespace (unix(7)), so a launcher leaves no socket file behind however it ends (kill -9 included).
+The launcher behaves like the installed units: a daemon that crashes is restarted alone (`Restart=on-failure`,
+with a start limit), Ctrl-C, SIGTERM and SIGHUP stop omad first, then the agents, and if the launcher itself
+dies its daemons get SIGTERM from the kernel (PR_SET_PDEATHSIG). Daemons left by an earlier launcher of the
+same state directory are stopped before the new ones start.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import argparse
 import contextlib
 import ctypes
 import os
-import shutil
+import secrets
 import signal
 import socket
 import subprocess
+import struct
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,20 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+#: struct ucred (unix(7)): pid, uid, gid.
+CREDENTIALS = struct.Struct("iII")
+CREDENTIALS_SIZE = CREDENTIALS.size
+
+
+def _sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    """The pid in a datagram's SCM_CREDENTIALS (sent by the kernel once SO_PASSCRED is set)."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= CREDENTIALS_SIZE:
+            pid: int = CREDENTIALS.unpack_from(data)[0]
+            return pid
+    return None
+
+
 class DaemonFailed(Exception):
     """A daemon exited or stayed silent instead of becoming ready."""
 
@@ -64,7 +79,6 @@ class DaemonProcess:
     proc: subprocess.Popen[bytes] | None = None
     status: str = ""
     _sock: socket.socket | None = None
-    _tmp: Path | None = None
 
     def start(self, timeout: float = 30.0) -> str:
         """Start and wait for READY=1; returns the STATUS it sent with it."""
@@ -74,11 +88,13 @@ class DaemonProcess:
 
     def launch(self) -> None:
         """Start the process; wait_ready() then waits for its READY=1."""
-        self._tmp = Path(tempfile.mkdtemp(prefix=f"oma-notify-{self.name}-"))
-        notify_path = self._tmp / "notify.sock"
+        # An abstract address ("@" in NOTIFY_SOCKET, as sd_notify(3) and sdnotify accept): nothing in the
+        # filesystem to remove, and it vanishes with the last descriptor whatever kills this process.
+        name = f"oma-notify-{self.name}-{os.getpid()}-{secrets.token_hex(8)}"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(notify_path))
-        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1", **self.env)
+        self._sock.bind("\0" + name)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the sender's pid, as systemd reads it
+        env = dict(os.environ, NOTIFY_SOCKET="@" + name, PYTHONUNBUFFERED="1", **self.env)
         env.pop("JOURNAL_STREAM", None)
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - handed to the child
         try:
@@ -103,9 +119,11 @@ class DaemonProcess:
                 raise DaemonFailed(f"{self.name} did not report READY within {timeout} s{self.log_tail()}")
             self._sock.settimeout(min(remaining, 0.2))
             try:
-                data = self._sock.recv(4096)
+                data, ancillary, _flags, _addr = self._sock.recvmsg(4096, socket.CMSG_SPACE(CREDENTIALS_SIZE))
             except socket.timeout:
                 continue
+            if _sender_pid(ancillary) != self.proc.pid:
+                continue  # NotifyAccess=main: only the daemon's main process speaks for it
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             if "STATUS" in fields:
                 self.status = fields["STATUS"]
@@ -139,9 +157,6 @@ class DaemonProcess:
         if self._sock:
             self._sock.close()
             self._sock = None
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
         return self.proc.returncode
 
 

@@ -22,7 +22,6 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from pyVmomi import SoapStubAdapter, vim, vmodl
 
 from oma_common.errors import Invalid
 
@@ -203,6 +202,9 @@ class VCenter:
             return ""
 
     def _login(self, address: Address, username: str, password: str, thumbprint: str = "") -> str:
+        # pyVmomi on first use: its type tables cost every omad start ~0.2 s of CPU, most never see a vCenter.
+        from pyVmomi import SoapStubAdapter, vim
+
         stub = SoapStubAdapter(host=address.host, port=address.port, version=_API_VERSION,
                                sslContext=self._context(thumbprint), connectionPoolTimeout=-1)
         stub.schemeArgs["timeout"] = self.timeout  # http.client's per-operation socket timeout
@@ -221,6 +223,8 @@ class VCenter:
 
 def explain(e: BaseException, address: Address) -> tuple[str, str]:
     """A failure reason and a sentence for a person."""
+    from pyVmomi import vim, vmodl
+
     if isinstance(e, vim.fault.InvalidLogin):
         return INVALID_CREDENTIALS, f"{address} refused the user name or password"
     if isinstance(e, ssl.SSLCertVerificationError):
