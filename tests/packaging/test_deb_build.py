@@ -33,7 +33,7 @@ DEBIAN_MODULES = {
 }
 # The programs the agents run (ARCHITECTURE.md, HOST-NOTES.md) and the packages that carry them.
 PROGRAM_PACKAGES = ("qemu-utils", "qemu-system-common", "libnbd-bin", "fuse3", "ntfs-3g", "fusefat", "e2fsprogs",
-                    "xfsprogs", "fdisk", "util-linux", "kmod", "systemd")
+                    "xfsprogs", "fdisk", "util-linux", "kmod", "systemd", "procps")
 
 
 def depends(deb: Path) -> set[str]:
