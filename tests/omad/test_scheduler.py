@@ -486,14 +486,21 @@ async def test_a_schedules_vms_start_at_once_within_the_setting(db: Database) ->
     assert sorted(n for n, _, _ in d.launcher.started) == names
 
 
-async def test_another_schedule_ticks_while_a_schedules_starts_are_in_flight(domain: Domain) -> None:
-    d = domain
+async def slow_replication_and_a_backup(d: Domain) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A replication schedule of r1, r2 due at 08:00 whose starts hang on `d.replicator.gate` (CloudStack creating
+    volumes) and a backup schedule of b1 due at 08:05; returns both schedules."""
     ids = await add_contexts(d.db, ["r1", "r2", "b1"])
     repl = await d.schedule("sync", "0 0 8 * * *", action="replication", repository_id=None)
     backup = await d.schedule("backup", "0 5 8 * * *")
     await d.group("replicated", repl["id"], [ids["r1"], ids["r2"]])
     await d.group("backed up", backup["id"], [ids["b1"]])
-    d.replicator.gate = asyncio.Event()  # slow replication starts (CloudStack creating volumes)
+    d.replicator.gate = asyncio.Event()
+    return repl, backup
+
+
+async def test_another_schedule_ticks_while_a_schedules_starts_are_in_flight(domain: Domain) -> None:
+    d = domain
+    repl, _ = await slow_replication_and_a_backup(d)
     d.clock.set(datetime(2025, 3, 29, 8, tzinfo=UTC))
     first = asyncio.ensure_future(d.scheduler.tick())
     await d.replicator.wait_in_flight(2)
@@ -512,12 +519,7 @@ async def test_another_schedule_ticks_while_a_schedules_starts_are_in_flight(dom
 
 async def test_the_loop_fires_another_schedule_while_a_schedules_starts_are_in_flight(domain: Domain) -> None:
     d = domain
-    ids = await add_contexts(d.db, ["r1", "r2", "b1"])
-    repl = await d.schedule("sync", "0 0 8 * * *", action="replication", repository_id=None)
-    backup = await d.schedule("backup", "0 5 8 * * *")
-    await d.group("replicated", repl["id"], [ids["r1"], ids["r2"]])
-    await d.group("backed up", backup["id"], [ids["b1"]])
-    d.replicator.gate = asyncio.Event()
+    repl, backup = await slow_replication_and_a_backup(d)
     d.clock.set(datetime(2025, 3, 29, 7, 59, tzinfo=UTC))
     await d.scheduler.start()
     try:
