@@ -81,7 +81,7 @@ async def test_a_sync_completes_as_soon_as_the_vma_is_done(rig: Rig) -> None:
         assert done["status"] == "completed" and done["replication_type"] == expected, done
         assert done["vma_status"] == SUCCEEDED  # what the poll that completed it saw
         assert completed - asked < POLL, (expected, completed - asked, rig.log_tail())
-        assert completed - succeeded < POLL / 5, (expected, completed - succeeded)
+        assert completed - succeeded < POLL / 2, (expected, completed - succeeded)  # not at the next poll
         rig.assert_volumes_hold_sources(done)
         await rig.assert_released()
     assert "completion took" in rig.log_tail(lines=400)
@@ -143,7 +143,7 @@ async def telemetry_nudges(rig: Rig) -> None:
     await push()
     done = await rig.wait(job_id)
     assert done["status"] == "completed", done
-    assert time.monotonic() - pushed < POLL / 3
+    assert time.monotonic() - pushed < POLL / 2  # not at the next poll
     await rig.assert_released()
 
 
