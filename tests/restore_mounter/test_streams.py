@@ -9,7 +9,7 @@ import time
 import pytest
 
 from oma_common.filestream import ByteRange, Unsatisfiable, content_disposition, parse_range
-from restore_mounter.streams import Cancelled, ChunkPipe
+from restore_mounter.streams import Cancelled, ChunkPipe, send_archive
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -85,3 +85,31 @@ async def test_pipe_passes_the_writers_failure() -> None:
     with pytest.raises(OSError, match="disk error"):
         async for _ in pipe.chunks():
             pass
+
+
+async def test_archive_response_outlives_a_second_cancel_until_its_writer_ends() -> None:
+    """The writer thread holds descriptors inside the mount: the response returns only once it has ended,
+    even when the handler is cancelled again while it waits (a client gone, then the daemon stopping)."""
+    from aiohttp.test_utils import make_mocked_request
+
+    loop = asyncio.get_running_loop()
+    pipe = ChunkPipe(loop, chunk=10, slots=1)
+    release = threading.Event()
+
+    def writer() -> int:
+        release.wait(5)  # a thread still reading inside the mount, deaf to cancellation for a while
+        return 0
+
+    producer = loop.run_in_executor(None, writer)
+    task = asyncio.ensure_future(send_archive(make_mocked_request("GET", "/archive"), pipe, producer,
+                                              "a.zip", "application/zip", "a"))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done()  # still waiting for the thread
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert producer.done()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 import threading
@@ -11,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from oma_common.blocking import wait_through
 from oma_common.filestream import abort, content_disposition
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,7 @@ async def send_archive(request: web.Request, pipe: ChunkPipe, producer: asyncio.
         abort(request)
     finally:
         pipe.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.wait([producer])  # the thread holds descriptors inside the mount
+        await wait_through(producer)  # the thread holds descriptors inside the mount, even on a second cancel
         if producer.done() and not producer.cancelled():
             producer.exception()  # retrieved: its failure is already logged above
     return resp

@@ -88,11 +88,9 @@ class Reconciler:
 
     async def _offline_one(self, rec: VolumeRecord, why: str) -> None:
         rec.operation = None
-        if rec.attached_here:
-            device = await asyncio.to_thread(self.volumes.devices.find, rec.serial)
-            if device is None or device.rdev != rec.rdev:
-                rec.mark_detached()
-                self._note("devices gone", rec, "%s and its device is gone: no longer vouched for", why)
+        if not await asyncio.to_thread(self.volumes.device_holds, rec):  # attached here, and its device gone
+            rec.mark_detached()
+            self._note("devices gone", rec, "%s and its device is gone: no longer vouched for", why)
 
     async def _one(self, rec: VolumeRecord) -> None:
         v = self.volumes

@@ -143,7 +143,7 @@ class Volumes:
     def _record(self, volume_id: str) -> VolumeRecord | None:
         return self.records.get(volume_id)
 
-    def _device_holds(self, rec: VolumeRecord) -> bool:
+    def device_holds(self, rec: VolumeRecord) -> bool:
         """Whether a record's `attached_here` is still true to the device directory (not attached: nothing to
         check). A stat of the link's target; blocking, call it in a thread."""
         if not rec.attached_here:
@@ -155,7 +155,7 @@ class Volumes:
         """The record, corrected first if it says attached here and its device is gone (under the volume's
         lock); None when there is no record (any more)."""
         rec = self._record(volume_id)
-        if rec is None or await asyncio.to_thread(self._device_holds, rec):
+        if rec is None or await asyncio.to_thread(self.device_holds, rec):
             return rec
         log.warning("volume %s: recorded as attached here, but %s no longer leads to its device %s; checking "
                     "with CloudStack", volume_id, rec.link or self.devices.link(rec.serial), rec.rdev,
@@ -173,7 +173,7 @@ class Volumes:
         operation, if any, is over (until start-up reconciliation is done, as it is: that corrects it)."""
         rec = self._record(volume_id)
         if rec is None or rec.operation is not None or not self.ready.is_set() \
-                or await asyncio.to_thread(self._device_holds, rec):
+                or await asyncio.to_thread(self.device_holds, rec):
             return rec
         async with self.locked(volume_id):
             return await self._checked(volume_id)
