@@ -22,18 +22,17 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from oma_common import tcptable
+from oma_common.tcptable import ESTABLISHED, HEADER, LISTEN, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, \
+    SOCK_DIAG_BY_FAMILY, open_netlink
+
 log = logging.getLogger(__name__)
 
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-TCP_ESTABLISHED, TCP_LISTEN = 1, 10
+TCP_ESTABLISHED, TCP_LISTEN = ESTABLISHED, LISTEN
 INET_DIAG_REQ_BYTECODE = 1
 INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _REQUEST = struct.Struct("=BBBxI48x")  # inet_diag_req_v2: family, protocol, ext, pad, states, id (unused)
 _ATTR = struct.Struct("=HH")  # nlattr: len, type
 _OP = struct.Struct("=BBH")  # inet_diag_bc_op: code, yes, no
@@ -49,10 +48,6 @@ class Socket:
     inode: int
 
 
-def open_netlink() -> socket.socket:
-    return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
-
-
 def _port_range(low: int, high: int) -> bytes:
     """Bytecode accepting low <= local port <= high. Each op: if true, go on to the next (`yes`: 8 bytes on);
     if false, jump 4 bytes past the program's end, which rejects (inet_diag_bc_run accepts at exactly its end).
@@ -65,24 +60,23 @@ def _dump(nl: socket.socket, family: int, state: int, ports: tuple[int, int], se
     bytecode = _port_range(*ports)
     attr = _ATTR.pack(_ATTR.size + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
     body = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 1 << state) + attr
-    nl.send(_HEADER.pack(_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+    nl.send(tcptable.request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, body))
     out: list[Socket] = []
     while True:
         data = nl.recv(65536)
         offset = 0
-        while offset + _HEADER.size <= len(data):
-            length, kind, _flags, got_seq, _pid = _HEADER.unpack_from(data, offset)
-            if length < _HEADER.size:
+        while offset + HEADER.size <= len(data):
+            length, kind, _flags, got_seq, _pid = HEADER.unpack_from(data, offset)
+            if length < HEADER.size:
                 raise OSError(errno.EPROTO, "sock_diag: malformed reply")
             if got_seq == seq:
                 if kind == NLMSG_DONE:
                     return out
                 if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", data, offset + _HEADER.size)
-                    raise OSError(-code, f"sock_diag: {os.strerror(-code)}")
-                if kind == SOCK_DIAG_BY_FAMILY and length >= _HEADER.size + _MSG.size:
+                    tcptable.raise_error(data, offset)
+                if kind == SOCK_DIAG_BY_FAMILY and length >= HEADER.size + _MSG.size:
                     f, _state, _t, _r, sport, dport, _src, dst, _exp, _rq, _wq, _uid, inode = \
-                        _MSG.unpack_from(data, offset + _HEADER.size)
+                        _MSG.unpack_from(data, offset + HEADER.size)
                     out.append(Socket(f, socket.ntohs(sport), socket.inet_ntop(f, dst[:4] if f == socket.AF_INET else dst),
                                       socket.ntohs(dport), inode))
             offset += (length + 3) & ~3
@@ -120,30 +114,10 @@ def _from_netlink(targets: list[tuple[int, int]], held: list[set[int]], ports: t
     return found, families
 
 
-PROC_TABLES = ((socket.AF_INET, "/proc/net/tcp"), (socket.AF_INET6, "/proc/net/tcp6"))
-
-
 def _from_proc(ports: tuple[int, int]) -> list[Socket]:
     """The established sockets on the ports, from /proc/net/tcp and tcp6 (where netlink is refused)."""
-    out: list[Socket] = []
-    for family, table in PROC_TABLES:
-        try:
-            with open(table, "rb") as f:
-                lines = f.read().splitlines()[1:]
-        except FileNotFoundError:  # no IPv6 in this kernel
-            continue
-        for line in lines:
-            # sl local_address rem_address st ... uid timeout inode
-            cols = line.split()
-            local_port = int(cols[1].rpartition(b":")[2], 16)
-            if cols[3] != b"%02X" % TCP_ESTABLISHED or not ports[0] <= local_port <= ports[1]:
-                continue
-            host, _, port = cols[2].partition(b":")
-            # The address is printed as 32-bit words in host byte order; the port in plain hex.
-            words = [int(host[i:i + 8], 16) for i in range(0, len(host), 8)]
-            packed = struct.pack(f"={len(words)}I", *words)
-            out.append(Socket(family, local_port, socket.inet_ntop(family, packed), int(port, 16), int(cols[9])))
-    return out
+    return [Socket(e.family, e.local[1], socket.inet_ntop(e.family, e.remote[0].packed), e.remote[1], e.inode)
+            for e in tcptable.entries() if e.state == ESTABLISHED and ports[0] <= e.local[1] <= ports[1]]
 
 
 def socket_inodes(pid: int) -> set[int]:
