@@ -27,7 +27,7 @@ import aiohttp
 from oma_common import schema
 from oma_common.contracts.restore_mounter import ArchiveQuery, CleanupStatus, Entry, Listing, ListQuery, Resources
 from oma_common.contracts.restore_mounter import Mount as AgentMount
-from oma_common.errors import Conflict, NotFound, OmaError, Unavailable
+from oma_common.errors import CALLS_OUT, Conflict, NotFound, OmaError, Unavailable
 from oma_common.schema import spec
 
 from ..audit import Audit
@@ -135,8 +135,11 @@ class RestoreService:
         try:
             m = await self.mounter.mount(image.path, mount_id)
         except OmaError as e:
-            async with self.db.transaction() as tx:
-                await store.fail(tx, mount_id, str(e), utcnow())
+            if isinstance(e, CALLS_OUT):  # no answer heard (timed out, cut off): it may have made the mount
+                await self._abandoned(mount_id, str(e))
+            else:  # refused: restore-mounter made nothing
+                async with self.db.transaction() as tx:
+                    await store.fail(tx, mount_id, str(e), utcnow())
             await self.audit.record(actor, "restore.mount", f"backup:{backup_id}", outcome="failed",
                                     disk_index=disk_index, error=str(e))
             raise
