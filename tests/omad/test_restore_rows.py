@@ -158,3 +158,21 @@ async def test_a_mount_whose_answer_timed_out_is_removed_from_restore_mounter(db
     assert mounter.held == {} and len(mounter.unmounted) == 1
     ended = await store.get(db, mounter.unmounted[0])
     assert ended.status == "failed" and ended.ended_at is not None, ended
+
+
+async def test_a_mount_made_but_not_recorded_ends(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """restore-mounter made the mount but recording it failed (or the call was cancelled right then): the row
+    does not stay `mounting` (nothing else ends it while omad runs) and restore-mounter's mount goes."""
+    mounter = FakeMounter()
+    restore = service(db, mounter)
+
+    async def broken_write(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("disk I/O error")
+
+    monkeypatch.setattr(store, "mark_mounted", broken_write)
+    with pytest.raises(RuntimeError):
+        await restore.mount("b-1", 0, "admin")
+    assert await store.held(db) == []
+    assert mounter.held == {} and len(mounter.unmounted) == 1
+    ended = await store.get(db, mounter.unmounted[0])
+    assert ended.status == "failed" and ended.ended_at is not None, ended

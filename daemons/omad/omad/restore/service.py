@@ -146,9 +146,13 @@ class RestoreService:
         except BaseException as e:  # cancelled (the client went away, omad stops) or a bug: the row ends too
             await self._abandoned(mount_id, f"the mount was abandoned half-way ({type(e).__name__})")
             raise
-        async with self.db.transaction() as tx:
-            recorded = await store.mark_mounted(tx, mount_id, Mounted(m.mount_path, m.device, m.filesystem_type,
-                                                                      schema.to_dict(m.filesystems), m.expires_at))
+        try:
+            async with self.db.transaction() as tx:
+                recorded = await store.mark_mounted(tx, mount_id, Mounted(
+                    m.mount_path, m.device, m.filesystem_type, schema.to_dict(m.filesystems), m.expires_at))
+        except BaseException as e:  # made but not recorded (cancelled, the database failed): it goes, the row ends
+            await self._abandoned(mount_id, f"the mount was made but not recorded ({type(e).__name__})")
+            raise
         if not recorded:  # unmounted while restore-mounter was making it: what it made goes too
             with contextlib.suppress(OmaError):
                 await self.mounter.unmount(mount_id, force=True)
