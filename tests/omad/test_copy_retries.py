@@ -5,6 +5,7 @@ the copy is failed with the reason, and nothing of it is left in the destination
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 
@@ -146,3 +147,37 @@ async def test_a_copy_ended_by_a_fault_of_ours_is_failed_not_left_running(db: Da
     job = await rig.jobs.get(out["copy_id"])
     assert job["status"] == "failed", job
     assert leftovers(dest, a0) == []
+
+
+class StuckFs(LocalFs):
+    """LocalFs whose rename of the finished image never ends (a destination that hangs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck = asyncio.Event()
+
+    async def rename(self, src: Path, dst: Path) -> None:
+        self.stuck.set()
+        await asyncio.Event().wait()
+
+
+async def test_a_copy_cut_short_as_omad_stops_is_failed_not_left_running(db: Database, tmp_path: Path) -> None:
+    """omad stops during a copy (its job is cancelled after the grace): the copy's row ends failed with its job,
+    so asking for that copy again makes a new one instead of answering the dead one as live."""
+    fs = StuckFs()
+    rig = await PolicyRig.build(db, tmp_path, fs=fs, clock=SteppingClock(),
+                                cfg=PolicyConfig(copy_attempts=3, copy_backoff_seconds=1.0))
+    await rig.repo("primary")
+    dest = await rig.repo("offsite")
+    a0 = await rig.backup("a0", "primary")
+
+    out = await rig.copies.request(a0, "offsite", actor="test")
+    await asyncio.wait_for(fs.stuck.wait(), 60)
+    await rig.jobs.drain(timeout=0)
+    [row] = await rig.copy_rows()
+    assert row["status"] == "failed" and "interrupted" in row["error_message"], row
+    assert (await rig.jobs.get(out["copy_id"]))["status"] == "failed"
+    assert leftovers(dest, a0) == []
+    again = await rig.copies.request(a0, "offsite", actor="test")
+    assert again["copy_id"] != out["copy_id"] and "existing" not in again, again
+    await rig.jobs.drain(timeout=0)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from oma_common.contracts.restore_mounter import Mount as AgentMount
-from oma_common.errors import Conflict, NotFound
+from oma_common.errors import Conflict, NotFound, TimedOut
 from omad.audit import Audit
 from omad.restore.service import DiskImage, RestoreService
 from omad.store import restore_mounts as store
@@ -139,3 +139,40 @@ async def test_a_mount_unmounted_while_being_made_stays_ended(db: Database) -> N
     ended = await store.get(db, row.id)
     assert ended.status == "unmounted" and ended.ended_at is not None, ended
     assert mounter.held == {}
+
+
+async def test_a_mount_whose_answer_timed_out_is_removed_from_restore_mounter(db: Database) -> None:
+    """restore-mounter made the mount but its answer did not arrive in time: the row fails and the mount it
+    made is removed at once, not left holding a device until idle expiry or the next start-up."""
+
+    class LateMounter(FakeMounter):
+        async def mount(self, image: str, mount_id: str) -> AgentMount:
+            await super().mount(image, mount_id)
+            raise TimedOut("restore-mounter timed out", "no answer in time")
+
+    mounter = LateMounter()
+    restore = service(db, mounter)
+    with pytest.raises(TimedOut):
+        await restore.mount("b-1", 0, "admin")
+    assert await store.held(db) == []
+    assert mounter.held == {} and len(mounter.unmounted) == 1
+    ended = await store.get(db, mounter.unmounted[0])
+    assert ended.status == "failed" and ended.ended_at is not None, ended
+
+
+async def test_a_mount_made_but_not_recorded_ends(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """restore-mounter made the mount but recording it failed (or the call was cancelled right then): the row
+    does not stay `mounting` (nothing else ends it while omad runs) and restore-mounter's mount goes."""
+    mounter = FakeMounter()
+    restore = service(db, mounter)
+
+    async def broken_write(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("disk I/O error")
+
+    monkeypatch.setattr(store, "mark_mounted", broken_write)
+    with pytest.raises(RuntimeError):
+        await restore.mount("b-1", 0, "admin")
+    assert await store.held(db) == []
+    assert mounter.held == {} and len(mounter.unmounted) == 1
+    ended = await store.get(db, mounter.unmounted[0])
+    assert ended.status == "failed" and ended.ended_at is not None, ended

@@ -16,6 +16,8 @@ which every `copy_interval_seconds` asks for the copies their destinations lack.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 from pathlib import Path
@@ -146,6 +148,22 @@ class Copies:
     # -- the job -------------------------------------------------------------------------------------
 
     async def _run(self, copy_id: str) -> None:
+        """The copy's job; its row ends with it, also when it is cancelled (omad stops: the engine fails the job,
+        and nothing at the next start would end a row left pending or running, which answers every later
+        request for that copy as the live one)."""
+        try:
+            await self._attempts(copy_id)
+        except BaseException as e:
+            copy = await store.find_copy(self.db, copy_id)
+            if copy is not None and copy.status in (store.CopyStatus.PENDING, store.CopyStatus.RUNNING):
+                with contextlib.suppress(Exception):  # best effort: its partial files
+                    await self._cleanup(copy)
+                reason = ("interrupted: omad stopped during the copy" if isinstance(e, asyncio.CancelledError)
+                          else str(e) if isinstance(e, OmaError) else f"internal error: {e!r}")
+                await store.fail_copy(self.db, copy_id, reason, utcnow())
+            raise
+
+    async def _attempts(self, copy_id: str) -> None:
         copy = await store.get_copy(self.db, copy_id)
         chain_id = (await backup_store.get(self.db, copy.source_backup_id)).chain_id
         key = f"copy-into:{copy.destination_repository_id}:{chain_id}"

@@ -35,6 +35,12 @@ async def made_under(volumes: VolumeAgent, name: str) -> VolumeView | None:
     return next((v for v in (await volumes.volumes()).volumes if v.name == name), None)
 
 
+def _logged(task: asyncio.Task[int]) -> None:
+    """A sweep that ended by a fault of ours says so (its rows stay for the next start)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("volumes created for removed VM contexts: the sweep failed", exc_info=task.exception())
+
+
 class ContextlessCreates:
     """The start-up pass over volumes being created for a VM context that no longer exists (a Background)."""
 
@@ -45,7 +51,7 @@ class ContextlessCreates:
 
     async def start(self) -> None:
         self._task = asyncio.ensure_future(self.sweep())
-        self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._task.add_done_callback(_logged)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -27,7 +27,7 @@ import aiohttp
 from oma_common import schema
 from oma_common.contracts.restore_mounter import ArchiveQuery, CleanupStatus, Entry, Listing, ListQuery, Resources
 from oma_common.contracts.restore_mounter import Mount as AgentMount
-from oma_common.errors import Conflict, NotFound, OmaError, Unavailable
+from oma_common.errors import CALLS_OUT, Conflict, NotFound, OmaError, Unavailable
 from oma_common.schema import spec
 
 from ..audit import Audit
@@ -135,17 +135,24 @@ class RestoreService:
         try:
             m = await self.mounter.mount(image.path, mount_id)
         except OmaError as e:
-            async with self.db.transaction() as tx:
-                await store.fail(tx, mount_id, str(e), utcnow())
+            if isinstance(e, CALLS_OUT):  # no answer heard (timed out, cut off): it may have made the mount
+                await self._abandoned(mount_id, str(e))
+            else:  # refused: restore-mounter made nothing
+                async with self.db.transaction() as tx:
+                    await store.fail(tx, mount_id, str(e), utcnow())
             await self.audit.record(actor, "restore.mount", f"backup:{backup_id}", outcome="failed",
                                     disk_index=disk_index, error=str(e))
             raise
         except BaseException as e:  # cancelled (the client went away, omad stops) or a bug: the row ends too
             await self._abandoned(mount_id, f"the mount was abandoned half-way ({type(e).__name__})")
             raise
-        async with self.db.transaction() as tx:
-            recorded = await store.mark_mounted(tx, mount_id, Mounted(m.mount_path, m.device, m.filesystem_type,
-                                                                      schema.to_dict(m.filesystems), m.expires_at))
+        try:
+            async with self.db.transaction() as tx:
+                recorded = await store.mark_mounted(tx, mount_id, Mounted(
+                    m.mount_path, m.device, m.filesystem_type, schema.to_dict(m.filesystems), m.expires_at))
+        except BaseException as e:  # made but not recorded (cancelled, the database failed): it goes, the row ends
+            await self._abandoned(mount_id, f"the mount was made but not recorded ({type(e).__name__})")
+            raise
         if not recorded:  # unmounted while restore-mounter was making it: what it made goes too
             with contextlib.suppress(OmaError):
                 await self.mounter.unmount(mount_id, force=True)
