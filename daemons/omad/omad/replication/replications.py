@@ -49,7 +49,7 @@ from ..store import contexts as contexts_store
 from ..store import replications as store
 from ..store.contexts import ContextStatus
 from ..store.db import Database, utcnow
-from .ending import NEVER_TAKEN, VMA_STEP, Ending
+from .ending import NEVER_TAKEN, VMA_STEP, Ending, vma_took
 from .volume_creates import made_under, remove_volume
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,8 @@ class Replications:
         try:
             await self.vma.progress(job_id)
         except NotFound:
-            await self.ending.fail(job_id, NEVER_TAKEN)
+            await self.ending.fail(job_id, NEVER_TAKEN if not await vma_took(self.db, job_id) else
+                                   "the VMA does not know the job (it restarted, or the job was lost)")
             return True
         except OmaError:
             return False
