@@ -61,11 +61,11 @@ class Rig:
         """A guest write of `length` pseudo-random bytes into disk `index`, which VMware's CBT notes."""
         self.state.write_source(VM, index, offset, random.Random(seed).randbytes(length))
 
-    def source_vm(self) -> dict[str, Any]:
-        return next(v for v in self.state.inventory.discovery()["vms"] if v["name"] == VM)
+    def source_vm(self, name: str = VM) -> dict[str, Any]:
+        return next(v for v in self.state.inventory.discovery()["vms"] if v["name"] == name)
 
-    async def start(self, **extra: Any) -> tuple[int, dict[str, Any]]:
-        return await self.api.post("/replications", {"source_vm": self.source_vm(), "ossea_config_id": 1,
+    async def start(self, *, vm: str = VM, **extra: Any) -> tuple[int, dict[str, Any]]:
+        return await self.api.post("/replications", {"source_vm": self.source_vm(vm), "ossea_config_id": 1,
                                                       "vcenter_host": VCENTER, **extra})
 
     async def wait(self, job_id: str, statuses: tuple[str, ...] = ("completed", "failed", "cancelled"),
