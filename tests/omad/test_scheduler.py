@@ -9,6 +9,7 @@ Jobs are real rows created through the JobEngine by a real in-process launcher; 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections import Counter
 from datetime import datetime, timezone
@@ -703,3 +704,82 @@ async def test_a_tick_starting_a_thousand_vms_writes_in_a_few_batched_transactio
     assert len(rows) == 1000 and {(r["status"], r["attempt"]) for r in rows} == {("running", "running")}
     runs = [(await d.executions(s["id"]))[0] for s in schedules]
     assert sum(r["jobs_created"] for r in runs) == 1000
+
+
+# -- recording the starts' outcomes ------------------------------------------------------------------
+
+# The disk fills up as the scheduler records started jobs: the write that makes a VM follow its job fails, as
+# SQLite fails it (the rest of the database still answers). Dropped when the space is freed.
+DISK_FULL = ("CREATE TRIGGER disk_full BEFORE UPDATE OF status ON schedule_execution_vms WHEN NEW.status = 'running' "
+             "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+
+
+async def logged(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    """Return once a record containing `text` is logged."""
+    while not any(text in r.getMessage() for r in caplog.records):
+        await asyncio.sleep(0.01)
+
+
+async def due_with_the_disk_full(db: Database, *pauses: float) -> tuple[Domain, dict[str, Any]]:
+    """A backup schedule of a and b, due now, and a full disk; the scheduler pauses `pauses` between tries."""
+    d = build(db, FakeClock(T0), record_retry_seconds=pauses)
+    ids = await add_contexts(d.db, ["a", "b"])
+    s = await d.schedule("nightly", "0 0 8 * * *")
+    await d.group("g", s["id"], list(ids.values()))
+    await d.db.execute(DISK_FULL)
+    d.clock.set(datetime(2025, 3, 29, 8, tzinfo=UTC))
+    return d, s
+
+
+async def test_a_recording_that_fails_is_tried_again(db: Database, caplog: pytest.LogCaptureFixture) -> None:
+    d, s = await due_with_the_disk_full(db, 0.5, 0.5)
+    with caplog.at_level(logging.WARNING, logger="omad.schedule.scheduler"):
+        ticking = asyncio.ensure_future(d.scheduler.tick())
+        await asyncio.wait_for(logged(caplog, "could not be recorded"), 10)
+        await d.db.execute("DROP TRIGGER disk_full")  # space freed before the next try
+        report = await ticking
+    run = (await d.executions(s["id"]))[0]
+    failure = next(r.getMessage() for r in caplog.records if "could not be recorded" in r.getMessage())
+    assert "'nightly'" in failure and f"execution {run['id']}" in failure and "database or disk is full" in failure
+    assert report.started == 2 and (run["status"], run["jobs_created"]) == ("running", 2)
+    detail = await d.schedules.execution(s["id"], run["id"])
+    jobs = {name: job_id for name, job_id, _ in d.launcher.started}
+    assert {v["vm_name"]: (v["status"], v["job_id"]) for v in detail["vms"]} == \
+        {"a": ("running", jobs["a"]), "b": ("running", jobs["b"])}
+    assert sorted(j["job_id"] for j in detail["jobs"]) == sorted(jobs.values())
+
+
+async def test_outcomes_that_cannot_be_recorded_are_kept_until_they_can(db: Database,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    d, s = await due_with_the_disk_full(db, 0.01)
+    with caplog.at_level(logging.WARNING, logger="omad.schedule.scheduler"):
+        await d.scheduler.tick()
+    run = (await d.executions(s["id"]))[0]
+    given_up = [r for r in caplog.records if r.levelno == logging.ERROR and "could not be recorded" in r.getMessage()]
+    assert given_up and "'nightly'" in given_up[0].getMessage() and f"execution {run['id']}" in given_up[0].getMessage()
+    jobs = {name: job_id for name, job_id, _ in d.launcher.started}
+    assert sorted(jobs) == ["a", "b"]
+
+    # While the database refuses, the VMs are not started again, neither while their jobs run nor once they end.
+    d.clock.advance(seconds=5)
+    await d.scheduler.tick()
+    await d.launcher.finish(jobs["a"])
+    await d.launcher.finish(jobs["b"], "failed", "the VMA lost the datastore")
+    d.clock.advance(seconds=5)
+    await d.scheduler.tick()
+    assert len(d.launcher.started) == 2
+    assert (await d.executions(s["id"]))[0]["status"] == "running"
+
+    # Space is freed: the next tick records the jobs the run started, and follows them to their end.
+    await d.db.execute("DROP TRIGGER disk_full")
+    d.clock.advance(seconds=5)
+    await d.scheduler.tick()
+    assert len(d.launcher.started) == 2
+    run = (await d.executions(s["id"]))[0]
+    assert (run["status"], run["jobs_created"], run["jobs_completed"], run["jobs_failed"]) == ("failed", 2, 1, 1)
+    detail = await d.schedules.execution(s["id"], run["id"])
+    assert {v["vm_name"]: (v["status"], v["job_id"]) for v in detail["vms"]} == \
+        {"a": ("completed", jobs["a"]), "b": ("failed", jobs["b"])}
+    assert sorted((j["job_id"], j["status"]) for j in detail["jobs"]) == \
+        sorted([(jobs["a"], "completed"), (jobs["b"], "failed")])
+    assert not await running_attempts_not_followed(d)

@@ -16,6 +16,8 @@ creates and attaches CloudStack volumes) — and each outcome is recorded under 
 start is in flight is still `pending` in the database and known to this process only: ticks meanwhile leave it
 alone and count it against the limits, and if omad ends before its outcome is recorded it is started again
 after the restart (the domain refuses a VM it is still working on, as busy), as a start cut short always was.
+A recording that fails (the database locked or the disk full) is tried again a few times, then at every tick
+before anything else: until it is written its VMs stay in flight, so none is started twice for one run.
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ class _Round:
 class Scheduler:
     def __init__(self, db: Database, audit: Audit, launchers: Mapping[str, JobLauncher], clock: Clock, *,
                  poll_seconds: float = 5.0, late_after_seconds: float = 60.0, idle_seconds: float = 60.0,
-                 stop_grace_seconds: float = 10.0, start_concurrency: int = 4) -> None:
+                 stop_grace_seconds: float = 10.0, start_concurrency: int = 4,
+                 record_retry_seconds: Sequence[float] = (0.25, 1.0, 4.0)) -> None:
         self.db = db
         self.audit = audit
         self.launchers = launchers
@@ -116,6 +119,9 @@ class Scheduler:
         self.late_after_seconds = late_after_seconds  # a run started later than this after its due time is late
         self.idle_seconds = idle_seconds  # longest sleep with nothing due: bounds the effect of a clock step
         self.stop_grace_seconds = stop_grace_seconds  # how long stop() lets the starts in progress finish
+        # The pauses before each new try of a failed recording of the starts' outcomes (the database locked by
+        # another process, the disk full); after the last, each tick tries again.
+        self.record_retry_seconds = tuple(record_retry_seconds)
         self._stopping = False
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -131,7 +137,7 @@ class Scheduler:
         self._slots = StartSlots(start_concurrency, lambda one: one.target.schedule_id not in self._halted)
         self._in_flight: dict[VmKey, _Open] = {}  # chosen VMs whose start's outcome is not recorded yet
         self._launches: set[asyncio.Task[bool]] = set()
-        self._ended: list[_Ended] = []  # starts that ended, for the recorder
+        self._ended: list[_Ended] = []  # starts that ended, not recorded yet
         self._recorder: asyncio.Task[None] | None = None
 
     # -- service -------------------------------------------------------------------------------------
@@ -159,6 +165,12 @@ class Scheduler:
             if late:
                 log.warning("scheduler stopped while starting jobs; their VMs run again after the restart")
         await self._all_recorded()  # what ended before the grace ran out
+        if self._ended:  # the recorder gave up on them: one last try
+            async with self._lock:
+                error = await self._record_now()
+            if error is not None:
+                self._unrecorded(error, "lost as omad stops: their VMs are started again after the restart (the "
+                                        "domain refuses one whose job still runs, as busy)")
         self._task = None
         log.info("scheduler stopped; running executions continue at the next start")
 
@@ -244,7 +256,8 @@ class Scheduler:
 
     async def tick(self) -> TickReport:
         """Fire what is due, move every running execution forward and start what may start; return once this
-        tick's starts are recorded (other ticks run meanwhile: the lock is not held while starting). A start
+        tick's starts are recorded, or their recording given up to the next tick (other ticks run meanwhile: the
+        lock is not held while starting). A start
         refused frees its slot, so the tick looks again at the VMs the limits held back; every VM is tried at
         most once per tick. Safe to call at any time."""
         report = TickReport()
@@ -266,6 +279,10 @@ class Scheduler:
             # flight stays halted for them.
             flying = {v.row.schedule_id for v in self._in_flight.values()}
             self._halted = {k: why for k, why in self._halted.items() if k in flying}
+            if self._ended and (self._recorder is None or self._recorder.done()):  # the recorder gave up on them
+                error = await self._record_now()
+                if error is not None:
+                    self._unrecorded(error, "kept for the next tick; their VMs stay pending, started by no one")
             now = self.clock.now()
             await self._fire_due(now, report)
             launches = await self._advance(now, report, tried)
@@ -567,25 +584,59 @@ class Scheduler:
             self._recorder = asyncio.ensure_future(self._record_ended())
 
     async def _record_ended(self) -> None:
-        """Record the starts that ended: at each turn of the lock, all that came meanwhile in one transaction."""
+        """Record the starts that ended: at each turn of the lock, all that came meanwhile in one transaction. One
+        that fails is tried again after each pause of `record_retry_seconds`, outside the lock; after the last,
+        the outcomes stay unrecorded and in flight (their VMs `pending`, left alone by the ticks and counted
+        against the limits), and each tick tries them again before it decides anything. So a VM is never
+        started twice for one outcome, and its run stays open until its job is recorded and followed."""
+        failures = 0
         while self._ended:
             async with self._lock:
-                batch, self._ended = self._ended, []
-                done = _Round()
-                for e in batch:
-                    self._started_or_refused(e.vm, e.outcome, e.target, done, e.skips_busy,
-                                             self._halted.get(e.vm.row.schedule_id))
-                try:
-                    await self._record(done, {e.vm.row.schedule_id: e.schedule for e in batch}, self.clock.now(),
-                                       set(), recount=True)
-                except Exception:  # the VMs stay pending: a later tick finds them busy with their jobs
-                    log.exception("recording %d started job(s) failed", len(done.started))
-                    continue
-                finally:
-                    for e in batch:
-                        self._in_flight.pop(e.vm.key, None)
-                for e in batch:
-                    e.report.started += isinstance(e.outcome, str)
+                error = await self._record_now()
+            if error is None:
+                failures = 0
+            elif failures < len(self.record_retry_seconds):
+                pause = self.record_retry_seconds[failures]
+                failures += 1
+                self._unrecorded(error, f"trying again in {pause:.2f} s (try {failures + 1} of "
+                                        f"{len(self.record_retry_seconds) + 1})", level=logging.WARNING)
+                await asyncio.sleep(pause)  # real time: the database's trouble, not the schedule's clock
+            else:
+                self._unrecorded(error, "kept for the next tick; their VMs stay pending, started by no one")
+                return
+
+    async def _record_now(self) -> Exception | None:
+        """Under the lock: record every ended start waiting, in one transaction; returns why it failed, if it did
+        (they then wait for the next try, as they were)."""
+        batch, self._ended = self._ended, []
+        if not batch:
+            return None
+        done = _Round()
+        for e in batch:  # on a copy of the VM: a failed try leaves it as it was chosen, for the next
+            self._started_or_refused(dataclasses.replace(e.vm), e.outcome, e.target, done, e.skips_busy,
+                                     self._halted.get(e.vm.row.schedule_id))
+        try:
+            await self._record(done, {e.vm.row.schedule_id: e.schedule for e in batch}, self.clock.now(), set(),
+                               recount=True)
+        except Exception as error:  # noqa: BLE001 - whatever failed, the outcomes must not be lost
+            self._ended = batch + self._ended
+            return error
+        for e in batch:
+            self._in_flight.pop(e.vm.key, None)
+            e.report.started += isinstance(e.outcome, str)
+        return None
+
+    def _unrecorded(self, error: Exception, then: str, *, level: int = logging.ERROR) -> None:
+        """Log the outcomes not recorded, one line per run, with the jobs they started."""
+        runs: dict[int, list[_Ended]] = {}
+        for e in self._ended:
+            runs.setdefault(e.vm.row.execution_id, []).append(e)
+        for execution_id, ended in runs.items():
+            jobs = ", ".join(f"{e.vm.row.vm_name}: {e.outcome if isinstance(e.outcome, str) else 'no job'}"
+                             for e in ended)
+            log.log(level, "schedule %r, execution %d: the outcome of %d start(s) (%s) could not be recorded: %s; "
+                           "%s", ended[0].schedule.name, execution_id, len(ended), jobs,
+                    str(error) or type(error).__name__, then, extra={"resource": ended[0].schedule.id})
 
     async def _all_recorded(self) -> None:
         """Return once every start that ended is recorded."""
