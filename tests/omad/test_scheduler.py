@@ -418,6 +418,37 @@ async def test_disabling_stops_starting_and_manual_runs(domain: Domain) -> None:
     assert (await d.groups.list())[0]["schedule_id"] is None  # the group stays, unscheduled
 
 
+async def test_disabling_drops_the_retries_of_a_run_started_by_hand(domain: Domain) -> None:
+    d = domain
+    ids = await add_contexts(d.db, ["a"])
+    s = await d.schedule("by hand", "0 0 5 * * *", retry_attempts=2, retry_delay_minutes=1)
+    await d.group("g", s["id"], list(ids.values()))
+    run = await d.scheduler.trigger(s["id"], actor="alice")
+    await d.scheduler.tick()
+    [(_, job_id, _)] = d.launcher.started
+    await d.schedules.set_enabled(s["id"], False, actor="admin")  # while a's job runs
+    await d.launcher.finish(job_id, "failed", "the VMA lost the datastore")
+    for _ in range(2):  # the failure is seen, then the retry delay passes
+        d.clock.advance(minutes=30)
+        await d.scheduler.tick()
+    assert len(d.launcher.started) == 1  # like a scheduled run's, its failed VM is not retried
+    detail = await d.schedules.execution(s["id"], run["id"])
+    assert (detail["status"], detail["jobs_created"], detail["jobs_failed"]) == ("failed", 1, 1)
+    [a] = detail["vms"]
+    assert a["status"] == "failed" and "not retried (the schedule is disabled)" in a["reason"]
+
+    # A disabled schedule run by hand starts each VM once, and retries nothing either.
+    again = await d.scheduler.trigger(s["id"], actor="alice")
+    await d.scheduler.tick()
+    await d.launcher.finish(d.launcher.started[-1][1], "failed", "the VMA lost the datastore")
+    for _ in range(2):
+        d.clock.advance(minutes=30)
+        await d.scheduler.tick()
+    assert len(d.launcher.started) == 2
+    [a] = (await d.schedules.execution(s["id"], again["id"]))["vms"]
+    assert a["status"] == "failed" and "not retried (the schedule is disabled)" in a["reason"]
+
+
 async def test_no_eligible_vms_is_a_skipped_run(domain: Domain) -> None:
     d = domain
     s = await d.schedule("empty", "0 0 6 * * *")

@@ -421,9 +421,9 @@ class Scheduler:
     async def _failed_attempt(tx: Tx, v: _Open, schedule: Schedule, now: datetime, why: str, *,
                               not_retried: str | None = None) -> None:
         """A failed job or a refused start: retry after the schedule's delay while attempts remain — none when
-        `not_retried` says why, nor in a scheduled run of a schedule disabled since (a run started by hand
-        retries as its schedule says)."""
-        if not_retried is None and not schedule.enabled and v.row.triggered_by == "scheduler":
+        `not_retried` says why, nor while the schedule is disabled (in a run started by hand too: a disabled
+        schedule starts nothing on its own)."""
+        if not_retried is None and not schedule.enabled:
             not_retried = "the schedule is disabled"
         if not_retried:
             v.status, v.reason = VmStatus.FAILED, f"{why}; not retried ({not_retried})"

@@ -149,7 +149,6 @@ class OpenVm:
 
     execution_id: int
     schedule_id: str
-    triggered_by: str  # the execution's: "scheduler" or "manual:<actor>"
     context_id: str
     vm_name: str | None
     group_id: str
@@ -355,7 +354,7 @@ async def execution_jobs(db: Reader, execution_id: int) -> list[ExecutionJob]:
 async def open_vms(db: Reader) -> list[OpenVm]:
     """Every VM of a running execution that is not done, in start order (execution, then position)."""
     return [OpenVm(**r) for r in await db.fetchall(  # exactly the record's columns: no record() on this hot path
-        "SELECT v.execution_id, e.schedule_id, e.triggered_by, v.vm_context_id AS context_id, c.vm_name, v.group_id, v.status,"
+        "SELECT v.execution_id, e.schedule_id, v.vm_context_id AS context_id, c.vm_name, v.group_id, v.status,"
         " v.attempts, v.job_id, v.retry_at, v.reason FROM schedule_executions e"
         " JOIN schedule_execution_vms v ON v.execution_id = e.id"
         " LEFT JOIN vm_replication_contexts c ON c.context_id = v.vm_context_id"
