@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from cs import AIOCloudStack
 
+from omad.replication.replications import volume_vm_name
 from tests.sim.cloudstack import CloudStackSim
-from tests.sim.vma import MiB
 
 from ..rig import Stack
-from .replication_rig import VM, Rig, open_rig
-from .test_replication import IDLE, SIZES, rig, write_random  # noqa: F401  (rig: the fixture)
+from .replication_rig import VM, Rig
+from .test_replication import SIZES, open_twins, rig  # noqa: F401  (rig: the fixture)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
@@ -34,22 +34,15 @@ def stack_config(stack_config: Stack) -> Stack:
     return stack_config
 
 
+# A VM named literally as `app 01`'s volumes are (its name reduced, and the hash that tells it apart).
+TWIN = "app-01-a22b2178"
+
+
 @pytest.fixture
 async def twins(cloudstack_sim: CloudStackSim, stack_config: Stack, tmp_path: Path) -> AsyncIterator[Rig]:
-    """The rig's VM and another, `app-01`, whose volume names are the same (both names reduce to `app-01`)."""
-    paths = []
-    for index, size in enumerate([*SIZES, SIZES[1]]):
-        path = tmp_path / f"disk{index}.raw"
-        with open(path, "wb") as f:
-            f.truncate(size)
-        write_random(path, MiB, size // 2, seed=index)
-        paths.append(path)
-    async with open_rig(stack_config, cloudstack_sim, tmp_path, paths[:2], idle_timeout=IDLE,
-                        others={TWIN: paths[2:]}) as r:
+    """The rig's VM `app 01` and another, TWIN, whose volume names are the same."""
+    async with open_twins(stack_config, cloudstack_sim, tmp_path, TWIN) as r:
         yield r
-
-
-TWIN = "app-01"
 
 
 def crash_file(stack: Stack) -> Path:
@@ -218,10 +211,11 @@ async def test_a_volume_created_for_a_removed_context_is_deleted_at_start(rig: R
 
 
 async def test_another_vm_of_the_same_volume_name_does_not_take_the_volume(twins: Rig) -> None:
-    """`app 01` dies with its new volume not yet recorded; `app-01`, whose volume names are the same, asks for
-    that name: refused (409 volume exists, as before), it leaves nothing pending that could make its next sync
-    take the other VM's volume; `app 01`'s next sync takes it."""
+    """`app 01` dies with its new volume not yet recorded; `app-01-a22b2178`, named literally as `app 01`'s volumes
+    are, asks for that name: refused (409 volume exists, as before), it leaves nothing pending that could make its
+    next sync take the other VM's volume; `app 01`'s next sync takes it."""
     rig = twins
+    assert volume_vm_name(TWIN) == volume_vm_name(VM)  # a genuine collision
     crash_file(rig.stack).write_text("replication:volume-attach")
 
     async def dies() -> None:
