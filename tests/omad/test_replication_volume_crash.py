@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from cs import AIOCloudStack
 
+from oma_common.rpc import AgentClient
 from omad.replication.replications import volume_vm_name
 from tests.sim.cloudstack import CloudStackSim
 
@@ -129,6 +130,35 @@ async def test_omad_killed_around_a_volume_create_the_next_sync_takes_that_volum
         attached = rig.cs.attached_here()
         assert attached == (list(before.values())[0] if point == "replication:volume-save" else []), attached
     await next_sync_takes_it(rig, cut, before)
+
+
+async def test_a_create_recorded_under_the_name_before_the_hash_takes_that_volume(rig: Rig) -> None:
+    """A create omad recorded before names were told apart by a hash: `app 01`'s first disk asked for
+    `migration-app-01-disk-0` and omad died before recording the volume. After the upgrade the next sync takes
+    the volume made under the name the row recorded (not the name `app 01`'s volumes have now)."""
+    crash_file(rig.stack).write_text("replication:volume-create")
+
+    async def dies() -> None:
+        await until(lambda: not crash_file(rig.stack).exists(), lambda: rig.log_tail())
+
+    cut = await cut_start(rig, dies)
+    omad = rig.stack.daemons["omad"]
+    await until(lambda: not omad.running(), lambda: rig.log_tail())
+    old = "migration-app-01-disk-0"
+    assert pending(rig) == [("disk-2000", "migration-app-01-a22b2178-disk-0")]
+    agent = AgentClient("volume-agent", rig.stack.run_dir / "volume-agent.sock", timeout=60)
+    try:
+        made = await agent.call("POST", "/volumes", json={"vm_name": "app-01", "disk_unit": 0,
+                                                          "size_bytes": SIZES[0] + 5 * 1024**3})
+    finally:
+        await agent.close()
+    assert made["name"] == old
+    with contextlib.closing(sqlite3.connect(rig.stack.database)) as db:
+        db.execute("UPDATE replication_volume_creates SET volume_name = ?", (old,))
+        db.commit()
+    await asyncio.to_thread(rig.stack.start, "omad")
+    done = await next_sync_takes_it(rig, cut, {old: [made["volume_id"]]})
+    assert done["disks"][0]["volume_id"] == made["volume_id"]
 
 
 async def test_the_volume_made_deleted_in_cloudstack_meanwhile_a_new_one_is_made(rig: Rig) -> None:
