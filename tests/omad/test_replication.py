@@ -5,6 +5,7 @@ of those devices."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 from collections.abc import AsyncIterator
@@ -45,6 +46,14 @@ def make_sources(tmp: Path, sizes: list[int]) -> list[Path]:
         write_random(path, MiB, size // 2, seed=index)
         sources.append(path)
     return sources
+
+
+@contextlib.asynccontextmanager
+async def open_twins(stack: Stack, cs: CloudStackSim, tmp: Path, twin: str) -> AsyncIterator[Rig]:
+    """The rig's VM (disks of SIZES) and another VM, `twin`, whose one disk of SIZES[1] is `tmp`/disk2.raw."""
+    paths = make_sources(tmp, [*SIZES, SIZES[1]])
+    async with open_rig(stack, cs, tmp, paths[:2], idle_timeout=IDLE, others={twin: paths[2:]}) as r:
+        yield r
 
 
 @pytest.fixture

@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 from cs import AIOCloudStack
 
+from oma_common.rpc import AgentClient
+from omad.replication.replications import volume_vm_name
 from tests.sim.cloudstack import CloudStackSim
-from tests.sim.vma import MiB
 
 from ..rig import Stack
-from .replication_rig import VM, Rig, open_rig
-from .test_replication import IDLE, SIZES, rig, write_random  # noqa: F401  (rig: the fixture)
+from .replication_rig import VM, Rig
+from .test_replication import SIZES, open_twins, rig  # noqa: F401  (rig: the fixture)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
@@ -34,22 +35,15 @@ def stack_config(stack_config: Stack) -> Stack:
     return stack_config
 
 
+# A VM named literally as `app 01`'s volumes are (its name reduced, and the hash that tells it apart).
+TWIN = "app-01-a22b2178"
+
+
 @pytest.fixture
 async def twins(cloudstack_sim: CloudStackSim, stack_config: Stack, tmp_path: Path) -> AsyncIterator[Rig]:
-    """The rig's VM and another, `app-01`, whose volume names are the same (both names reduce to `app-01`)."""
-    paths = []
-    for index, size in enumerate([*SIZES, SIZES[1]]):
-        path = tmp_path / f"disk{index}.raw"
-        with open(path, "wb") as f:
-            f.truncate(size)
-        write_random(path, MiB, size // 2, seed=index)
-        paths.append(path)
-    async with open_rig(stack_config, cloudstack_sim, tmp_path, paths[:2], idle_timeout=IDLE,
-                        others={TWIN: paths[2:]}) as r:
+    """The rig's VM `app 01` and another, TWIN, whose volume names are the same."""
+    async with open_twins(stack_config, cloudstack_sim, tmp_path, TWIN) as r:
         yield r
-
-
-TWIN = "app-01"
 
 
 def crash_file(stack: Stack) -> Path:
@@ -138,6 +132,35 @@ async def test_omad_killed_around_a_volume_create_the_next_sync_takes_that_volum
     await next_sync_takes_it(rig, cut, before)
 
 
+async def test_a_create_recorded_under_the_name_before_the_hash_takes_that_volume(rig: Rig) -> None:
+    """A create omad recorded before names were told apart by a hash: `app 01`'s first disk asked for
+    `migration-app-01-disk-0` and omad died before recording the volume. After the upgrade the next sync takes
+    the volume made under the name the row recorded (not the name `app 01`'s volumes have now)."""
+    crash_file(rig.stack).write_text("replication:volume-create")
+
+    async def dies() -> None:
+        await until(lambda: not crash_file(rig.stack).exists(), lambda: rig.log_tail())
+
+    cut = await cut_start(rig, dies)
+    omad = rig.stack.daemons["omad"]
+    await until(lambda: not omad.running(), lambda: rig.log_tail())
+    old = "migration-app-01-disk-0"
+    assert pending(rig) == [("disk-2000", "migration-app-01-a22b2178-disk-0")]
+    agent = AgentClient("volume-agent", rig.stack.run_dir / "volume-agent.sock", timeout=60)
+    try:
+        made = await agent.call("POST", "/volumes", json={"vm_name": "app-01", "disk_unit": 0,
+                                                          "size_bytes": SIZES[0] + 5 * 1024**3})
+    finally:
+        await agent.close()
+    assert made["name"] == old
+    with contextlib.closing(sqlite3.connect(rig.stack.database)) as db:
+        db.execute("UPDATE replication_volume_creates SET volume_name = ?", (old,))
+        db.commit()
+    await asyncio.to_thread(rig.stack.start, "omad")
+    done = await next_sync_takes_it(rig, cut, {old: [made["volume_id"]]})
+    assert done["disks"][0]["volume_id"] == made["volume_id"]
+
+
 async def test_the_volume_made_deleted_in_cloudstack_meanwhile_a_new_one_is_made(rig: Rig) -> None:
     """Killed after the create (volume detached); the volume is then deleted in CloudStack directly, which
     volume-agent's record of a detached volume does not notice: the next sync makes a new one."""
@@ -218,10 +241,11 @@ async def test_a_volume_created_for_a_removed_context_is_deleted_at_start(rig: R
 
 
 async def test_another_vm_of_the_same_volume_name_does_not_take_the_volume(twins: Rig) -> None:
-    """`app 01` dies with its new volume not yet recorded; `app-01`, whose volume names are the same, asks for
-    that name: refused (409 volume exists, as before), it leaves nothing pending that could make its next sync
-    take the other VM's volume; `app 01`'s next sync takes it."""
+    """`app 01` dies with its new volume not yet recorded; `app-01-a22b2178`, named literally as `app 01`'s volumes
+    are, asks for that name: refused (409 volume exists, as before), it leaves nothing pending that could make its
+    next sync take the other VM's volume; `app 01`'s next sync takes it."""
     rig = twins
+    assert volume_vm_name(TWIN) == volume_vm_name(VM)  # a genuine collision
     crash_file(rig.stack).write_text("replication:volume-attach")
 
     async def dies() -> None:

@@ -23,7 +23,9 @@ def volume_name(vm_name: str, disk_unit: int) -> str:
 class VolumeCreateIn:
     """A CloudStack volume for one disk of a VM, named `migration-<vm_name>-disk-<disk_unit>`."""
 
-    vm_name: str = spec(pattern=VM_NAME, description="the source VM's name (letters, digits, . _ -)")
+    vm_name: str = spec(pattern=VM_NAME, description="the source VM's name (letters, digits, . _ -); omad sends "
+                                                     "a name it had to reduce to these followed by - and 8 hex "
+                                                     "digits of the full name's sha256, so reduced names differ")
     disk_unit: int = spec(min=0, max=255, description="the disk's unit number on the source VM")
     size_bytes: int = spec(min=1, description="at least this many bytes; CloudStack sizes volumes in whole GiB, "
                                               "so it is rounded up")

@@ -3,9 +3,10 @@
 Starting a sync (every step recorded on its job):
   1. rows first, in one transaction: the replication, one row per disk, the job; the context becomes
      `replicating` and counts the job. A second active replication of the VM is refused (409).
-  2. volumes: each disk's CloudStack volume (`migration-<vm>-disk-<unit>`, capacity + headroom) is created and
-     attached here through volume-agent the first time, reused afterwards. A create is recorded before it is
-     asked for, until the volume is: the next sync takes a volume whose create omad did not live to record.
+  2. volumes: each disk's CloudStack volume (`migration-<vm>-disk-<unit>`, `<vm>` as volume_vm_name gives it;
+     capacity + headroom) is created and attached here through volume-agent the first time, reused afterwards
+     (by its recorded id). A create is recorded before it is asked for, until the volume is: the next sync
+     takes a volume whose create omad did not live to record.
      A disk whose volume is gone or was changed behind our back is given a new one and starts over with no
      change id (a full copy); so does a disk whose volume no longer holds the stamp the last completed sync
      wrote at its end (reverted outside the appliance to an older snapshot).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import re
 import time
@@ -58,9 +60,17 @@ GIB = 1024**3
 
 
 def volume_vm_name(vm_name: str) -> str:
-    """The VM name as volume-agent's volume names take it (letters, digits, . _ -, starting alphanumeric)."""
+    """The VM name as volume-agent's volume names take it (letters, digits, . _ -, starting alphanumeric). A name
+    already so, of at most 100 characters, is taken as it is; any other is reduced to that and told apart by
+    `-` and the first 8 hex digits of its full name's sha256, so that VMs whose names reduce to the same text
+    (`app 01`, `app-01`; names sharing their first 100 characters) do not ask for the same volume names. At
+    most 111 characters: volume-agent takes 128, CloudStack names of 255."""
     name = safe_name(vm_name, 100)
-    return name if re.match(r"[A-Za-z0-9]", name) else "vm" + name
+    name = name if re.match(r"[A-Za-z0-9]", name) else "vm" + name
+    if name == vm_name:
+        return name
+    # surrogatepass: a name from JSON may hold a lone surrogate, which strict UTF-8 refuses to encode.
+    return f"{name}-{hashlib.sha256(vm_name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 def disk_key(disk_id: str) -> int:
@@ -285,7 +295,8 @@ class Replications:
         if pending is not None:
             made = await self._made_for(job_id, pending)
             if made is not None and await store.volume_recorded(self.db, made.volume_id):
-                # Another VM whose name reduces to the same one (`app 01`, `app-01`) owns that name's volume.
+                # Another VM whose volume names are the same (one named literally `app-01-a22b2178`, as `app 01`'s
+                # volumes are; or a row recorded before names were told apart) owns that name's volume.
                 log.warning("%s: volume %s (%s) is recorded for another disk; not taken", disk.disk_id,
                             made.volume_id, made.name, extra={"resource": job_id})
                 made = None
@@ -306,7 +317,7 @@ class Replications:
         try:
             view = await self.volumes.create_volume(vm, disk.unit_number, size)
         except Conflict:
-            # Refused (the name exists: another VM's whose name reduces to the same): this create made nothing,
+            # Refused (the name exists: another VM's whose volume names are the same): this create made nothing,
             # and the row must not make the next sync take that other volume.
             async with self.db.transaction() as tx:
                 await store.drop_volume_create(tx, cid, disk.disk_id)
