@@ -189,7 +189,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     verifier = Verifier(db, jobs, qemu_img, fs, clock, cfg.policies)
     copies = Copies(db, audit, jobs, locks, qemu_img, fs, repositories, verifier, immutability, clock,
                     cfg.policies)
-    retention = Retention(db, backups, clock, interval_seconds=cfg.policies.retention_interval_seconds)
+    retention = Retention(db, audit, backups, clock, interval_seconds=cfg.policies.retention_interval_seconds)
     scheduled_copies = ScheduledCopies(db, copies, clock, interval_seconds=cfg.policies.copy_interval_seconds)
     completion.on_completed += [immutability.lock_new, copies.after_backup]
     jobs.on_recover("backup_copy", copies.recover)
