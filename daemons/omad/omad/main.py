@@ -73,6 +73,7 @@ from .cloudstack.mappings import Mappings
 from .cloudstack.networks import Networks
 from .cloudstack.settings import Settings
 from .clients.nbdpool import NbdPool
+from .nbd_admin import NbdAdmin
 from .clients.restore_mounter import RestoreMounter
 from .clients.vcenter import VCenter
 from .clients.vma import VmaClient
@@ -213,7 +214,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
 
     health = Health(db, agents, watchers=[restore.health_seen])
     apis: list[Any] = [HealthApi(health), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
-            ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories),
+            ContextsApi(contexts), VmsApi(vms), NbdApi(NbdAdmin(pool, audit)), RepositoriesApi(repositories),
             BackupsApi(backups, completion, Chains(db, contexts)),
             TelemetryApi({"backup": receiver(Telemetry, completion.telemetry),
                           "replication": receiver(Telemetry, monitor.telemetry)}), RestoreApi(restore),
