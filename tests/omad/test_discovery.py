@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from urllib.parse import quote
 
@@ -40,7 +41,7 @@ async def test_discover_add_list_get_reproduce_the_contract(vstack: Stack, api: 
         assert {k: vm[k] for k in truth[vm["name"]]} == truth[vm["name"]]  # every field of the VMA passed on
     assert counts(vstack)[:3] == (0, 0, 0)  # discovery alone adds nothing to management
 
-    status, added = await api.post("/discovery/add-vms", {**manual(), "vm_names": ODD_NAMES})
+    status, added = await api.post("/discovery/add-vms", {**manual(), "vm_names": ODD_NAMES, "added_by": "olga"})
     assert status == 200, added
     assert (added["success"], added["vms_added"], added["vms_failed"], added["total_vms"]) == (True, 3, 0, 3)
     ids = {p["vm_name"]: p["context_id"] for p in added["processed_vms"]}
@@ -78,8 +79,10 @@ async def test_discover_add_list_get_reproduce_the_contract(vstack: Stack, api: 
     status, found = await api.post("/discovery/discover-vms", manual())
     assert all(vm["existing"] and vm["context_id"] == ids[vm["name"]] and vm["changes"] == []
                for vm in found["discovered_vms"])
-    audit = vstack.sql("SELECT actor, resource FROM audit_log WHERE action = 'vm_context.create'")
-    assert sorted(r for _, r in audit) == sorted(f"vm_context:{c}" for c in ids.values())
+    audit = vstack.sql("SELECT actor, resource, details FROM audit_log WHERE action = 'vm_context.create'")
+    assert sorted(r for _, r, _ in audit) == sorted(f"vm_context:{c}" for c in ids.values())
+    # The trail names who called; the body's added_by is the client's label, kept beside it.
+    assert {(a, json.loads(d)["added_by"]) for a, _, d in audit} == {("admin", "olga")}
 
 
 async def test_adding_twice_creates_nothing(vstack: Stack, api: Api) -> None:
@@ -98,6 +101,8 @@ async def test_adding_twice_creates_nothing(vstack: Stack, api: Api) -> None:
     assert [v["vm_name"] for v in result["added_vms"]] == [ODD_NAMES[2]]
     assert {v["vm_name"] for v in result["skipped_vms"]} == set(ODD_NAMES[:2])
     assert counts(vstack)[0] == 3
+    audit = vstack.sql("SELECT resource FROM audit_log WHERE action = 'vm_context.create' ORDER BY id")
+    assert [r for (r,) in audit][-1] == f"vm_context:{result['added_vms'][0]['context_id']}" and len(audit) == 3
 
 
 async def test_rediscovery_updates_changed_specs_and_says_so(vstack: Stack, api: Api, vma: VMASim) -> None:
@@ -155,6 +160,8 @@ async def test_create_context_with_selected_vms_and_preview(vstack: Stack, api: 
 
     status, found = await api.post("/discovery/discover-vms", {**manual(), "create_context": True})
     assert found["addition_result"]["successfully_added"] == 2 and counts(vstack)[0] == 3
+    audit = vstack.sql("SELECT actor, resource FROM audit_log WHERE action = 'vm_context.create'")
+    assert sorted(audit) == sorted(("admin", f"vm_context:{vm['context_id']}") for vm in found["discovered_vms"])
 
 
 async def test_saved_and_default_credentials(vstack: Stack, api: Api) -> None:

@@ -166,7 +166,8 @@ async def test_test_failover_boots_the_replica_and_end_test_restores_it(fo: Fail
 
     # The test VM writes into its disks; ending the test throws that away.
     write_random(fo.cs.devices.volume_file(fo.volumes()[0]), 0, 1024 * 1024, seed=7)
-    end = await fo.wait(await fo.end_test(job_id))
+    end_id = await fo.end_test(job_id)
+    end = await fo.wait(end_id)
     assert end["status"] == "completed", (end, fo.rig.log_tail(lines=80))
     assert [s["name"] for s in end["steps"]] == END_STEPS
     await fo.assert_back_here()
@@ -178,6 +179,19 @@ async def test_test_failover_boots_the_replica_and_end_test_restores_it(fo: Fail
     again_sync = await fo.rig.sync()
     assert again_sync["replication_type"] == "incremental"
     fo.rig.assert_volumes_hold_sources(again_sync)
+
+    # A test ended by the VM's name (the GUI's cleanup button) instead of the job's id.
+    second = await fo.start_test()
+    assert (await fo.wait(second))["status"] == "completed"
+    status, body = await fo.rig.api.post(f"/failover/cleanup/{VM}")
+    assert status == 202, body
+    assert (await fo.wait(body["job_id"]))["status"] == "completed"
+    await fo.assert_back_here()
+    audit = fo.rig.stack.sql("SELECT actor, action, resource FROM audit_log WHERE action LIKE 'failover.%' "
+                             "ORDER BY id")
+    assert audit == [("admin", "failover.failover", f"job:{job_id}"), ("admin", "failover.end_test", f"job:{end_id}"),
+                     ("admin", "failover.failover", f"job:{second}"),
+                     ("admin", "failover.end_test", f"job:{body['job_id']}")], audit
 
 
 async def test_a_cloudstack_error_fails_the_job_with_its_text_and_compensates(fo: Failover) -> None:
@@ -246,6 +260,8 @@ async def test_a_failed_undo_leaves_cleanup_required_and_cleanup_failed_clears_i
 
     status, body = await fo.rig.api.post(f"/failover/{VM}/cleanup-failed")
     assert status == 202, body
+    assert fo.rig.stack.sql("SELECT actor, resource FROM audit_log WHERE action = 'failover.rollback'") == \
+        [("admin", f"job:{body['job_id']}")]
     cleaned = await fo.wait(body["job_id"])
     assert cleaned["status"] == "completed", (cleaned, fo.rig.log_tail(lines=80))
     assert [s["name"] for s in cleaned["steps"]] == ["undo_start", "undo_attach", "undo_detach_here", "undo_deploy",

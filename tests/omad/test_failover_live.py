@@ -66,6 +66,9 @@ async def test_live_failover_powers_off_syncs_last_changes_and_rolls_back(rig: R
     assert vm.power_state == "poweredOn"
     status, parent = await rig.api.get(f"/failover/{done['job_id']}/status")
     assert parent["status"] == "ended"
+    audit = rig.stack.sql("SELECT actor, action, resource FROM audit_log WHERE action LIKE 'failover.%' ORDER BY id")
+    assert audit == [("admin", "failover.failover", f"job:{done['job_id']}"),
+                     ("admin", "failover.rollback", f"job:{back['job_id']}")], audit
 
 
 async def test_omad_killed_during_live_failover_and_rollback_finishes_them(rig: Rig) -> None:
@@ -75,9 +78,11 @@ async def test_omad_killed_during_live_failover_and_rollback_finishes_them(rig: 
     vm = next(v for v in rig.state.inventory.vms if v.name == VM)
     rollback_steps = ["undo_start", "undo_attach", "undo_detach_here", "undo_deploy", "undo_power_off"]
     points = ["power_off", "ran:power_off", "final_sync", "ran:final_sync", "ran:deploy", "ran:start"]
+    started = []
     for i, point in enumerate(points):
         rig.write(0, 4 * 1024 * 1024, 64 * 1024 * 4, seed=100 + i)
         job_id = await fo.crash_and_restart(point, lambda: start_live(rig))
+        started.append(job_id)
         done = await fo.wait(job_id, timeout=180)
         assert done["status"] == "completed", (point, done["error_message"], done, rig.log_tail(lines=100))
         assert vm.power_state == "poweredOff"
@@ -89,6 +94,8 @@ async def test_omad_killed_during_live_failover_and_rollback_finishes_them(rig: 
         assert back["status"] == "completed", (point, back, rig.log_tail(lines=100))
         await fo.assert_back_here()
         assert vm.power_state == "poweredOn"
+    audit = rig.stack.sql("SELECT resource FROM audit_log WHERE action = 'failover.failover' ORDER BY id")
+    assert [r for (r,) in audit] == [f"job:{j}" for j in started]
 
 
 async def test_omad_killed_before_the_vma_got_the_final_sync_syncs_again_and_leaks_nothing(rig: Rig) -> None:

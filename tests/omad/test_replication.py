@@ -110,6 +110,12 @@ async def test_initial_then_incremental_writes_only_changed_blocks(rig: Rig) -> 
     status, removed = await rig.api.delete(f"/replications/{first['job_id']}")
     assert status == 200 and removed["deleted"], removed
     assert (await rig.api.get(f"/replications/{first['job_id']}"))[0] == 404
+    audit = rig.stack.sql("SELECT actor, action, resource FROM audit_log WHERE action LIKE 'replication.%' "
+                          "ORDER BY id")
+    assert audit == [("admin", "replication.start", f"job:{first['job_id']}"),
+                     ("admin", "replication.start", f"job:{second['job_id']}"),
+                     ("admin", "replication.update", f"job:{second['job_id']}"),
+                     ("admin", "replication.delete", f"job:{first['job_id']}")], audit
 
 
 async def test_a_recreated_volume_and_a_mismatched_base_copy_in_full(rig: Rig) -> None:
@@ -224,6 +230,8 @@ async def test_one_active_job_per_vm_and_progress_proxy(rig: Rig) -> None:
     # Cancelled: exports stop, ports are freed, the context counts a failed job.
     status, body = await rig.api.delete(f"/replications/{job_id}")
     assert status == 200 and body["status"] == "cancelled"
+    assert rig.stack.sql("SELECT actor, resource FROM audit_log WHERE action = 'replication.cancel'") == \
+        [("admin", f"job:{job_id}")]
     await rig.assert_released()
     ctx = (await rig.context())["context"]
     assert ctx["failed_jobs"] == 1 and ctx["current_job_id"] is None

@@ -4,6 +4,7 @@ a backup a kept incremental is built on stays, a locked one stays, and every rem
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -68,7 +69,7 @@ async def test_retention_prunes_exactly_the_expired_backups_and_keeps_chains(db:
     immutability = Immutability(db, audit, cast(Any, None), fs, clock)
     backups = Backups(db, audit, jobs, KeyedLocks(), *cast(Any, [None] * 5), qemu_img, fs, cast(Any, None),
                       BackupConfig(), immutability)
-    retention = Retention(db, backups, clock, interval_seconds=3600)
+    retention = Retention(db, audit, backups, clock, interval_seconds=3600)
     verifier = Verifier(db, jobs, qemu_img, fs, clock, PolicyConfig())
 
     # Chain A: full day 0, incs day 1, 2. Chain B: full day 5, inc day 6, inc day 20.
@@ -120,3 +121,11 @@ async def test_retention_prunes_exactly_the_expired_backups_and_keeps_chains(db:
         assert last["triggered_by"] == "retention" and last["removed"] == [b2, b1, b0, c0], last
     finally:
         await retention.stop()
+    # Runs someone asked for are in the audit trail, dry or not; a scheduled one when it removed something.
+    await retention.prune_all()  # nothing left to remove: no entry
+    audit = await db.fetchall("SELECT actor, resource, details FROM audit_log WHERE action = 'policy.prune' "
+                              "ORDER BY id")
+    assert [(r["actor"], r["resource"], json.loads(r["details"])["run_id"]) for r in audit] == [
+        ("test", "policy:pol-1", dry["run_id"]), ("test", "policy:pol-1", run["run_id"]),
+        ("retention", "policy:pol-1", last["run_id"])]
+    assert json.loads(audit[2]["details"])["removed"] == [b2, b1, b0, c0]

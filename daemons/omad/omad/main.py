@@ -73,6 +73,7 @@ from .cloudstack.mappings import Mappings
 from .cloudstack.networks import Networks
 from .cloudstack.settings import Settings
 from .clients.nbdpool import NbdPool
+from .nbd_admin import NbdAdmin
 from .clients.restore_mounter import RestoreMounter
 from .clients.vcenter import VCenter
 from .clients.vma import VmaClient
@@ -189,7 +190,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     verifier = Verifier(db, jobs, qemu_img, fs, clock, cfg.policies)
     copies = Copies(db, audit, jobs, locks, qemu_img, fs, repositories, verifier, immutability, clock,
                     cfg.policies)
-    retention = Retention(db, backups, clock, interval_seconds=cfg.policies.retention_interval_seconds)
+    retention = Retention(db, audit, backups, clock, interval_seconds=cfg.policies.retention_interval_seconds)
     scheduled_copies = ScheduledCopies(db, copies, clock, interval_seconds=cfg.policies.copy_interval_seconds)
     completion.on_completed += [immutability.lock_new, copies.after_backup]
     jobs.on_recover("backup_copy", copies.recover)
@@ -213,7 +214,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
 
     health = Health(db, agents, watchers=[restore.health_seen])
     apis: list[Any] = [HealthApi(health), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
-            ContextsApi(contexts), VmsApi(vms), NbdApi(pool), RepositoriesApi(repositories),
+            ContextsApi(contexts), VmsApi(vms), NbdApi(NbdAdmin(pool, audit)), RepositoriesApi(repositories),
             BackupsApi(backups, completion, Chains(db, contexts)),
             TelemetryApi({"backup": receiver(Telemetry, completion.telemetry),
                           "replication": receiver(Telemetry, monitor.telemetry)}), RestoreApi(restore),

@@ -90,6 +90,8 @@ async def test_locked_backups_resist_root_and_early_deletion(rig: Rig, ext4_dir:
     later = (datetime.now(timezone.utc) + timedelta(days=30)).isoformat()
     status, lock = await rig.api.post(f"/backups/{top}/lock", {"until": later})
     assert status == 200 and lock["unlock_at"] > unlock_at, lock
+    assert rig.stack.sql("SELECT actor, resource FROM audit_log WHERE action = 'backup.lock'") == \
+        [("admin", f"backup:{top}")]
     assert (await rig.api.get(f"/backups/{base}/lock"))[1]["unlock_at"] == lock["unlock_at"]
     sooner = (datetime.now(timezone.utc) + timedelta(days=10)).isoformat()
     status, body = await rig.api.post(f"/backups/{top}/lock", {"until": sooner})

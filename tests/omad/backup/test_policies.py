@@ -5,6 +5,7 @@ one corrupted byte fails verification naming the file."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -143,6 +144,9 @@ async def test_two_copy_rules_copy_chains_that_restore_and_verify(rig: Rig) -> N
     c, _ = await add_repo(rig, "offsite-c")
     status, out = await rig.api.post(f"/backups/{copy_id}/copy", {"repository_id": c})
     assert status == 200 and out["status"] == "pending", out
+    audit = rig.stack.sql("SELECT actor, resource, details FROM audit_log WHERE action = 'backup.copy' "
+                          "ORDER BY id DESC LIMIT 1")
+    assert [(a, r, json.loads(d)["copy_id"]) for a, r, d in audit] == [("admin", f"backup:{copy_id}", out["copy_id"])]
     deadline = time.monotonic() + 60
     while (body := (await rig.api.get(f"/copies/{out['copy_id']}"))[1])["status"] not in ("completed", "failed"):
         assert time.monotonic() < deadline

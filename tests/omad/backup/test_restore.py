@@ -124,6 +124,11 @@ async def test_restore_files_from_a_full_and_an_incremental(rig: Rig) -> None:
     assert (await rig.api.get("/restore/mounts"))[1]["count"] == 0
     assert (await rig.api.get(f"/restore/{new['mount_id']}/files"))[0] == 404
     assert await attachments(rig) == []
+    audit = rig.stack.sql("SELECT actor, action, resource FROM audit_log WHERE action LIKE 'restore.%' ORDER BY id")
+    assert audit == [("admin", "restore.mount", f"backup:{full['backup_id']}"),
+                     ("admin", "restore.mount", f"backup:{inc['backup_id']}"),
+                     ("admin", "restore.unmount", f"mount:{old['mount_id']}"),
+                     ("admin", "restore.unmount", f"mount:{new['mount_id']}")], audit
 
 
 async def test_a_killed_attachment_shows_the_mount_broken_never_a_500(rig: Rig) -> None:

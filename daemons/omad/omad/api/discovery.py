@@ -85,7 +85,8 @@ class DiscoveryApi:
     async def add_vms(self, call: Call) -> dict[str, Any]:
         """Add VMs to management by name, with a result per VM."""
         b: AddVmsIn = call.body
-        return await self.discovery.add(_target(b), b.vm_names, actor=b.added_by or call.actor)
+        # The trail's actor is who called; the client's own label rides along as a detail.
+        return await self.discovery.add(_target(b), b.vm_names, actor=call.actor, added_by=b.added_by)
 
     @route("POST", "/discovery/bulk-add", errors=(NotFound, *CALLS_OUT), body=BulkAddIn, tags=("discovery",))
     async def bulk_add(self, call: Call) -> dict[str, Any]:

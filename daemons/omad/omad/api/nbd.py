@@ -10,7 +10,7 @@ from oma_common.errors import CALLS_OUT, Conflict, Exhausted, Forbidden, Invalid
 from oma_common.schema import name_spec, spec
 from oma_common.web import Auth, Call, route
 
-from ..clients.nbdpool import NbdPool
+from ..nbd_admin import NbdAdmin
 
 
 @dataclasses.dataclass
@@ -48,15 +48,15 @@ def export_names(prefix: str, count: int) -> list[str]:
 
 
 class NbdApi:
-    def __init__(self, pool: NbdPool) -> None:
-        self.pool = pool
+    def __init__(self, nbd: NbdAdmin) -> None:
+        self.nbd = nbd
 
     @route("POST", "/nbd/ports/allocate", errors=(Conflict, Exhausted, *CALLS_OUT),
            body=AllocateIn, auth=Auth.ADMIN, tags=("nbd",))
     async def allocate(self, call: Call) -> Allocated:
         """Allocate one port per disk for a job, all or none."""
         b: AllocateIn = call.body
-        return await self.pool.allocate(b.job_id, b.disk_count, export_names(b.export_name, b.disk_count))
+        return await self.nbd.allocate(b.job_id, export_names(b.export_name, b.disk_count), actor=call.actor)
 
     @route("POST", "/nbd/ports/release", errors=(NotFound, Conflict, *CALLS_OUT),
            body=ReleaseIn, auth=Auth.ADMIN, tags=("nbd",))
@@ -65,20 +65,21 @@ class NbdApi:
         b: ReleaseIn = call.body
         if b.job_id is None and not b.ports:
             raise Invalid("nothing to release", "send job_id, ports, or both")
-        return await self.pool.release(b.job_id, b.ports)
+        return await self.nbd.release(b.job_id, b.ports, actor=call.actor)
 
     @route("GET", "/nbd/ports/status", errors=CALLS_OUT, auth=Auth.ADMIN, tags=("nbd",))
     async def status(self, call: Call) -> PortStatus:
         """The pool: total, allocated, available, and every allocation."""
-        return await self.pool.status()
+        return await self.nbd.status()
 
     @route("POST", "/nbd/qemu-nbd/start", errors=(NotFound, Conflict, Forbidden, *CALLS_OUT),
            body=StartIn, auth=Auth.ADMIN, tags=("nbd",))
     async def start(self, call: Call) -> dict[str, Any]:
         """Export an image on an allocated port; answers once the export completes an NBD handshake."""
         b: StartIn = call.body
-        out = await self.pool.start_export(export_name=b.export_name, port=b.port, path=b.qcow2_path,
-                                           read_only=b.read_only, shared_connections=b.shared_connections)
+        out = await self.nbd.start_export(export_name=b.export_name, port=b.port, path=b.qcow2_path,
+                                          read_only=b.read_only, shared_connections=b.shared_connections,
+                                          actor=call.actor)
         return {"pid": out.pid, "port": out.port, "export_name": out.export_name, "status": out.status}
 
     @route("POST", "/nbd/qemu-nbd/stop", errors=(NotFound, Conflict, *CALLS_OUT),
@@ -88,9 +89,9 @@ class NbdApi:
         b: StopIn = call.body
         if (b.pid is None) == (b.export_name is None):
             raise Invalid("say which export", "send exactly one of pid or export_name")
-        return await self.pool.stop_export(pid=b.pid, export_name=b.export_name)
+        return await self.nbd.stop_export(pid=b.pid, export_name=b.export_name, actor=call.actor)
 
     @route("GET", "/nbd/qemu-nbd/list", errors=CALLS_OUT, auth=Auth.ADMIN, tags=("nbd",))
     async def list(self, call: Call) -> dict[str, Any]:
         """Running exports with their clients and limits."""
-        return {"processes": await self.pool.exports()}
+        return {"processes": await self.nbd.exports()}

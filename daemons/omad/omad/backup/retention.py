@@ -3,7 +3,8 @@
 A backup goes only when it is past retention, not locked, and nothing kept is built on it: every backup a
 kept one needs (its chain below) is kept, so each remaining chain stays restorable. Removal goes newest
 first through the same delete as the API's. Every run (dry runs too) is recorded with what went, what
-stayed and why.
+stayed and why; a run someone asked for is in the audit trail, a scheduled one when it removed or failed to
+remove something (each removed backup is audited by the delete as well).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 from oma_common.errors import OmaError
 from oma_common.periodic import Periodic
 
+from ..audit import Audit
 from ..schedule.clock import Clock, iso
 from ..store import backups as backup_store
 from ..store import policies as store
@@ -37,8 +39,10 @@ def _public(run: store.PruneRun) -> dict[str, Any]:
 
 
 class Retention:
-    def __init__(self, db: Database, backups: Deleter, clock: Clock, *, interval_seconds: float) -> None:
+    def __init__(self, db: Database, audit: Audit, backups: Deleter, clock: Clock, *,
+                 interval_seconds: float) -> None:
         self.db = db
+        self.audit = audit
         self.backups = backups
         self.clock = clock
         self.interval = interval_seconds
@@ -85,6 +89,18 @@ class Retention:
         return removable, kept, as_of
 
     async def prune(self, policy_id: str, *, dry_run: bool, actor: str) -> dict[str, Any]:
+        """A run someone asked for (POST /policies/{id}/prune): audited whatever it found."""
+        run = await self._prune(policy_id, dry_run=dry_run, actor=actor)
+        await self._audit(actor, run)
+        return run
+
+    async def _audit(self, actor: str, run: dict[str, Any]) -> None:
+        await self.audit.record(actor, "policy.prune", f"policy:{run['policy_id']}",
+                                outcome="failed" if run["errors"] else "ok", run_id=run["run_id"],
+                                dry_run=run["dry_run"], removed=run["removed"], kept=len(run["kept"]),
+                                errors=len(run["errors"]))
+
+    async def _prune(self, policy_id: str, *, dry_run: bool, actor: str) -> dict[str, Any]:
         run_id = f"prune-{secrets.token_hex(6)}"
         removable, kept, as_of = await self.plan(policy_id)
         await store.start_run(self.db, run_id=run_id, policy_id=policy_id, dry_run=dry_run, triggered_by=actor,
@@ -119,7 +135,10 @@ class Retention:
         out = []
         for policy_id in await store.with_retention(self.db):
             try:
-                out.append(await self.prune(policy_id, dry_run=False, actor="retention"))
+                run = await self._prune(policy_id, dry_run=False, actor="retention")
+                if run["removed"] or run["errors"]:  # an hourly "nothing to do" is no news for the trail
+                    await self._audit("retention", run)
+                out.append(run)
             except OmaError as e:
                 log.error("retention failed: %s", e, extra={"resource": policy_id})
         return out

@@ -103,12 +103,14 @@ class Discovery:
             body["filter"] = filter
         return body
 
-    async def add(self, target: Target, names: list[str], *, actor: str) -> dict[str, Any]:
-        """Add VMs by name: per-VM results; a VM already managed is reported (and refreshed), not duplicated."""
+    async def add(self, target: Target, names: list[str], *, actor: str, added_by: str | None = None
+                  ) -> dict[str, Any]:
+        """Add VMs by name: per-VM results; a VM already managed is reported (and refreshed), not duplicated.
+        `added_by` is the client's label for who asked, recorded beside the actor, never instead of it."""
         found = await self._ask_vma(target, None)
         async with self.db.transaction() as tx:
             await self.vms.record(tx, found.login.vcenter, found.login.datacenter, found.vms, Source.DISCOVERY)
-            outcome = await self._apply(tx, found, add=names, actor=actor)
+            outcome = await self._apply(tx, found, add=names, actor=actor, added_by=added_by)
         processed = []
         for name in names:
             if name in outcome["added"]:
@@ -170,7 +172,8 @@ class Discovery:
         log.info("discovered %d VMs on %s in %.2f s", len(vms), login.vcenter, seconds)
         return Found(vms, login, seconds)
 
-    async def _apply(self, tx: Tx, found: Found, *, add: list[str] | None, actor: str) -> dict[str, Any]:
+    async def _apply(self, tx: Tx, found: Found, *, add: list[str] | None, actor: str,
+                     added_by: str | None = None) -> dict[str, Any]:
         """Refresh every managed VM found; create contexts for `add` (names; None = every new VM found).
 
         Returns {"added": {name: context_id}, "existing": {vmware_id: (context_id, changes)},
@@ -215,7 +218,8 @@ class Discovery:
             added_ids[vm.id] = context_id
             by_name[name] = ContextKey(context_id, name, vm.id, login.vcenter)
             await self.audit.record(actor, "vm_context.create", f"vm_context:{context_id}", tx=tx, vm_name=name,
-                                    vmware_vm_id=vm.id, vcenter_host=login.vcenter, disks=len(vm.disks))
+                                    vmware_vm_id=vm.id, vcenter_host=login.vcenter, disks=len(vm.disks),
+                                    **({"added_by": added_by} if added_by else {}))
         return {"added": added, "added_ids": added_ids, "existing": existing, "skipped": skipped, "failed": failed,
                 "requested": len(dict.fromkeys(wanted))}
 
