@@ -273,6 +273,67 @@ def leaks(mount_root: Path, images: list[Path]) -> list[str]:
     return out
 
 
+# --- an attach held in the real nbd-pool ---------------------------------------------------------------------
+
+HOLD = 90.0  # seconds the stand-in waits at most for the word to go on
+
+
+@dataclass
+class HeldAttach:
+    """A stand-in for qemu-storage-daemon that waits until `release()`; `entered()` once nbd-pool started it."""
+
+    dir: Path
+
+    def entered(self) -> bool:
+        return (self.dir / "entered").exists()
+
+    def release(self) -> None:
+        (self.dir / "release").touch()
+
+
+@pytest.fixture
+def held_attach(agent_config: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldAttach]:
+    """Every attach of the nbd-pool started after this is held until `release()`: nbd-pool finds
+    qemu-storage-daemon on PATH, where a stand-in comes first that waits for the word, then execs the real program
+    (same pid, same argv). nbd-pool's readiness deadline is raised, so that the hold does not end the attach."""
+    real = shutil.which("qemu-storage-daemon")
+    assert real is not None
+    hold = HeldAttach(agent_config.state / "hold")
+    bin_dir = hold.dir / "bin"
+    bin_dir.mkdir(parents=True)
+    stand_in = bin_dir / "qemu-storage-daemon"
+    stand_in.write_text(
+        "#!/usr/bin/python3 -I\n"
+        "import os, sys, time\n"
+        f"hold = {str(hold.dir)!r}\n"
+        "open(os.path.join(hold, 'entered'), 'a').close()\n"
+        f"deadline = time.monotonic() + {HOLD}\n"
+        "while not os.path.exists(os.path.join(hold, 'release')) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.02)\n"
+        f"os.execv({real!r}, ['qemu-storage-daemon', *sys.argv[1:]])\n")
+    stand_in.chmod(0o755)
+    # The daemons started by this test inherit it (the rig passes the environment on).
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    agent_config.add_config("nbd-pool", "60-hold.toml", f"ready_timeout_seconds = {HOLD + 30}\n")
+    try:
+        yield hold
+    finally:
+        hold.release()  # whatever happened, nbd-pool's attach goes on and ends, before the stack is cleaned up
+        pool = agent_config.daemons.get("nbd-pool")
+        if pool is not None and pool.running():
+            nbd_pool_settled(agent_config)
+
+
+def nbd_pool_settled(stack: Stack) -> None:
+    """Until nbd-pool has ended the attach it was making (a detach waits for its attachments' lock)."""
+    conn = UnixHTTPConnection(str(stack.run_dir / "nbd-pool.sock"), timeout=HOLD + 30)
+    try:
+        conn.request("DELETE", "/attachments/att-none")
+        assert conn.getresponse().status == 404
+    finally:
+        conn.close()
+
+
 def special_ext4(path: Path, tree: Tree, size_mib: int = 64) -> Path:
     """A whole-disk ext4 image holding `tree` plus a FIFO, a socket and device nodes (mkfs.ext4 -d copies
     them; the tree builders make none)."""

@@ -1,5 +1,5 @@
-"""MountManager.mount, in this process against the real nbd-pool: a mount cancelled or failed while nbd-pool
-attaches its image leaves no attachment behind."""
+"""MountManager.mount, in this process against the real nbd-pool: a mount cancelled, failed or stopped while
+nbd-pool attaches its image leaves no attachment behind."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from oma_common.rpc import AgentClient
 from restore_mounter.attach import Attachment, NbdPoolAttacher
 from restore_mounter.confine import default_resolver
 from restore_mounter.expiry import IdlePolicy, SystemClock
-from restore_mounter.mounts import MountManager
+from restore_mounter.mounts import MountManager, ShuttingDown
 from restore_mounter.state import MountsFile
 
 from ..lib.diskimages import MiB, mbr_ext4, to_qcow2
 from ..rig import Stack
-from .conftest import attachments, cleanup, leaks
+from .conftest import HeldAttach, attachments, cleanup, leaks
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
@@ -111,3 +111,35 @@ async def test_a_mount_whose_attach_times_out_leaves_no_attachment(pool: Stack, 
     assert [a["owner"] for a in attachments(pool)] in ([], ["restore-mounter:late"])
     await m.sweep()  # ...and it goes at the next sweep, not only at the next start of restore-mounter
     assert attachments(pool) == [] and leaks(m.mount_root, [image]) == []
+
+
+async def test_stop_ends_a_mount_whose_caller_hung_up_while_nbd_pool_attaches(agent_config: Stack,
+                                                                              held_attach: HeldAttach,
+                                                                              image: Path) -> None:
+    """aiohttp 3.8 (Debian 12's) cancels a handler when its client hangs up: the mount then waits for nbd-pool's
+    answer (run_to_end). A stop meanwhile must not wait it out: the attach is given up after the grace."""
+    agent_config.add_config("nbd-pool", "50-test.toml", f'export_roots = ["{agent_config.state}"]\n')
+    agent_config.start("nbd-pool")
+    client = AgentClient("nbd-pool", agent_config.run_dir / "nbd-pool.sock", timeout=120)
+    try:
+        m = manager(agent_config, client, timeout=120)
+        task = asyncio.create_task(m.mount(str(image), "hung-up"))
+        await attaching(agent_config)
+        task.cancel()
+        await asyncio.sleep(0.2)
+        assert not task.done()  # waiting for nbd-pool's answer, which is held
+        await asyncio.wait_for(m.stop(grace=0.5), 10)
+        assert task.done()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert m.mounts == {} and MountsFile(agent_config.state / "mounts.json").load() == []
+        with pytest.raises(ShuttingDown):
+            await m.mount(str(image), "late")
+        held_attach.release()
+        await settled(client)
+        # What nbd-pool made after we hung up carries the mount's owner tag, and goes by it.
+        assert {a["owner"] for a in attachments(agent_config)} <= {"restore-mounter:hung-up"}
+        await m.release_strays()
+        assert attachments(agent_config) == [] and leaks(m.mount_root, [image]) == []
+    finally:
+        await client.close()

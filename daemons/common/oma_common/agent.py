@@ -62,8 +62,12 @@ def make_app(routes: list[BoundRoute], allowed_users: list[str | int]) -> web.Ap
 async def serve(daemon: str, cfg: AgentConfig, apis: list[Any], *,
                 report: Callable[[], Awaitable[dict[str, Any]]],
                 reconcile: Callable[[], Awaitable[str]] | None = None,
+                drain: Callable[[], Awaitable[None]] | None = None,
                 close: Callable[[], Awaitable[None]] | None = None) -> int:
-    """Bind → reconcile → READY → wait for a stop signal → drain → close. Returns the exit code."""
+    """Bind → reconcile → READY → wait for a stop signal → drain → close. Returns the exit code.
+
+    `drain` runs first on the way out, while the socket still serves: it ends work in flight that must not be
+    waited out (its requests still get their answers, before the server stops and waits for the rest)."""
     notifier = Notifier()
     stop = StopSignal()
     docs = AgentDocs(daemon, f"{daemon}'s API on its unix socket, for omad (oma_common.contracts.*)")
@@ -83,10 +87,14 @@ async def serve(daemon: str, cfg: AgentConfig, apis: list[Any], *,
         await stop.wait()
         notifier.stopping()
     finally:
-        await server.stop()
-        if close:
-            await close()
-        log.info("stopped")
+        try:
+            if drain:
+                await drain()
+        finally:
+            await server.stop()
+            if close:
+                await close()
+            log.info("stopped")
     return 0
 
 

@@ -13,7 +13,9 @@ Mounts
          Errors: 400 invalid_request (image path), 400 no_filesystem (nothing mountable; `filesystems`
          says why), 403 forbidden (image outside `image_roots`), 404 not_found (image missing),
          409 conflict (mount_id in use with another image), 409 exhausted {available_slots, max_mounts}
-         (all slots used here, or nbd-pool's own `exhausted` passed through), 503 unavailable (attach failed).
+         (all slots used here, or nbd-pool's own `exhausted` passed through), 503 unavailable (attach failed),
+         503 shutting_down {mount_id} (restore-mounter was told to stop before the mount was made: nothing of
+         it is left; mount again once it is back).
   GET    /mounts                 → {mounts: [Mount], count}
   GET    /mounts/{mount_id}      → Mount. Reading a mount's status is not activity: it does not postpone expiry.
   DELETE /mounts/{mount_id}?force=false

@@ -93,6 +93,9 @@ class Attacher(Protocol):
         """Detach each of our attachments for which `keep(attachment_id, owner)` is false (asked after the
         listing, just before its detach); returns what was released."""
 
+    def hurry(self, timeout: float) -> None:
+        """From now on no call waits longer than `timeout` seconds (the daemon is stopping)."""
+
 
 class NbdPoolAttacher:
     """nbd-pool's agent API over its unix socket: POST/DELETE/GET /attachments."""
@@ -103,6 +106,11 @@ class NbdPoolAttacher:
         self.client = client
         self.timeout = timeout
         self.health_timeout = health_timeout  # asked on the way to a download: not worth a long wait
+
+    def hurry(self, timeout: float) -> None:
+        # Calls made from now on; one in flight keeps its own deadline (stop() hangs up on an attach).
+        self.timeout = min(self.timeout, timeout)
+        self.health_timeout = min(self.health_timeout, timeout)
 
     async def attach(self, image: str, owner: str) -> Attachment:
         body = await self.client.typed(AttachmentAnswer, "POST", "/attachments", body=AttachIn(image, owner),

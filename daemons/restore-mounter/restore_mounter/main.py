@@ -31,6 +31,10 @@ class Config(agent.AgentConfig):
     idle_timeout_seconds: float = schema.spec(3600.0, min=0.05, description="a mount idle this long is removed")
     cleanup_interval_seconds: float = schema.spec(60.0, min=0.05, description="how often expired mounts are swept")
     max_mounts: int = schema.spec(8, min=1, max=64, description="mounts at once (each holds an attach slot)")
+    stop_attach_grace_seconds: float = schema.spec(
+        3.0, min=0.0, max=20.0, description="on stop, how long a mount being made waits for nbd-pool's answer to its "
+                                           "attach (then undone at once); past it the attach is given up and the "
+                                           "next start releases what nbd-pool made")
     nbd_pool_socket: str = schema.spec("", description="nbd-pool's socket; empty = <run_dir>/nbd-pool.sock")
     image_roots: list[str] = schema.spec(factory=list, description="if set, only images under these "
                                                                    "directories are mounted")
@@ -83,13 +87,19 @@ async def amain() -> int:
             out["status"] = "degraded"
         return out
 
+    async def drain() -> None:
+        # A mount being made is undone now, and answered: its attach must not hold the stop (systemd's
+        # TimeoutStopSec) for the nbd-pool client's timeout.
+        await manager.stop(cfg.stop_attach_grace_seconds)
+
     async def close() -> None:
         # Mounts stay: they outlive a restart of the daemon and are re-adopted at the next start.
         await sweeper.stop()
         archives.shutdown(wait=True, cancel_futures=True)
         await client.close()
 
-    return await agent.serve(DAEMON, cfg, [api], report=report, reconcile=start, close=close)
+    return await agent.serve(DAEMON, cfg, [api], report=report, reconcile=start, drain=drain,
+                             close=close)
 
 
 def main() -> None:

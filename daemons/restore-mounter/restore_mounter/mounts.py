@@ -10,6 +10,8 @@ unless forced, which cancels the holders first. Slots: every mount, whatever its
 `max_mounts` slots (it holds a device); none left → 409 `exhausted` with `available_slots`.
 Every step is recorded in the state file before the resource it names exists, so that a crash at any point
 leaves a record that reconciliation can act on.
+Stopping (`stop`): mounts that are made stay (they outlive a restart and are re-adopted); a mount still being
+made is undone and answers 503 `shutting_down`, and its attach is not waited out (see `stop`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,13 @@ class MountBroken(errors.Unavailable):
     """What serves the mount has died (`cause`); every read would fail. Unmount it and mount the image again."""
 
     code = "mount_broken"
+
+
+class ShuttingDown(errors.Unavailable):
+    """restore-mounter is stopping: a mount not made yet was undone (nothing of it is left). Mount again once it is
+    back."""
+
+    code = "shutting_down"
 
 
 class NoFilesystem(errors.Invalid):
@@ -129,6 +138,9 @@ class MountManager:
         self.fat_driver = fat_driver
         self.image_roots = [Path(os.path.realpath(r)) for r in image_roots or []]
         self.mounts: dict[str, Mount] = {}
+        self.stopping = False  # set by stop(): no mount is made any more
+        self._making: dict[str, asyncio.Task[Any]] = {}  # the task making each mount, for stop() to wait on
+        self._attaching: dict[str, asyncio.Future[Attachment]] = {}  # nbd-pool's attach in flight, by mount id
 
     # --- queries (none of them counts as activity) ---------------------------------------------------
 
@@ -291,6 +303,9 @@ class MountManager:
                 return m, False
             raise errors.Conflict("mount id in use", f"mount {mount_id} exists ({m.record.status}, "
                                                      f"{m.record.image})")
+        if self.stopping:
+            raise ShuttingDown("shutting down", "restore-mounter is stopping; mount again once it is back",
+                               mount_id=mount_id)
         if self.available_slots == 0:
             raise errors.Exhausted("no restore slot free", f"all {self.max_mounts} restore mounts are in use",
                                    available_slots=0, max_mounts=self.max_mounts)
@@ -298,12 +313,23 @@ class MountManager:
         record = MountRecord(mount_id, real, str(self.mount_root / mount_id), MOUNTING, self.clock.time())
         m = Mount(record, self.clock.monotonic(), self.resolver)
         self.mounts[mount_id] = m
-        with logs.resource(mount_id):
+        task = asyncio.current_task()
+        if task is not None:
+            self._making[mount_id] = task
+        try:
+            await self._make(m)
+        finally:
+            self._making.pop(mount_id, None)
+        return m, True
+
+    async def _make(self, m: Mount) -> None:
+        record = m.record
+        with logs.resource(m.mount_id):
             try:
                 await self.save()
                 await self._bring_up(m)
             except BaseException as e:
-                log.warning("mounting %s failed (%s); undoing", real, e)
+                log.warning("mounting %s failed (%s); undoing", record.image, e)
                 try:
                     await self.tear_down(m)
                 except Exception:
@@ -312,25 +338,34 @@ class MountManager:
                     record.status, record.error = ERROR, f"failed mount not fully undone: {e}"
                     await self.save()
                     raise
-                del self.mounts[mount_id]
+                del self.mounts[m.mount_id]
                 await self.save()
                 raise
             record.status = MOUNTED
             self.touch(m)
             await self.save()
-            log.info("mounted %s: %s", real, ", ".join(f"{f.dirname} {f.type}" for f in record.mounted_filesystems))
-        return m, True
+            log.info("mounted %s: %s", record.image,
+                     ", ".join(f"{f.dirname} {f.type}" for f in record.mounted_filesystems))
+
+    def _check_stopping(self, m: Mount) -> None:
+        """Between the steps of a mount: once the daemon stops, a mount not made yet is undone."""
+        if self.stopping:
+            raise ShuttingDown("shutting down", f"restore-mounter is stopping: mount {m.mount_id} was undone before "
+                                                "it was complete; mount again once it is back", mount_id=m.mount_id)
 
     async def _bring_up(self, m: Mount) -> None:
         r = m.record
+        self._check_stopping(m)
         os.mkdir(r.mount_path, 0o700)
         att = await self._attach(r)
         await self.save()
+        self._check_stopping(m)  # answered while stopping: detached at once by the undo
         if att.partitions:
             candidates = [(p.number, p.device, p.size, p.type) for p in att.partitions]
         else:
             candidates = [(0, att.device, blkid.device_size(att.device), "")]
         for number, device, size, ptype in candidates:
+            self._check_stopping(m)
             fs = FsRecord(number, device, "", "", size)
             r.filesystems.append(fs)
             if ptype.lower() in filesystems.MBR_EXTENDED:
@@ -348,27 +383,44 @@ class MountManager:
     async def _attach(self, r: MountRecord) -> Attachment:
         """Attach the image and record the attachment, so that undoing a mount that fails later detaches it.
 
-        nbd-pool goes on attaching after we hang up (cancelled: the client went, or we stop), so a cancelled
-        mount still waits for the answer (within the request's timeout) and records it for the teardown that
-        follows. Without an answer (timed out, connection lost) whatever nbd-pool holds for this mount (its
-        owner tag) is released now; one it finishes later goes at the next sweep (`release_strays`).
+        nbd-pool goes on attaching after we hang up (cancelled: the client went), so a cancelled mount still
+        waits for the answer (within the request's timeout) and records it for the teardown that follows. Not
+        when the daemon stops: `stop` gives the answer a grace, then hangs up. Without an answer (timed out,
+        connection lost, given up) whatever nbd-pool holds for this mount (its owner tag) is released now; one
+        it finishes later goes at the next sweep (`release_strays`) or start-up.
         """
         owner = owner_of(r.mount_id)
 
         def record(att: Attachment) -> None:
             r.attachment = att
 
+        request = asyncio.ensure_future(self.attacher.attach(r.image, owner))
+        self._attaching[r.mount_id] = request
         try:
-            att = await run_to_end(self.attacher.attach(r.image, owner), undo=record)
-        except Exception:
-            try:
-                await self.attacher.release_unkept(lambda _aid, o: o != owner)
-            except errors.OmaError as e:
-                log.warning("cannot release what %s may hold for this mount (%s); the next sweep does",
-                            self.attacher.name, e)
+            att = await run_to_end(request, undo=record)
+        except BaseException:
+            if r.attachment is None:
+                await self._release_owned(owner)
+            task = asyncio.current_task()
+            if request.cancelled() and self.stopping and (task is None or not task.cancelling()):
+                raise ShuttingDown("shutting down", f"restore-mounter is stopping: the attach of mount {r.mount_id} "
+                                                    "was given up; mount again once it is back",
+                                   mount_id=r.mount_id) from None
             raise
+        finally:
+            del self._attaching[r.mount_id]
         record(att)
         return att
+
+    async def _release_owned(self, owner: str) -> None:
+        try:
+            released = await self.attacher.release_unkept(lambda _aid, o: o != owner)
+        except errors.OmaError as e:
+            log.warning("cannot release what %s may hold for this mount (%s); the next sweep does",
+                        self.attacher.name, e)
+            return
+        if released:
+            log.info("released %s, made for this mount without an answer", ", ".join(released))
 
     async def _mount_fs(self, m: Mount, fs: FsRecord) -> None:
         try:
@@ -394,6 +446,41 @@ class MountManager:
             return
         fs.mounted, fs.driver, fs.fuse = True, done.driver, done.fuse
         await self.save()
+
+    # --- stop -------------------------------------------------------------------------------------
+
+    async def stop(self, grace: float, call_timeout: float = 5.0) -> None:
+        """The daemon is stopping: no mount is made any more (503 shutting_down), and those being made are
+        undone, each answering the same. Mounts already made are left as they are (they outlive the restart).
+
+        An attach in flight is given `grace` seconds to be answered, so that what nbd-pool made is detached at
+        once; then the request is given up (we hang up: nbd-pool ends the attach, or finishes it and the
+        attachment, tagged with the mount's owner, is released by the next start-up or sweep). Waiting for the
+        answer instead kept the stop up to the client's timeout (120 s), past systemd's TimeoutStopSec. From now
+        on no call to nbd-pool waits longer than `call_timeout`: what one leaves is recorded for the next start.
+        Returns once the mounts being made have ended (their answers written), or after a bound.
+        """
+        self.stopping = True
+        self.attacher.hurry(call_timeout)
+        making = [t for t in self._making.values() if t is not asyncio.current_task()]
+        if not making:
+            return
+        log.info("stopping: %d mount(s) being made; waiting up to %g s for nbd-pool to answer their attach",
+                 len(making), grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (pending := [f for f in self._attaching.values() if not f.done()]) and loop.time() < deadline:
+            await asyncio.wait(pending, timeout=deadline - loop.time())
+        for mount_id, request in self._attaching.items():
+            if not request.done():
+                log.warning("stopping: attach not answered within %g s, given up; what nbd-pool makes of it is "
+                            "released by its owner tag", grace, extra=logs.tag(mount_id))
+                request.cancel()
+        bound = 3 * call_timeout  # the undo: a release by owner tag, a detach, unmounts
+        _done, left = await asyncio.wait(making, timeout=bound)
+        if left:
+            log.warning("stopping: %d mount(s) still being undone after %g s; the next start-up removes what they "
+                        "leave", len(left), bound)
 
     # --- unmount ----------------------------------------------------------------------------------
 
