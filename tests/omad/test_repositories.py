@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from oma_common.contracts.volume_agent import Mounted, MountIn, ShareMounts, Unmounted
-from oma_common.errors import Conflict, Invalid
+from oma_common.errors import Conflict, Invalid, TimedOut
 from oma_common.rpc import AgentClient
 from omad.adapters.localfs import LocalFs
 from omad.audit import Audit
@@ -263,3 +263,22 @@ async def test_a_repository_no_backup_could_use_is_refused_at_creation(stack_con
                                                         "config": {"disk_path": str(inside)}})
         assert status == 201, body
     stack.stop()
+
+
+async def test_a_share_mounted_though_its_answer_never_came_is_unmounted(
+        repos: tuple[Repositories, Database, FakeAgent]) -> None:
+    """volume-agent runs a request to its end when omad stops waiting (its time limit): the share may be
+    mounted all the same, on the point omad chose; omad, which will record no repository for it, unmounts it."""
+    r, db, agent = repos
+    mounted = agent.mount_share
+
+    async def answer_lost(share: MountIn) -> Mounted:
+        await mounted(share)
+        raise TimedOut("volume-agent timed out", "volume-agent did not answer within 90 s")
+
+    agent.mount_share = answer_lost  # type: ignore[method-assign]
+    with pytest.raises(TimedOut):
+        await r.create({"name": "nfs", "type": "nfs", "config": {"server": "nas", "export_path": "/bk"}},
+                       actor="admin")
+    assert agent.mounted == {}, "a share is left mounted that no repository records"
+    assert await db.scalar("SELECT COUNT(*) FROM backup_repositories") == 0

@@ -24,7 +24,7 @@ from typing import Any
 
 from oma_common import schema
 from oma_common.contracts.volume_agent import MountIn
-from oma_common.errors import Conflict, Invalid, NotFound, OmaError, Unavailable
+from oma_common.errors import Conflict, Invalid, NotFound, OmaError, TimedOut, Unavailable
 from oma_common.schema import spec
 
 from ..adapters.localfs import Capacity, LocalFs
@@ -313,14 +313,23 @@ class Repositories:
             root = Path(target.config["disk_path"])
             await self.fs.probe_writable(root)
             return root
-        if probe_only or not target.config.get("mount_point"):
+        chosen = probe_only or not target.config.get("mount_point")
+        if chosen:
             mount_root = (await self.agent.share_mounts()).mount_root
             point = f"{mount_root}/{name}"
             if not probe_only:
                 target.config["mount_point"] = point
         else:
             point = target.config["mount_point"]
-        await self._mount(target.type, target.config, target.password, point)
+        try:
+            await self._mount(target.type, target.config, target.password, point)
+        except TimedOut:
+            # No answer in time: volume-agent runs the request to its end all the same, so the share may be
+            # mounted. On a point chosen here (new, named after this call) it is nobody else's: unmount it (the
+            # agent takes it after the mount has ended). A point the caller named may hold another's share.
+            if chosen:
+                await self._unmount_quietly(Path(point))
+            raise
         try:
             await self.fs.probe_writable(Path(point))
         except BaseException:
