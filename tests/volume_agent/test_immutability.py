@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from oma_common.errors import Invalid, Unavailable
+from oma_common.errors import Invalid, TimedOut, Unavailable
+from oma_common.rpc import AgentClient
 from volume_agent.immutability import Immutability, OutcomeUnknown
+
+from ..rig import Stack
 
 
 @pytest.fixture
@@ -163,3 +166,34 @@ async def test_a_change_that_outlives_its_time_limit_is_unknown_until_it_ends(fr
 def fsflags_of(path: Path) -> bool:
     """Whether lsattr(1) shows the file immutable (read by another program, not through the agent)."""
     return "i" in sh("lsattr", str(path)).split()[0]
+
+
+@pytest.mark.root
+async def test_over_the_socket_an_unknown_outcome_is_a_504_naming_the_paths(frozen_capable: Path,
+                                                                           stack_config: Stack) -> None:
+    """What omad's client receives: 504 with code outcome_unknown and which paths were changed, unknown, not
+    tried; a status asked meanwhile is outcome_unknown too, and after the thaw it is the late change."""
+    root = frozen_capable
+    path, other = str(root / "ctx" / "b1.qcow2"), str(root / "ctx" / "b2.qcow2")
+    Path(other).write_bytes(b"image")
+    stack_config.add_config("volume-agent", "60-immutable.toml",
+                            f'immutable_roots = ["{root}"]\nmount_timeout_seconds = 1\n')
+    stack_config.start("volume-agent")
+    client = AgentClient("volume-agent", stack_config.run_dir / "volume-agent.sock", timeout=30)
+    try:
+        sh("fsfreeze", "-f", str(root))
+        try:
+            with pytest.raises(TimedOut) as info:
+                await client.call("POST", "/immutability/lock", json={"paths": [other, path]})
+            assert info.value.code == "outcome_unknown"
+            assert info.value.extra["unknown"] == [other] and info.value.extra["not_tried"] == [path]
+            with pytest.raises(TimedOut, match="outcome unknown"):
+                await client.call("POST", "/immutability/status", json={"paths": [other]})
+        finally:
+            sh("fsfreeze", "-u", str(root))
+        assert (await client.call("POST", "/immutability/status", json={"paths": [other, path]}))["immutable"] \
+            == {other: True, path: False}
+        await client.call("POST", "/immutability/unlock", json={"paths": [other]})
+    finally:
+        await client.close()
+        subprocess.run(["chattr", "-i", other], capture_output=True, timeout=30)
