@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from oma_common.contracts.volume_agent import Mounted, MountIn, ShareMounts, Unmounted
-from oma_common.errors import Conflict, Invalid
+from oma_common.errors import Conflict, Invalid, TimedOut
 from oma_common.rpc import AgentClient
 from omad.adapters.localfs import LocalFs
 from omad.audit import Audit
@@ -39,8 +39,9 @@ class FakeAgent:
 
     async def mount_share(self, share: MountIn) -> Mounted:
         Path(share.mount_point).mkdir(parents=True, exist_ok=True)
+        already = share.mount_point in self.mounted
         self.mounted[share.mount_point] = share
-        return Mounted(share.mount_point, share.server, share.kind, True, False, "mounted")
+        return Mounted(share.mount_point, share.server, share.kind, True, already, "mounted")
 
     async def unmount_share(self, mount_point: str) -> Unmounted:
         self.mounted.pop(mount_point, None)
@@ -263,3 +264,34 @@ async def test_a_repository_no_backup_could_use_is_refused_at_creation(stack_con
                                                         "config": {"disk_path": str(inside)}})
         assert status == 201, body
     stack.stop()
+
+
+async def test_a_share_mounted_though_its_answer_never_came_is_unmounted(
+        repos: tuple[Repositories, Database, FakeAgent]) -> None:
+    """volume-agent runs a request to its end when omad stops waiting (its time limit): the share may be
+    mounted all the same, on the point omad chose; omad, which will record no repository for it, unmounts it."""
+    r, db, agent = repos
+    mounted = agent.mount_share
+
+    async def answer_lost(share: MountIn) -> Mounted:
+        await mounted(share)
+        raise TimedOut("volume-agent timed out", "volume-agent did not answer within 90 s")
+
+    agent.mount_share = answer_lost  # type: ignore[method-assign]
+    with pytest.raises(TimedOut):
+        await r.create({"name": "nfs", "type": "nfs", "config": {"server": "nas", "export_path": "/bk"}},
+                       actor="admin")
+    assert agent.mounted == {}, "a share is left mounted that no repository records"
+    assert await db.scalar("SELECT COUNT(*) FROM backup_repositories") == 0
+
+
+async def test_a_refused_repository_leaves_the_share_another_one_uses_mounted(
+        repos: tuple[Repositories, Database, FakeAgent], tmp_path: Path) -> None:
+    """A second repository on the same share and mount point is refused (the roots overlap); the share, which
+    was already mounted for the first, stays mounted."""
+    r, db, agent = repos
+    config = {"server": "nas", "export_path": "/bk", "mount_point": str(tmp_path / "mounts" / "shared")}
+    await r.create({"name": "first", "type": "nfs", "config": config}, actor="admin")
+    with pytest.raises(Conflict, match="path in use"):
+        await r.create({"name": "second", "type": "nfs", "config": config}, actor="admin")
+    assert list(agent.mounted) == [config["mount_point"]], "the first repository's share was unmounted"

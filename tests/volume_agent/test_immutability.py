@@ -5,13 +5,18 @@ below the root that volume-agent saw at start-up."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from oma_common.errors import Invalid, Unavailable
-from volume_agent.immutability import Immutability
+from oma_common.errors import Invalid, TimedOut, Unavailable
+from oma_common.rpc import AgentClient
+from volume_agent.immutability import Immutability, OutcomeUnknown
+
+from ..rig import Stack
 
 
 @pytest.fixture
@@ -95,3 +100,100 @@ async def test_a_racing_swap_never_reaches_outside(repo: tuple[Path, Path, Immut
     assert "not a file" not in outcomes, "the victim was reached through the symlink"
     assert set(outcomes) <= {"read", "bad path", "no immutable attribute", "no such file"}, outcomes
     assert outcomes.get("bad path", 0) > 0, outcomes
+
+
+@pytest.fixture
+def frozen_capable(tmp_path: Path) -> Iterator[Path]:
+    """A repository root on its own small ext4 (a loop device), which the test can freeze (fsfreeze(8)):
+    while frozen, changing the attribute blocks in the kernel as on a hung network filesystem, and reading it
+    does not; thawed, the blocked change completes."""
+    image = tmp_path / "repo.ext4"
+    with open(image, "wb") as f:
+        f.truncate(32 * 1024 * 1024)
+    sh("mkfs.ext4", "-q", "-F", str(image))
+    device = sh("losetup", "--find", "--show", str(image))
+    root = tmp_path / "repositories"
+    root.mkdir()
+    try:
+        sh("mount", "-t", "ext4", device, str(root))
+        try:
+            (root / "ctx").mkdir()
+            (root / "ctx" / "b1.qcow2").write_bytes(b"image")
+            yield root
+        finally:
+            subprocess.run(["fsfreeze", "-u", str(root)], capture_output=True, timeout=30)
+            subprocess.run(["chattr", "-i", str(root / "ctx" / "b1.qcow2")], capture_output=True, timeout=30)
+            subprocess.run(["umount", str(root)], capture_output=True, timeout=60)
+    finally:
+        subprocess.run(["losetup", "-d", device], capture_output=True, timeout=60)
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+@pytest.mark.root
+async def test_a_change_that_outlives_its_time_limit_is_unknown_until_it_ends(frozen_capable: Path) -> None:
+    """A lock on a filesystem that hangs: the caller is told the outcome is unknown (not that it failed), and
+    no status is answered until the blocked change has ended, so a status never reports the flag the late
+    change is about to overturn (omad re-reads it before recording anything)."""
+    root = frozen_capable
+    path = str(root / "ctx" / "b1.qcow2")
+    other = root / "ctx" / "b2.qcow2"
+    other.write_bytes(b"image")
+    imm = Immutability([root], timeout=0.5)
+    sh("fsfreeze", "-f", str(root))
+    try:
+        with pytest.raises(OutcomeUnknown) as info:
+            await imm.set([path, str(other)], True)
+        assert info.value.code == "outcome_unknown" and info.value.status == 504
+        assert info.value.extra == {"changed": [], "unknown": [path], "not_tried": [str(other)]}
+        # The blocked change has not landed, and reading the flag would work; the answer is still "unknown".
+        assert not fsflags_of(Path(path))
+        with pytest.raises(OutcomeUnknown):
+            await imm.status([path])
+        with pytest.raises(OutcomeUnknown):  # nor is a second change stacked behind the first
+            await imm.set([path], False)
+    finally:
+        sh("fsfreeze", "-u", str(root))
+    # Thawed: the late change lands, and the status now answers with it.
+    assert (await imm.status([path, str(other)]))["immutable"] == {path: True, str(other): False}
+    assert fsflags_of(Path(path))
+    await imm.set([path], False)
+    assert (await imm.status([path]))["immutable"] == {path: False}
+
+
+def fsflags_of(path: Path) -> bool:
+    """Whether lsattr(1) shows the file immutable (read by another program, not through the agent)."""
+    return "i" in sh("lsattr", str(path)).split()[0]
+
+
+@pytest.mark.root
+async def test_over_the_socket_an_unknown_outcome_is_a_504_naming_the_paths(frozen_capable: Path,
+                                                                           stack_config: Stack) -> None:
+    """What omad's client receives: 504 with code outcome_unknown and which paths were changed, unknown, not
+    tried; a status asked meanwhile is outcome_unknown too, and after the thaw it is the late change."""
+    root = frozen_capable
+    path, other = str(root / "ctx" / "b1.qcow2"), str(root / "ctx" / "b2.qcow2")
+    Path(other).write_bytes(b"image")
+    stack_config.add_config("volume-agent", "60-immutable.toml",
+                            f'immutable_roots = ["{root}"]\nmount_timeout_seconds = 1\n')
+    stack_config.start("volume-agent")
+    client = AgentClient("volume-agent", stack_config.run_dir / "volume-agent.sock", timeout=30)
+    try:
+        sh("fsfreeze", "-f", str(root))
+        try:
+            with pytest.raises(TimedOut) as info:
+                await client.call("POST", "/immutability/lock", json={"paths": [other, path]})
+            assert info.value.code == "outcome_unknown"
+            assert info.value.extra["unknown"] == [other] and info.value.extra["not_tried"] == [path]
+            with pytest.raises(TimedOut, match="outcome unknown"):
+                await client.call("POST", "/immutability/status", json={"paths": [other]})
+        finally:
+            sh("fsfreeze", "-u", str(root))
+        assert (await client.call("POST", "/immutability/status", json={"paths": [other, path]}))["immutable"] \
+            == {other: True, path: False}
+        await client.call("POST", "/immutability/unlock", json={"paths": [other]})
+    finally:
+        await client.close()
+        subprocess.run(["chattr", "-i", other], capture_output=True, timeout=30)

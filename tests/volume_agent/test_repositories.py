@@ -9,6 +9,7 @@ import json
 import os
 import time
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -138,7 +139,8 @@ async def test_a_mount_cancelled_while_mount_runs_leaves_no_directory(tmp_path: 
     hanging = tmp_path / "hanging-mount"
     hanging.write_text(f"#!{sys.executable}\nimport time\nopen({str(started)!r}, 'w').close()\ntime.sleep(60)\n")
     hanging.chmod(0o755)
-    mounts = RepositoryMounts(tmp_path / "repos", mount_program=str(hanging))
+    # A cancelled mount waits for mount(8) to end (its outcome must be known), up to the time limit.
+    mounts = RepositoryMounts(tmp_path / "repos", timeout=2, mount_program=str(hanging))
     share = Share(kind="nfs", server="nas", export_path="/e", mount_point=str(tmp_path / "repos" / "a" / "b"))
     before, kids = open_fds(), children()
     task = asyncio.create_task(mounts.mount(share, owner_uid=1, owner_gid=1))
@@ -302,3 +304,70 @@ async def test_a_mount_root_others_can_write_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Unavailable, match="resolves to"):
         await linked.mount(Share(kind="nfs", server="nas", export_path="/e", mount_point=str(tmp_path / "link" / "a")),
                            owner_uid=1, owner_gid=1)
+
+
+def mounting_fake(tmp: Path, hold: float) -> tuple[Path, Path]:
+    """A stand-in for mount(8) that really mounts (a tmpfs, through the descriptor it is handed, as mount(8)
+    mounts a share) and then goes on running for `hold` seconds, as mount.nfs may after the kernel has
+    mounted; it opens the FIFO it returns once the mount is made."""
+    mounted = tmp / "mounted"
+    os.mkfifo(mounted)
+    script = tmp / "mounting-mount"
+    script.write_text(f"""#!{sys.executable}
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+# MS_NOSUID | MS_NODEV | MS_NOEXEC
+if libc.mount(b"tmpfs", sys.argv[-1].encode(), b"tmpfs", 2 | 4 | 8, None) != 0:
+    sys.exit("mount: " + os.strerror(ctypes.get_errno()))
+open({str(mounted)!r}, "w").close()
+time.sleep({hold})
+""")
+    script.chmod(0o755)
+    return script, mounted
+
+
+def mounts_below(root: Path) -> list[m.MountEntry]:
+    return [e for e in m.read_mounts() if e.mount_point.is_relative_to(root)]
+
+
+def unmount_all_below(root: Path) -> None:
+    for e in reversed(mounts_below(root)):
+        subprocess.run(["umount", "--lazy", str(e.mount_point)], capture_output=True, timeout=30)
+
+
+@pytest.mark.root
+async def test_a_mount_cancelled_after_the_kernel_mounted_leaves_nothing_mounted(tmp_path: Path) -> None:
+    """The request goes away (its client hung up, the agent is stopping) after the share is mounted and before
+    mount(8) has returned: once mount(8) has ended, what it mounted is unmounted and the point removed, so no
+    share stays mounted that nobody was told of (/proc/self/mountinfo is the judge)."""
+    program, mounted = mounting_fake(tmp_path, hold=1.0)
+    root = tmp_path / "repos"
+    mounts = RepositoryMounts(root, mount_program=str(program))
+    share = Share(kind="nfs", server="nas", export_path="/e", mount_point=str(root / "a" / "b"))
+    kids = children()
+    try:
+        task = asyncio.create_task(mounts.mount(share, owner_uid=1, owner_gid=1))
+        await asyncio.wait_for(asyncio.to_thread(mounted.read_bytes), 30)
+        assert [e.mount_point for e in mounts_below(root)] == [root / "a" / "b"]  # the kernel has mounted it
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert mounts_below(root) == [] and list(root.iterdir()) == [] and children() <= kids
+    finally:
+        unmount_all_below(root)
+
+
+@pytest.mark.root
+async def test_a_mount_that_runs_out_of_time_after_the_kernel_mounted_leaves_nothing_mounted(tmp_path: Path) -> None:
+    program, mounted = mounting_fake(tmp_path, hold=60)
+    root = tmp_path / "repos"
+    mounts = RepositoryMounts(root, timeout=1, mount_program=str(program))
+    share = Share(kind="nfs", server="nas", export_path="/e", mount_point=str(root / "a"))
+    try:
+        task = asyncio.create_task(mounts.mount(share, owner_uid=1, owner_gid=1))
+        await asyncio.wait_for(asyncio.to_thread(mounted.read_bytes), 30)
+        with pytest.raises(Unavailable, match="timed out"):
+            await task
+        assert mounts_below(root) == [] and list(root.iterdir()) == []
+    finally:
+        unmount_all_below(root)

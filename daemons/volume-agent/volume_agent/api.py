@@ -30,7 +30,7 @@ from oma_common.contracts.volume_agent_volumes import (
     VolumesListing,
     VolumeView,
 )
-from oma_common.errors import CALLS_OUT, Conflict, NotFound, Unavailable
+from oma_common.errors import CALLS_OUT, Conflict, NotFound, TimedOut, Unavailable
 from oma_common.rpc import peer_credentials
 from oma_common.web import Auth, Call, route
 
@@ -71,19 +71,22 @@ class ImmutabilityApi:
     def __init__(self, immutability: Immutability) -> None:
         self.immutability = immutability
 
-    @route("POST", "/immutability/lock", errors=(NotFound, Unavailable), body=PathsIn, response=Locked, auth=Auth.PEER)
+    @route("POST", "/immutability/lock", errors=(NotFound, Unavailable, TimedOut), body=PathsIn, response=Locked, auth=Auth.PEER)
     async def lock(self, call: Call) -> dict[str, Any]:
-        """Set the immutable attribute (chattr +i): nobody, root included, can change or remove the files."""
+        """Set the immutable attribute (chattr +i): nobody, root included, can change or remove the files.
+        504 `outcome_unknown`: the filesystem did not answer in time and the change may still land; a later
+        status waits for it."""
         return await self.immutability.set(call.body.paths, True)
 
-    @route("POST", "/immutability/unlock", errors=(NotFound, Unavailable), body=PathsIn, response=Locked, auth=Auth.PEER)
+    @route("POST", "/immutability/unlock", errors=(NotFound, Unavailable, TimedOut), body=PathsIn, response=Locked, auth=Auth.PEER)
     async def unlock(self, call: Call) -> dict[str, Any]:
-        """Clear the immutable attribute (chattr -i)."""
+        """Clear the immutable attribute (chattr -i); 504 `outcome_unknown` as for lock."""
         return await self.immutability.set(call.body.paths, False)
 
-    @route("POST", "/immutability/status", errors=(NotFound, Unavailable), body=PathsIn, response=LockStatus, auth=Auth.PEER)
+    @route("POST", "/immutability/status", errors=(NotFound, Unavailable, TimedOut), body=PathsIn, response=LockStatus, auth=Auth.PEER)
     async def status(self, call: Call) -> dict[str, Any]:
-        """Whether each file is immutable (lsattr)."""
+        """Whether each file is immutable (lsattr), once any change still under way on it has ended (504
+        `outcome_unknown` while it has not)."""
         return await self.immutability.status(call.body.paths)
 
 

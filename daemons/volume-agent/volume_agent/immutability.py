@@ -9,12 +9,22 @@ files in it); the opened descriptor must be a regular file, and the attribute is
 directory swapped for a symlink at any moment changes nothing. A root itself may sit in a directory omad
 owns (/var/lib/oma/repositories): it is opened by name, so its identity (device, inode) is taken when the
 agent starts and checked on every open.
+
+A change is a thread blocked in the kernel for as long as the filesystem takes (a hung NFS server: forever),
+and a thread cannot be stopped. So a call that runs out of time answers 504 `outcome_unknown` (the change may
+still land, and which of the paths were changed, unknown or not tried), and the thread stays on record for
+its file until it ends: every later call on that file (a status read, another change) waits for it first,
+within its own time limit, and answers `outcome_unknown` again rather than a flag the thread may still
+change. A status that answers is therefore the file's final state, and omad re-reads it after any failed
+change before it records anything. No late change is undone: the undo would go through the same hung
+filesystem, and the state stays readable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 from collections.abc import Iterable
@@ -22,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from oma_common import beneath, mountinfo
-from oma_common.errors import Invalid, Unavailable
+from oma_common.errors import Invalid, TimedOut, Unavailable
 
 from .adapters import fsflags
 
@@ -33,11 +43,27 @@ MAX_PATHS = 256
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 
 
+class NoAttribute(Unavailable):
+    """The file's filesystem has no immutable attribute (NFS, CIFS, tmpfs): nothing is or can be locked there."""
+
+    code = "no_immutable_attribute"
+
+
+class OutcomeUnknown(TimedOut):
+    """The filesystem did not answer in time; the change may still land. `changed` were done, `unknown` may or
+    may not be, `not_tried` were not touched. Read the status later: it waits for the change still under way."""
+
+    code = "outcome_unknown"
+
+
 class Immutability:
     def __init__(self, roots: Iterable[Path], *, timeout: float = 60.0) -> None:
         self.roots = [Path(os.path.realpath(r)) for r in roots]
         self.timeout = timeout
         self._identity: dict[Path, tuple[int, int]] = {}
+        # path → the thread still working on that file (set, clear or read), until it ends.
+        self._running: dict[str, asyncio.Future[bool]] = {}
+        self._given_up: set[asyncio.Future[bool]] = set()  # those whose caller answered outcome_unknown
         for r in self.roots:
             self._remember(r)
 
@@ -96,7 +122,7 @@ class Immutability:
             if e.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
                 raise Invalid("bad path", f"{path} goes through a symbolic link or another mount") from e
             if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
-                raise Unavailable("no immutable attribute", f"{path}: the filesystem does not support the "
+                raise NoAttribute("no immutable attribute", f"{path}: the filesystem does not support the "
                                                             f"immutable attribute ({e.strerror})") from e
             raise Unavailable("cannot change the attribute", f"{path}: {e.strerror}") from e
 
@@ -105,13 +131,71 @@ class Immutability:
             raise Invalid("bad paths", f"send 1 to {MAX_PATHS} paths")
         for p in paths:
             self.check(p)  # all or nothing for malformed requests
-        for p in paths:
-            await asyncio.wait_for(asyncio.to_thread(self._apply, p, on), self.timeout)
+        for i, p in enumerate(paths):
+            try:
+                await self._run(p, on)
+            except OutcomeUnknown as e:
+                e.extra.update(changed=paths[:i], unknown=[p], not_tried=paths[i + 1:])
+                raise
             log.info("%s %s", "locked" if on else "unlocked", p, extra={"resource": p})
         return {"paths": list(paths), "immutable": on}
 
     async def status(self, paths: list[str]) -> dict[str, Any]:
         out = {}
-        for p in paths:
-            out[p] = await asyncio.wait_for(asyncio.to_thread(self._apply, p, None), self.timeout)
+        for i, p in enumerate(paths):
+            try:
+                out[p] = await self._run(p, None)
+            except OutcomeUnknown as e:
+                e.extra.update(changed=[], unknown=[p], not_tried=paths[i + 1:])
+                raise
         return {"immutable": out}
+
+    async def _run(self, path: str, on: bool | None) -> bool:
+        """`_apply` in a thread, after any thread still working on the same file has ended, all within the
+        time limit; OutcomeUnknown when the limit passes first. A cancelled caller leaves its thread on record,
+        like a timed-out one: whoever asks next about the file waits for it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while (earlier := self._running.get(path)) is not None:
+            if not await _ended_by(earlier, deadline):
+                raise OutcomeUnknown("outcome unknown", f"{path}: an earlier change or read of this file has not "
+                                     f"ended after {self.timeout:g} s (a hung filesystem?); its outcome is unknown")
+            if self._running.get(path) is earlier:
+                del self._running[path]
+        fut = loop.run_in_executor(None, self._apply, path, on)
+        self._running[path] = fut
+        fut.add_done_callback(functools.partial(self._ended, path, on))
+        if not await _ended_by(fut, deadline):
+            self._given_up.add(fut)
+            log.warning("%s: the filesystem did not %s within %g s; its outcome is unknown until it does", path,
+                        _what(on), self.timeout, extra={"resource": path})
+            raise OutcomeUnknown("outcome unknown", f"{path}: the filesystem did not {_what(on)} within "
+                                 f"{self.timeout:g} s (a hung filesystem?); it may still happen: read the status "
+                                 "before trusting either state")
+        return fut.result()
+
+    def _ended(self, path: str, on: bool | None, fut: asyncio.Future[bool]) -> None:
+        """The thread's end: off the record; one line when it ended after its caller stopped waiting."""
+        if self._running.get(path) is fut:
+            del self._running[path]
+        if fut.cancelled():  # the executor was shut down before the thread started
+            self._given_up.discard(fut)
+            return
+        exc = fut.exception()  # retrieved here in every case: a given-up caller never will
+        if fut in self._given_up:
+            self._given_up.discard(fut)
+            log.warning("%s: late, after its caller was answered outcome_unknown: %s", path,
+                        f"could not {_what(on)} ({exc})" if exc else f"immutable is now {fut.result()}",
+                        extra={"resource": path})
+
+
+async def _ended_by(fut: asyncio.Future[Any], deadline: float) -> bool:
+    """Wait for `fut` until `deadline` (loop time) without cancelling it; whether it has ended."""
+    remaining = deadline - asyncio.get_running_loop().time()
+    if not fut.done() and remaining > 0:
+        await asyncio.wait([fut], timeout=remaining)  # asyncio.wait never cancels what it waits for
+    return fut.done()
+
+
+def _what(on: bool | None) -> str:
+    return "read the attribute" if on is None else "set the attribute" if on else "clear the attribute"

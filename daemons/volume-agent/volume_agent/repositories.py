@@ -9,7 +9,12 @@ omad is unprivileged, so it asks for the mount; this agent decides what is safe 
 - every mount is nosuid,nodev,noexec, and caller options may not loosen that or choose the owner;
 - a CIFS share is owned by the caller (SO_PEERCRED uid/gid), its password travels in mount.cifs's
   environment (PASSWD), never in an argv that `ps` shows;
-- mounting the same share on the same point again is a no-op; a different one there is a conflict.
+- mounting the same share on the same point again is a no-op; a different one there is a conflict;
+- a mount leaves nothing mounted unless it answers success: mount(8) is never killed for a caller that went
+  away (the kernel may have mounted already; its outcome would be unknown) but run to its end within the time
+  limit (`run_to_end`), and after any failure, time-out or cancellation whatever is mounted on the point is
+  unmounted (lazily: nothing can use a share nobody was told of, and a hung server must not hold the undo)
+  before the point is removed.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from oma_common import beneath
-from oma_common.blocking import run_blocking
+from oma_common.blocking import run_blocking, run_to_end
 from oma_common.errors import Conflict, Invalid, Unavailable
 
 from .adapters import mount as m
@@ -85,10 +90,11 @@ class RepositoryMounts:
             created, fd = await run_blocking(self._make_point, point, undo=_unmake_point)
             try:
                 argv = m.mount_argv(kind, source, beneath.fd_path(fd), options, program=self.mount_program)
-                await m.mount(argv, env=env, timeout=self.timeout, pass_fds=(fd,))
+                # To its end (bounded by the time limit) even when our caller goes away meanwhile.
+                await run_to_end(m.mount(argv, env=env, timeout=self.timeout, pass_fds=(fd,)))
             except BaseException as e:
-                # Leave no mount point behind a failed or abandoned mount (rmdir refuses one that got mounted).
-                await asyncio.to_thread(_remove_dirs, created)
+                # Leave nothing behind a failed, timed-out or abandoned mount: what got mounted, then the point.
+                await run_to_end(self._leave_nothing(point, source, created))
                 if isinstance(e, m.CommandFailed):
                     raise self._explain(kind, source, point, e) from e
                 raise
@@ -207,6 +213,22 @@ class RepositoryMounts:
                            kernel_support=not m.kernel_lacks(kind), helper_missing=package)
 
     # -- plumbing ------------------------------------------------------------------------------------
+
+    async def _leave_nothing(self, point: Path, source: str, created: list[Path]) -> None:
+        """After a mount that did not answer success (the lock on the point is held): unmount what is mounted
+        on the point (nothing was before it, and mount(8) may have mounted before it failed, was killed at the
+        time limit or its caller went away), then remove the directories made for it."""
+        left = await asyncio.to_thread(m.mounted_at, point)
+        if left is not None:
+            log.warning("%s: the mount of %s did not succeed but left %s (%s) mounted; unmounting it", point,
+                        source, left.source, left.fstype, extra={"resource": str(point)})
+            try:
+                await m.umount(point, timeout=self.timeout, program=self.umount_program, lazy=True)
+            except m.CommandFailed as e:
+                log.error("%s: could not unmount what the failed mount left: %s", point, e,
+                          extra={"resource": str(point)})
+                return
+        await asyncio.to_thread(_remove_dirs, created)
 
     def _lock(self, point: Path) -> asyncio.Lock:
         return self._locks.setdefault(point, asyncio.Lock())

@@ -6,6 +6,15 @@ A backup completed (or copied) into a repository with `is_immutable` is locked f
 the backups it is built on get at least the same date, since it cannot be read without them. Deleting or
 pruning a locked backup is a Conflict carrying `unlock_at`; once the date has passed, the files are unlocked
 (chattr -i) just before they are removed.
+
+`files_locked` says the filesystem holds every image of the backup immutable, and is never set on a hope: a
+lock or unlock that failed may have changed some files (a list stopped halfway) or may still change them
+(volume-agent's 504 `outcome_unknown`: a hung filesystem; or no answer at all), so after any failure the
+flags are read again (volume-agent answers a status only once no change is under way on the file) and the
+record follows what was read; when even that cannot be read, it keeps what it said. A record that says
+"not locked" is not trusted before a removal either: the files of a backup that was ever locked in an
+immutable repository are unlocked before they are removed whatever the record says (clearing a flag that is
+not set changes nothing; a filesystem without the attribute had nothing to lock).
 """
 
 from __future__ import annotations
@@ -102,9 +111,10 @@ class Immutability:
         try:
             await self.agent.lock_files([str(f) for f in files])
         except OmaError as e:
-            # The appliance still refuses deletion; only the filesystem's second line is missing.
-            log.warning("files stay mutable on disk (the appliance still enforces the lock): %s", e,
-                        extra={"resource": backup_id})
+            # The appliance still refuses deletion; only the filesystem's second line may be missing.
+            log.warning("locking the files failed (the appliance still enforces the lock): %s; reading "
+                        "what is locked on disk", e, extra={"resource": backup_id})
+            await self._record_what_is_on_disk([m.backup_id for m in immutable])
             return
         async with self.db.transaction() as tx:
             for m in immutable:
@@ -116,7 +126,38 @@ class Immutability:
         """Before removal of a backup whose lock has ended: clear the files' immutable attribute."""
         backup = await store.find_one(self.db, backup_id)
         present = [f for f in files if await self.fs.exists(f)]
-        if backup is None or not backup.files_locked or not present:
+        if backup is None or not present:
             return
-        await self.agent.unlock_files([str(f) for f in present])
+        if not backup.files_locked:
+            repo = await repository_store.find_one(self.db, backup.repository_id)
+            if backup.locked_until is None or repo is None or not repo.is_immutable:
+                return  # never locked on disk
+            # The record says "not locked", but a lock that failed may have landed after all.
+        # Mutable first, in the record: it must never say locked about a file that is not.
         await store.set_files_locked(self.db, backup_id, False)
+        try:
+            await self.agent.unlock_files([str(f) for f in present])
+        except OmaError as e:
+            if e.code == "no_immutable_attribute" and not backup.files_locked:
+                return  # a filesystem without the attribute: nothing was locked there
+            log.warning("unlocking the files failed: %s; reading what is locked on disk", e,
+                        extra={"resource": backup_id})
+            await self._record_what_is_on_disk([backup_id])
+            raise
+
+    async def _record_what_is_on_disk(self, backup_ids: list[str]) -> None:
+        """After a lock or unlock that failed: each backup's `files_locked` from its files' flags as read now;
+        left as it is when they cannot be read (volume-agent still waiting for the failed change, say)."""
+        files = {b: await store.image_paths(self.db, b) for b in backup_ids}
+        paths = [str(f) for fs in files.values() for f in fs]
+        if not paths:
+            return
+        try:
+            flags = (await self.agent.files_status(paths)).immutable
+        except OmaError as e:
+            log.warning("cannot read whether the files are locked on disk (%s); their record stays as it was",
+                        e, extra={"resource": backup_ids[-1]})
+            return
+        async with self.db.transaction() as tx:
+            for b, fs in files.items():
+                await store.set_files_locked(tx, b, bool(fs) and all(flags.get(str(f), False) for f in fs))

@@ -24,7 +24,7 @@ from typing import Any
 
 from oma_common import schema
 from oma_common.contracts.volume_agent import MountIn
-from oma_common.errors import Conflict, Invalid, NotFound, OmaError, Unavailable
+from oma_common.errors import Conflict, Invalid, NotFound, OmaError, TimedOut, Unavailable
 from oma_common.schema import spec
 
 from ..adapters.localfs import Capacity, LocalFs
@@ -182,7 +182,7 @@ class Repositories:
         repo_id = f"repo-{secrets.token_hex(6)}"
         await store.check_name_free(self.db, fields["name"])  # refuse a taken name before mounting anything
         await self._exportable(target)
-        root = await self._prepare(target, repo_id)
+        root, mounted_here = await self._prepare(target, repo_id)
         try:
             capacity = await self._capacity(root)
             now = utcnow()
@@ -202,7 +202,7 @@ class Repositories:
                 await self.audit.record(actor, "repository.create", f"repository:{repo_id}", tx=tx,
                                         name=fields["name"], type=target.type, root=str(root))
         except BaseException:
-            if target.remote:
+            if mounted_here:  # not a share that was mounted already (another repository's, say)
                 await self._unmount_quietly(root)
             raise
         log.info("repository %s (%s) created at %s", fields["name"], target.type, root, extra={"resource": repo_id})
@@ -214,11 +214,11 @@ class Repositories:
         try:
             target = self.validate(type, config)
             await self._exportable(target)
-            root = await self._prepare(target, f"test-{secrets.token_hex(4)}", probe_only=True)
+            root, mounted_here = await self._prepare(target, f"test-{secrets.token_hex(4)}", probe_only=True)
             try:
                 capacity = await self._capacity(root)
             finally:
-                if target.remote:
+                if mounted_here:
                     await self._unmount_quietly(root)
         except OutsideExportRoots:
             raise  # refused as at creation (400, naming the roots and the drop-in): no retry can make it work
@@ -307,26 +307,37 @@ class Repositories:
                           available_bytes=capacity.available_bytes, required_bytes=self.min_free_bytes)
         return capacity
 
-    async def _prepare(self, target: Target, name: str, *, probe_only: bool = False) -> Path:
-        """Make a new configuration's root usable: mount a share (at a chosen point when none was given)."""
+    async def _prepare(self, target: Target, name: str, *, probe_only: bool = False) -> tuple[Path, bool]:
+        """Make a new configuration's root usable: mount a share (at a chosen point when none was given).
+        The root, and whether a share was mounted here for it (one mounted already is not ours to unmount)."""
         if not target.remote:
             root = Path(target.config["disk_path"])
             await self.fs.probe_writable(root)
-            return root
-        if probe_only or not target.config.get("mount_point"):
+            return root, False
+        chosen = probe_only or not target.config.get("mount_point")
+        if chosen:
             mount_root = (await self.agent.share_mounts()).mount_root
             point = f"{mount_root}/{name}"
             if not probe_only:
                 target.config["mount_point"] = point
         else:
             point = target.config["mount_point"]
-        await self._mount(target.type, target.config, target.password, point)
+        try:
+            mounted_here = await self._mount(target.type, target.config, target.password, point)
+        except TimedOut:
+            # No answer in time: volume-agent runs the request to its end all the same, so the share may be
+            # mounted. On a point chosen here (new, named after this call) it is nobody else's: unmount it (the
+            # agent takes it after the mount has ended). A point the caller named may hold another's share.
+            if chosen:
+                await self._unmount_quietly(Path(point))
+            raise
         try:
             await self.fs.probe_writable(Path(point))
         except BaseException:
-            await self._unmount_quietly(Path(point))
+            if mounted_here:
+                await self._unmount_quietly(Path(point))
             raise
-        return Path(point)
+        return Path(point), mounted_here
 
     async def _ready(self, repo: Repository) -> Path:
         root = Path(repo.root_path)
@@ -336,7 +347,8 @@ class Repositories:
         await self.fs.probe_writable(root)
         return root
 
-    async def _mount(self, kind: str, config: dict[str, Any], password: str, point: str) -> None:
+    async def _mount(self, kind: str, config: dict[str, Any], password: str, point: str) -> bool:
+        """Whether the share was mounted by this call (not mounted there already)."""
         share: dict[str, Any] = {"kind": kind, "server": config["server"], "mount_point": point,
                                  "options": config.get("options", [])}
         if kind == "nfs":
@@ -344,7 +356,7 @@ class Repositories:
         else:
             share.update(share_name=config["share_name"], username=config["username"], password=password,
                          domain=config.get("domain", ""))
-        await self.agent.mount_share(schema.parse(MountIn, share, what="share"))
+        return not (await self.agent.mount_share(schema.parse(MountIn, share, what="share"))).already_mounted
 
     async def _unmount_quietly(self, point: Path) -> None:
         try:

@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from oma_common.contracts.volume_agent import (
     Locked,
+    LockStatus,
     Mounted,
     MountIn,
     PathsIn,
@@ -65,6 +66,12 @@ class VolumeAgent:
 
     async def unlock_files(self, paths: list[str]) -> Locked:
         return await self.client.typed(Locked, "POST", "/immutability/unlock", body=PathsIn(paths),
+                                       timeout=self.mount_timeout)
+
+    async def files_status(self, paths: list[str]) -> LockStatus:
+        """Whether each file is immutable, once any change still under way on it has ended (504
+        `outcome_unknown` while one has not)."""
+        return await self.client.typed(LockStatus, "POST", "/immutability/status", body=PathsIn(paths),
                                        timeout=self.mount_timeout)
 
     async def end_tunnel_sessions(self, sessions: list[SessionIn]) -> Terminated:

@@ -67,8 +67,9 @@ async def mount(argv: list[str], *, env: Mapping[str, str] | None, timeout: floa
     return await run(argv, env={**base, **(env or {})}, timeout=timeout, logger=log, pass_fds=pass_fds)
 
 
-async def umount(mount_point: Path, *, timeout: float, program: str = "umount") -> None:
-    await run([program, "--", str(mount_point)], timeout=timeout, logger=log)
+async def umount(mount_point: Path, *, timeout: float, program: str = "umount", lazy: bool = False) -> None:
+    """`lazy`: detach now and clean up once unused (umount(8) --lazy), for a mount that nothing may wait on."""
+    await run([program, *(["--lazy"] if lazy else []), "--", str(mount_point)], timeout=timeout, logger=log)
 
 
 __all__ = ["CommandFailed", "MountEntry", "helper_missing", "kernel_lacks", "mount", "mount_argv", "mounted_at",
