@@ -1,0 +1,214 @@
+"""omad on a full disk and on a database locked past its busy timeout: every write answers a clear JSON error
+(507 storage_full, 503 database_busy) instead of a 500, reads go on, nothing is left half-written, and once the
+space is freed or the lock released the same writes succeed without a restart. Start-up on a full disk fails
+with one clear line."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oma_common.devrun import DaemonFailed, DaemonProcess
+
+from ..rig import Api, Stack, make_stack
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
+
+NIGHTLY = {"cron_expression": "0 30 2 * * *", "action": "replication", "replication_type": "incremental"}
+BUSY_TIMEOUT = 0.3  # seconds omad waits for another process's write lock before it answers 503
+
+
+@pytest.fixture
+def small_fs() -> Iterator[Path]:
+    """A 16 MiB tmpfs (no blocks reserved for root, unlike ext4: the test runs as root, omad as `oma`), unmounted
+    and removed on every path."""
+    d = Path(tempfile.mkdtemp(prefix="oma-full-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "oma-test-full", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "--lazy", str(d)], check=False)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def full_stack(small_fs: Path) -> Iterator[Stack]:
+    """omad alone with its whole state directory (database, key, logs) on the small file system."""
+    stack = make_stack(small_fs)
+    stack.add_config("omad", "60-busy.toml", f"database_busy_timeout_seconds = {BUSY_TIMEOUT}\n")
+    try:
+        stack.start("omad")
+        yield stack
+    finally:
+        stack.stop()
+
+
+def fill(directory: Path, keep: int = 0) -> Path:
+    """Fill the file system holding `directory` with one file, then give back `keep` bytes."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        chunk = b"\0" * (1 << 20)
+        while chunk:
+            try:
+                f.write(chunk)
+            except OSError:
+                chunk = chunk[:len(chunk) // 2]  # the last few blocks too
+    assert os.statvfs(directory).f_bavail == 0
+    if keep:
+        os.truncate(filler, filler.stat().st_size - keep)
+    return filler
+
+
+def assert_clear_error(answer: tuple[int, Any], status: int, code: str) -> None:
+    got, body = answer
+    assert got == status, answer
+    assert isinstance(body, dict) and body["code"] == code, answer
+    assert set(body) >= {"error", "details", "code", "timestamp"}, body
+    assert "Traceback" not in str(body) and "sqlite" not in str(body).lower(), body
+
+
+async def writes(api: Api, password: str, group_id: str, schedule_id: str, n: int) -> dict[str, tuple[int, Any]]:
+    """One of each representative write: create and change a machine group and a schedule, log in (a session
+    row), run a schedule by hand (an execution row)."""
+    out = {
+        "create group": await api.post("/machine-groups", {"name": f"group {n}"}),
+        "update group": await api.put(f"/machine-groups/{group_id}", {"description": f"changed {n}"}),
+        "create schedule": await api.post("/schedules", {**NIGHTLY, "name": f"schedule {n}"}),
+        "update schedule": await api.put(f"/schedules/{schedule_id}", {"description": f"changed {n}"}),
+        "trigger schedule": await api.post(f"/schedules/{schedule_id}/trigger"),
+    }
+    async with Api(api.base) as other:
+        out["login"] = await other.post("/auth/login", {"username": "admin", "password": password})
+    return out
+
+
+
+async def test_a_full_disk_refuses_writes_clearly_and_recovers_when_space_is_freed(full_stack: Stack) -> None:
+    state = full_stack.state
+    async with Api(full_stack.url) as api:
+        await api.login("admin", full_stack.admin_password)
+        status, group = await api.post("/machine-groups", {"name": "kept"})
+        assert status == 201, group
+        status, schedule = await api.post("/schedules", {**NIGHTLY, "name": "kept"})
+        assert status == 201, schedule
+        before = full_stack.sql("SELECT COUNT(*) FROM schedule_executions")
+
+        status, doc = await api.get("/openapi.json")  # declared on every route, with its cause
+        assert {"503", "507"} <= set(doc["paths"]["/api/v1/machine-groups"]["post"]["responses"])
+        assert {"503", "507"} <= set(doc["paths"]["/api/v1/machine-groups"]["get"]["responses"])
+
+        filler = fill(state)
+        for what, answer in (await writes(api, full_stack.admin_password, group["id"], schedule["id"], 1)).items():
+            assert_clear_error(answer, 507, "storage_full"), what
+            assert "storage" in answer[1]["error"] and "full" in answer[1]["error"], (what, answer)
+
+        # Reads go on, and show nothing of the refused writes.
+        status, groups = await api.get("/machine-groups")
+        assert status == 200 and [g["name"] for g in groups["groups"]] == ["kept"], groups
+        assert groups["groups"][0]["description"] == ""
+        status, schedules = await api.get("/schedules")
+        assert status == 200 and [s["name"] for s in schedules["schedules"]] == ["kept"], schedules
+        assert (await api.get("/auth/me"))[0] == 200
+        assert (await api.get("/health"))[0] == 200
+        assert full_stack.daemons["omad"].running()
+        assert full_stack.sql("SELECT COUNT(*) FROM schedule_executions") == before
+        assert full_stack.sql("SELECT COUNT(*) FROM schedule_executions WHERE status IN ('scheduled', 'running')"
+                              ) == [(0,)]
+
+        # Space back: the same writes succeed, with no restart.
+        filler.unlink()
+        done = await writes(api, full_stack.admin_password, group["id"], schedule["id"], 2)
+        assert {what: status for what, (status, _) in done.items()} == {
+            "create group": 201, "update group": 200, "create schedule": 201, "update schedule": 200,
+            "trigger schedule": 202, "login": 200}, done
+        status, groups = await api.get("/machine-groups")
+        assert sorted(g["name"] for g in groups["groups"]) == ["group 2", "kept"], groups
+        assert full_stack.daemons["omad"].running()
+    assert full_stack.stop("omad") == {"omad": 0}
+    assert full_stack.sql("PRAGMA integrity_check") == [("ok",)]
+
+
+async def test_a_few_kib_left_still_refuses_or_succeeds_never_a_500(full_stack: Stack) -> None:
+    """With a little space left the first writes may fit (WAL frames); whatever fits is whole, the rest is 507."""
+    async with Api(full_stack.url) as api:
+        await api.login("admin", full_stack.admin_password)
+        status, group = await api.post("/machine-groups", {"name": "kept"})
+        status, schedule = await api.post("/schedules", {**NIGHTLY, "name": "kept"})
+        filler = fill(full_stack.state, keep=12 * 1024)
+        answers = [a for n in range(1, 4) for a in (await writes(api, full_stack.admin_password, group["id"], schedule["id"], n)).values()]
+        assert {status for status, _ in answers} <= {200, 201, 202, 507}, answers
+        assert any(status == 507 for status, _ in answers), answers
+        for answer in answers:
+            if answer[0] == 507:
+                assert_clear_error(answer, 507, "storage_full")
+        assert full_stack.daemons["omad"].running()
+        filler.unlink()
+        status, _ = await api.post("/machine-groups", {"name": "after"})
+        assert status == 201
+    assert full_stack.stop("omad") == {"omad": 0}
+    assert full_stack.sql("PRAGMA integrity_check") == [("ok",)]
+
+
+@contextlib.contextmanager
+def write_locked(database: Path) -> Iterator[None]:
+    """Another process's write transaction held on omad's database (as `sqlite3` or a backup tool might)."""
+    conn = sqlite3.connect(database, timeout=5, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+async def test_a_lock_held_past_the_busy_timeout_answers_503_and_passes(full_stack: Stack) -> None:
+    async with Api(full_stack.url) as api:
+        await api.login("admin", full_stack.admin_password)
+        status, group = await api.post("/machine-groups", {"name": "kept"})
+        assert status == 201
+        with write_locked(full_stack.database):
+            for answer in (await api.post("/machine-groups", {"name": "locked out"}),
+                           await api.put(f"/machine-groups/{group['id']}", {"description": "locked out"})):
+                assert_clear_error(answer, 503, "database_busy")
+            async with api.session.post(f"{api.base}/api/v1/machine-groups", json={"name": "locked out"},
+                                        headers={"Authorization": f"Bearer {api.token}"}) as r:
+                assert r.status == 503 and r.headers.get("Retry-After", "").isdigit(), r.headers
+            status, groups = await api.get("/machine-groups")
+            assert status == 200 and [g["name"] for g in groups["groups"]] == ["kept"]
+        status, _ = await api.post("/machine-groups", {"name": "after"})
+        assert status == 201
+        status, _ = await api.put(f"/machine-groups/{group['id']}", {"description": "after"})
+        assert status == 200
+        assert full_stack.daemons["omad"].running()
+
+
+def test_start_up_on_a_full_disk_fails_with_one_clear_line(small_fs: Path) -> None:
+    """A first start (every migration to apply) on a full disk: omad exits 1 and says the disk is full, in its
+    journal (here a log file elsewhere, as the journal is), without a traceback."""
+    stack = make_stack(small_fs)
+    logs = Path(tempfile.mkdtemp(prefix="oma-full-log-", dir="/tmp"))
+    try:
+        filler = fill(small_fs)
+        omad = DaemonProcess("omad", stack.config_dirs["omad"], log_path=logs / "omad.log")
+        with pytest.raises(DaemonFailed):
+            omad.start(timeout=20)
+        assert omad.proc is not None and omad.proc.wait(10) == 1
+        log = (logs / "omad.log").read_text()
+        assert "Traceback" not in log, log
+        assert "storage is full" in log and str(small_fs) in log, log
+
+        filler.unlink()  # space back: the next start (systemd's restart) simply works
+        stack.start("omad")
+        assert stack.sql("PRAGMA integrity_check") == [("ok",)]
+    finally:
+        stack.stop()
+        shutil.rmtree(logs, ignore_errors=True)
