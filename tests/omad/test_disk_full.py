@@ -42,14 +42,22 @@ def small_fs() -> Iterator[Path]:
 
 @pytest.fixture
 def full_stack(small_fs: Path) -> Iterator[Stack]:
-    """omad alone with its whole state directory (database, key, logs) on the small file system."""
+    """omad alone with its state directory (database, key) on the small file system; its log elsewhere, as the
+    journal is."""
     stack = make_stack(small_fs)
     stack.add_config("omad", "60-busy.toml", f"database_busy_timeout_seconds = {BUSY_TIMEOUT}\n")
+    logs = Path(tempfile.mkdtemp(prefix="oma-full-log-", dir="/tmp"))
+    (small_fs / "logs").symlink_to(logs)
     try:
         stack.start("omad")
         yield stack
     finally:
         stack.stop()
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def journal(stack: Stack) -> str:
+    return (stack.state / "logs" / "omad.log").read_text()
 
 
 def fill(directory: Path, keep: int = 0) -> Path:
@@ -135,6 +143,12 @@ async def test_a_full_disk_refuses_writes_clearly_and_recovers_when_space_is_fre
         assert full_stack.daemons["omad"].running()
     assert full_stack.stop("omad") == {"omad": 0}
     assert full_stack.sql("PRAGMA integrity_check") == [("ok",)]
+    # The journal says why each write was refused, and its audit lines name only what was stored.
+    log = journal(full_stack)
+    assert "Traceback" not in log and log.count("storage is full") >= 6, log
+    assert [log.count(f" {action} ") for action in ("machine_group.create", "machine_group.update",
+                                                     "schedule.create", "schedule.update", "schedule.trigger",
+                                                     "auth.login")] == [2, 1, 2, 1, 1, 2], log
 
 
 async def test_a_few_kib_left_still_refuses_or_succeeds_never_a_500(full_stack: Stack) -> None:
@@ -189,6 +203,8 @@ async def test_a_lock_held_past_the_busy_timeout_answers_503_and_passes(full_sta
         status, _ = await api.put(f"/machine-groups/{group['id']}", {"description": "after"})
         assert status == 200
         assert full_stack.daemons["omad"].running()
+    log = journal(full_stack)
+    assert "Traceback" not in log and log.count("database is busy") >= 2, log
 
 
 def test_start_up_on_a_full_disk_fails_with_one_clear_line(small_fs: Path) -> None:

@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -119,6 +119,12 @@ class Tx:
         self._conn = conn
         self._path = path
         self._busy_timeout = busy_timeout
+        self._after_commit: list[Callable[[], None]] = []
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once the transaction is committed; never when it is rolled back (a log line that says
+        something was done, e.g. the audit's, must not outlive a rollback)."""
+        self._after_commit.append(fn)
 
     def _errors(self) -> contextlib.AbstractContextManager[None]:
         return storage_errors(self._path, self._busy_timeout)
@@ -306,6 +312,8 @@ class Database:
         except BaseException:
             await self._rollback(conn)
             raise
+        for fn in tx._after_commit:
+            fn()
 
     async def _rollback(self, conn: aiosqlite.Connection) -> None:
         """ROLLBACK when a transaction is still open; a failure is logged (the next _begin tries again)."""
