@@ -5,6 +5,7 @@ with one clear line."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -18,6 +19,8 @@ from typing import Any
 import pytest
 
 from oma_common.devrun import DaemonFailed, DaemonProcess
+from omad.jobs.engine import JobEngine
+from omad.store.db import Database
 
 from ..rig import Api, Stack, make_stack
 
@@ -228,3 +231,40 @@ def test_start_up_on_a_full_disk_fails_with_one_clear_line(small_fs: Path) -> No
     finally:
         stack.stop()
         shutil.rmtree(logs, ignore_errors=True)
+
+
+async def test_a_job_whose_end_cannot_be_written_is_settled_once_space_is_back(small_fs: Path) -> None:
+    """A job cut short by a write the full disk refused is left as a crash would leave it; once space is back its
+    type's recovery settles it (or, without one, it is failed with the reason), with no restart."""
+    db = Database(small_fs / "oma.db")
+    await db.open()
+    await db.migrate()
+    engine = JobEngine(db, settle_delays=(0.05,))
+    recovered: list[str] = []
+
+    async def recover(job: dict[str, Any]) -> None:
+        recovered.append(job["id"])
+        await engine.finish(job["id"], "failed", "copy undone after the disk filled")
+
+    engine.on_recover("backup_copy", recover)
+    try:
+        copy = await engine.create("backup_copy", display_name="copy")
+        verify = await engine.create("backup_verify", display_name="verify")
+        filler = fill(small_fs)
+
+        async def work(job_id: str) -> None:
+            await engine.progress(job_id, 50)  # refused: the disk is full
+
+        await asyncio.wait([engine.spawn(copy, work(copy)), engine.spawn(verify, work(verify))])
+        assert [(await engine.get(j))["status"] for j in (copy, verify)] == ["running", "running"]
+        assert recovered == []
+
+        filler.unlink()
+        await asyncio.wait_for(engine.settled(), 10)
+        assert recovered == [copy]
+        ended = [await engine.get(j) for j in (copy, verify)]
+        assert [(j["status"], j["error_message"]) for j in ended] == [
+            ("failed", "copy undone after the disk filled"), ("failed", "stopped: the appliance's storage is full")]
+    finally:
+        await engine.drain(1)
+        await db.close()
