@@ -210,22 +210,28 @@ async def test_a_lock_held_past_the_busy_timeout_answers_503_and_passes(full_sta
     assert "Traceback" not in log and log.count("database is busy") >= 2, log
 
 
-def test_start_up_on_a_full_disk_fails_with_one_clear_line(small_fs: Path) -> None:
-    """A first start (every migration to apply) on a full disk: omad exits 1 and says the disk is full, in its
-    journal (here a log file elsewhere, as the journal is), without a traceback."""
+@pytest.mark.parametrize("installed", [False, True], ids=["first start", "restart"])
+def test_start_up_on_a_full_disk_fails_with_one_clear_line(small_fs: Path, installed: bool) -> None:
+    """A first start (every migration to apply) or a restart (SQLite must create its -shm and -wal files) on a
+    full disk: omad exits 1 and says the storage is full, in its journal (here a log file elsewhere, as the
+    journal is), without a traceback; systemd starts it again (Restart=on-failure) and, space back, it runs."""
     stack = make_stack(small_fs)
     logs = Path(tempfile.mkdtemp(prefix="oma-full-log-", dir="/tmp"))
+    (small_fs / "logs").symlink_to(logs)
     try:
+        if installed:
+            stack.start("omad")
+            assert stack.stop("omad") == {"omad": 0}
         filler = fill(small_fs)
-        omad = DaemonProcess("omad", stack.config_dirs["omad"], log_path=logs / "omad.log")
+        omad = DaemonProcess("omad", stack.config_dirs["omad"], log_path=logs / "full.log")
         with pytest.raises(DaemonFailed):
             omad.start(timeout=20)
         assert omad.proc is not None and omad.proc.wait(10) == 1
-        log = (logs / "omad.log").read_text()
+        log = (logs / "full.log").read_text()
         assert "Traceback" not in log, log
-        assert "storage is full" in log and str(small_fs) in log, log
+        assert "error: the appliance's storage is full" in log and str(small_fs) in log, log
 
-        filler.unlink()  # space back: the next start (systemd's restart) simply works
+        filler.unlink()
         stack.start("omad")
         assert stack.sql("PRAGMA integrity_check") == [("ok",)]
     finally:
