@@ -23,6 +23,7 @@ from omad.jobs.engine import JobEngine
 from omad.store.db import Database
 
 from ..rig import Api, Stack, make_stack
+from .backup.conftest import build_inventory, open_rig
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
@@ -30,17 +31,36 @@ NIGHTLY = {"cron_expression": "0 30 2 * * *", "action": "replication", "replicat
 BUSY_TIMEOUT = 0.3  # seconds omad waits for another process's write lock before it answers 503
 
 
+@contextlib.contextmanager
+def tmpfs(size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (no blocks reserved for root, unlike ext4: the test runs as root, omad as `oma`),
+    unmounted and removed on every path."""
+    d = Path(tempfile.mkdtemp(prefix="oma-full-", dir="/tmp"))
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "oma-test-full", str(d)], check=True)
+        try:
+            yield d
+        finally:
+            subprocess.run(["umount", "--lazy", str(d)], check=False)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def small_fs() -> Iterator[Path]:
-    """A 16 MiB tmpfs (no blocks reserved for root, unlike ext4: the test runs as root, omad as `oma`), unmounted
-    and removed on every path."""
-    d = Path(tempfile.mkdtemp(prefix="oma-full-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "oma-test-full", str(d)], check=True)
-    try:
+    with tmpfs("16m") as d:
         yield d
+
+
+@contextlib.contextmanager
+def journal_elsewhere(state: Path) -> Iterator[Path]:
+    """The daemons' logs (the rig's <state>/logs) off the small file system, as the journal is."""
+    logs = Path(tempfile.mkdtemp(prefix="oma-full-log-", dir="/tmp"))
+    try:
+        (state / "logs").symlink_to(logs)
+        yield logs
     finally:
-        subprocess.run(["umount", "--lazy", str(d)], check=False)
-        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 @pytest.fixture
@@ -49,14 +69,12 @@ def full_stack(small_fs: Path) -> Iterator[Stack]:
     journal is."""
     stack = make_stack(small_fs)
     stack.add_config("omad", "60-busy.toml", f"database_busy_timeout_seconds = {BUSY_TIMEOUT}\n")
-    logs = Path(tempfile.mkdtemp(prefix="oma-full-log-", dir="/tmp"))
-    (small_fs / "logs").symlink_to(logs)
-    try:
-        stack.start("omad")
-        yield stack
-    finally:
-        stack.stop()
-        shutil.rmtree(logs, ignore_errors=True)
+    with journal_elsewhere(small_fs):
+        try:
+            stack.start("omad")
+            yield stack
+        finally:
+            stack.stop()
 
 
 def journal(stack: Stack) -> str:
@@ -216,9 +234,8 @@ def test_start_up_on_a_full_disk_fails_with_one_clear_line(small_fs: Path, insta
     full disk: omad exits 1 and says the storage is full, in its journal (here a log file elsewhere, as the
     journal is), without a traceback; systemd starts it again (Restart=on-failure) and, space back, it runs."""
     stack = make_stack(small_fs)
-    logs = Path(tempfile.mkdtemp(prefix="oma-full-log-", dir="/tmp"))
-    (small_fs / "logs").symlink_to(logs)
-    try:
+    with journal_elsewhere(small_fs) as logs, contextlib.ExitStack() as stopped:
+        stopped.callback(stack.stop)
         if installed:
             stack.start("omad")
             assert stack.stop("omad") == {"omad": 0}
@@ -234,9 +251,6 @@ def test_start_up_on_a_full_disk_fails_with_one_clear_line(small_fs: Path, insta
         filler.unlink()
         stack.start("omad")
         assert stack.sql("PRAGMA integrity_check") == [("ok",)]
-    finally:
-        stack.stop()
-        shutil.rmtree(logs, ignore_errors=True)
 
 
 async def test_a_job_whose_end_cannot_be_written_is_settled_once_space_is_back(small_fs: Path) -> None:
@@ -274,3 +288,29 @@ async def test_a_job_whose_end_cannot_be_written_is_settled_once_space_is_back(s
     finally:
         await engine.drain(1)
         await db.close()
+
+
+async def test_a_backup_started_on_a_full_disk_is_refused_clearly_and_runs_once_space_is_back(tmp_path: Path) -> None:
+    """The whole stack (omad, the agents' state, a local repository) on one full file system, as /var on an
+    appliance: a backup's start answers a clear error and leaves no job, row, export or port; space back, the
+    same backup completes."""
+    inventory, images, sources = build_inventory(tmp_path)
+    with tmpfs("128m") as state, journal_elsewhere(state) as logs:
+        stack = make_stack(state)
+        async with open_rig(stack, tmp_path, inventory, sources, images) as rig:
+            await rig.backup("web 0")
+            filler = fill(state)
+            status, body = await rig.start("web 1")
+            assert status in (503, 507) and isinstance(body, dict), (status, body)
+            assert "No space left on device" in body["details"] or body["code"] == "storage_full", body
+            assert stack.sql("SELECT COUNT(*) FROM jobs WHERE status IN ('pending', 'running')") == [(0,)]
+            assert stack.sql("SELECT COUNT(*) FROM backup_jobs WHERE status IN ('pending', 'running')") == [(0,)]
+            exports, ports = await rig.nbd_state()
+            assert exports == [] and ports["allocated"] == 0, (exports, ports)
+            assert (await rig.api.get("/backups"))[0] == 200
+
+            filler.unlink()
+            await rig.backup("web 1")
+        assert stack.sql("PRAGMA integrity_check") == [("ok",)]
+        for log in logs.glob("*.log"):
+            assert "Traceback" not in log.read_text(), log.read_text()
