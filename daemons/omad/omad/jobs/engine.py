@@ -163,6 +163,7 @@ class JobEngine:
         task.add_done_callback(lambda _: self._settling.pop(job_id, None))
 
     async def _settle(self, job_id: str, cause: OmaError) -> None:
+        """Once a read and a write go through, hand the job to its type's recovery (as at start-up)."""
         for attempt in itertools.count():
             await asyncio.sleep(self._settle_delays[min(attempt, len(self._settle_delays) - 1)])
             try:
