@@ -97,12 +97,12 @@ def fill(directory: Path, keep: int = 0) -> Path:
     return filler
 
 
-def assert_clear_error(answer: tuple[int, Any], status: int, code: str) -> None:
+def assert_clear_error(answer: tuple[int, Any], status: int, code: str, what: str = "") -> None:
     got, body = answer
-    assert got == status, answer
-    assert isinstance(body, dict) and body["code"] == code, answer
-    assert set(body) >= {"error", "details", "code", "timestamp"}, body
-    assert "Traceback" not in str(body) and "sqlite" not in str(body).lower(), body
+    assert got == status, (what, answer)
+    assert isinstance(body, dict) and body["code"] == code, (what, answer)
+    assert set(body) >= {"error", "details", "code", "timestamp"}, (what, body)
+    assert "Traceback" not in str(body) and "sqlite" not in str(body).lower(), (what, body)
 
 
 async def writes(api: Api, password: str, group_id: str, schedule_id: str, n: int) -> dict[str, tuple[int, Any]]:
@@ -118,7 +118,6 @@ async def writes(api: Api, password: str, group_id: str, schedule_id: str, n: in
     async with Api(api.base) as other:
         out["login"] = await other.post("/auth/login", {"username": "admin", "password": password})
     return out
-
 
 
 async def test_a_full_disk_refuses_writes_clearly_and_recovers_when_space_is_freed(full_stack: Stack) -> None:
@@ -137,7 +136,7 @@ async def test_a_full_disk_refuses_writes_clearly_and_recovers_when_space_is_fre
 
         filler = fill(state)
         for what, answer in (await writes(api, full_stack.admin_password, group["id"], schedule["id"], 1)).items():
-            assert_clear_error(answer, 507, "storage_full"), what
+            assert_clear_error(answer, 507, "storage_full", what)
             assert "storage" in answer[1]["error"] and "full" in answer[1]["error"], (what, answer)
 
         # Reads go on, and show nothing of the refused writes.
@@ -176,19 +175,23 @@ async def test_a_few_kib_left_still_refuses_or_succeeds_never_a_500(full_stack: 
     """With a little space left the first writes may fit (WAL frames); whatever fits is whole, the rest is 507."""
     async with Api(full_stack.url) as api:
         await api.login("admin", full_stack.admin_password)
-        status, group = await api.post("/machine-groups", {"name": "kept"})
-        status, schedule = await api.post("/schedules", {**NIGHTLY, "name": "kept"})
+        _, group = await api.post("/machine-groups", {"name": "kept"})
+        _, schedule = await api.post("/schedules", {**NIGHTLY, "name": "kept"})
         filler = fill(full_stack.state, keep=12 * 1024)
-        answers = [a for n in range(1, 4) for a in (await writes(api, full_stack.admin_password, group["id"], schedule["id"], n)).values()]
+        rounds = [await writes(api, full_stack.admin_password, group["id"], schedule["id"], n) for n in range(1, 4)]
+        answers = [answer for done in rounds for answer in done.values()]
         assert {status for status, _ in answers} <= {200, 201, 202, 507}, answers
         assert any(status == 507 for status, _ in answers), answers
-        for answer in answers:
+        for what, answer in ((w, a) for done in rounds for w, a in done.items()):
             if answer[0] == 507:
-                assert_clear_error(answer, 507, "storage_full")
+                assert_clear_error(answer, 507, "storage_full", what)
         assert full_stack.daemons["omad"].running()
         filler.unlink()
         status, _ = await api.post("/machine-groups", {"name": "after"})
         assert status == 201
+        created = [f"group {n}" for n, done in enumerate(rounds, 1) if done["create group"][0] == 201]
+        status, groups = await api.get("/machine-groups")
+        assert sorted(g["name"] for g in groups["groups"]) == sorted(["kept", "after", *created]), groups
     assert full_stack.stop("omad") == {"omad": 0}
     assert full_stack.sql("PRAGMA integrity_check") == [("ok",)]
 
