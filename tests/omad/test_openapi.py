@@ -16,6 +16,7 @@ import omad.api
 from oma_common import errors
 from oma_common.schema import ecma_pattern
 from oma_common.web import Auth, BoundRoute, collect
+from omad.api.app import EVERY_ROUTE
 from omad.api.openapi import document
 
 PREFIX = "/api/v1"
@@ -29,7 +30,7 @@ def declared_routes() -> list[BoundRoute]:
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if cls.__module__ == module.__name__ and any(hasattr(f, "__oma_routes__") for f in vars(cls).values()):
                 apis.append(object.__new__(cls))
-    return collect(*apis)
+    return collect(*apis, errors=EVERY_ROUTE)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,7 @@ def test_statuses_come_from_the_declaration(doc: dict[str, Any]) -> None:
     credential = doc["paths"][f"{PREFIX}/vmware-credentials/{{credential_id}}"]["get"]["parameters"][0]["schema"]
     assert credential["pattern"] == "^(?:[0-9]{1,18})$" and credential["maxLength"] == 1024
     group = doc["paths"][f"{PREFIX}/machine-groups/{{group_id}}"]["put"]
-    assert set(group["responses"]) == {"200", "400", "401", "403", "404", "409", "413"}
+    assert set(group["responses"]) == {"200", "400", "401", "403", "404", "409", "413", "503", "507"}
     assert group["requestBody"]["required"] is True
     assert errors.NotFound.status == 404 and errors.Exhausted.status == 409 and errors.Unavailable.status == 503
 

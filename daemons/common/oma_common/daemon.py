@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import signal
 import sys
@@ -46,6 +47,11 @@ def run(main: Callable[[], Coroutine[Any, Any, int]]) -> None:
         code: int = asyncio.run(main())
     except OmaError as e:
         print(f"error: {e.message}: {e.details}", file=sys.stderr)
+        code = 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full: {e}", file=sys.stderr)  # a key or state file at start-up
         code = 1
     except KeyboardInterrupt:
         code = 0

@@ -88,6 +88,14 @@ class Unavailable(OmaError):
     status = 503
 
 
+class InsufficientStorage(OmaError):
+    """The daemon cannot store what the request changes: its disk is full (RFC 4918's 507). Nothing was changed;
+    the same request succeeds once space is freed."""
+
+    code = "insufficient_storage"
+    status = 507
+
+
 class TimedOut(OmaError):
     """A collaborator did not answer in time."""
 
@@ -106,7 +114,7 @@ BY_CODE: dict[str, type[OmaError]] = {
     cls.code: cls
     for cls in (
         OmaError, Invalid, Unauthorized, Forbidden, NotFound, Conflict, TooLarge, RateLimited,
-        Exhausted, Unavailable, TimedOut, Internal,
+        Exhausted, Unavailable, InsufficientStorage, TimedOut, Internal,
     )
 }
 
@@ -114,7 +122,7 @@ BY_CODE: dict[str, type[OmaError]] = {
 # The canonical class of each status (Exhausted shares 409 with Conflict); 416 from a byte range is a 400's kin.
 _BY_STATUS: dict[int, type[OmaError]] = {
     **{cls.status: cls for cls in (Invalid, Unauthorized, Forbidden, NotFound, Conflict, TooLarge, RateLimited,
-                                   Internal, Unavailable, TimedOut)},
+                                   Internal, Unavailable, InsufficientStorage, TimedOut)},
     416: Invalid,
 }
 

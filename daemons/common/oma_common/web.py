@@ -14,7 +14,9 @@ Declaring what a route may answer (the OpenAPI document is generated from it, so
   takes a body, a query or path parameters (bad input), 413 when it takes a body, 401 for every route
   that is not PUBLIC (or PEER), 403 for ADMIN routes and PEER routes (the socket's peer is refused).
 - Add Unavailable (503) and TimedOut (504) wherever the handler calls an agent, the VMA or vCenter;
-  RateLimited (429) where the route is rate-limited.
+  RateLimited (429) where the route is rate-limited. What every route of a daemon may end in is given once to
+  `collect(..., errors=...)` (omad: a full disk, 507, and a database locked past its timeout, 503).
+- An error whose extras carry `retry_after` (seconds) is answered with a `Retry-After` header.
 - Success statuses other than `status` (e.g. 206 for a Range download) go in `responses={206: "..."}`.
 - A route that answers a status it did not declare logs "undeclared status" at WARNING; the schemathesis
   run in tests/omad/test_openapi_fuzz.py fails on it.
@@ -86,8 +88,8 @@ def status_of(err: errors.OmaError) -> int:
 
 def error_response(err: errors.OmaError, headers: dict[str, str] | None = None) -> web.Response:
     headers = dict(headers or {})
-    if isinstance(err, errors.RateLimited) and "retry_after" in err.extra:
-        headers["Retry-After"] = str(int(err.extra["retry_after"]))
+    if "retry_after" in err.extra:  # a 429, or a 503 that passes (RFC 9110 section 10.2.3)
+        headers["Retry-After"] = str(max(1, int(err.extra["retry_after"])))
     return json_response(error_body(err), status=status_of(err), headers=headers)
 
 
@@ -266,8 +268,9 @@ class BoundRoute:
     handler: Callable[[Call], Awaitable[Any]]
 
 
-def collect(*apis: Any) -> list[BoundRoute]:
-    """Every declared route of the given API objects, bound to them."""
+def collect(*apis: Any, errors: ErrorTypes = ()) -> list[BoundRoute]:
+    """Every declared route of the given API objects, bound to them. `errors` are added to every route's own: what
+    any request of the daemon may end in (omad: its database's full disk or lasting lock)."""
     out: list[BoundRoute] = []
     for api in apis:
         # Declaration order, bases first: aiohttp 3.8 matches routes in registration order, so a literal path
@@ -279,6 +282,8 @@ def collect(*apis: Any) -> list[BoundRoute]:
                     continue
                 seen.add(name)
                 for spec in fn.__oma_routes__:
+                    if errors:
+                        spec = dataclasses.replace(spec, errors=(*spec.errors, *errors))
                     out.append(BoundRoute(spec, getattr(api, name)))
     return out
 

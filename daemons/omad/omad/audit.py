@@ -21,19 +21,24 @@ class Audit:
 
     async def record(self, actor: str, action: str, resource: str = "", *, outcome: str = "ok",
                      source: str = "", tx: Tx | None = None, **details: Any) -> None:
-        """Write one audit row (inside `tx` when the action is part of a transaction).
+        """Write one audit row (inside `tx` when the action is part of a transaction), and its journal line once
+        the row is committed.
 
         `source` defaults to the address of the caller whose request this is (empty for omactl and timers).
         """
         source = source or caller_address.get()
         entry = dict(at=utcnow(), actor=actor, action=action, resource=resource, outcome=outcome,
                      details=json.dumps(details, default=str), source=source)
+        def logged() -> None:
+            log.info("%s %s %s: %s", actor, action, resource or "-", outcome, extra={"resource": resource or "-"})
+
         if tx is not None:
             await store.append(tx, **entry)
+            tx.after_commit(logged)  # the journal names only what was stored
         else:
             async with self.db.transaction() as own:
                 await store.append(own, **entry)
-        log.info("%s %s %s: %s", actor, action, resource or "-", outcome, extra={"resource": resource or "-"})
+            logged()
 
     async def recent(self, limit: int = 100, action: str | None = None, *, prefix: str | None = None
                      ) -> list[dict[str, Any]]:

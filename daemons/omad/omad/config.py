@@ -192,6 +192,9 @@ class Config:
     state_dir: str = spec("/var/lib/oma", description="omad's persistent state (database, keys, admin-password)")
     run_dir: str = spec("/run/oma", description="runtime directory where the agents' sockets live")
     database: str = spec("", description="SQLite database file; empty = <state_dir>/oma.db")
+    database_busy_timeout_seconds: float = spec(5.0, min=0.01, max=600, description="how long a database write "
+                                                "waits for another process's lock before the request answers 503 "
+                                                "database_busy")
     api: ApiConfig = spec(factory=ApiConfig, description="the HTTP API")
     auth: AuthConfig = spec(factory=AuthConfig, description="sessions and logins")
     agents: AgentsConfig = spec(factory=AgentsConfig, description="the root agents")

@@ -222,7 +222,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
             PoliciesApi(policies, retention, copies, verifier, immutability), cloudstack_api, mappings_api,
             VmaEnrollmentApi(enrollments), ReplicationsApi(replications, change_ids),
             FailoverApi(failovers, readiness), ValidationApi(readiness)]
-    apis.append(DebugApi(health, failovers, lambda: [r.spec for r in collect(*apis)], log_files(cfg)))
+    apis.append(DebugApi(health, failovers, lambda: [r.spec for r in collect(*apis, errors=api_app.EVERY_ROUTE)], log_files(cfg)))
     app = api_app.build(apis, auth, tunnel=TunnelPeers(cfg.enrollment.tunnel_user), cors_origins=cfg.api.cors_origins,
                         max_body=cfg.api.max_body_bytes)
 
@@ -263,7 +263,7 @@ async def amain() -> int:
     notifier = Notifier()
     stop = StopSignal()
 
-    db = Database(cfg.database_path)
+    db = Database(cfg.database_path, busy_timeout=cfg.database_busy_timeout_seconds)
     await db.open()
     agents = Agents(cfg)
     runner: web.AppRunner | None = None

@@ -9,11 +9,15 @@ from aiohttp import web
 from oma_common.web import collect, error_middleware, mount
 
 from ..auth.service import AuthService
+from ..store.db import STORAGE_ERRORS
 from ..vma.tunnel import TunnelPeers
 from . import guard
 from .openapi import OpenApi, SwaggerUi
 
 PREFIX = "/api/v1"
+#: What any route may answer besides its own errors: each may write the database (a login's session, an API
+#: token's last use, the audit), which fails on a full disk (507) or behind another process's lock (503).
+EVERY_ROUTE = STORAGE_ERRORS
 
 
 def build(apis: list[Any], auth: AuthService, *, tunnel: TunnelPeers, cors_origins: list[str],
@@ -27,7 +31,7 @@ def build(apis: list[Any], auth: AuthService, *, tunnel: TunnelPeers, cors_origi
     app.on_response_prepare.append(cors.on_prepare)
     openapi = OpenApi()
     swagger = SwaggerUi()
-    routes = collect(*apis, openapi, swagger)
+    routes = collect(*apis, openapi, swagger, errors=EVERY_ROUTE)
     mount(app, routes, (PREFIX,))
     # The GUI and load balancers probe /health and open /swagger/ at the root as well.
     mount(app, [r for r in routes if r.spec.path in ("/health", "/swagger", "/swagger/")], ("",))

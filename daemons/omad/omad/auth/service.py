@@ -13,7 +13,7 @@ from oma_common.errors import Invalid, NotFound, RateLimited, Unauthorized
 
 from ..audit import Audit
 from ..store import users as store
-from ..store.db import Database, utcnow
+from ..store.db import Database, DatabaseBusy, StorageFull, utcnow
 from ..store.users import ApiToken, Role
 from . import secrets
 from .ratelimit import FailureLimiter
@@ -211,8 +211,11 @@ class AuthService:
         found = await self._token(bearer)
         if found is None:
             return None
-        async with self.db.transaction() as tx:
-            await store.token_used(tx, found.id, utcnow())
+        try:
+            async with self.db.transaction() as tx:
+                await store.token_used(tx, found.id, utcnow())
+        except (StorageFull, DatabaseBusy) as e:  # bookkeeping: a read must not fail because this cannot be written
+            log.warning("API token %s: its last use not recorded: %s", found.name, e.message)
         return Principal(found.name, found.role, "token")
 
 

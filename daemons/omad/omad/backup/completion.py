@@ -27,7 +27,7 @@ from ..inventory.contexts import Contexts
 from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
 from ..store import backups as store
-from ..store.db import Database, utcnow
+from ..store.db import STORAGE_ERRORS, Database, utcnow
 from .teardown import Teardown, job_ended, lock_key
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,10 @@ class Completion:
             except OmaError as e:
                 log.warning("no checksum for disk %d yet: %s", index, e, extra={"resource": backup_id})
                 continue
-            await store.record_checksum(self.db, backup_id, index, digest)
+            try:
+                await store.record_checksum(self.db, backup_id, index, digest)
+            except STORAGE_ERRORS as e:  # verification records it later (it was a task's unretrieved exception)
+                log.warning("checksum of disk %d not recorded yet: %s", index, e, extra={"resource": backup_id})
 
     async def settle(self) -> None:
         """Wait for the checksums being recorded (tests, and a clean shutdown)."""

@@ -6,6 +6,10 @@ a job once: a job that completed is not failed afterwards). Many jobs are create
 (`spawn`), or advances on events (a backup completes when the VMA reports every disk). At start-up every job
 left `running` by a previous omad is handed to its type's recovery function, which compensates (undo) or
 resumes; a job type without one is marked failed with the reason.
+
+A spawned job whose end cannot be written (the disk is full, the database locked by another process) is in the
+state a crash leaves: its rows may be half-ended. It is settled the same way, without a restart: once the
+database takes writes again, its type's recovery runs (tried after 0.25, 1 and 4 s, then every 15 s).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any
@@ -20,7 +25,7 @@ from typing import Any
 from oma_common.errors import OmaError
 
 from ..store import jobs as store
-from ..store.db import Database, Tx
+from ..store.db import STORAGE_ERRORS, Database, Tx
 from ..store.jobs import JobStatus, NewJob
 from . import ids
 
@@ -29,13 +34,16 @@ log = logging.getLogger(__name__)
 __all__ = ["JobEngine", "JobStatus", "NewJob"]
 
 Recovery = Callable[[dict[str, Any]], Awaitable[None]]
+SETTLE_DELAYS = (0.25, 1.0, 4.0, 15.0)  # seconds between tries to settle a job; the last one repeats
 
 
 class JobEngine:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, settle_delays: Sequence[float] = SETTLE_DELAYS) -> None:
         self.db = db
         self._recovery: dict[str, Recovery] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._settle_delays = tuple(settle_delays)
+        self._settling: dict[str, asyncio.Task[None]] = {}  # jobs whose end could not be written, by id
 
     def on_recover(self, job_type: str, fn: Recovery) -> None:
         """Register how jobs of `job_type` left running by a previous omad are compensated or resumed."""
@@ -122,18 +130,65 @@ class JobEngine:
             try:
                 await work
             except asyncio.CancelledError:
-                await self.finish(job_id, "failed", "interrupted: omad stopped while the job ran")
+                try:
+                    await self.finish(job_id, "failed", "interrupted: omad stopped while the job ran")
+                except STORAGE_ERRORS as e:  # the next start's recovery ends it
+                    log.warning("job interrupted; its end not recorded: %s", e, extra={"resource": job_id})
                 raise
+            except STORAGE_ERRORS as e:
+                self._settle_later(job_id, e)  # a write of the job's own failed: its rows may be half-ended
             except Exception as e:
                 if not isinstance(e, OmaError):
                     log.exception("job failed unexpectedly", extra={"resource": job_id})
-                await self.finish(job_id, "failed", str(e) if isinstance(e, OmaError) else f"internal error: {e}")
+                try:
+                    await self.finish(job_id, "failed", str(e) if isinstance(e, OmaError) else f"internal error: {e}")
+                except STORAGE_ERRORS as again:
+                    self._settle_later(job_id, again)
             finally:
-                self._tasks.pop(job_id, None)
+                if self._tasks.get(job_id) is task:
+                    del self._tasks[job_id]
 
         task = asyncio.ensure_future(run())
         self._tasks[job_id] = task
         return task
+
+    def _settle_later(self, job_id: str, cause: OmaError) -> None:
+        """Settle a job whose end could not be written once the database takes writes again (see the module)."""
+        if job_id in self._settling:
+            return
+        log.warning("job stopped but its end could not be recorded (%s: %s); it is settled once the database "
+                    "takes writes again", cause.message, cause.details, extra={"resource": job_id})
+        task = asyncio.ensure_future(self._settle(job_id, cause))
+        self._settling[job_id] = task
+        task.add_done_callback(lambda _: self._settling.pop(job_id, None))
+
+    async def _settle(self, job_id: str, cause: OmaError) -> None:
+        """Once a read and a write go through, hand the job to its type's recovery (as at start-up)."""
+        for attempt in itertools.count():
+            await asyncio.sleep(self._settle_delays[min(attempt, len(self._settle_delays) - 1)])
+            try:
+                job = await store.get(self.db, job_id)
+                if not job.active:
+                    return
+                fn = self._recovery.get(job.job_type)
+                if fn is None:
+                    await self.finish(job_id, "failed", f"stopped: {cause.message}")
+                else:
+                    await fn(dataclasses.asdict(job))
+            except STORAGE_ERRORS:
+                continue
+            except Exception:
+                log.exception("settling the job failed", extra={"resource": job_id})
+                with contextlib.suppress(Exception):
+                    await self.finish(job_id, "failed", f"stopped: {cause.message}; settling it failed")
+                return
+            log.info("job settled after the database took writes again", extra={"resource": job_id})
+            return
+
+    async def settled(self) -> None:
+        """Wait until every job whose end could not be written is settled (tests; shutdown cancels them)."""
+        while self._settling:
+            await asyncio.gather(*self._settling.values(), return_exceptions=True)
 
     async def recover(self) -> int:
         """Hand every job a previous omad left active to its type's recovery; returns how many."""
@@ -152,6 +207,10 @@ class JobEngine:
 
     async def drain(self, timeout: float) -> None:
         """On shutdown: give running tasks `timeout` seconds, then cancel them (their jobs are marked)."""
+        settling = list(self._settling.values())
+        for t in settling:
+            t.cancel()  # the next start's recovery settles those jobs
+        await asyncio.gather(*settling, return_exceptions=True)
         tasks = list(self._tasks.values())
         if not tasks:
             return

@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Union
 
 import aiosqlite
 
-from oma_common.errors import Internal
+from oma_common.errors import InsufficientStorage, Internal, OmaError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,68 @@ FOREIGN_KEYS_OFF = "-- oma: foreign_keys=off"  # a migration's first line: run i
 
 class MigrationFailed(Internal):
     """A migration could not be applied: omad does not start (one clear line; see oma_common.daemon.run)."""
+
+
+class StorageFull(InsufficientStorage):
+    """The appliance's storage is full: omad cannot write its database. What the request was writing was not
+    stored; the same request succeeds once space is freed."""
+
+    code = "storage_full"
+
+
+class DatabaseBusy(Unavailable):
+    """Another process holds omad's database locked for longer than omad waits; try again shortly."""
+
+    code = "database_busy"
+
+
+#: What any request may end in, since any may write the database (a session, an API token's last use, the
+#: audit): declared on every route of omad at once (api/app.py).
+STORAGE_ERRORS: tuple[type[OmaError], ...] = (StorageFull, DatabaseBusy)
+
+# SQLite's primary result codes (https://sqlite.org/rescode.html); an extended code keeps its primary in the low
+# byte (SQLITE_IOERR_SHMSIZE is SQLITE_IOERR | 19<<8).
+SQLITE_BUSY = 5
+SQLITE_IOERR = 10
+SQLITE_FULL = 13
+NEARLY_FULL_BYTES = 1024 * 1024  # an I/O error with less free than this is the disk being full
+
+
+def storage_error(error: sqlite3.Error, path: Path, busy_timeout: float) -> OmaError | None:
+    """The domain error an SQLite failure stands for when the storage is at fault, not omad: the disk is full
+    (SQLITE_FULL; or an I/O error on a file system with next to no space left, as growing the -shm file fails
+    with SQLITE_IOERR_SHMSIZE), or the database is locked by another process past the busy timeout
+    (SQLITE_BUSY). None for anything else (a bug: the edge answers 500 and logs it)."""
+    primary = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+    if primary == SQLITE_FULL or (primary == SQLITE_IOERR and _nearly_full(path.parent)):
+        return StorageFull("the appliance's storage is full",
+                           f"omad cannot write its database on the file system holding {path.parent} ({error}); "
+                           f"nothing of this change was stored; free space there and try again")
+    if primary == SQLITE_BUSY:
+        return DatabaseBusy("the appliance's database is busy",
+                            f"another process has held {path} locked for more than {busy_timeout:g} s; nothing of "
+                            f"this change was stored; try again shortly", retry_after=1)
+    return None
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < NEARLY_FULL_BYTES
+
+
+@contextlib.contextmanager
+def storage_errors(path: Path, busy_timeout: float) -> Iterator[None]:
+    """Raise a full disk or a lasting lock as the domain error it is (see storage_error); other errors pass."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        err = storage_error(e, path, busy_timeout)
+        if err is None:
+            raise
+        raise err from e
 
 
 def utcnow() -> str:
@@ -52,33 +115,49 @@ def split_statements(script: str) -> list[str]:
 class Tx:
     """A write transaction: the same calls as Database, inside BEGIN IMMEDIATE … COMMIT."""
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: aiosqlite.Connection, path: Path, busy_timeout: float) -> None:
         self._conn = conn
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._after_commit: list[Callable[[], None]] = []
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once the transaction is committed; never when it is rolled back (a log line that says
+        something was done, e.g. the audit's, must not outlive a rollback)."""
+        self._after_commit.append(fn)
+
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return storage_errors(self._path, self._busy_timeout)
 
     async def execute(self, sql: str, params: Params = ()) -> int:
         """Run one statement; returns the last inserted rowid (for INSERT) or the changed row count."""
-        cur = await self._conn.execute(sql, params)
+        with self._errors():
+            cur = await self._conn.execute(sql, params)
         try:
             return (cur.lastrowid or 0) if sql.lstrip().upper().startswith("INSERT") else cur.rowcount
         finally:
             await cur.close()
 
     async def executemany(self, sql: str, rows: Iterable[Params]) -> None:
-        await self._conn.executemany(sql, rows)
+        with self._errors():
+            await self._conn.executemany(sql, rows)
 
     async def fetchone(self, sql: str, params: Params = ()) -> dict[str, Any] | None:
-        async with self._conn.execute(sql, params) as cur:
-            row = await cur.fetchone()
+        with self._errors():
+            async with self._conn.execute(sql, params) as cur:
+                row = await cur.fetchone()
         return dict(row) if row is not None else None
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
         # One trip to the connection's thread (execute, fetch and close there), not three.
-        rows = await self._conn.execute_fetchall(sql, params)
+        with self._errors():
+            rows = await self._conn.execute_fetchall(sql, params)
         return [dict(r) for r in rows]
 
     async def scalar(self, sql: str, params: Params = ()) -> Any:
-        async with self._conn.execute(sql, params) as cur:
-            row = await cur.fetchone()
+        with self._errors():
+            async with self._conn.execute(sql, params) as cur:
+                row = await cur.fetchone()
         return row[0] if row is not None else None
 
 
@@ -96,8 +175,9 @@ class Database:
     so they see the transaction's own uncommitted writes, as `tx.fetch*` do.
     """
 
-    def __init__(self, path: Path, readers: int = 4) -> None:
+    def __init__(self, path: Path, readers: int = 4, busy_timeout: float = 5.0) -> None:
         self.path = path
+        self.busy_timeout = busy_timeout  # how long a statement waits for another connection's lock (seconds)
         self._write = asyncio.Lock()
         self._writer: aiosqlite.Connection | None = None
         self._readers: list[aiosqlite.Connection] = []  # every reader opened, idle or not
@@ -122,9 +202,14 @@ class Database:
 
     async def _connect(self, *pragmas: str) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(str(self.path), isolation_level=None)
-        conn.row_factory = aiosqlite.Row
-        for pragma in ("PRAGMA busy_timeout=5000", *pragmas):
-            await (await conn.execute(pragma)).close()
+        try:
+            conn.row_factory = aiosqlite.Row
+            with storage_errors(self.path, self.busy_timeout):  # a new database on a full disk fails here
+                for pragma in (f"PRAGMA busy_timeout={round(self.busy_timeout * 1000)}", *pragmas):
+                    await (await conn.execute(pragma)).close()
+        except BaseException:
+            await conn.close()  # its thread would keep the process alive after the error
+            raise
         return conn
 
     async def close(self) -> None:
@@ -154,7 +239,7 @@ class Database:
                 conn = await self._connect("PRAGMA query_only=ON")
                 self._readers.append(conn)
             try:
-                yield Tx(conn)
+                yield Tx(conn, self.path, self.busy_timeout)
             finally:
                 if conn in self._readers:  # not closed meanwhile
                     self._idle.append(conn)
@@ -174,7 +259,7 @@ class Database:
     async def ping(self) -> bool:
         try:
             return bool(await self.scalar("SELECT 1") == 1)
-        except (sqlite3.Error, RuntimeError, ValueError):
+        except (sqlite3.Error, OmaError, RuntimeError, ValueError):
             return False
 
     async def execute(self, sql: str, params: Params = ()) -> int:
@@ -200,19 +285,44 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def _begin(self) -> AsyncIterator[Tx]:
-        """BEGIN IMMEDIATE … COMMIT on the writer (ROLLBACK on any error); the caller holds the write lock."""
+        """BEGIN IMMEDIATE … COMMIT on the writer (ROLLBACK on any error); the caller holds the write lock.
+
+        A failed statement or COMMIT (disk full, I/O error) may already have rolled the transaction back
+        (https://sqlite.org/lang_transaction.html, "Response To Errors Within A Transaction"), and a COMMIT that
+        fails may leave it open: either way the writer ends outside a transaction, so the next one can begin
+        once the cause is gone, and the caller sees the error that happened, not the ROLLBACK's.
+        """
         conn = self._conn
-        await (await conn.execute("BEGIN IMMEDIATE")).close()
-        tx = Tx(conn)
+        tx = Tx(conn, self.path, self.busy_timeout)
+        if conn.in_transaction:  # a ROLLBACK that failed earlier left one open
+            await self._rollback(conn)
+        with tx._errors():
+            await (await conn.execute("BEGIN IMMEDIATE")).close()
         token = self._in_tx.set((asyncio.current_task(), tx))
         try:
             yield tx
         except BaseException:
-            await (await conn.execute("ROLLBACK")).close()
+            await self._rollback(conn)
             raise
         finally:
             self._in_tx.reset(token)
-        await (await conn.execute("COMMIT")).close()
+        try:
+            with tx._errors():
+                await (await conn.execute("COMMIT")).close()
+        except BaseException:
+            await self._rollback(conn)
+            raise
+        for fn in tx._after_commit:
+            fn()
+
+    async def _rollback(self, conn: aiosqlite.Connection) -> None:
+        """ROLLBACK when a transaction is still open; a failure is logged (the next _begin tries again)."""
+        try:
+            await (await conn.execute("ROLLBACK")).close()
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                log.warning("cannot roll back a failed transaction of %s: %s (tried again before the next one)",
+                            self.path, e)
 
     async def _foreign_keys(self, on: bool) -> None:
         """Switch foreign key enforcement on the writer; a no-op inside a transaction (pragma_foreign_keys), so it

@@ -1,0 +1,319 @@
+"""omad on a full disk and on a database locked past its busy timeout: every write answers a clear JSON error
+(507 storage_full, 503 database_busy) instead of a 500, reads go on, nothing is left half-written, and once the
+space is freed or the lock released the same writes succeed without a restart. Start-up on a full disk fails
+with one clear line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oma_common.devrun import DaemonFailed, DaemonProcess
+from omad.jobs.engine import JobEngine
+from omad.store.db import Database
+
+from ..rig import Api, Stack, make_stack
+from .backup.conftest import build_inventory, open_rig
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
+
+NIGHTLY = {"cron_expression": "0 30 2 * * *", "action": "replication", "replication_type": "incremental"}
+BUSY_TIMEOUT = 0.3  # seconds omad waits for another process's write lock before it answers 503
+
+
+@contextlib.contextmanager
+def tmpfs(size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (no blocks reserved for root, unlike ext4: the test runs as root, omad as `oma`),
+    unmounted and removed on every path."""
+    d = Path(tempfile.mkdtemp(prefix="oma-full-", dir="/tmp"))
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "oma-test-full", str(d)], check=True)
+        try:
+            yield d
+        finally:
+            subprocess.run(["umount", "--lazy", str(d)], check=False)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def small_fs() -> Iterator[Path]:
+    with tmpfs("16m") as d:
+        yield d
+
+
+@contextlib.contextmanager
+def journal_elsewhere(state: Path) -> Iterator[Path]:
+    """The daemons' logs (the rig's <state>/logs) off the small file system, as the journal is."""
+    logs = Path(tempfile.mkdtemp(prefix="oma-full-log-", dir="/tmp"))
+    try:
+        (state / "logs").symlink_to(logs)
+        yield logs
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+@pytest.fixture
+def full_stack(small_fs: Path) -> Iterator[Stack]:
+    """omad alone with its state directory (database, key) on the small file system; its log elsewhere, as the
+    journal is."""
+    stack = make_stack(small_fs)
+    stack.add_config("omad", "60-busy.toml", f"database_busy_timeout_seconds = {BUSY_TIMEOUT}\n")
+    with journal_elsewhere(small_fs):
+        try:
+            stack.start("omad")
+            yield stack
+        finally:
+            stack.stop()
+
+
+def journal(stack: Stack) -> str:
+    return (stack.state / "logs" / "omad.log").read_text()
+
+
+def fill(directory: Path, keep: int = 0) -> Path:
+    """Fill the file system holding `directory` with one file, then give back `keep` bytes."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        chunk = b"\0" * (1 << 20)
+        while chunk:
+            try:
+                f.write(chunk)
+            except OSError:
+                chunk = chunk[:len(chunk) // 2]  # the last few blocks too
+    assert os.statvfs(directory).f_bavail == 0
+    if keep:
+        os.truncate(filler, filler.stat().st_size - keep)
+    return filler
+
+
+def assert_clear_error(answer: tuple[int, Any], status: int, code: str, what: str = "") -> None:
+    got, body = answer
+    assert got == status, (what, answer)
+    assert isinstance(body, dict) and body["code"] == code, (what, answer)
+    assert set(body) >= {"error", "details", "code", "timestamp"}, (what, body)
+    assert "Traceback" not in str(body) and "sqlite" not in str(body).lower(), (what, body)
+
+
+async def writes(api: Api, password: str, group_id: str, schedule_id: str, n: int) -> dict[str, tuple[int, Any]]:
+    """One of each representative write: create and change a machine group and a schedule, log in (a session
+    row), run a schedule by hand (an execution row)."""
+    out = {
+        "create group": await api.post("/machine-groups", {"name": f"group {n}"}),
+        "update group": await api.put(f"/machine-groups/{group_id}", {"description": f"changed {n}"}),
+        "create schedule": await api.post("/schedules", {**NIGHTLY, "name": f"schedule {n}"}),
+        "update schedule": await api.put(f"/schedules/{schedule_id}", {"description": f"changed {n}"}),
+        "trigger schedule": await api.post(f"/schedules/{schedule_id}/trigger"),
+    }
+    async with Api(api.base) as other:
+        out["login"] = await other.post("/auth/login", {"username": "admin", "password": password})
+    return out
+
+
+async def test_a_full_disk_refuses_writes_clearly_and_recovers_when_space_is_freed(full_stack: Stack) -> None:
+    state = full_stack.state
+    async with Api(full_stack.url) as api:
+        await api.login("admin", full_stack.admin_password)
+        status, group = await api.post("/machine-groups", {"name": "kept"})
+        assert status == 201, group
+        status, schedule = await api.post("/schedules", {**NIGHTLY, "name": "kept"})
+        assert status == 201, schedule
+        before = full_stack.sql("SELECT COUNT(*) FROM schedule_executions")
+
+        status, doc = await api.get("/openapi.json")  # declared on every route, with its cause
+        assert {"503", "507"} <= set(doc["paths"]["/api/v1/machine-groups"]["post"]["responses"])
+        assert {"503", "507"} <= set(doc["paths"]["/api/v1/machine-groups"]["get"]["responses"])
+
+        filler = fill(state)
+        for what, answer in (await writes(api, full_stack.admin_password, group["id"], schedule["id"], 1)).items():
+            assert_clear_error(answer, 507, "storage_full", what)
+            assert "storage" in answer[1]["error"] and "full" in answer[1]["error"], (what, answer)
+
+        # Reads go on, and show nothing of the refused writes.
+        status, groups = await api.get("/machine-groups")
+        assert status == 200 and [g["name"] for g in groups["groups"]] == ["kept"], groups
+        assert groups["groups"][0]["description"] == ""
+        status, schedules = await api.get("/schedules")
+        assert status == 200 and [s["name"] for s in schedules["schedules"]] == ["kept"], schedules
+        assert (await api.get("/auth/me"))[0] == 200
+        assert (await api.get("/health"))[0] == 200
+        assert full_stack.daemons["omad"].running()
+        assert full_stack.sql("SELECT COUNT(*) FROM schedule_executions") == before
+        assert full_stack.sql("SELECT COUNT(*) FROM schedule_executions WHERE status IN ('scheduled', 'running')"
+                              ) == [(0,)]
+
+        # Space back: the same writes succeed, with no restart.
+        filler.unlink()
+        done = await writes(api, full_stack.admin_password, group["id"], schedule["id"], 2)
+        assert {what: status for what, (status, _) in done.items()} == {
+            "create group": 201, "update group": 200, "create schedule": 201, "update schedule": 200,
+            "trigger schedule": 202, "login": 200}, done
+        status, groups = await api.get("/machine-groups")
+        assert sorted(g["name"] for g in groups["groups"]) == ["group 2", "kept"], groups
+        assert full_stack.daemons["omad"].running()
+    assert full_stack.stop("omad") == {"omad": 0}
+    assert full_stack.sql("PRAGMA integrity_check") == [("ok",)]
+    # The journal says why each write was refused, and its audit lines name only what was stored.
+    log = journal(full_stack)
+    assert "Traceback" not in log and log.count("storage is full") >= 6, log
+    assert [log.count(f" {action} ") for action in ("machine_group.create", "machine_group.update",
+                                                     "schedule.create", "schedule.update", "schedule.trigger",
+                                                     "auth.login")] == [2, 1, 2, 1, 1, 2], log
+
+
+async def test_a_few_kib_left_still_refuses_or_succeeds_never_a_500(full_stack: Stack) -> None:
+    """With a little space left the first writes may fit (WAL frames); whatever fits is whole, the rest is 507."""
+    async with Api(full_stack.url) as api:
+        await api.login("admin", full_stack.admin_password)
+        _, group = await api.post("/machine-groups", {"name": "kept"})
+        _, schedule = await api.post("/schedules", {**NIGHTLY, "name": "kept"})
+        filler = fill(full_stack.state, keep=12 * 1024)
+        rounds = [await writes(api, full_stack.admin_password, group["id"], schedule["id"], n) for n in range(1, 4)]
+        answers = [answer for done in rounds for answer in done.values()]
+        assert {status for status, _ in answers} <= {200, 201, 202, 507}, answers
+        assert any(status == 507 for status, _ in answers), answers
+        for what, answer in ((w, a) for done in rounds for w, a in done.items()):
+            if answer[0] == 507:
+                assert_clear_error(answer, 507, "storage_full", what)
+        assert full_stack.daemons["omad"].running()
+        filler.unlink()
+        status, _ = await api.post("/machine-groups", {"name": "after"})
+        assert status == 201
+        created = [f"group {n}" for n, done in enumerate(rounds, 1) if done["create group"][0] == 201]
+        status, groups = await api.get("/machine-groups")
+        assert sorted(g["name"] for g in groups["groups"]) == sorted(["kept", "after", *created]), groups
+    assert full_stack.stop("omad") == {"omad": 0}
+    assert full_stack.sql("PRAGMA integrity_check") == [("ok",)]
+
+
+@contextlib.contextmanager
+def write_locked(database: Path) -> Iterator[None]:
+    """Another process's write transaction held on omad's database (as `sqlite3` or a backup tool might)."""
+    conn = sqlite3.connect(database, timeout=5, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+async def test_a_lock_held_past_the_busy_timeout_answers_503_and_passes(full_stack: Stack) -> None:
+    async with Api(full_stack.url) as api:
+        await api.login("admin", full_stack.admin_password)
+        status, group = await api.post("/machine-groups", {"name": "kept"})
+        assert status == 201
+        with write_locked(full_stack.database):
+            for answer in (await api.post("/machine-groups", {"name": "locked out"}),
+                           await api.put(f"/machine-groups/{group['id']}", {"description": "locked out"})):
+                assert_clear_error(answer, 503, "database_busy")
+            async with api.session.post(f"{api.base}/api/v1/machine-groups", json={"name": "locked out"},
+                                        headers={"Authorization": f"Bearer {api.token}"}) as r:
+                assert r.status == 503 and r.headers.get("Retry-After", "").isdigit(), r.headers
+            status, groups = await api.get("/machine-groups")
+            assert status == 200 and [g["name"] for g in groups["groups"]] == ["kept"]
+        status, _ = await api.post("/machine-groups", {"name": "after"})
+        assert status == 201
+        status, _ = await api.put(f"/machine-groups/{group['id']}", {"description": "after"})
+        assert status == 200
+        assert full_stack.daemons["omad"].running()
+    log = journal(full_stack)
+    assert "Traceback" not in log and log.count("database is busy") >= 2, log
+
+
+@pytest.mark.parametrize("installed", [False, True], ids=["first start", "restart"])
+def test_start_up_on_a_full_disk_fails_with_one_clear_line(small_fs: Path, installed: bool) -> None:
+    """A first start (every migration to apply) or a restart (SQLite must create its -shm and -wal files) on a
+    full disk: omad exits 1 and says the storage is full, in its journal (here a log file elsewhere, as the
+    journal is), without a traceback; systemd starts it again (Restart=on-failure) and, space back, it runs."""
+    stack = make_stack(small_fs)
+    with journal_elsewhere(small_fs) as logs, contextlib.ExitStack() as stopped:
+        stopped.callback(stack.stop)
+        if installed:
+            stack.start("omad")
+            assert stack.stop("omad") == {"omad": 0}
+        filler = fill(small_fs)
+        omad = DaemonProcess("omad", stack.config_dirs["omad"], log_path=logs / "full.log")
+        with pytest.raises(DaemonFailed):
+            omad.start(timeout=20)
+        assert omad.proc is not None and omad.proc.wait(10) == 1
+        log = (logs / "full.log").read_text()
+        assert "Traceback" not in log, log
+        assert "error: the appliance's storage is full" in log and str(small_fs) in log, log
+
+        filler.unlink()
+        stack.start("omad")
+        assert stack.sql("PRAGMA integrity_check") == [("ok",)]
+
+
+async def test_a_job_whose_end_cannot_be_written_is_settled_once_space_is_back(small_fs: Path) -> None:
+    """A job cut short by a write the full disk refused is left as a crash would leave it; once space is back its
+    type's recovery settles it (or, without one, it is failed with the reason), with no restart."""
+    db = Database(small_fs / "oma.db")
+    await db.open()
+    await db.migrate()
+    engine = JobEngine(db, settle_delays=(0.05,))
+    recovered: list[str] = []
+
+    async def recover(job: dict[str, Any]) -> None:
+        recovered.append(job["id"])
+        await engine.finish(job["id"], "failed", "copy undone after the disk filled")
+
+    engine.on_recover("backup_copy", recover)
+    try:
+        copy = await engine.create("backup_copy", display_name="copy")
+        verify = await engine.create("backup_verify", display_name="verify")
+        filler = fill(small_fs)
+
+        async def work(job_id: str) -> None:
+            await engine.progress(job_id, 50)  # refused: the disk is full
+
+        await asyncio.wait([engine.spawn(copy, work(copy)), engine.spawn(verify, work(verify))])
+        assert [(await engine.get(j))["status"] for j in (copy, verify)] == ["running", "running"]
+        assert recovered == []
+
+        filler.unlink()
+        await asyncio.wait_for(engine.settled(), 10)
+        assert recovered == [copy]
+        ended = [await engine.get(j) for j in (copy, verify)]
+        assert [(j["status"], j["error_message"]) for j in ended] == [
+            ("failed", "copy undone after the disk filled"), ("failed", "stopped: the appliance's storage is full")]
+    finally:
+        await engine.drain(1)
+        await db.close()
+
+
+async def test_a_backup_started_on_a_full_disk_is_refused_clearly_and_runs_once_space_is_back(tmp_path: Path) -> None:
+    """The whole stack (omad, the agents' state, a local repository) on one full file system, as /var on an
+    appliance: a backup's start answers a clear error and leaves no job, row, export or port; space back, the
+    same backup completes."""
+    inventory, images, sources = build_inventory(tmp_path)
+    with tmpfs("128m") as state, journal_elsewhere(state) as logs:
+        stack = make_stack(state)
+        async with open_rig(stack, tmp_path, inventory, sources, images) as rig:
+            await rig.backup("web 0")
+            filler = fill(state)
+            status, body = await rig.start("web 1")
+            assert status in (503, 507) and isinstance(body, dict), (status, body)
+            assert "No space left on device" in body["details"] or body["code"] == "storage_full", body
+            assert stack.sql("SELECT COUNT(*) FROM jobs WHERE status IN ('pending', 'running')") == [(0,)]
+            assert stack.sql("SELECT COUNT(*) FROM backup_jobs WHERE status IN ('pending', 'running')") == [(0,)]
+            exports, ports = await rig.nbd_state()
+            assert exports == [] and ports["allocated"] == 0, (exports, ports)
+            assert (await rig.api.get("/backups"))[0] == 200
+
+            filler.unlink()
+            await rig.backup("web 1")
+        assert stack.sql("PRAGMA integrity_check") == [("ok",)]
+        for log in logs.glob("*.log"):
+            assert "Traceback" not in log.read_text(), log.read_text()
