@@ -304,3 +304,35 @@ async def test_a_start_cancelled_while_the_image_opens_leaves_nothing_open(tmp_p
     await cancel_inside(gate, task)
     assert open_fds() == before and children() <= kids
     assert len(exports) == 0 and not exports._reserved and pool.lease(lease.port) is not None
+
+
+async def test_nothing_outside_the_roots_is_looked_at_for_a_caller(pool: Pool) -> None:
+    """A compromised omad probes the host through nbd-pool, which runs as root: whether a path outside the
+    export roots exists, what it is, or where a link it planted in a repository leads must not show in the
+    answer. Every such probe gets the same refusal, naming nothing it did not send."""
+    alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-probe", "count": 1})
+    port = alloc["allocated_ports"][0]["port"]
+    private = pool.stack.state / "private"
+    private.mkdir(mode=0o700)
+    (private / "key").write_text("secret\n")
+    os.chmod(private / "key", 0o600)
+    (pool.repo / "to-key").symlink_to(private / "key")
+    (pool.repo / "to-nothing").symlink_to(private / "nothing")
+    (pool.repo / "to-private").symlink_to(private)
+    probes = {
+        "an existing file": (private / "key", False),
+        "a missing file": (private / "nothing", False),
+        "a directory": (private, False),
+        "a link to an existing file": (pool.repo / "to-key", True),
+        "a link to a missing file": (pool.repo / "to-nothing", True),
+        "through a linked directory, existing": (pool.repo / "to-private" / "key", True),
+        "through a linked directory, missing": (pool.repo / "to-private" / "nothing", True),
+    }
+    answers = {}
+    for what, (path, planted) in probes.items():
+        status, body = await pool.agent.post("/exports", {"export_name": "probe", "port": port, "path": str(path),
+                                                          "job_id": "job-probe"})
+        answers[what] = (status, body["error"])
+        if planted:
+            assert str(private) not in body["details"], (what, body)
+    assert set(answers.values()) == {(400, "path outside the export roots")}, answers
