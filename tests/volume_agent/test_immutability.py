@@ -13,6 +13,8 @@ import pytest
 from oma_common.errors import Invalid, Unavailable
 from volume_agent.immutability import Immutability
 
+from ..rig import Stack
+
 
 @pytest.fixture
 def repo(tmp_path: Path) -> tuple[Path, Path, Immutability]:
@@ -95,3 +97,31 @@ async def test_a_racing_swap_never_reaches_outside(repo: tuple[Path, Path, Immut
     assert "not a file" not in outcomes, "the victim was reached through the symlink"
     assert set(outcomes) <= {"read", "bad path", "no immutable attribute", "no such file"}, outcomes
     assert outcomes.get("bad path", 0) > 0, outcomes
+
+
+async def test_status_takes_no_more_paths_than_a_lock_does(stack_config: Stack) -> None:
+    """Every route bounds its input: a status request for more files than a lock may name is refused before
+    the agent opens any of them (it would otherwise open and read up to a 4 MiB body's worth of paths)."""
+    from oma_common.rpc import AgentClient
+
+    from volume_agent.immutability import MAX_PATHS
+
+    repo = stack_config.state / "repo"
+    repo.mkdir()
+    paths = []
+    for i in range(MAX_PATHS + 1):
+        (repo / f"b{i}.qcow2").write_bytes(b"image")
+        paths.append(str(repo / f"b{i}.qcow2"))
+    stack_config.add_config("volume-agent", "60-immutable.toml", f'immutable_roots = ["{repo}"]\n')
+    stack_config.start("volume-agent")
+    client = AgentClient("volume-agent", stack_config.run_dir / "volume-agent.sock", timeout=60)
+    try:
+        for route in ("/immutability/status", "/immutability/lock"):
+            with pytest.raises(Invalid):
+                await client.call("POST", route, json={"paths": paths})
+            with pytest.raises(Invalid):
+                await client.call("POST", route, json={"paths": []})
+        answer = await client.call("POST", "/immutability/status", json={"paths": paths[:MAX_PATHS]})
+        assert len(answer["immutable"]) == MAX_PATHS
+    finally:
+        await client.close()

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from oma_common import beneath, mountinfo
+from oma_common.contracts.volume_agent import MAX_PATHS
 from oma_common.errors import Invalid, Unavailable
 
 from .adapters import fsflags
 
 log = logging.getLogger("volume_agent.immutability")
 
-MAX_PATHS = 256
 # O_NONBLOCK: a FIFO planted under the name must not block the open (it is then refused as not a file).
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 
@@ -101,8 +101,7 @@ class Immutability:
             raise Unavailable("cannot change the attribute", f"{path}: {e.strerror}") from e
 
     async def set(self, paths: list[str], on: bool) -> dict[str, Any]:
-        if not paths or len(paths) > MAX_PATHS:
-            raise Invalid("bad paths", f"send 1 to {MAX_PATHS} paths")
+        _check_count(paths)
         for p in paths:
             self.check(p)  # all or nothing for malformed requests
         for p in paths:
@@ -111,7 +110,13 @@ class Immutability:
         return {"paths": list(paths), "immutable": on}
 
     async def status(self, paths: list[str]) -> dict[str, Any]:
+        _check_count(paths)
         out = {}
         for p in paths:
             out[p] = await asyncio.wait_for(asyncio.to_thread(self._apply, p, None), self.timeout)
         return {"immutable": out}
+
+
+def _check_count(paths: list[str]) -> None:
+    if not paths or len(paths) > MAX_PATHS:
+        raise Invalid("bad paths", f"send 1 to {MAX_PATHS} paths")
