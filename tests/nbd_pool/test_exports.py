@@ -192,8 +192,14 @@ async def test_invalid_requests_are_400_json(pool: Pool) -> None:
     sh("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw", pool.repo / "shadow.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={pool.repo / 'data.raw'}",
        pool.repo / "datafile.qcow2", "4M")
+    # A header whose backing file name lies at an offset no file has (beyond what pread takes).
+    sh("qemu-img", "create", "-q", "-f", "qcow2", pool.repo / "far.qcow2", "4M")
+    with open(pool.repo / "far.qcow2", "r+b") as f:
+        f.seek(8)
+        f.write((2**63).to_bytes(8, "big") + (10).to_bytes(4, "big"))
     cases: dict[str, dict[str, Any]] = {
         "a backing file naming /etc/shadow": {"path": str(pool.repo / "shadow.qcow2")},
+        "a backing file name past the end of any file": {"path": str(pool.repo / "far.qcow2")},
         "an external data file": {"path": str(pool.repo / "datafile.qcow2")},
         "outside the roots": {"path": str(outside)},
         "dot-dot out of a root": {"path": f"{pool.repo}/../outside.qcow2"},

@@ -65,6 +65,9 @@ def read_qcow2_header(fd: int) -> Header | None:
     if backing_offset:
         if not 0 < backing_size <= MAX_BACKING_NAME:
             raise Invalid("image refused", f"backing file name of {backing_size} bytes")
+        if backing_offset + backing_size > os.fstat(fd).st_size:  # (an offset past 2^63 would not even be read)
+            raise Invalid("image refused", f"the backing file name lies past the end of the image "
+                                           f"(offset {backing_offset})")
         raw = os.pread(fd, backing_size, backing_offset)
         try:
             backing = raw.decode("utf-8")
