@@ -342,3 +342,38 @@ async def test_nothing_outside_the_roots_is_looked_at_for_a_caller(pool: Pool) -
         if planted:
             assert str(private) not in body["details"], (what, body)
     assert set(answers.values()) == {(400, "path outside the export roots")}, answers
+
+
+async def test_a_root_omad_replaced_with_a_link_before_a_restart_opens_nothing_through_it(pool: Pool) -> None:
+    """The appliance's repository root lies in omad's own directory (/var/lib/oma/repositories in
+    /var/lib/oma, owned by oma). A compromised omad replaces it with a symlink to a directory of root's and
+    waits for nbd-pool to restart (a reboot, an upgrade): what the link leads to must not become the root,
+    or a writable export of <root>/shadow would hand omad a root file."""
+    oma = pool.stack.state / "oma"
+    repos = oma / "repositories"
+    repos.mkdir(parents=True)
+    os.chown(oma, 65534, 65534)
+    os.chown(repos, 65534, 65534)
+    victim = pool.stack.state / "victim"
+    victim.mkdir(mode=0o700)
+    (victim / "shadow").write_bytes(b"root:secret:\n".ljust(1024 * 1024, b"\0"))
+    pool.stack.add_config("nbd-pool", "60-oma-root.toml", f'export_roots = ["{repos}"]\n')
+    pool.stop()
+    await pool.agent.close()
+    os.rename(repos, oma / "repositories.old")  # as omad can: it owns the directory holding the root
+    repos.symlink_to(victim)
+    pool.start()
+    alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-link", "count": 1})
+    status, body = await pool.agent.post("/exports", {"export_name": "link", "port": alloc["allocated_ports"][0]["port"],
+                                                      "path": str(repos / "shadow"), "format": "raw",
+                                                      "job_id": "job-link"})
+    assert status in (400, 404) and body["code"] in ("invalid_request", "not_found"), (status, body)
+    assert (await pool.agent.ok("GET", "/exports"))["processes"] == []
+    # The real directory at the root's name is used as before.
+    repos.unlink()
+    os.rename(oma / "repositories.old", repos)
+    pool.stop()
+    await pool.agent.close()
+    pool.start()
+    sh("qemu-img", "create", "-q", "-f", "qcow2", repos / "ok.qcow2", "4M")
+    assert (await pool.export("job-ok", repos / "ok.qcow2", "ok"))["size"] == 4 * MIB

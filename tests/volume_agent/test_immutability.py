@@ -125,3 +125,36 @@ async def test_status_takes_no_more_paths_than_a_lock_does(stack_config: Stack) 
         assert len(answer["immutable"]) == MAX_PATHS
     finally:
         await client.close()
+
+
+async def test_a_root_omad_replaced_with_a_link_before_a_start_locks_nothing_through_it(stack_config: Stack) -> None:
+    """The appliance's immutable root lies in omad's own directory (/var/lib/oma/repositories in
+    /var/lib/oma, owned by oma). A compromised omad replaces it with a symlink to a directory of root's before
+    volume-agent starts: what the link leads to must not become the root, or omad could make root's files
+    immutable (or clear an administrator's lock)."""
+    import subprocess
+
+    from oma_common.rpc import AgentClient
+
+    oma = stack_config.state / "oma"
+    repos = oma / "repositories"
+    repos.mkdir(parents=True)
+    os.chown(oma, 65534, 65534)
+    os.chown(repos, 65534, 65534)
+    victim = stack_config.state / "victim"
+    victim.mkdir(mode=0o700)
+    (victim / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    os.rename(repos, oma / "repositories.old")
+    repos.symlink_to(victim)
+    stack_config.add_config("volume-agent", "60-immutable.toml", f'immutable_roots = ["{repos}"]\n')
+    stack_config.start("volume-agent")
+    client = AgentClient("volume-agent", stack_config.run_dir / "volume-agent.sock", timeout=60)
+    try:
+        with pytest.raises((Invalid, Unavailable)):
+            await client.call("POST", "/immutability/lock", json={"paths": [str(repos / "passwd")]})
+        with pytest.raises((Invalid, Unavailable)):
+            await client.call("POST", "/immutability/lock", json={"paths": [str(victim / "passwd")]})
+        (victim / "passwd").write_text("still writable\n")
+    finally:
+        await client.close()
+        subprocess.run(["chattr", "-i", str(victim / "passwd")], check=False)

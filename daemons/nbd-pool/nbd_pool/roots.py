@@ -23,6 +23,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from oma_common import beneath
 from oma_common.errors import Invalid, NotFound
 
 from .vouched import DeviceGuard, root_only
@@ -48,9 +49,9 @@ class Roots:
     def __init__(self, roots: Sequence[str], devices: DeviceGuard | None = None) -> None:
         """`devices` vouches for block devices; without one, no block device is accepted."""
         self.devices = devices
-        # Compared both as configured and resolved: a root may itself be reached through a link.
+        # Compared both as configured and resolved: a root may itself be reached through a link (one root made).
         self.configured = [Path(os.path.normpath(r)) for r in roots]
-        self.resolved = [Path(os.path.realpath(r)) for r in roots]
+        self.resolved = [beneath.resolved_root(r) for r in self.configured]
         for r in self.configured:
             if not r.is_dir():
                 log.warning("export root %s does not exist (yet)", r)

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from oma_common import errors, logs
+from oma_common import beneath, errors, logs
 from oma_common.blocking import run_to_end
 from oma_common.contracts.restore_mounter import MOUNT_ID
 
@@ -131,7 +131,7 @@ class MountManager:
         self.clock = clock
         self.resolver = resolver
         self.fat_driver = fat_driver
-        self.image_roots = [Path(os.path.realpath(r)) for r in image_roots or []]
+        self.image_roots = [beneath.resolved_root(Path(os.path.normpath(r))) for r in image_roots or []]
         self.configured_roots = [Path(os.path.normpath(r)) for r in image_roots or []]  # a root may be a link
         self.mounts: dict[str, Mount] = {}
 

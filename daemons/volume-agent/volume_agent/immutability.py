@@ -14,6 +14,7 @@ agent starts and checked on every open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -35,20 +36,26 @@ OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 
 class Immutability:
     def __init__(self, roots: Iterable[Path], *, timeout: float = 60.0) -> None:
-        self.roots = [Path(os.path.realpath(r)) for r in roots]
+        self.roots = [beneath.resolved_root(Path(os.path.normpath(r))) for r in roots]
         self.timeout = timeout
         self._identity: dict[Path, tuple[int, int]] = {}
         for r in self.roots:
-            self._remember(r)
+            with contextlib.suppress(beneath.RootUntrusted):  # logged; refused at every use
+                self._remember(r)
 
     def _remember(self, root: Path) -> tuple[int, int] | None:
+        """The root's identity, taken the first time it is found (None while it is missing), reached through
+        no symlink omad could have planted (beneath.open_root: RootUntrusted otherwise)."""
         if root not in self._identity:
             try:
-                st = os.stat(root)
+                self._identity[root] = beneath.identity(root)
+            except beneath.RootUntrusted:
+                log.warning("immutable root %s is reached through a symbolic link that root did not make; nothing "
+                            "is locked through it until it is a directory again", root)
+                raise
             except FileNotFoundError:
                 return None
-            self._identity[root] = (st.st_dev, st.st_ino)
-            log.info("immutable root %s is device %d inode %d", root, st.st_dev, st.st_ino)
+            log.info("immutable root %s is device %d inode %d", root, *self._identity[root])
         return self._identity[root]
 
     def _base(self, root: Path, p: Path) -> Path:
@@ -77,10 +84,10 @@ class Immutability:
         (on=True/False) or read (on=None) its attribute through the descriptor. Blocking: run in a thread."""
         root, _ = self.check(path)
         base = self._base(root, Path(path))
-        known = self._remember(root) if base == root else None
-        if base == root and known is None:
-            raise Invalid("no such file", f"{path} does not exist ({root} is missing)")
         try:
+            known = self._remember(root) if base == root else None
+            if base == root and known is None:
+                raise Invalid("no such file", f"{path} does not exist ({root} is missing)")
             with beneath.opened(base, str(Path(path).relative_to(base)), OPEN_FLAGS, root_identity=known) as fd:
                 if not beneath.is_regular(fd):
                     raise Invalid("not a file", f"{path} is not a regular file")
