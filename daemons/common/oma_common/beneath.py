@@ -86,7 +86,7 @@ def open_root(root: Path) -> int:
     is followed only when the directory holding it is root's and writable by nobody else (root made it);
     any other raises RootUntrusted."""
     fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    parts = list(reversed(root.parts[1:] if root.is_absolute() else root.parts))
+    parts = list(reversed(Path(os.path.abspath(root)).parts[1:]))
     links = 0
     try:
         while parts:
