@@ -167,3 +167,38 @@ async def test_an_attach_cancelled_while_the_image_opens_leaves_nothing_open(tmp
     await cancel_inside(gate, task)
     assert open_fds() == before and children() <= kids
     assert atts.available_slots == 2 and not work.exists() and not atts.lock.locked()
+
+
+def crafted_gpt(path: Path, entries_lba: int) -> Path:
+    """A raw disk whose GPT header is well formed (CRC and all) but puts its partition entries at
+    `entries_lba`: what a guest (whose disk is backed up) or a compromised omad can write."""
+    import struct
+    import zlib
+
+    ss, size = 512, 4 * 1024 * 1024
+    disk = bytearray(size)
+    disk[446 + 4] = 0xEE  # protective MBR
+    struct.pack_into("<II", disk, 446 + 8, 1, size // ss - 1)
+    disk[510:512] = b"\x55\xaa"
+    hdr = bytearray(92)
+    hdr[:8] = b"EFI PART"
+    struct.pack_into("<II", hdr, 8, 0x00010000, 92)
+    struct.pack_into("<QQQQ", hdr, 24, 1, size // ss - 1, 34, size // ss - 34)
+    struct.pack_into("<QIII", hdr, 72, entries_lba, 128, 128, zlib.crc32(bytes(128 * 128)))
+    struct.pack_into("<I", hdr, 16, zlib.crc32(bytes(hdr[:16]) + bytes(4) + bytes(hdr[20:])))
+    disk[ss:ss + 92] = hdr
+    path.write_bytes(bytes(disk))
+    return path
+
+
+@pytest.mark.root
+async def test_a_partition_table_pointing_past_any_disk_is_a_clear_refusal(pool: Pool) -> None:
+    """Partition tables come from the guest: a GPT whose entries lie at an LBA no disk has (beyond what a
+    file offset can hold) is refused like any damaged table, with nothing left attached, not a 500."""
+    for lba in (2**63, 2**64 - 1, 1 << 40):
+        image = crafted_gpt(pool.repo / f"gpt-{lba}.raw", lba)
+        status, body = await pool.agent.post("/attachments", {"image": str(image), "owner": "restore-mounter:gpt",
+                                                              "format": "raw"})
+        assert status == 503 and body["error"] == "cannot attach the image", (lba, status, body)
+        assert "partition table" in body["details"], body
+    assert (await pool.agent.ok("GET", "/attachments"))["attachments"] == []

@@ -192,8 +192,14 @@ async def test_invalid_requests_are_400_json(pool: Pool) -> None:
     sh("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw", pool.repo / "shadow.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={pool.repo / 'data.raw'}",
        pool.repo / "datafile.qcow2", "4M")
+    # A header whose backing file name lies at an offset no file has (beyond what pread takes).
+    sh("qemu-img", "create", "-q", "-f", "qcow2", pool.repo / "far.qcow2", "4M")
+    with open(pool.repo / "far.qcow2", "r+b") as f:
+        f.seek(8)
+        f.write((2**63).to_bytes(8, "big") + (10).to_bytes(4, "big"))
     cases: dict[str, dict[str, Any]] = {
         "a backing file naming /etc/shadow": {"path": str(pool.repo / "shadow.qcow2")},
+        "a backing file name past the end of any file": {"path": str(pool.repo / "far.qcow2")},
         "an external data file": {"path": str(pool.repo / "datafile.qcow2")},
         "outside the roots": {"path": str(outside)},
         "dot-dot out of a root": {"path": f"{pool.repo}/../outside.qcow2"},
@@ -304,3 +310,70 @@ async def test_a_start_cancelled_while_the_image_opens_leaves_nothing_open(tmp_p
     await cancel_inside(gate, task)
     assert open_fds() == before and children() <= kids
     assert len(exports) == 0 and not exports._reserved and pool.lease(lease.port) is not None
+
+
+async def test_nothing_outside_the_roots_is_looked_at_for_a_caller(pool: Pool) -> None:
+    """A compromised omad probes the host through nbd-pool, which runs as root: whether a path outside the
+    export roots exists, what it is, or where a link it planted in a repository leads must not show in the
+    answer. Every such probe gets the same refusal, naming nothing it did not send."""
+    alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-probe", "count": 1})
+    port = alloc["allocated_ports"][0]["port"]
+    private = pool.stack.state / "private"
+    private.mkdir(mode=0o700)
+    (private / "key").write_text("secret\n")
+    os.chmod(private / "key", 0o600)
+    (pool.repo / "to-key").symlink_to(private / "key")
+    (pool.repo / "to-nothing").symlink_to(private / "nothing")
+    (pool.repo / "to-private").symlink_to(private)
+    probes = {
+        "an existing file": (private / "key", False),
+        "a missing file": (private / "nothing", False),
+        "a directory": (private, False),
+        "a link to an existing file": (pool.repo / "to-key", True),
+        "a link to a missing file": (pool.repo / "to-nothing", True),
+        "through a linked directory, existing": (pool.repo / "to-private" / "key", True),
+        "through a linked directory, missing": (pool.repo / "to-private" / "nothing", True),
+    }
+    answers = {}
+    for what, (path, planted) in probes.items():
+        status, body = await pool.agent.post("/exports", {"export_name": "probe", "port": port, "path": str(path),
+                                                          "job_id": "job-probe"})
+        answers[what] = (status, body["error"])
+        if planted:
+            assert str(private) not in body["details"], (what, body)
+    assert set(answers.values()) == {(400, "path outside the export roots")}, answers
+
+
+async def test_a_root_omad_replaced_with_a_link_before_a_restart_opens_nothing_through_it(pool: Pool) -> None:
+    """The appliance's repository root lies in omad's own directory (/var/lib/oma/repositories in
+    /var/lib/oma, owned by oma). A compromised omad replaces it with a symlink to a directory of root's and
+    waits for nbd-pool to restart (a reboot, an upgrade): what the link leads to must not become the root,
+    or a writable export of <root>/shadow would hand omad a root file."""
+    oma = pool.stack.state / "oma"
+    repos = oma / "repositories"
+    repos.mkdir(parents=True)
+    os.chown(oma, 65534, 65534)
+    os.chown(repos, 65534, 65534)
+    victim = pool.stack.state / "victim"
+    victim.mkdir(mode=0o700)
+    (victim / "shadow").write_bytes(b"root:secret:\n".ljust(1024 * 1024, b"\0"))
+    pool.stack.add_config("nbd-pool", "60-oma-root.toml", f'export_roots = ["{repos}"]\n')
+    pool.stop()
+    await pool.agent.close()
+    os.rename(repos, oma / "repositories.old")  # as omad can: it owns the directory holding the root
+    repos.symlink_to(victim)
+    pool.start()
+    alloc = await pool.agent.ok("POST", "/ports/allocate", {"job_id": "job-link", "count": 1})
+    status, body = await pool.agent.post("/exports", {"export_name": "link", "port": alloc["allocated_ports"][0]["port"],
+                                                      "path": str(repos / "shadow"), "format": "raw",
+                                                      "job_id": "job-link"})
+    assert status in (400, 404) and body["code"] in ("invalid_request", "not_found"), (status, body)
+    assert (await pool.agent.ok("GET", "/exports"))["processes"] == []
+    # The real directory at the root's name is used as before.
+    repos.unlink()
+    os.rename(oma / "repositories.old", repos)
+    pool.stop()
+    await pool.agent.close()
+    pool.start()
+    sh("qemu-img", "create", "-q", "-f", "qcow2", repos / "ok.qcow2", "4M")
+    assert (await pool.export("job-ok", repos / "ok.qcow2", "ok"))["size"] == 4 * MIB

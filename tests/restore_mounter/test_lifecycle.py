@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,59 @@ def test_refusals_leave_nothing(agent_config: Stack, image: Path) -> None:
     assert leaks(agent.mount_root, [image, zeros, qcow2]) == []
     assert os.listdir(agent.mount_root) == []
     assert agent.request("GET", "/resources").json["available_slots"] == 8
+
+
+def test_nothing_outside_the_image_roots_is_looked_at_for_a_caller(agent_config: Stack) -> None:
+    """A compromised omad probes the host through restore-mounter, which runs as root: whether a path outside
+    the image roots exists, what it is, or where a link it planted in a repository leads must not show in
+    the answer. Every such probe gets the same refusal, naming nothing it did not send."""
+    repo, private = agent_config.state / "repo", agent_config.state / "private"
+    repo.mkdir()
+    private.mkdir(mode=0o700)
+    (private / "key").write_text("secret\n")
+    (repo / "to-key").symlink_to(private / "key")
+    (repo / "to-nothing").symlink_to(private / "nothing")
+    (repo / "to-private").symlink_to(private)
+    agent_config.add_config(DAEMON, "60-roots.toml", f'image_roots = ["{repo}"]\n')
+    agent = start_agent(agent_config)
+    probes = {
+        "an existing file": (private / "key", False),
+        "a missing file": (private / "nothing", False),
+        "a directory": (private, False),
+        "a link to an existing file": (repo / "to-key", True),
+        "a link to a missing file": (repo / "to-nothing", True),
+        "through a linked directory, existing": (repo / "to-private" / "key", True),
+        "through a linked directory, missing": (repo / "to-private" / "nothing", True),
+    }
+    answers = {}
+    for what, (path, planted) in probes.items():
+        r = agent.request("POST", "/mounts", body={"image": str(path)})
+        answers[what] = (r.status, r.json["code"], r.json["error"])
+        if planted:
+            assert str(private) not in r.json["details"], (what, r.body)
+    assert set(answers.values()) == {(403, "forbidden", "image outside the repositories")}, answers
+    assert os.listdir(agent.mount_root) == []
+
+
+def test_a_guest_file_name_cannot_forge_a_line_of_the_agent_log(agent_config: Stack) -> None:
+    """File names come from the guest: one holding a newline is logged as one line of ours when it is handed
+    over, never as a line of its own that the journal would show as restore-mounter's (a forged event)."""
+    forged = "CRITICAL restore_mounter.mounts [mnt-x] every backup was deleted"
+    src = agent_config.state / "names"
+    src.mkdir()
+    (src / f"x\n{forged}").write_bytes(b"guest\n")  # (the tree builders refuse such names)
+    image = agent_config.state / "names.raw"
+    with open(image, "wb") as f:
+        f.truncate(32 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(src), str(image)], check=True, capture_output=True)
+    agent = start_agent(agent_config)
+    agent.mount(image, "names")
+    with agent.handover(f"/mounts/names/open?path=%2Fx%0A{forged.replace(' ', '%20')}") as h:
+        assert h.reply.status == 200 and h.fd is not None, h.reply.body
+    assert agent.unmount("names").status == 200
+    log = agent_config.daemons[DAEMON].log_path.read_text()
+    assert "handed over x" in log
+    assert not [line for line in log.splitlines() if line.startswith(forged)], log
 
 
 def test_a_handed_over_file_holds_the_mount(agent_config: Stack, image: Path) -> None:

@@ -197,3 +197,64 @@ async def test_over_the_socket_an_unknown_outcome_is_a_504_naming_the_paths(froz
     finally:
         await client.close()
         subprocess.run(["chattr", "-i", other], capture_output=True, timeout=30)
+
+
+async def test_status_takes_no_more_paths_than_a_lock_does(stack_config: Stack) -> None:
+    """Every route bounds its input: a status request for more files than a lock may name is refused before
+    the agent opens any of them (it would otherwise open and read up to a 4 MiB body's worth of paths)."""
+    from oma_common.rpc import AgentClient
+
+    from volume_agent.immutability import MAX_PATHS
+
+    repo = stack_config.state / "repo"
+    repo.mkdir()
+    paths = []
+    for i in range(MAX_PATHS + 1):
+        (repo / f"b{i}.qcow2").write_bytes(b"image")
+        paths.append(str(repo / f"b{i}.qcow2"))
+    stack_config.add_config("volume-agent", "60-immutable.toml", f'immutable_roots = ["{repo}"]\n')
+    stack_config.start("volume-agent")
+    client = AgentClient("volume-agent", stack_config.run_dir / "volume-agent.sock", timeout=60)
+    try:
+        for route in ("/immutability/status", "/immutability/lock"):
+            with pytest.raises(Invalid):
+                await client.call("POST", route, json={"paths": paths})
+            with pytest.raises(Invalid):
+                await client.call("POST", route, json={"paths": []})
+        answer = await client.call("POST", "/immutability/status", json={"paths": paths[:MAX_PATHS]})
+        assert len(answer["immutable"]) == MAX_PATHS
+    finally:
+        await client.close()
+
+
+async def test_a_root_omad_replaced_with_a_link_before_a_start_locks_nothing_through_it(stack_config: Stack) -> None:
+    """The appliance's immutable root lies in omad's own directory (/var/lib/oma/repositories in
+    /var/lib/oma, owned by oma). A compromised omad replaces it with a symlink to a directory of root's before
+    volume-agent starts: what the link leads to must not become the root, or omad could make root's files
+    immutable (or clear an administrator's lock)."""
+    import subprocess
+
+    from oma_common.rpc import AgentClient
+
+    oma = stack_config.state / "oma"
+    repos = oma / "repositories"
+    repos.mkdir(parents=True)
+    os.chown(oma, 65534, 65534)
+    os.chown(repos, 65534, 65534)
+    victim = stack_config.state / "victim"
+    victim.mkdir(mode=0o700)
+    (victim / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    os.rename(repos, oma / "repositories.old")
+    repos.symlink_to(victim)
+    stack_config.add_config("volume-agent", "60-immutable.toml", f'immutable_roots = ["{repos}"]\n')
+    stack_config.start("volume-agent")
+    client = AgentClient("volume-agent", stack_config.run_dir / "volume-agent.sock", timeout=60)
+    try:
+        with pytest.raises((Invalid, Unavailable)):
+            await client.call("POST", "/immutability/lock", json={"paths": [str(repos / "passwd")]})
+        with pytest.raises((Invalid, Unavailable)):
+            await client.call("POST", "/immutability/lock", json={"paths": [str(victim / "passwd")]})
+        (victim / "passwd").write_text("still writable\n")
+    finally:
+        await client.close()
+        subprocess.run(["chattr", "-i", str(victim / "passwd")], check=False)

@@ -342,3 +342,19 @@ async def test_a_volume_detached_or_deleted_in_cloudstack_directly_is_noticed_wh
     assert [i["volume_id"] for i in registry(env)] == [one["volume_id"]]
     with pytest.raises(NotFound):
         await env.call("GET", f"/volumes/{two['volume_id']}")
+
+
+async def test_a_size_or_id_no_cloudstack_volume_can_have_is_refused_before_cloudstack_is_asked(
+        volume_env: VolumeEnv) -> None:
+    """Every number and id omad sends is bounded: a size beyond any disk (here one no float can hold) or an
+    offering or zone id that is not a CloudStack id is a 400, never a 500, and creates nothing."""
+    from oma_common.errors import Invalid
+
+    env = volume_env
+    await env.start_agent()
+    base = {"vm_name": "vm-big", "disk_unit": 0, "size_bytes": 1024**3}
+    for override in ({"size_bytes": 10**400}, {"size_bytes": 2**64}, {"disk_offering_id": "x" * 100000},
+                     {"zone_id": "zone&command=deleteVolume"}):
+        with pytest.raises(Invalid, match="invalid body"):
+            await env.call("POST", "/volumes", {**base, **override})
+    assert (await env.call("GET", "/volumes"))["volumes"] == []

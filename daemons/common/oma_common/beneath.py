@@ -65,17 +65,88 @@ class RootReplaced(OSError):
     """The root directory is not the one it was (device and inode differ): someone swapped it."""
 
 
+class RootUntrusted(OSError):
+    """The way to a root goes through a symbolic link that someone other than root could have put there."""
+
+
+MAX_ROOT_LINKS = 40  # the kernel's own limit (path_resolution(7))
+
+
+def _root_only(dir_fd: int) -> bool:
+    st = os.fstat(dir_fd)
+    return st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def open_root(root: Path) -> int:
+    """An O_PATH descriptor of the configured directory `root` (the caller closes it).
+
+    A root is configuration, but it may lie in a directory omad owns (/var/lib/oma/repositories in
+    /var/lib/oma): there omad can put a symlink of its own in the root's place, to / or to a directory of
+    root's, before an agent starts. So the path is walked one component at a time, and a symlink on the way
+    is followed only when the directory holding it is root's and writable by nobody else (root made it);
+    any other raises RootUntrusted."""
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    parts = list(reversed(Path(os.path.abspath(root)).parts[1:]))
+    links = 0
+    try:
+        while parts:
+            name = parts.pop()
+            if name in ("", "."):
+                continue
+            nxt = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            if stat.S_ISLNK(os.fstat(nxt).st_mode):
+                os.close(nxt)
+                links += 1
+                if links > MAX_ROOT_LINKS or not _root_only(fd):
+                    raise RootUntrusted(errno.ELOOP, "a symbolic link that omad could have planted leads to it",
+                                        str(root))
+                target = os.readlink(name, dir_fd=fd)  # (a root-only directory: nobody swaps it meanwhile)
+                parts.extend(reversed(target.split("/")))
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                continue
+            os.close(fd)
+            fd = nxt
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def resolved_root(root: Path) -> Path:
+    """Where the configured root `root` really is, reached as open_root reaches it; `root` itself while it is
+    missing or reached through a link omad could have planted, so that such a link never widens what lies
+    inside it."""
+    try:
+        fd = open_root(root)
+    except OSError:
+        return root
+    try:
+        return Path(os.readlink(fd_path(fd)))
+    finally:
+        os.close(fd)
+
+
 def identity(path: Path) -> tuple[int, int]:
-    st = os.stat(path)
+    """(device, inode) of the root `path`, reached as open_root reaches it."""
+    fd = open_root(path)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
     return st.st_dev, st.st_ino
 
 
 def open_beneath(root: Path, rel: str, flags: int, resolve: int = STRICT, *,
                  root_identity: tuple[int, int] | None = None) -> int:
     """A descriptor of `rel` beneath `root` (the caller closes it). The root itself is configuration and is
-    opened by name; when it lies in a directory the caller does not trust, pass the (device, inode) it had
-    when it was trusted and the opened root is checked against it (RootReplaced)."""
-    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    opened by name (open_root: through no symlink someone else could have planted); when it lies in a
+    directory the caller does not trust, pass the (device, inode) it had when it was trusted and the opened
+    root is checked against it (RootReplaced)."""
+    root_fd = open_root(root)
     try:
         if root_identity is not None:
             st = os.fstat(root_fd)

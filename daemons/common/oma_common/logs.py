@@ -15,6 +15,19 @@ _resource: contextvars.ContextVar[str] = contextvars.ContextVar("oma_resource", 
 caller_address: contextvars.ContextVar[str] = contextvars.ContextVar("oma_caller_address", default="")
 
 
+# Control characters but tab, escaped in messages: a caller's string or a guest's file name that holds a newline
+# would otherwise start a line of its own, which the journal shows as an event of ours (a forged one).
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09} | {0x0A: "\\n", 0x0D: "\\r"}
+
+
+class _OneLine(logging.Formatter):
+    """One event, one line: the message's control characters escaped (a traceback still follows on its own
+    lines, added after the message)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_ESCAPES)
+
+
 class _ResourceFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "resource", None):
@@ -28,7 +41,7 @@ def setup(daemon: str, level: str = "INFO") -> None:
     if not os.environ.get("JOURNAL_STREAM"):
         fmt = "%(asctime)s " + daemon + " " + fmt
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(_OneLine(fmt))
     handler.addFilter(_ResourceFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

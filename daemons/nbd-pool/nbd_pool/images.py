@@ -65,6 +65,9 @@ def read_qcow2_header(fd: int) -> Header | None:
     if backing_offset:
         if not 0 < backing_size <= MAX_BACKING_NAME:
             raise Invalid("image refused", f"backing file name of {backing_size} bytes")
+        if backing_offset + backing_size > os.fstat(fd).st_size:  # (an offset past 2^63 would not even be read)
+            raise Invalid("image refused", f"the backing file name lies past the end of the image "
+                                           f"(offset {backing_offset})")
         raw = os.pread(fd, backing_size, backing_offset)
         try:
             backing = raw.decode("utf-8")
@@ -156,12 +159,20 @@ class ImageRoots:
         self.roots = [Path(os.path.normpath(r)) for r in roots]
         self._identity: dict[Path, tuple[int, int]] = {}
         for r in self.roots:
-            self._remember(r)
+            try:
+                self._remember(r)
+            except beneath.RootUntrusted:
+                log.warning("export root %s is reached through a symbolic link that root did not make; nothing is "
+                            "opened through it until it is a directory again", r)
 
     def _remember(self, root: Path) -> tuple[int, int] | None:
+        """The root's identity, taken the first time it is found (None while it is missing); RootUntrusted
+        when a link omad could have planted leads to it (beneath.open_root)."""
         if root not in self._identity:
             try:
                 self._identity[root] = beneath.identity(root)
+            except beneath.RootUntrusted:
+                raise
             except OSError:
                 return None
         return self._identity[root]
@@ -177,14 +188,17 @@ class ImageRoots:
                       f"{requested} is not inside an export root ({', '.join(map(str, self.roots)) or 'none'})")
 
     def _open(self, root: Path, rel: str, flags: int) -> int:
-        known = self._remember(root)
-        if known is None:
-            raise NotFound("export root missing", f"{root} does not exist")
         try:
+            known = self._remember(root)
+            if known is None:
+                raise NotFound("export root missing", f"{root} does not exist")
             return beneath.open_beneath(root, rel, flags, root_identity=known)
         except beneath.RootReplaced as e:
             raise Invalid("export root replaced", f"{root} is not the directory it was when nbd-pool "
                                                   "started; nothing is opened through it") from e
+        except beneath.RootUntrusted as e:
+            raise Invalid("export root refused", f"{root} is reached through a symbolic link that root did not "
+                                                 "make; nothing is opened through it") from e
         except OSError as e:
             shown = f"{root}/{rel}"
             if e.errno == errno.ENOENT:

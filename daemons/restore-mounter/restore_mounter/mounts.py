@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from oma_common import errors, logs
+from oma_common import beneath, errors, logs
 from oma_common.blocking import run_to_end
 from oma_common.contracts.restore_mounter import MOUNT_ID
 
@@ -79,6 +79,10 @@ class Busy(errors.Conflict):
     """The mount is in use (a download or archive holds it, or something keeps a filesystem busy)."""
 
     code = "busy"
+
+
+def _below(path: str, roots: list[Path]) -> bool:
+    return any(Path(path).is_relative_to(r) for r in roots)
 
 
 def rfc3339(t: float | None) -> str | None:
@@ -136,7 +140,8 @@ class MountManager:
         self.clock = clock
         self.resolver = resolver
         self.fat_driver = fat_driver
-        self.image_roots = [Path(os.path.realpath(r)) for r in image_roots or []]
+        self.image_roots = [beneath.resolved_root(Path(os.path.normpath(r))) for r in image_roots or []]
+        self.configured_roots = [Path(os.path.normpath(r)) for r in image_roots or []]  # a root may be a link
         self.mounts: dict[str, Mount] = {}
         self.stopping = False  # set by stop(): no mount is made any more
         self._making: dict[str, asyncio.Task[Any]] = {}  # the task making each mount, for stop() to wait on
@@ -274,19 +279,26 @@ class MountManager:
     # --- mount ------------------------------------------------------------------------------------
 
     def _check_image(self, image: str) -> str:
+        """The image's real path. We run as root and omad does not: with image roots configured, nothing
+        outside them is looked at (the answer would tell whether it exists, what it is, where a link leads)."""
         if not os.path.isabs(image):
             raise errors.Invalid("invalid image", "the image path must be absolute")
+        if self.image_roots and not _below(os.path.normpath(image), self.image_roots + self.configured_roots):
+            raise self._outside(image)
         real = os.path.realpath(image)
+        if self.image_roots and not _below(real, self.image_roots):
+            raise self._outside(image)
         try:
             st = os.stat(real)
         except OSError as e:
             raise errors.NotFound("image not found", f"{image}: {e.strerror}") from e
         if not stat.S_ISREG(st.st_mode):
             raise errors.Invalid("invalid image", f"{image} is not a regular file")
-        if self.image_roots and not any(Path(real).is_relative_to(r) for r in self.image_roots):
-            raise errors.Forbidden("image outside the repositories",
-                                   f"{image} is not under {', '.join(map(str, self.image_roots))}")
         return real
+
+    def _outside(self, image: str) -> errors.Forbidden:
+        return errors.Forbidden("image outside the repositories",
+                                f"{image} is not under {', '.join(map(str, self.image_roots))}")
 
     async def save(self) -> None:
         await self.state.save([m.record for m in self.all()])

@@ -23,6 +23,7 @@ filesystem, and the state stays readable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import logging
@@ -32,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from oma_common import beneath, mountinfo
+from oma_common.contracts.volume_agent import MAX_PATHS
 from oma_common.errors import Invalid, TimedOut, Unavailable
 
 from .adapters import fsflags
 
 log = logging.getLogger("volume_agent.immutability")
 
-MAX_PATHS = 256
 # O_NONBLOCK: a FIFO planted under the name must not block the open (it is then refused as not a file).
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 
@@ -58,23 +59,29 @@ class OutcomeUnknown(TimedOut):
 
 class Immutability:
     def __init__(self, roots: Iterable[Path], *, timeout: float = 60.0) -> None:
-        self.roots = [Path(os.path.realpath(r)) for r in roots]
+        self.roots = [beneath.resolved_root(Path(os.path.normpath(r))) for r in roots]
         self.timeout = timeout
         self._identity: dict[Path, tuple[int, int]] = {}
         # path → the thread still working on that file (set, clear or read), until it ends.
         self._running: dict[str, asyncio.Future[bool]] = {}
         self._given_up: set[asyncio.Future[bool]] = set()  # those whose caller answered outcome_unknown
         for r in self.roots:
-            self._remember(r)
+            with contextlib.suppress(beneath.RootUntrusted):  # logged; refused at every use
+                self._remember(r)
 
     def _remember(self, root: Path) -> tuple[int, int] | None:
+        """The root's identity, taken the first time it is found (None while it is missing), reached through
+        no symlink omad could have planted (beneath.open_root: RootUntrusted otherwise)."""
         if root not in self._identity:
             try:
-                st = os.stat(root)
+                self._identity[root] = beneath.identity(root)
+            except beneath.RootUntrusted:
+                log.warning("immutable root %s is reached through a symbolic link that root did not make; nothing "
+                            "is locked through it until it is a directory again", root)
+                raise
             except FileNotFoundError:
                 return None
-            self._identity[root] = (st.st_dev, st.st_ino)
-            log.info("immutable root %s is device %d inode %d", root, st.st_dev, st.st_ino)
+            log.info("immutable root %s is device %d inode %d", root, *self._identity[root])
         return self._identity[root]
 
     def _base(self, root: Path, p: Path) -> Path:
@@ -103,10 +110,10 @@ class Immutability:
         (on=True/False) or read (on=None) its attribute through the descriptor. Blocking: run in a thread."""
         root, _ = self.check(path)
         base = self._base(root, Path(path))
-        known = self._remember(root) if base == root else None
-        if base == root and known is None:
-            raise Invalid("no such file", f"{path} does not exist ({root} is missing)")
         try:
+            known = self._remember(root) if base == root else None
+            if base == root and known is None:
+                raise Invalid("no such file", f"{path} does not exist ({root} is missing)")
             with beneath.opened(base, str(Path(path).relative_to(base)), OPEN_FLAGS, root_identity=known) as fd:
                 if not beneath.is_regular(fd):
                     raise Invalid("not a file", f"{path} is not a regular file")
@@ -127,8 +134,7 @@ class Immutability:
             raise Unavailable("cannot change the attribute", f"{path}: {e.strerror}") from e
 
     async def set(self, paths: list[str], on: bool) -> dict[str, Any]:
-        if not paths or len(paths) > MAX_PATHS:
-            raise Invalid("bad paths", f"send 1 to {MAX_PATHS} paths")
+        _check_count(paths)
         for p in paths:
             self.check(p)  # all or nothing for malformed requests
         for i, p in enumerate(paths):
@@ -141,6 +147,7 @@ class Immutability:
         return {"paths": list(paths), "immutable": on}
 
     async def status(self, paths: list[str]) -> dict[str, Any]:
+        _check_count(paths)
         out = {}
         for i, p in enumerate(paths):
             try:
@@ -199,3 +206,7 @@ async def _ended_by(fut: asyncio.Future[Any], deadline: float) -> bool:
 
 def _what(on: bool | None) -> str:
     return "read the attribute" if on is None else "set the attribute" if on else "clear the attribute"
+
+def _check_count(paths: list[str]) -> None:
+    if not paths or len(paths) > MAX_PATHS:
+        raise Invalid("bad paths", f"send 1 to {MAX_PATHS} paths")

@@ -9,6 +9,7 @@ beyond being root (the monitor's own uid) is needed.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -55,8 +56,9 @@ class TunnelSessions:
     async def terminate(self, sessions: list[Session]) -> Terminated:
         terminated: list[int] = []
         skipped: list[SkippedSession] = []
-        for s in sessions:
-            reason = self._refusal(s.pid)
+        # /proc is read for every pid named, off the event loop: omad may name any number of them.
+        refusals = await asyncio.to_thread(lambda: [self._refusal(s.pid) for s in sessions])
+        for s, reason in zip(sessions, refusals):
             if reason is None:
                 try:
                     monitor = AdoptedChild.adopt(s.pid, self._is_monitor, resource_id=f"tunnel-session:{s.pid}",

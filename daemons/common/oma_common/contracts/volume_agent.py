@@ -6,6 +6,8 @@ import dataclasses
 
 from ..schema import any_case, spec
 
+MAX_PATHS = 256  # files per lock, unlock or status request
+
 # --- requests ---------------------------------------------------------------------------------------
 
 
@@ -33,7 +35,8 @@ class UnmountIn:
 class PathsIn:
     """Files of backup repositories (absolute, below a configured repository root)."""
 
-    paths: list[str] = spec(description="absolute paths of regular files")
+    paths: list[str] = spec(min_length=1, max_length=MAX_PATHS, item={"maxLength": 4096},
+                            description="absolute paths of regular files")
 
 
 # --- answers ----------------------------------------------------------------------------------------

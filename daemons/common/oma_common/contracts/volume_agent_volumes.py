@@ -29,9 +29,10 @@ class VolumeCreateIn:
     disk_unit: int = spec(min=0, max=255, description="the disk's unit number on the source VM")
     size_bytes: int = spec(min=1, description="at least this many bytes; CloudStack sizes volumes in whole GiB, "
                                               "so it is rounded up")
-    disk_offering_id: str = spec("", description="a disk offering with a custom size; empty = the configured "
-                                                 "one, else the first custom offering CloudStack lists")
-    zone_id: str = spec("", description="empty = the zone of this appliance's VM")
+    disk_offering_id: str = spec("", pattern=f"(?:{CLOUDSTACK_ID})?",
+                                 description="a disk offering with a custom size; empty = the configured one, else "
+                                             "the first custom offering CloudStack lists")
+    zone_id: str = spec("", pattern=f"(?:{CLOUDSTACK_ID})?", description="empty = the zone of this appliance's VM")
 
 
 @dataclasses.dataclass

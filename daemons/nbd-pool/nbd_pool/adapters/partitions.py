@@ -195,7 +195,10 @@ def read_partition_table(path: Path, sector_size: int | None = None) -> Partitio
             sector_size = _logical_sector_size(path)
 
         def read_at(offset: int, length: int) -> bytes:
-            return os.pread(fd, length, offset)
+            # A table names offsets up to 2^64 sectors: past the end nothing is there (pread would overflow).
+            if offset >= size:
+                return b""
+            return os.pread(fd, min(length, size - offset), offset)
 
         return parse_table(read_at, size, sector_size)
     finally:
