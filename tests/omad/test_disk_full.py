@@ -317,3 +317,35 @@ async def test_a_backup_started_on_a_full_disk_is_refused_clearly_and_runs_once_
         assert stack.sql("PRAGMA integrity_check") == [("ok",)]
         for log in logs.glob("*.log"):
             assert "Traceback" not in log.read_text(), log.read_text()
+
+
+async def test_a_backup_whose_undo_cannot_be_written_is_settled_once_the_database_takes_writes(
+        tmp_path: Path) -> None:
+    """The database is locked by another process while the VMA is being asked to start a backup (its rows, images
+    and exports exist), and the VMA refuses: the undo stops the exports and removes the images but cannot record
+    the failure. Once the database takes writes again the backup is failed with the VMA's reason, as job settling
+    does for every job, instead of staying pending (the idle watchdog judges only running backups). (A full disk
+    refuses the same writes, but the undo frees the images' space just before it records the failure.)"""
+    inventory, images, sources = build_inventory(tmp_path)
+    with tmpfs("128m") as state, journal_elsewhere(state) as logs:
+        stack = make_stack(state)
+        stack.add_config("omad", "60-busy.toml", f"database_busy_timeout_seconds = {BUSY_TIMEOUT}\n")
+        async with open_rig(stack, tmp_path, inventory, sources, images) as rig:
+            asked = rig.state.faults.delay("backup/start", 2, method="POST", times=1)
+            rig.state.faults.refuse_job(message="failed to create VM snapshot: injected", vm_name="web 1")
+            start = asyncio.ensure_future(rig.start("web 1"))
+            while asked.hits == 0:
+                assert not start.done(), start.result()
+                await asyncio.sleep(0.05)
+            with write_locked(stack.database):
+                status, body = await start
+                assert_clear_error((status, body), 503, "database_busy")
+                [(backup_id, still)] = stack.sql("SELECT backup_id, status FROM backup_jobs WHERE vm_name = 'web 1'")
+                assert still == "pending"
+            ended = await rig.wait(backup_id, ("failed",), timeout=10)
+            assert ended["error_message"].startswith("the VMA refused the backup: ") and \
+                "failed to create VM snapshot: injected" in ended["error_message"], ended
+            await rig.assert_nothing_left(backup_id)
+        assert stack.sql("PRAGMA integrity_check") == [("ok",)]
+        for log in logs.glob("*.log"):
+            assert "Traceback" not in log.read_text(), log.read_text()
