@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -169,6 +170,11 @@ async def test_a_full_disk_refuses_writes_clearly_and_recovers_when_space_is_fre
     assert [log.count(f" {action} ") for action in ("machine_group.create", "machine_group.update",
                                                      "schedule.create", "schedule.update", "schedule.trigger",
                                                      "auth.login")] == [2, 1, 2, 1, 1, 2], log
+    # The scheduler's line for each execution it opened names only those stored (the refused trigger's was logged
+    # before its rollback, with the id the next one then took).
+    opened = re.findall(r"schedule 'kept': execution (\d+) (\w+)", log)
+    stored = full_stack.sql("SELECT id, status FROM schedule_executions ORDER BY id")
+    assert sorted((int(i), status) for i, status in opened) == [(i, status) for i, status in stored], log
 
 
 async def test_a_few_kib_left_still_refuses_or_succeeds_never_a_500(full_stack: Stack) -> None:

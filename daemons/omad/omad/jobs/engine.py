@@ -61,18 +61,23 @@ class JobEngine:
         job = self.new(job_type, display_name=display_name, context_id=context_id, job_id=job_id, status=status,
                        details=details)
         await store.create(tx or self.db, job)
-        log.info("%s job created: %s", job_type, display_name, extra={"resource": job.id})
+        (tx or self.db).after_commit(lambda: log.info("%s job created: %s", job_type, display_name,
+                                                      extra={"resource": job.id}))
         return job.id
 
     async def create_many(self, jobs: Sequence[NewJob], *, tx: Tx | None = None) -> list[str]:
         """Create every job in one transaction (the caller's, or one of its own): all of them or none."""
+        def logged() -> None:
+            for job in jobs:
+                log.info("%s job created: %s", job.job_type, job.display_name, extra={"resource": job.id})
+
         if tx is not None:
             await store.create_many(tx, jobs)
+            tx.after_commit(logged)
         else:
             async with self.db.transaction() as own:
                 await store.create_many(own, jobs)
-        for job in jobs:
-            log.info("%s job created: %s", job.job_type, job.display_name, extra={"resource": job.id})
+            logged()
         return [job.id for job in jobs]
 
     async def get(self, job_id: str) -> dict[str, Any]:
@@ -103,8 +108,9 @@ class JobEngine:
             changed = await store.fail(tx or self.db, job_id, error)
         else:
             raise ValueError(f"a job ends completed or failed, not {status}")
-        if changed:
-            log.info("job %s%s", status, f": {error}" if error else "", extra={"resource": job_id})
+        if changed:  # the journal names only an end that was stored
+            (tx or self.db).after_commit(lambda: log.info("job %s%s", status, f": {error}" if error else "",
+                                                          extra={"resource": job_id}))
         else:
             log.info("job already ended; not %s%s", status, f": {error}" if error else "",
                      extra={"resource": job_id})

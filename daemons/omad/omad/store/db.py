@@ -256,6 +256,15 @@ class Database:
         async with self._reading() as r:
             return await r.scalar(sql, params)
 
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once the current task's transaction commits (never when it rolls back), or now when the task
+        holds none: a statement outside a transaction is committed once it returned."""
+        tx = self._current_tx()
+        if tx is None:
+            fn()
+        else:
+            tx.after_commit(fn)
+
     async def ping(self) -> bool:
         try:
             return bool(await self.scalar("SELECT 1") == 1)
