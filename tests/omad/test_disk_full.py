@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
 NIGHTLY = {"cron_expression": "0 30 2 * * *", "action": "replication", "replication_type": "incremental"}
 BUSY_TIMEOUT = 0.3  # seconds omad waits for another process's write lock before it answers 503
+MIN_FREE = 4 * 1024 * 1024  # free bytes below which health is degraded (of a 16 MiB file system)
 
 
 @contextlib.contextmanager
@@ -69,7 +70,8 @@ def full_stack(small_fs: Path) -> Iterator[Stack]:
     """omad alone with its state directory (database, key) on the small file system; its log elsewhere, as the
     journal is."""
     stack = make_stack(small_fs)
-    stack.add_config("omad", "60-busy.toml", f"database_busy_timeout_seconds = {BUSY_TIMEOUT}\n")
+    stack.add_config("omad", "60-busy.toml", f"database_busy_timeout_seconds = {BUSY_TIMEOUT}\n"
+                                            f"state_min_free_bytes = {MIN_FREE}\n")
     with journal_elsewhere(small_fs):
         try:
             stack.start("omad")
@@ -175,6 +177,54 @@ async def test_a_full_disk_refuses_writes_clearly_and_recovers_when_space_is_fre
     opened = re.findall(r"schedule 'kept': execution (\d+) (\w+)", log)
     stored = full_stack.sql("SELECT id, status FROM schedule_executions ORDER BY id")
     assert sorted((int(i), status) for i, status in opened) == [(i, status) for i, status in stored], log
+
+
+async def test_health_reports_the_state_storage_degraded_while_it_is_nearly_full_or_refused_a_write(
+        full_stack: Stack) -> None:
+    """GET /health says how much space omad's state has left; below the threshold, and after a write was refused
+    for lack of space, it is degraded with a message saying so (the database reads, but does not write); space
+    back, it is healthy again without any write. The public view gives only the statuses, as for the agents."""
+    state = full_stack.state
+    async with Api(full_stack.url) as api, Api(full_stack.url) as anon:
+        await api.login("admin", full_stack.admin_password)
+
+        async def storage() -> tuple[str, dict[str, Any], dict[str, Any]]:
+            """The overall status were the agents well (omad runs alone here), the storage, the database."""
+            status, body = await api.get("/health")
+            assert status == 200 and body["database"] == "connected", body
+            ours = {name: c for name, c in body["components"].items() if name in ("storage", "database")}
+            overall = "healthy" if all(c["status"] == "ok" for c in ours.values()) else "degraded"
+            assert overall == "healthy" or body["status"] == "degraded", body
+            return overall, body["components"]["storage"], body["components"]["database"]
+
+        overall, disk, database = await storage()
+        assert (overall, disk["status"], database["status"]) == ("healthy", "ok", "ok"), (disk, database)
+        assert disk["path"] == str(state) and disk["min_free_bytes"] == MIN_FREE
+        assert abs(disk["free_bytes"] - os.statvfs(state).f_bavail * os.statvfs(state).f_frsize) < 1024 * 1024
+        assert 15 * 1024 * 1024 <= disk["total_bytes"] <= 16 * 1024 * 1024, disk
+
+        filler = fill(state, keep=MIN_FREE // 2)  # nearly full: writes still work
+        overall, disk, database = await storage()
+        assert (overall, disk["status"], database["status"]) == ("degraded", "degraded", "ok"), (disk, database)
+        assert disk["free_bytes"] < MIN_FREE and "nearly full" in disk["message"] and str(state) in disk["message"]
+        assert (await api.post("/machine-groups", {"name": "fits"}))[0] == 201
+
+        (state / "more").mkdir()
+        more = fill(state / "more")  # full: a write is refused
+        assert_clear_error(await api.post("/machine-groups", {"name": "refused"}), 507, "storage_full")
+        overall, disk, database = await storage()
+        assert (overall, disk["status"], database["status"]) == ("degraded", "degraded", "degraded"), disk
+        assert "write was refused" in disk["message"] and "write_refused_at" in disk, disk
+        status, public = await anon.get("/health")
+        assert status == 200 and public["status"] == "degraded"
+        assert public["components"]["storage"] == {"status": "degraded"}, public
+
+        filler.unlink()  # space back: healthy, before anything writes
+        more.unlink()
+        overall, disk, database = await storage()
+        assert (overall, disk["status"], database["status"]) == ("healthy", "ok", "ok"), (disk, database)
+        assert "message" not in disk and "write_refused_at" not in disk, disk
+        assert (await api.post("/machine-groups", {"name": "after"}))[0] == 201
 
 
 async def test_a_few_kib_left_still_refuses_or_succeeds_never_a_500(full_stack: Stack) -> None:
