@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -29,6 +30,7 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
 NIGHTLY = {"cron_expression": "0 30 2 * * *", "action": "replication", "replication_type": "incremental"}
 BUSY_TIMEOUT = 0.3  # seconds omad waits for another process's write lock before it answers 503
+MIN_FREE = 4 * 1024 * 1024  # free bytes below which health is degraded (of a 16 MiB file system)
 
 
 @contextlib.contextmanager
@@ -68,7 +70,8 @@ def full_stack(small_fs: Path) -> Iterator[Stack]:
     """omad alone with its state directory (database, key) on the small file system; its log elsewhere, as the
     journal is."""
     stack = make_stack(small_fs)
-    stack.add_config("omad", "60-busy.toml", f"database_busy_timeout_seconds = {BUSY_TIMEOUT}\n")
+    stack.add_config("omad", "60-busy.toml", f"database_busy_timeout_seconds = {BUSY_TIMEOUT}\n"
+                                            f"state_min_free_bytes = {MIN_FREE}\n")
     with journal_elsewhere(small_fs):
         try:
             stack.start("omad")
@@ -169,6 +172,59 @@ async def test_a_full_disk_refuses_writes_clearly_and_recovers_when_space_is_fre
     assert [log.count(f" {action} ") for action in ("machine_group.create", "machine_group.update",
                                                      "schedule.create", "schedule.update", "schedule.trigger",
                                                      "auth.login")] == [2, 1, 2, 1, 1, 2], log
+    # The scheduler's line for each execution it opened names only those stored (the refused trigger's was logged
+    # before its rollback, with the id the next one then took).
+    opened = re.findall(r"schedule 'kept': execution (\d+) (\w+)", log)
+    stored = full_stack.sql("SELECT id, status FROM schedule_executions ORDER BY id")
+    assert sorted((int(i), status) for i, status in opened) == [(i, status) for i, status in stored], log
+
+
+async def test_health_reports_the_state_storage_degraded_while_it_is_nearly_full_or_refused_a_write(
+        full_stack: Stack) -> None:
+    """GET /health says how much space omad's state has left; below the threshold, and after a write was refused
+    for lack of space, it is degraded with a message saying so (the database reads, but does not write); space
+    back, it is healthy again without any write. The public view gives only the statuses, as for the agents."""
+    state = full_stack.state
+    async with Api(full_stack.url) as api, Api(full_stack.url) as anon:
+        await api.login("admin", full_stack.admin_password)
+
+        async def storage() -> tuple[str, dict[str, Any], dict[str, Any]]:
+            """The overall status were the agents well (omad runs alone here), the storage, the database."""
+            status, body = await api.get("/health")
+            assert status == 200 and body["database"] == "connected", body
+            ours = {name: c for name, c in body["components"].items() if name in ("storage", "database")}
+            overall = "healthy" if all(c["status"] == "ok" for c in ours.values()) else "degraded"
+            assert overall == "healthy" or body["status"] == "degraded", body
+            return overall, body["components"]["storage"], body["components"]["database"]
+
+        overall, disk, database = await storage()
+        assert (overall, disk["status"], database["status"]) == ("healthy", "ok", "ok"), (disk, database)
+        assert disk["path"] == str(state) and disk["min_free_bytes"] == MIN_FREE
+        assert abs(disk["free_bytes"] - os.statvfs(state).f_bavail * os.statvfs(state).f_frsize) < 1024 * 1024
+        assert 15 * 1024 * 1024 <= disk["total_bytes"] <= 16 * 1024 * 1024, disk
+
+        filler = fill(state, keep=MIN_FREE // 2)  # nearly full: writes still work
+        overall, disk, database = await storage()
+        assert (overall, disk["status"], database["status"]) == ("degraded", "degraded", "ok"), (disk, database)
+        assert disk["free_bytes"] < MIN_FREE and "nearly full" in disk["message"] and str(state) in disk["message"]
+        assert (await api.post("/machine-groups", {"name": "fits"}))[0] == 201
+
+        (state / "more").mkdir()
+        more = fill(state / "more")  # full: a write is refused
+        assert_clear_error(await api.post("/machine-groups", {"name": "refused"}), 507, "storage_full")
+        overall, disk, database = await storage()
+        assert (overall, disk["status"], database["status"]) == ("degraded", "degraded", "degraded"), disk
+        assert "write was refused" in disk["message"] and "write_refused_at" in disk, disk
+        status, public = await anon.get("/health")
+        assert status == 200 and public["status"] == "degraded"
+        assert public["components"]["storage"] == {"status": "degraded"}, public
+
+        filler.unlink()  # space back: healthy, before anything writes
+        more.unlink()
+        overall, disk, database = await storage()
+        assert (overall, disk["status"], database["status"]) == ("healthy", "ok", "ok"), (disk, database)
+        assert "message" not in disk and "write_refused_at" not in disk, disk
+        assert (await api.post("/machine-groups", {"name": "after"}))[0] == 201
 
 
 async def test_a_few_kib_left_still_refuses_or_succeeds_never_a_500(full_stack: Stack) -> None:
@@ -314,6 +370,38 @@ async def test_a_backup_started_on_a_full_disk_is_refused_clearly_and_runs_once_
 
             filler.unlink()
             await rig.backup("web 1")
+        assert stack.sql("PRAGMA integrity_check") == [("ok",)]
+        for log in logs.glob("*.log"):
+            assert "Traceback" not in log.read_text(), log.read_text()
+
+
+async def test_a_backup_whose_undo_cannot_be_written_is_settled_once_the_database_takes_writes(
+        tmp_path: Path) -> None:
+    """The database is locked by another process while the VMA is being asked to start a backup (its rows, images
+    and exports exist), and the VMA refuses: the undo stops the exports and removes the images but cannot record
+    the failure. Once the database takes writes again the backup is failed with the VMA's reason, as job settling
+    does for every job, instead of staying pending (the idle watchdog judges only running backups). (A full disk
+    refuses the same writes, but the undo frees the images' space just before it records the failure.)"""
+    inventory, images, sources = build_inventory(tmp_path)
+    with tmpfs("128m") as state, journal_elsewhere(state) as logs:
+        stack = make_stack(state)
+        stack.add_config("omad", "60-busy.toml", f"database_busy_timeout_seconds = {BUSY_TIMEOUT}\n")
+        async with open_rig(stack, tmp_path, inventory, sources, images) as rig:
+            asked = rig.state.faults.delay("backup/start", 2, method="POST", times=1)
+            rig.state.faults.refuse_job(message="failed to create VM snapshot: injected", vm_name="web 1")
+            start = asyncio.ensure_future(rig.start("web 1"))
+            while asked.hits == 0:
+                assert not start.done(), start.result()
+                await asyncio.sleep(0.05)
+            with write_locked(stack.database):
+                status, body = await start
+                assert_clear_error((status, body), 503, "database_busy")
+                [(backup_id, still)] = stack.sql("SELECT backup_id, status FROM backup_jobs WHERE vm_name = 'web 1'")
+                assert still == "pending"
+            ended = await rig.wait(backup_id, ("failed",), timeout=10)
+            assert ended["error_message"].startswith("the VMA refused the backup: ") and \
+                "failed to create VM snapshot: injected" in ended["error_message"], ended
+            await rig.assert_nothing_left(backup_id)
         assert stack.sql("PRAGMA integrity_check") == [("ok",)]
         for log in logs.glob("*.log"):
             assert "Traceback" not in log.read_text(), log.read_text()

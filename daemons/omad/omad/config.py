@@ -195,6 +195,9 @@ class Config:
     database_busy_timeout_seconds: float = spec(5.0, min=0.01, max=600, description="how long a database write "
                                                 "waits for another process's lock before the request answers 503 "
                                                 "database_busy")
+    state_min_free_bytes: int = spec(64 * 1024**2, min=0, description="GET /health is degraded while the file "
+                                     "system holding state_dir has less free space than this for omad "
+                                     "(0 = only once a database write was refused for lack of space)")
     api: ApiConfig = spec(factory=ApiConfig, description="the HTTP API")
     auth: AuthConfig = spec(factory=AuthConfig, description="sessions and logins")
     agents: AgentsConfig = spec(factory=AgentsConfig, description="the root agents")

@@ -80,7 +80,7 @@ from .clients.vma import VmaClient
 from .clients.volume_agent import VolumeAgent
 from .config import Config
 from .crypto import SecretBox
-from .health import Health
+from .health import Health, StateStorage
 from .inventory.contexts import Contexts
 from .inventory.credentials import Credentials
 from .inventory.discovery import Discovery
@@ -212,7 +212,9 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
     # sessions of a revoked key.
     enrollments = Enrollments.from_config(cfg, db, audit, volume_agent)
 
-    health = Health(db, agents, watchers=[restore.health_seen])
+    storage = StateStorage(Path(cfg.state_dir), db, LocalFs(timeout=cfg.agents.health_timeout_seconds),
+                           cfg.state_min_free_bytes)
+    health = Health(db, agents, storage, watchers=[restore.health_seen])
     apis: list[Any] = [HealthApi(health), AuthApi(auth), CredentialsApi(credentials), DiscoveryApi(discovery),
             ContextsApi(contexts), VmsApi(vms), NbdApi(NbdAdmin(pool, audit)), RepositoriesApi(repositories),
             BackupsApi(backups, completion, Chains(db, contexts)),

@@ -15,7 +15,9 @@ class HealthApi:
 
     @route("GET", "/health", auth=Auth.PUBLIC, tags=("health",))
     async def get(self, call: Call) -> dict[str, Any]:
-        """The appliance's health: `degraded` when the database or an agent is not well.
+        """The appliance's health: `degraded` when the database, the storage of omad's state or an agent is not
+        well (`components.storage`: free bytes where omad keeps its database; degraded below
+        `state_min_free_bytes`, or after a write was refused for lack of space, until space is back).
 
         Without a token each component says only its status; each agent's details (pids, paths, errors) are
         for a caller with a valid token."""

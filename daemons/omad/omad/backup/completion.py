@@ -138,12 +138,18 @@ class Completion:
             if await self.fs.owner(path) != os.geteuid():
                 # qemu-nbd (root) writes into the file omad created; it must stay omad's to be removed later.
                 log.warning("%s is not owned by omad's user any more", path, extra={"resource": backup_id})
-        async with self.db.transaction() as tx:
-            now = utcnow()
-            sent = sum(d.bytes_transferred for d in disks)
-            await store.complete(tx, backup_id, sizes=sizes, bytes_transferred=sent, now=now)
-            await self.jobs.finish(backup_id, "completed", tx=tx)
-            await job_ended(tx, await store.get(tx, backup_id), succeeded=True, reason=None, now=now)
+        try:
+            async with self.db.transaction() as tx:
+                now = utcnow()
+                sent = sum(d.bytes_transferred for d in disks)
+                await store.complete(tx, backup_id, sizes=sizes, bytes_transferred=sent, now=now)
+                await self.jobs.finish(backup_id, "completed", tx=tx)
+                await job_ended(tx, await store.get(tx, backup_id), succeeded=True, reason=None, now=now)
+        except STORAGE_ERRORS as e:
+            # Every disk is in and the exports are closed: closed once the database takes writes again (a
+            # completion the VMA sends again finds its disk recorded and would not close it).
+            self.jobs.settle_later(backup_id, e, lambda: self.finish_if_done(backup_id))
+            raise
         log.info("backup completed: %d image(s), %d bytes stored", len(sizes), sum(sizes.values()),
                  extra={"resource": backup_id})
         for hook in self.on_completed:

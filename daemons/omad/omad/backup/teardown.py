@@ -20,7 +20,7 @@ from ..jobs.engine import JobEngine
 from ..jobs.locks import KeyedLocks
 from ..store import backups as store
 from ..store import contexts as contexts_store
-from ..store.db import Database, Tx, utcnow
+from ..store.db import STORAGE_ERRORS, Database, Tx, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,16 @@ class Teardown:
         await self.release(backup_id)
         await self.remove_images(backup_id)
         now = utcnow()
-        async with self.db.transaction() as tx:
-            await store.fail(tx, backup_id, reason, now)
-            await self.jobs.finish(backup_id, "failed", reason, tx=tx)
-            await job_ended(tx, await store.get(tx, backup_id), succeeded=False, reason=reason, now=now)
+        try:
+            async with self.db.transaction() as tx:
+                await store.fail(tx, backup_id, reason, now)
+                await self.jobs.finish(backup_id, "failed", reason, tx=tx)
+                await job_ended(tx, await store.get(tx, backup_id), succeeded=False, reason=reason, now=now)
+        except STORAGE_ERRORS as e:
+            # Undone but not recorded: failed with this reason once the database takes writes again (not left
+            # active until the idle watchdog, which never judges a pending backup, or the next start).
+            self.jobs.settle_later(backup_id, e, lambda: self.fail(backup_id, reason))
+            raise
         return True
 
     async def release(self, backup_id: str) -> bool:

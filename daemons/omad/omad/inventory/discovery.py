@@ -9,6 +9,7 @@ also serialises concurrent adds of the same VM.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any
@@ -188,7 +189,8 @@ class Discovery:
                 changes = await self.contexts.refresh(tx, match.context_id, vm)
                 existing[vm.id] = (match.context_id, changes)
                 if changes:
-                    log.info("context %s (%s): %s", match.context_id, vm.name, "; ".join(changes))
+                    tx.after_commit(functools.partial(log.info, "context %s (%s): %s", match.context_id, vm.name,
+                                                      "; ".join(changes)))
         wanted = [vm.name for vm in found.vms] if add is None else add
         by_vm_name: dict[str, list[VmSpec]] = {}
         for vm in found.vms:

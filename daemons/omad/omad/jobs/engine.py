@@ -61,18 +61,23 @@ class JobEngine:
         job = self.new(job_type, display_name=display_name, context_id=context_id, job_id=job_id, status=status,
                        details=details)
         await store.create(tx or self.db, job)
-        log.info("%s job created: %s", job_type, display_name, extra={"resource": job.id})
+        (tx or self.db).after_commit(lambda: log.info("%s job created: %s", job_type, display_name,
+                                                      extra={"resource": job.id}))
         return job.id
 
     async def create_many(self, jobs: Sequence[NewJob], *, tx: Tx | None = None) -> list[str]:
         """Create every job in one transaction (the caller's, or one of its own): all of them or none."""
+        def logged() -> None:
+            for job in jobs:
+                log.info("%s job created: %s", job.job_type, job.display_name, extra={"resource": job.id})
+
         if tx is not None:
             await store.create_many(tx, jobs)
+            tx.after_commit(logged)
         else:
             async with self.db.transaction() as own:
                 await store.create_many(own, jobs)
-        for job in jobs:
-            log.info("%s job created: %s", job.job_type, job.display_name, extra={"resource": job.id})
+            logged()
         return [job.id for job in jobs]
 
     async def get(self, job_id: str) -> dict[str, Any]:
@@ -103,8 +108,9 @@ class JobEngine:
             changed = await store.fail(tx or self.db, job_id, error)
         else:
             raise ValueError(f"a job ends completed or failed, not {status}")
-        if changed:
-            log.info("job %s%s", status, f": {error}" if error else "", extra={"resource": job_id})
+        if changed:  # the journal names only an end that was stored
+            (tx or self.db).after_commit(lambda: log.info("job %s%s", status, f": {error}" if error else "",
+                                                          extra={"resource": job_id}))
         else:
             log.info("job already ended; not %s%s", status, f": {error}" if error else "",
                      extra={"resource": job_id})
@@ -119,7 +125,11 @@ class JobEngine:
             yield
         except BaseException as e:
             reason = str(e) if isinstance(e, OmaError) else type(e).__name__ + (f": {e}" if str(e) else "")
-            await store.fail_step(self.db, job_id, seq, reason)
+            try:
+                await store.fail_step(self.db, job_id, seq, reason)
+            except STORAGE_ERRORS as refused:  # the step's own error is the one that tells what happened
+                log.warning("step %r failed (%s); its failure not recorded: %s", name, reason, refused,
+                            extra={"resource": job_id})
             raise
         await store.complete_step(self.db, job_id, seq)
 
@@ -136,14 +146,14 @@ class JobEngine:
                     log.warning("job interrupted; its end not recorded: %s", e, extra={"resource": job_id})
                 raise
             except STORAGE_ERRORS as e:
-                self._settle_later(job_id, e)  # a write of the job's own failed: its rows may be half-ended
+                self.settle_later(job_id, e)  # a write of the job's own failed: its rows may be half-ended
             except Exception as e:
                 if not isinstance(e, OmaError):
                     log.exception("job failed unexpectedly", extra={"resource": job_id})
                 try:
                     await self.finish(job_id, "failed", str(e) if isinstance(e, OmaError) else f"internal error: {e}")
                 except STORAGE_ERRORS as again:
-                    self._settle_later(job_id, again)
+                    self.settle_later(job_id, again)
             finally:
                 if self._tasks.get(job_id) is task:
                     del self._tasks[job_id]
@@ -152,18 +162,21 @@ class JobEngine:
         self._tasks[job_id] = task
         return task
 
-    def _settle_later(self, job_id: str, cause: OmaError) -> None:
-        """Settle a job whose end could not be written once the database takes writes again (see the module)."""
+    def settle_later(self, job_id: str, cause: OmaError,
+                     settle: Callable[[], Awaitable[object]] | None = None) -> None:
+        """Settle a job whose end could not be written once the database takes writes again (see the module):
+        by `settle` when given (a domain that knows how its end was meant to be written, e.g. a backup's undo
+        with its reason), else by its type's recovery. Tried until it raises no storage error; a job already
+        being settled is left to that."""
         if job_id in self._settling:
             return
         log.warning("job stopped but its end could not be recorded (%s: %s); it is settled once the database "
                     "takes writes again", cause.message, cause.details, extra={"resource": job_id})
-        task = asyncio.ensure_future(self._settle(job_id, cause))
+        task = asyncio.ensure_future(self._settle(job_id, cause, settle))
         self._settling[job_id] = task
         task.add_done_callback(lambda _: self._settling.pop(job_id, None))
 
-    async def _settle(self, job_id: str, cause: OmaError) -> None:
-        """Once a read and a write go through, hand the job to its type's recovery (as at start-up)."""
+    async def _settle(self, job_id: str, cause: OmaError, settle: Callable[[], Awaitable[object]] | None) -> None:
         for attempt in itertools.count():
             await asyncio.sleep(self._settle_delays[min(attempt, len(self._settle_delays) - 1)])
             try:
@@ -171,7 +184,9 @@ class JobEngine:
                 if not job.active:
                     return
                 fn = self._recovery.get(job.job_type)
-                if fn is None:
+                if settle is not None:
+                    await settle()
+                elif fn is None:
                     await self.finish(job_id, "failed", f"stopped: {cause.message}")
                 else:
                     await fn(dataclasses.asdict(job))

@@ -200,8 +200,9 @@ class RestoreService:
             return m
         if agent is None:
             async with self.db.transaction() as tx:
-                if await store.expire(tx, m.id, utcnow()):
-                    log.info("restore mount ended by restore-mounter (idle expiry)", extra={"resource": m.id})
+                expired = await store.expire(tx, m.id, utcnow())
+            if expired:
+                log.info("restore mount ended by restore-mounter (idle expiry)", extra={"resource": m.id})
             return await store.get(self.db, m.id)
         if agent.status == "broken":
             return await self._broke(m, agent.error or "restore-mounter reports it broken")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -360,8 +361,9 @@ class Scheduler:
             if new.late:
                 seconds = (parse_iso(new.started_at) - parse_iso(new.scheduled_at)).total_seconds()
                 lateness = f", {seconds:.0f} s late ({new.missed_runs} more missed)"
-            log.info("schedule %r: execution %d %s, %d VM(s)%s%s", s.name, execution_id, status, len(new.vms),
-                     lateness, f" — {new.skipped_because}" if new.skipped_because else "", extra={"resource": s.id})
+            tx.after_commit(functools.partial(  # the journal names only executions that were stored
+                log.info, "schedule %r: execution %d %s, %d VM(s)%s%s", s.name, execution_id, status, len(new.vms),
+                lateness, f" — {new.skipped_because}" if new.skipped_because else "", extra={"resource": s.id}))
         return ids
 
     # -- running executions --------------------------------------------------------------------------
@@ -428,18 +430,21 @@ class Scheduler:
         if not_retried:
             v.status, v.reason = VmStatus.FAILED, f"{why}; not retried ({not_retried})"
             await store.vm_failed(tx, v.key, reason=v.reason, at=iso(now))
-            log.warning("%s: %s; not retried", v.row.vm_name, why, extra={"resource": v.row.context_id})
+            tx.after_commit(functools.partial(log.warning, "%s: %s; not retried", v.row.vm_name, why,
+                                              extra={"resource": v.row.context_id}))
         elif v.attempts <= schedule.retry_attempts:
             at = iso(now + timedelta(minutes=schedule.retry_delay_minutes))
             v.status, v.retry_at = VmStatus.RETRY_WAIT, at
             v.reason = f"{why}; retry {v.attempts} of {schedule.retry_attempts} at {at}"
             await store.vm_retry_wait(tx, v.key, retry_at=at, reason=v.reason)
-            log.info("%s: %s; retrying at %s", v.row.vm_name, why, at, extra={"resource": v.row.context_id})
+            tx.after_commit(functools.partial(log.info, "%s: %s; retrying at %s", v.row.vm_name, why, at,
+                                              extra={"resource": v.row.context_id}))
         else:
             v.status = VmStatus.FAILED
             v.reason = f"{why} (after {v.attempts} attempt{'s' if v.attempts > 1 else ''})"
             await store.vm_failed(tx, v.key, reason=v.reason, at=iso(now))
-            log.warning("%s: %s; no retries left", v.row.vm_name, why, extra={"resource": v.row.context_id})
+            tx.after_commit(functools.partial(log.warning, "%s: %s; no retries left", v.row.vm_name, why,
+                                              extra={"resource": v.row.context_id}))
 
     @staticmethod
     async def _release_retries(tx: Tx, open_vms: list[_Open], now: datetime, touched: set[int]) -> None:
@@ -706,7 +711,8 @@ class Scheduler:
             ExecutionStatus.CANCELLED if cancelled else ExecutionStatus.SKIPPED
         message = f"{done} of {done + failed + skipped} VM(s) protected, {failed} failed, {skipped} skipped"
         await store.close_execution(tx, execution_id, status, message=message, at=iso(now))
-        log.info("execution %d %s: %s", execution_id, status, message, extra={"resource": str(execution_id)})
+        tx.after_commit(lambda: log.info("execution %d %s: %s", execution_id, status, message,
+                                         extra={"resource": str(execution_id)}))
 
 
 def _by_action(vms: Sequence[_Open], schedules: Mapping[str, Schedule]) -> dict[str, list[_Open]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import os
 import re
@@ -73,11 +74,27 @@ def storage_error(error: sqlite3.Error, path: Path, busy_timeout: float) -> OmaE
 
 
 def _nearly_full(directory: Path) -> bool:
+    free = free_bytes(directory)
+    return free is not None and free < NEARLY_FULL_BYTES
+
+
+def free_bytes(directory: Path) -> int | None:
+    """Bytes an unprivileged writer such as omad may still use on the file system holding `directory` (None when
+    it cannot be asked). Only on a write's error path: a local stat, where the database is."""
     try:
         st = os.statvfs(directory)
     except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < NEARLY_FULL_BYTES
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """The last write the full storage refused (until a write commits again), as health reports it."""
+
+    at: str
+    details: str
+    free_bytes: int | None  # free on the database's file system then
 
 
 @contextlib.contextmanager
@@ -187,6 +204,7 @@ class Database:
         # transaction inherit the variable; _current_tx() ignores it there, since they do not hold the lock.
         self._in_tx: contextvars.ContextVar[tuple[asyncio.Task[Any] | None, Tx] | None] = \
             contextvars.ContextVar(f"tx:{path}", default=None)
+        self.refused: Refusal | None = None  # the last write refused for lack of space, until one commits
 
     @property
     def _conn(self) -> aiosqlite.Connection:
@@ -256,6 +274,15 @@ class Database:
         async with self._reading() as r:
             return await r.scalar(sql, params)
 
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once the current task's transaction commits (never when it rolls back), or now when the task
+        holds none: a statement outside a transaction is committed once it returned."""
+        tx = self._current_tx()
+        if tx is None:
+            fn()
+        else:
+            tx.after_commit(fn)
+
     async def ping(self) -> bool:
         try:
             return bool(await self.scalar("SELECT 1") == 1)
@@ -296,24 +323,35 @@ class Database:
         tx = Tx(conn, self.path, self.busy_timeout)
         if conn.in_transaction:  # a ROLLBACK that failed earlier left one open
             await self._rollback(conn)
-        with tx._errors():
+        with self._noting_refusal(), tx._errors():
             await (await conn.execute("BEGIN IMMEDIATE")).close()
         token = self._in_tx.set((asyncio.current_task(), tx))
         try:
-            yield tx
+            with self._noting_refusal():
+                yield tx
         except BaseException:
             await self._rollback(conn)
             raise
         finally:
             self._in_tx.reset(token)
         try:
-            with tx._errors():
+            with self._noting_refusal(), tx._errors():
                 await (await conn.execute("COMMIT")).close()
         except BaseException:
             await self._rollback(conn)
             raise
+        self.refused = None
         for fn in tx._after_commit:
             fn()
+
+    @contextlib.contextmanager
+    def _noting_refusal(self) -> Iterator[None]:
+        """Remember a write refused because the storage is full (health reports it until a write commits)."""
+        try:
+            yield
+        except StorageFull as e:
+            self.refused = Refusal(utcnow(), e.details, free_bytes(self.path.parent))
+            raise
 
     async def _rollback(self, conn: aiosqlite.Connection) -> None:
         """ROLLBACK when a transaction is still open; a failure is logged (the next _begin tries again)."""
