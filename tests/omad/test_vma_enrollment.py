@@ -194,6 +194,24 @@ async def test_one_key_is_approved_once_and_revoke_removes_it(stack: Stack, admi
     assert active["count"] == 0 and active["tunnel_up"] is False
 
 
+async def test_revoking_a_key_with_more_logins_than_one_request_holds_ends_them_all(stack: Stack, admin: Api,
+                                                                                   anon: Api) -> None:
+    """volume-agent takes at most MAX_SESSIONS sessions per terminate request: a key with more recorded logins
+    is ended in batches, and every login is checked and forgotten (none is sshd's monitor here, so each is
+    skipped and none is killed)."""
+    from oma_common.contracts.volume_agent import MAX_SESSIONS
+
+    eid = await approved(admin, anon, VmaKey.fresh())
+    fingerprint = stack.sql("SELECT key_fingerprint FROM vma_enrollments WHERE id = ?", (eid,))[0][0]
+    count = 2 * MAX_SESSIONS + 1
+    for i in range(count):  # pids above any pid_max: no process can be one of them
+        stack.sql("INSERT INTO vma_tunnel_logins (monitor_pid, monitor_start, enrollment_id, key_fingerprint, at)"
+                  " VALUES (?, 0, ?, ?, '2026-12-07T00:00:00.000Z')", (5_000_000 + i, eid, fingerprint))
+    status, body = await admin.delete(f"/admin/vma/revoke/{eid}")
+    assert status == 200 and body["sessions_terminated"] == 0 and "failed" not in body["message"], body
+    assert stack.sql("SELECT COUNT(*) FROM vma_tunnel_logins WHERE enrollment_id = ?", (eid,)) == [(0,)]
+
+
 async def test_admin_calls_need_an_administrator(stack: Stack, admin: Api, anon: Api) -> None:
     assert stack.omactl("user", "add", "op", "--role", "operator", "--password-stdin", stdin="password-123\n"
                         ).returncode == 0

@@ -7,6 +7,7 @@ import dataclasses
 from ..schema import any_case, spec
 
 MAX_PATHS = 256  # files per lock, unlock or status request
+MAX_SESSIONS = 1024  # tunnel sessions per terminate request (a VMA holds one or two; omad sends more in batches)
 
 # --- requests ---------------------------------------------------------------------------------------
 
@@ -97,7 +98,8 @@ class SessionIn:
 
 @dataclasses.dataclass
 class TerminateIn:
-    sessions: list[SessionIn] = spec(description="the sessions that logged in with a revoked key")
+    sessions: list[SessionIn] = spec(max_length=MAX_SESSIONS,
+                                     description="the sessions that logged in with a revoked key")
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from oma_common.contracts.volume_agent import SessionIn, Terminated
+from oma_common.contracts.volume_agent import MAX_SESSIONS, SessionIn, Terminated
 from oma_common.errors import Conflict, Invalid, OmaError, Unauthorized
 
 from ..audit import Audit
@@ -207,15 +207,20 @@ class Enrollments:
     async def _end_sessions(self, found: list[TunnelLogin]) -> tuple[list[int], str | None]:
         if not found:
             return [], None
-        try:
-            answer = await self.sessions.end_tunnel_sessions([SessionIn(s.monitor_pid, s.monitor_start) for s in found])
-        except OmaError as e:
-            log.warning("ending the tunnel sessions %s failed: %s", [s.monitor_pid for s in found], e)
-            return [], str(e)
-        async with self.db.transaction() as tx:
-            for s in found:
-                await store.forget_login(tx, s)
-        return answer.terminated, None
+        ended: list[int] = []
+        for at in range(0, len(found), MAX_SESSIONS):  # volume-agent takes at most MAX_SESSIONS per request
+            batch = found[at:at + MAX_SESSIONS]
+            try:
+                answer = await self.sessions.end_tunnel_sessions([SessionIn(s.monitor_pid, s.monitor_start)
+                                                                  for s in batch])
+            except OmaError as e:
+                log.warning("ending the tunnel sessions %s failed: %s", [s.monitor_pid for s in batch], e)
+                return ended, str(e)
+            async with self.db.transaction() as tx:
+                for s in batch:
+                    await store.forget_login(tx, s)
+            ended += answer.terminated
+        return ended, None
 
     async def active(self) -> dict[str, Any]:
         approved = await store.enrollments(self.db, EnrollmentStatus.APPROVED)
