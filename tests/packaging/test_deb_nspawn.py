@@ -254,7 +254,7 @@ def test_health_is_green_from_inside(installed: Machine) -> None:
     body = wait_healthy(installed)
     assert body["database"] == "connected"
     assert {c: v["status"] for c, v in body["components"].items()} == {
-        "database": "ok", "nbd-pool": "ok", "restore-mounter": "ok", "volume-agent": "ok"}
+        "database": "ok", "nbd-pool": "ok", "restore-mounter": "ok", "volume-agent": "ok", "storage": "ok"}
     p = installed.run("omactl", "status")
     assert "healthy" in p.stdout
 
