@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from ...rig import free_range
 
 LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 MIB = 1024 * 1024
@@ -21,11 +22,10 @@ def need(*programs: str) -> None:
 
 @pytest.fixture
 def free_port() -> int:
-    """A port nobody listens on now (the kernel's pick; racy in theory, fine for a test)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """The first of 4 consecutive ports nobody listens on, from this test process's own block (tests use the
+    next ones too). Not the kernel's pick: that is an ephemeral port, and the one after it may be taken by any
+    outgoing connection meanwhile (a readiness probe's took it once)."""
+    return free_range(4).start
 
 
 def sh(*argv: str | Path, input: bytes | None = None) -> str:
