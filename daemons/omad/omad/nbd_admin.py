@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from oma_common.contracts.nbd_pool import Allocated, Export, PortStatus, Released, Stopped
 from oma_common.errors import OmaError
 
@@ -19,8 +21,13 @@ class NbdAdmin:
 
     async def allocate(self, job_id: str, export_names: list[str], *, actor: str) -> Allocated:
         out = await self.pool.allocate(job_id, len(export_names), export_names)
-        await self.audit.record(actor, "nbd.ports.allocate", f"nbd_job:{job_id}",
-                                ports={a.export_name: a.port for a in out.allocated_ports})
+        try:
+            await self.audit.record(actor, "nbd.ports.allocate", f"nbd_job:{job_id}",
+                                    ports={a.export_name: a.port for a in out.allocated_ports})
+        except BaseException:  # refused (storage full, say): no unrecorded ports stay allocated
+            with contextlib.suppress(OmaError):
+                await self.pool.release(None, [a.port for a in out.allocated_ports])
+            raise
         return out
 
     async def release(self, job_id: str | None, ports: list[int] | None, *, actor: str) -> Released:
@@ -40,8 +47,13 @@ class NbdAdmin:
             await self.audit.record(actor, "nbd.export.start", f"export:{export_name}", outcome="failed",
                                     port=port, path=path, read_only=read_only, error=str(e))
             raise
-        await self.audit.record(actor, "nbd.export.start", f"export:{export_name}", port=port, path=path,
-                                read_only=read_only, pid=out.pid)
+        try:
+            await self.audit.record(actor, "nbd.export.start", f"export:{export_name}", port=port, path=path,
+                                    read_only=read_only, pid=out.pid)
+        except BaseException:  # refused (storage full, say): no unrecorded export serves the image
+            with contextlib.suppress(OmaError):
+                await self.pool.stop_export(export_name=export_name)
+            raise
         return out
 
     async def stop_export(self, *, pid: int | None, export_name: str | None, actor: str) -> Stopped:
