@@ -16,7 +16,7 @@ from oma_common.errors import Conflict, NotFound, TimedOut
 from omad.audit import Audit
 from omad.restore.service import DiskImage, RestoreService
 from omad.store import restore_mounts as store
-from omad.store.db import Database, utcnow
+from omad.store.db import Database, StorageFull, utcnow
 
 
 class FakeMounter:
@@ -176,3 +176,21 @@ async def test_a_mount_made_but_not_recorded_ends(db: Database, monkeypatch: pyt
     assert mounter.held == {} and len(mounter.unmounted) == 1
     ended = await store.get(db, mounter.unmounted[0])
     assert ended.status == "failed" and ended.ended_at is not None, ended
+
+
+async def test_a_mount_made_while_the_database_refuses_writes_is_removed(db: Database,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """restore-mounter made the mount, then the disk filled: neither the mount nor the row's failure can be
+    recorded. The mount goes all the same (not left holding a loop device until idle expiry), and the caller
+    hears the storage error; the row is left for the next start-up's reconcile."""
+    mounter = FakeMounter()
+    restore = service(db, mounter)
+
+    async def full(*args: Any, **kwargs: Any) -> bool:
+        raise StorageFull("the appliance's storage is full", "nothing of this change was stored")
+
+    monkeypatch.setattr(store, "mark_mounted", full)
+    monkeypatch.setattr(store, "fail", full)
+    with pytest.raises(StorageFull):
+        await restore.mount("b-1", 0, "admin")
+    assert mounter.held == {} and len(mounter.unmounted) == 1

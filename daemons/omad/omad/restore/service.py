@@ -33,7 +33,7 @@ from oma_common.schema import spec
 from ..audit import Audit
 from ..clients.restore_mounter import OpenFile, RestoreMounter
 from ..store import restore_mounts as store
-from ..store.db import Database, utcnow
+from ..store.db import STORAGE_ERRORS, Database, utcnow
 from ..store.restore_mounts import Mount, Mounted, MountStatus
 
 log = logging.getLogger(__name__)
@@ -163,11 +163,17 @@ class RestoreService:
 
     async def _abandoned(self, mount_id: str, reason: str) -> None:
         """A mount whose POST did not hear restore-mounter's answer: its row fails, and what restore-mounter may
-        have made of it goes (best effort: what is left is unrecorded, so the next start-up removes it)."""
-        async with self.db.transaction() as tx:
-            await store.fail(tx, mount_id, reason, utcnow())
-        with contextlib.suppress(OmaError):
-            await self.mounter.unmount(mount_id, force=True)
+        have made of it goes (best effort: what is left is unrecorded, so the next start-up removes it). The mount
+        goes also when the row cannot be ended (the database refusing writes: the next start-up ends it)."""
+        try:
+            async with self.db.transaction() as tx:
+                await store.fail(tx, mount_id, reason, utcnow())
+        except STORAGE_ERRORS as e:  # the caller's own error is the one to answer
+            log.warning("restore mount abandoned (%s) but its row not ended: %s", reason, e,
+                        extra={"resource": mount_id})
+        finally:
+            with contextlib.suppress(OmaError):
+                await self.mounter.unmount(mount_id, force=True)
 
     async def _held(self, mount_id: str) -> Mount:
         m = await store.get(self.db, mount_id)
