@@ -15,7 +15,7 @@ from aiohttp import web
 from oma_common import config, daemon, logs
 from oma_common.daemon import StopSignal
 from oma_common.notify import Notifier
-from oma_common.web import REQUEST_LIMITS, collect
+from oma_common.web import REQUEST_LIMITS
 
 from .adapters.localfs import LocalFs
 from .adapters.qemu_img import QemuImg
@@ -73,7 +73,6 @@ from .cloudstack.mappings import Mappings
 from .cloudstack.networks import Networks
 from .cloudstack.settings import Settings
 from .clients.nbdpool import NbdPool
-from .nbd_admin import NbdAdmin
 from .clients.restore_mounter import RestoreMounter
 from .clients.vcenter import VCenter
 from .clients.vma import VmaClient
@@ -87,6 +86,7 @@ from .inventory.discovery import Discovery
 from .inventory.vms import Vms
 from .jobs.engine import JobEngine
 from .jobs.locks import KeyedLocks
+from .nbd_admin import NbdAdmin
 from .schedule.clock import SystemClock
 from .schedule.groups import Groups
 from .schedule.launcher import BackupLauncher, JobLauncher, ReplicationLauncher
@@ -224,7 +224,7 @@ async def assemble(cfg: Config, db: Database, agents: Agents) -> Omad:
             PoliciesApi(policies, retention, copies, verifier, immutability), cloudstack_api, mappings_api,
             VmaEnrollmentApi(enrollments), ReplicationsApi(replications, change_ids),
             FailoverApi(failovers, readiness), ValidationApi(readiness)]
-    apis.append(DebugApi(health, failovers, lambda: [r.spec for r in collect(*apis, errors=api_app.EVERY_ROUTE)], log_files(cfg)))
+    apis.append(DebugApi(health, failovers, lambda: api_app.specs(apis), log_files(cfg)))
     app = api_app.build(apis, auth, tunnel=TunnelPeers(cfg.enrollment.tunnel_user), cors_origins=cfg.api.cors_origins,
                         max_body=cfg.api.max_body_bytes)
 

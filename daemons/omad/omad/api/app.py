@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from oma_common.web import collect, error_middleware, mount
+from oma_common.web import RouteSpec, collect, error_middleware, mount
 
 from ..auth.service import AuthService
 from ..store.db import STORAGE_ERRORS
@@ -18,6 +18,11 @@ PREFIX = "/api/v1"
 #: What any route may answer besides its own errors: each may write the database (a login's session, an API
 #: token's last use, the audit), which fails on a full disk (507) or behind another process's lock (503).
 EVERY_ROUTE = STORAGE_ERRORS
+
+
+def specs(apis: list[Any]) -> list[RouteSpec]:
+    """The routes of `apis` as the document declares them (every one with EVERY_ROUTE), e.g. for the debug API."""
+    return [r.spec for r in collect(*apis, errors=EVERY_ROUTE)]
 
 
 def build(apis: list[Any], auth: AuthService, *, tunnel: TunnelPeers, cors_origins: list[str],
