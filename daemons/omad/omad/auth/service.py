@@ -13,7 +13,7 @@ from oma_common.errors import Invalid, NotFound, RateLimited, Unauthorized
 
 from ..audit import Audit
 from ..store import users as store
-from ..store.db import Database, DatabaseBusy, StorageFull, utcnow
+from ..store.db import STORAGE_ERRORS, Database, utcnow
 from ..store.users import ApiToken, Role
 from . import secrets
 from .ratelimit import FailureLimiter
@@ -214,7 +214,7 @@ class AuthService:
         try:
             async with self.db.transaction() as tx:
                 await store.token_used(tx, found.id, utcnow())
-        except (StorageFull, DatabaseBusy) as e:  # bookkeeping: a read must not fail because this cannot be written
+        except STORAGE_ERRORS as e:  # bookkeeping: a read must not fail because this cannot be written
             log.warning("API token %s: its last use not recorded: %s", found.name, e.message)
         return Principal(found.name, found.role, "token")
 
