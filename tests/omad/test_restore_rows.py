@@ -141,6 +141,14 @@ async def test_a_mount_unmounted_while_being_made_stays_ended(db: Database) -> N
     assert mounter.held == {}
 
 
+async def assert_abandoned(db: Database, mounter: FakeMounter) -> None:
+    """The one mount restore-mounter made was removed from it at once and its row failed: nothing held."""
+    assert await store.held(db) == []
+    assert mounter.held == {} and len(mounter.unmounted) == 1
+    ended = await store.get(db, mounter.unmounted[0])
+    assert ended.status == "failed" and ended.ended_at is not None, ended
+
+
 async def test_a_mount_whose_answer_timed_out_is_removed_from_restore_mounter(db: Database) -> None:
     """restore-mounter made the mount but its answer did not arrive in time: the row fails and the mount it
     made is removed at once, not left holding a device until idle expiry or the next start-up."""
@@ -154,10 +162,7 @@ async def test_a_mount_whose_answer_timed_out_is_removed_from_restore_mounter(db
     restore = service(db, mounter)
     with pytest.raises(TimedOut):
         await restore.mount("b-1", 0, "admin")
-    assert await store.held(db) == []
-    assert mounter.held == {} and len(mounter.unmounted) == 1
-    ended = await store.get(db, mounter.unmounted[0])
-    assert ended.status == "failed" and ended.ended_at is not None, ended
+    await assert_abandoned(db, mounter)
 
 
 async def test_a_mount_made_but_not_recorded_ends(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,10 +177,7 @@ async def test_a_mount_made_but_not_recorded_ends(db: Database, monkeypatch: pyt
     monkeypatch.setattr(store, "mark_mounted", broken_write)
     with pytest.raises(RuntimeError):
         await restore.mount("b-1", 0, "admin")
-    assert await store.held(db) == []
-    assert mounter.held == {} and len(mounter.unmounted) == 1
-    ended = await store.get(db, mounter.unmounted[0])
-    assert ended.status == "failed" and ended.ended_at is not None, ended
+    await assert_abandoned(db, mounter)
 
 
 async def test_a_mount_made_while_the_database_refuses_writes_is_removed(db: Database,
