@@ -1,7 +1,7 @@
 """What the replication benchmarks measure the appliance against, on the same kind of device as the CloudStack
 simulator's volumes (a loop device over a sparse file): the source disk they copy, `qemu-img convert -n` of it
 onto such a device, and the least any writer can pay to put a set of changed blocks onto one (pwrite with
-O_DIRECT, then fsync). Used by bench/replication_e2e and bench/sim_writer."""
+O_DIRECT, then fsync). Used by bench/replication_e2e, bench/sim_writer, bench/backup_e2e and bench/nbd_write."""
 
 from __future__ import annotations
 
