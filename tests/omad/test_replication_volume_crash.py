@@ -153,9 +153,7 @@ async def test_a_create_recorded_under_the_name_before_the_hash_takes_that_volum
     finally:
         await agent.close()
     assert made["name"] == old
-    with contextlib.closing(sqlite3.connect(rig.stack.database)) as db:
-        db.execute("UPDATE replication_volume_creates SET volume_name = ?", (old,))
-        db.commit()
+    rig.stack.sql("UPDATE replication_volume_creates SET volume_name = ?", (old,))
     await asyncio.to_thread(rig.stack.start, "omad")
     done = await next_sync_takes_it(rig, cut, {old: [made["volume_id"]]})
     assert done["disks"][0]["volume_id"] == made["volume_id"]
