@@ -81,6 +81,16 @@ async def cut_start(rig: Rig, kill: Callable[[], Awaitable[None]]) -> str:
     return str(jobs[0][0])
 
 
+async def cut_at(rig: Rig, point: str) -> str:
+    """POST /replications while omad dies at the crash point `point`; the job it recorded."""
+    crash_file(rig.stack).write_text(point)
+
+    async def dies() -> None:
+        await until(lambda: not crash_file(rig.stack).exists(), lambda: f"{point} not reached\n{rig.log_tail()}")
+
+    return await cut_start(rig, dies)
+
+
 async def restarted(rig: Rig, daemon: str = "omad") -> None:
     omad = rig.stack.daemons[daemon]
     await until(lambda: not omad.running(), lambda: f"{daemon} did not die\n{rig.log_tail()}")
@@ -115,12 +125,7 @@ async def next_sync_takes_it(rig: Rig, cut: str, before: dict[str, list[str]]) -
 async def test_omad_killed_around_a_volume_create_the_next_sync_takes_that_volume(rig: Rig, point: str) -> None:
     """Killed after recording the intent (nothing asked yet), after volume-agent created the volume (not
     attached), after it was attached here (not recorded): the next sync has the same one volume per disk."""
-    crash_file(rig.stack).write_text(point)
-
-    async def dies() -> None:
-        await until(lambda: not crash_file(rig.stack).exists(), lambda: f"{point} not reached\n{rig.log_tail()}")
-
-    cut = await cut_start(rig, dies)
+    cut = await cut_at(rig, point)
     await restarted(rig)
     before = ours(rig)
     if point == "replication:volume-create":
@@ -136,12 +141,7 @@ async def test_a_create_recorded_under_the_name_before_the_hash_takes_that_volum
     """A create omad recorded before names were told apart by a hash: `app 01`'s first disk asked for
     `migration-app-01-disk-0` and omad died before recording the volume. After the upgrade the next sync takes
     the volume made under the name the row recorded (not the name `app 01`'s volumes have now)."""
-    crash_file(rig.stack).write_text("replication:volume-create")
-
-    async def dies() -> None:
-        await until(lambda: not crash_file(rig.stack).exists(), lambda: rig.log_tail())
-
-    cut = await cut_start(rig, dies)
+    cut = await cut_at(rig, "replication:volume-create")
     omad = rig.stack.daemons["omad"]
     await until(lambda: not omad.running(), lambda: rig.log_tail())
     old = "migration-app-01-disk-0"
@@ -162,12 +162,7 @@ async def test_a_create_recorded_under_the_name_before_the_hash_takes_that_volum
 async def test_the_volume_made_deleted_in_cloudstack_meanwhile_a_new_one_is_made(rig: Rig) -> None:
     """Killed after the create (volume detached); the volume is then deleted in CloudStack directly, which
     volume-agent's record of a detached volume does not notice: the next sync makes a new one."""
-    crash_file(rig.stack).write_text("replication:volume-attach")
-
-    async def dies() -> None:
-        await until(lambda: not crash_file(rig.stack).exists(), lambda: rig.log_tail())
-
-    cut = await cut_start(rig, dies)
+    cut = await cut_at(rig, "replication:volume-attach")
     await restarted(rig)
     [made] = [ids[0] for ids in ours(rig).values()]
     cs = AIOCloudStack(rig.cs.endpoint, rig.cs.api_key, rig.cs.secret_key, poll_interval=0.05)
@@ -218,12 +213,7 @@ async def test_volume_agent_killed_mid_create_the_next_sync_takes_what_it_made(r
 async def test_a_volume_created_for_a_removed_context_is_deleted_at_start(rig: Rig) -> None:
     """omad dies with the new volume attached here and not recorded; its VM context is removed before omad starts
     again: that volume is detached and deleted, nothing is left pending."""
-    crash_file(rig.stack).write_text("replication:volume-save")
-
-    async def dies() -> None:
-        await until(lambda: not crash_file(rig.stack).exists(), lambda: rig.log_tail())
-
-    await cut_start(rig, dies)
+    await cut_at(rig, "replication:volume-save")
     omad = rig.stack.daemons["omad"]
     await until(lambda: not omad.running(), lambda: rig.log_tail())
     assert len(ours(rig)) == 1 and len(rig.cs.attached_here()) == 1
@@ -244,12 +234,7 @@ async def test_another_vm_of_the_same_volume_name_does_not_take_the_volume(twins
     next sync take the other VM's volume; `app 01`'s next sync takes it."""
     rig = twins
     assert volume_vm_name(TWIN) == volume_vm_name(VM)  # a genuine collision
-    crash_file(rig.stack).write_text("replication:volume-attach")
-
-    async def dies() -> None:
-        await until(lambda: not crash_file(rig.stack).exists(), lambda: rig.log_tail())
-
-    cut = await cut_start(rig, dies)
+    cut = await cut_at(rig, "replication:volume-attach")
     await restarted(rig)
     before = ours(rig)
     assert (await rig.wait(cut))["status"] == "failed"
@@ -269,12 +254,7 @@ async def test_omad_killed_before_the_vma_took_the_sync_the_adopted_job_fails_sa
     """Killed with the volumes recorded and the exports started, before the VMA was asked: after the restart the
     monitor adopts the job, the VMA does not know it, and the job fails saying omad stopped before the VMA took
     it (not that the VMA lost it); its exports and ports are released and the next sync works."""
-    crash_file(rig.stack).write_text("replication:vma")
-
-    async def dies() -> None:
-        await until(lambda: not crash_file(rig.stack).exists(), lambda: f"replication:vma not reached\n{rig.log_tail()}")
-
-    cut = await cut_start(rig, dies)
+    cut = await cut_at(rig, "replication:vma")
     await restarted(rig)
     ended = await rig.wait(cut)
     assert ended["status"] == "failed" and "before the VMA took" in str(ended["error_message"]), ended
