@@ -325,10 +325,12 @@ async def test_nothing_outside_the_roots_is_looked_at_for_a_caller(pool: Pool) -
     (pool.repo / "to-key").symlink_to(private / "key")
     (pool.repo / "to-nothing").symlink_to(private / "nothing")
     (pool.repo / "to-private").symlink_to(private)
+    (private / "into-repo").symlink_to(pool.repo / "nothing")  # outside as written, leads inside
     probes = {
         "an existing file": (private / "key", False),
         "a missing file": (private / "nothing", False),
         "a directory": (private, False),
+        "a link outside that leads inside": (private / "into-repo", False),
         "a link to an existing file": (pool.repo / "to-key", True),
         "a link to a missing file": (pool.repo / "to-nothing", True),
         "through a linked directory, existing": (pool.repo / "to-private" / "key", True),

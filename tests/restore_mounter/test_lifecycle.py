@@ -86,12 +86,14 @@ def test_nothing_outside_the_image_roots_is_looked_at_for_a_caller(agent_config:
     (repo / "to-key").symlink_to(private / "key")
     (repo / "to-nothing").symlink_to(private / "nothing")
     (repo / "to-private").symlink_to(private)
+    (private / "into-repo").symlink_to(repo / "nothing")  # outside as written, leads inside
     agent_config.add_config(DAEMON, "60-roots.toml", f'image_roots = ["{repo}"]\n')
     agent = start_agent(agent_config)
     probes = {
         "an existing file": (private / "key", False),
         "a missing file": (private / "nothing", False),
         "a directory": (private, False),
+        "a link outside that leads inside": (private / "into-repo", False),
         "a link to an existing file": (repo / "to-key", True),
         "a link to a missing file": (repo / "to-nothing", True),
         "through a linked directory, existing": (repo / "to-private" / "key", True),

@@ -13,7 +13,7 @@ import ctypes
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # linux/openat2.h
@@ -128,6 +128,28 @@ def resolved_root(root: Path) -> Path:
         return Path(os.readlink(fd_path(fd)))
     finally:
         os.close(fd)
+
+
+class RootPaths:
+    """Configured roots, each as configured and where it really is (resolved_root), for the rule the root agents
+    apply to a path omad names: it must lie inside a root as written, and where its links lead must lie inside
+    one as it really is, before anything there is looked at (the answer would tell omad what root can see)."""
+
+    def __init__(self, roots: Iterable[str | Path]) -> None:
+        self.configured = [Path(os.path.normpath(r)) for r in roots]
+        self.resolved = [resolved_root(r) for r in self.configured]
+
+    def __bool__(self) -> bool:
+        return bool(self.configured)
+
+    def written_inside(self, path: str | Path) -> bool:
+        """Whether the absolute `path`, as written (normalised, no link followed), lies in a root."""
+        p = Path(os.path.normpath(path))
+        return any(p.is_relative_to(r) for r in (*self.configured, *self.resolved))
+
+    def really_inside(self, real: str | Path) -> bool:
+        """Whether `real` (every link already resolved) lies in a root as it really is."""
+        return any(Path(real).is_relative_to(r) for r in self.resolved)
 
 
 def identity(path: Path) -> tuple[int, int]:

@@ -41,17 +41,13 @@ class Resolved:
     kind: str  # FILE or BLOCK
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or path.is_relative_to(root)
-
-
 class Roots:
     def __init__(self, roots: Sequence[str], devices: DeviceGuard | None = None) -> None:
         """`devices` vouches for block devices; without one, no block device is accepted."""
         self.devices = devices
         # Compared both as configured and resolved: a root may itself be reached through a link (one root made).
-        self.configured = [Path(os.path.normpath(r)) for r in roots]
-        self.resolved = [beneath.resolved_root(r) for r in self.configured]
+        self.paths = beneath.RootPaths(roots)
+        self.configured, self.resolved = self.paths.configured, self.paths.resolved
         for r in self.configured:
             if not r.is_dir():
                 log.warning("export root %s does not exist (yet)", r)
@@ -69,13 +65,13 @@ class Roots:
         if not requested.startswith("/"):
             raise Invalid("invalid path", f"{requested!r} is not an absolute path")
         lexical = Path(os.path.normpath(requested))
-        if not any(_inside(lexical, root) for root in self.configured + self.resolved):
+        if not self.paths.written_inside(lexical):
             raise self._outside(requested)
         inside = False
         try:
             # realpath can fail with EINVAL when a component changes between its lstat and readlink.
             real = Path(os.path.realpath(requested))
-            inside = any(_inside(real, root) for root in self.resolved)
+            inside = self.paths.really_inside(real)
             if not inside and not self._trusted_directory(lexical.parent):
                 raise self._outside(requested)
             st = os.stat(real)
@@ -105,8 +101,7 @@ class Roots:
     def _trusted_directory(self, directory: Path) -> bool:
         """Whether links in `directory` may be followed out of the roots: it is root's alone, and reached
         without leaving the roots (not through a link omad planted in a repository it owns)."""
-        return root_only(directory) and any(_inside(Path(os.path.realpath(directory)), root)
-                                            for root in self.resolved)
+        return root_only(directory) and self.paths.really_inside(os.path.realpath(directory))
 
     def _vouched(self, resolved: Resolved) -> Resolved:
         if resolved.kind == BLOCK:

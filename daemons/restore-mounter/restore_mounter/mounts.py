@@ -81,10 +81,6 @@ class Busy(errors.Conflict):
     code = "busy"
 
 
-def _below(path: str, roots: list[Path]) -> bool:
-    return any(Path(path).is_relative_to(r) for r in roots)
-
-
 def rfc3339(t: float | None) -> str | None:
     if t is None:
         return None
@@ -140,8 +136,7 @@ class MountManager:
         self.clock = clock
         self.resolver = resolver
         self.fat_driver = fat_driver
-        self.image_roots = [beneath.resolved_root(Path(os.path.normpath(r))) for r in image_roots or []]
-        self.configured_roots = [Path(os.path.normpath(r)) for r in image_roots or []]  # a root may be a link
+        self.image_roots = beneath.RootPaths(image_roots or [])  # a root may be a link (one root made)
         self.mounts: dict[str, Mount] = {}
         self.stopping = False  # set by stop(): no mount is made any more
         self._making: dict[str, asyncio.Task[Any]] = {}  # the task making each mount, for stop() to wait on
@@ -283,10 +278,10 @@ class MountManager:
         outside them is looked at (the answer would tell whether it exists, what it is, where a link leads)."""
         if not os.path.isabs(image):
             raise errors.Invalid("invalid image", "the image path must be absolute")
-        if self.image_roots and not _below(os.path.normpath(image), self.image_roots + self.configured_roots):
+        if self.image_roots and not self.image_roots.written_inside(image):
             raise self._outside(image)
         real = os.path.realpath(image)
-        if self.image_roots and not _below(real, self.image_roots):
+        if self.image_roots and not self.image_roots.really_inside(real):
             raise self._outside(image)
         try:
             st = os.stat(real)
@@ -298,7 +293,7 @@ class MountManager:
 
     def _outside(self, image: str) -> errors.Forbidden:
         return errors.Forbidden("image outside the repositories",
-                                f"{image} is not under {', '.join(map(str, self.image_roots))}")
+                                f"{image} is not under {', '.join(map(str, self.image_roots.resolved))}")
 
     async def save(self) -> None:
         await self.state.save([m.record for m in self.all()])

@@ -28,7 +28,6 @@ from oma_common.tcptable import ESTABLISHED, HEADER, LISTEN, NLM_F_DUMP, NLM_F_R
 
 log = logging.getLogger(__name__)
 
-TCP_ESTABLISHED, TCP_LISTEN = ESTABLISHED, LISTEN
 INET_DIAG_REQ_BYTECODE = 1
 INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
@@ -104,13 +103,13 @@ def _from_netlink(targets: list[tuple[int, int]], held: list[set[int]], ports: t
     with open_netlink() as nl:
         nl.settimeout(2.0)
         listeners = {(s.inode, s.local_port): s.family
-                     for seq, family in enumerate(FAMILIES, 1) for s in _dump(nl, family, TCP_LISTEN, ports, seq)}
+                     for seq, family in enumerate(FAMILIES, 1) for s in _dump(nl, family, LISTEN, ports, seq)}
         # No listener of its own on the port (a qemu-nbd that stopped listening): either family, to be sure.
         families = [{f for (inode, port), f in listeners.items() if port == p and inode in inodes} or
                     (set(FAMILIES) if inodes else set()) for (_, p), inodes in zip(targets, held)]
         wanted = set().union(*families)
         found = [s for seq, family in enumerate(FAMILIES, 3) if family in wanted
-                 for s in _dump(nl, family, TCP_ESTABLISHED, ports, seq)]
+                 for s in _dump(nl, family, ESTABLISHED, ports, seq)]
     return found, families
 
 
