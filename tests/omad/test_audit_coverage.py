@@ -21,6 +21,7 @@ from tests.sim.cloudstack import CloudStackSim, running
 
 from ..nbd_pool.helpers import sh
 from ..rig import ROOT, Api, Stack, make_stack
+from .backup.conftest import kill_strays
 from .enrollment_rig import VmaKey, verified
 
 pytestmark = pytest.mark.timeout(120)
@@ -193,6 +194,7 @@ def rig() -> Iterator[Rig]:
                 yield Rig(stack, cs)
             finally:
                 stack.stop()
+                kill_strays(d)  # nbd-pool leaves its exports running: the test's, if it failed before stopping it
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

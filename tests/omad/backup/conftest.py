@@ -223,7 +223,16 @@ async def release_everything(stack: Stack) -> None:
 
 
 def kill_strays(repo_dir: Path) -> None:
-    """Kill (by pid) any qemu-nbd still serving an image of this test's repository."""
+    """Kill (by pid) any qemu-nbd still serving an image of this test's repository: named on its command line,
+    or (as nbd-pool starts it, with the image's descriptor) open in it."""
+    where = str(repo_dir)
     for proc in psutil.process_iter(["name", "cmdline"]):
-        if proc.info["name"] == "qemu-nbd" and str(repo_dir) in " ".join(proc.info["cmdline"] or []):
-            proc.kill()
+        if proc.info["name"] != "qemu-nbd":
+            continue
+        try:
+            serving = where in " ".join(proc.info["cmdline"] or []) or any(
+                f.path.startswith(where) for f in proc.open_files())
+            if serving:
+                proc.kill()
+        except psutil.NoSuchProcess:
+            pass
